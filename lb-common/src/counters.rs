@@ -1,0 +1,78 @@
+//! Indices into the per-CPU `COUNTERS` array.
+//!
+//! Every packet the XDP program sees bumps exactly one *outcome* counter, so the sum of
+//! the outcomes is the packet count and each verdict is the sum of its reasons. The
+//! *event* counters after them count flow-table activity and may overlap outcomes.
+//! Names and indices live here so that metrics and tests never use a magic offset.
+
+/// Not IPv4 or IPv6 (ARP, LLDP, ...): passed.
+pub const PASS_NOT_IP: u32 = 0;
+/// IP but not TCP, including UDP to a VIP's port and IPv6 extension headers: passed.
+pub const PASS_NOT_TCP: u32 = 1;
+/// An IPv4 fragment or an IPv6 fragment header: passed untouched.
+pub const PASS_FRAGMENT: u32 = 2;
+/// Headers cut short at some layer: passed untouched for the stack to judge.
+pub const PASS_TRUNCATED: u32 = 3;
+/// TCP that is neither for a VIP nor a reply to a NATed flow: passed.
+pub const PASS_NOT_VIP: u32 = 4;
+/// For a VIP that this node does not own: passed.
+pub const PASS_NOT_OWNED: u32 = 5;
+/// The chosen backend is this node: passed unmodified to the local stack.
+pub const PASS_LOCAL_BACKEND: u32 = 6;
+/// Rewritten, but VLAN-tagged: handed to the stack, which routes the tagged frame.
+pub const PASS_VLAN: u32 = 7;
+/// Rewritten, but the FIB or neighbour lookup missed: the stack routes it.
+pub const PASS_FIB_MISS: u32 = 8;
+/// Rewritten, but the egress interface is not in `TX_PORTS`: the stack routes it.
+pub const PASS_NO_TX_PORT: u32 = 9;
+/// The VIP's Maglev slot holds no backend: dropped.
+pub const DROP_NO_BACKEND: u32 = 10;
+/// No free NAT source port for this backend: dropped.
+pub const DROP_NO_NAT_PORT: u32 = 11;
+/// No SNAT address is configured for the packet's family: dropped.
+pub const DROP_NO_SNAT_ADDR: u32 = 12;
+/// The flow table refused the new entry: dropped (a reply could not be matched).
+pub const DROP_FLOW_INSERT: u32 = 13;
+/// Rewritten for a port that userspace removed from `TX_PORTS` mid-packet: dropped.
+pub const DROP_TX_PORT_GONE: u32 = 14;
+/// Rewritten and sent back out of the interface it came in on.
+pub const TX: u32 = 15;
+/// Rewritten and redirected to another interface through `TX_PORTS`.
+pub const REDIRECT: u32 = 16;
+
+/// Number of outcome counters: indices `0..OUTCOMES` sum to the packet count.
+pub const OUTCOMES: u32 = 17;
+
+/// Event: a new flow was recorded.
+pub const FLOW_NEW: u32 = 17;
+/// Event: a packet matched an existing flow.
+pub const FLOW_HIT: u32 = 18;
+/// Event: a backend's reply matched a NATed flow.
+pub const REPLY_HIT: u32 = 19;
+
+/// Size of the `COUNTERS` array.
+pub const COUNTER_COUNT: u32 = 20;
+
+/// Metric-friendly names, indexed by counter.
+pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
+    "pass_not_ip",
+    "pass_not_tcp",
+    "pass_fragment",
+    "pass_truncated",
+    "pass_not_vip",
+    "pass_not_owned",
+    "pass_local_backend",
+    "pass_vlan",
+    "pass_fib_miss",
+    "pass_no_tx_port",
+    "drop_no_backend",
+    "drop_no_nat_port",
+    "drop_no_snat_addr",
+    "drop_flow_insert",
+    "drop_tx_port_gone",
+    "tx",
+    "redirect",
+    "flow_new",
+    "flow_hit",
+    "reply_hit",
+];

@@ -1,0 +1,213 @@
+//! The one definition of everything that crosses the kernel/userspace boundary.
+//!
+//! The XDP program (`lb-ebpf`) and the controller (`lb-userspace`) both compile this
+//! crate, so a struct layout, a map name or a counter index can never drift between
+//! the two sides. Rules, checked at compile time below:
+//! - every shared type is `#[repr(C)]` with explicit padding and a size assert;
+//! - only integers cross: no `bool`, no Rust `enum`, no `Option`;
+//! - byte order is part of the field name (`_be` = network order, as on the wire).
+//!
+//! Addresses are stored as `[u32; 4]` whose *memory* holds the wire bytes: an IPv4
+//! address lives in word 0 and words 1..3 are zero.
+#![no_std]
+
+pub mod counters;
+pub mod hash;
+
+pub use counters::*;
+pub use hash::flow_hash;
+
+/// `family` values (Linux `AF_*`).
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+/// The only L4 protocol the balancer handles.
+pub const IPPROTO_TCP: u8 = 6;
+
+// ---- Map names: the `#[map]` statics in lb-ebpf carry exactly these identifiers. ----
+pub const MAP_VIPS: &str = "VIPS";
+pub const MAP_BACKENDS: &str = "BACKENDS";
+pub const MAP_MAGLEV: &str = "MAGLEV";
+pub const MAP_FLOWS: &str = "FLOWS";
+pub const MAP_REPLIES: &str = "REPLIES";
+pub const MAP_CONFIG: &str = "CONFIG";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_VIP_STATS: &str = "VIP_STATS";
+pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
+pub const MAP_TX_PORTS: &str = "TX_PORTS";
+pub const MAP_PORT_CURSOR: &str = "PORT_CURSOR";
+/// Every map the datapath object defines, for pinning and for the loader's checks.
+pub const ALL_MAPS: [&str; 11] = [
+    MAP_VIPS,
+    MAP_BACKENDS,
+    MAP_MAGLEV,
+    MAP_FLOWS,
+    MAP_REPLIES,
+    MAP_CONFIG,
+    MAP_COUNTERS,
+    MAP_VIP_STATS,
+    MAP_BACKEND_STATS,
+    MAP_TX_PORTS,
+    MAP_PORT_CURSOR,
+];
+
+// ---- Program names (the function names in lb-ebpf). ----
+pub const PROG_XDP: &str = "apilb_xdp";
+/// A program that only returns `XDP_DROP`: the floor `cargo xtask bench xdp` compares with.
+pub const PROG_XDP_DROP: &str = "apilb_xdp_drop";
+
+// ---- Sizes. ----
+/// VIP ids run from 0 to `MAX_VIPS - 1`; each owns one Maglev ring.
+pub const MAX_VIPS: u32 = 16;
+/// Backend ids run from 1 to `MAX_BACKENDS - 1`; 0 is [`BACKEND_NONE`].
+pub const MAX_BACKENDS: u32 = 256;
+/// The default Maglev ring size M, a prime (Maglev paper, Katran).
+pub const MAGLEV_SIZE_DEFAULT: u32 = 65_537;
+/// Every VIP's ring has room for this many slots; a VIP uses the first `ring_size`.
+pub const MAGLEV_SIZE_MAX: u32 = 65_537;
+/// Entries in the `MAGLEV` array: one ring per VIP, VIP `v` at `v * MAGLEV_SIZE_MAX`.
+pub const MAGLEV_ENTRIES: u32 = MAX_VIPS * MAGLEV_SIZE_MAX;
+/// Default size of both LRU flow tables (client side and reply side).
+pub const FLOW_TABLE_SIZE: u32 = 131_072;
+/// Interfaces the datapath can redirect to.
+pub const MAX_TX_PORTS: u32 = 64;
+
+/// A Maglev slot that holds this backend id is empty: new flows on it are dropped.
+pub const BACKEND_NONE: u32 = 0;
+
+// ---- Flag bits. ----
+/// `VipInfo::flags`: this node owns the VIP and balances its traffic.
+pub const VIP_F_OWNED: u32 = 1;
+/// `Backend::flags`: the backend is this node; deliver the packet untouched to the
+/// local stack, which holds the VIP (topology 2, masters running apilb).
+pub const BACKEND_F_LOCAL: u32 = 1;
+
+/// Key of the `VIPS` hash map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr_be: [u32; 4],
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Value of the `VIPS` hash map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipInfo {
+    /// Index of this VIP's ring in `MAGLEV` and of its row in `VIP_STATS`.
+    pub vip_id: u32,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
+    /// M for this VIP: a prime no larger than [`MAGLEV_SIZE_MAX`].
+    pub ring_size: u32,
+    pub _pad: u32,
+}
+
+/// Value of the `BACKENDS` array, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr_be: [u32; 4],
+    pub port_be: u16,
+    pub family: u8,
+    pub _pad: u8,
+    /// `BACKEND_F_*` bits.
+    pub flags: u32,
+}
+
+/// Value of the single-entry `CONFIG` array: node-wide NAT settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// Source address for NATed IPv6 flows (all zero: IPv6 VIPs cannot be NATed).
+    pub snat_v6_be: [u32; 4],
+    /// Source address for NATed IPv4 flows (zero: IPv4 VIPs cannot be NATed).
+    pub snat_v4_be: u32,
+    /// Inclusive range of source ports the datapath allocates, host order.
+    pub port_min: u16,
+    pub port_max: u16,
+    pub _pad: [u32; 2],
+}
+
+/// Key of both LRU flow tables.
+///
+/// In `FLOWS` it is the client's packet as received: client -> VIP.
+/// In `REPLIES` it is the backend's reply as received: backend -> SNAT address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_be: [u32; 4],
+    pub dst_be: [u32; 4],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+
+/// Value of `FLOWS`: everything the established path needs to rewrite a packet, so
+/// that it costs one lookup and a flow keeps its backend whatever Maglev says later.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    pub backend_be: [u32; 4],
+    pub backend_port_be: u16,
+    /// The source port the datapath allocated for this flow.
+    pub nat_port_be: u16,
+    pub backend_id: u32,
+}
+
+/// Value of `REPLIES`: how to turn a backend's reply back into the VIP's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplyState {
+    pub client_be: [u32; 4],
+    pub vip_be: [u32; 4],
+    pub client_port_be: u16,
+    pub vip_port_be: u16,
+    pub backend_id: u32,
+}
+
+/// One row of `VIP_STATS` (per VIP id) and `BACKEND_STATS` (per backend id), per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+const _: () = {
+    assert!(size_of::<VipKey>() == 20);
+    assert!(size_of::<VipInfo>() == 16);
+    assert!(size_of::<Backend>() == 24);
+    assert!(size_of::<DatapathConfig>() == 32);
+    assert!(size_of::<FlowKey>() == 40);
+    assert!(size_of::<FlowState>() == 24);
+    assert!(size_of::<ReplyState>() == 40);
+    assert!(size_of::<TrafficStats>() == 24);
+    assert!(MAGLEV_SIZE_DEFAULT <= MAGLEV_SIZE_MAX);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is `repr(C)`, made only of integers, with every padding byte
+    // an explicit field (the size asserts above prove there is no hidden padding), so
+    // every bit pattern is valid and the kernel may read or write any of them.
+    unsafe impl aya::Pod for super::VipKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VipInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DatapathConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ReplyState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TrafficStats {}
+}

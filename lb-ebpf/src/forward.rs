@@ -1,0 +1,152 @@
+//! Rewriting a parsed packet's addresses and ports, and sending it on.
+//!
+//! Forwarding asks the kernel FIB for the next hop (`bpf_fib_lookup`) and then
+//! transmits straight from the driver: `XDP_TX` when the next hop is out of the
+//! ingress interface, a devmap redirect otherwise. Whenever the FIB cannot give a
+//! complete answer the packet, already rewritten but with its MACs untouched, goes to
+//! the stack, which routes it and resolves the neighbour for the next packet.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
+    helpers::generated::bpf_fib_lookup as fib_lookup,
+    programs::XdpContext,
+};
+use lb_common::{AF_INET, counters::*};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+};
+
+use crate::{
+    Outcome,
+    csum::Delta,
+    maps::TX_PORTS,
+    packet::{Parsed, ptr_at},
+};
+
+/// The new 4-tuple of a packet.
+pub struct Tuple {
+    pub src_be: [u32; 4],
+    pub dst_be: [u32; 4],
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+
+/// Rewrite addresses and ports in place, updating the IPv4 and TCP checksums.
+/// `Err` only if the headers `parse` found are no longer there (never, in practice).
+#[inline(always)]
+pub fn rewrite(ctx: &XdpContext, p: &Parsed, t: &Tuple) -> Result<(), ()> {
+    let k = &p.key;
+    let addrs = Delta::default()
+        .addr(&k.src_be, &t.src_be)
+        .addr(&k.dst_be, &t.dst_be);
+    if k.family == AF_INET {
+        let ip = ptr_at::<Ipv4Hdr>(ctx, usize::from(p.l3))?;
+        // SAFETY: `ptr_at` proved the header lies inside the packet.
+        let ip = unsafe { &mut *ip };
+        ip.src_addr = t.src_be[0].to_ne_bytes();
+        ip.dst_addr = t.dst_be[0].to_ne_bytes();
+        let check = u16::from_ne_bytes(ip.check);
+        ip.check = addrs.apply(check).to_ne_bytes();
+    } else {
+        let ip = ptr_at::<Ipv6Hdr>(ctx, usize::from(p.l3))?;
+        // SAFETY: `ptr_at` proved the header lies inside the packet.
+        let ip = unsafe { &mut *ip };
+        ip.src_addr = bytes6(&t.src_be);
+        ip.dst_addr = bytes6(&t.dst_be);
+    }
+    let tcp = ptr_at::<TcpHdr>(ctx, usize::from(p.l4))?;
+    // SAFETY: `ptr_at` proved the header lies inside the packet.
+    let tcp = unsafe { &mut *tcp };
+    tcp.source = t.sport_be.to_ne_bytes();
+    tcp.dest = t.dport_be.to_ne_bytes();
+    let delta = addrs
+        .word16(k.sport_be, t.sport_be)
+        .word16(k.dport_be, t.dport_be);
+    tcp.check = delta.apply(u16::from_ne_bytes(tcp.check)).to_ne_bytes();
+    Ok(())
+}
+
+#[inline(always)]
+fn bytes6(a: &[u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let w = a[i].to_ne_bytes();
+        out[i * 4] = w[0];
+        out[i * 4 + 1] = w[1];
+        out[i * 4 + 2] = w[2];
+        out[i * 4 + 3] = w[3];
+        i += 1;
+    }
+    out
+}
+
+/// Send a rewritten packet towards `t.dst_be`.
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, p: &Parsed, t: &Tuple) -> Outcome {
+    if p.vlan {
+        return Outcome::pass(PASS_VLAN);
+    }
+    let ingress = ctx.ingress_ifindex() as u32;
+    // SAFETY: `bpf_fib_lookup` is plain old data; all-zero is its documented start.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.l4_protocol = p.key.proto;
+    fib.sport = t.sport_be;
+    fib.dport = t.dport_be;
+    fib.__bindgen_anon_1.tot_len = p.ip_len;
+    fib.ifindex = ingress;
+    fib.family = p.key.family;
+    if p.key.family == AF_INET {
+        fib.__bindgen_anon_2.tos = p.tos;
+        fib.__bindgen_anon_3.ipv4_src = t.src_be[0];
+        fib.__bindgen_anon_4.ipv4_dst = t.dst_be[0];
+    } else {
+        fib.__bindgen_anon_3.ipv6_src = t.src_be;
+        fib.__bindgen_anon_4.ipv6_dst = t.dst_be;
+    }
+    // SAFETY: `fib` is a valid, initialised `bpf_fib_lookup` on our stack and the
+    // size passed is its size; the context pointer is the program's own.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &raw mut fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return Outcome::pass(PASS_FIB_MISS);
+    }
+    let egress = fib.ifindex;
+    if egress != ingress && TX_PORTS.get(egress).is_none() {
+        return Outcome::pass(PASS_NO_TX_PORT);
+    }
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Outcome::pass(PASS_TRUNCATED);
+    };
+    // SAFETY: `ptr_at` proved the Ethernet header lies inside the packet.
+    let eth = unsafe { &mut *eth };
+    eth.dst_addr = fib.dmac;
+    eth.src_addr = fib.smac;
+    if egress == ingress {
+        return Outcome {
+            action: xdp_action::XDP_TX,
+            counter: TX,
+        };
+    }
+    match TX_PORTS.redirect(egress, 0) {
+        Ok(action) => Outcome {
+            action,
+            counter: REDIRECT,
+        },
+        // Only if userspace removed the port between our check and now: the MACs
+        // already name the next hop, so the stack would discard the frame anyway.
+        Err(_) => Outcome {
+            action: xdp_action::XDP_DROP,
+            counter: DROP_TX_PORT_GONE,
+        },
+    }
+}

@@ -1,0 +1,62 @@
+//! The datapath's maps. Each static's identifier is its map name and must equal the
+//! `MAP_*` constant in lb-common: the loader opens every map by that constant, so a
+//! mismatch fails loudly at load time.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, COUNTER_COUNT, DatapathConfig, FLOW_TABLE_SIZE, FlowKey, FlowState, MAGLEV_ENTRIES,
+    MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, ReplyState, TrafficStats, VipInfo, VipKey,
+};
+
+#[map]
+pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+/// Backend ids, one ring of `MAGLEV_SIZE_MAX` slots per VIP id.
+#[map]
+pub static MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_ENTRIES, 0);
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+#[map]
+pub static REPLIES: LruHashMap<FlowKey, ReplyState> =
+    LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+#[map]
+pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+#[map]
+pub static VIP_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+#[map]
+pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+/// Interfaces (by ifindex) that rewritten packets may be redirected to.
+#[map]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+/// Per-CPU cursor into the NAT source-port range; userspace staggers the start points.
+#[map]
+pub static PORT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Add one to a counter from `lb_common::counters`.
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU array slot is only touched by this CPU, and XDP programs
+        // are not preempted, so nothing else writes it while we do.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Account a packet (and optionally a new flow) to a VIP or backend stats row.
+#[inline(always)]
+pub fn account(map: &PerCpuArray<TrafficStats>, index: u32, bytes: u64, new_flow: bool) {
+    if let Some(s) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it (see `count`).
+        let s = unsafe { &mut *s };
+        s.packets += 1;
+        s.bytes += bytes;
+        s.new_flows += u64::from(new_flow);
+    }
+}

@@ -1,0 +1,140 @@
+//! Packet access and header parsing: the only place that touches packet memory.
+//!
+//! [`ptr_at`] is the single bounds check every access goes through; the verifier
+//! rejects any packet read it cannot prove in bounds, so all parsing funnels here.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{AF_INET, AF_INET6, FlowKey, IPPROTO_TCP, counters::*};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    vlan::VlanHdr,
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_FRAGMENT: u8 = 44;
+/// IPv4 `frags` field: the MF bit and the 13-bit offset, in host order.
+const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
+
+/// A pointer to a `T` at `offset` bytes into the packet, or `Err` if the packet is
+/// too short. Callers must still only dereference it while the packet is unchanged
+/// in length (we never grow or shrink packets).
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// A TCP/IP packet located in the frame, with its flow key read out.
+///
+/// It keeps header *offsets*, not pointers: the compiler may spill a struct of
+/// packet pointers in pieces, which the verifier refuses. Users re-derive pointers
+/// through [`ptr_at`]. The offsets are `u8` for the same reason: however LLVM
+/// splits the spill, a reload is zero-extended and so provably below 256, small
+/// enough for the verifier to track packet ranges from it (it gives up at 64 KiB).
+/// The TCP header starts at most at 14 + 4 + 60 = 78.
+pub struct Parsed {
+    /// Offset of the IP header; `key.family` says which.
+    pub l3: u8,
+    /// Offset of the TCP header.
+    pub l4: u8,
+    /// Source -> destination as received; `proto` is always TCP.
+    pub key: FlowKey,
+    pub vlan: bool,
+    /// IP datagram length (header included), for the FIB's MTU check.
+    pub ip_len: u16,
+    /// IPv4 TOS byte (0 for IPv6), for the FIB's policy routing.
+    pub tos: u8,
+}
+
+#[inline(always)]
+pub fn addr6(bytes: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+        u32::from_ne_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
+        u32::from_ne_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
+        u32::from_ne_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]),
+    ]
+}
+
+/// Parse Ethernet, one optional VLAN tag, IPv4 (with options) or IPv6, then TCP.
+/// `Err` carries the pass counter for a packet the balancer leaves alone.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).map_err(|()| PASS_TRUNCATED)?;
+    // SAFETY: `ptr_at` proved the Ethernet header lies inside the packet.
+    let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    let mut l3 = EthHdr::LEN;
+    let mut vlan = false;
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        let tag: *mut VlanHdr = ptr_at(ctx, l3).map_err(|()| PASS_TRUNCATED)?;
+        // SAFETY: `ptr_at` proved the tag lies inside the packet.
+        ether_type = u16::from_be(unsafe { (*tag).ether_type });
+        l3 += VlanHdr::LEN;
+        vlan = true;
+    }
+    let mut key = FlowKey {
+        proto: IPPROTO_TCP,
+        ..FlowKey::default()
+    };
+    let mut tos = 0;
+    let (l4, ip_len) = match ether_type {
+        ETH_P_IP => {
+            let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).map_err(|()| PASS_TRUNCATED)?;
+            // SAFETY: `ptr_at` proved the fixed IPv4 header lies inside the packet.
+            let h = unsafe { &*ip };
+            let ihl = usize::from(h.vihl & 0x0f) * 4;
+            if h.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+                return Err(PASS_TRUNCATED);
+            }
+            if u16::from_be_bytes(h.frags) & IPV4_MF_OR_OFFSET != 0 {
+                return Err(PASS_FRAGMENT);
+            }
+            if h.proto != IPPROTO_TCP {
+                return Err(PASS_NOT_TCP);
+            }
+            key.family = AF_INET;
+            tos = h.tos;
+            key.src_be[0] = u32::from_ne_bytes(h.src_addr);
+            key.dst_be[0] = u32::from_ne_bytes(h.dst_addr);
+            (l3 + ihl, u16::from_be_bytes(h.tot_len))
+        }
+        ETH_P_IPV6 => {
+            let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).map_err(|()| PASS_TRUNCATED)?;
+            // SAFETY: `ptr_at` proved the IPv6 header lies inside the packet.
+            let h = unsafe { &*ip };
+            match h.next_hdr {
+                IPPROTO_TCP => {}
+                IPPROTO_FRAGMENT => return Err(PASS_FRAGMENT),
+                _ => return Err(PASS_NOT_TCP),
+            }
+            key.family = AF_INET6;
+            key.src_be = addr6(&h.src_addr);
+            key.dst_be = addr6(&h.dst_addr);
+            let len = u16::from_be_bytes(h.payload_len).saturating_add(Ipv6Hdr::LEN as u16);
+            (l3 + Ipv6Hdr::LEN, len)
+        }
+        _ => return Err(PASS_NOT_IP),
+    };
+    let tcp: *mut TcpHdr = ptr_at(ctx, l4).map_err(|()| PASS_TRUNCATED)?;
+    // SAFETY: `ptr_at` proved the TCP header lies inside the packet.
+    let t = unsafe { &*tcp };
+    key.sport_be = u16::from_ne_bytes(t.source);
+    key.dport_be = u16::from_ne_bytes(t.dest);
+    Ok(Parsed {
+        l3: l3 as u8,
+        l4: l4 as u8,
+        key,
+        vlan,
+        ip_len,
+        tos,
+    })
+}

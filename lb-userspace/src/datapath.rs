@@ -1,0 +1,479 @@
+//! The map writer: the one typed API through which apilb changes the XDP datapath.
+//!
+//! The controller and the tests both go through [`Datapath`]; nothing else opens a
+//! map for writing. It speaks in `SocketAddr`s and ids and converts to the
+//! `lb_common` layouts here, so byte order is handled in exactly one place.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    ops::RangeInclusive,
+    os::fd::{AsFd as _, AsRawFd as _},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        xdp::{DevMapHash, XdpMapError},
+    },
+    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp},
+    util::nr_cpus,
+};
+use lb_common::{
+    AF_INET, AF_INET6, BACKEND_F_LOCAL, Backend, COUNTER_COUNT, DatapathConfig, FLOW_TABLE_SIZE,
+    FlowKey, FlowState, IPPROTO_TCP, MAGLEV_SIZE_MAX, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG,
+    MAP_COUNTERS, MAP_FLOWS, MAP_MAGLEV, MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS, MAP_VIP_STATS,
+    MAP_VIPS, MAX_BACKENDS, MAX_VIPS, ReplyState, TrafficStats, VIP_F_OWNED, VipInfo, VipKey,
+};
+
+/// The compiled lb-ebpf object, embedded at build time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object into the kernel failed")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no map named {0}")]
+    MissingMap(&'static str),
+    #[error("the eBPF object has no XDP program named {0}")]
+    MissingProgram(&'static str),
+    #[error("map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program {program}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("batch update of map {map} ({count} entries)")]
+    Batch {
+        map: &'static str,
+        count: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} = {value} is out of range ({range})")]
+    OutOfRange {
+        what: &'static str,
+        value: String,
+        range: String,
+    },
+    #[error("adding interface index {ifindex} to the TX ports")]
+    TxPort {
+        ifindex: u32,
+        #[source]
+        source: XdpMapError,
+    },
+    #[error("VIP {0} is not in the datapath")]
+    UnknownVip(SocketAddr),
+}
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// Sizes chosen at load time.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Entries in each LRU flow table (`FLOWS` and `REPLIES`).
+    pub flow_table_size: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            flow_table_size: FLOW_TABLE_SIZE,
+        }
+    }
+}
+
+/// A VIP as the datapath knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vip {
+    pub addr: SocketAddr,
+    /// Index of the VIP's Maglev ring and stats row, below [`MAX_VIPS`].
+    pub id: u32,
+    /// Maglev ring size M (prime, at most [`MAGLEV_SIZE_MAX`]).
+    pub ring_size: u32,
+    /// Whether this node owns the VIP and balances it.
+    pub owned: bool,
+}
+
+/// Node-wide NAT settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatConfig {
+    pub snat_v4: Option<Ipv4Addr>,
+    pub snat_v6: Option<Ipv6Addr>,
+    /// Source ports the datapath allocates; keep it outside `ip_local_port_range`.
+    pub ports: RangeInclusive<u16>,
+}
+
+/// What `BPF_PROG_TEST_RUN` returned.
+#[derive(Clone, Debug)]
+pub struct TestRunOutput {
+    pub action: u32,
+    pub packet: Vec<u8>,
+    pub duration: Duration,
+}
+
+/// Counter values summed over CPUs, indexed by `lb_common::counters`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Counters(pub [u64; COUNTER_COUNT as usize]);
+
+impl Counters {
+    #[must_use]
+    pub fn get(&self, index: u32) -> u64 {
+        self.0[index as usize]
+    }
+}
+
+/// The loaded datapath: its programs and maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+}
+
+/// An address as the datapath stores it: wire bytes in `[u32; 4]`, and its family.
+#[must_use]
+pub fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
+    match ip {
+        IpAddr::V4(a) => ([u32::from_ne_bytes(a.octets()), 0, 0, 0], AF_INET),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([w(0), w(4), w(8), w(12)], AF_INET6)
+        }
+    }
+}
+
+/// The `VIPS` key of a TCP VIP.
+#[must_use]
+pub fn vip_key(addr: SocketAddr) -> VipKey {
+    let (addr_be, family) = addr_words(addr.ip());
+    VipKey {
+        addr_be,
+        port_be: addr.port().to_be(),
+        proto: IPPROTO_TCP,
+        family,
+    }
+}
+
+fn check_range(what: &'static str, value: u32, range: RangeInclusive<u32>) -> Result<()> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(DatapathError::OutOfRange {
+            what,
+            value: value.to_string(),
+            range: format!("{}..={}", range.start(), range.end()),
+        })
+    }
+}
+
+impl Datapath {
+    /// Load the embedded programs and create their maps (not yet attached anywhere).
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        let ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_FLOWS, opts.flow_table_size)
+            .map_max_entries(MAP_REPLIES, opts.flow_table_size)
+            .load(OBJECT)
+            .map_err(DatapathError::Load)?;
+        let mut dp = Self { ebpf };
+        for name in [lb_common::PROG_XDP, lb_common::PROG_XDP_DROP] {
+            dp.xdp(name)?
+                .load()
+                .map_err(|source| DatapathError::Program {
+                    program: name,
+                    source,
+                })?;
+        }
+        Ok(dp)
+    }
+
+    fn map(&self, name: &'static str) -> Result<&Map> {
+        self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))
+    }
+
+    /// One of the datapath's XDP programs, by its `lb_common::PROG_*` name.
+    pub fn xdp(&mut self, name: &'static str) -> Result<&mut Xdp> {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DatapathError::MissingProgram(name))
+    }
+
+    /// Set the SNAT addresses and the source-port range, and stagger each CPU's
+    /// port cursor so that CPUs start claiming ports far apart.
+    pub fn set_nat(&mut self, nat: &NatConfig) -> Result<()> {
+        let (min, max) = (*nat.ports.start(), *nat.ports.end());
+        check_range("NAT port range start", u32::from(min), 1..=u32::from(max))?;
+        let cfg = DatapathConfig {
+            snat_v6_be: nat.snat_v6.map_or([0; 4], |a| addr_words(a.into()).0),
+            snat_v4_be: nat.snat_v4.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+            port_min: min,
+            port_max: max,
+            _pad: [0; 2],
+        };
+        let mut config: Array<_, DatapathConfig> = self.typed(MAP_CONFIG)?;
+        config.set(0, cfg, 0).map_err(map_err(MAP_CONFIG))?;
+        let cpus = nr_cpus().map_or(1, |n| n.max(1)) as u32;
+        let range = u32::from(max - min) + 1;
+        let starts: Vec<u32> = (0..cpus).map(|cpu| cpu * (range / cpus)).collect();
+        let values = PerCpuValues::try_from(starts)
+            .map_err(|e| map_err(MAP_PORT_CURSOR)(MapError::from(e)))?;
+        let mut cursor: PerCpuArray<_, u32> = self.typed(MAP_PORT_CURSOR)?;
+        cursor.set(0, values, 0).map_err(map_err(MAP_PORT_CURSOR))
+    }
+
+    /// Add or replace a VIP.
+    pub fn set_vip(&mut self, vip: &Vip) -> Result<()> {
+        check_range("VIP id", vip.id, 0..=MAX_VIPS - 1)?;
+        check_range("Maglev ring size", vip.ring_size, 1..=MAGLEV_SIZE_MAX)?;
+        let info = VipInfo {
+            vip_id: vip.id,
+            flags: if vip.owned { VIP_F_OWNED } else { 0 },
+            ring_size: vip.ring_size,
+            _pad: 0,
+        };
+        let mut vips: HashMap<_, VipKey, VipInfo> = self.typed(MAP_VIPS)?;
+        vips.insert(vip_key(vip.addr), info, 0)
+            .map_err(map_err(MAP_VIPS))
+    }
+
+    /// Take or give up ownership of a VIP already in the datapath.
+    pub fn set_owned(&mut self, addr: SocketAddr, owned: bool) -> Result<()> {
+        let mut vips: HashMap<_, VipKey, VipInfo> = self.typed(MAP_VIPS)?;
+        let key = vip_key(addr);
+        let mut info = vips
+            .get(&key, 0)
+            .map_err(|_| DatapathError::UnknownVip(addr))?;
+        info.flags = if owned {
+            info.flags | VIP_F_OWNED
+        } else {
+            info.flags & !VIP_F_OWNED
+        };
+        vips.insert(key, info, 0).map_err(map_err(MAP_VIPS))
+    }
+
+    /// Remove a VIP; its traffic then passes to the stack untouched.
+    pub fn remove_vip(&mut self, addr: SocketAddr) -> Result<()> {
+        let mut vips: HashMap<_, VipKey, VipInfo> = self.typed(MAP_VIPS)?;
+        vips.remove(&vip_key(addr))
+            .map_err(|_| DatapathError::UnknownVip(addr))
+    }
+
+    /// Set backend `id` (1..MAX_BACKENDS). A `local` backend is this node itself: its
+    /// flows go to the local stack unmodified, which must hold the VIP.
+    pub fn set_backend(&mut self, id: u32, addr: SocketAddr, local: bool) -> Result<()> {
+        check_range("backend id", id, 1..=MAX_BACKENDS - 1)?;
+        let (addr_be, family) = addr_words(addr.ip());
+        let b = Backend {
+            addr_be,
+            port_be: addr.port().to_be(),
+            family,
+            _pad: 0,
+            flags: if local { BACKEND_F_LOCAL } else { 0 },
+        };
+        let mut backends: Array<_, Backend> = self.typed(MAP_BACKENDS)?;
+        backends.set(id, b, 0).map_err(map_err(MAP_BACKENDS))
+    }
+
+    /// Write the changed slots of VIP `vip_id`'s Maglev ring, in one batch syscall.
+    /// `changes` holds `(slot, backend id)` pairs, as `maglev::delta` returns them.
+    pub fn write_maglev(&mut self, vip_id: u32, changes: &[(u32, u32)]) -> Result<()> {
+        check_range("VIP id", vip_id, 0..=MAX_VIPS - 1)?;
+        if let Some(&(slot, _)) = changes.iter().find(|(slot, _)| *slot >= MAGLEV_SIZE_MAX) {
+            check_range("Maglev slot", slot, 0..=MAGLEV_SIZE_MAX - 1)?;
+        }
+        let keys: Vec<u32> = changes
+            .iter()
+            .map(|(slot, _)| vip_id * MAGLEV_SIZE_MAX + slot)
+            .collect();
+        let values: Vec<u32> = changes.iter().map(|(_, id)| *id).collect();
+        update_batch(map_data(self.map(MAP_MAGLEV)?), &keys, &values).map_err(|source| {
+            DatapathError::Batch {
+                map: MAP_MAGLEV,
+                count: keys.len(),
+                source,
+            }
+        })
+    }
+
+    /// Allow redirecting rewritten packets out of interface `ifindex`.
+    pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        let mut ports =
+            DevMapHash::try_from(self.map_mut(MAP_TX_PORTS)?).map_err(map_err(MAP_TX_PORTS))?;
+        ports
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|source| DatapathError::TxPort { ifindex, source })
+    }
+
+    /// Every counter, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?;
+        let mut out = [0u64; COUNTER_COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = map
+                .get(&(i as u32), 0)
+                .map_err(map_err(MAP_COUNTERS))?
+                .iter()
+                .sum();
+        }
+        Ok(Counters(out))
+    }
+
+    /// Traffic to VIP `id`, summed over CPUs.
+    pub fn vip_stats(&self, id: u32) -> Result<TrafficStats> {
+        self.stats(MAP_VIP_STATS, id)
+    }
+
+    /// Traffic through backend `id` (both directions), summed over CPUs.
+    pub fn backend_stats(&self, id: u32) -> Result<TrafficStats> {
+        self.stats(MAP_BACKEND_STATS, id)
+    }
+
+    fn stats(&self, name: &'static str, id: u32) -> Result<TrafficStats> {
+        let map: PerCpuArray<_, TrafficStats> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
+        let per_cpu = map.get(&id, 0).map_err(map_err(name))?;
+        Ok(per_cpu
+            .iter()
+            .fold(TrafficStats::default(), |acc, s| TrafficStats {
+                packets: acc.packets + s.packets,
+                bytes: acc.bytes + s.bytes,
+                new_flows: acc.new_flows + s.new_flows,
+            }))
+    }
+
+    /// Every recorded client flow (client -> VIP) and its state.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowState)>> {
+        let map: HashMap<_, FlowKey, FlowState> =
+            HashMap::try_from(self.map(MAP_FLOWS)?).map_err(map_err(MAP_FLOWS))?;
+        map.iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(MAP_FLOWS))
+    }
+
+    /// Every reply entry (backend -> SNAT address:port) and the flow it restores.
+    pub fn replies(&self) -> Result<Vec<(FlowKey, ReplyState)>> {
+        let map: HashMap<_, FlowKey, ReplyState> =
+            HashMap::try_from(self.map(MAP_REPLIES)?).map_err(map_err(MAP_REPLIES))?;
+        map.iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(MAP_REPLIES))
+    }
+
+    /// Run `program` once on `packet` through `BPF_PROG_TEST_RUN`, as if received on
+    /// `ingress_ifindex` (an interface in the calling thread's network namespace).
+    pub fn test_run(
+        &mut self,
+        program: &'static str,
+        packet: &[u8],
+        ingress_ifindex: u32,
+    ) -> Result<TestRunOutput> {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex. The kernel wants data = 0 and data_end = the packet length.
+        let md: [u32; 6] = [0, packet.len() as u32, 0, ingress_ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        let res = self
+            .xdp(program)?
+            .test_run(opts)
+            .map_err(|source| DatapathError::Program { program, source })?;
+        out.truncate(res.data_size_out as usize);
+        Ok(TestRunOutput {
+            action: res.return_value,
+            packet: out,
+            duration: res.duration,
+        })
+    }
+
+    fn typed<'a, T>(&'a mut self, name: &'static str) -> Result<T>
+    where
+        T: TryFrom<&'a mut Map, Error = MapError>,
+    {
+        T::try_from(self.map_mut(name)?).map_err(map_err(name))
+    }
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+fn map_data(map: &Map) -> &MapData {
+    match map {
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::DevMapHash(d) => d,
+        other => panic!("lb-ebpf defines no map of type {other:?}"),
+    }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` on a map with `u32` keys and values; aya 0.14 has no
+/// batch API. Array maps support it since Linux 5.6.
+fn update_batch(map: &MapData, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    /// The `batch` member of `union bpf_attr`.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    assert_eq!(keys.len(), values.len());
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr.batch` whose key and value pointers cover
+    // `count` u32s each and stay alive for the call; the kernel writes back only
+    // `attr.count`, the number of elements it processed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &raw mut attr,
+            size_of::<BatchAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if attr.count as usize != keys.len() {
+        return Err(std::io::Error::other(format!(
+            "kernel applied {} of {} entries",
+            attr.count,
+            keys.len()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! apilb's userspace: everything the `apilb` binary does, as a library so that the
+//! tests and benchmarks drive the very same code.
+
+pub mod datapath;
+pub mod maglev;
