@@ -33,25 +33,24 @@ pub const DROP_NO_NAT_PORT: u32 = 11;
 pub const DROP_NO_SNAT_ADDR: u32 = 12;
 /// The flow table refused the new entry: dropped (a reply could not be matched).
 pub const DROP_FLOW_INSERT: u32 = 13;
-/// Rewritten for a port that userspace removed from `TX_PORTS` mid-packet: dropped.
-pub const DROP_TX_PORT_GONE: u32 = 14;
 /// Rewritten and sent back out of the interface it came in on.
-pub const TX: u32 = 15;
+pub const TX: u32 = 14;
 /// Rewritten and redirected to another interface through `TX_PORTS`.
-pub const REDIRECT: u32 = 16;
+pub const REDIRECT: u32 = 15;
 
 /// Number of outcome counters: indices `0..OUTCOMES` sum to the packet count.
-pub const OUTCOMES: u32 = 17;
+pub const OUTCOMES: u32 = 16;
 
-/// Event: a new flow was recorded.
-pub const FLOW_NEW: u32 = 17;
-/// Event: a packet matched an existing flow.
-pub const FLOW_HIT: u32 = 18;
+/// Event: a new flow was recorded. (Packets on existing flows are not counted here:
+/// they are the VIP's packets minus its new flows, from `VIP_STATS`.)
+pub const FLOW_NEW: u32 = 16;
 /// Event: a backend's reply matched a NATed flow.
-pub const REPLY_HIT: u32 = 19;
+pub const REPLY_HIT: u32 = 17;
+/// Event: the FIB was asked for a next hop (new flow, or the cached one expired).
+pub const FIB_LOOKUP: u32 = 18;
 
 /// Size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 20;
+pub const COUNTER_COUNT: u32 = 19;
 
 /// Metric-friendly names, indexed by counter.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -69,10 +68,9 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "drop_no_nat_port",
     "drop_no_snat_addr",
     "drop_flow_insert",
-    "drop_tx_port_gone",
     "tx",
     "redirect",
     "flow_new",
-    "flow_hit",
     "reply_hit",
+    "fib_lookup",
 ];

@@ -146,16 +146,36 @@ pub struct FlowKey {
     pub _pad: u16,
 }
 
-/// Value of `FLOWS`: everything the established path needs to rewrite a packet, so
-/// that it costs one lookup and a flow keeps its backend whatever Maglev says later.
+/// How long a flow trusts its cached next hop before asking the FIB again. It bounds
+/// how long a flow keeps using a neighbour's old MAC or an old route.
+pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
+
+/// A FIB answer cached in a flow entry, so that established packets skip the
+/// ~200 ns `bpf_fib_lookup`. `ifindex == 0` means nothing is cached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// Egress interface.
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// `bpf_ktime_get_coarse_ns` when the FIB gave this answer.
+    pub checked_ns: u64,
+}
+
+/// Value of `FLOWS`: everything the established path needs to rewrite and forward a
+/// packet, so that it costs one lookup and a flow keeps its backend whatever Maglev
+/// says later.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowState {
     pub backend_be: [u32; 4],
     pub backend_port_be: u16,
-    /// The source port the datapath allocated for this flow.
+    /// The source port the datapath allocated for this flow; 0 for a flow to a local
+    /// backend, which is delivered without NAT.
     pub nat_port_be: u16,
     pub backend_id: u32,
+    pub next_hop: NextHop,
 }
 
 /// Value of `REPLIES`: how to turn a backend's reply back into the VIP's.
@@ -167,6 +187,7 @@ pub struct ReplyState {
     pub client_port_be: u16,
     pub vip_port_be: u16,
     pub backend_id: u32,
+    pub next_hop: NextHop,
 }
 
 /// One row of `VIP_STATS` (per VIP id) and `BACKEND_STATS` (per backend id), per CPU.
@@ -184,8 +205,9 @@ const _: () = {
     assert!(size_of::<Backend>() == 24);
     assert!(size_of::<DatapathConfig>() == 32);
     assert!(size_of::<FlowKey>() == 40);
-    assert!(size_of::<FlowState>() == 24);
-    assert!(size_of::<ReplyState>() == 40);
+    assert!(size_of::<NextHop>() == 24);
+    assert!(size_of::<FlowState>() == 48);
+    assert!(size_of::<ReplyState>() == 64);
     assert!(size_of::<TrafficStats>() == 24);
     assert!(MAGLEV_SIZE_DEFAULT <= MAGLEV_SIZE_MAX);
 };
@@ -204,6 +226,8 @@ mod pod {
     unsafe impl aya::Pod for super::DatapathConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NextHop {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowState {}
     // SAFETY: as above.

@@ -5,14 +5,17 @@
 //! ingress interface, a devmap redirect otherwise. Whenever the FIB cannot give a
 //! complete answer the packet, already rewritten but with its MACs untouched, goes to
 //! the stack, which routes it and resolves the neighbour for the next packet.
+//!
+//! A FIB lookup costs about 200 ns, more than the rest of the established path, so
+//! each flow entry caches its answer and re-asks once per `NEXTHOP_TTL_NS`.
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
-    helpers::generated::bpf_fib_lookup as fib_lookup,
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
-use lb_common::{AF_INET, counters::*};
+use lb_common::{AF_INET, NEXTHOP_TTL_NS, NextHop, counters::*};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -22,7 +25,7 @@ use network_types::{
 use crate::{
     Outcome,
     csum::Delta,
-    maps::TX_PORTS,
+    maps::{TX_PORTS, count},
     packet::{Parsed, ptr_at},
 };
 
@@ -84,21 +87,18 @@ fn bytes6(a: &[u32; 4]) -> [u8; 16] {
     out
 }
 
-/// Send a rewritten packet towards `t.dst_be`.
+/// Ask the FIB for the next hop towards `t.dst_be`.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, p: &Parsed, t: &Tuple) -> Outcome {
-    if p.vlan {
-        return Outcome::pass(PASS_VLAN);
-    }
-    let ingress = ctx.ingress_ifindex() as u32;
+fn fib_next_hop(ctx: &XdpContext, p: &Parsed, t: &Tuple, now: u64) -> Option<NextHop> {
+    count(FIB_LOOKUP);
     // SAFETY: `bpf_fib_lookup` is plain old data; all-zero is its documented start.
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.family = p.key.family;
     fib.l4_protocol = p.key.proto;
     fib.sport = t.sport_be;
     fib.dport = t.dport_be;
     fib.__bindgen_anon_1.tot_len = p.ip_len;
-    fib.ifindex = ingress;
-    fib.family = p.key.family;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
     if p.key.family == AF_INET {
         fib.__bindgen_anon_2.tos = p.tos;
         fib.__bindgen_anon_3.ipv4_src = t.src_be[0];
@@ -117,36 +117,57 @@ pub fn forward(ctx: &XdpContext, p: &Parsed, t: &Tuple) -> Outcome {
             0,
         )
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return Outcome::pass(PASS_FIB_MISS);
+    (rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS)).then_some(NextHop {
+        ifindex: fib.ifindex,
+        smac: fib.smac,
+        dmac: fib.dmac,
+        checked_ns: now,
+    })
+}
+
+/// Send a rewritten packet towards `t.dst_be` through the flow's cached next hop,
+/// asking the FIB first when the cache is empty or older than `NEXTHOP_TTL_NS`.
+/// Returns the outcome and whether `hop` changed, for the caller to persist.
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, p: &Parsed, t: &Tuple, hop: &mut NextHop) -> (Outcome, bool) {
+    if p.vlan {
+        return (Outcome::pass(PASS_VLAN), false);
     }
-    let egress = fib.ifindex;
-    if egress != ingress && TX_PORTS.get(egress).is_none() {
-        return Outcome::pass(PASS_NO_TX_PORT);
+    // SAFETY: a helper without arguments or preconditions (Linux 5.11+).
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let mut changed = false;
+    if hop.ifindex == 0 || now.wrapping_sub(hop.checked_ns) >= NEXTHOP_TTL_NS {
+        let Some(fresh) = fib_next_hop(ctx, p, t, now) else {
+            // Forget a stale answer so the next packet asks again.
+            changed = hop.ifindex != 0;
+            *hop = NextHop::default();
+            return (Outcome::pass(PASS_FIB_MISS), changed);
+        };
+        *hop = fresh;
+        changed = true;
     }
+    let outcome = if hop.ifindex == ctx.ingress_ifindex() as u32 {
+        Outcome {
+            action: xdp_action::XDP_TX,
+            counter: TX,
+        }
+    } else {
+        // The redirect happens after the program returns, so the MACs can still be
+        // written below; on failure they stay untouched and the stack routes it.
+        match TX_PORTS.redirect(hop.ifindex, 0) {
+            Ok(action) => Outcome {
+                action,
+                counter: REDIRECT,
+            },
+            Err(_) => return (Outcome::pass(PASS_NO_TX_PORT), changed),
+        }
+    };
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return Outcome::pass(PASS_TRUNCATED);
+        return (Outcome::pass(PASS_TRUNCATED), changed);
     };
     // SAFETY: `ptr_at` proved the Ethernet header lies inside the packet.
     let eth = unsafe { &mut *eth };
-    eth.dst_addr = fib.dmac;
-    eth.src_addr = fib.smac;
-    if egress == ingress {
-        return Outcome {
-            action: xdp_action::XDP_TX,
-            counter: TX,
-        };
-    }
-    match TX_PORTS.redirect(egress, 0) {
-        Ok(action) => Outcome {
-            action,
-            counter: REDIRECT,
-        },
-        // Only if userspace removed the port between our check and now: the MACs
-        // already name the next hop, so the stack would discard the frame anyway.
-        Err(_) => Outcome {
-            action: xdp_action::XDP_DROP,
-            counter: DROP_TX_PORT_GONE,
-        },
-    }
+    eth.dst_addr = hop.dmac;
+    eth.src_addr = hop.smac;
+    (outcome, changed)
 }

@@ -21,13 +21,17 @@ mod packet;
 
 #[cfg(target_arch = "bpf")]
 mod program {
-    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+    use aya_ebpf::{
+        bindings::{BPF_EXIST, xdp_action},
+        macros::xdp,
+        programs::XdpContext,
+    };
     use lb_common::{AF_INET, VIP_F_OWNED, VipInfo, VipKey, counters::*};
 
     use crate::{
         forward::{Tuple, forward, rewrite},
         maps::{BACKEND_STATS, CONFIG, FLOWS, REPLIES, VIP_STATS, VIPS, account, count},
-        nat::new_flow,
+        nat::{new_flow, save_flow},
         packet::{Parsed, parse},
     };
 
@@ -102,32 +106,38 @@ mod program {
         }
         let cfg = CONFIG.get(0).copied().unwrap_or_default();
         let snat = snat_addr(&cfg, p.key.family);
-        // SAFETY: copied out at once; a flow entry is written whole by one CPU.
-        let (flow, is_new) = match unsafe { FLOWS.get(&p.key) }.copied() {
-            Some(flow) => {
-                count(FLOW_HIT);
-                (flow, false)
-            }
-            None => {
-                let flow = new_flow(&p.key, vip, &snat, &cfg).map_err(Outcome::drop)?;
-                count(FLOW_NEW);
-                (flow, true)
-            }
+        // SAFETY: copied out at once; a flow entry is replaced whole, never edited.
+        let (mut flow, is_new) = match unsafe { FLOWS.get(&p.key) }.copied() {
+            Some(flow) => (flow, false),
+            None => (
+                new_flow(&p.key, vip, &snat, &cfg).map_err(Outcome::drop)?,
+                true,
+            ),
         };
+        let outcome = if flow.nat_port_be == 0 {
+            Outcome::pass(PASS_LOCAL_BACKEND)
+        } else {
+            let t = Tuple {
+                src_be: snat,
+                dst_be: flow.backend_be,
+                sport_be: flow.nat_port_be,
+                dport_be: flow.backend_port_be,
+            };
+            rewrite(ctx, p, &t).map_err(|()| Outcome::pass(PASS_TRUNCATED))?;
+            let (outcome, hop_changed) = forward(ctx, p, &t, &mut flow.next_hop);
+            if hop_changed && !is_new {
+                let _ = save_flow(&p.key, &flow, &snat, false);
+            }
+            outcome
+        };
+        if is_new {
+            save_flow(&p.key, &flow, &snat, true).map_err(Outcome::drop)?;
+            count(FLOW_NEW);
+        }
         let bytes = (ctx.data_end() - ctx.data()) as u64;
         account(&VIP_STATS, vip.vip_id, bytes, is_new);
         account(&BACKEND_STATS, flow.backend_id, bytes, is_new);
-        if flow.nat_port_be == 0 {
-            return Ok(Outcome::pass(PASS_LOCAL_BACKEND));
-        }
-        let t = Tuple {
-            src_be: snat,
-            dst_be: flow.backend_be,
-            sport_be: flow.nat_port_be,
-            dport_be: flow.backend_port_be,
-        };
-        rewrite(ctx, p, &t).map_err(|()| Outcome::pass(PASS_TRUNCATED))?;
-        Ok(forward(ctx, p, &t))
+        Ok(outcome)
     }
 
     /// Possibly a backend's reply to a NATed flow: undo the NAT and send it on.
@@ -142,8 +152,8 @@ mod program {
         {
             return Err(Outcome::pass(PASS_NOT_VIP));
         }
-        // SAFETY: copied out at once; entries are written whole.
-        let reply = unsafe { REPLIES.get(&p.key) }
+        // SAFETY: copied out at once; entries are replaced whole, never edited.
+        let mut reply = unsafe { REPLIES.get(&p.key) }
             .copied()
             .ok_or(Outcome::pass(PASS_NOT_VIP))?;
         count(REPLY_HIT);
@@ -160,7 +170,11 @@ mod program {
             dport_be: reply.client_port_be,
         };
         rewrite(ctx, p, &t).map_err(|()| Outcome::pass(PASS_TRUNCATED))?;
-        Ok(forward(ctx, p, &t))
+        let (outcome, hop_changed) = forward(ctx, p, &t, &mut reply.next_hop);
+        if hop_changed {
+            let _ = REPLIES.insert(&p.key, &reply, u64::from(BPF_EXIST));
+        }
+        Ok(outcome)
     }
 
     #[panic_handler]

@@ -6,10 +6,10 @@
 //! the NAT on the way back). The reply entry is inserted with `BPF_NOEXIST`, which is
 //! what makes a source port ours atomically, even against other CPUs.
 
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use aya_ebpf::bindings::{BPF_ANY, BPF_EXIST, BPF_NOEXIST};
 use lb_common::{
-    BACKEND_F_LOCAL, BACKEND_NONE, DatapathConfig, FlowKey, FlowState, MAGLEV_SIZE_MAX, ReplyState,
-    VipInfo, counters::*, flow_hash,
+    BACKEND_F_LOCAL, BACKEND_NONE, DatapathConfig, FlowKey, FlowState, MAGLEV_SIZE_MAX, NextHop,
+    ReplyState, VipInfo, counters::*, flow_hash,
 };
 
 use crate::maps::{BACKENDS, FLOWS, MAGLEV, PORT_CURSOR, REPLIES};
@@ -17,8 +17,9 @@ use crate::maps::{BACKENDS, FLOWS, MAGLEV, PORT_CURSOR, REPLIES};
 /// Source ports tried before a new flow is dropped as `DROP_NO_NAT_PORT`.
 const PORT_TRIES: u32 = 8;
 
-/// Choose a backend for a new flow through the VIP's Maglev ring, claim a source
-/// port, and record both flow entries. `Err` is the drop counter.
+/// Choose a backend for a new flow through the VIP's Maglev ring and claim a source
+/// port (recording the reply entry). The caller records the flow itself with
+/// [`save_flow`] once forwarding has filled in its next hop. `Err` is the drop counter.
 #[inline(always)]
 pub fn new_flow(
     key: &FlowKey,
@@ -40,6 +41,7 @@ pub fn new_flow(
         backend_port_be: backend.port_be,
         nat_port_be: 0,
         backend_id,
+        next_hop: NextHop::default(),
     };
     if backend.flags & BACKEND_F_LOCAL == 0 {
         if *snat == [0; 4] {
@@ -51,16 +53,31 @@ pub fn new_flow(
             client_port_be: key.sport_be,
             vip_port_be: key.dport_be,
             backend_id,
+            next_hop: NextHop::default(),
         };
         flow.nat_port_be = claim_port(key, &flow, snat, cfg, &reply)?;
     }
-    if FLOWS.insert(key, flow, u64::from(BPF_ANY)).is_err() {
-        if flow.nat_port_be != 0 {
-            let _ = REPLIES.remove(reply_key(key, &flow, snat));
-        }
-        return Err(DROP_FLOW_INSERT);
-    }
     Ok(flow)
+}
+
+/// Record a new flow, or persist a refreshed next hop of an existing one. A refresh
+/// never re-creates an entry that was removed meanwhile (`BPF_EXIST`): the removal
+/// (e.g. the controller dropping a dead backend's flows) wins.
+#[inline(always)]
+pub fn save_flow(
+    key: &FlowKey,
+    flow: &FlowState,
+    snat: &[u32; 4],
+    is_new: bool,
+) -> Result<(), u32> {
+    let flags = if is_new { BPF_ANY } else { BPF_EXIST };
+    if FLOWS.insert(key, flow, u64::from(flags)).is_ok() || !is_new {
+        return Ok(());
+    }
+    if flow.nat_port_be != 0 {
+        let _ = REPLIES.remove(reply_key(key, flow, snat));
+    }
+    Err(DROP_FLOW_INSERT)
 }
 
 /// The `REPLIES` key under which the backend's answers to `flow` arrive.

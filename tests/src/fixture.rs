@@ -106,6 +106,17 @@ impl Lab {
     /// CPU 0, so NAT source ports come from CPU 0's cursor: 40000, 40001, ...
     #[must_use]
     pub fn new(prefix: &str) -> Self {
+        Self::with_options(
+            prefix,
+            &LoadOptions {
+                flow_table_size: 4096,
+            },
+        )
+    }
+
+    /// [`Lab::new`] with other datapath sizes.
+    #[must_use]
+    pub fn with_options(prefix: &str, opts: &LoadOptions) -> Self {
         pin_to_cpu0();
         let ns = Netns::new(prefix);
         ns.ip(&[
@@ -168,10 +179,7 @@ impl Lab {
         }
         let (fx0, fx1) = (ns.ifindex("fx0"), ns.ifindex("fx1"));
         let entered = ns.enter();
-        let mut dp = Datapath::load(&LoadOptions {
-            flow_table_size: 4096,
-        })
-        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+        let mut dp = Datapath::load(opts).unwrap_or_else(|e| panic!("{}", chain(&e)));
         dp.set_nat(&NatConfig {
             snat_v4: Some("198.51.100.1".parse().expect("v4")),
             snat_v6: Some("2001:db8:2::1".parse().expect("v6")),
@@ -244,12 +252,18 @@ impl Lab {
         self.rings[&id][(flow_hash(&key) % MAGLEV_SIZE_DEFAULT) as usize]
     }
 
-    /// Run a fixture and assert verdict, output bytes and counter movements.
-    pub fn run(&mut self, f: &Fixture) {
-        let ifindex = match f.ingress {
+    /// The lab interface index for an ingress side.
+    #[must_use]
+    pub fn ifindex(&self, ingress: Ingress) -> u32 {
+        match ingress {
             Ingress::ClientSide => self.fx0,
             Ingress::MasterSide => self.fx1,
-        };
+        }
+    }
+
+    /// Run a fixture and assert verdict, output bytes and counter movements.
+    pub fn run(&mut self, f: &Fixture) {
+        let ifindex = self.ifindex(f.ingress);
         let before = self.counters();
         let out = self
             .dp

@@ -175,7 +175,7 @@ fn vip_not_owned_by_this_node_passes_until_ownership_is_taken() {
         input: syn.build(),
         verdict: XDP_REDIRECT,
         output: natted(&syn, backend, 40_000, mac).build(),
-        counters: vec![(FLOW_NEW, 1), (REDIRECT, 1)],
+        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
     });
 
     lab.dp
@@ -206,7 +206,7 @@ fn syn_is_natted_to_the_maglev_pick(
         input: syn.build(),
         verdict: XDP_REDIRECT,
         output: want.clone(),
-        counters: vec![(FLOW_NEW, 1), (REDIRECT, 1)],
+        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
     });
     // The byte comparison already covers the checksums; say so explicitly, with
     // etherparse recomputing them from scratch.
@@ -251,7 +251,7 @@ fn established_flow_keeps_its_backend_after_the_ring_changes() {
         input: syn.build(),
         verdict: XDP_REDIRECT,
         output: natted(&syn, backend, 40_000, mac).build(),
-        counters: vec![(FLOW_NEW, 1), (REDIRECT, 1)],
+        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
     });
     // Take the flow's backend out of the ring: Maglev now sends this tuple elsewhere.
     let rest: Vec<_> = masters.iter().copied().filter(|(b, _)| *b != id).collect();
@@ -263,12 +263,12 @@ fn established_flow_keeps_its_backend_after_the_ring_changes() {
     );
     let data = syn.clone().data(b"GET /api/v1/pods?watch=1");
     lab.run(&Fixture {
-        desc: "data on the established flow after the ring changed",
+        desc: "data on the established flow after the ring changed (no FIB lookup: cached hop)",
         ingress: Ingress::ClientSide,
         input: data.build(),
         verdict: XDP_REDIRECT,
         output: natted(&data, backend, 40_000, mac).build(),
-        counters: vec![(FLOW_HIT, 1), (REDIRECT, 1)],
+        counters: vec![(REDIRECT, 1)],
     });
     // A new flow follows the new ring.
     let other = client_syn("192.0.2.10:51001", VIP4);
@@ -280,7 +280,7 @@ fn established_flow_keeps_its_backend_after_the_ring_changes() {
         input: other.build(),
         verdict: XDP_REDIRECT,
         output: natted(&other, new_backend, 40_001, new_mac).build(),
-        counters: vec![(FLOW_NEW, 1), (REDIRECT, 1)],
+        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
     });
 }
 
@@ -294,7 +294,7 @@ fn reply_is_rewritten_back(client: &str, vip: &str, vip_id: u32, masters: &[(u32
         input: syn.build(),
         verdict: XDP_REDIRECT,
         output: natted(&syn, backend, 40_000, mac).build(),
-        counters: vec![(FLOW_NEW, 1), (REDIRECT, 1)],
+        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
     });
     let snat = SocketAddr::new(snat_for(backend.ip()), 40_000);
     let mut syn_ack = Tcp::syn(mac, FX1_MAC, backend, snat);
@@ -310,7 +310,7 @@ fn reply_is_rewritten_back(client: &str, vip: &str, vip_id: u32, masters: &[(u32
         input: syn_ack.build(),
         verdict: XDP_REDIRECT,
         output: back.build(),
-        counters: vec![(REPLY_HIT, 1), (REDIRECT, 1)],
+        counters: vec![(REPLY_HIT, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
     });
     assert_eq!(checksums_valid(&back.build()), (true, true));
     let b = lab.dp.backend_stats(id).expect("backend stats");
@@ -385,7 +385,7 @@ fn ipv4_options_are_skipped_and_kept_when_natting() {
         input: syn.build(),
         verdict: XDP_REDIRECT,
         output: want.clone(),
-        counters: vec![(FLOW_NEW, 1), (REDIRECT, 1)],
+        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
     });
     assert_eq!(checksums_valid(&want), (true, true));
 }
@@ -451,7 +451,7 @@ fn fib_neighbour_miss_hands_the_rewritten_packet_to_the_stack() {
             .clone()
             .between(sa("198.51.100.1:40000"), unresolved)
             .build(),
-        counters: vec![(FLOW_NEW, 1), (PASS_FIB_MISS, 1)],
+        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (PASS_FIB_MISS, 1)],
     });
 }
 
@@ -471,7 +471,7 @@ fn master_on_the_ingress_link_is_reached_with_xdp_tx() {
             .via(FX0_MAC, ONE_ARMED_MAC)
             .between(sa("198.51.100.1:40000"), one_armed)
             .build(),
-        counters: vec![(FLOW_NEW, 1), (TX, 1)],
+        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (TX, 1)],
     });
 }
 
@@ -498,7 +498,7 @@ fn local_master_gets_the_packet_unmodified_and_the_flow_sticks() {
         output: data.clone(),
         input: data,
         verdict: XDP_PASS,
-        counters: vec![(FLOW_HIT, 1), (PASS_LOCAL_BACKEND, 1)],
+        counters: vec![(PASS_LOCAL_BACKEND, 1)],
     });
     let flows = lab.dp.flows().expect("flows");
     assert_eq!(
@@ -554,7 +554,7 @@ fn new_flows_are_dropped_with_a_reason_when_they_cannot_be_served() {
                 master_mac(1),
             )
             .build(),
-            counters: vec![(FLOW_NEW, 1), (REDIRECT, 1)],
+            counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
         });
     }
     let third = client_syn("192.0.2.10:51002", VIP4).build();
@@ -572,4 +572,60 @@ fn new_flows_are_dropped_with_a_reason_when_they_cannot_be_served() {
         six,
         DROP_NO_SNAT_ADDR,
     ));
+}
+
+#[test]
+fn cached_next_hop_is_used_then_revalidated_after_its_ttl() {
+    let mut lab = Lab::new("apilb-fx-nexthop");
+    let master = sa("198.51.100.11:6443");
+    lab.vip(0, sa(VIP4), true, &[(1, master)]);
+    let syn = client_syn(CLIENT4, VIP4);
+    lab.run(&Fixture {
+        desc: "SYN: the FIB is asked once",
+        ingress: Ingress::ClientSide,
+        input: syn.build(),
+        verdict: XDP_REDIRECT,
+        output: natted(&syn, master, 40_000, master_mac(1)).build(),
+        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
+    });
+    // The master's MAC changes (say, its NIC was replaced). Within the TTL the flow
+    // keeps the cached answer; after it, the FIB is asked again and the new MAC used.
+    let new_mac: Mac = [2, 0, 0, 0, 0x0b, 0x99];
+    lab.ns.ip(&[
+        "neigh",
+        "replace",
+        "198.51.100.11",
+        "lladdr",
+        "02:00:00:00:0b:99",
+        "dev",
+        "fx1",
+        "nud",
+        "permanent",
+    ]);
+    let data = syn.clone().data(b"x");
+    lab.run(&Fixture {
+        desc: "data within the TTL: cached hop, old MAC",
+        ingress: Ingress::ClientSide,
+        input: data.build(),
+        verdict: XDP_REDIRECT,
+        output: natted(&data, master, 40_000, master_mac(1)).build(),
+        counters: vec![(REDIRECT, 1)],
+    });
+    std::thread::sleep(
+        std::time::Duration::from_nanos(lb_common::NEXTHOP_TTL_NS)
+            + std::time::Duration::from_millis(100),
+    );
+    lab.run(&Fixture {
+        desc: "data after the TTL: the FIB is asked again, new MAC",
+        ingress: Ingress::ClientSide,
+        input: data.build(),
+        verdict: XDP_REDIRECT,
+        output: natted(&data, master, 40_000, new_mac).build(),
+        counters: vec![(FIB_LOOKUP, 1), (REDIRECT, 1)],
+    });
+    let flows = lab.dp.flows().expect("flows");
+    assert_eq!(
+        flows[0].1.next_hop.dmac, new_mac,
+        "the refreshed hop is stored in the flow entry"
+    );
 }

@@ -1,1 +1,77 @@
-fn main() {}
+//! `cargo xtask`: the project's own commands, so a fresh machine needs nothing but
+//! cargo. Each subcommand lives in its own small module.
+//!
+//! xtask deliberately does not depend on the apilb crates: building those needs
+//! bpf-linker, which `setup` is what installs.
+
+mod bench;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "apilb developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (apt packages, rust-src, bpf-linker),
+    /// skipping what is already there.
+    Setup,
+    /// Run `setup`, then every test: unit tests, packet fixtures in the kernel, and
+    /// the namespace scenarios. Needs root.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run a benchmark and print its table.
+    Bench {
+        #[command(subcommand)]
+        part: bench::Part,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::run(),
+        Task::Test { args } => {
+            setup::run()?;
+            step("running the test suite (cargo test --workspace)");
+            let mut cmd = cargo();
+            cmd.args(["test", "--workspace", "--"]).args(&args);
+            exec(&mut cmd)
+        }
+        Task::Bench { part } => {
+            setup::run()?;
+            bench::run(&part)
+        }
+    }
+}
+
+/// Print a step of what xtask is doing.
+pub fn step(msg: &str) {
+    println!("[xtask] {msg}");
+}
+
+/// The cargo that runs us, so toolchain overrides carry through.
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Run a command, failing with its name if it does not succeed.
+pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}

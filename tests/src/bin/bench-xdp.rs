@@ -1,0 +1,221 @@
+//! `cargo xtask bench xdp`: nanoseconds per packet through the XDP program.
+//!
+//! Every figure comes from `BPF_PROG_TEST_RUN` with repeat = 1, one syscall per
+//! packet: the program rewrites packets in place, so a kernel-side repeat would feed
+//! every run after the first an already-rewritten packet. The kernel times each run
+//! itself, so syscall cost is not included; timer overhead is, equally for every row,
+//! including the `XDP_DROP` floor measured in the same run. The thread is pinned to
+//! CPU 0 and the lab namespace gives the FIB real, permanent neighbours, so the
+//! forwarding rows include a real `bpf_fib_lookup`.
+
+use lb_common::{FLOW_TABLE_SIZE, PROG_XDP, PROG_XDP_DROP};
+use lb_userspace::datapath::{LoadOptions, NatConfig};
+use tests::{
+    fixture::{
+        CLIENT_MAC, FX0_MAC, FX1_MAC, Ingress, Lab, XDP_DROP, XDP_PASS, XDP_REDIRECT, chain,
+        master_mac, sa,
+    },
+    packets::Tcp,
+};
+
+const ROUNDS: usize = 20;
+const PER_ROUND: usize = 2_500;
+const RUNS: usize = ROUNDS * PER_ROUND;
+const VIP: &str = "192.0.2.100:6443";
+
+/// One benchmark row: which program, on which packets, and the verdict every run
+/// must return (so a row can never silently measure another path).
+struct Case {
+    name: &'static str,
+    prog: &'static str,
+    ingress: Ingress,
+    packets: Vec<Vec<u8>>,
+    action: u32,
+    ns: Vec<u64>,
+}
+
+impl Case {
+    fn new(
+        name: &'static str,
+        prog: &'static str,
+        ingress: Ingress,
+        packets: Vec<Vec<u8>>,
+        action: u32,
+    ) -> Self {
+        Self {
+            name,
+            prog,
+            ingress,
+            packets,
+            action,
+            ns: Vec::with_capacity(RUNS),
+        }
+    }
+
+    /// Run the next `PER_ROUND` packets, one syscall each.
+    fn round(&mut self, lab: &mut Lab) {
+        let ifindex = lab.ifindex(self.ingress);
+        for _ in 0..PER_ROUND {
+            let i = self.ns.len() % self.packets.len();
+            let out = lab
+                .dp
+                .test_run(self.prog, &self.packets[i], ifindex)
+                .unwrap_or_else(|e| panic!("{}: {}", self.name, chain(&e)));
+            assert_eq!(
+                out.action,
+                self.action,
+                "{}: run {} took another path",
+                self.name,
+                self.ns.len()
+            );
+            self.ns
+                .push(u64::try_from(out.duration.as_nanos()).unwrap_or(u64::MAX));
+        }
+    }
+
+    fn quantile(&self, q: f64) -> u64 {
+        let mut v = self.ns.clone();
+        v.sort_unstable();
+        v[((v.len() - 1) as f64 * q) as usize]
+    }
+
+    fn mean(&self) -> f64 {
+        self.ns.iter().sum::<u64>() as f64 / self.ns.len() as f64
+    }
+}
+
+fn main() {
+    let mut lab = Lab::with_options(
+        "apilb-bench-xdp",
+        &LoadOptions {
+            flow_table_size: FLOW_TABLE_SIZE,
+        },
+    );
+    let masters: Vec<_> = (1..=3)
+        .map(|n| (n, sa(&format!("198.51.100.1{n}:6443"))))
+        .collect();
+    lab.vip(0, sa(VIP), true, &masters);
+    lab.dp
+        .set_nat(&NatConfig {
+            snat_v4: Some("198.51.100.1".parse().unwrap()),
+            snat_v6: None,
+            ports: 1024..=65_535,
+        })
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+
+    // One established flow, for the established and reply rows.
+    let syn = Tcp::syn(CLIENT_MAC, FX0_MAC, sa("192.0.2.10:50000"), sa(VIP));
+    let first = lab
+        .dp
+        .test_run(PROG_XDP, &syn.build(), lab.ifindex(Ingress::ClientSide))
+        .expect("first syn");
+    assert_eq!(first.action, XDP_REDIRECT);
+    let flow = lab.dp.flows().expect("flows")[0].1;
+    let backend = masters
+        .iter()
+        .find(|(id, _)| *id == flow.backend_id)
+        .expect("backend")
+        .1;
+    let data = syn
+        .clone()
+        .data(b"GET /api/v1/namespaces/default/pods?watch=1 HTTP/1.1\r\n")
+        .build();
+    let nat = sa(&format!("198.51.100.1:{}", u16::from_be(flow.nat_port_be)));
+    let mut reply = Tcp::syn(master_mac(flow.backend_id as u8), FX1_MAC, backend, nat);
+    reply.ack = Some(syn.seq + 1);
+    let reply = reply.data(&[0x42; 64]).build();
+
+    let non_vip = Tcp::syn(
+        CLIENT_MAC,
+        FX0_MAC,
+        sa("192.0.2.10:50001"),
+        sa("192.0.2.1:22"),
+    )
+    .data(b"ssh")
+    .build();
+    let new_flows: Vec<Vec<u8>> = (0..RUNS)
+        .map(|i| {
+            let client = format!("192.0.2.{}:{}", 11 + i / 60_000, 1024 + i % 60_000);
+            Tcp::syn(CLIENT_MAC, FX0_MAC, sa(&client), sa(VIP)).build()
+        })
+        .collect();
+    let mut rows = [
+        Case::new(
+            "XDP_DROP (floor)",
+            PROG_XDP_DROP,
+            Ingress::ClientSide,
+            vec![data.clone()],
+            XDP_DROP,
+        ),
+        Case::new(
+            "non-VIP packet",
+            PROG_XDP,
+            Ingress::ClientSide,
+            vec![non_vip],
+            XDP_PASS,
+        ),
+        Case::new(
+            "established flow",
+            PROG_XDP,
+            Ingress::ClientSide,
+            vec![data],
+            XDP_REDIRECT,
+        ),
+        Case::new(
+            "reply (reverse NAT)",
+            PROG_XDP,
+            Ingress::MasterSide,
+            vec![reply],
+            XDP_REDIRECT,
+        ),
+        Case::new(
+            "new flow (SYN)",
+            PROG_XDP,
+            Ingress::ClientSide,
+            new_flows,
+            XDP_REDIRECT,
+        ),
+    ];
+    // Warm up, then interleave the rows round by round so that any drift of the
+    // machine during the run weighs on every row alike.
+    for row in &mut rows {
+        row.round(&mut lab);
+        row.ns.clear();
+    }
+    for _ in 0..ROUNDS {
+        for row in &mut rows {
+            row.round(&mut lab);
+        }
+    }
+
+    let floor = rows[0].quantile(0.5) as f64;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "XDP ns/packet, BPF_PROG_TEST_RUN repeat=1, {RUNS} runs per row in {ROUNDS} interleaved rounds, CPU 0 pinned"
+    );
+    println!("kernel {}, {cpu}", kernel.trim());
+    println!();
+    println!("| path | median ns | mean ns | p99 ns | median / XDP_DROP |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.1} | {} | {:.2}x |",
+            r.name,
+            r.quantile(0.5),
+            r.mean(),
+            r.quantile(0.99),
+            r.quantile(0.5) as f64 / floor
+        );
+    }
+    let established = rows[2].quantile(0.5) as f64 / floor;
+    println!();
+    println!("target: established flow <= 2.50x XDP_DROP; measured {established:.2}x");
+}

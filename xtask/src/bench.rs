@@ -1,0 +1,22 @@
+//! `cargo xtask bench <part>`: benchmarks print tables; they never assert targets.
+//!
+//! Each part is a release binary of the `tests` crate, which holds the harness the
+//! measurement needs (namespaces, packet builders, the provisioned datapath).
+
+use clap::Subcommand;
+
+use crate::{cargo, exec, step};
+
+#[derive(Subcommand, Clone, Copy)]
+pub enum Part {
+    /// ns per packet through BPF_PROG_TEST_RUN for four paths, against XDP_DROP.
+    Xdp,
+}
+
+pub fn run(part: &Part) -> anyhow::Result<()> {
+    let bin = match part {
+        Part::Xdp => "bench-xdp",
+    };
+    step(&format!("running {bin} (release build)"));
+    exec(cargo().args(["run", "--quiet", "--release", "-p", "tests", "--bin", bin]))
+}

@@ -1,0 +1,120 @@
+//! `cargo xtask setup`: install the build and test dependencies, idempotently.
+//!
+//! The facts behind each step are in shared TOOLCHAIN.md: the eBPF crate builds on
+//! stable with `RUSTC_BOOTSTRAP=1 -Z build-std=core`, which needs `rust-src`, and
+//! links with bpf-linker built against Debian's LLVM 22 (`LLVM_PREFIX` is required,
+//! or the link fails with "unable to find library -lLLVM").
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, bail};
+
+use crate::{exec, step};
+
+/// Debian packages: LLVM 22 for bpf-linker, iproute2 and procps for the tests.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "procps",
+];
+/// The bpf-linker release known to work with rustc 1.95's LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+pub fn run() -> anyhow::Result<()> {
+    apt()?;
+    rust_src()?;
+    bpf_linker()?;
+    step("setup complete");
+    Ok(())
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn apt() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        step(&format!(
+            "apt packages already installed: {}",
+            APT_PACKAGES.join(" ")
+        ));
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "apt packages missing ({}) and not running as root to install them",
+            missing.join(" ")
+        );
+    }
+    step(&format!("installing apt packages: {}", missing.join(" ")));
+    exec(Command::new("apt-get").arg("update").arg("-q"))?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let out = Command::new("rustup")
+        .args(["component", "list", "--installed"])
+        .output()
+        .context("rustup is needed to add rust-src")?;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        step("rust-src already installed");
+        return Ok(());
+    }
+    step("installing rust-src (rustup component add rust-src)");
+    exec(Command::new("rustup").args(["component", "add", "rust-src"]))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    if let Ok(out) = Command::new("bpf-linker").arg("--version").output()
+        && out.status.success()
+    {
+        step(&format!(
+            "bpf-linker already installed: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        ));
+        return Ok(());
+    }
+    step(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes)"
+    ));
+    let path = format!(
+        "{LLVM_PREFIX}/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    exec(
+        crate::cargo()
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("PATH", path)
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
+}
