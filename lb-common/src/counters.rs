@@ -13,7 +13,7 @@ pub const PASS_NOT_TCP: u32 = 1;
 pub const PASS_FRAGMENT: u32 = 2;
 /// Headers cut short at some layer: passed untouched for the stack to judge.
 pub const PASS_TRUNCATED: u32 = 3;
-/// TCP that is neither for a VIP nor a reply to a NATed flow: passed.
+/// TCP that is neither for a VIP nor a reply to a flow under NAT: passed.
 pub const PASS_NOT_VIP: u32 = 4;
 /// For a VIP that this node does not own: passed.
 pub const PASS_NOT_OWNED: u32 = 5;
@@ -44,7 +44,7 @@ pub const OUTCOMES: u32 = 16;
 /// Event: a new flow was recorded. (Packets on existing flows are not counted here:
 /// they are the VIP's packets minus its new flows, from `VIP_STATS`.)
 pub const FLOW_NEW: u32 = 16;
-/// Event: a backend's reply matched a NATed flow.
+/// Event: a backend's reply matched a flow under NAT.
 pub const REPLY_HIT: u32 = 17;
 /// Event: the FIB was asked for a next hop (new flow, or the cached one expired).
 pub const FIB_LOOKUP: u32 = 18;

@@ -2,7 +2,7 @@
 //!
 //! It lives here, not in the kernel crate, because every consumer must agree on it
 //! bit for bit: the XDP program, the socket hooks, and the tests that predict which
-//! backend a flow lands on. It is MurmurHash3's 32-bit block mix and finaliser over
+//! backend a flow lands on. It is `MurmurHash3`'s 32-bit block mix and finaliser over
 //! the key's words: a handful of multiplies, cheap enough for the per-packet path and
 //! free of the collisions a plain XOR fold gives on symmetric tuples.
 

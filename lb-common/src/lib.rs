@@ -10,6 +10,10 @@
 //! Addresses are stored as `[u32; 4]` whose *memory* holds the wire bytes: an IPv4
 //! address lives in word 0 and words 1..3 are zero.
 #![no_std]
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "explicit padding fields are public so that both sides can build the structs"
+)]
 
 pub mod counters;
 pub mod hash;
@@ -120,9 +124,9 @@ pub struct Backend {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DatapathConfig {
-    /// Source address for NATed IPv6 flows (all zero: IPv6 VIPs cannot be NATed).
+    /// Source address for IPv6 flows under NAT (all zero: no IPv6 VIP can be served).
     pub snat_v6_be: [u32; 4],
-    /// Source address for NATed IPv4 flows (zero: IPv4 VIPs cannot be NATed).
+    /// Source address for IPv4 flows under NAT (zero: no IPv4 VIP can be served).
     pub snat_v4_be: u32,
     /// Inclusive range of source ports the datapath allocates, host order.
     pub port_min: u16,

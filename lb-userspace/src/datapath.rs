@@ -224,7 +224,7 @@ impl Datapath {
         };
         let mut config: Array<_, DatapathConfig> = self.typed(MAP_CONFIG)?;
         config.set(0, cfg, 0).map_err(map_err(MAP_CONFIG))?;
-        let cpus = nr_cpus().map_or(1, |n| n.max(1)) as u32;
+        let cpus = nr_cpus().map_or(1, |n| u32::try_from(n.max(1)).unwrap_or(u32::MAX));
         let range = u32::from(max - min) + 1;
         let starts: Vec<u32> = (0..cpus).map(|cpu| cpu * (range / cpus)).collect();
         let values = PerCpuValues::try_from(starts)
@@ -270,7 +270,7 @@ impl Datapath {
             .map_err(|_| DatapathError::UnknownVip(addr))
     }
 
-    /// Set backend `id` (1..MAX_BACKENDS). A `local` backend is this node itself: its
+    /// Set backend `id` (`1..MAX_BACKENDS`). A `local` backend is this node itself: its
     /// flows go to the local stack unmodified, which must hold the VIP.
     pub fn set_backend(&mut self, id: u32, addr: SocketAddr, local: bool) -> Result<()> {
         check_range("backend id", id, 1..=MAX_BACKENDS - 1)?;
@@ -323,7 +323,7 @@ impl Datapath {
         let mut out = [0u64; COUNTER_COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
             *slot = map
-                .get(&(i as u32), 0)
+                .get(&u32::try_from(i).expect("COUNTER_COUNT fits u32"), 0)
                 .map_err(map_err(MAP_COUNTERS))?
                 .iter()
                 .sum();
@@ -382,7 +382,12 @@ impl Datapath {
     ) -> Result<TestRunOutput> {
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
         // egress_ifindex. The kernel wants data = 0 and data_end = the packet length.
-        let md: [u32; 6] = [0, packet.len() as u32, 0, ingress_ifindex, 0, 0];
+        let len = u32::try_from(packet.len()).map_err(|_| DatapathError::OutOfRange {
+            what: "test packet length",
+            value: packet.len().to_string(),
+            range: format!("0..={}", u32::MAX),
+        })?;
+        let md: [u32; 6] = [0, len, 0, ingress_ifindex, 0, 0];
         let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
         let mut out = vec![0u8; packet.len() + 256];
         let mut opts = TestRunOptions::new();
@@ -449,8 +454,8 @@ fn update_batch(map: &MapData, keys: &[u32], values: &[u32]) -> std::io::Result<
         out_batch: 0,
         keys: keys.as_ptr() as u64,
         values: values.as_ptr() as u64,
-        count: keys.len() as u32,
-        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        count: u32::try_from(keys.len()).map_err(std::io::Error::other)?,
+        map_fd: u32::try_from(map.fd().as_fd().as_raw_fd()).map_err(std::io::Error::other)?,
         elem_flags: 0,
         flags: 0,
     };
@@ -462,7 +467,7 @@ fn update_batch(map: &MapData, keys: &[u32], values: &[u32]) -> std::io::Result<
             libc::SYS_bpf,
             BPF_MAP_UPDATE_BATCH,
             &raw mut attr,
-            size_of::<BatchAttr>() as u32,
+            size_of::<BatchAttr>(),
         )
     };
     if rc < 0 {

@@ -31,25 +31,26 @@ const SKIP_SEED: u64 = 0x6d61_676c_6576_0002;
 /// equal weights this is the paper's algorithm and every backend gets ⌊M/N⌋ or ⌈M/N⌉.
 #[must_use]
 pub fn build_table(backends: &[WeightedBackend], size: u32) -> Vec<u32> {
-    let m = u64::from(size);
-    let mut table = vec![BACKEND_NONE; size as usize];
+    let m = size as usize;
+    let mut table = vec![BACKEND_NONE; m];
     let mut live: Vec<&WeightedBackend> = backends.iter().filter(|b| b.weight > 0).collect();
     if live.is_empty() || size < 2 {
         return table;
     }
     live.sort_by(|a, b| a.key.cmp(&b.key).then(a.id.cmp(&b.id)));
-    let perms: Vec<(u64, u64)> = live
+    let perms: Vec<(usize, usize)> = live
         .iter()
         .map(|b| {
-            let offset = XxHash64::oneshot(OFFSET_SEED, b.key.as_bytes()) % m;
-            let skip = XxHash64::oneshot(SKIP_SEED, b.key.as_bytes()) % (m - 1) + 1;
-            (offset, skip)
+            let offset = XxHash64::oneshot(OFFSET_SEED, b.key.as_bytes()) % u64::from(size);
+            let skip = XxHash64::oneshot(SKIP_SEED, b.key.as_bytes()) % u64::from(size - 1) + 1;
+            let small = |v: u64| usize::try_from(v).expect("below size, a u32");
+            (small(offset), small(skip))
         })
         .collect();
     let max_weight = u64::from(live.iter().map(|b| b.weight).max().unwrap_or(1));
-    let mut next = vec![0u64; live.len()];
+    let mut next = vec![0usize; live.len()];
     let mut credit = vec![0u64; live.len()];
-    let mut filled = 0u64;
+    let mut filled = 0usize;
     loop {
         for (i, b) in live.iter().enumerate() {
             credit[i] += u64::from(b.weight);
@@ -59,11 +60,11 @@ pub fn build_table(backends: &[WeightedBackend], size: u32) -> Vec<u32> {
             credit[i] -= max_weight;
             let (offset, skip) = perms[i];
             let mut slot = (offset + next[i] * skip) % m;
-            while table[slot as usize] != BACKEND_NONE {
+            while table[slot] != BACKEND_NONE {
                 next[i] += 1;
                 slot = (offset + next[i] * skip) % m;
             }
-            table[slot as usize] = b.id;
+            table[slot] = b.id;
             next[i] += 1;
             filled += 1;
             if filled == m {
@@ -82,7 +83,12 @@ pub fn delta(old: &[u32], new: &[u32]) -> Vec<(u32, u32)> {
         .filter(|&(i, id)| {
             old.get(i).copied().unwrap_or(BACKEND_NONE) != *id || old.len() != new.len()
         })
-        .map(|(i, id)| (i as u32, *id))
+        .map(|(i, id)| {
+            (
+                u32::try_from(i).expect("a ring has at most u32::MAX slots"),
+                *id,
+            )
+        })
         .collect()
 }
 
@@ -182,7 +188,9 @@ mod tests {
     #[test]
     fn no_weighted_backend_leaves_the_table_empty() {
         let mut b = backends(2);
-        b.iter_mut().for_each(|b| b.weight = 0);
+        for x in &mut b {
+            x.weight = 0;
+        }
         assert!(build_table(&b, 251).iter().all(|&id| id == BACKEND_NONE));
     }
 }

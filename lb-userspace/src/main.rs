@@ -17,9 +17,8 @@ enum Command {
     Version,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     match Cli::parse().command {
         Command::Version => println!("apilb {}", env!("CARGO_PKG_VERSION")),
     }
-    Ok(())
 }

@@ -336,7 +336,8 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(x) = src {
-        s += &format!(": {x}");
+        s.push_str(": ");
+        s.push_str(&x.to_string());
         src = x.source();
     }
     s

@@ -134,8 +134,10 @@ impl Drop for Entered {
     fn drop(&mut self) {
         // SAFETY: as in `enter`; `home` is the thread's original namespace.
         let rc = unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 && !std::thread::panicking() {
-            panic!("setns back home: {}", std::io::Error::last_os_error());
-        }
+        assert!(
+            rc == 0 || std::thread::panicking(),
+            "setns back home: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

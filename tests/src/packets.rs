@@ -15,6 +15,10 @@ pub type Mac = [u8; 6];
 
 /// A TCP segment in an Ethernet frame.
 #[derive(Clone, Debug)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "TCP and IP flags are independent bits"
+)]
 pub struct Tcp {
     pub eth_src: Mac,
     pub eth_dst: Mac,
@@ -106,13 +110,13 @@ impl Tcp {
                 h.fragment_offset =
                     IpFragOffset::try_new(self.fragment_offset).expect("fragment offset");
                 h.options = Ipv4Options::try_from(&self.ip_options[..]).expect("ipv4 options");
-                IpHeaders::Ipv4(h, Default::default())
+                IpHeaders::Ipv4(h, etherparse::Ipv4Extensions::default())
             }
             (SocketAddr::V6(s), SocketAddr::V6(d)) => {
                 let fragmented = self.more_fragments || self.fragment_offset != 0;
                 let h = Ipv6Header {
                     traffic_class: 0,
-                    flow_label: Default::default(),
+                    flow_label: etherparse::Ipv6FlowLabel::default(),
                     payload_length: 0,
                     next_header: if fragmented {
                         IpNumber::IPV6_FRAGMENTATION_HEADER

@@ -9,11 +9,11 @@ use crate::{cargo, exec, step};
 
 #[derive(Subcommand, Clone, Copy)]
 pub enum Part {
-    /// ns per packet through BPF_PROG_TEST_RUN for four paths, against XDP_DROP.
+    /// ns per packet through `BPF_PROG_TEST_RUN` for four paths, against `XDP_DROP`.
     Xdp,
 }
 
-pub fn run(part: &Part) -> anyhow::Result<()> {
+pub fn run(part: Part) -> anyhow::Result<()> {
     let bin = match part {
         Part::Xdp => "bench-xdp",
     };

@@ -43,14 +43,14 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::Test { args } => {
             setup::run()?;
-            step("running the test suite (cargo test --workspace)");
+            step("running the test suite (cargo test: every default member)");
             let mut cmd = cargo();
-            cmd.args(["test", "--workspace", "--"]).args(&args);
+            cmd.args(["test", "--"]).args(&args);
             exec(&mut cmd)
         }
         Task::Bench { part } => {
             setup::run()?;
-            bench::run(&part)
+            bench::run(part)
         }
     }
 }
