@@ -252,9 +252,7 @@ impl Datapath {
     pub fn set_owned(&mut self, addr: SocketAddr, owned: bool) -> Result<()> {
         let mut vips: HashMap<_, VipKey, VipInfo> = self.typed(MAP_VIPS)?;
         let key = vip_key(addr);
-        let mut info = vips
-            .get(&key, 0)
-            .map_err(|_| DatapathError::UnknownVip(addr))?;
+        let mut info = vips.get(&key, 0).map_err(vip_err(addr))?;
         info.flags = if owned {
             info.flags | VIP_F_OWNED
         } else {
@@ -266,8 +264,7 @@ impl Datapath {
     /// Remove a VIP; its traffic then passes to the stack untouched.
     pub fn remove_vip(&mut self, addr: SocketAddr) -> Result<()> {
         let mut vips: HashMap<_, VipKey, VipInfo> = self.typed(MAP_VIPS)?;
-        vips.remove(&vip_key(addr))
-            .map_err(|_| DatapathError::UnknownVip(addr))
+        vips.remove(&vip_key(addr)).map_err(vip_err(addr))
     }
 
     /// Set backend `id` (`1..MAX_BACKENDS`). A `local` backend is this node itself: its
@@ -290,7 +287,7 @@ impl Datapath {
     /// `changes` holds `(slot, backend id)` pairs, as `maglev::delta` returns them.
     pub fn write_maglev(&mut self, vip_id: u32, changes: &[(u32, u32)]) -> Result<()> {
         check_range("VIP id", vip_id, 0..=MAX_VIPS - 1)?;
-        if let Some(&(slot, _)) = changes.iter().find(|(slot, _)| *slot >= MAGLEV_SIZE_MAX) {
+        for &(slot, _) in changes {
             check_range("Maglev slot", slot, 0..=MAGLEV_SIZE_MAX - 1)?;
         }
         let keys: Vec<u32> = changes
@@ -411,6 +408,21 @@ impl Datapath {
         T: TryFrom<&'a mut Map, Error = MapError>,
     {
         T::try_from(self.map_mut(name)?).map_err(map_err(name))
+    }
+}
+
+/// A missing VIP key is the caller's mistake; any other failure is the map's.
+fn vip_err(addr: SocketAddr) -> impl Fn(MapError) -> DatapathError {
+    move |source| match source {
+        MapError::KeyNotFound => DatapathError::UnknownVip(addr),
+        // `remove` reports a missing key as the raw syscall's ENOENT.
+        MapError::SyscallError(ref e) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            DatapathError::UnknownVip(addr)
+        }
+        source => DatapathError::Map {
+            map: MAP_VIPS,
+            source,
+        },
     }
 }
 

@@ -47,6 +47,26 @@ fn natted(pkt: &Tcp, backend: SocketAddr, port: u16, dst_mac: Mac) -> Tcp {
         .between(SocketAddr::new(snat_for(backend.ip()), port), backend)
 }
 
+/// A client packet that must leave under NAT to `backend`, from source port `port`,
+/// redirected to the master side.
+fn to_master(
+    desc: &'static str,
+    pkt: &Tcp,
+    backend: SocketAddr,
+    port: u16,
+    mac: Mac,
+    counters: Vec<(u32, u64)>,
+) -> Fixture {
+    Fixture {
+        desc,
+        ingress: Ingress::ClientSide,
+        input: pkt.build(),
+        verdict: XDP_REDIRECT,
+        output: natted(pkt, backend, port, mac).build(),
+        counters,
+    }
+}
+
 fn unchanged(desc: &'static str, ingress: Ingress, input: Vec<u8>, counter: u32) -> Fixture {
     Fixture {
         desc,
@@ -169,14 +189,14 @@ fn vip_not_owned_by_this_node_passes_until_ownership_is_taken() {
 
     lab.dp.set_owned(sa(VIP4), true).expect("take ownership");
     let (_, backend, mac) = picked(&lab, 0, CLIENT4, VIP4, &masters4());
-    lab.run(&Fixture {
-        desc: "the same SYN once this node owns the VIP",
-        ingress: Ingress::ClientSide,
-        input: syn.build(),
-        verdict: XDP_REDIRECT,
-        output: natted(&syn, backend, 40_000, mac).build(),
-        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
-    });
+    lab.run(&to_master(
+        "the same SYN once this node owns the VIP",
+        &syn,
+        backend,
+        40_000,
+        mac,
+        vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
+    ));
 
     lab.dp
         .set_owned(sa(VIP4), false)
@@ -245,14 +265,14 @@ fn established_flow_keeps_its_backend_after_the_ring_changes() {
     let masters = masters4();
     let syn = client_syn(CLIENT4, VIP4);
     let (id, backend, mac) = picked(&lab, 0, CLIENT4, VIP4, &masters);
-    lab.run(&Fixture {
-        desc: "SYN",
-        ingress: Ingress::ClientSide,
-        input: syn.build(),
-        verdict: XDP_REDIRECT,
-        output: natted(&syn, backend, 40_000, mac).build(),
-        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
-    });
+    lab.run(&to_master(
+        "SYN",
+        &syn,
+        backend,
+        40_000,
+        mac,
+        vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
+    ));
     // Take the flow's backend out of the ring: Maglev now sends this tuple elsewhere.
     let rest: Vec<_> = masters.iter().copied().filter(|(b, _)| *b != id).collect();
     lab.ring(0, &rest);
@@ -262,40 +282,40 @@ fn established_flow_keeps_its_backend_after_the_ring_changes() {
         "ring no longer picks the flow's backend"
     );
     let data = syn.clone().data(b"GET /api/v1/pods?watch=1");
-    lab.run(&Fixture {
-        desc: "data on the established flow after the ring changed (no FIB lookup: cached hop)",
-        ingress: Ingress::ClientSide,
-        input: data.build(),
-        verdict: XDP_REDIRECT,
-        output: natted(&data, backend, 40_000, mac).build(),
-        counters: vec![(REDIRECT, 1)],
-    });
+    lab.run(&to_master(
+        "data on the established flow after the ring changed (no FIB lookup: cached hop)",
+        &data,
+        backend,
+        40_000,
+        mac,
+        vec![(REDIRECT, 1)],
+    ));
     // A new flow follows the new ring.
     let other = client_syn("192.0.2.10:51001", VIP4);
     let (new_id, new_backend, new_mac) = picked(&lab, 0, "192.0.2.10:51001", VIP4, &masters);
     assert_ne!(new_id, id);
-    lab.run(&Fixture {
-        desc: "a new flow after the ring changed",
-        ingress: Ingress::ClientSide,
-        input: other.build(),
-        verdict: XDP_REDIRECT,
-        output: natted(&other, new_backend, 40_001, new_mac).build(),
-        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
-    });
+    lab.run(&to_master(
+        "a new flow after the ring changed",
+        &other,
+        new_backend,
+        40_001,
+        new_mac,
+        vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
+    ));
 }
 
 fn reply_is_rewritten_back(client: &str, vip: &str, vip_id: u32, masters: &[(u32, SocketAddr)]) {
     let mut lab = lab("apilb-fx-reply");
     let syn = client_syn(client, vip);
     let (id, backend, mac) = picked(&lab, vip_id, client, vip, masters);
-    lab.run(&Fixture {
-        desc: "SYN",
-        ingress: Ingress::ClientSide,
-        input: syn.build(),
-        verdict: XDP_REDIRECT,
-        output: natted(&syn, backend, 40_000, mac).build(),
-        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
-    });
+    lab.run(&to_master(
+        "SYN",
+        &syn,
+        backend,
+        40_000,
+        mac,
+        vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
+    ));
     let snat = SocketAddr::new(snat_for(backend.ip()), 40_000);
     let mut syn_ack = Tcp::syn(mac, FX1_MAC, backend, snat);
     syn_ack.ack = Some(syn.seq + 1);
@@ -615,14 +635,14 @@ fn cached_next_hop_is_used_then_revalidated_after_its_ttl() {
         std::time::Duration::from_nanos(lb_common::NEXTHOP_TTL_NS)
             + std::time::Duration::from_millis(100),
     );
-    lab.run(&Fixture {
-        desc: "data after the TTL: the FIB is asked again, new MAC",
-        ingress: Ingress::ClientSide,
-        input: data.build(),
-        verdict: XDP_REDIRECT,
-        output: natted(&data, master, 40_000, new_mac).build(),
-        counters: vec![(FIB_LOOKUP, 1), (REDIRECT, 1)],
-    });
+    lab.run(&to_master(
+        "data after the TTL: the FIB is asked again, new MAC",
+        &data,
+        master,
+        40_000,
+        new_mac,
+        vec![(FIB_LOOKUP, 1), (REDIRECT, 1)],
+    ));
     let flows = lab.dp.flows().expect("flows");
     assert_eq!(
         flows[0].1.next_hop.dmac, new_mac,

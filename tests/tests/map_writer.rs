@@ -1,0 +1,84 @@
+//! The map writer refuses bad input with an error naming the field and the value, and
+//! leaves the datapath as it was. Needs root and BPF (it loads the real program).
+
+use lb_userspace::datapath::{Datapath, LoadOptions, NatConfig, Vip};
+use tests::fixture::sa;
+
+fn load() -> Datapath {
+    Datapath::load(&LoadOptions {
+        flow_table_size: 1024,
+    })
+    .expect("load datapath")
+}
+
+fn err<T: std::fmt::Debug>(r: Result<T, lb_userspace::datapath::DatapathError>) -> String {
+    r.expect_err("bad input must be refused").to_string()
+}
+
+#[test]
+fn out_of_range_ids_ports_and_slots_are_refused_by_name_and_value() {
+    let mut dp = load();
+    let vip = |id, ring_size| Vip {
+        addr: sa("192.0.2.100:6443"),
+        id,
+        ring_size,
+        owned: true,
+    };
+    assert_eq!(
+        err(dp.set_vip(&vip(16, 65_537))),
+        "VIP id = 16 is out of range (0..=15)"
+    );
+    assert_eq!(
+        err(dp.set_vip(&vip(0, 65_539))),
+        "Maglev ring size = 65539 is out of range (1..=65537)"
+    );
+    assert_eq!(
+        err(dp.set_backend(0, sa("198.51.100.11:6443"), false)),
+        "backend id = 0 is out of range (1..=255)"
+    );
+    assert_eq!(
+        err(dp.write_maglev(0, &[(1, 1), (65_537, 1)])),
+        "Maglev slot = 65537 is out of range (0..=65536)"
+    );
+    let nat = |ports| NatConfig {
+        snat_v4: None,
+        snat_v6: None,
+        ports,
+    };
+    assert_eq!(
+        err(dp.set_nat(&nat(0..=100))),
+        "NAT port range start = 0 is out of range (1..=100)"
+    );
+    assert_eq!(
+        err(dp.set_nat(&nat(std::ops::RangeInclusive::new(2000, 1000)))),
+        "NAT port range start = 2000 is out of range (1..=1000)"
+    );
+    // Nothing was written by the refused calls.
+    assert!(
+        err(dp.set_owned(sa("192.0.2.100:6443"), true))
+            .contains("192.0.2.100:6443 is not in the datapath")
+    );
+}
+
+#[test]
+fn unknown_vips_are_named() {
+    let mut dp = load();
+    assert_eq!(
+        err(dp.set_owned(sa("192.0.2.7:6443"), true)),
+        "VIP 192.0.2.7:6443 is not in the datapath"
+    );
+    assert_eq!(
+        err(dp.remove_vip(sa("[2001:db8::7]:6443"))),
+        "VIP [2001:db8::7]:6443 is not in the datapath"
+    );
+    dp.set_vip(&Vip {
+        addr: sa("192.0.2.7:6443"),
+        id: 3,
+        ring_size: 251,
+        owned: false,
+    })
+    .expect("add vip");
+    dp.set_owned(sa("192.0.2.7:6443"), true).expect("known vip");
+    dp.remove_vip(sa("192.0.2.7:6443"))
+        .expect("remove known vip");
+}
