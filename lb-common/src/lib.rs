@@ -131,7 +131,10 @@ pub struct DatapathConfig {
     /// Inclusive range of source ports the datapath allocates, host order.
     pub port_min: u16,
     pub port_max: u16,
-    pub _pad: [u32; 2],
+    /// How long a flow trusts its cached next hop before asking the FIB again; it
+    /// bounds how long a flow keeps using a neighbour's old MAC or an old route.
+    /// 0 asks the FIB for every packet.
+    pub nexthop_ttl_ns: u64,
 }
 
 /// Key of both LRU flow tables.
@@ -150,9 +153,8 @@ pub struct FlowKey {
     pub _pad: u16,
 }
 
-/// How long a flow trusts its cached next hop before asking the FIB again. It bounds
-/// how long a flow keeps using a neighbour's old MAC or an old route.
-pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
+/// Default of `DatapathConfig::nexthop_ttl_ns`.
+pub const NEXTHOP_TTL_DEFAULT_NS: u64 = 1_000_000_000;
 
 /// A FIB answer cached in a flow entry, so that established packets skip the
 /// ~200 ns `bpf_fib_lookup`. `ifindex == 0` means nothing is cached.

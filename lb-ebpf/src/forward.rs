@@ -7,7 +7,7 @@
 //! the stack, which routes it and resolves the neighbour for the next packet.
 //!
 //! A FIB lookup costs about 200 ns, more than the rest of the established path, so
-//! each flow entry caches its answer and re-asks once per `NEXTHOP_TTL_NS`.
+//! each flow entry caches its answer and re-asks once per `nexthop_ttl_ns`.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -15,7 +15,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
-use lb_common::{AF_INET, NEXTHOP_TTL_NS, NextHop, counters::*};
+use lb_common::{AF_INET, NextHop, counters::*};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -126,17 +126,23 @@ fn fib_next_hop(ctx: &XdpContext, p: &Parsed, t: &Tuple, now: u64) -> Option<Nex
 }
 
 /// Send a rewritten packet towards `t.dst_be` through the flow's cached next hop,
-/// asking the FIB first when the cache is empty or older than `NEXTHOP_TTL_NS`.
+/// asking the FIB first when the cache is empty or older than `ttl_ns`.
 /// Returns the outcome and whether `hop` changed, for the caller to persist.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, p: &Parsed, t: &Tuple, hop: &mut NextHop) -> (Outcome, bool) {
+pub fn forward(
+    ctx: &XdpContext,
+    p: &Parsed,
+    t: &Tuple,
+    hop: &mut NextHop,
+    ttl_ns: u64,
+) -> (Outcome, bool) {
     if p.vlan {
         return (Outcome::pass(PASS_VLAN), false);
     }
     // SAFETY: a helper without arguments or preconditions (Linux 5.11+).
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut changed = false;
-    if hop.ifindex == 0 || now.wrapping_sub(hop.checked_ns) >= NEXTHOP_TTL_NS {
+    if hop.ifindex == 0 || now.wrapping_sub(hop.checked_ns) >= ttl_ns {
         let Some(fresh) = fib_next_hop(ctx, p, t, now) else {
             // Forget a stale answer so the next packet asks again.
             changed = hop.ifindex != 0;

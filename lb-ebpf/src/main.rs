@@ -124,7 +124,8 @@ mod program {
                 dport_be: flow.backend_port_be,
             };
             rewrite(ctx, p, &t).map_err(|()| Outcome::pass(PASS_TRUNCATED))?;
-            let (outcome, hop_changed) = forward(ctx, p, &t, &mut flow.next_hop);
+            let (outcome, hop_changed) =
+                forward(ctx, p, &t, &mut flow.next_hop, cfg.nexthop_ttl_ns);
             if hop_changed && !is_new {
                 let _ = save_flow(&p.key, &flow, &snat, false);
             }
@@ -170,7 +171,7 @@ mod program {
             dport_be: reply.client_port_be,
         };
         rewrite(ctx, p, &t).map_err(|()| Outcome::pass(PASS_TRUNCATED))?;
-        let (outcome, hop_changed) = forward(ctx, p, &t, &mut reply.next_hop);
+        let (outcome, hop_changed) = forward(ctx, p, &t, &mut reply.next_hop, cfg.nexthop_ttl_ns);
         if hop_changed {
             let _ = REPLIES.insert(&p.key, &reply, u64::from(BPF_EXIST));
         }

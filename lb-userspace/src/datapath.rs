@@ -24,7 +24,8 @@ use lb_common::{
     AF_INET, AF_INET6, BACKEND_F_LOCAL, Backend, COUNTER_COUNT, DatapathConfig, FLOW_TABLE_SIZE,
     FlowKey, FlowState, IPPROTO_TCP, MAGLEV_SIZE_MAX, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG,
     MAP_COUNTERS, MAP_FLOWS, MAP_MAGLEV, MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS, MAP_VIP_STATS,
-    MAP_VIPS, MAX_BACKENDS, MAX_VIPS, ReplyState, TrafficStats, VIP_F_OWNED, VipInfo, VipKey,
+    MAP_VIPS, MAX_BACKENDS, MAX_VIPS, NEXTHOP_TTL_DEFAULT_NS, ReplyState, TrafficStats,
+    VIP_F_OWNED, VipInfo, VipKey,
 };
 
 /// The compiled lb-ebpf object, embedded at build time.
@@ -102,13 +103,34 @@ pub struct Vip {
     pub owned: bool,
 }
 
-/// Node-wide NAT settings.
+/// Node-wide datapath settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NatConfig {
+pub struct NodeConfig {
+    /// Source addresses for NAT, per family; a VIP of a family without one drops
+    /// new flows (`DROP_NO_SNAT_ADDR`).
     pub snat_v4: Option<Ipv4Addr>,
     pub snat_v6: Option<Ipv6Addr>,
     /// Source ports the datapath allocates; keep it outside `ip_local_port_range`.
     pub ports: RangeInclusive<u16>,
+    /// How long a flow reuses its cached next hop before asking the FIB again.
+    pub nexthop_ttl: Duration,
+}
+
+impl NodeConfig {
+    /// These addresses and ports, with the default next-hop TTL.
+    #[must_use]
+    pub fn new(
+        snat_v4: Option<Ipv4Addr>,
+        snat_v6: Option<Ipv6Addr>,
+        ports: RangeInclusive<u16>,
+    ) -> Self {
+        Self {
+            snat_v4,
+            snat_v6,
+            ports,
+            nexthop_ttl: Duration::from_nanos(NEXTHOP_TTL_DEFAULT_NS),
+        }
+    }
 }
 
 /// What `BPF_PROG_TEST_RUN` returned.
@@ -210,9 +232,9 @@ impl Datapath {
             .ok_or(DatapathError::MissingProgram(name))
     }
 
-    /// Set the SNAT addresses and the source-port range, and stagger each CPU's
-    /// port cursor so that CPUs start claiming ports far apart.
-    pub fn set_nat(&mut self, nat: &NatConfig) -> Result<()> {
+    /// Set the SNAT addresses, the source-port range and the next-hop TTL, and
+    /// stagger each CPU's port cursor so that CPUs start claiming ports far apart.
+    pub fn set_node_config(&mut self, nat: &NodeConfig) -> Result<()> {
         let (min, max) = (*nat.ports.start(), *nat.ports.end());
         check_range("NAT port range start", u32::from(min), 1..=u32::from(max))?;
         let cfg = DatapathConfig {
@@ -220,7 +242,7 @@ impl Datapath {
             snat_v4_be: nat.snat_v4.map_or(0, |a| u32::from_ne_bytes(a.octets())),
             port_min: min,
             port_max: max,
-            _pad: [0; 2],
+            nexthop_ttl_ns: u64::try_from(nat.nexthop_ttl.as_nanos()).unwrap_or(u64::MAX),
         };
         let mut config: Array<_, DatapathConfig> = self.typed(MAP_CONFIG)?;
         config.set(0, cfg, 0).map_err(map_err(MAP_CONFIG))?;

@@ -25,7 +25,7 @@ use std::{
 
 use lb_common::{COUNTER_COUNT, COUNTER_NAMES, FlowKey, MAGLEV_SIZE_DEFAULT, flow_hash};
 use lb_userspace::{
-    datapath::{Counters, Datapath, LoadOptions, NatConfig, Vip, addr_words},
+    datapath::{Counters, Datapath, LoadOptions, NodeConfig, Vip, addr_words},
     maglev::{self, WeightedBackend},
 };
 
@@ -51,6 +51,18 @@ pub const fn master_mac(n: u8) -> Mac {
 }
 /// The NAT source-port range the lab configures.
 pub const NAT_PORTS: std::ops::RangeInclusive<u16> = 40_000..=40_999;
+
+/// The lab's node settings. The next-hop TTL is long so that exact counter
+/// assertions never see a cache expiry on a slow machine; the TTL test shortens it.
+#[must_use]
+pub fn lab_config() -> NodeConfig {
+    NodeConfig {
+        snat_v4: Some("198.51.100.1".parse().expect("v4")),
+        snat_v6: Some("2001:db8:2::1".parse().expect("v6")),
+        ports: NAT_PORTS,
+        nexthop_ttl: std::time::Duration::from_mins(1),
+    }
+}
 
 /// Parse a socket address literal.
 #[must_use]
@@ -180,12 +192,8 @@ impl Lab {
         let (fx0, fx1) = (ns.ifindex("fx0"), ns.ifindex("fx1"));
         let entered = ns.enter();
         let mut dp = Datapath::load(opts).unwrap_or_else(|e| panic!("{}", chain(&e)));
-        dp.set_nat(&NatConfig {
-            snat_v4: Some("198.51.100.1".parse().expect("v4")),
-            snat_v6: Some("2001:db8:2::1".parse().expect("v6")),
-            ports: NAT_PORTS,
-        })
-        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+        dp.set_node_config(&lab_config())
+            .unwrap_or_else(|e| panic!("{}", chain(&e)));
         for ifindex in [fx0, fx1] {
             dp.add_tx_port(ifindex)
                 .unwrap_or_else(|e| panic!("{}", chain(&e)));

@@ -1,7 +1,7 @@
 //! The map writer refuses bad input with an error naming the field and the value, and
 //! leaves the datapath as it was. Needs root and BPF (it loads the real program).
 
-use lb_userspace::datapath::{Datapath, LoadOptions, NatConfig, Vip};
+use lb_userspace::datapath::{Datapath, LoadOptions, NodeConfig, Vip};
 use tests::fixture::sa;
 
 fn load() -> Datapath {
@@ -40,17 +40,13 @@ fn out_of_range_ids_ports_and_slots_are_refused_by_name_and_value() {
         err(dp.write_maglev(0, &[(1, 1), (65_537, 1)])),
         "Maglev slot = 65537 is out of range (0..=65536)"
     );
-    let nat = |ports| NatConfig {
-        snat_v4: None,
-        snat_v6: None,
-        ports,
-    };
+    let nat = |ports| NodeConfig::new(None, None, ports);
     assert_eq!(
-        err(dp.set_nat(&nat(0..=100))),
+        err(dp.set_node_config(&nat(0..=100))),
         "NAT port range start = 0 is out of range (1..=100)"
     );
     assert_eq!(
-        err(dp.set_nat(&nat(std::ops::RangeInclusive::new(2000, 1000)))),
+        err(dp.set_node_config(&nat(std::ops::RangeInclusive::new(2000, 1000)))),
         "NAT port range start = 2000 is out of range (1..=1000)"
     );
     // Nothing was written by the refused calls.

@@ -553,10 +553,10 @@ fn new_flows_are_dropped_with_a_reason_when_they_cannot_be_served() {
 
     // Two NAT ports for one master: the third concurrent flow finds none free.
     lab.dp
-        .set_nat(&lb_userspace::datapath::NatConfig {
-            snat_v4: Some("198.51.100.1".parse().expect("v4")),
+        .set_node_config(&lb_userspace::datapath::NodeConfig {
             snat_v6: None,
             ports: 40_000..=40_001,
+            ..lab_config()
         })
         .expect("narrow the NAT range");
     lab.ring(0, &[(1, sa("198.51.100.11:6443"))]);
@@ -596,7 +596,14 @@ fn new_flows_are_dropped_with_a_reason_when_they_cannot_be_served() {
 
 #[test]
 fn cached_next_hop_is_used_then_revalidated_after_its_ttl() {
+    const TTL: std::time::Duration = std::time::Duration::from_millis(200);
     let mut lab = Lab::new("apilb-fx-nexthop");
+    lab.dp
+        .set_node_config(&lb_userspace::datapath::NodeConfig {
+            nexthop_ttl: TTL,
+            ..lab_config()
+        })
+        .expect("short next-hop TTL");
     let master = sa("198.51.100.11:6443");
     lab.vip(0, sa(VIP4), true, &[(1, master)]);
     let syn = client_syn(CLIENT4, VIP4);
@@ -631,10 +638,7 @@ fn cached_next_hop_is_used_then_revalidated_after_its_ttl() {
         output: natted(&data, master, 40_000, master_mac(1)).build(),
         counters: vec![(REDIRECT, 1)],
     });
-    std::thread::sleep(
-        std::time::Duration::from_nanos(lb_common::NEXTHOP_TTL_NS)
-            + std::time::Duration::from_millis(100),
-    );
+    std::thread::sleep(TTL + std::time::Duration::from_millis(100));
     lab.run(&to_master(
         "data after the TTL: the FIB is asked again, new MAC",
         &data,

@@ -9,7 +9,7 @@
 //! forwarding rows include a real `bpf_fib_lookup`.
 
 use lb_common::{FLOW_TABLE_SIZE, PROG_XDP, PROG_XDP_DROP};
-use lb_userspace::datapath::{LoadOptions, NatConfig};
+use lb_userspace::datapath::{LoadOptions, NodeConfig};
 use tests::{
     fixture::{
         CLIENT_MAC, FX0_MAC, FX1_MAC, Ingress, Lab, XDP_DROP, XDP_PASS, XDP_REDIRECT, chain,
@@ -113,11 +113,11 @@ fn cases(lab: &mut Lab) -> [Case; 5] {
         .collect();
     lab.vip(0, sa(VIP), true, &masters);
     lab.dp
-        .set_nat(&NatConfig {
-            snat_v4: Some("198.51.100.1".parse().unwrap()),
-            snat_v6: None,
-            ports: 1024..=65_535,
-        })
+        .set_node_config(&NodeConfig::new(
+            Some("198.51.100.1".parse().unwrap()),
+            None,
+            1024..=65_535,
+        ))
         .unwrap_or_else(|e| panic!("{}", chain(&e)));
 
     // One established flow, for the established and reply rows.
