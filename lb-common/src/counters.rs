@@ -11,8 +11,9 @@ pub const PASS_NOT_IP: u32 = 0;
 pub const PASS_NOT_TCP: u32 = 1;
 /// An IPv4 fragment or an IPv6 fragment header: passed untouched.
 pub const PASS_FRAGMENT: u32 = 2;
-/// Headers cut short at some layer: passed untouched for the stack to judge.
-pub const PASS_TRUNCATED: u32 = 3;
+/// Headers cut short or inconsistent (IHL, version, total length): passed
+/// untouched for the stack to judge.
+pub const PASS_MALFORMED: u32 = 3;
 /// TCP that is neither for a VIP nor a reply to a flow under NAT: passed.
 pub const PASS_NOT_VIP: u32 = 4;
 /// For a VIP that this node does not own: passed.
@@ -25,7 +26,7 @@ pub const PASS_VLAN: u32 = 7;
 pub const PASS_FIB_MISS: u32 = 8;
 /// Rewritten, but the egress interface is not in `TX_PORTS`: the stack routes it.
 pub const PASS_NO_TX_PORT: u32 = 9;
-/// The VIP's Maglev slot holds no backend: dropped.
+/// The VIP's Maglev slot holds no backend, or one of another address family: dropped.
 pub const DROP_NO_BACKEND: u32 = 10;
 /// No free NAT source port for this backend: dropped.
 pub const DROP_NO_NAT_PORT: u32 = 11;
@@ -33,31 +34,37 @@ pub const DROP_NO_NAT_PORT: u32 = 11;
 pub const DROP_NO_SNAT_ADDR: u32 = 12;
 /// The flow table refused the new entry: dropped (a reply could not be matched).
 pub const DROP_FLOW_INSERT: u32 = 13;
+/// Not a SYN, and no flow: passed, untouched, for the stack to answer (with the VIP
+/// held locally, a RST, so the client reconnects at once instead of timing out).
+pub const PASS_NO_FLOW: u32 = 14;
 /// Rewritten and sent back out of the interface it came in on.
-pub const TX: u32 = 14;
+pub const TX: u32 = 15;
 /// Rewritten and redirected to another interface through `TX_PORTS`.
-pub const REDIRECT: u32 = 15;
+pub const REDIRECT: u32 = 16;
 
 /// Number of outcome counters: indices `0..OUTCOMES` sum to the packet count.
-pub const OUTCOMES: u32 = 16;
+pub const OUTCOMES: u32 = 17;
 
 /// Event: a new flow was recorded. (Packets on existing flows are not counted here:
 /// they are the VIP's packets minus its new flows, from `VIP_STATS`.)
-pub const FLOW_NEW: u32 = 16;
+pub const FLOW_NEW: u32 = 17;
 /// Event: a backend's reply matched a flow under NAT.
-pub const REPLY_HIT: u32 = 17;
-/// Event: the FIB was asked for a next hop (new flow, or the cached one expired).
-pub const FIB_LOOKUP: u32 = 18;
+pub const REPLY_HIT: u32 = 18;
+/// Event: the FIB was asked for a next hop (new flow, cached one expired, or a
+/// packet larger than the path has carried so far).
+pub const FIB_LOOKUP: u32 = 19;
+/// Event: a NAT port held by a closed or idle flow was reclaimed for a new one.
+pub const PORT_RECLAIMED: u32 = 20;
 
 /// Size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 19;
+pub const COUNTER_COUNT: u32 = 21;
 
 /// Metric-friendly names, indexed by counter.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "pass_not_ip",
     "pass_not_tcp",
     "pass_fragment",
-    "pass_truncated",
+    "pass_malformed",
     "pass_not_vip",
     "pass_not_owned",
     "pass_local_backend",
@@ -68,9 +75,11 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "drop_no_nat_port",
     "drop_no_snat_addr",
     "drop_flow_insert",
+    "pass_no_flow",
     "tx",
     "redirect",
     "flow_new",
     "reply_hit",
     "fib_lookup",
+    "port_reclaimed",
 ];

@@ -39,8 +39,10 @@ pub const MAP_VIP_STATS: &str = "VIP_STATS";
 pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 pub const MAP_TX_PORTS: &str = "TX_PORTS";
 pub const MAP_PORT_CURSOR: &str = "PORT_CURSOR";
+/// Kernel-private per-CPU scratch space; userspace never reads or writes it.
+pub const MAP_SCRATCH: &str = "SCRATCH";
 /// Every map the datapath object defines, for pinning and for the loader's checks.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_VIPS,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -52,6 +54,7 @@ pub const ALL_MAPS: [&str; 11] = [
     MAP_BACKEND_STATS,
     MAP_TX_PORTS,
     MAP_PORT_CURSOR,
+    MAP_SCRATCH,
 ];
 
 // ---- Program names (the function names in lb-ebpf). ----
@@ -84,6 +87,9 @@ pub const VIP_F_OWNED: u32 = 1;
 /// `Backend::flags`: the backend is this node; deliver the packet untouched to the
 /// local stack, which holds the VIP (topology 2, masters running apilb).
 pub const BACKEND_F_LOCAL: u32 = 1;
+/// `FlowState::flags`: a FIN or RST was seen in either direction; the flow's NAT
+/// port may be reused `flow_close_grace_ns` after its last packet.
+pub const FLOW_F_CLOSING: u32 = 1;
 
 /// Key of the `VIPS` hash map.
 #[repr(C)]
@@ -128,13 +134,17 @@ pub struct DatapathConfig {
     pub snat_v6_be: [u32; 4],
     /// Source address for IPv4 flows under NAT (zero: no IPv4 VIP can be served).
     pub snat_v4_be: u32,
-    /// Inclusive range of source ports the datapath allocates, host order.
-    pub port_min: u16,
-    pub port_max: u16,
+    /// Inclusive range of source ports the datapath allocates, in host order.
+    pub port_min_host: u16,
+    pub port_max_host: u16,
     /// How long a flow trusts its cached next hop before asking the FIB again; it
     /// bounds how long a flow keeps using a neighbour's old MAC or an old route.
     /// 0 asks the FIB for every packet.
     pub nexthop_ttl_ns: u64,
+    /// A closing flow's NAT port may be reused this long after its last packet.
+    pub flow_close_grace_ns: u64,
+    /// Any flow's NAT port may be reused this long after its last packet.
+    pub flow_idle_timeout_ns: u64,
 }
 
 /// Key of both LRU flow tables.
@@ -155,6 +165,16 @@ pub struct FlowKey {
 
 /// Default of `DatapathConfig::nexthop_ttl_ns`.
 pub const NEXTHOP_TTL_DEFAULT_NS: u64 = 1_000_000_000;
+/// Default of `DatapathConfig::flow_close_grace_ns`.
+pub const FLOW_CLOSE_GRACE_DEFAULT_NS: u64 = 30_000_000_000;
+/// Default of `DatapathConfig::flow_idle_timeout_ns`.
+pub const FLOW_IDLE_TIMEOUT_DEFAULT_NS: u64 = 3_600_000_000_000;
+/// A NAT port claimed this recently is never reclaimed: it covers the gap between
+/// claiming a port and recording its flow, when the flow entry does not exist yet.
+pub const PORT_CLAIM_GRACE_NS: u64 = 1_000_000_000;
+/// A flow's `last_seen_ns` is rewritten at most this often, to keep per-packet
+/// writes to shared flow entries rare.
+pub const FLOW_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// A FIB answer cached in a flow entry, so that established packets skip the
 /// ~200 ns `bpf_fib_lookup`. `ifindex == 0` means nothing is cached.
@@ -165,6 +185,10 @@ pub struct NextHop {
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    /// The largest IP datagram the FIB accepted on this path (its MTU check); a
+    /// larger packet asks the FIB again.
+    pub max_len_host: u16,
+    pub _pad: [u8; 6],
     /// `bpf_ktime_get_coarse_ns` when the FIB gave this answer.
     pub checked_ns: u64,
 }
@@ -181,6 +205,11 @@ pub struct FlowState {
     /// backend, which is delivered without NAT.
     pub nat_port_be: u16,
     pub backend_id: u32,
+    /// `FLOW_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+    /// Coarse time of the flow's last client packet, to `FLOW_SEEN_GRANULARITY_NS`.
+    pub last_seen_ns: u64,
     pub next_hop: NextHop,
 }
 
@@ -193,6 +222,8 @@ pub struct ReplyState {
     pub client_port_be: u16,
     pub vip_port_be: u16,
     pub backend_id: u32,
+    /// Coarse time the NAT port was claimed (see `PORT_CLAIM_GRACE_NS`).
+    pub claimed_ns: u64,
     pub next_hop: NextHop,
 }
 
@@ -209,11 +240,11 @@ const _: () = {
     assert!(size_of::<VipKey>() == 20);
     assert!(size_of::<VipInfo>() == 16);
     assert!(size_of::<Backend>() == 24);
-    assert!(size_of::<DatapathConfig>() == 32);
+    assert!(size_of::<DatapathConfig>() == 48);
     assert!(size_of::<FlowKey>() == 40);
-    assert!(size_of::<NextHop>() == 24);
-    assert!(size_of::<FlowState>() == 48);
-    assert!(size_of::<ReplyState>() == 64);
+    assert!(size_of::<NextHop>() == 32);
+    assert!(size_of::<FlowState>() == 72);
+    assert!(size_of::<ReplyState>() == 80);
     assert!(size_of::<TrafficStats>() == 24);
     assert!(MAGLEV_SIZE_DEFAULT <= MAGLEV_SIZE_MAX);
 };

@@ -12,7 +12,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
+    helpers::generated::bpf_fib_lookup as fib_lookup,
     programs::XdpContext,
 };
 use lb_common::{AF_INET, NextHop, counters::*};
@@ -87,9 +87,11 @@ fn bytes6(a: &[u32; 4]) -> [u8; 16] {
     out
 }
 
-/// Ask the FIB for the next hop towards `t.dst_be`.
-#[inline(always)]
-fn fib_next_hop(ctx: &XdpContext, p: &Parsed, t: &Tuple, now: u64) -> Option<NextHop> {
+/// Ask the FIB for the next hop towards `t.dst_be` and store it in `hop`; false on
+/// any miss. A call, not inlined: it runs once per next-hop TTL, and its 64-byte
+/// request would otherwise sit on the hot path's stack.
+#[inline(never)]
+fn fib_next_hop(ctx: &XdpContext, p: &Parsed, t: &Tuple, now: u64, hop: &mut NextHop) -> bool {
     count(FIB_LOOKUP);
     // SAFETY: `bpf_fib_lookup` is plain old data; all-zero is its documented start.
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
@@ -117,17 +119,24 @@ fn fib_next_hop(ctx: &XdpContext, p: &Parsed, t: &Tuple, now: u64) -> Option<Nex
             0,
         )
     };
-    (rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS)).then_some(NextHop {
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        return false;
+    }
+    *hop = NextHop {
         ifindex: fib.ifindex,
         smac: fib.smac,
         dmac: fib.dmac,
+        max_len_host: p.ip_len,
+        _pad: [0; 6],
         checked_ns: now,
-    })
+    };
+    true
 }
 
 /// Send a rewritten packet towards `t.dst_be` through the flow's cached next hop,
-/// asking the FIB first when the cache is empty or older than `ttl_ns`.
-/// Returns the outcome and whether `hop` changed, for the caller to persist.
+/// asking the FIB first when the cache is empty, older than `ttl_ns`, or has not
+/// yet carried a packet this large (the FIB's MTU check). Returns the outcome and
+/// whether `hop` changed, for the caller to persist.
 #[inline(always)]
 pub fn forward(
     ctx: &XdpContext,
@@ -135,21 +144,20 @@ pub fn forward(
     t: &Tuple,
     hop: &mut NextHop,
     ttl_ns: u64,
+    now: u64,
 ) -> (Outcome, bool) {
     if p.vlan {
         return (Outcome::pass(PASS_VLAN), false);
     }
-    // SAFETY: a helper without arguments or preconditions (Linux 5.11+).
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut changed = false;
-    if hop.ifindex == 0 || now.wrapping_sub(hop.checked_ns) >= ttl_ns {
-        let Some(fresh) = fib_next_hop(ctx, p, t, now) else {
+    if hop.ifindex == 0 || now.wrapping_sub(hop.checked_ns) >= ttl_ns || p.ip_len > hop.max_len_host
+    {
+        if !fib_next_hop(ctx, p, t, now, hop) {
             // Forget a stale answer so the next packet asks again.
             changed = hop.ifindex != 0;
             *hop = NextHop::default();
             return (Outcome::pass(PASS_FIB_MISS), changed);
-        };
-        *hop = fresh;
+        }
         changed = true;
     }
     let outcome = if hop.ifindex == ctx.ingress_ifindex() as u32 {
@@ -169,7 +177,7 @@ pub fn forward(
         }
     };
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return (Outcome::pass(PASS_TRUNCATED), changed);
+        return (Outcome::pass(PASS_MALFORMED), changed);
     };
     // SAFETY: `ptr_at` proved the Ethernet header lies inside the packet.
     let eth = unsafe { &mut *eth };

@@ -22,17 +22,18 @@ mod packet;
 #[cfg(target_arch = "bpf")]
 mod program {
     use aya_ebpf::{
-        bindings::{BPF_EXIST, xdp_action},
-        macros::xdp,
+        bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, macros::xdp,
         programs::XdpContext,
     };
-    use lb_common::{AF_INET, VIP_F_OWNED, VipInfo, VipKey, counters::*};
+    use lb_common::{
+        FLOW_F_CLOSING, FLOW_SEEN_GRANULARITY_NS, FlowState, VIP_F_OWNED, VipKey, counters::*,
+    };
 
     use crate::{
         forward::{Tuple, forward, rewrite},
-        maps::{BACKEND_STATS, CONFIG, FLOWS, REPLIES, VIP_STATS, VIPS, account, count},
-        nat::{new_flow, save_flow},
-        packet::{Parsed, parse},
+        maps::{BACKEND_STATS, CONFIG, FLOWS, REPLIES, SCRATCH, VIP_STATS, VIPS, account, count},
+        nat::{mark_closing, new_flow, restore_reply, save_flow, snat_addr},
+        packet::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
     };
 
     /// What to do with a packet, and the outcome counter that says why.
@@ -80,84 +81,132 @@ mod program {
             proto: p.key.proto,
             family: p.key.family,
         };
-        // SAFETY: the value is copied out at once; the controller replaces VIP entries
-        // whole, so at worst we see the previous version for this one packet.
-        match unsafe { VIPS.get(&vip_key) }.copied() {
-            Some(vip) => to_backend(ctx, &p, &vip),
-            None => to_client(ctx, &p),
-        }
-    }
-
-    /// The node's SNAT address for the packet's family.
-    #[inline(always)]
-    fn snat_addr(cfg: &lb_common::DatapathConfig, family: u8) -> [u32; 4] {
-        if family == AF_INET {
-            [cfg.snat_v4_be, 0, 0, 0]
-        } else {
-            cfg.snat_v6_be
-        }
-    }
-
-    /// A client's packet to a VIP: keep or choose its backend, NAT it, send it on.
-    #[inline(always)]
-    fn to_backend(ctx: &XdpContext, p: &Parsed, vip: &VipInfo) -> Result<Outcome, Outcome> {
+        // SAFETY: the controller replaces VIP entries whole, so the fields read through
+        // this reference are at worst the previous version's, for this one packet.
+        let Some(vip) = (unsafe { VIPS.get(&vip_key) }) else {
+            return to_client(ctx, &p);
+        };
         if vip.flags & VIP_F_OWNED == 0 {
             return Err(Outcome::pass(PASS_NOT_OWNED));
         }
-        let cfg = CONFIG.get(0).copied().unwrap_or_default();
-        let snat = snat_addr(&cfg, p.key.family);
-        // SAFETY: copied out at once; a flow entry is replaced whole, never edited.
-        let (mut flow, is_new) = match unsafe { FLOWS.get(&p.key) }.copied() {
-            Some(flow) => (flow, false),
-            None => (
-                new_flow(&p.key, vip, &snat, &cfg).map_err(Outcome::drop)?,
-                true,
-            ),
-        };
-        let outcome = if flow.nat_port_be == 0 {
-            Outcome::pass(PASS_LOCAL_BACKEND)
-        } else {
-            let t = Tuple {
-                src_be: snat,
-                dst_be: flow.backend_be,
-                sport_be: flow.nat_port_be,
-                dport_be: flow.backend_port_be,
-            };
-            rewrite(ctx, p, &t).map_err(|()| Outcome::pass(PASS_TRUNCATED))?;
-            let (outcome, hop_changed) =
-                forward(ctx, p, &t, &mut flow.next_hop, cfg.nexthop_ttl_ns);
-            if hop_changed && !is_new {
-                let _ = save_flow(&p.key, &flow, &snat, false);
+        let now = coarse_now();
+        // The flow is found or created here and handed to `to_backend` as a pointer
+        // (into its map entry or, for a new flow, into this CPU's scratch slot), so
+        // that `new_flow` and `to_backend` are sibling calls: the verifier sums the
+        // stack frames of nested calls, and these two would not fit nested.
+        let (entry, is_new) = match FLOWS.get_ptr_mut(&p.key) {
+            Some(entry) => {
+                // SAFETY: a valid entry pointer from the map. `flags` and
+                // `last_seen_ns` are written in place, racing at worst with the same
+                // writes from another CPU.
+                let e = unsafe { &mut *entry };
+                if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                    e.flags |= FLOW_F_CLOSING;
+                } else if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                    // The client reuses the tuple for a new connection.
+                    e.flags &= !FLOW_F_CLOSING;
+                }
+                if now.wrapping_sub(e.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS {
+                    e.last_seen_ns = now;
+                }
+                (entry, false)
             }
-            outcome
+            // Only a SYN opens a flow: a stray segment must not take a port.
+            None if p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN => {
+                return Err(Outcome::pass(PASS_NO_FLOW));
+            }
+            None => {
+                let scratch = SCRATCH
+                    .get_ptr_mut(0)
+                    .ok_or(Outcome::drop(DROP_FLOW_INSERT))?;
+                // SAFETY: this CPU's scratch slot; XDP runs to completion on a CPU,
+                // so nothing else uses it meanwhile.
+                let s = unsafe { &mut *scratch };
+                new_flow(&p.key, vip, now, s).map_err(Outcome::drop)?;
+                (&raw mut s.flow, true)
+            }
         };
+        let outcome = to_backend(ctx, &p, entry, now);
         if is_new {
-            save_flow(&p.key, &flow, &snat, true).map_err(Outcome::drop)?;
+            // SAFETY: `entry` is this CPU's scratch slot, filled by `new_flow`.
+            let flow = unsafe { &*entry };
+            save_flow(&p.key, flow).map_err(Outcome::drop)?;
             count(FLOW_NEW);
         }
         let bytes = (ctx.data_end() - ctx.data()) as u64;
         account(&VIP_STATS, vip.vip_id, bytes, is_new);
-        account(&BACKEND_STATS, flow.backend_id, bytes, is_new);
+        // SAFETY: as above, or the flow's map entry.
+        account(
+            &BACKEND_STATS,
+            unsafe { (*entry).backend_id },
+            bytes,
+            is_new,
+        );
         Ok(outcome)
     }
 
-    /// Possibly a backend's reply to a NATed flow: undo the NAT and send it on.
-    #[inline(always)]
+    /// A client's packet on a flow: NAT it to the flow's backend and send it on.
+    /// A BPF-to-BPF call, like `to_client`, so that each path's stack frame stands
+    /// alone on top of `apilb_xdp`'s, within the 512 bytes the verifier allows the
+    /// deepest call chain.
+    #[inline(never)]
+    fn to_backend(ctx: &XdpContext, p: &Parsed, entry: *mut FlowState, now: u64) -> Outcome {
+        // SAFETY: `entry` points into a map entry or the scratch slot, both valid for
+        // the rest of this run. A next hop refreshed in place could be seen
+        // half-written by another CPU only while two CPUs refresh one flow to
+        // different answers at once; the next refresh, within a TTL, mends it.
+        let flow = unsafe { &mut *entry };
+        if flow.nat_port_be == 0 {
+            return Outcome::pass(PASS_LOCAL_BACKEND);
+        }
+        let Some(cfg) = CONFIG.get(0) else {
+            return Outcome::drop(DROP_NO_SNAT_ADDR);
+        };
+        let t = Tuple {
+            src_be: snat_addr(cfg, p.key.family),
+            dst_be: flow.backend_be,
+            sport_be: flow.nat_port_be,
+            dport_be: flow.backend_port_be,
+        };
+        if rewrite(ctx, p, &t).is_err() {
+            return Outcome::pass(PASS_MALFORMED);
+        }
+        let mut hop = flow.next_hop;
+        let (outcome, hop_changed) = forward(ctx, p, &t, &mut hop, cfg.nexthop_ttl_ns, now);
+        if hop_changed {
+            flow.next_hop = hop;
+            // A no-op for a new flow, whose reply entry `new_flow` just wrote.
+            restore_reply(&p.key, flow, now);
+        }
+        outcome
+    }
+
+    /// Possibly a backend's reply to a flow under NAT: undo the NAT and send it on.
+    /// A BPF-to-BPF call (see `to_backend`).
+    #[inline(never)]
     fn to_client(ctx: &XdpContext, p: &Parsed) -> Result<Outcome, Outcome> {
         let not_ours = Outcome::pass(PASS_NOT_VIP);
         let cfg = CONFIG.get(0).ok_or(not_ours)?;
         let port = u16::from_be(p.key.dport_be);
-        if port < cfg.port_min
-            || port > cfg.port_max
+        if port < cfg.port_min_host
+            || port > cfg.port_max_host
             || p.key.dst_be != snat_addr(cfg, p.key.family)
         {
             return Err(Outcome::pass(PASS_NOT_VIP));
         }
-        // SAFETY: copied out at once; entries are replaced whole, never edited.
-        let mut reply = unsafe { REPLIES.get(&p.key) }
-            .copied()
+        let entry = REPLIES
+            .get_ptr_mut(&p.key)
             .ok_or(Outcome::pass(PASS_NOT_VIP))?;
+        // SAFETY: a valid entry pointer from the map. Only `next_hop` is written in
+        // place; a reader on another CPU could see a half-written hop only while two
+        // CPUs refresh the same flow's hop to different answers at once, and the next
+        // refresh (within one TTL) mends it. Copying the whole entry instead would
+        // not fit the BPF stack.
+        let reply = unsafe { &mut *entry };
         count(REPLY_HIT);
+        if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            mark_closing(reply, &p.key);
+        }
         account(
             &BACKEND_STATS,
             reply.backend_id,
@@ -170,12 +219,22 @@ mod program {
             sport_be: reply.vip_port_be,
             dport_be: reply.client_port_be,
         };
-        rewrite(ctx, p, &t).map_err(|()| Outcome::pass(PASS_TRUNCATED))?;
-        let (outcome, hop_changed) = forward(ctx, p, &t, &mut reply.next_hop, cfg.nexthop_ttl_ns);
+        rewrite(ctx, p, &t).map_err(|()| Outcome::pass(PASS_MALFORMED))?;
+        let mut hop = reply.next_hop;
+        let (outcome, hop_changed) =
+            forward(ctx, p, &t, &mut hop, cfg.nexthop_ttl_ns, coarse_now());
         if hop_changed {
-            let _ = REPLIES.insert(&p.key, &reply, u64::from(BPF_EXIST));
+            reply.next_hop = hop;
         }
         Ok(outcome)
+    }
+
+    /// The coarse monotonic clock: jiffy resolution, a fraction of the fine clock's
+    /// cost, which is all flow ageing and next-hop expiry need.
+    #[inline(always)]
+    fn coarse_now() -> u64 {
+        // SAFETY: a helper without arguments or preconditions (Linux 5.11+).
+        unsafe { bpf_ktime_get_coarse_ns() }
     }
 
     #[panic_handler]

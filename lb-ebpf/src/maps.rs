@@ -39,6 +39,20 @@ pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
 #[map]
 pub static PORT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
+/// The new-flow path's large temporaries. They live in a per-CPU map because the
+/// 512-byte BPF stack is shared by the whole call chain and the hot path needs most
+/// of it. XDP runs to completion on one CPU, so one slot per CPU is enough.
+pub struct Scratch {
+    /// A new flow, filled in by `nat::new_flow` and recorded once forwarded.
+    pub flow: FlowState,
+    pub reply: ReplyState,
+    pub reply_key: FlowKey,
+    pub flow_key: FlowKey,
+}
+
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
 /// Add one to a counter from `lb_common::counters`.
 #[inline(always)]
 pub fn count(index: u32) {

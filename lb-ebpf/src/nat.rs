@@ -1,32 +1,50 @@
-//! Flow state for NAT mode: picking a backend for a new flow and claiming a source
-//! port for it.
+//! Flow state for NAT mode: picking a backend for a new flow, claiming a source port
+//! for it, and letting ports go once their flows are over.
 //!
 //! A new flow gets two entries: `FLOWS` (client -> VIP, so later packets keep their
 //! backend whatever Maglev says) and `REPLIES` (backend -> SNAT address:port, to undo
-//! the NAT on the way back). The reply entry is inserted with `BPF_NOEXIST`, which is
-//! what makes a source port ours atomically, even against other CPUs.
+//! the NAT on the way back). The reply entry is the port's lease: it is inserted with
+//! `BPF_NOEXIST`, which makes the port ours atomically, even against other CPUs.
+//!
+//! A lease is taken over only when its flow is over: the flow entry is gone, or it
+//! saw a FIN or RST and `flow_close_grace_ns` has passed since its last packet, or it
+//! has been idle for `flow_idle_timeout_ns`; and never within `PORT_CLAIM_GRACE_NS`
+//! of the claim, while the claimer is still recording its flow. The old flow entry
+//! is removed at takeover, so a late packet of it cannot reach the new flow.
 
-use aya_ebpf::bindings::{BPF_ANY, BPF_EXIST, BPF_NOEXIST};
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    BACKEND_F_LOCAL, BACKEND_NONE, DatapathConfig, FlowKey, FlowState, MAGLEV_SIZE_MAX, NextHop,
-    ReplyState, VipInfo, counters::*, flow_hash,
+    AF_INET, BACKEND_F_LOCAL, BACKEND_NONE, DatapathConfig, FLOW_F_CLOSING, FlowKey, FlowState,
+    MAGLEV_SIZE_MAX, NextHop, PORT_CLAIM_GRACE_NS, ReplyState, VipInfo, counters::*, flow_hash,
 };
 
-use crate::maps::{BACKENDS, FLOWS, MAGLEV, PORT_CURSOR, REPLIES};
+use crate::maps::{BACKENDS, CONFIG, FLOWS, MAGLEV, PORT_CURSOR, REPLIES, SCRATCH, Scratch, count};
 
 /// Source ports tried before a new flow is dropped as `DROP_NO_NAT_PORT`.
 const PORT_TRIES: u32 = 8;
 
-/// Choose a backend for a new flow through the VIP's Maglev ring and claim a source
-/// port (recording the reply entry). The caller records the flow itself with
-/// [`save_flow`] once forwarding has filled in its next hop. `Err` is the drop counter.
+/// The node's SNAT address for a family (all zero when none is configured).
 #[inline(always)]
-pub fn new_flow(
-    key: &FlowKey,
-    vip: &VipInfo,
-    snat: &[u32; 4],
-    cfg: &DatapathConfig,
-) -> Result<FlowState, u32> {
+pub fn snat_addr(cfg: &DatapathConfig, family: u8) -> [u32; 4] {
+    if family == AF_INET {
+        [cfg.snat_v4_be, 0, 0, 0]
+    } else {
+        cfg.snat_v6_be
+    }
+}
+
+/// Choose a backend for a new flow through the VIP's Maglev ring and claim a source
+/// port (recording the reply entry), filling in `s.flow`. The caller records the
+/// flow itself with [`save_flow`] once forwarding has filled in its next hop. `Err`
+/// is the drop counter.
+///
+/// Not inlined: this is the cold path, and as a BPF-to-BPF call its stack frame does
+/// not add to the hot path's. BPF calls take at most five arguments, hence the
+/// config read here.
+#[inline(never)]
+pub fn new_flow(key: &FlowKey, vip: &VipInfo, now: u64, s: &mut Scratch) -> Result<(), u32> {
+    let cfg = CONFIG.get(0).ok_or(DROP_NO_SNAT_ADDR)?;
+    let snat = snat_addr(cfg, key.family);
     if vip.ring_size == 0 || vip.ring_size > MAGLEV_SIZE_MAX {
         return Err(DROP_NO_BACKEND);
     }
@@ -36,48 +54,92 @@ pub fn new_flow(
         return Err(DROP_NO_BACKEND);
     }
     let backend = BACKENDS.get(backend_id).ok_or(DROP_NO_BACKEND)?;
-    let mut flow = FlowState {
+    // An id the controller never set (family 0) or an address of the other family
+    // cannot be written into this packet.
+    if backend.family != key.family {
+        return Err(DROP_NO_BACKEND);
+    }
+    s.flow = FlowState {
         backend_be: backend.addr_be,
         backend_port_be: backend.port_be,
         nat_port_be: 0,
         backend_id,
+        flags: 0,
+        _pad: 0,
+        last_seen_ns: now,
         next_hop: NextHop::default(),
     };
     if backend.flags & BACKEND_F_LOCAL == 0 {
-        if *snat == [0; 4] {
+        if snat == [0; 4] {
             return Err(DROP_NO_SNAT_ADDR);
         }
-        let reply = ReplyState {
-            client_be: key.src_be,
-            vip_be: key.dst_be,
-            client_port_be: key.sport_be,
-            vip_port_be: key.dport_be,
-            backend_id,
-            next_hop: NextHop::default(),
-        };
-        flow.nat_port_be = claim_port(key, &flow, snat, cfg, &reply)?;
+        s.flow.nat_port_be = claim_port(key, &snat, cfg, now, s)?;
     }
-    Ok(flow)
+    Ok(())
 }
 
-/// Record a new flow, or persist a refreshed next hop of an existing one. A refresh
-/// never re-creates an entry that was removed meanwhile (`BPF_EXIST`): the removal
-/// (e.g. the controller dropping a dead backend's flows) wins.
+/// Record a new flow; on failure, release its NAT port.
 #[inline(always)]
-pub fn save_flow(
-    key: &FlowKey,
-    flow: &FlowState,
-    snat: &[u32; 4],
-    is_new: bool,
-) -> Result<(), u32> {
-    let flags = if is_new { BPF_ANY } else { BPF_EXIST };
-    if FLOWS.insert(key, flow, u64::from(flags)).is_ok() || !is_new {
+pub fn save_flow(key: &FlowKey, flow: &FlowState) -> Result<(), u32> {
+    if FLOWS.insert(key, flow, u64::from(BPF_ANY)).is_ok() {
         return Ok(());
     }
-    if flow.nat_port_be != 0 {
-        let _ = REPLIES.remove(reply_key(key, flow, snat));
+    if flow.nat_port_be != 0
+        && let Some(cfg) = CONFIG.get(0)
+    {
+        let _ = REPLIES.remove(reply_key(key, flow, &snat_addr(cfg, key.family)));
     }
     Err(DROP_FLOW_INSERT)
+}
+
+/// Put back a live flow's reply entry if the LRU evicted it (the two tables evict
+/// independently). Called when the flow refreshes its next hop, so a lost entry is
+/// restored within one next-hop TTL. A call, not inlined, building its entry in the
+/// scratch slot's reply fields (which `new_flow` is done with by now): it runs once
+/// per TTL, and the entry would otherwise sit on the hot path's stack.
+#[inline(never)]
+pub fn restore_reply(key: &FlowKey, flow: &FlowState, now: u64) {
+    let (Some(cfg), Some(scratch)) = (CONFIG.get(0), SCRATCH.get_ptr_mut(0)) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot. Only its reply fields are written, through
+    // the raw pointer: `flow` may point at the slot's `flow` field, which must not
+    // be covered by a `&mut` to the whole slot.
+    unsafe {
+        (*scratch).reply_key = reply_key(key, flow, &snat_addr(cfg, key.family));
+        (*scratch).reply = reply_state(key, flow.backend_id, now);
+        let _ = REPLIES.insert(
+            &(*scratch).reply_key,
+            &(*scratch).reply,
+            u64::from(BPF_NOEXIST),
+        );
+    }
+}
+
+/// The `FLOWS` key of the flow a reply entry belongs to.
+#[inline(always)]
+pub fn flow_key_of(reply: &ReplyState, rkey: &FlowKey) -> FlowKey {
+    FlowKey {
+        src_be: reply.client_be,
+        dst_be: reply.vip_be,
+        sport_be: reply.client_port_be,
+        dport_be: reply.vip_port_be,
+        proto: rkey.proto,
+        family: rkey.family,
+        _pad: 0,
+    }
+}
+
+/// Mark the flow a reply entry belongs to as closing (a FIN or RST went by). A call,
+/// not inlined: only FIN and RST segments need it, and its key would otherwise sit on
+/// the reply path's stack.
+#[inline(never)]
+pub fn mark_closing(reply: &ReplyState, rkey: &FlowKey) {
+    if let Some(f) = FLOWS.get_ptr_mut(flow_key_of(reply, rkey)) {
+        // SAFETY: a valid entry pointer from the map; setting one flag bit races only
+        // with identical writes or with a whole-entry replacement, either harmless.
+        unsafe { (*f).flags |= FLOW_F_CLOSING };
+    }
 }
 
 /// The `REPLIES` key under which the backend's answers to `flow` arrive.
@@ -94,36 +156,67 @@ fn reply_key(key: &FlowKey, flow: &FlowState, snat: &[u32; 4]) -> FlowKey {
     }
 }
 
+#[inline(always)]
+fn reply_state(key: &FlowKey, backend_id: u32, now: u64) -> ReplyState {
+    ReplyState {
+        client_be: key.src_be,
+        vip_be: key.dst_be,
+        client_port_be: key.sport_be,
+        vip_port_be: key.dport_be,
+        backend_id,
+        claimed_ns: now,
+        next_hop: NextHop::default(),
+    }
+}
+
 /// Claim a free source port towards this backend by inserting the reply entry.
-///
-/// A port whose reply entry outlived its forward flow (LRU evicted the flow, or the
-/// client went away) is stale and is reclaimed, so ports are never leaked.
 #[inline(always)]
 fn claim_port(
     key: &FlowKey,
-    flow: &FlowState,
     snat: &[u32; 4],
     cfg: &DatapathConfig,
-    reply: &ReplyState,
+    now: u64,
+    s: &mut Scratch,
 ) -> Result<u16, u32> {
-    let (min, max) = (u32::from(cfg.port_min), u32::from(cfg.port_max));
+    let (min, max) = (u32::from(cfg.port_min_host), u32::from(cfg.port_max_host));
     if min == 0 || max < min {
         return Err(DROP_NO_NAT_PORT);
     }
     let range = max - min + 1;
+    let (backend_id, backend_be, backend_port_be) =
+        (s.flow.backend_id, s.flow.backend_be, s.flow.backend_port_be);
+    // Fields are written in place: building the entry and key as values first would
+    // put copies of them on the stack, which has no room to spare.
+    s.reply.client_be = key.src_be;
+    s.reply.vip_be = key.dst_be;
+    s.reply.client_port_be = key.sport_be;
+    s.reply.vip_port_be = key.dport_be;
+    s.reply.backend_id = backend_id;
+    s.reply.claimed_ns = now;
+    s.reply.next_hop = NextHop::default();
+    s.reply_key.src_be = backend_be;
+    s.reply_key.dst_be = *snat;
+    s.reply_key.sport_be = backend_port_be;
+    s.reply_key.proto = key.proto;
+    s.reply_key.family = key.family;
+    s.reply_key._pad = 0;
     let cursor = PORT_CURSOR.get_ptr_mut(0).ok_or(DROP_NO_NAT_PORT)?;
     // SAFETY: per-CPU slot, only this CPU reads and writes it.
     let start = unsafe { *cursor };
-    let mut probe = FlowState { ..*flow };
     for i in 0..PORT_TRIES {
-        probe.nat_port_be = ((min + start.wrapping_add(i) % range) as u16).to_be();
-        let rkey = reply_key(key, &probe, snat);
-        let claimed = REPLIES.insert(rkey, reply, u64::from(BPF_NOEXIST)).is_ok()
-            || (is_stale(&rkey) && REPLIES.insert(rkey, reply, u64::from(BPF_ANY)).is_ok());
+        let port_be = ((min + start.wrapping_add(i) % range) as u16).to_be();
+        s.reply_key.dport_be = port_be;
+        let claimed = REPLIES
+            .insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST))
+            .is_ok()
+            || (reclaimable(s, cfg, now)
+                && REPLIES
+                    .insert(&s.reply_key, &s.reply, u64::from(BPF_ANY))
+                    .is_ok());
         if claimed {
             // SAFETY: as above.
             unsafe { *cursor = start.wrapping_add(i + 1) };
-            return Ok(probe.nat_port_be);
+            return Ok(port_be);
         }
     }
     // SAFETY: as above.
@@ -131,26 +224,42 @@ fn claim_port(
     Err(DROP_NO_NAT_PORT)
 }
 
-/// A reply entry is stale when its forward flow no longer maps to it.
+/// Whether the port leased under `s.reply_key` may be taken over (see the module
+/// docs). On yes, the old flow entry is removed.
 #[inline(always)]
-fn is_stale(rkey: &FlowKey) -> bool {
-    // SAFETY: the value is copied out at once; a concurrent update can at worst make
-    // us misjudge one port, which the next insert attempt settles.
-    let Some(old) = (unsafe { REPLIES.get(rkey) }).copied() else {
+fn reclaimable(s: &mut Scratch, cfg: &DatapathConfig, now: u64) -> bool {
+    let rkey = &s.reply_key;
+    // SAFETY: entries are replaced whole, never edited, so the fields read through
+    // this reference are consistent; nothing is copied, to save BPF stack.
+    let Some(old) = (unsafe { REPLIES.get(rkey) }) else {
         return true;
     };
-    let fkey = FlowKey {
-        src_be: old.client_be,
-        dst_be: old.vip_be,
-        sport_be: old.client_port_be,
-        dport_be: old.vip_port_be,
-        proto: rkey.proto,
-        family: rkey.family,
-        _pad: 0,
-    };
-    // SAFETY: as above.
-    match unsafe { FLOWS.get(&fkey) } {
-        Some(f) => f.nat_port_be != rkey.dport_be || f.backend_be != rkey.src_be,
-        None => true,
+    if now.wrapping_sub(old.claimed_ns) < PORT_CLAIM_GRACE_NS {
+        return false;
     }
+    s.flow_key.src_be = old.client_be;
+    s.flow_key.dst_be = old.vip_be;
+    s.flow_key.sport_be = old.client_port_be;
+    s.flow_key.dport_be = old.vip_port_be;
+    s.flow_key.proto = rkey.proto;
+    s.flow_key.family = rkey.family;
+    s.flow_key._pad = 0;
+    // SAFETY: as above; `flags` and `last_seen_ns` may change under us, which can
+    // only delay a takeover to the next attempt.
+    let Some(f) = (unsafe { FLOWS.get(&s.flow_key) }) else {
+        count(PORT_RECLAIMED);
+        return true;
+    };
+    if f.nat_port_be != s.reply_key.dport_be || f.backend_be != s.reply_key.src_be {
+        count(PORT_RECLAIMED);
+        return true;
+    }
+    let idle = now.wrapping_sub(f.last_seen_ns);
+    let over = (f.flags & FLOW_F_CLOSING != 0 && idle >= cfg.flow_close_grace_ns)
+        || idle >= cfg.flow_idle_timeout_ns;
+    if over {
+        let _ = FLOWS.remove(&s.flow_key);
+        count(PORT_RECLAIMED);
+    }
+    over
 }

@@ -19,6 +19,11 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_FRAGMENT: u8 = 44;
 /// IPv4 `frags` field: the MF bit and the 13-bit offset, in host order.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
+/// TCP flag bits (byte 13 of the header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// A pointer to a `T` at `offset` bytes into the packet, or `Err` if the packet is
 /// too short. Callers must still only dereference it while the packet is unchanged
@@ -53,6 +58,8 @@ pub struct Parsed {
     pub ip_len: u16,
     /// IPv4 TOS byte (0 for IPv6), for the FIB's policy routing.
     pub tos: u8,
+    /// TCP flags byte (`TCP_*` bits).
+    pub tcp_flags: u8,
 }
 
 #[inline(always)]
@@ -67,15 +74,19 @@ pub fn addr6(bytes: &[u8; 16]) -> [u32; 4] {
 
 /// Parse Ethernet, one optional VLAN tag, IPv4 (with options) or IPv6, then TCP.
 /// `Err` carries the pass counter for a packet the balancer leaves alone.
+///
+/// Always inlined: as a BPF-to-BPF call, LLVM would pass it the loaded packet
+/// pointers instead of the context, and the verifier refuses what it then does
+/// with `data_end`.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0).map_err(|()| PASS_TRUNCATED)?;
+    let eth: *mut EthHdr = ptr_at(ctx, 0).map_err(|()| PASS_MALFORMED)?;
     // SAFETY: `ptr_at` proved the Ethernet header lies inside the packet.
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut l3 = EthHdr::LEN;
     let mut vlan = false;
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
-        let tag: *mut VlanHdr = ptr_at(ctx, l3).map_err(|()| PASS_TRUNCATED)?;
+        let tag: *mut VlanHdr = ptr_at(ctx, l3).map_err(|()| PASS_MALFORMED)?;
         // SAFETY: `ptr_at` proved the tag lies inside the packet.
         ether_type = u16::from_be(unsafe { (*tag).ether_type });
         l3 += VlanHdr::LEN;
@@ -88,12 +99,13 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
     let mut tos = 0;
     let (l4, ip_len) = match ether_type {
         ETH_P_IP => {
-            let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).map_err(|()| PASS_TRUNCATED)?;
+            let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).map_err(|()| PASS_MALFORMED)?;
             // SAFETY: `ptr_at` proved the fixed IPv4 header lies inside the packet.
             let h = unsafe { &*ip };
             let ihl = usize::from(h.vihl & 0x0f) * 4;
-            if h.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
-                return Err(PASS_TRUNCATED);
+            let tot_len = u16::from_be_bytes(h.tot_len);
+            if h.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || usize::from(tot_len) < ihl {
+                return Err(PASS_MALFORMED);
             }
             if u16::from_be_bytes(h.frags) & IPV4_MF_OR_OFFSET != 0 {
                 return Err(PASS_FRAGMENT);
@@ -105,12 +117,15 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
             tos = h.tos;
             key.src_be[0] = u32::from_ne_bytes(h.src_addr);
             key.dst_be[0] = u32::from_ne_bytes(h.dst_addr);
-            (l3 + ihl, u16::from_be_bytes(h.tot_len))
+            (l3 + ihl, tot_len)
         }
         ETH_P_IPV6 => {
-            let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).map_err(|()| PASS_TRUNCATED)?;
+            let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).map_err(|()| PASS_MALFORMED)?;
             // SAFETY: `ptr_at` proved the IPv6 header lies inside the packet.
             let h = unsafe { &*ip };
+            if h.vcf[0] >> 4 != 6 {
+                return Err(PASS_MALFORMED);
+            }
             match h.next_hdr {
                 IPPROTO_TCP => {}
                 IPPROTO_FRAGMENT => return Err(PASS_FRAGMENT),
@@ -124,11 +139,13 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
         }
         _ => return Err(PASS_NOT_IP),
     };
-    let tcp: *mut TcpHdr = ptr_at(ctx, l4).map_err(|()| PASS_TRUNCATED)?;
+    let tcp: *mut TcpHdr = ptr_at(ctx, l4).map_err(|()| PASS_MALFORMED)?;
     // SAFETY: `ptr_at` proved the TCP header lies inside the packet.
     let t = unsafe { &*tcp };
     key.sport_be = u16::from_ne_bytes(t.source);
     key.dport_be = u16::from_ne_bytes(t.dest);
+    // SAFETY: byte 13 of the 20-byte header `ptr_at` proved present.
+    let tcp_flags = unsafe { *tcp.cast::<u8>().add(13) };
     Ok(Parsed {
         l3: l3 as u8,
         l4: l4 as u8,
@@ -136,5 +153,6 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
         vlan,
         ip_len,
         tos,
+        tcp_flags,
     })
 }

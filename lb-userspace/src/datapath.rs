@@ -21,11 +21,12 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    AF_INET, AF_INET6, BACKEND_F_LOCAL, Backend, COUNTER_COUNT, DatapathConfig, FLOW_TABLE_SIZE,
-    FlowKey, FlowState, IPPROTO_TCP, MAGLEV_SIZE_MAX, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG,
-    MAP_COUNTERS, MAP_FLOWS, MAP_MAGLEV, MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS, MAP_VIP_STATS,
-    MAP_VIPS, MAX_BACKENDS, MAX_VIPS, NEXTHOP_TTL_DEFAULT_NS, ReplyState, TrafficStats,
-    VIP_F_OWNED, VipInfo, VipKey,
+    AF_INET, AF_INET6, BACKEND_F_LOCAL, Backend, COUNTER_COUNT, DatapathConfig,
+    FLOW_CLOSE_GRACE_DEFAULT_NS, FLOW_IDLE_TIMEOUT_DEFAULT_NS, FLOW_TABLE_SIZE, FlowKey, FlowState,
+    IPPROTO_TCP, MAGLEV_SIZE_MAX, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS,
+    MAP_FLOWS, MAP_MAGLEV, MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS,
+    MAX_BACKENDS, MAX_VIPS, NEXTHOP_TTL_DEFAULT_NS, ReplyState, TrafficStats, VIP_F_OWNED, VipInfo,
+    VipKey,
 };
 
 /// The compiled lb-ebpf object, embedded at build time.
@@ -114,10 +115,15 @@ pub struct NodeConfig {
     pub ports: RangeInclusive<u16>,
     /// How long a flow reuses its cached next hop before asking the FIB again.
     pub nexthop_ttl: Duration,
+    /// A flow that saw a FIN or RST gives its NAT port up this long after its last
+    /// packet.
+    pub flow_close_grace: Duration,
+    /// Any flow gives its NAT port up this long after its last packet.
+    pub flow_idle_timeout: Duration,
 }
 
 impl NodeConfig {
-    /// These addresses and ports, with the default next-hop TTL.
+    /// These addresses and ports, with the default timings.
     #[must_use]
     pub fn new(
         snat_v4: Option<Ipv4Addr>,
@@ -129,6 +135,8 @@ impl NodeConfig {
             snat_v6,
             ports,
             nexthop_ttl: Duration::from_nanos(NEXTHOP_TTL_DEFAULT_NS),
+            flow_close_grace: Duration::from_nanos(FLOW_CLOSE_GRACE_DEFAULT_NS),
+            flow_idle_timeout: Duration::from_nanos(FLOW_IDLE_TIMEOUT_DEFAULT_NS),
         }
     }
 }
@@ -240,9 +248,11 @@ impl Datapath {
         let cfg = DatapathConfig {
             snat_v6_be: nat.snat_v6.map_or([0; 4], |a| addr_words(a.into()).0),
             snat_v4_be: nat.snat_v4.map_or(0, |a| u32::from_ne_bytes(a.octets())),
-            port_min: min,
-            port_max: max,
-            nexthop_ttl_ns: u64::try_from(nat.nexthop_ttl.as_nanos()).unwrap_or(u64::MAX),
+            port_min_host: min,
+            port_max_host: max,
+            nexthop_ttl_ns: nanos(nat.nexthop_ttl),
+            flow_close_grace_ns: nanos(nat.flow_close_grace),
+            flow_idle_timeout_ns: nanos(nat.flow_idle_timeout),
         };
         let mut config: Array<_, DatapathConfig> = self.typed(MAP_CONFIG)?;
         config.set(0, cfg, 0).map_err(map_err(MAP_CONFIG))?;
@@ -431,6 +441,10 @@ impl Datapath {
     {
         T::try_from(self.map_mut(name)?).map_err(map_err(name))
     }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// A missing VIP key is the caller's mistake; any other failure is the map's.

@@ -61,6 +61,7 @@ pub fn lab_config() -> NodeConfig {
         snat_v6: Some("2001:db8:2::1".parse().expect("v6")),
         ports: NAT_PORTS,
         nexthop_ttl: std::time::Duration::from_mins(1),
+        ..NodeConfig::new(None, None, NAT_PORTS)
     }
 }
 

@@ -283,7 +283,16 @@ fn established_flow_keeps_its_backend_after_the_ring_changes() {
     );
     let data = syn.clone().data(b"GET /api/v1/pods?watch=1");
     lab.run(&to_master(
-        "data on the established flow after the ring changed (no FIB lookup: cached hop)",
+        "data on the established flow after the ring changed (larger than the SYN, \
+         so the FIB is asked again for its MTU check)",
+        &data,
+        backend,
+        40_000,
+        mac,
+        vec![(FIB_LOOKUP, 1), (REDIRECT, 1)],
+    ));
+    lab.run(&to_master(
+        "the same size again: the cached hop, no FIB lookup",
         &data,
         backend,
         40_000,
@@ -385,7 +394,7 @@ fn packets_truncated_at_each_layer_pass_with_no_byte_changed() {
             desc,
             Ingress::ClientSide,
             full[..len].to_vec(),
-            PASS_TRUNCATED,
+            PASS_MALFORMED,
         ));
     }
     assert!(lab.dp.flows().expect("flows").is_empty());
@@ -595,28 +604,30 @@ fn new_flows_are_dropped_with_a_reason_when_they_cannot_be_served() {
 }
 
 #[test]
-fn cached_next_hop_is_used_then_revalidated_after_its_ttl() {
-    const TTL: std::time::Duration = std::time::Duration::from_millis(200);
+fn cached_next_hop_is_used_until_it_expires_then_refreshed_from_the_fib() {
     let mut lab = Lab::new("apilb-fx-nexthop");
-    lab.dp
-        .set_node_config(&lb_userspace::datapath::NodeConfig {
-            nexthop_ttl: TTL,
-            ..lab_config()
-        })
-        .expect("short next-hop TTL");
     let master = sa("198.51.100.11:6443");
     lab.vip(0, sa(VIP4), true, &[(1, master)]);
     let syn = client_syn(CLIENT4, VIP4);
-    lab.run(&Fixture {
-        desc: "SYN: the FIB is asked once",
-        ingress: Ingress::ClientSide,
-        input: syn.build(),
-        verdict: XDP_REDIRECT,
-        output: natted(&syn, master, 40_000, master_mac(1)).build(),
-        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
-    });
-    // The master's MAC changes (say, its NIC was replaced). Within the TTL the flow
-    // keeps the cached answer; after it, the FIB is asked again and the new MAC used.
+    lab.run(&to_master(
+        "SYN: the FIB is asked",
+        &syn,
+        master,
+        40_000,
+        master_mac(1),
+        vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
+    ));
+    let data = syn.clone().data(b"x");
+    lab.run(&to_master(
+        "a larger packet: the FIB is asked again (MTU check)",
+        &data,
+        master,
+        40_000,
+        master_mac(1),
+        vec![(FIB_LOOKUP, 1), (REDIRECT, 1)],
+    ));
+    // The master's MAC changes (say, its NIC was replaced). Within the TTL (a minute
+    // here) the flow keeps the cached answer.
     let new_mac: Mac = [2, 0, 0, 0, 0x0b, 0x99];
     lab.ns.ip(&[
         "neigh",
@@ -629,18 +640,24 @@ fn cached_next_hop_is_used_then_revalidated_after_its_ttl() {
         "nud",
         "permanent",
     ]);
-    let data = syn.clone().data(b"x");
-    lab.run(&Fixture {
-        desc: "data within the TTL: cached hop, old MAC",
-        ingress: Ingress::ClientSide,
-        input: data.build(),
-        verdict: XDP_REDIRECT,
-        output: natted(&data, master, 40_000, master_mac(1)).build(),
-        counters: vec![(REDIRECT, 1)],
-    });
-    std::thread::sleep(TTL + std::time::Duration::from_millis(100));
     lab.run(&to_master(
-        "data after the TTL: the FIB is asked again, new MAC",
+        "within the TTL: the cached hop and the old MAC",
+        &data,
+        master,
+        40_000,
+        master_mac(1),
+        vec![(REDIRECT, 1)],
+    ));
+    // Once the TTL has passed (set to 0 rather than waited for), the FIB is asked
+    // again and the new MAC used and stored.
+    lab.dp
+        .set_node_config(&lb_userspace::datapath::NodeConfig {
+            nexthop_ttl: std::time::Duration::ZERO,
+            ..lab_config()
+        })
+        .expect("expire next hops");
+    lab.run(&to_master(
+        "after the TTL: the FIB is asked again, the new MAC",
         &data,
         master,
         40_000,
@@ -652,4 +669,159 @@ fn cached_next_hop_is_used_then_revalidated_after_its_ttl() {
         flows[0].1.next_hop.dmac, new_mac,
         "the refreshed hop is stored in the flow entry"
     );
+}
+
+#[test]
+fn packet_larger_than_the_egress_mtu_goes_to_the_stack() {
+    let mut lab = Lab::new("apilb-fx-mtu");
+    let master = sa("198.51.100.11:6443");
+    lab.vip(0, sa(VIP4), true, &[(1, master)]);
+    lab.ns.ip(&["link", "set", "fx1", "mtu", "1280"]);
+    let syn = client_syn(CLIENT4, VIP4);
+    lab.run(&to_master(
+        "SYN",
+        &syn,
+        master,
+        40_000,
+        master_mac(1),
+        vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
+    ));
+    // 1400 bytes of IP datagram towards a 1280-byte link: the FIB refuses it
+    // (FRAG_NEEDED), so it is handed, rewritten, to the stack.
+    let big = syn.clone().data(&[0x55; 1400 - 40]);
+    lab.run(&Fixture {
+        desc: "a 1400-byte segment for a 1280-MTU link",
+        ingress: Ingress::ClientSide,
+        input: big.build(),
+        verdict: XDP_PASS,
+        output: big
+            .clone()
+            .between(sa("198.51.100.1:40000"), master)
+            .build(),
+        counters: vec![(FIB_LOOKUP, 1), (PASS_FIB_MISS, 1)],
+    });
+}
+
+#[test]
+fn only_a_syn_opens_a_flow() {
+    let mut lab = lab("apilb-fx-synonly");
+    let ack = client_syn(CLIENT4, VIP4).data(b"stray");
+    let mut rst = client_syn(CLIENT4, VIP4);
+    rst.syn = false;
+    rst.rst = true;
+    let mut syn_ack = client_syn(CLIENT4, VIP4);
+    syn_ack.ack = Some(1);
+    for (desc, p) in [
+        ("ACK with data and no flow", ack),
+        ("RST and no flow", rst),
+        ("SYN-ACK and no flow", syn_ack),
+    ] {
+        lab.run(&unchanged(
+            desc,
+            Ingress::ClientSide,
+            p.build(),
+            PASS_NO_FLOW,
+        ));
+    }
+    assert!(
+        lab.dp.flows().expect("flows").is_empty(),
+        "no stray segment took a flow"
+    );
+    assert!(
+        lab.dp.replies().expect("replies").is_empty(),
+        "no stray segment took a port"
+    );
+}
+
+#[test]
+fn nat_port_of_a_closed_flow_is_reused_after_its_grace_but_a_live_one_never() {
+    let mut lab = Lab::new("apilb-fx-ports");
+    let master = sa("198.51.100.11:6443");
+    lab.vip(0, sa(VIP4), true, &[(1, master)]);
+    let one_port = |close_grace| lb_userspace::datapath::NodeConfig {
+        ports: 40_000..=40_000,
+        flow_close_grace: close_grace,
+        ..lab_config()
+    };
+    lab.dp
+        .set_node_config(&one_port(std::time::Duration::from_secs(30)))
+        .expect("one NAT port");
+    let a = client_syn("192.0.2.10:51000", VIP4);
+    let b = client_syn("192.0.2.10:51001", VIP4);
+    let b_dropped = || Fixture {
+        desc: "a second flow while the only port is held by a live flow",
+        ingress: Ingress::ClientSide,
+        input: b.build(),
+        verdict: XDP_DROP,
+        output: b.build(),
+        counters: vec![(DROP_NO_NAT_PORT, 1)],
+    };
+    lab.run(&to_master(
+        "flow A takes the port",
+        &a,
+        master,
+        40_000,
+        master_mac(1),
+        vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
+    ));
+    lab.run(&b_dropped());
+    // Past the claim grace, a live flow's port is still not taken.
+    std::thread::sleep(
+        std::time::Duration::from_nanos(lb_common::PORT_CLAIM_GRACE_NS)
+            + std::time::Duration::from_millis(100),
+    );
+    lab.run(&b_dropped());
+
+    // The master closes A (FIN on the reply path): A is now closing.
+    let mut fin = Tcp::syn(master_mac(1), FX1_MAC, master, sa("198.51.100.1:40000"));
+    fin.syn = false;
+    fin.fin = true;
+    fin.ack = Some(a.seq + 1);
+    lab.run(&Fixture {
+        desc: "the master's FIN to flow A",
+        ingress: Ingress::MasterSide,
+        input: fin.build(),
+        verdict: XDP_REDIRECT,
+        output: fin
+            .clone()
+            .via(FX0_MAC, CLIENT_MAC)
+            .between(sa(VIP4), sa("192.0.2.10:51000"))
+            .build(),
+        counters: vec![(REPLY_HIT, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
+    });
+    let flows = lab.dp.flows().expect("flows");
+    assert_eq!(
+        flows[0].1.flags & lb_common::FLOW_F_CLOSING,
+        lb_common::FLOW_F_CLOSING,
+        "A is marked closing"
+    );
+    lab.run(&b_dropped());
+
+    // With the close grace over, B takes A's port, and A's entry is gone.
+    lab.dp
+        .set_node_config(&one_port(std::time::Duration::ZERO))
+        .expect("no close grace");
+    lab.run(&to_master(
+        "flow B reclaims the closed flow's port",
+        &b,
+        master,
+        40_000,
+        master_mac(1),
+        vec![
+            (FLOW_NEW, 1),
+            (PORT_RECLAIMED, 1),
+            (FIB_LOOKUP, 1),
+            (REDIRECT, 1),
+        ],
+    ));
+    let late = a.clone().data(b"late");
+    lab.run(&unchanged(
+        "a late packet of flow A",
+        Ingress::ClientSide,
+        late.build(),
+        PASS_NO_FLOW,
+    ));
+    let flows = lab.dp.flows().expect("flows");
+    assert_eq!(flows.len(), 1, "only B is left");
+    assert_eq!(u16::from_be(flows[0].0.sport_be), 51_001);
 }
