@@ -211,6 +211,11 @@ impl Datapath {
             .load(OBJECT)
             .map_err(DatapathError::Load)?;
         let mut dp = Self { ebpf };
+        // Map names are shared constants; check the object against every one, so a
+        // renamed static in lb-ebpf fails here rather than at first use.
+        for name in lb_common::ALL_MAPS {
+            dp.map(name)?;
+        }
         for name in [lb_common::PROG_XDP, lb_common::PROG_XDP_DROP] {
             dp.xdp(name)?
                 .load()
@@ -268,7 +273,14 @@ impl Datapath {
     /// Add or replace a VIP.
     pub fn set_vip(&mut self, vip: &Vip) -> Result<()> {
         check_range("VIP id", vip.id, 0..=MAX_VIPS - 1)?;
-        check_range("Maglev ring size", vip.ring_size, 1..=MAGLEV_SIZE_MAX)?;
+        check_range("Maglev ring size", vip.ring_size, 2..=MAGLEV_SIZE_MAX)?;
+        if !crate::maglev::is_prime(vip.ring_size) {
+            return Err(DatapathError::OutOfRange {
+                what: "Maglev ring size",
+                value: vip.ring_size.to_string(),
+                range: "a prime".to_owned(),
+            });
+        }
         let info = VipInfo {
             vip_id: vip.id,
             flags: if vip.owned { VIP_F_OWNED } else { 0 },
@@ -319,8 +331,9 @@ impl Datapath {
     /// `changes` holds `(slot, backend id)` pairs, as `maglev::delta` returns them.
     pub fn write_maglev(&mut self, vip_id: u32, changes: &[(u32, u32)]) -> Result<()> {
         check_range("VIP id", vip_id, 0..=MAX_VIPS - 1)?;
-        for &(slot, _) in changes {
+        for &(slot, backend) in changes {
             check_range("Maglev slot", slot, 0..=MAGLEV_SIZE_MAX - 1)?;
+            check_range("backend id", backend, 0..=MAX_BACKENDS - 1)?;
         }
         let keys: Vec<u32> = changes
             .iter()

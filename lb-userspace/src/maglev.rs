@@ -20,6 +20,13 @@ pub struct WeightedBackend {
     pub weight: u32,
 }
 
+/// Whether `n` is prime; ring sizes must be (the permutation's skip must be coprime
+/// with M for every backend to reach every slot).
+#[must_use]
+pub fn is_prime(n: u32) -> bool {
+    n >= 2 && (2..=n.isqrt()).all(|d| !n.is_multiple_of(d))
+}
+
 const OFFSET_SEED: u64 = 0x6d61_676c_6576_0001;
 const SKIP_SEED: u64 = 0x6d61_676c_6576_0002;
 
@@ -183,6 +190,13 @@ mod tests {
             patched[slot as usize] = id;
         }
         assert_eq!(patched, after);
+    }
+
+    #[test]
+    fn primes_are_told_apart() {
+        let small: Vec<u32> = (0..30).filter(|&n| is_prime(n)).collect();
+        assert_eq!(small, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
+        assert!(is_prime(65_537) && is_prime(251) && !is_prime(65_535) && !is_prime(65_541));
     }
 
     #[test]

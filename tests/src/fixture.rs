@@ -270,8 +270,9 @@ impl Lab {
         }
     }
 
-    /// Run a fixture and assert verdict, output bytes and counter movements.
-    pub fn run(&mut self, f: &Fixture) {
+    /// Run a fixture and assert verdict, output bytes and counter movements; return
+    /// the frame the program produced.
+    pub fn run(&mut self, f: &Fixture) -> Vec<u8> {
         let ifindex = self.ifindex(f.ingress);
         let before = self.counters();
         let out = self
@@ -302,6 +303,7 @@ impl Lab {
             describe(&out.packet),
             describe(&f.output),
         );
+        out.packet
     }
 
     fn counters(&self) -> Counters {

@@ -30,7 +30,15 @@ fn out_of_range_ids_ports_and_slots_are_refused_by_name_and_value() {
     );
     assert_eq!(
         err(dp.set_vip(&vip(0, 65_539))),
-        "Maglev ring size = 65539 is out of range (1..=65537)"
+        "Maglev ring size = 65539 is out of range (2..=65537)"
+    );
+    assert_eq!(
+        err(dp.set_vip(&vip(0, 65_535))),
+        "Maglev ring size = 65535 is out of range (a prime)"
+    );
+    assert_eq!(
+        err(dp.write_maglev(0, &[(1, 256)])),
+        "backend id = 256 is out of range (0..=255)"
     );
     assert_eq!(
         err(dp.set_backend(0, sa("198.51.100.11:6443"), false)),

@@ -108,6 +108,7 @@ fn bpf_linker() -> anyhow::Result<()> {
             .args([
                 "install",
                 "bpf-linker",
+                "--locked",
                 "--version",
                 BPF_LINKER_VERSION,
                 "--no-default-features",
