@@ -29,6 +29,8 @@ use lb_common::{
     VipKey,
 };
 
+pub use aya::programs::XdpMode;
+
 /// The compiled lb-ebpf object, embedded at build time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
@@ -70,6 +72,18 @@ pub enum DatapathError {
         ifindex: u32,
         #[source]
         source: XdpMapError,
+    },
+    #[error("attaching XDP to interface {interface}")]
+    Attach {
+        interface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("setting {path} to 1")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: std::io::Error,
     },
     #[error("VIP {0} is not in the datapath")]
     UnknownVip(SocketAddr),
@@ -245,6 +259,38 @@ impl Datapath {
             .ok_or(DatapathError::MissingProgram(name))
     }
 
+    /// Attach the balancer to `interface` (in the calling thread's namespace).
+    ///
+    /// It first sets `net.ipv4.conf.<interface>.accept_local`: packets the datapath
+    /// hands to the stack after rewriting (a FIB or neighbour miss, a VLAN tag) carry
+    /// the node's own SNAT address as their source, which the stack otherwise drops
+    /// as martian, and with it the chance to resolve the neighbour. Then it adds the
+    /// interface to the redirect targets, from this same thread, so that the index
+    /// is resolved in the namespace the program was attached in (see
+    /// [`Datapath::add_tx_port`]). The program stays attached until the datapath is
+    /// dropped.
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<()> {
+        let attach_err = |source| DatapathError::Attach {
+            interface: interface.to_owned(),
+            source,
+        };
+        let unknown = || ProgramError::UnknownInterface {
+            name: interface.to_owned(),
+        };
+        let c_name = std::ffi::CString::new(interface).map_err(|_| attach_err(unknown()))?;
+        // SAFETY: `c_name` is a valid NUL-terminated string for the call's duration.
+        let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+        if ifindex == 0 {
+            return Err(attach_err(unknown()));
+        }
+        let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
+        std::fs::write(&path, "1").map_err(|source| DatapathError::Sysctl { path, source })?;
+        self.xdp(lb_common::PROG_XDP)?
+            .attach_to_if_index(ifindex, mode)
+            .map_err(attach_err)?;
+        self.add_tx_port(ifindex)
+    }
+
     /// Set the SNAT addresses, the source-port range and the next-hop TTL, and
     /// stagger each CPU's port cursor so that CPUs start claiming ports far apart.
     pub fn set_node_config(&mut self, nat: &NodeConfig) -> Result<()> {
@@ -350,6 +396,16 @@ impl Datapath {
     }
 
     /// Allow redirecting rewritten packets out of interface `ifindex`.
+    ///
+    /// The kernel resolves `ifindex` in the network namespace of the calling
+    /// thread, so call this from the namespace the interface lives in: an index from
+    /// another namespace names another device. [`Datapath::attach`] does it for the
+    /// interfaces it attaches to.
+    ///
+    /// The kernel resolves `ifindex` in the network namespace of the calling
+    /// thread, so call this from the namespace the interface lives in: an index from
+    /// another namespace names another device. [`Datapath::attach`] does it for the
+    /// interfaces it attaches to.
     pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
         let mut ports =
             DevMapHash::try_from(self.map_mut(MAP_TX_PORTS)?).map_err(map_err(MAP_TX_PORTS))?;

@@ -102,19 +102,24 @@ impl Netns {
 
     /// Move the calling thread into the namespace until the guard drops.
     pub fn enter(&self) -> Entered {
-        let home = File::open("/proc/thread-self/ns/net").expect("open own netns");
-        let target = File::open(format!("/run/netns/{}", self.name)).expect("open test netns");
-        // SAFETY: setns on a valid namespace fd affects only the calling thread.
-        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "setns into {}: {}",
-            self.name,
-            std::io::Error::last_os_error()
-        );
-        Entered { home }
+        enter(&self.name)
     }
+}
+
+/// Move the calling thread into namespace `name` until the guard drops (for threads
+/// that work inside a namespace another owner created and will delete).
+pub fn enter(name: &str) -> Entered {
+    let home = File::open("/proc/thread-self/ns/net").expect("open own netns");
+    let target = File::open(format!("/run/netns/{name}")).expect("open test netns");
+    // SAFETY: setns on a valid namespace fd affects only the calling thread.
+    let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "setns into {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    Entered { home }
 }
 
 impl Drop for Netns {
