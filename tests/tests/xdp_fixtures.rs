@@ -67,6 +67,18 @@ fn to_master(
     }
 }
 
+/// The first SYN of a flow, under NAT to `backend`: a new flow, a FIB lookup, a redirect.
+fn new_flow_to(desc: &'static str, syn: &Tcp, backend: SocketAddr, port: u16, mac: Mac) -> Fixture {
+    to_master(
+        desc,
+        syn,
+        backend,
+        port,
+        mac,
+        vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
+    )
+}
+
 fn unchanged(desc: &'static str, ingress: Ingress, input: Vec<u8>, counter: u32) -> Fixture {
     Fixture {
         desc,
@@ -189,13 +201,12 @@ fn vip_not_owned_by_this_node_passes_until_ownership_is_taken() {
 
     lab.dp.set_owned(sa(VIP4), true).expect("take ownership");
     let (_, backend, mac) = picked(&lab, 0, CLIENT4, VIP4, &masters4());
-    lab.run(&to_master(
+    lab.run(&new_flow_to(
         "the same SYN once this node owns the VIP",
         &syn,
         backend,
         40_000,
         mac,
-        vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
     ));
 
     lab.dp
@@ -265,14 +276,7 @@ fn established_flow_keeps_its_backend_after_the_ring_changes() {
     let masters = masters4();
     let syn = client_syn(CLIENT4, VIP4);
     let (id, backend, mac) = picked(&lab, 0, CLIENT4, VIP4, &masters);
-    lab.run(&to_master(
-        "SYN",
-        &syn,
-        backend,
-        40_000,
-        mac,
-        vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
-    ));
+    lab.run(&new_flow_to("SYN", &syn, backend, 40_000, mac));
     // Take the flow's backend out of the ring: Maglev now sends this tuple elsewhere.
     let rest: Vec<_> = masters.iter().copied().filter(|(b, _)| *b != id).collect();
     lab.ring(0, &rest);
@@ -303,13 +307,12 @@ fn established_flow_keeps_its_backend_after_the_ring_changes() {
     let other = client_syn("192.0.2.10:51001", VIP4);
     let (new_id, new_backend, new_mac) = picked(&lab, 0, "192.0.2.10:51001", VIP4, &masters);
     assert_ne!(new_id, id);
-    lab.run(&to_master(
+    lab.run(&new_flow_to(
         "a new flow after the ring changed",
         &other,
         new_backend,
         40_001,
         new_mac,
-        vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
     ));
 }
 
@@ -317,14 +320,7 @@ fn reply_is_rewritten_back(client: &str, vip: &str, vip_id: u32, masters: &[(u32
     let mut lab = lab("apilb-fx-reply");
     let syn = client_syn(client, vip);
     let (id, backend, mac) = picked(&lab, vip_id, client, vip, masters);
-    lab.run(&to_master(
-        "SYN",
-        &syn,
-        backend,
-        40_000,
-        mac,
-        vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
-    ));
+    lab.run(&new_flow_to("SYN", &syn, backend, 40_000, mac));
     let snat = SocketAddr::new(snat_for(backend.ip()), 40_000);
     let mut syn_ack = Tcp::syn(mac, FX1_MAC, backend, snat);
     syn_ack.ack = Some(syn.seq + 1);
@@ -609,13 +605,12 @@ fn cached_next_hop_is_used_until_it_expires_then_refreshed_from_the_fib() {
     let master = sa("198.51.100.11:6443");
     lab.vip(0, sa(VIP4), true, &[(1, master)]);
     let syn = client_syn(CLIENT4, VIP4);
-    lab.run(&to_master(
+    lab.run(&new_flow_to(
         "SYN: the FIB is asked",
         &syn,
         master,
         40_000,
         master_mac(1),
-        vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
     ));
     let data = syn.clone().data(b"x");
     lab.run(&to_master(
@@ -678,14 +673,7 @@ fn packet_larger_than_the_egress_mtu_goes_to_the_stack() {
     lab.vip(0, sa(VIP4), true, &[(1, master)]);
     lab.ns.ip(&["link", "set", "fx1", "mtu", "1280"]);
     let syn = client_syn(CLIENT4, VIP4);
-    lab.run(&to_master(
-        "SYN",
-        &syn,
-        master,
-        40_000,
-        master_mac(1),
-        vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
-    ));
+    lab.run(&new_flow_to("SYN", &syn, master, 40_000, master_mac(1)));
     // 1400 bytes of IP datagram towards a 1280-byte link: the FIB refuses it
     // (FRAG_NEEDED), so it is handed, rewritten, to the stack.
     let big = syn.clone().data(&[0x55; 1400 - 40]);
@@ -756,13 +744,12 @@ fn nat_port_of_a_closed_flow_is_reused_after_its_grace_but_a_live_one_never() {
         output: b.build(),
         counters: vec![(DROP_NO_NAT_PORT, 1)],
     };
-    lab.run(&to_master(
+    lab.run(&new_flow_to(
         "flow A takes the port",
         &a,
         master,
         40_000,
         master_mac(1),
-        vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
     ));
     lab.run(&b_dropped());
     // Past the claim grace, a live flow's port is still not taken.
