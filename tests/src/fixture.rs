@@ -23,7 +23,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use lb_common::{COUNTER_COUNT, COUNTER_NAMES, FlowKey, MAGLEV_SIZE_DEFAULT, flow_hash};
+use lb_common::{COUNTER_COUNT, COUNTER_NAMES, FlowKey, MAGLEV_SIZE_DEFAULT, OUTCOMES, flow_hash};
 use lb_userspace::{
     datapath::{Counters, Datapath, LoadOptions, NodeConfig, Vip, addr_words},
     maglev::{self, WeightedBackend},
@@ -34,7 +34,6 @@ use crate::{
     packets::{Mac, describe},
 };
 
-pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
@@ -284,6 +283,16 @@ impl Lab {
             .filter(|&i| after.get(i) != before.get(i))
             .map(|i| (i, after.get(i) - before.get(i)))
             .collect();
+        let outcomes: u64 = moved
+            .iter()
+            .filter(|(i, _)| *i < OUTCOMES)
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(
+            outcomes, 1,
+            "{}: a packet bumps exactly one outcome counter",
+            f.desc
+        );
         let mut want = f.counters.clone();
         want.sort_unstable();
         let named = |v: &[(u32, u64)]| {
