@@ -1,5 +1,6 @@
 //! apilb's userspace: everything the `apilb` binary does, as a library so that the
 //! tests and benchmarks drive the very same code.
 
+pub mod config;
 pub mod datapath;
 pub mod maglev;

@@ -1,0 +1,969 @@
+//! The configuration file: TOML parsed by serde, then validated into typed values.
+//!
+//! Parsing and validation are separate steps so that every error can name the key it
+//! is about, as a path (`backend[1].weight`), and the value it refused. Validation
+//! never touches the kernel; it only reads files the config names (CA, client
+//! certificate) and `/sys/class/net`, so `apilb check` can run it anywhere.
+//! `examples/apilb.toml` documents every key.
+
+use std::{
+    collections::HashSet,
+    fmt::Display,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    ops::RangeInclusive,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use lb_common::{MAGLEV_SIZE_DEFAULT, MAGLEV_SIZE_MAX, MAX_BACKENDS, MAX_VIPS};
+use serde::Deserialize;
+
+use crate::maglev::is_prime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("{key} = {value}: {reason}")]
+    Invalid {
+        key: String,
+        value: String,
+        reason: String,
+    },
+}
+
+fn invalid(key: impl Display, value: impl Display, reason: impl Display) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+// ---- The file as written. ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_instance")]
+    instance: String,
+    datapath: RawDatapath,
+    #[serde(default)]
+    vip: Vec<RawVip>,
+    #[serde(default)]
+    backend: Vec<RawBackend>,
+    #[serde(default)]
+    health: RawHealth,
+    #[serde(default)]
+    admin: RawAdmin,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatapath {
+    interfaces: Vec<String>,
+    #[serde(default)]
+    xdp_mode: XdpModeSetting,
+    #[serde(default = "default_mode")]
+    mode: String,
+    snat_ipv4: Option<String>,
+    snat_ipv6: Option<String>,
+    #[serde(default = "default_nat_ports")]
+    nat_ports: Vec<i64>,
+    #[serde(default = "default_maglev_size")]
+    maglev_size: i64,
+    #[serde(default = "default_flow_table_size")]
+    flow_table_size: i64,
+    #[serde(default = "default_nexthop_ttl", with = "humantime_serde")]
+    nexthop_ttl: Duration,
+    #[serde(default = "default_close_grace", with = "humantime_serde")]
+    flow_close_grace: Duration,
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    flow_idle_timeout: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVip {
+    address: String,
+    #[serde(default = "default_port")]
+    port: i64,
+    #[serde(default = "default_election")]
+    election: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: String,
+    #[serde(default = "default_weight")]
+    weight: i64,
+    #[serde(default)]
+    local: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    #[serde(default)]
+    kind: ProbeKindSetting,
+    #[serde(default = "default_path")]
+    path: String,
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    interval: Duration,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    timeout: Duration,
+    #[serde(default = "default_rise_fall")]
+    rise: i64,
+    #[serde(default = "default_rise_fall")]
+    fall: i64,
+    #[serde(default = "default_jitter")]
+    jitter: f64,
+    ca_file: Option<PathBuf>,
+    server_name: Option<String>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    #[serde(default)]
+    insecure: bool,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        Self {
+            kind: ProbeKindSetting::default(),
+            path: default_path(),
+            interval: default_interval(),
+            timeout: default_timeout(),
+            rise: default_rise_fall(),
+            fall: default_rise_fall(),
+            jitter: default_jitter(),
+            ca_file: None,
+            server_name: None,
+            client_cert: None,
+            client_key: None,
+            insecure: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default = "default_listen")]
+    listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_instance() -> String {
+    "default".to_owned()
+}
+fn default_mode() -> String {
+    "nat".to_owned()
+}
+fn default_nat_ports() -> Vec<i64> {
+    vec![20_000, 29_999]
+}
+fn default_maglev_size() -> i64 {
+    i64::from(MAGLEV_SIZE_DEFAULT)
+}
+fn default_flow_table_size() -> i64 {
+    i64::from(lb_common::FLOW_TABLE_SIZE)
+}
+fn default_nexthop_ttl() -> Duration {
+    Duration::from_nanos(lb_common::NEXTHOP_TTL_DEFAULT_NS)
+}
+fn default_close_grace() -> Duration {
+    Duration::from_nanos(lb_common::FLOW_CLOSE_GRACE_DEFAULT_NS)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_nanos(lb_common::FLOW_IDLE_TIMEOUT_DEFAULT_NS)
+}
+fn default_port() -> i64 {
+    6443
+}
+fn default_election() -> String {
+    "static".to_owned()
+}
+fn default_weight() -> i64 {
+    1
+}
+fn default_path() -> String {
+    "/readyz".to_owned()
+}
+fn default_interval() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_timeout() -> Duration {
+    Duration::from_millis(400)
+}
+fn default_rise_fall() -> i64 {
+    2
+}
+fn default_jitter() -> f64 {
+    0.1
+}
+fn default_listen() -> String {
+    "127.0.0.1:9464".to_owned()
+}
+
+// ---- The validated configuration. ----
+
+/// How to attach XDP.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Native (driver) mode, falling back to generic where the driver lacks it.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+/// How backends are probed.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKindSetting {
+    #[default]
+    Https,
+    Http,
+    Tcp,
+}
+
+/// Who owns a VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Election {
+    /// This node always owns it.
+    Static,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Pins live under `/sys/fs/bpf/apilb/<instance>/`.
+    pub instance: String,
+    pub datapath: DatapathSettings,
+    pub vips: Vec<VipSettings>,
+    pub backends: Vec<BackendSettings>,
+    pub health: HealthSettings,
+    pub admin_listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DatapathSettings {
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpModeSetting,
+    pub snat_v4: Option<Ipv4Addr>,
+    pub snat_v6: Option<Ipv6Addr>,
+    pub nat_ports: RangeInclusive<u16>,
+    pub maglev_size: u32,
+    pub flow_table_size: u32,
+    pub nexthop_ttl: Duration,
+    pub flow_close_grace: Duration,
+    pub flow_idle_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipSettings {
+    pub addr: SocketAddr,
+    pub election: Election,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendSettings {
+    pub addr: SocketAddr,
+    /// Relative share of new flows; 0 drains the backend (no new flows).
+    pub weight: u32,
+    /// This node itself (the masters-run-apilb topology).
+    pub local: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthSettings {
+    pub kind: ProbeKindSetting,
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub jitter: f64,
+    pub ca_file: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub insecure: bool,
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate config text; `path` is only for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        validate(raw, &SystemFacts)
+    }
+}
+
+/// What validation needs to know about the machine; a trait so unit tests can say
+/// which interfaces exist without depending on the machine they run on.
+trait Facts {
+    fn interface_exists(&self, name: &str) -> bool;
+}
+
+struct SystemFacts;
+
+impl Facts for SystemFacts {
+    fn interface_exists(&self, name: &str) -> bool {
+        !name.contains('/') && Path::new("/sys/class/net").join(name).exists()
+    }
+}
+
+fn validate(raw: RawConfig, facts: &dyn Facts) -> Result<Config, ConfigError> {
+    let RawConfig {
+        instance,
+        datapath,
+        vip,
+        backend,
+        health,
+        admin,
+    } = raw;
+    if instance.is_empty()
+        || !instance
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(invalid(
+            "instance",
+            format!("{instance:?}"),
+            "use letters, digits, '-' and '_'",
+        ));
+    }
+    let backends = validate_backends(&backend)?;
+    let vips = validate_vips(&vip)?;
+    let datapath = validate_datapath(datapath, &vips, &backends, facts)?;
+    let health = validate_health(health)?;
+    let admin_listen = admin.listen.parse().map_err(|_| {
+        invalid(
+            "admin.listen",
+            format!("{:?}", admin.listen),
+            "not an address:port",
+        )
+    })?;
+    Ok(Config {
+        instance,
+        datapath,
+        vips,
+        backends,
+        health,
+        admin_listen,
+    })
+}
+
+fn port(key: &str, value: i64) -> Result<u16, ConfigError> {
+    match u16::try_from(value) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(invalid(key, value, "a port must be 1-65535")),
+    }
+}
+
+fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    let addr: SocketAddr = value.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{value:?}"),
+            "not an address:port (IPv6 as [addr]:port)",
+        )
+    })?;
+    if addr.port() == 0 {
+        return Err(invalid(key, format!("{value:?}"), "a port must be 1-65535"));
+    }
+    Ok(addr)
+}
+
+fn validate_backends(raw: &[RawBackend]) -> Result<Vec<BackendSettings>, ConfigError> {
+    if raw.is_empty() {
+        return Err(invalid(
+            "backend",
+            "[]",
+            "at least one [[backend]] is needed",
+        ));
+    }
+    if raw.len() >= MAX_BACKENDS as usize {
+        return Err(invalid(
+            "backend",
+            raw.len(),
+            format!("at most {} backends", MAX_BACKENDS - 1),
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, b) in raw.iter().enumerate() {
+        let addr = socket_addr(&format!("backend[{i}].address"), &b.address)?;
+        if !seen.insert(addr) {
+            return Err(invalid(
+                format!("backend[{i}].address"),
+                format!("{:?}", b.address),
+                "duplicate backend",
+            ));
+        }
+        let weight = u32::try_from(b.weight).map_err(|_| {
+            invalid(
+                format!("backend[{i}].weight"),
+                b.weight,
+                "must be 0 (drained) or more",
+            )
+        })?;
+        out.push(BackendSettings {
+            addr,
+            weight,
+            local: b.local,
+        });
+    }
+    if out.iter().all(|b| b.weight == 0) {
+        return Err(invalid(
+            "backend[*].weight",
+            0,
+            "every backend has weight 0: no backend could take a flow",
+        ));
+    }
+    Ok(out)
+}
+
+fn validate_vips(raw: &[RawVip]) -> Result<Vec<VipSettings>, ConfigError> {
+    if raw.is_empty() {
+        return Err(invalid("vip", "[]", "at least one [[vip]] is needed"));
+    }
+    if raw.len() > MAX_VIPS as usize {
+        return Err(invalid(
+            "vip",
+            raw.len(),
+            format!("at most {MAX_VIPS} VIPs"),
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, v) in raw.iter().enumerate() {
+        let ip: IpAddr = v.address.parse().map_err(|_| {
+            invalid(
+                format!("vip[{i}].address"),
+                format!("{:?}", v.address),
+                "not an IP address",
+            )
+        })?;
+        let addr = SocketAddr::new(ip, port(&format!("vip[{i}].port"), v.port)?);
+        if !seen.insert(addr) {
+            return Err(invalid(
+                format!("vip[{i}].address"),
+                format!("{:?}", v.address),
+                format!("duplicate VIP {addr}"),
+            ));
+        }
+        let election = match v.election.as_str() {
+            "static" => Election::Static,
+            other => {
+                return Err(invalid(
+                    format!("vip[{i}].election"),
+                    format!("{other:?}"),
+                    "only \"static\" is supported",
+                ));
+            }
+        };
+        out.push(VipSettings { addr, election });
+    }
+    Ok(out)
+}
+
+fn validate_datapath(
+    raw: RawDatapath,
+    vips: &[VipSettings],
+    backends: &[BackendSettings],
+    facts: &dyn Facts,
+) -> Result<DatapathSettings, ConfigError> {
+    if raw.interfaces.is_empty() {
+        return Err(invalid(
+            "datapath.interfaces",
+            "[]",
+            "name at least one interface",
+        ));
+    }
+    for (i, name) in raw.interfaces.iter().enumerate() {
+        if !facts.interface_exists(name) {
+            return Err(invalid(
+                format!("datapath.interfaces[{i}]"),
+                format!("{name:?}"),
+                "no such interface",
+            ));
+        }
+    }
+    if raw.mode != "nat" {
+        return Err(invalid(
+            "datapath.mode",
+            format!("{:?}", raw.mode),
+            "only \"nat\" is supported",
+        ));
+    }
+    let (snat_v4, snat_v6) = snat_addresses(&raw, vips)?;
+    let nat_ports = nat_port_range(&raw.nat_ports)?;
+    let maglev_size = u32::try_from(raw.maglev_size)
+        .ok()
+        .filter(|&m| is_prime(m) && m <= MAGLEV_SIZE_MAX)
+        .ok_or_else(|| {
+            invalid(
+                "datapath.maglev_size",
+                raw.maglev_size,
+                format!("must be a prime no larger than {MAGLEV_SIZE_MAX}"),
+            )
+        })?;
+    let need = 100 * backends.len() as u64;
+    if u64::from(maglev_size) <= need {
+        return Err(invalid(
+            "datapath.maglev_size",
+            maglev_size,
+            format!(
+                "must exceed 100 x {} backends = {need}, to keep shares within 1%",
+                backends.len()
+            ),
+        ));
+    }
+    let flow_table_size = u32::try_from(raw.flow_table_size)
+        .ok()
+        .filter(|&n| (1024..=1 << 24).contains(&n))
+        .ok_or_else(|| {
+            invalid(
+                "datapath.flow_table_size",
+                raw.flow_table_size,
+                "must be 1024-16777216",
+            )
+        })?;
+    Ok(DatapathSettings {
+        interfaces: raw.interfaces,
+        xdp_mode: raw.xdp_mode,
+        snat_v4,
+        snat_v6,
+        nat_ports,
+        maglev_size,
+        flow_table_size,
+        nexthop_ttl: raw.nexthop_ttl,
+        flow_close_grace: raw.flow_close_grace,
+        flow_idle_timeout: raw.flow_idle_timeout,
+    })
+}
+
+/// An optional address key: `None` if unset, an error naming it if malformed.
+fn optional_ip<T: std::str::FromStr>(
+    key: &str,
+    value: Option<&str>,
+    what: &str,
+) -> Result<Option<T>, ConfigError> {
+    value
+        .map(|s| {
+            s.parse()
+                .map_err(|_| invalid(key, format!("{s:?}"), format!("not an {what} address")))
+        })
+        .transpose()
+}
+
+/// The NAT source addresses; each family that a VIP uses must have one.
+fn snat_addresses(
+    raw: &RawDatapath,
+    vips: &[VipSettings],
+) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), ConfigError> {
+    let v4: Option<Ipv4Addr> = optional_ip("datapath.snat_ipv4", raw.snat_ipv4.as_deref(), "IPv4")?;
+    let v6: Option<Ipv6Addr> = optional_ip("datapath.snat_ipv6", raw.snat_ipv6.as_deref(), "IPv6")?;
+    for (i, v) in vips.iter().enumerate() {
+        let missing = match v.addr.ip() {
+            IpAddr::V4(_) if v4.is_none() => Some("datapath.snat_ipv4"),
+            IpAddr::V6(_) if v6.is_none() => Some("datapath.snat_ipv6"),
+            _ => None,
+        };
+        if let Some(key) = missing {
+            return Err(invalid(
+                key,
+                "(unset)",
+                format!(
+                    "vip[{i}] {} needs a NAT source address of its family",
+                    v.addr
+                ),
+            ));
+        }
+    }
+    Ok((v4, v6))
+}
+
+/// `nat_ports = [lowest, highest]`.
+fn nat_port_range(raw: &[i64]) -> Result<RangeInclusive<u16>, ConfigError> {
+    let [lo, hi] = raw[..] else {
+        return Err(invalid(
+            "datapath.nat_ports",
+            format!("{raw:?}"),
+            "write [lowest, highest]",
+        ));
+    };
+    let (lo, hi) = (
+        port("datapath.nat_ports[0]", lo)?,
+        port("datapath.nat_ports[1]", hi)?,
+    );
+    if lo > hi {
+        return Err(invalid(
+            "datapath.nat_ports",
+            format!("[{lo}, {hi}]"),
+            "write [lowest, highest]",
+        ));
+    }
+    Ok(lo..=hi)
+}
+
+fn validate_health(raw: RawHealth) -> Result<HealthSettings, ConfigError> {
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    if raw.interval.is_zero() {
+        return Err(invalid(
+            "health.interval",
+            ms(raw.interval),
+            "must be more than 0",
+        ));
+    }
+    if raw.timeout.is_zero() || raw.timeout >= raw.interval {
+        return Err(invalid(
+            "health.timeout",
+            ms(raw.timeout),
+            format!(
+                "must be more than 0 and less than health.interval ({})",
+                ms(raw.interval)
+            ),
+        ));
+    }
+    let count = |key: &str, v: i64| {
+        u32::try_from(v)
+            .ok()
+            .filter(|&n| (1..=100).contains(&n))
+            .ok_or_else(|| invalid(key, v, "must be 1-100"))
+    };
+    let rise = count("health.rise", raw.rise)?;
+    let fall = count("health.fall", raw.fall)?;
+    if !(0.0..=0.5).contains(&raw.jitter) {
+        return Err(invalid(
+            "health.jitter",
+            raw.jitter,
+            "must be 0-0.5 (a fraction of the interval)",
+        ));
+    }
+    if !raw.path.starts_with('/') {
+        return Err(invalid(
+            "health.path",
+            format!("{:?}", raw.path),
+            "must start with '/'",
+        ));
+    }
+    for (key, file) in [
+        ("health.ca_file", &raw.ca_file),
+        ("health.client_cert", &raw.client_cert),
+        ("health.client_key", &raw.client_key),
+    ] {
+        if let Some(path) = file {
+            std::fs::read(path)
+                .map_err(|e| invalid(key, path.display(), format!("cannot be read: {e}")))?;
+        }
+    }
+    let client_cert = match (raw.client_cert, raw.client_key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        (Some(c), None) => {
+            return Err(invalid(
+                "health.client_key",
+                "(unset)",
+                format!("health.client_cert {} needs its key", c.display()),
+            ));
+        }
+        (None, Some(k)) => {
+            return Err(invalid(
+                "health.client_cert",
+                "(unset)",
+                format!("health.client_key {} needs its certificate", k.display()),
+            ));
+        }
+    };
+    if raw.kind != ProbeKindSetting::Https
+        && (raw.ca_file.is_some() || raw.insecure || client_cert.is_some())
+    {
+        return Err(invalid(
+            "health.kind",
+            format!("{:?}", raw.kind).to_lowercase(),
+            "TLS settings need kind = \"https\"",
+        ));
+    }
+    if raw.insecure && raw.ca_file.is_some() {
+        return Err(invalid(
+            "health.insecure",
+            true,
+            "conflicts with health.ca_file: choose one",
+        ));
+    }
+    Ok(HealthSettings {
+        kind: raw.kind,
+        path: raw.path,
+        interval: raw.interval,
+        timeout: raw.timeout,
+        rise,
+        fall,
+        jitter: raw.jitter,
+        ca_file: raw.ca_file,
+        server_name: raw.server_name,
+        client_cert,
+        insecure: raw.insecure,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct FakeFacts;
+    impl Facts for FakeFacts {
+        fn interface_exists(&self, name: &str) -> bool {
+            name == "eth0"
+        }
+    }
+
+    const GOOD: &str = r#"
+        [datapath]
+        interfaces = ["eth0"]
+        snat_ipv4 = "192.168.19.159"
+        [[vip]]
+        address = "192.168.19.200"
+        [[backend]]
+        address = "192.168.19.160:6443"
+        [[backend]]
+        address = "192.168.19.161:6443"
+        weight = 2
+        [health]
+        kind = "tcp"
+    "#;
+
+    fn check(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: "test.toml".into(),
+            source: Box::new(source),
+        })?;
+        validate(raw, &FakeFacts)
+    }
+
+    /// `GOOD` with `from` replaced by `to`, which must be refused with a message
+    /// containing every one of `want`.
+    fn refused(from: &str, to: &str, want: &[&str]) {
+        assert!(GOOD.contains(from), "test setup: {from:?} not in GOOD");
+        let msg = check(&GOOD.replacen(from, to, 1))
+            .expect_err("must be refused")
+            .to_string();
+        for w in want {
+            assert!(msg.contains(w), "message {msg:?} lacks {w:?}");
+        }
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid_once_its_ca_file_exists() {
+        let ca = std::env::temp_dir().join(format!("apilb-config-test-{}.crt", std::process::id()));
+        std::fs::write(&ca, "not parsed here, only read").unwrap();
+        let text = include_str!("../../examples/apilb.toml")
+            .replace("/etc/kubernetes/pki/ca.crt", ca.to_str().unwrap());
+        let c = check(&text);
+        std::fs::remove_file(&ca).unwrap();
+        let c = c.expect("examples/apilb.toml is valid");
+        assert_eq!((c.vips.len(), c.backends.len()), (1, 3));
+        assert_eq!(c.health.server_name.as_deref(), Some("kubernetes"));
+    }
+
+    #[test]
+    fn a_good_file_gets_its_values_and_defaults() {
+        let c = check(GOOD).expect("valid");
+        assert_eq!(c.vips[0].addr, "192.168.19.200:6443".parse().unwrap());
+        assert_eq!((c.backends.len(), c.backends[1].weight), (2, 2));
+        assert_eq!(c.datapath.maglev_size, 65_537);
+        assert_eq!(c.datapath.nat_ports, 20_000..=29_999);
+        assert_eq!(
+            (
+                c.health.interval,
+                c.health.timeout,
+                c.health.rise,
+                c.health.fall
+            ),
+            (Duration::from_millis(500), Duration::from_millis(400), 2, 2)
+        );
+        assert_eq!(c.admin_listen, "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(c.instance, "default");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        refused(
+            "kind = \"tcp\"",
+            "kind = \"tcp\"\nintervall = \"1s\"",
+            &["unknown field", "intervall"],
+        );
+        refused(
+            "[datapath]",
+            "[datapath]\nxdp = 1",
+            &["unknown field", "xdp"],
+        );
+    }
+
+    #[test]
+    fn malformed_addresses_and_port_zero_are_refused() {
+        refused(
+            "\"192.168.19.200\"",
+            "\"192.168.19.300\"",
+            &["vip[0].address", "192.168.19.300", "not an IP address"],
+        );
+        refused(
+            "\"192.168.19.160:6443\"",
+            "\"192.168.19.160\"",
+            &["backend[0].address", "192.168.19.160", "address:port"],
+        );
+        refused(
+            "\"192.168.19.160:6443\"",
+            "\"192.168.19.160:0\"",
+            &["backend[0].address", ":0", "1-65535"],
+        );
+        refused(
+            "address = \"192.168.19.200\"",
+            "address = \"192.168.19.200\"\nport = 0",
+            &["vip[0].port = 0", "1-65535"],
+        );
+        refused(
+            "\"192.168.19.159\"",
+            "\"fe80::1\"",
+            &["datapath.snat_ipv4", "fe80::1"],
+        );
+    }
+
+    #[test]
+    fn duplicates_and_missing_sections_are_refused() {
+        refused(
+            "\"192.168.19.161:6443\"",
+            "\"192.168.19.160:6443\"",
+            &["backend[1].address", "duplicate backend"],
+        );
+        let two_vips = GOOD.replacen(
+            "[[backend]]",
+            "[[vip]]\naddress = \"192.168.19.200\"\n[[backend]]",
+            1,
+        );
+        let msg = check(&two_vips).expect_err("duplicate vip").to_string();
+        assert!(
+            msg.contains("vip[1].address") && msg.contains("duplicate VIP 192.168.19.200:6443"),
+            "{msg}"
+        );
+        let no_backends: String =
+            GOOD.split("[[backend]]").next().unwrap().to_owned() + "[health]\nkind = \"tcp\"\n";
+        let msg = check(&no_backends).expect_err("no backends").to_string();
+        assert!(
+            msg.contains("backend = []") && msg.contains("at least one"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn negative_weights_and_all_zero_weights_are_refused() {
+        refused(
+            "weight = 2",
+            "weight = -1",
+            &["backend[1].weight = -1", "0 (drained) or more"],
+        );
+        let all_zero = GOOD.replacen("weight = 2", "weight = 0", 1).replacen(
+            "address = \"192.168.19.160:6443\"",
+            "address = \"192.168.19.160:6443\"\nweight = 0",
+            1,
+        );
+        let msg = check(&all_zero).expect_err("all zero").to_string();
+        assert!(
+            msg.contains("weight") && msg.contains("no backend could take a flow"),
+            "{msg}"
+        );
+        // One drained backend among live ones is fine.
+        check(&GOOD.replacen("weight = 2", "weight = 0", 1)).expect("one drained backend");
+    }
+
+    #[test]
+    fn a_timeout_not_below_the_interval_is_refused() {
+        refused(
+            "kind = \"tcp\"",
+            "kind = \"tcp\"\ninterval = \"500ms\"\ntimeout = \"500ms\"",
+            &[
+                "health.timeout = 500ms",
+                "less than health.interval (500ms)",
+            ],
+        );
+        refused(
+            "kind = \"tcp\"",
+            "kind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"1s\"",
+            &["health.timeout = 1000ms"],
+        );
+    }
+
+    #[test]
+    fn maglev_sizes_that_are_not_prime_or_too_small_are_refused() {
+        refused(
+            "[datapath]",
+            "[datapath]\nmaglev_size = 65536",
+            &["datapath.maglev_size = 65536", "prime"],
+        );
+        refused(
+            "[datapath]",
+            "[datapath]\nmaglev_size = 199",
+            &["datapath.maglev_size = 199", "100 x 2 backends = 200"],
+        );
+        check(&GOOD.replacen("[datapath]", "[datapath]\nmaglev_size = 211", 1))
+            .expect("211 > 200 and prime");
+    }
+
+    #[test]
+    fn a_missing_interface_and_an_unreadable_ca_file_are_refused() {
+        refused(
+            "[\"eth0\"]",
+            "[\"eth9\"]",
+            &["datapath.interfaces[0] = \"eth9\"", "no such interface"],
+        );
+        refused(
+            "kind = \"tcp\"",
+            "ca_file = \"/nonexistent/ca.crt\"",
+            &["health.ca_file = /nonexistent/ca.crt", "cannot be read"],
+        );
+    }
+
+    #[test]
+    fn tls_settings_need_https_and_a_vip_needs_a_snat_address_of_its_family() {
+        refused(
+            "kind = \"tcp\"",
+            "kind = \"tcp\"\ninsecure = true",
+            &["health.kind = tcp", "kind = \"https\""],
+        );
+        refused(
+            "snat_ipv4 = \"192.168.19.159\"",
+            "",
+            &["datapath.snat_ipv4 = (unset)", "vip[0] 192.168.19.200:6443"],
+        );
+    }
+}

@@ -1,0 +1,57 @@
+//! The `apilb` binary's exit codes and messages, run as a user would run it.
+
+use std::process::Command;
+
+fn apilb_check(config: &str) -> (bool, String) {
+    let dir = std::env::temp_dir().join(format!(
+        "apilb-cli-test-{}-{}",
+        std::process::id(),
+        config.len()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("apilb.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_apilb"))
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+const VALID: &str = r#"
+[datapath]
+interfaces = ["lo"]
+snat_ipv4 = "127.0.0.1"
+[[vip]]
+address = "127.0.0.100"
+[[backend]]
+address = "127.0.0.2:6443"
+[health]
+kind = "tcp"
+"#;
+
+#[test]
+fn check_accepts_a_valid_file_with_exit_0() {
+    let (ok, text) = apilb_check(VALID);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("valid: 1 VIP(s), 1 backend(s), interfaces lo"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_refuses_a_bad_file_with_a_non_zero_exit_naming_key_and_value() {
+    let (ok, text) = apilb_check(&VALID.replace("\"127.0.0.2:6443\"", "\"127.0.0.2:0\""));
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("backend[0].address = \"127.0.0.2:0\": a port must be 1-65535"),
+        "{text}"
+    );
+    let (ok, text) = apilb_check("this is = not toml [");
+    assert!(!ok && text.contains("is refused"), "{text}");
+}
