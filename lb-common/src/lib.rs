@@ -57,6 +57,12 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_SCRATCH,
 ];
 
+/// Version of the map layout: the types below, the map set and their sizes. Bump
+/// it with any change to them. Pinned maps live in a directory named after it, so
+/// an upgraded apilb with another layout starts with fresh maps instead of reading
+/// old ones with new types.
+pub const LAYOUT_VERSION: u32 = 1;
+
 // ---- Program names (the function names in lb-ebpf). ----
 pub const PROG_XDP: &str = "apilb_xdp";
 /// A program that only returns `XDP_DROP`: the floor `cargo xtask bench xdp` compares with.

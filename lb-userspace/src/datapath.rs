@@ -12,7 +12,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{
         Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
         xdp::{DevMapHash, XdpMapError},
@@ -22,17 +22,14 @@ use aya::{
 };
 use lb_common::{
     AF_INET, AF_INET6, BACKEND_F_LOCAL, Backend, COUNTER_COUNT, DatapathConfig,
-    FLOW_CLOSE_GRACE_DEFAULT_NS, FLOW_IDLE_TIMEOUT_DEFAULT_NS, FLOW_TABLE_SIZE, FlowKey, FlowState,
-    IPPROTO_TCP, MAGLEV_SIZE_MAX, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS,
-    MAP_FLOWS, MAP_MAGLEV, MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS,
-    MAX_BACKENDS, MAX_VIPS, NEXTHOP_TTL_DEFAULT_NS, ReplyState, TrafficStats, VIP_F_OWNED, VipInfo,
-    VipKey,
+    FLOW_CLOSE_GRACE_DEFAULT_NS, FLOW_IDLE_TIMEOUT_DEFAULT_NS, FlowKey, FlowState, IPPROTO_TCP,
+    MAGLEV_SIZE_MAX, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS,
+    MAP_MAGLEV, MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS,
+    MAX_VIPS, NEXTHOP_TTL_DEFAULT_NS, ReplyState, TrafficStats, VIP_F_OWNED, VipInfo, VipKey,
 };
 
-pub use aya::programs::XdpMode;
-
 /// The compiled lb-ebpf object, embedded at build time.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -90,21 +87,6 @@ pub enum DatapathError {
 }
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
-
-/// Sizes chosen at load time.
-#[derive(Clone, Debug)]
-pub struct LoadOptions {
-    /// Entries in each LRU flow table (`FLOWS` and `REPLIES`).
-    pub flow_table_size: u32,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        Self {
-            flow_table_size: FLOW_TABLE_SIZE,
-        }
-    }
-}
 
 /// A VIP as the datapath knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,7 +158,10 @@ impl Counters {
 
 /// The loaded datapath: its programs and maps.
 pub struct Datapath {
-    ebpf: Ebpf,
+    pub(crate) ebpf: Ebpf,
+    /// Links pinned in bpffs (see `loader`): kept open while this value lives, and
+    /// left attached when it is dropped.
+    pub(crate) pinned_links: Vec<aya::programs::links::PinnedLink>,
 }
 
 /// An address as the datapath stores it: wire bytes in `[u32; 4]`, and its family.
@@ -217,31 +202,7 @@ fn check_range(what: &'static str, value: u32, range: RangeInclusive<u32>) -> Re
 }
 
 impl Datapath {
-    /// Load the embedded programs and create their maps (not yet attached anywhere).
-    pub fn load(opts: &LoadOptions) -> Result<Self> {
-        let ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_FLOWS, opts.flow_table_size)
-            .map_max_entries(MAP_REPLIES, opts.flow_table_size)
-            .load(OBJECT)
-            .map_err(DatapathError::Load)?;
-        let mut dp = Self { ebpf };
-        // Map names are shared constants; check the object against every one, so a
-        // renamed static in lb-ebpf fails here rather than at first use.
-        for name in lb_common::ALL_MAPS {
-            dp.map(name)?;
-        }
-        for name in [lb_common::PROG_XDP, lb_common::PROG_XDP_DROP] {
-            dp.xdp(name)?
-                .load()
-                .map_err(|source| DatapathError::Program {
-                    program: name,
-                    source,
-                })?;
-        }
-        Ok(dp)
-    }
-
-    fn map(&self, name: &'static str) -> Result<&Map> {
+    pub(crate) fn map(&self, name: &'static str) -> Result<&Map> {
         self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))
     }
 
@@ -257,38 +218,6 @@ impl Datapath {
             .program_mut(name)
             .and_then(|p| p.try_into().ok())
             .ok_or(DatapathError::MissingProgram(name))
-    }
-
-    /// Attach the balancer to `interface` (in the calling thread's namespace).
-    ///
-    /// It first sets `net.ipv4.conf.<interface>.accept_local`: packets the datapath
-    /// hands to the stack after rewriting (a FIB or neighbour miss, a VLAN tag) carry
-    /// the node's own SNAT address as their source, which the stack otherwise drops
-    /// as martian, and with it the chance to resolve the neighbour. Then it adds the
-    /// interface to the redirect targets, from this same thread, so that the index
-    /// is resolved in the namespace the program was attached in (see
-    /// [`Datapath::add_tx_port`]). The program stays attached until the datapath is
-    /// dropped.
-    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<()> {
-        let attach_err = |source| DatapathError::Attach {
-            interface: interface.to_owned(),
-            source,
-        };
-        let unknown = || ProgramError::UnknownInterface {
-            name: interface.to_owned(),
-        };
-        let c_name = std::ffi::CString::new(interface).map_err(|_| attach_err(unknown()))?;
-        // SAFETY: `c_name` is a valid NUL-terminated string for the call's duration.
-        let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-        if ifindex == 0 {
-            return Err(attach_err(unknown()));
-        }
-        let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
-        std::fs::write(&path, "1").map_err(|source| DatapathError::Sysctl { path, source })?;
-        self.xdp(lb_common::PROG_XDP)?
-            .attach_to_if_index(ifindex, mode)
-            .map_err(attach_err)?;
-        self.add_tx_port(ifindex)
     }
 
     /// Set the SNAT addresses, the source-port range and the next-hop TTL, and
@@ -535,7 +464,7 @@ fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
 }
 
-fn map_data(map: &Map) -> &MapData {
+pub(crate) fn map_data(map: &Map) -> &MapData {
     match map {
         Map::Array(d)
         | Map::HashMap(d)

@@ -25,7 +25,8 @@ use std::{
 
 use lb_common::{COUNTER_COUNT, COUNTER_NAMES, FlowKey, MAGLEV_SIZE_DEFAULT, OUTCOMES, flow_hash};
 use lb_userspace::{
-    datapath::{Counters, Datapath, LoadOptions, NodeConfig, Vip, addr_words},
+    datapath::{Counters, Datapath, NodeConfig, Vip, addr_words},
+    loader::LoadOptions,
     maglev::{self, WeightedBackend},
 };
 
@@ -122,6 +123,7 @@ impl Lab {
             prefix,
             &LoadOptions {
                 flow_table_size: 4096,
+                pin_dir: None,
             },
         )
     }

@@ -5,7 +5,9 @@
 //!   (independently of the datapath's own checksum code), and a readable dump.
 //! - [`fixture`]: Katran-style packet fixtures run through `BPF_PROG_TEST_RUN`
 //!   against a datapath provisioned through the production map writer.
+//! - [`live`]: client, LB and master namespaces for tests that send real frames.
 
 pub mod fixture;
+pub mod live;
 pub mod netns;
 pub mod packets;

@@ -1,12 +1,16 @@
 //! The map writer refuses bad input with an error naming the field and the value, and
 //! leaves the datapath as it was. Needs root and BPF (it loads the real program).
 
-use lb_userspace::datapath::{Datapath, LoadOptions, NodeConfig, Vip};
+use lb_userspace::{
+    datapath::{Datapath, NodeConfig, Vip},
+    loader::LoadOptions,
+};
 use tests::fixture::sa;
 
 fn load() -> Datapath {
     Datapath::load(&LoadOptions {
         flow_table_size: 1024,
+        pin_dir: None,
     })
     .expect("load datapath")
 }

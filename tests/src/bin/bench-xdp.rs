@@ -9,7 +9,7 @@
 //! forwarding rows include a real `bpf_fib_lookup`.
 
 use lb_common::{FLOW_TABLE_SIZE, PROG_XDP, PROG_XDP_DROP};
-use lb_userspace::datapath::{LoadOptions, NodeConfig};
+use lb_userspace::{datapath::NodeConfig, loader::LoadOptions};
 use tests::{
     fixture::{
         CLIENT_MAC, FX0_MAC, FX1_MAC, Ingress, Lab, XDP_DROP, XDP_PASS, XDP_REDIRECT, chain,
@@ -94,6 +94,7 @@ fn main() {
         "apilb-bench-xdp",
         &LoadOptions {
             flow_table_size: FLOW_TABLE_SIZE,
+            pin_dir: None,
         },
     );
     let mut rows = cases(&mut lab);

@@ -1,0 +1,71 @@
+//! The datapath outlives its controller: maps and links pinned in bpffs keep
+//! traffic flowing while no process holds them, a new process adopts them
+//! (reusing the maps, flows included, and swapping its program into the links),
+//! and `detach` removes it all. Real frames in the `tests::live` topology; root.
+
+use std::time::Duration;
+
+use lb_common::counters::FLOW_NEW;
+use tests::live::{Client, EchoServer, PinDir, Topology};
+
+#[test]
+fn a_pinned_datapath_keeps_an_open_connection_working_across_controller_restarts() {
+    let t = Topology::new("apilb-pin");
+    let pins = PinDir::new("test-pin");
+    let server = EchoServer::start(&t.master, 2, Duration::from_secs(30));
+
+    let first = t.balancer(Some(&pins.0));
+    let mut watch = Client::connect(&t.client).expect("connect through the first controller");
+    let before = watch.ask().expect("answer before the restart");
+    assert!(first.counters().expect("counters").get(FLOW_NEW) == 1);
+    // The controller goes away (as on SIGKILL: its descriptors close).
+    drop(first);
+    assert!(
+        t.lb_has_xdp("l0") && t.lb_has_xdp("l1"),
+        "the pinned links stay attached"
+    );
+    assert_eq!(
+        watch.ask().expect("answer with no controller running"),
+        before,
+        "same flow, same NAT port"
+    );
+
+    // A new controller adopts the pins: the same maps (the open flow is still there)
+    // and its own program swapped into the links.
+    let second = t.balancer(Some(&pins.0));
+    let flows = second.flows().expect("flows");
+    assert_eq!(
+        flows.len(),
+        1,
+        "the new process sees the flow the old one recorded"
+    );
+    assert_eq!(
+        second.counters().expect("counters").get(FLOW_NEW),
+        1,
+        "and its counters"
+    );
+    assert_eq!(watch.ask().expect("answer after adoption"), before);
+    let mut fresh = Client::connect(&t.client).expect("a new connection after adoption");
+    assert!(
+        fresh
+            .ask()
+            .expect("answer on the new connection")
+            .starts_with("master saw 198.51.100.1:")
+    );
+    assert_eq!(second.counters().expect("counters").get(FLOW_NEW), 2);
+    drop((watch, fresh));
+    let _ = server.join();
+
+    drop(second);
+    let removed = lb_userspace::loader::detach(&pins.0).expect("detach");
+    assert!(
+        removed.iter().any(|p| p.ends_with("link-l0"))
+            && removed.iter().any(|p| p.ends_with("link-l1")),
+        "{removed:?}"
+    );
+    assert!(!pins.0.exists(), "the pin directory is gone");
+    assert!(
+        !t.lb_has_xdp("l0") && !t.lb_has_xdp("l1"),
+        "detach took the program off both interfaces"
+    );
+}
