@@ -715,6 +715,13 @@ fn validate_health(raw: RawHealth) -> Result<HealthSettings, ConfigError> {
             "TLS settings need kind = \"https\"",
         ));
     }
+    if raw.kind == ProbeKindSetting::Https && raw.ca_file.is_none() && !raw.insecure {
+        return Err(invalid(
+            "health.ca_file",
+            "(unset)",
+            "an https probe verifies the apiserver against a CA file; set it, or insecure = true",
+        ));
+    }
     if raw.insecure && raw.ca_file.is_some() {
         return Err(invalid(
             "health.insecure",
@@ -951,6 +958,17 @@ mod tests {
             "ca_file = \"/nonexistent/ca.crt\"",
             &["health.ca_file = /nonexistent/ca.crt", "cannot be read"],
         );
+    }
+
+    #[test]
+    fn https_probes_need_a_ca_file_or_an_explicit_insecure() {
+        refused(
+            "kind = \"tcp\"",
+            "kind = \"https\"",
+            &["health.ca_file = (unset)", "insecure = true"],
+        );
+        check(&GOOD.replacen("kind = \"tcp\"", "kind = \"https\"\ninsecure = true", 1))
+            .expect("explicitly insecure");
     }
 
     #[test]

@@ -399,6 +399,38 @@ impl Datapath {
             .map_err(map_err(MAP_REPLIES))
     }
 
+    /// Remove every flow (both directions) to backend `id`, so that its clients'
+    /// next segments find no flow: the stack answers them with a RST and they
+    /// reconnect through the ring, instead of waiting out a dead master's TCP
+    /// timeout. Returns how many client flows it removed.
+    pub fn remove_flows_of(&mut self, id: u32) -> Result<usize> {
+        let mut removed = 0;
+        let doomed: Vec<FlowKey> = self
+            .flows()?
+            .into_iter()
+            .filter(|(_, f)| f.backend_id == id)
+            .map(|(k, _)| k)
+            .collect();
+        let mut flows: HashMap<_, FlowKey, FlowState> = self.typed(MAP_FLOWS)?;
+        for k in &doomed {
+            // A flow the LRU evicted meanwhile is already gone: not an error.
+            if flows.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        let doomed: Vec<FlowKey> = self
+            .replies()?
+            .into_iter()
+            .filter(|(_, r)| r.backend_id == id)
+            .map(|(k, _)| k)
+            .collect();
+        let mut replies: HashMap<_, FlowKey, ReplyState> = self.typed(MAP_REPLIES)?;
+        for k in &doomed {
+            let _ = replies.remove(k);
+        }
+        Ok(removed)
+    }
+
     /// Run `program` once on `packet` through `BPF_PROG_TEST_RUN`, as if received on
     /// `ingress_ifindex` (an interface in the calling thread's network namespace).
     pub fn test_run(

@@ -2,6 +2,8 @@
 //! tests and benchmarks drive the very same code.
 
 pub mod config;
+pub mod controller;
 pub mod datapath;
+pub mod health;
 pub mod loader;
 pub mod maglev;

@@ -34,7 +34,7 @@ pub struct Topology {
     pub lb: Netns,
     pub master: Netns,
     /// A datapath with no VIPs on `c0` and `m0`, which passes every packet. A veth
-    /// delivers XDP_TX and redirected frames only to a peer with NAPI on, which here
+    /// delivers `XDP_TX` and redirected frames only to a peer with NAPI on, which here
     /// means an XDP program of its own (switching GRO on, the other documented way,
     /// did not take on kernel 6.18).
     _peers: Datapath,
@@ -181,7 +181,7 @@ impl EchoServer {
                         workers.push(thread::spawn(move || echo(conn, peer, deadline)));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(5))
+                        thread::sleep(Duration::from_millis(5));
                     }
                     Err(e) => panic!("accept: {e}"),
                 }

@@ -1,0 +1,286 @@
+//! The reconcile step: config and health in, map contents out.
+//!
+//! [`Reconciler::desired`] is a pure function of the config and the set of healthy
+//! backends (election joins them later): which backends and VIPs exist, under which
+//! ids, and each VIP's Maglev ring. [`Reconciler::apply`] converges the datapath to
+//! it with the fewest writes: only changed entries, only the ring slots that moved,
+//! and flow removal only for backends that left rotation. The controller is the
+//! only writer of the maps, and this is the only place it writes them.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::SocketAddr,
+};
+
+use crate::{
+    config::{BackendSettings, Config},
+    datapath::{Datapath, DatapathError, NodeConfig, Vip},
+    maglev::{self, WeightedBackend},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
+
+/// What the maps should hold.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Desired {
+    pub node: NodeConfig,
+    /// Backend id -> backend.
+    pub backends: BTreeMap<u32, BackendSettings>,
+    /// Per VIP: the VIP and its Maglev ring (one backend id per slot).
+    pub vips: Vec<(Vip, Vec<u32>)>,
+    /// Backend ids that hold ring slots.
+    pub in_rotation: BTreeSet<u32>,
+    /// No configured backend is healthy, so every configured one is in rotation:
+    /// better a possibly-dead master than a certainly-black-holed VIP.
+    pub fail_open: bool,
+}
+
+/// What `apply` changed, for the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub backends_written: usize,
+    pub vips_written: usize,
+    pub vips_removed: usize,
+    pub ring_slots_written: usize,
+    /// Backends that left rotation, and the client flows removed with them.
+    pub flows_removed: Vec<(SocketAddr, usize)>,
+}
+
+/// Keeps ids stable across reconciles and remembers what the maps hold.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    backend_ids: BTreeMap<SocketAddr, u32>,
+    vip_ids: BTreeMap<SocketAddr, u32>,
+    current: Option<Desired>,
+}
+
+/// Give every address an id, keeping the ids of addresses seen before and reusing
+/// those of addresses gone, smallest first, starting at `first`.
+fn assign_ids(ids: &mut BTreeMap<SocketAddr, u32>, addrs: &[SocketAddr], first: u32) {
+    let wanted: HashSet<&SocketAddr> = addrs.iter().collect();
+    ids.retain(|a, _| wanted.contains(a));
+    for a in addrs {
+        if !ids.contains_key(a) {
+            let used: HashSet<u32> = ids.values().copied().collect();
+            let id = (first..=u32::MAX)
+                .find(|i| !used.contains(i))
+                .expect("fewer ids in use than u32 has");
+            ids.insert(*a, id);
+        }
+    }
+}
+
+impl Reconciler {
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The desired map contents for `config` when `healthy` backends pass their
+    /// probes.
+    pub fn desired(&mut self, config: &Config, healthy: &HashSet<SocketAddr>) -> Desired {
+        let addrs: Vec<SocketAddr> = config.backends.iter().map(|b| b.addr).collect();
+        assign_ids(&mut self.backend_ids, &addrs, 1);
+        let vip_addrs: Vec<SocketAddr> = config.vips.iter().map(|v| v.addr).collect();
+        assign_ids(&mut self.vip_ids, &vip_addrs, 0);
+        let backends: BTreeMap<u32, BackendSettings> = config
+            .backends
+            .iter()
+            .map(|b| (self.backend_ids[&b.addr], *b))
+            .collect();
+        let live = |b: &&BackendSettings| b.weight > 0 && healthy.contains(&b.addr);
+        let fail_open = !config.backends.iter().any(|b| live(&b));
+        let rotation: Vec<&BackendSettings> = config
+            .backends
+            .iter()
+            .filter(|b| b.weight > 0 && (fail_open || healthy.contains(&b.addr)))
+            .collect();
+        let in_rotation = rotation.iter().map(|b| self.backend_ids[&b.addr]).collect();
+        let vips = config
+            .vips
+            .iter()
+            .map(|v| {
+                // A VIP only balances to backends of its own address family.
+                let weighted: Vec<WeightedBackend> = rotation
+                    .iter()
+                    .filter(|b| b.addr.is_ipv4() == v.addr.is_ipv4())
+                    .map(|b| WeightedBackend {
+                        key: b.addr.to_string(),
+                        id: self.backend_ids[&b.addr],
+                        weight: b.weight,
+                    })
+                    .collect();
+                let vip = Vip {
+                    addr: v.addr,
+                    id: self.vip_ids[&v.addr],
+                    ring_size: config.datapath.maglev_size,
+                    owned: true,
+                };
+                (
+                    vip,
+                    maglev::build_table(&weighted, config.datapath.maglev_size),
+                )
+            })
+            .collect();
+        let d = &config.datapath;
+        let node = NodeConfig {
+            snat_v4: d.snat_v4,
+            snat_v6: d.snat_v6,
+            ports: d.nat_ports.clone(),
+            nexthop_ttl: d.nexthop_ttl,
+            flow_close_grace: d.flow_close_grace,
+            flow_idle_timeout: d.flow_idle_timeout,
+        };
+        Desired {
+            node,
+            backends,
+            vips,
+            in_rotation,
+            fail_open,
+        }
+    }
+
+    /// Converge `dp` to `desired`, writing only what differs from what this
+    /// reconciler applied last (everything, the first time).
+    pub fn apply(
+        &mut self,
+        dp: &mut Datapath,
+        desired: Desired,
+    ) -> Result<Applied, ControllerError> {
+        let mut out = Applied::default();
+        let old = self.current.take();
+        let old_ref = old.as_ref();
+        if old_ref.is_none_or(|o| o.node != desired.node) {
+            dp.set_node_config(&desired.node)?;
+        }
+        for (id, b) in &desired.backends {
+            let same = old_ref
+                .and_then(|o| o.backends.get(id))
+                .is_some_and(|ob| ob.addr == b.addr && ob.local == b.local);
+            if !same {
+                dp.set_backend(*id, b.addr, b.local)?;
+                out.backends_written += 1;
+            }
+        }
+        for (vip, ring) in &desired.vips {
+            let old_vip = old_ref.and_then(|o| o.vips.iter().find(|(v, _)| v.addr == vip.addr));
+            if old_vip.is_none_or(|(v, _)| v != vip) {
+                dp.set_vip(vip)?;
+                out.vips_written += 1;
+            }
+            // A VIP that moved to another id has a ring that was never written.
+            let old_ring = old_vip
+                .filter(|(v, _)| v.id == vip.id)
+                .map_or(&[][..], |(_, r)| &r[..]);
+            let delta = maglev::delta(old_ring, ring);
+            dp.write_maglev(vip.id, &delta)?;
+            out.ring_slots_written += delta.len();
+        }
+        if let Some(o) = old_ref {
+            for (vip, _) in &o.vips {
+                if !desired.vips.iter().any(|(v, _)| v.addr == vip.addr) {
+                    dp.remove_vip(vip.addr)?;
+                    out.vips_removed += 1;
+                }
+            }
+            // Flows of backends that left rotation (unhealthy, drained or removed)
+            // are dropped, so their clients reconnect now rather than after a TCP
+            // timeout. Flows of backends still in rotation are never touched.
+            for id in o.in_rotation.difference(&desired.in_rotation) {
+                let addr = o.backends[id].addr;
+                out.flows_removed.push((addr, dp.remove_flows_of(*id)?));
+            }
+        }
+        self.current = Some(desired);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fmt::Write as _, path::Path};
+
+    use super::*;
+
+    fn config(backends: &[(&str, u32)]) -> Config {
+        let mut text = String::from(
+            "[datapath]\ninterfaces = [\"lo\"]\nsnat_ipv4 = \"10.0.0.1\"\nmaglev_size = 1009\n\
+             [[vip]]\naddress = \"10.0.0.100\"\n[health]\nkind = \"tcp\"\n",
+        );
+        for (addr, weight) in backends {
+            let _ = write!(
+                text,
+                "[[backend]]\naddress = \"{addr}\"\nweight = {weight}\n"
+            );
+        }
+        Config::parse(&text, Path::new("test.toml")).expect("valid test config")
+    }
+
+    fn healthy(addrs: &[&str]) -> HashSet<SocketAddr> {
+        addrs.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    fn share(d: &Desired, id: u32) -> usize {
+        d.vips[0].1.iter().filter(|&&b| b == id).count()
+    }
+
+    const A: &str = "10.0.0.11:6443";
+    const B: &str = "10.0.0.12:6443";
+    const C: &str = "10.0.0.13:6443";
+
+    #[test]
+    fn only_healthy_backends_get_slots() {
+        let mut r = Reconciler::new();
+        let cfg = config(&[(A, 1), (B, 1), (C, 1)]);
+        let d = r.desired(&cfg, &healthy(&[A, C]));
+        assert!(!d.fail_open);
+        assert_eq!(d.in_rotation, BTreeSet::from([1, 3]));
+        assert_eq!((share(&d, 1) + share(&d, 3), share(&d, 2)), (1009, 0));
+    }
+
+    #[test]
+    fn with_no_healthy_backend_every_configured_one_serves() {
+        let mut r = Reconciler::new();
+        let d = r.desired(&config(&[(A, 1), (B, 1), (C, 0)]), &healthy(&[]));
+        assert!(d.fail_open);
+        assert_eq!(
+            d.in_rotation,
+            BTreeSet::from([1, 2]),
+            "fail-open keeps drained backends out"
+        );
+        assert_eq!(share(&d, 1) + share(&d, 2), 1009);
+    }
+
+    #[test]
+    fn ids_stay_with_their_address_across_config_changes() {
+        let mut r = Reconciler::new();
+        let d1 = r.desired(&config(&[(A, 1), (B, 1), (C, 1)]), &healthy(&[A, B, C]));
+        let d2 = r.desired(&config(&[(C, 1), (A, 1)]), &healthy(&[A, C]));
+        let id = |d: &Desired, a: &str| {
+            *d.backends
+                .iter()
+                .find(|(_, b)| b.addr == a.parse().unwrap())
+                .unwrap()
+                .0
+        };
+        assert_eq!((id(&d1, A), id(&d1, C)), (id(&d2, A), id(&d2, C)));
+        // B's id is free again and goes to the next new backend.
+        let d3 = r.desired(
+            &config(&[(C, 1), (A, 1), ("10.0.0.14:6443", 1)]),
+            &healthy(&[A, C]),
+        );
+        assert_eq!(id(&d3, "10.0.0.14:6443"), id(&d1, B));
+    }
+
+    #[test]
+    fn weights_follow_into_the_ring() {
+        let mut r = Reconciler::new();
+        let d = r.desired(&config(&[(A, 1), (B, 3)]), &healthy(&[A, B]));
+        let (a, b) = (share(&d, 1) as f64, share(&d, 2) as f64);
+        assert!((b / a - 3.0).abs() < 0.1, "shares {a} and {b}");
+    }
+}

@@ -1,0 +1,575 @@
+//! Health probes: decide, per master, whether it may receive traffic.
+//!
+//! The datapath balances over whatever backends the maps list, so something has to
+//! keep dead or not-ready apiservers out of the Maglev table. This module runs one
+//! tokio task per backend that probes the master's own address (never the VIP),
+//! turns raw probe results into an up/down state with rise/fall hysteresis, logs
+//! every change with its reason, and reports it to the controller.
+//!
+//! # Use
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), lb_userspace::health::HealthError> {
+//! use std::sync::Arc;
+//! use lb_userspace::health::{ProbeKind, ProbeSpec, Prober, TlsSpec};
+//!
+//! let spec = ProbeSpec::new(ProbeKind::Https {
+//!     path: "/readyz".into(),
+//!     tls: TlsSpec { ca_file: Some("/etc/kubernetes/pki/ca.crt".into()), ..TlsSpec::default() },
+//! });
+//! // Validates the spec and loads the PEM files once; a bad file is an error here.
+//! let prober = Prober::new(spec)?;
+//! let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+//! let handle = prober.spawn("192.168.19.160:6443".parse().unwrap(), tx);
+//! while let Some(event) = rx.recv().await {
+//!     println!("{} is now {}", event.backend, if event.healthy { "up" } else { "down" });
+//! }
+//! drop(handle); // stops the task
+//! # Ok(()) }
+//! ```
+//!
+//! # Semantics
+//!
+//! - **One connection per probe.** Each probe opens a fresh TCP (and TLS) connection,
+//!   like haproxy's checks, so it also exercises the master's accept path.
+//! - **Schedule.** Probe starts are `interval` apart, each gap scaled by a random
+//!   factor in `1 ± jitter`; with `jitter > 0` the first probe also waits a random
+//!   offset in `[0, interval)`, so nodes started together spread out at once.
+//!   `jitter = 0` makes the schedule exact (first probe immediately), for tests.
+//!   Times come from `tokio::time`, so paused-clock tests can drive it.
+//! - **Timeout.** A probe, connect + TLS + request + response head, must finish within
+//!   `timeout` (< `interval`), else its result is [`ProbeResult::Timeout`].
+//! - **Rise/fall.** The state starts at [`ProbeSpec::initial`]. A down backend comes up
+//!   after `rise` consecutive successes; an up one goes down after `fall` consecutive
+//!   failures. The default initial state is down, so no traffic goes to a master
+//!   until it has proven itself; a controller that prefers fast startup may start
+//!   them up and let `fall` failures take a dead one out.
+//! - **Reports.** Every state change is logged (`info` for up, `warn` for down) and
+//!   sent as a [`HealthEvent`] on the bounded channel given to [`Prober::spawn`]; the
+//!   task waits for room rather than drop a change, and stops if the receiver is
+//!   gone. The latest probe (result, latency, counters) is also kept in a
+//!   [`tokio::sync::watch`] slot readable with [`ProberHandle::latest`], so metrics see
+//!   fresh latency without an event per probe.
+//! - **Success.** `tcp`: the connect completes. `http`/`https`: the response status
+//!   is 2xx.
+
+mod probe;
+mod tls;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+/// Default time between probe starts.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
+/// Default per-probe timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(400);
+/// Default consecutive successes for a down backend to come up.
+pub const DEFAULT_RISE: u32 = 2;
+/// Default consecutive failures for an up backend to go down.
+pub const DEFAULT_FALL: u32 = 2;
+/// Default jitter fraction: each gap is `interval * (1 ± 0.1)`.
+pub const DEFAULT_JITTER: f64 = 0.1;
+/// The largest accepted jitter fraction; beyond it the schedule stops being periodic.
+pub const MAX_JITTER: f64 = 0.5;
+/// The apiserver's readiness endpoint, readable anonymously.
+pub const DEFAULT_PATH: &str = "/readyz";
+
+/// What to probe and how often. Plain data, as read from the config; [`Prober::new`]
+/// validates it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeSpec {
+    pub kind: ProbeKind,
+    /// Time between probe starts (before jitter).
+    pub interval: Duration,
+    /// Budget for one whole probe; must be shorter than `interval`.
+    pub timeout: Duration,
+    /// Consecutive successes for a down backend to come up (at least 1).
+    pub rise: u32,
+    /// Consecutive failures for an up backend to go down (at least 1).
+    pub fall: u32,
+    /// Fraction in `[0, MAX_JITTER]` by which each gap may deviate from `interval`.
+    pub jitter: f64,
+    /// The state a backend has before its first probe.
+    pub initial: InitialState,
+}
+
+impl ProbeSpec {
+    /// A spec of the given kind with the default timing and initial state.
+    pub fn new(kind: ProbeKind) -> Self {
+        Self {
+            kind,
+            interval: DEFAULT_INTERVAL,
+            timeout: DEFAULT_TIMEOUT,
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
+            jitter: DEFAULT_JITTER,
+            initial: InitialState::Down,
+        }
+    }
+}
+
+/// The probe itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// TCP connect only.
+    Tcp,
+    /// Plain-HTTP `GET path`; success is a 2xx status.
+    Http { path: String },
+    /// HTTPS `GET path`; success is a 2xx status over a verified TLS session.
+    Https { path: String, tls: TlsSpec },
+}
+
+/// How an `https` probe verifies the master and identifies itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSpec {
+    /// PEM file of the CA(s) that sign the masters' serving certificates. Required
+    /// unless `insecure`: cluster CAs are private, so system roots would not help.
+    pub ca_file: Option<PathBuf>,
+    /// Name sent as SNI and verified in the certificate, while the connection still
+    /// goes to the backend's IP. `None`: verify the certificate for that IP (no SNI).
+    pub server_name: Option<String>,
+    /// Client certificate chain and private key, both PEM: `(cert_file, key_file)`.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Accept any server certificate. Only for an explicit `insecure = true`; it
+    /// excludes `ca_file` so that a config cannot look verified when it is not.
+    pub insecure: bool,
+}
+
+/// A backend's state before its first probe.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum InitialState {
+    /// Down until `rise` consecutive successes: no traffic to an unproven master.
+    #[default]
+    Down,
+    /// Up until `fall` consecutive failures: fast startup, at the cost of sending
+    /// traffic to a dead master for `fall` probes.
+    Up,
+}
+
+/// The outcome of one probe, and the reason carried by a [`HealthEvent`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeResult {
+    /// Connected (tcp) or got a 2xx (http, https).
+    Ok,
+    /// The probe did not finish within the timeout.
+    Timeout,
+    /// The connection was refused: nothing listens on the backend's port.
+    Refused,
+    /// The TLS handshake or session failed: certificate, name, client auth, alert.
+    Tls(String),
+    /// The server answered with this non-2xx status.
+    HttpStatus(u16),
+    /// Any other I/O or protocol failure.
+    Io(String),
+}
+
+impl ProbeResult {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Self::Ok)
+    }
+}
+
+impl fmt::Display for ProbeResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ok => f.write_str("ok"),
+            Self::Timeout => f.write_str("timeout"),
+            Self::Refused => f.write_str("connection refused"),
+            Self::Tls(e) => write!(f, "tls: {e}"),
+            Self::HttpStatus(s) => write!(f, "http status {s}"),
+            Self::Io(e) => write!(f, "io: {e}"),
+        }
+    }
+}
+
+/// Failed probes since the task started, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FailureCounts {
+    pub timeout: u64,
+    pub refused: u64,
+    pub tls: u64,
+    pub http_status: u64,
+    pub io: u64,
+}
+
+impl FailureCounts {
+    fn count(&mut self, result: &ProbeResult) {
+        match result {
+            ProbeResult::Ok => {}
+            ProbeResult::Timeout => self.timeout += 1,
+            ProbeResult::Refused => self.refused += 1,
+            ProbeResult::Tls(_) => self.tls += 1,
+            ProbeResult::HttpStatus(_) => self.http_status += 1,
+            ProbeResult::Io(_) => self.io += 1,
+        }
+    }
+
+    /// All failed probes.
+    pub fn total(&self) -> u64 {
+        self.timeout + self.refused + self.tls + self.http_status + self.io
+    }
+}
+
+/// A backend's health after a probe. Sent on every state change; the latest one,
+/// state change or not, is also readable with [`ProberHandle::latest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthEvent {
+    /// The probed backend: the master's own address.
+    pub backend: SocketAddr,
+    /// The state after this probe.
+    pub healthy: bool,
+    /// This probe's result: for a change, why it happened.
+    pub reason: ProbeResult,
+    /// How long this probe took (the timeout, for a timeout).
+    pub latency: Duration,
+    /// Probes run so far.
+    pub probes: u64,
+    /// State changes so far.
+    pub transitions: u64,
+    /// Failed probes so far, by reason.
+    pub failures: FailureCounts,
+}
+
+/// Errors from validating a [`ProbeSpec`] and loading its files.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error("health.{key} = {value}: {reason}")]
+    InvalidSpec {
+        key: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("cannot read {what} {}", path.display())]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what} {} is not valid PEM", path.display())]
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{what} {} holds no {item}", path.display())]
+    NoPemItem {
+        what: &'static str,
+        path: PathBuf,
+        item: &'static str,
+    },
+    #[error("CA file {}: certificate rejected", path.display())]
+    BadCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("client certificate {} with key {}: rejected", cert.display(), key.display())]
+    BadClientCert {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("building the TLS client configuration")]
+    TlsConfig(#[source] rustls::Error),
+}
+
+/// A validated [`ProbeSpec`] with its TLS client configuration built once. Cheap to
+/// clone; one `Prober` serves any number of backends.
+#[derive(Clone)]
+pub struct Prober {
+    inner: Arc<ProberInner>,
+}
+
+struct ProberInner {
+    spec: ProbeSpec,
+    target: probe::Target,
+}
+
+impl fmt::Debug for Prober {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Prober")
+            .field("spec", &self.inner.spec)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Prober {
+    /// Validates `spec` and, for `https`, reads the PEM files and builds the TLS
+    /// client configuration. Errors name the offending key or file.
+    pub fn new(spec: ProbeSpec) -> Result<Self, HealthError> {
+        validate_timing(&spec)?;
+        let target = probe::Target::new(&spec.kind)?;
+        Ok(Self {
+            inner: Arc::new(ProberInner { spec, target }),
+        })
+    }
+
+    pub fn spec(&self) -> &ProbeSpec {
+        &self.inner.spec
+    }
+
+    /// Starts probing `backend` in a new tokio task; must be called inside a tokio
+    /// runtime. State changes go to `events`. Dropping the handle stops the task.
+    pub fn spawn(&self, backend: SocketAddr, events: mpsc::Sender<HealthEvent>) -> ProberHandle {
+        let healthy = self.inner.spec.initial == InitialState::Up;
+        let (latest_tx, latest) = watch::channel(HealthEvent {
+            backend,
+            healthy,
+            reason: ProbeResult::Ok,
+            latency: Duration::ZERO,
+            probes: 0,
+            transitions: 0,
+            failures: FailureCounts::default(),
+        });
+        let task = tokio::spawn(run(Arc::clone(&self.inner), backend, events, latest_tx));
+        ProberHandle {
+            backend,
+            task,
+            latest,
+        }
+    }
+}
+
+/// A running per-backend probe task. Dropping it aborts the task.
+#[derive(Debug)]
+pub struct ProberHandle {
+    backend: SocketAddr,
+    task: JoinHandle<()>,
+    latest: watch::Receiver<HealthEvent>,
+}
+
+impl ProberHandle {
+    pub fn backend(&self) -> SocketAddr {
+        self.backend
+    }
+
+    /// The state after the latest probe, with its result, latency and counters.
+    /// Before the first probe: the initial state, zero counters, reason `Ok`.
+    pub fn latest(&self) -> HealthEvent {
+        self.latest.borrow().clone()
+    }
+
+    /// Whether the task has ended (its event receiver was dropped, or it was aborted).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Drop for ProberHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn validate_timing(spec: &ProbeSpec) -> Result<(), HealthError> {
+    let invalid = |key, value: String, reason| Err(HealthError::InvalidSpec { key, value, reason });
+    if spec.interval.is_zero() {
+        return invalid(
+            "interval",
+            format!("{:?}", spec.interval),
+            "must be positive",
+        );
+    }
+    if spec.timeout.is_zero() {
+        return invalid("timeout", format!("{:?}", spec.timeout), "must be positive");
+    }
+    if spec.timeout >= spec.interval {
+        return invalid(
+            "timeout",
+            format!("{:?}", spec.timeout),
+            "must be shorter than interval",
+        );
+    }
+    if spec.rise == 0 {
+        return invalid("rise", "0".into(), "must be at least 1");
+    }
+    if spec.fall == 0 {
+        return invalid("fall", "0".into(), "must be at least 1");
+    }
+    if !(0.0..=MAX_JITTER).contains(&spec.jitter) {
+        return invalid(
+            "jitter",
+            spec.jitter.to_string(),
+            "must be between 0 and 0.5",
+        );
+    }
+    Ok(())
+}
+
+/// Rise/fall hysteresis: pure, so that it is tested without sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RiseFall {
+    rise: u32,
+    fall: u32,
+    healthy: bool,
+    /// Consecutive results that disagree with `healthy`.
+    streak: u32,
+}
+
+impl RiseFall {
+    fn new(rise: u32, fall: u32, healthy: bool) -> Self {
+        Self {
+            rise,
+            fall,
+            healthy,
+            streak: 0,
+        }
+    }
+
+    /// Feeds one probe result; returns the new state if it changed.
+    fn observe(&mut self, ok: bool) -> Option<bool> {
+        if ok == self.healthy {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let needed = if ok { self.rise } else { self.fall };
+        if self.streak < needed {
+            return None;
+        }
+        self.healthy = ok;
+        self.streak = 0;
+        Some(ok)
+    }
+}
+
+/// `interval` scaled by a factor uniform in `[1 - jitter, 1 + jitter]`.
+fn jittered(interval: Duration, jitter: f64) -> Duration {
+    if jitter == 0.0 {
+        return interval;
+    }
+    interval.mul_f64(1.0 + jitter * (2.0 * fastrand::f64() - 1.0))
+}
+
+/// The probe task of one backend.
+async fn run(
+    inner: Arc<ProberInner>,
+    backend: SocketAddr,
+    events: mpsc::Sender<HealthEvent>,
+    latest: watch::Sender<HealthEvent>,
+) {
+    let spec = &inner.spec;
+    let mut state = RiseFall::new(spec.rise, spec.fall, spec.initial == InitialState::Up);
+    let mut report = latest.borrow().clone();
+    let mut next = Instant::now();
+    if spec.jitter > 0.0 {
+        next += spec.interval.mul_f64(fastrand::f64());
+    }
+    loop {
+        tokio::time::sleep_until(next).await;
+        let started = Instant::now();
+        next = started + jittered(spec.interval, spec.jitter);
+        let result =
+            match tokio::time::timeout(spec.timeout, probe::run(&inner.target, backend)).await {
+                Ok(result) => result,
+                Err(_elapsed) => ProbeResult::Timeout,
+            };
+        report.latency = started.elapsed();
+        report.probes += 1;
+        report.failures.count(&result);
+        let changed = state.observe(result.is_ok());
+        report.healthy = state.healthy;
+        report.reason = result;
+        if changed.is_none() {
+            debug!(%backend, healthy = report.healthy, result = %report.reason, latency = ?report.latency, "probe");
+            latest.send_replace(report.clone());
+            continue;
+        }
+        report.transitions += 1;
+        if report.healthy {
+            info!(%backend, state = "up", reason = %report.reason, latency = ?report.latency,
+                transitions = report.transitions, "backend health changed");
+        } else {
+            warn!(%backend, state = "down", reason = %report.reason, latency = ?report.latency,
+                transitions = report.transitions, "backend health changed");
+        }
+        latest.send_replace(report.clone());
+        if events.send(report.clone()).await.is_err() {
+            debug!(%backend, "health event receiver gone; stopping the prober");
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rise_fall_changes_state_only_after_consecutive_results() {
+        let mut s = RiseFall::new(2, 3, false);
+        assert_eq!(s.observe(true), None);
+        assert_eq!(
+            s.observe(false),
+            None,
+            "a failure resets the success streak"
+        );
+        assert_eq!(s.observe(true), None);
+        assert_eq!(
+            s.observe(true),
+            Some(true),
+            "second consecutive success: up"
+        );
+        assert_eq!(s.observe(true), None);
+        assert_eq!(s.observe(false), None);
+        assert_eq!(s.observe(false), None);
+        assert_eq!(s.observe(true), None, "a success resets the failure streak");
+        assert_eq!(s.observe(false), None);
+        assert_eq!(s.observe(false), None);
+        assert_eq!(
+            s.observe(false),
+            Some(false),
+            "third consecutive failure: down"
+        );
+    }
+
+    #[test]
+    fn rise_one_and_fall_one_follow_every_result() {
+        let mut s = RiseFall::new(1, 1, true);
+        assert_eq!(s.observe(false), Some(false));
+        assert_eq!(s.observe(true), Some(true));
+        assert_eq!(s.observe(true), None);
+    }
+
+    #[test]
+    fn jittered_gaps_stay_within_the_fraction() {
+        let interval = Duration::from_millis(100);
+        let gaps: Vec<Duration> = (0..10_000).map(|_| jittered(interval, 0.2)).collect();
+        let min = gaps.iter().min().unwrap();
+        let max = gaps.iter().max().unwrap();
+        assert!(*min >= Duration::from_millis(80), "min {min:?}");
+        assert!(*max <= Duration::from_millis(120), "max {max:?}");
+        // The spread is actually used: 10k uniform draws cover most of +-20 ms.
+        assert!(*min < Duration::from_millis(82) && *max > Duration::from_millis(118));
+        assert_eq!(jittered(interval, 0.0), interval);
+    }
+
+    #[test]
+    fn timing_validation_names_the_key() {
+        let mut spec = ProbeSpec::new(ProbeKind::Tcp);
+        assert!(Prober::new(spec.clone()).is_ok());
+        spec.timeout = spec.interval;
+        let err = Prober::new(spec.clone()).unwrap_err().to_string();
+        assert_eq!(err, "health.timeout = 500ms: must be shorter than interval");
+        spec.timeout = DEFAULT_TIMEOUT;
+        spec.rise = 0;
+        let err = Prober::new(spec.clone()).unwrap_err().to_string();
+        assert_eq!(err, "health.rise = 0: must be at least 1");
+        spec.rise = 1;
+        spec.jitter = 0.7;
+        let err = Prober::new(spec).unwrap_err().to_string();
+        assert_eq!(err, "health.jitter = 0.7: must be between 0 and 0.5");
+    }
+}

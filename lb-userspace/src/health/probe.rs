@@ -1,0 +1,204 @@
+//! One probe: connect to the backend, optionally TLS, optionally `GET path`, and
+//! classify the outcome into a [`ProbeResult`].
+
+use std::error::Error;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::pin;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper::header::{CONNECTION, HOST, USER_AGENT};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use super::{HealthError, ProbeKind, ProbeResult, tls};
+
+const USER_AGENT_VALUE: &str = concat!("apilb-health/", env!("CARGO_PKG_VERSION"));
+
+/// A [`ProbeKind`] with everything a probe needs prepared.
+pub(super) enum Target {
+    Tcp,
+    Http { path: String },
+    Https { path: String, tls: tls::Client },
+}
+
+impl Target {
+    pub(super) fn new(kind: &ProbeKind) -> Result<Self, HealthError> {
+        Ok(match kind {
+            ProbeKind::Tcp => Self::Tcp,
+            ProbeKind::Http { path } => {
+                validate_path(path)?;
+                Self::Http { path: path.clone() }
+            }
+            ProbeKind::Https { path, tls } => {
+                validate_path(path)?;
+                Self::Https {
+                    path: path.clone(),
+                    tls: tls::Client::new(tls)?,
+                }
+            }
+        })
+    }
+}
+
+/// The request target must be an origin-form path: the probe always goes to the
+/// backend's own address, so a full URL naming another host makes no sense.
+fn validate_path(path: &str) -> Result<(), HealthError> {
+    let valid = path.starts_with('/')
+        && path
+            .parse::<hyper::http::uri::PathAndQuery>()
+            .is_ok_and(|p| p.as_str() == path);
+    if valid {
+        Ok(())
+    } else {
+        Err(HealthError::InvalidSpec {
+            key: "path",
+            value: path.to_owned(),
+            reason: "must be a URL path starting with '/'",
+        })
+    }
+}
+
+/// Runs one probe against `backend`, without a deadline: the caller applies the
+/// timeout around the whole of it.
+pub(super) async fn run(target: &Target, backend: SocketAddr) -> ProbeResult {
+    let tcp = match TcpStream::connect(backend).await {
+        Ok(tcp) => tcp,
+        Err(e) => return classify(&e),
+    };
+    // Requests are one small write; don't let Nagle delay them.
+    if let Err(e) = tcp.set_nodelay(true) {
+        return classify(&e);
+    }
+    match target {
+        Target::Tcp => ProbeResult::Ok,
+        Target::Http { path } => get(tcp, path, &backend.to_string()).await,
+        Target::Https { path, tls } => {
+            match tls.connector().connect(tls.server_name(backend), tcp).await {
+                Ok(stream) => get(stream, path, &tls.host(backend)).await,
+                Err(e) => classify(&e),
+            }
+        }
+    }
+}
+
+/// `GET path` over a fresh HTTP/1.1 connection; success is a 2xx status.
+async fn get<S>(io: S, path: &str, host: &str) -> ProbeResult
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
+        Ok(parts) => parts,
+        Err(e) => return classify(&e),
+    };
+    let request = Request::get(path)
+        .header(HOST, host)
+        .header(USER_AGENT, USER_AGENT_VALUE)
+        // One request per connection: let the server close cleanly after answering.
+        .header(CONNECTION, "close")
+        .body(Empty::<Bytes>::new());
+    let request = match request {
+        Ok(request) => request,
+        Err(e) => return ProbeResult::Io(format!("building the request: {e}")),
+    };
+    let mut exchange = pin!(async move {
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        // Read the (small) body so the server sees a complete exchange; the status
+        // alone decides, so a broken body does not turn a 2xx into a failure.
+        let mut body = response.into_body();
+        while let Some(Ok(_)) = body.frame().await {}
+        Ok::<StatusCode, hyper::Error>(status)
+    });
+    // The connection future does the socket I/O; drive it in this task, together
+    // with the exchange, so that nothing outlives the probe.
+    let first = tokio::select! {
+        biased;
+        status = &mut exchange => Some(status),
+        conn = conn => match conn {
+            Ok(()) => None,
+            Err(e) => Some(Err(e)),
+        },
+    };
+    let status = match first {
+        Some(status) => status,
+        // The connection ended cleanly first: the response is already buffered, or
+        // the exchange fails with hyper's own "closed before message completed".
+        None => exchange.await,
+    };
+    match status {
+        Ok(status) if status.is_success() => ProbeResult::Ok,
+        Ok(status) => ProbeResult::HttpStatus(status.as_u16()),
+        Err(e) => classify(&e),
+    }
+}
+
+/// Maps an error chain to a reason. A TLS failure anywhere in the chain wins:
+/// tokio-rustls reports it as an `io::Error` wrapping a `rustls::Error`, and a TLS
+/// alert received after the handshake (a rejected client certificate under TLS 1.3)
+/// surfaces inside hyper's error.
+fn classify(err: &(dyn Error + 'static)) -> ProbeResult {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return ProbeResult::Tls(tls.to_string());
+        }
+        let io = e.downcast_ref::<io::Error>();
+        match io.map(io::Error::kind) {
+            Some(io::ErrorKind::ConnectionRefused) => return ProbeResult::Refused,
+            Some(io::ErrorKind::TimedOut) => return ProbeResult::Timeout,
+            _ => {}
+        }
+        // `io::Error::source` skips the error it wraps; look at that one too.
+        current = match io.and_then(io::Error::get_ref) {
+            Some(inner) => Some(inner),
+            None => e.source(),
+        };
+    }
+    ProbeResult::Io(chain(err))
+}
+
+/// "outer: cause: root cause", for an `Io` reason.
+fn chain(err: &(dyn Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut current = err.source();
+    while let Some(e) = current {
+        let next = e.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        current = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_finds_tls_inside_io() {
+        let e = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        assert!(matches!(classify(&e), ProbeResult::Tls(m) if m.contains("UnknownIssuer")));
+        let e = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(classify(&e), ProbeResult::Refused);
+        let e = io::Error::other("boom");
+        assert_eq!(classify(&e), ProbeResult::Io("boom".into()));
+    }
+
+    #[test]
+    fn paths_must_be_origin_form() {
+        assert!(validate_path("/readyz").is_ok());
+        assert!(validate_path("/readyz?verbose").is_ok());
+        for bad in ["readyz", "", "http://x/readyz", "/a b"] {
+            assert!(validate_path(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
