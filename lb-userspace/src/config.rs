@@ -637,6 +637,63 @@ fn nat_port_range(raw: &[i64]) -> Result<RangeInclusive<u16>, ConfigError> {
     Ok(lo..=hi)
 }
 
+/// The https settings: files readable, certificate and key together, and either a
+/// CA file or an explicit `insecure`. Returns the client certificate pair.
+fn validate_tls(raw: &RawHealth) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    for (key, file) in [
+        ("health.ca_file", &raw.ca_file),
+        ("health.client_cert", &raw.client_cert),
+        ("health.client_key", &raw.client_key),
+    ] {
+        if let Some(path) = file {
+            std::fs::read(path)
+                .map_err(|e| invalid(key, path.display(), format!("cannot be read: {e}")))?;
+        }
+    }
+    let client_cert = match (raw.client_cert.clone(), raw.client_key.clone()) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        (Some(c), None) => {
+            return Err(invalid(
+                "health.client_key",
+                "(unset)",
+                format!("health.client_cert {} needs its key", c.display()),
+            ));
+        }
+        (None, Some(k)) => {
+            return Err(invalid(
+                "health.client_cert",
+                "(unset)",
+                format!("health.client_key {} needs its certificate", k.display()),
+            ));
+        }
+    };
+    if raw.kind != ProbeKindSetting::Https
+        && (raw.ca_file.is_some() || raw.insecure || client_cert.is_some())
+    {
+        return Err(invalid(
+            "health.kind",
+            format!("{:?}", raw.kind).to_lowercase(),
+            "TLS settings need kind = \"https\"",
+        ));
+    }
+    if raw.kind == ProbeKindSetting::Https && raw.ca_file.is_none() && !raw.insecure {
+        return Err(invalid(
+            "health.ca_file",
+            "(unset)",
+            "an https probe verifies the apiserver against a CA file; set it, or insecure = true",
+        ));
+    }
+    if raw.insecure && raw.ca_file.is_some() {
+        return Err(invalid(
+            "health.insecure",
+            true,
+            "conflicts with health.ca_file: choose one",
+        ));
+    }
+    Ok(client_cert)
+}
+
 fn validate_health(raw: RawHealth) -> Result<HealthSettings, ConfigError> {
     let ms = |d: Duration| format!("{}ms", d.as_millis());
     if raw.interval.is_zero() {
@@ -678,57 +735,7 @@ fn validate_health(raw: RawHealth) -> Result<HealthSettings, ConfigError> {
             "must start with '/'",
         ));
     }
-    for (key, file) in [
-        ("health.ca_file", &raw.ca_file),
-        ("health.client_cert", &raw.client_cert),
-        ("health.client_key", &raw.client_key),
-    ] {
-        if let Some(path) = file {
-            std::fs::read(path)
-                .map_err(|e| invalid(key, path.display(), format!("cannot be read: {e}")))?;
-        }
-    }
-    let client_cert = match (raw.client_cert, raw.client_key) {
-        (Some(c), Some(k)) => Some((c, k)),
-        (None, None) => None,
-        (Some(c), None) => {
-            return Err(invalid(
-                "health.client_key",
-                "(unset)",
-                format!("health.client_cert {} needs its key", c.display()),
-            ));
-        }
-        (None, Some(k)) => {
-            return Err(invalid(
-                "health.client_cert",
-                "(unset)",
-                format!("health.client_key {} needs its certificate", k.display()),
-            ));
-        }
-    };
-    if raw.kind != ProbeKindSetting::Https
-        && (raw.ca_file.is_some() || raw.insecure || client_cert.is_some())
-    {
-        return Err(invalid(
-            "health.kind",
-            format!("{:?}", raw.kind).to_lowercase(),
-            "TLS settings need kind = \"https\"",
-        ));
-    }
-    if raw.kind == ProbeKindSetting::Https && raw.ca_file.is_none() && !raw.insecure {
-        return Err(invalid(
-            "health.ca_file",
-            "(unset)",
-            "an https probe verifies the apiserver against a CA file; set it, or insecure = true",
-        ));
-    }
-    if raw.insecure && raw.ca_file.is_some() {
-        return Err(invalid(
-            "health.insecure",
-            true,
-            "conflicts with health.ca_file: choose one",
-        ));
-    }
+    let client_cert = validate_tls(&raw)?;
     Ok(HealthSettings {
         kind: raw.kind,
         path: raw.path,
