@@ -7,3 +7,4 @@ pub mod datapath;
 pub mod health;
 pub mod loader;
 pub mod maglev;
+pub mod status;
