@@ -29,7 +29,7 @@ pub struct Snapshot {
     pub reloads_refused: u64,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VipStatus {
     pub address: SocketAddr,
     pub owned: bool,
@@ -38,7 +38,7 @@ pub struct VipStatus {
     pub new_flows: u64,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
     pub address: SocketAddr,
     pub id: u32,
