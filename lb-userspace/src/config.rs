@@ -337,8 +337,14 @@ trait Facts {
 struct SystemFacts;
 
 impl Facts for SystemFacts {
+    /// Asks the kernel in this process's own network namespace; `/sys/class/net`
+    /// would show whichever namespace mounted sysfs.
     fn interface_exists(&self, name: &str) -> bool {
-        !name.contains('/') && Path::new("/sys/class/net").join(name).exists()
+        let Ok(c_name) = std::ffi::CString::new(name) else {
+            return false;
+        };
+        // SAFETY: `c_name` is a valid NUL-terminated string for the call's duration.
+        unsafe { libc::if_nametoindex(c_name.as_ptr()) != 0 }
     }
 }
 

@@ -144,6 +144,12 @@ impl Reconciler {
         }
     }
 
+    /// What the last `apply` wrote.
+    #[must_use]
+    pub fn current(&self) -> Option<&Desired> {
+        self.current.as_ref()
+    }
+
     /// Converge `dp` to `desired`, writing only what differs from what this
     /// reconciler applied last (everything, the first time).
     pub fn apply(

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod controller;
+pub mod daemon;
 pub mod datapath;
 pub mod health;
 pub mod loader;

@@ -88,7 +88,7 @@ pub enum LoaderError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("setting {path} to 1")]
+    #[error("writing the sysctl {path}")]
     Sysctl {
         path: PathBuf,
         #[source]
@@ -384,6 +384,30 @@ fn check_layout(map: &Map, name: &'static str, path: &Path, flow_table_size: u32
             expected,
         })
     }
+}
+
+/// Keep the node's own sockets (health probes among them) off the NAT source
+/// ports: a local connection that picked one of them would share its 4-tuple with
+/// a NATed flow. Adds the range to `net.ipv4.ip_local_reserved_ports`, keeping
+/// what is there; returns whether it changed anything.
+pub fn reserve_ports(lo: u16, hi: u16) -> Result<bool> {
+    let path = PathBuf::from("/proc/sys/net/ipv4/ip_local_reserved_ports");
+    let current = std::fs::read_to_string(&path).map_err(|source| LoaderError::Sysctl {
+        path: path.clone(),
+        source,
+    })?;
+    let current = current.trim();
+    let entry = format!("{lo}-{hi}");
+    if current.split(',').any(|r| r == entry) {
+        return Ok(false);
+    }
+    let value = if current.is_empty() {
+        entry
+    } else {
+        format!("{current},{entry}")
+    };
+    std::fs::write(&path, value).map_err(|source| LoaderError::Sysctl { path, source })?;
+    Ok(true)
 }
 
 /// Detach the datapath of the instance pinned at `pin_dir` and remove its pins.

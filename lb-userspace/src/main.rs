@@ -3,8 +3,12 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use lb_userspace::config::Config;
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_userspace::{
+    config::Config,
+    daemon::{self, RunOptions},
+    loader,
+};
 
 #[derive(Parser)]
 #[command(
@@ -12,12 +16,33 @@ use lb_userspace::config::Config;
     about = "Kernel (XDP) load balancer for the Kubernetes API server"
 )]
 struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Load (or adopt) the datapath, probe the masters and keep the maps true.
+    ///
+    /// SIGHUP reloads the config (a refused one changes nothing). SIGTERM or SIGINT
+    /// exits, leaving the pinned datapath balancing unless --detach-on-exit.
+    Run {
+        /// The config file (TOML; see examples/apilb.toml).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Detach the datapath and remove its pins on exit.
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
     /// Validate a config file without touching the kernel; exit non-zero if it is
     /// refused, naming the key and value at fault.
     Check {
@@ -25,12 +50,20 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Detach an instance's datapath and remove its pins.
+    Detach {
+        /// The instance, as in the config's `instance` key.
+        #[arg(long, default_value = "default")]
+        instance: String,
+    },
     /// Print the version.
     Version,
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("apilb: {e:#}");
@@ -39,8 +72,34 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("APILB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run {
+            config,
+            detach_on_exit,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let opts = RunOptions {
+                config_path: config,
+                detach_on_exit,
+            };
+            runtime.block_on(daemon::run(&opts, daemon::new_snapshot()))?;
+        }
         Command::Check { config } => {
             let c = Config::load(&config)
                 .with_context(|| format!("{} is refused", config.display()))?;
@@ -53,6 +112,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 c.health.kind,
                 c.health.interval,
             );
+        }
+        Command::Detach { instance } => {
+            let dir = loader::pin_dir(&instance);
+            let removed =
+                loader::detach(&dir).with_context(|| format!("detaching {}", dir.display()))?;
+            if removed.is_empty() {
+                println!("nothing pinned at {}", dir.display());
+            }
+            for p in removed {
+                println!("removed {}", p.display());
+            }
         }
         Command::Version => println!("apilb {}", env!("CARGO_PKG_VERSION")),
     }

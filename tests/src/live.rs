@@ -4,7 +4,8 @@
 //!
 //! Addresses (documentation ranges, only inside these namespaces, none with a
 //! default route): client 192.0.2.10/24 on `c0`; LB 192.0.2.1/24 and the VIP
-//! 192.0.2.100/32 on `l0`, 198.51.100.1/24 on `l1`; master 198.51.100.11/24 on `m0`.
+//! 192.0.2.100/32 on `l0`, 198.51.100.1/24 on `l1`; masters 198.51.100.11-13/24 on
+//! `m0` (one namespace, three apiserver addresses).
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -27,6 +28,12 @@ use crate::{
 
 pub const VIP: &str = "192.0.2.100:6443";
 pub const MASTER: &str = "198.51.100.11:6443";
+/// The three masters' apiserver addresses.
+pub const MASTERS: [&str; 3] = [
+    "198.51.100.11:6443",
+    "198.51.100.12:6443",
+    "198.51.100.13:6443",
+];
 pub const SNAT: &str = "198.51.100.1";
 
 pub struct Topology {
@@ -75,7 +82,11 @@ impl Topology {
             (&client, "c0", &["192.0.2.10/24"][..]),
             (&lb, "l0", &["192.0.2.1/24", "192.0.2.100/32"][..]),
             (&lb, "l1", &["198.51.100.1/24"][..]),
-            (&master, "m0", &["198.51.100.11/24"][..]),
+            (
+                &master,
+                "m0",
+                &["198.51.100.11/24", "198.51.100.12/24", "198.51.100.13/24"][..],
+            ),
         ] {
             for a in addrs {
                 ns.ip(&["addr", "add", a, "dev", dev]);
@@ -149,36 +160,41 @@ impl Topology {
     }
 }
 
-/// A TCP server on the master: for every line a client sends, it answers
-/// `master saw <peer>`, until the client closes. It accepts at most `max`
-/// connections and stops after `lifetime`.
+/// A TCP server on a master address: for every line a client sends, it answers
+/// `master <its address> saw <peer>`, until the client closes. It stops when told
+/// to, or after `lifetime`; stopping closes its listener, so new connections are
+/// refused, while connections already open keep being served.
 pub struct EchoServer {
     /// Peer addresses of the connections accepted so far.
     pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
     handle: Option<thread::JoinHandle<()>>,
 }
 
 impl EchoServer {
+    /// Serve on `addr` inside `master`'s namespace.
     #[must_use]
-    pub fn start(master: &Netns, max: usize, lifetime: Duration) -> Self {
+    pub fn start(master: &Netns, addr: &str, lifetime: Duration) -> Self {
         let name = master.name().to_owned();
+        let addr = sa(addr);
         let peers = Arc::new(Mutex::new(Vec::new()));
-        let seen = Arc::clone(&peers);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (seen, stopped) = (Arc::clone(&peers), Arc::clone(&stop));
         let (ready_tx, ready_rx) = mpsc::channel();
         let handle = thread::spawn(move || {
             let _inside = netns::enter(&name);
-            let listener = TcpListener::bind(MASTER).expect("bind the master's port");
+            let listener = TcpListener::bind(addr).expect("bind the master's port");
             listener
                 .set_nonblocking(true)
                 .expect("nonblocking listener");
             ready_tx.send(()).expect("signal ready");
             let deadline = Instant::now() + lifetime;
-            let mut workers = Vec::new();
-            while seen.lock().expect("lock").len() < max && Instant::now() < deadline {
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
                 match listener.accept() {
                     Ok((conn, peer)) => {
                         seen.lock().expect("lock").push(peer);
-                        workers.push(thread::spawn(move || echo(conn, peer, deadline)));
+                        // Detached: a worker ends with its connection or the deadline.
+                        thread::spawn(move || echo(conn, addr, peer, deadline));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         thread::sleep(Duration::from_millis(5));
@@ -186,23 +202,20 @@ impl EchoServer {
                     Err(e) => panic!("accept: {e}"),
                 }
             }
-            for w in workers {
-                let _ = w.join();
-            }
         });
         ready_rx
             .recv_timeout(Duration::from_secs(10))
             .expect("master listening");
         Self {
             peers,
+            stop,
             handle: Some(handle),
         }
     }
 
-    /// Wait for the server to stop (all `max` connections closed, or its lifetime
-    /// over) and return the peers it saw.
-    #[must_use]
-    pub fn join(mut self) -> Vec<SocketAddr> {
+    /// Close the listener (new connections are refused) and return the peers seen.
+    pub fn stop(mut self) -> Vec<SocketAddr> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(h) = self.handle.take() {
             h.join().expect("server thread");
         }
@@ -210,7 +223,16 @@ impl EchoServer {
     }
 }
 
-fn echo(conn: TcpStream, peer: SocketAddr, deadline: Instant) {
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn echo(conn: TcpStream, local: SocketAddr, peer: SocketAddr, deadline: Instant) {
     conn.set_nonblocking(false).expect("blocking conn");
     conn.set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
@@ -222,7 +244,7 @@ fn echo(conn: TcpStream, peer: SocketAddr, deadline: Instant) {
         match reader.read_line(&mut line) {
             Ok(0) => return,
             Ok(_) => {
-                if writeln!(writer, "master saw {peer}").is_err() {
+                if writeln!(writer, "master {local} saw {peer}").is_err() {
                     return;
                 }
             }
@@ -263,6 +285,16 @@ impl Client {
         Ok(line.trim().to_owned())
     }
 
+    /// Which master answered: the address in `master <addr> saw <peer>`.
+    pub fn ask_master(&mut self) -> std::io::Result<String> {
+        let answer = self.ask()?;
+        Ok(answer
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned())
+    }
+
     /// The address the socket reports for its peer.
     pub fn peer(&self) -> SocketAddr {
         self.writer.peer_addr().expect("peer")
@@ -288,5 +320,108 @@ impl Drop for PinDir {
         let _ = lb_userspace::loader::detach(&self.0);
         // `apilb/` itself stays only if another instance still uses it.
         let _ = std::fs::remove_dir(self.0.parent().expect("parent"));
+    }
+}
+
+/// The `apilb` binary cargo built beside this test binary.
+#[must_use]
+pub fn apilb_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("apilb");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p lb-userspace`",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `apilb run`, inside a namespace (`nsenter --net`, which keeps the
+/// host's mounts, bpffs included). Killed on drop; its log is kept for assertions.
+pub struct Apilb {
+    child: Option<std::process::Child>,
+    pub log: PathBuf,
+}
+
+impl Apilb {
+    /// Start `apilb run -c config` in namespace `ns`.
+    #[must_use]
+    pub fn start(ns: &Netns, config: &Path, log: &Path) -> Self {
+        let out = std::fs::File::create(log).expect("log file");
+        let child = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", ns.name()))
+            .arg(apilb_bin())
+            .args(["run", "-c"])
+            .arg(config)
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("start apilb");
+        Self {
+            child: Some(child),
+            log: log.to_owned(),
+        }
+    }
+
+    #[must_use]
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.as_ref().expect("running").id()).expect("pid")
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill with a valid pid of our own child and a signal number.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0, "signal {sig}");
+    }
+
+    /// Wait (at most `limit`) for the process to exit; its exit code, if it did.
+    pub fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .expect("running")
+                .try_wait()
+                .expect("wait")
+            {
+                self.child = None;
+                return Some(status.code().unwrap_or(-1));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Wait (at most `limit`) until the log contains `needle`; whether it did.
+    #[must_use]
+    pub fn wait_log(&self, needle: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// The log so far.
+    #[must_use]
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Apilb {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

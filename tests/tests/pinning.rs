@@ -6,13 +6,13 @@
 use std::time::Duration;
 
 use lb_common::counters::FLOW_NEW;
-use tests::live::{Client, EchoServer, PinDir, Topology};
+use tests::live::{Client, EchoServer, MASTER, PinDir, Topology};
 
 #[test]
 fn a_pinned_datapath_keeps_an_open_connection_working_across_controller_restarts() {
     let t = Topology::new("apilb-pin");
     let pins = PinDir::new("test-pin");
-    let server = EchoServer::start(&t.master, 2, Duration::from_secs(30));
+    let server = EchoServer::start(&t.master, MASTER, Duration::from_secs(30));
 
     let first = t.balancer(Some(&pins.0));
     let mut watch = Client::connect(&t.client).expect("connect through the first controller");
@@ -54,7 +54,7 @@ fn a_pinned_datapath_keeps_an_open_connection_working_across_controller_restarts
     );
     assert_eq!(second.counters().expect("counters").get(FLOW_NEW), 2);
     drop((watch, fresh));
-    let _ = server.join();
+    let _ = server.stop();
 
     drop(second);
     let removed = lb_userspace::loader::detach(&pins.0).expect("detach");

@@ -10,7 +10,7 @@ use std::{collections::HashSet, net::SocketAddr, time::Duration};
 use lb_common::counters::*;
 use tests::{
     fixture::sa,
-    live::{Client, EchoServer, SNAT, Topology, VIP},
+    live::{Client, EchoServer, MASTER, SNAT, Topology, VIP},
 };
 
 const CONNECTIONS: usize = 5;
@@ -26,7 +26,7 @@ fn tcp_connections_through_the_attached_datapath_reach_the_master_via_nat() {
         );
         assert_eq!(v.trim(), "1", "attach set accept_local on {dev}");
     }
-    let server = EchoServer::start(&t.master, CONNECTIONS, Duration::from_secs(30));
+    let server = EchoServer::start(&t.master, MASTER, Duration::from_secs(30));
     let mut answers = Vec::new();
     for _ in 0..CONNECTIONS {
         let mut c = Client::connect(&t.client)
@@ -34,7 +34,7 @@ fn tcp_connections_through_the_attached_datapath_reach_the_master_via_nat() {
         assert_eq!(c.peer(), sa(VIP), "the client talks to the VIP");
         answers.push(c.ask().expect("answer from the master"));
     }
-    let peers = server.join();
+    let peers = server.stop();
     assert_eq!(
         peers.len(),
         CONNECTIONS,
@@ -52,7 +52,7 @@ fn tcp_connections_through_the_attached_datapath_reach_the_master_via_nat() {
             "NAT port {} in range",
             peer.port()
         );
-        assert_eq!(answer, &format!("master saw {peer}"));
+        assert_eq!(answer, &format!("master {MASTER} saw {peer}"));
     }
     assert_eq!(
         ports.len(),

@@ -1,0 +1,392 @@
+//! `apilb run`: one event loop that wires config, loader, health probes and the
+//! reconciler together.
+//!
+//! Health events and SIGHUP are its inputs; each ends in a reconcile, the only
+//! place maps are written. SIGTERM and SIGINT end it, leaving the pinned datapath
+//! running (unless `detach_on_exit`), so that a restart or upgrade loses nothing.
+//! Backends start in rotation and `fall` failed probes take a dead one out: a
+//! restarted controller must not pull not-yet-probed masters, and their live flows,
+//! out of the ring one by one.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use lb_common::COUNTER_NAMES;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{Config, ConfigError, HealthSettings, ProbeKindSetting, XdpModeSetting},
+    controller::{ControllerError, Reconciler},
+    datapath::Datapath,
+    health::{
+        HealthError, HealthEvent, InitialState, ProbeKind, ProbeSpec, Prober, ProberHandle, TlsSpec,
+    },
+    loader::{self, AttachMode, LoadOptions, LoaderError},
+    status::{BackendStatus, SharedSnapshot, Snapshot, VipStatus},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error(transparent)]
+    Health(#[from] HealthError),
+    #[error(transparent)]
+    Controller(#[from] ControllerError),
+    #[error("installing the {0} handler")]
+    Signal(&'static str, #[source] std::io::Error),
+}
+
+/// How `apilb run` was asked to run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub config_path: PathBuf,
+    /// Detach the datapath and remove its pins on SIGTERM/SIGINT.
+    pub detach_on_exit: bool,
+}
+
+/// A config change that only a restart can apply.
+fn restart_only_change(old: &Config, new: &Config) -> Option<&'static str> {
+    if old.instance != new.instance {
+        Some("instance")
+    } else if old.datapath.interfaces != new.datapath.interfaces {
+        Some("datapath.interfaces")
+    } else if old.datapath.xdp_mode != new.datapath.xdp_mode {
+        Some("datapath.xdp_mode")
+    } else if old.datapath.flow_table_size != new.datapath.flow_table_size {
+        Some("datapath.flow_table_size")
+    } else if old.admin_listen != new.admin_listen {
+        Some("admin.listen")
+    } else {
+        None
+    }
+}
+
+fn probe_spec(h: &HealthSettings) -> ProbeSpec {
+    let kind = match h.kind {
+        ProbeKindSetting::Tcp => ProbeKind::Tcp,
+        ProbeKindSetting::Http => ProbeKind::Http {
+            path: h.path.clone(),
+        },
+        ProbeKindSetting::Https => ProbeKind::Https {
+            path: h.path.clone(),
+            tls: TlsSpec {
+                ca_file: h.ca_file.clone(),
+                server_name: h.server_name.clone(),
+                client_cert: h.client_cert.clone(),
+                insecure: h.insecure,
+            },
+        },
+    };
+    ProbeSpec {
+        kind,
+        interval: h.interval,
+        timeout: h.timeout,
+        rise: h.rise,
+        fall: h.fall,
+        jitter: h.jitter,
+        initial: InitialState::Up,
+    }
+}
+
+/// The probers of the configured backends, and their verdicts.
+struct Probes {
+    prober: Prober,
+    settings: HealthSettings,
+    handles: HashMap<SocketAddr, ProberHandle>,
+    healthy: HashMap<SocketAddr, bool>,
+    events: mpsc::Sender<HealthEvent>,
+}
+
+impl Probes {
+    fn start(config: &Config, events: mpsc::Sender<HealthEvent>) -> Result<Self, HealthError> {
+        let mut p = Self {
+            prober: Prober::new(probe_spec(&config.health))?,
+            settings: config.health.clone(),
+            handles: HashMap::new(),
+            healthy: HashMap::new(),
+            events,
+        };
+        p.sync(config);
+        Ok(p)
+    }
+
+    /// Probe exactly the configured backends; new ones start healthy.
+    fn sync(&mut self, config: &Config) {
+        let wanted: HashSet<SocketAddr> = config.backends.iter().map(|b| b.addr).collect();
+        self.handles.retain(|a, _| wanted.contains(a));
+        self.healthy.retain(|a, _| wanted.contains(a));
+        for addr in wanted {
+            self.handles
+                .entry(addr)
+                .or_insert_with(|| self.prober.spawn(addr, self.events.clone()));
+            self.healthy.entry(addr).or_insert(true);
+        }
+    }
+
+    /// Apply new health settings: all probers restart if they changed.
+    fn reconfigure(&mut self, config: &Config) -> Result<(), HealthError> {
+        if config.health != self.settings {
+            self.prober = Prober::new(probe_spec(&config.health))?;
+            self.settings = config.health.clone();
+            self.handles.clear();
+        }
+        self.sync(config);
+        Ok(())
+    }
+
+    fn healthy_set(&self) -> HashSet<SocketAddr> {
+        self.healthy
+            .iter()
+            .filter(|&(_, &h)| h)
+            .map(|(a, _)| *a)
+            .collect()
+    }
+}
+
+/// The loop's state: everything a reconcile or a snapshot needs.
+struct Daemon {
+    config: Config,
+    config_path: PathBuf,
+    dp: Datapath,
+    reconciler: Reconciler,
+    probes: Probes,
+    snapshot: SharedSnapshot,
+    reloads_applied: u64,
+    reloads_refused: u64,
+}
+
+impl Daemon {
+    fn reconcile(&mut self, why: &str) -> Result<(), ControllerError> {
+        let desired = self
+            .reconciler
+            .desired(&self.config, &self.probes.healthy_set());
+        if desired.fail_open {
+            error!(
+                why,
+                "no backend is healthy: failing open, every configured backend serves"
+            );
+        }
+        let applied = self.reconciler.apply(&mut self.dp, desired)?;
+        for (backend, flows) in &applied.flows_removed {
+            warn!(%backend, flows, "backend left rotation; its flows were removed so its clients reconnect now");
+        }
+        if applied != Default::default() {
+            info!(
+                why,
+                backends = applied.backends_written,
+                vips = applied.vips_written,
+                vips_removed = applied.vips_removed,
+                ring_slots = applied.ring_slots_written,
+                "datapath updated"
+            );
+        }
+        self.publish();
+        Ok(())
+    }
+
+    fn reload(&mut self) {
+        let refuse = |d: &mut Self, reason: String| {
+            d.reloads_refused += 1;
+            error!(config = %d.config_path.display(), "config reload refused, running state unchanged: {reason}");
+        };
+        let new = match Config::load(&self.config_path) {
+            Ok(c) => c,
+            Err(e) => return refuse(self, format!("{e}")),
+        };
+        if let Some(key) = restart_only_change(&self.config, &new) {
+            return refuse(self, format!("{key} changed; that takes a restart"));
+        }
+        if let Err(e) = self.probes.reconfigure(&new) {
+            return refuse(self, format!("{e}"));
+        }
+        self.config = new;
+        self.reloads_applied += 1;
+        info!(config = %self.config_path.display(), "config reloaded");
+        if let Err(e) = self.reconcile("reload") {
+            error!("applying the reloaded config: {e}");
+        }
+    }
+
+    /// Replace the published snapshot with the current state.
+    fn publish(&self) {
+        let current = self.reconciler.current();
+        let counters = self
+            .dp
+            .counters()
+            .map(|c| c.0)
+            .unwrap_or([0; lb_common::COUNTER_COUNT as usize]);
+        let vips = current
+            .map(|d| {
+                d.vips
+                    .iter()
+                    .map(|(v, _)| {
+                        let s = self.dp.vip_stats(v.id).unwrap_or_default();
+                        VipStatus {
+                            address: v.addr,
+                            owned: v.owned,
+                            packets: s.packets,
+                            bytes: s.bytes,
+                            new_flows: s.new_flows,
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let backends = current
+            .map(|d| {
+                d.backends
+                    .iter()
+                    .map(|(&id, b)| {
+                        let s = self.dp.backend_stats(id).unwrap_or_default();
+                        let last = self.probes.handles.get(&b.addr).map(ProberHandle::latest);
+                        BackendStatus {
+                            address: b.addr,
+                            id,
+                            weight: b.weight,
+                            healthy: self.probes.healthy.get(&b.addr).copied().unwrap_or(false),
+                            in_rotation: d.in_rotation.contains(&id),
+                            last_probe: last
+                                .as_ref()
+                                .map_or_else(|| "none yet".to_owned(), |e| e.reason.to_string()),
+                            probe_latency_seconds: last
+                                .as_ref()
+                                .map_or(0.0, |e| e.latency.as_secs_f64()),
+                            probes: last.as_ref().map_or(0, |e| e.probes),
+                            transitions: last.as_ref().map_or(0, |e| e.transitions),
+                            failures: last.as_ref().map_or_else(Vec::new, |e| {
+                                let f = &e.failures;
+                                vec![
+                                    ("timeout".to_owned(), f.timeout),
+                                    ("refused".to_owned(), f.refused),
+                                    ("tls".to_owned(), f.tls),
+                                    ("http_status".to_owned(), f.http_status),
+                                    ("io".to_owned(), f.io),
+                                ]
+                            }),
+                            packets: s.packets,
+                            bytes: s.bytes,
+                            new_flows: s.new_flows,
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let snapshot = Snapshot {
+            instance: self.config.instance.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            taken_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            vips,
+            backends,
+            fail_open: current.is_some_and(|d| d.fail_open),
+            counters: COUNTER_NAMES
+                .iter()
+                .zip(counters)
+                .map(|(n, v)| ((*n).to_owned(), v))
+                .collect(),
+            reloads_applied: self.reloads_applied,
+            reloads_refused: self.reloads_refused,
+        };
+        if let Ok(mut s) = self.snapshot.write() {
+            *s = snapshot;
+        }
+    }
+}
+
+fn attach_mode(m: XdpModeSetting) -> AttachMode {
+    match m {
+        XdpModeSetting::Auto => AttachMode::Auto,
+        XdpModeSetting::Native => AttachMode::Native,
+        XdpModeSetting::Generic => AttachMode::Generic,
+    }
+}
+
+/// Load (or adopt) and attach the datapath for `config`.
+fn start_datapath(config: &Config) -> Result<Datapath, LoaderError> {
+    if loader::ensure_bpffs(Path::new(loader::BPFFS))? {
+        info!(path = loader::BPFFS, "bpffs was not mounted; mounted it");
+    }
+    let ports = &config.datapath.nat_ports;
+    if loader::reserve_ports(*ports.start(), *ports.end())? {
+        info!(ports = ?ports, "reserved the NAT ports from the node's own sockets (net.ipv4.ip_local_reserved_ports)");
+    }
+    let pin = loader::pin_dir(&config.instance);
+    let adopting = pin.exists();
+    let mut dp = Datapath::load(&LoadOptions {
+        flow_table_size: config.datapath.flow_table_size,
+        pin_dir: Some(pin.clone()),
+    })?;
+    for iface in &config.datapath.interfaces {
+        let mode = dp.attach(iface, attach_mode(config.datapath.xdp_mode), Some(&pin))?;
+        if adopting {
+            info!(interface = %iface, pins = %pin.display(), "adopted the pinned datapath: maps and flows kept, program swapped in place");
+        } else {
+            info!(interface = %iface, ?mode, pins = %pin.display(), "XDP attached");
+        }
+    }
+    Ok(dp)
+}
+
+/// Run until SIGTERM or SIGINT. `snapshot` is what the admin endpoint serves.
+pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), DaemonError> {
+    let config = Config::load(&opts.config_path)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Signal("SIGHUP", e))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
+    let dp = start_datapath(&config)?;
+    let (tx, mut rx) = mpsc::channel(256);
+    let probes = Probes::start(&config, tx)?;
+    let mut d = Daemon {
+        config,
+        config_path: opts.config_path.clone(),
+        dp,
+        reconciler: Reconciler::new(),
+        probes,
+        snapshot,
+        reloads_applied: 0,
+        reloads_refused: 0,
+    };
+    d.reconcile("start")?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            Some(ev) = rx.recv() => {
+                d.probes.healthy.insert(ev.backend, ev.healthy);
+                d.reconcile(if ev.healthy { "backend up" } else { "backend down" })?;
+            }
+            _ = hup.recv() => d.reload(),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tick.tick() => d.publish(),
+        }
+    }
+    let pin = loader::pin_dir(&d.config.instance);
+    drop(d);
+    if opts.detach_on_exit {
+        let removed = loader::detach(&pin)?;
+        info!(pins = %pin.display(), removed = removed.len(), "detached the datapath and removed its pins");
+    } else {
+        info!(pins = %pin.display(), "exiting; the pinned datapath keeps balancing (apilb detach removes it)");
+    }
+    Ok(())
+}
+
+/// A snapshot to share between the loop and the admin endpoint.
+#[must_use]
+pub fn new_snapshot() -> SharedSnapshot {
+    Arc::new(RwLock::new(Snapshot::default()))
+}

@@ -1,0 +1,200 @@
+//! `apilb run` as users run it: the real binary, in the LB namespace of the
+//! `tests::live` topology, balancing real TCP connections over three masters, with
+//! TCP health probes every 100 ms. Root.
+//!
+//! One test walks through the lifecycle in order, since each step builds on the
+//! state the one before left: spread over healthy masters; a master that dies
+//! leaves rotation after `fall` probes and returns after `rise`; a bad config on
+//! SIGHUP changes nothing; a controller killed with SIGKILL leaves a pinned datapath
+//! that keeps an open connection working, and a restarted one adopts it.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use tests::live::{Apilb, Client, EchoServer, MASTERS, PinDir, Topology};
+
+const LIFETIME: Duration = Duration::from_secs(120);
+
+fn config_text(instance: &str) -> String {
+    let mut text = format!(
+        "instance = \"{instance}\"\n\
+         [datapath]\ninterfaces = [\"l0\", \"l1\"]\nxdp_mode = \"native\"\nsnat_ipv4 = \"198.51.100.1\"\n\
+         nat_ports = [40000, 40999]\nmaglev_size = 1009\n\
+         [[vip]]\naddress = \"192.0.2.100\"\n\
+         [health]\nkind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 2\nfall = 2\njitter = 0.0\n"
+    );
+    for m in MASTERS {
+        text.push_str("[[backend]]\naddress = \"");
+        text.push_str(m);
+        text.push_str("\"\n");
+    }
+    text
+}
+
+/// `n` new connections through the VIP: how many each master answered, and how
+/// many failed.
+fn spread(t: &Topology, n: usize) -> (HashMap<String, usize>, usize) {
+    let mut by_master = HashMap::new();
+    let mut failed = 0;
+    for _ in 0..n {
+        match Client::connect(&t.client).and_then(|mut c| c.ask_master()) {
+            Ok(m) => *by_master.entry(m).or_insert(0) += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    (by_master, failed)
+}
+
+/// Wait (bounded) until `pred` holds for a spread of `n` connections.
+fn wait_for(
+    t: &Topology,
+    n: usize,
+    limit: Duration,
+    pred: impl Fn(&HashMap<String, usize>, usize) -> bool,
+) -> (HashMap<String, usize>, usize) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (m, f) = spread(t, n);
+        if pred(&m, f) || Instant::now() > deadline {
+            return (m, f);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Files(PathBuf);
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn apilb_run_follows_health_refuses_bad_reloads_and_survives_sigkill() {
+    let t = Topology::new("apilb-run");
+    let instance = format!("test-run-{}", std::process::id());
+    let pins = PinDir(lb_userspace::loader::pin_dir(&instance));
+    let dir = std::env::temp_dir().join(format!("apilb-run-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let files = Files(dir.clone());
+    let config = files.0.join("apilb.toml");
+    std::fs::write(&config, config_text(&instance)).expect("config");
+    let mut servers: Vec<Option<EchoServer>> = MASTERS
+        .iter()
+        .map(|m| Some(EchoServer::start(&t.master, m, LIFETIME)))
+        .collect();
+
+    let mut apilb = Apilb::start(&t.lb, &config, &files.0.join("apilb-1.log"));
+    // All three masters serve once apilb is up.
+    let (by, failed) = wait_for(&t, 30, Duration::from_secs(15), |m, f| {
+        f == 0 && m.len() == 3
+    });
+    assert_eq!(
+        (by.len(), failed),
+        (3, 0),
+        "spread {by:?}, log:\n{}",
+        apilb.log_text()
+    );
+    assert!(
+        by.values().all(|&n| n >= 3),
+        "each master got a share of 30: {by:?}"
+    );
+
+    // Master .12 dies (its port refuses): after fall = 2 probes it leaves rotation.
+    let dead = MASTERS[1];
+    drop(servers[1].take());
+    let started = Instant::now();
+    let (by, failed) = wait_for(&t, 20, Duration::from_secs(5), |m, f| {
+        f == 0 && !m.contains_key(dead)
+    });
+    let took = started.elapsed();
+    assert!(
+        !by.contains_key(dead) && failed == 0,
+        "{dead} still served or connects failed: {by:?}, {failed} failed"
+    );
+    assert!(took < Duration::from_secs(5), "left rotation in {took:?}");
+    assert!(
+        apilb.wait_log("backend down", Duration::from_secs(5)),
+        "log:\n{}",
+        apilb.log_text()
+    );
+
+    // It comes back: after rise = 2 probes it serves again.
+    servers[1] = Some(EchoServer::start(&t.master, dead, LIFETIME));
+    let (by, _) = wait_for(&t, 30, Duration::from_secs(5), |m, _| m.contains_key(dead));
+    assert!(by.contains_key(dead), "{dead} rejoined: {by:?}");
+
+    // A bad config on SIGHUP is refused and changes nothing.
+    std::fs::write(
+        &config,
+        config_text(&instance).replace("timeout = \"80ms\"", "timeout = \"2s\""),
+    )
+    .expect("bad config");
+    apilb.signal(libc::SIGHUP);
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        apilb.wait_log("config reload refused", Duration::from_secs(5)),
+        "log:\n{}",
+        apilb.log_text()
+    );
+    let (by, failed) = spread(&t, 30);
+    assert_eq!(
+        (by.len(), failed),
+        (3, 0),
+        "still balancing over all three after the refused reload: {by:?}"
+    );
+    std::fs::write(&config, config_text(&instance)).expect("good config again");
+
+    // SIGKILL: the pinned datapath keeps an open connection going with no controller.
+    let mut open = Client::connect(&t.client).expect("connection before the kill");
+    let master = open.ask_master().expect("answer before the kill");
+    apilb.signal(libc::SIGKILL);
+    assert!(apilb.wait(Duration::from_secs(5)).is_some(), "apilb died");
+    assert!(
+        t.lb_has_xdp("l0") && t.lb_has_xdp("l1"),
+        "the pinned links stayed attached"
+    );
+    assert_eq!(
+        open.ask_master().expect("answer with no controller"),
+        master
+    );
+
+    // A restarted controller adopts it; the open connection and new ones work.
+    let mut again = Apilb::start(&t.lb, &config, &files.0.join("apilb-2.log"));
+    let (by, failed) = wait_for(&t, 30, Duration::from_secs(15), |m, f| {
+        f == 0 && m.len() == 3
+    });
+    assert_eq!(
+        (by.len(), failed),
+        (3, 0),
+        "after restart {by:?}, log:\n{}",
+        again.log_text()
+    );
+    assert!(
+        again.wait_log("adopted the pinned datapath", Duration::from_secs(10)),
+        "log:\n{}",
+        again.log_text()
+    );
+    assert_eq!(open.ask_master().expect("answer after the restart"), master);
+
+    // SIGTERM: a clean exit that leaves the datapath pinned.
+    again.signal(libc::SIGTERM);
+    assert_eq!(
+        again.wait(Duration::from_secs(5)),
+        Some(0),
+        "log:\n{}",
+        again.log_text()
+    );
+    assert!(
+        Path::new(&pins.0).exists() && t.lb_has_xdp("l0"),
+        "SIGTERM left the datapath pinned"
+    );
+    drop(open);
+    drop(pins);
+    assert!(!t.lb_has_xdp("l0"), "detach removed it");
+}
