@@ -11,11 +11,14 @@ use crate::{cargo, exec, step};
 pub enum Part {
     /// ns per packet through `BPF_PROG_TEST_RUN` for four paths, against `XDP_DROP`.
     Xdp,
+    /// Maglev table build and delta times for M = 65537 and N = 3, 100, 1000.
+    Maglev,
 }
 
 pub fn run(part: Part) -> anyhow::Result<()> {
     let bin = match part {
         Part::Xdp => "bench-xdp",
+        Part::Maglev => "bench-maglev",
     };
     step(&format!("running {bin} (release build)"));
     exec(cargo().args(["run", "--quiet", "--release", "-p", "tests", "--bin", bin]))
