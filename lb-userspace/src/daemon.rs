@@ -44,6 +44,8 @@ pub enum DaemonError {
     Health(#[from] HealthError),
     #[error(transparent)]
     Controller(#[from] ControllerError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     #[error("installing the {0} handler")]
     Signal(&'static str, #[source] std::io::Error),
 }
@@ -182,7 +184,7 @@ impl Daemon {
         for (backend, flows) in &applied.flows_removed {
             warn!(%backend, flows, "backend left rotation; its flows were removed so its clients reconnect now");
         }
-        if applied != Default::default() {
+        if applied != crate::controller::Applied::default() {
             info!(
                 why,
                 backends = applied.backends_written,
@@ -225,8 +227,7 @@ impl Daemon {
         let counters = self
             .dp
             .counters()
-            .map(|c| c.0)
-            .unwrap_or([0; lb_common::COUNTER_COUNT as usize]);
+            .map_or([0; lb_common::COUNTER_COUNT as usize], |c| c.0);
         let vips = current
             .map(|d| {
                 d.vips
@@ -340,13 +341,19 @@ fn start_datapath(config: &Config) -> Result<Datapath, LoaderError> {
     Ok(dp)
 }
 
-/// Run until SIGTERM or SIGINT. `snapshot` is what the admin endpoint serves.
+/// Run until SIGTERM or SIGINT, serving `snapshot` on the admin endpoint.
 pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), DaemonError> {
     let config = Config::load(&opts.config_path)?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Signal("SIGHUP", e))?;
     let mut term =
         signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
+    let listener = crate::admin::bind(config.admin_listen).await?;
+    info!(listen = %config.admin_listen, "admin endpoint: /metrics /healthz /status");
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = tokio::spawn(crate::admin::serve(listener, snapshot.clone(), async {
+        let _ = admin_stopped.await;
+    }));
     let dp = start_datapath(&config)?;
     let (tx, mut rx) = mpsc::channel(256);
     let probes = Probes::start(&config, tx)?;
@@ -376,6 +383,10 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
     }
     let pin = loader::pin_dir(&d.config.instance);
     drop(d);
+    let _ = stop_admin.send(());
+    if let Ok(Err(e)) = admin.await {
+        warn!("admin endpoint: {e}");
+    }
     if opts.detach_on_exit {
         let removed = loader::detach(&pin)?;
         info!(pins = %pin.display(), removed = removed.len(), "detached the datapath and removed its pins");

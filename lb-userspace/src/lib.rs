@@ -1,6 +1,7 @@
 //! apilb's userspace: everything the `apilb` binary does, as a library so that the
 //! tests and benchmarks drive the very same code.
 
+pub mod admin;
 pub mod config;
 pub mod controller;
 pub mod daemon;

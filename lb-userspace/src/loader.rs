@@ -388,7 +388,7 @@ fn check_layout(map: &Map, name: &'static str, path: &Path, flow_table_size: u32
 
 /// Keep the node's own sockets (health probes among them) off the NAT source
 /// ports: a local connection that picked one of them would share its 4-tuple with
-/// a NATed flow. Adds the range to `net.ipv4.ip_local_reserved_ports`, keeping
+/// a flow under NAT. Adds the range to `net.ipv4.ip_local_reserved_ports`, keeping
 /// what is there; returns whether it changed anything.
 pub fn reserve_ports(lo: u16, hi: u16) -> Result<bool> {
     let path = PathBuf::from("/proc/sys/net/ipv4/ip_local_reserved_ports");

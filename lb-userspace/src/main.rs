@@ -50,6 +50,12 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Show a running apilb's VIPs, backends, health and traffic (from its /status).
+    Status {
+        /// The admin endpoint (the config's admin.listen).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin: std::net::SocketAddr,
+    },
     /// Detach an instance's datapath and remove its pins.
     Detach {
         /// The instance, as in the config's `instance` key.
@@ -112,6 +118,14 @@ fn run(command: Command) -> anyhow::Result<()> {
                 c.health.kind,
                 c.health.interval,
             );
+        }
+        Command::Status { admin } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let snapshot = runtime.block_on(lb_userspace::admin::fetch_status(admin))?;
+            print!("{}", lb_userspace::admin::render_status(&snapshot));
         }
         Command::Detach { instance } => {
             let dir = loader::pin_dir(&instance);

@@ -51,7 +51,7 @@ pub struct BackendStatus {
     pub probe_latency_seconds: f64,
     pub probes: u64,
     pub transitions: u64,
-    /// Failed probes by reason: timeout, refused, tls, http_status, io.
+    /// Failed probes by reason: `timeout`, `refused`, `tls`, `http_status`, `io`.
     pub failures: Vec<(String, u64)>,
     /// Both directions through this backend.
     pub packets: u64,

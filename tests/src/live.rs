@@ -326,12 +326,13 @@ impl Drop for PinDir {
 /// The `apilb` binary cargo built beside this test binary.
 #[must_use]
 pub fn apilb_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("apilb");
+    let exe = std::env::current_exe().expect("own binary path");
+    // Test binaries live in target/<profile>/deps, other binaries in target/<profile>.
+    let mut dir = exe.parent().expect("binary dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("profile dir");
+    }
+    let bin = dir.join("apilb");
     assert!(
         bin.exists(),
         "{} is missing: build it with `cargo build -p lb-userspace`",

@@ -17,7 +17,7 @@ use std::{
 
 use tests::live::{Apilb, Client, EchoServer, MASTERS, PinDir, Topology};
 
-const LIFETIME: Duration = Duration::from_secs(120);
+const LIFETIME: Duration = Duration::from_mins(2);
 
 fn config_text(instance: &str) -> String {
     let mut text = format!(
@@ -66,6 +66,94 @@ fn wait_for(
     }
 }
 
+/// `apilb status` and `/metrics`, from inside the LB namespace.
+fn admin_endpoint_reports_three_healthy_masters(t: &Topology) {
+    thread::sleep(Duration::from_millis(1100)); // the snapshot is republished every second
+    let netns = format!("--net=/run/netns/{}", t.lb.name());
+    let bin = tests::live::apilb_bin();
+    let status = tests::netns::run("nsenter", &[&netns, bin.to_str().expect("path"), "status"]);
+    for m in MASTERS {
+        assert!(
+            status.lines().any(|l| l.contains(m) && l.contains(" yes ")),
+            "{m} healthy in:\n{status}"
+        );
+    }
+    let metrics = t.lb.exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"]);
+    assert!(
+        metrics.lines().any(|l| l == "apilb_fail_open 0"),
+        "{metrics}"
+    );
+    let healthy = metrics
+        .lines()
+        .filter(|l| l.starts_with("apilb_backend_healthy{") && l.ends_with(" 1"))
+        .count();
+    assert_eq!(healthy, 3, "{metrics}");
+    let new_flows: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("apilb_datapath_packets_total{counter=\"flow_new\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .expect("flow_new in /metrics");
+    assert!(new_flows >= 30, "flow_new = {new_flows}");
+}
+
+/// SIGKILL leaves the pinned datapath keeping an open connection going, a restart
+/// adopts it, and SIGTERM exits 0 leaving it pinned until `pins` detaches it.
+fn sigkill_restart_and_sigterm(
+    t: &Topology,
+    mut apilb: Apilb,
+    config: &Path,
+    dir: &Path,
+    pins: PinDir,
+) {
+    // SIGKILL: the pinned datapath keeps an open connection going with no controller.
+    let mut open = Client::connect(&t.client).expect("connection before the kill");
+    let master = open.ask_master().expect("answer before the kill");
+    apilb.signal(libc::SIGKILL);
+    assert!(apilb.wait(Duration::from_secs(5)).is_some(), "apilb died");
+    assert!(
+        t.lb_has_xdp("l0") && t.lb_has_xdp("l1"),
+        "the pinned links stayed attached"
+    );
+    assert_eq!(
+        open.ask_master().expect("answer with no controller"),
+        master
+    );
+
+    // A restarted controller adopts it; the open connection and new ones work.
+    let mut again = Apilb::start(&t.lb, config, &dir.join("apilb-2.log"));
+    let (by, failed) = wait_for(t, 30, Duration::from_secs(15), |m, f| {
+        f == 0 && m.len() == 3
+    });
+    assert_eq!(
+        (by.len(), failed),
+        (3, 0),
+        "after restart {by:?}, log:\n{}",
+        again.log_text()
+    );
+    assert!(
+        again.wait_log("adopted the pinned datapath", Duration::from_secs(10)),
+        "log:\n{}",
+        again.log_text()
+    );
+    assert_eq!(open.ask_master().expect("answer after the restart"), master);
+
+    // SIGTERM: a clean exit that leaves the datapath pinned.
+    again.signal(libc::SIGTERM);
+    assert_eq!(
+        again.wait(Duration::from_secs(5)),
+        Some(0),
+        "log:\n{}",
+        again.log_text()
+    );
+    assert!(
+        Path::new(&pins.0).exists() && t.lb_has_xdp("l0"),
+        "SIGTERM left the datapath pinned"
+    );
+    drop(open);
+    drop(pins);
+    assert!(!t.lb_has_xdp("l0"), "detach removed it");
+}
+
 struct Files(PathBuf);
 
 impl Drop for Files {
@@ -89,7 +177,7 @@ fn apilb_run_follows_health_refuses_bad_reloads_and_survives_sigkill() {
         .map(|m| Some(EchoServer::start(&t.master, m, LIFETIME)))
         .collect();
 
-    let mut apilb = Apilb::start(&t.lb, &config, &files.0.join("apilb-1.log"));
+    let apilb = Apilb::start(&t.lb, &config, &files.0.join("apilb-1.log"));
     // All three masters serve once apilb is up.
     let (by, failed) = wait_for(&t, 30, Duration::from_secs(15), |m, f| {
         f == 0 && m.len() == 3
@@ -104,6 +192,7 @@ fn apilb_run_follows_health_refuses_bad_reloads_and_survives_sigkill() {
         by.values().all(|&n| n >= 3),
         "each master got a share of 30: {by:?}"
     );
+    admin_endpoint_reports_three_healthy_masters(&t);
 
     // Master .12 dies (its port refuses): after fall = 2 probes it leaves rotation.
     let dead = MASTERS[1];
@@ -150,51 +239,5 @@ fn apilb_run_follows_health_refuses_bad_reloads_and_survives_sigkill() {
     );
     std::fs::write(&config, config_text(&instance)).expect("good config again");
 
-    // SIGKILL: the pinned datapath keeps an open connection going with no controller.
-    let mut open = Client::connect(&t.client).expect("connection before the kill");
-    let master = open.ask_master().expect("answer before the kill");
-    apilb.signal(libc::SIGKILL);
-    assert!(apilb.wait(Duration::from_secs(5)).is_some(), "apilb died");
-    assert!(
-        t.lb_has_xdp("l0") && t.lb_has_xdp("l1"),
-        "the pinned links stayed attached"
-    );
-    assert_eq!(
-        open.ask_master().expect("answer with no controller"),
-        master
-    );
-
-    // A restarted controller adopts it; the open connection and new ones work.
-    let mut again = Apilb::start(&t.lb, &config, &files.0.join("apilb-2.log"));
-    let (by, failed) = wait_for(&t, 30, Duration::from_secs(15), |m, f| {
-        f == 0 && m.len() == 3
-    });
-    assert_eq!(
-        (by.len(), failed),
-        (3, 0),
-        "after restart {by:?}, log:\n{}",
-        again.log_text()
-    );
-    assert!(
-        again.wait_log("adopted the pinned datapath", Duration::from_secs(10)),
-        "log:\n{}",
-        again.log_text()
-    );
-    assert_eq!(open.ask_master().expect("answer after the restart"), master);
-
-    // SIGTERM: a clean exit that leaves the datapath pinned.
-    again.signal(libc::SIGTERM);
-    assert_eq!(
-        again.wait(Duration::from_secs(5)),
-        Some(0),
-        "log:\n{}",
-        again.log_text()
-    );
-    assert!(
-        Path::new(&pins.0).exists() && t.lb_has_xdp("l0"),
-        "SIGTERM left the datapath pinned"
-    );
-    drop(open);
-    drop(pins);
-    assert!(!t.lb_has_xdp("l0"), "detach removed it");
+    sigkill_restart_and_sigterm(&t, apilb, &config, &files.0, pins);
 }

@@ -13,12 +13,27 @@ pub enum Part {
     Xdp,
     /// Maglev table build and delta times for M = 65537 and N = 3, 100, 1000.
     Maglev,
+    /// The controller's idle CPU and RSS with three masters probed every 500 ms.
+    Controller,
 }
 
 pub fn run(part: Part) -> anyhow::Result<()> {
     let bin = match part {
         Part::Xdp => "bench-xdp",
         Part::Maglev => "bench-maglev",
+        Part::Controller => {
+            step("building apilb (release), which the benchmark runs");
+            exec(cargo().args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "lb-userspace",
+                "--bin",
+                "apilb",
+            ]))?;
+            "bench-controller"
+        }
     };
     step(&format!("running {bin} (release build)"));
     exec(cargo().args(["run", "--quiet", "--release", "-p", "tests", "--bin", bin]))

@@ -11,8 +11,8 @@ use anyhow::{Context as _, bail};
 
 use crate::{exec, step};
 
-/// Debian packages: LLVM 22 for bpf-linker; iproute2, procps and ethtool for the
-/// tests' namespaces.
+/// Debian packages: LLVM 22 for bpf-linker; iproute2, procps, ethtool, util-linux
+/// (nsenter) and curl for the tests' namespaces.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,6 +21,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
     "ethtool",
+    "util-linux",
+    "curl",
 ];
 /// The bpf-linker release known to work with rustc 1.95's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,547 @@
+//! The admin endpoint over real loopback HTTP: `/healthz`, `/status`, `/metrics`,
+//! the error routes, shutdown, and the `apilb status` table.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use lb_common::COUNTER_NAMES;
+use lb_userspace::{
+    admin::{self, AdminError},
+    status::{BackendStatus, SharedSnapshot, Snapshot, VipStatus},
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+    task::JoinHandle,
+};
+
+/// Every test finishes well within this, or fails.
+const BOUND: Duration = Duration::from_secs(5);
+
+const HEALTHY: &str = "10.0.0.1:6443";
+const UNHEALTHY: &str = "10.0.0.2:6443";
+const VIP: &str = "192.0.2.10:6443";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_secs()
+}
+
+/// One owned VIP; one healthy backend and one that has been timing out.
+fn sample() -> Snapshot {
+    Snapshot {
+        instance: "test".to_owned(),
+        version: "0.1.0".to_owned(),
+        taken_at: now(),
+        vips: vec![VipStatus {
+            address: VIP.parse().unwrap(),
+            owned: true,
+            packets: 5000,
+            bytes: 2048,
+            new_flows: 17,
+        }],
+        backends: vec![
+            BackendStatus {
+                address: HEALTHY.parse().unwrap(),
+                id: 0,
+                weight: 1,
+                healthy: true,
+                in_rotation: true,
+                last_probe: "ok".to_owned(),
+                probe_latency_seconds: 0.0125,
+                probes: 120,
+                transitions: 1,
+                failures: vec![("timeout".to_owned(), 0), ("refused".to_owned(), 0)],
+                packets: 4000,
+                bytes: 1_258_291,
+                new_flows: 17,
+            },
+            BackendStatus {
+                address: UNHEALTHY.parse().unwrap(),
+                id: 1,
+                weight: 2,
+                healthy: false,
+                in_rotation: false,
+                last_probe: "timeout".to_owned(),
+                probe_latency_seconds: 0.4,
+                probes: 118,
+                transitions: 2,
+                failures: vec![("timeout".to_owned(), 3), ("refused".to_owned(), 1)],
+                packets: 0,
+                bytes: 0,
+                new_flows: 0,
+            },
+        ],
+        fail_open: false,
+        counters: COUNTER_NAMES
+            .iter()
+            .map(|&name| {
+                let n = match name {
+                    "redirect" => 42,
+                    "drop_no_backend" => 7,
+                    _ => 0,
+                };
+                (name.to_owned(), n)
+            })
+            .collect(),
+        reloads_applied: 2,
+        reloads_refused: 1,
+    }
+}
+
+/// A running admin server on an ephemeral loopback port.
+struct Server {
+    addr: SocketAddr,
+    snapshot: SharedSnapshot,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), AdminError>>,
+}
+
+impl Server {
+    async fn start(snapshot: Snapshot) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding 127.0.0.1:0");
+        let addr = listener.local_addr().unwrap();
+        let snapshot = Arc::new(RwLock::new(snapshot));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(admin::serve(listener, Arc::clone(&snapshot), async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            snapshot,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Signals shutdown and waits for `serve` to return.
+    async fn stop(mut self) -> Result<(), AdminError> {
+        self.stop.take().unwrap().send(()).unwrap();
+        (&mut self.task)
+            .await
+            .expect("the admin server task panicked")
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+/// One request over a fresh connection, written by hand so that the test does not
+/// share code with the client under test.
+async fn request(addr: SocketAddr, method: &str, path: &str) -> Reply {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .await
+        .unwrap_or_else(|e| panic!("reading the answer to {method} {path}: {e}"));
+    let raw = String::from_utf8(raw).expect("the answer is UTF-8");
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of head in {raw:?}"));
+    let (status_line, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    Reply {
+        status,
+        headers: headers.to_ascii_lowercase(),
+        body: body.to_owned(),
+    }
+}
+
+async fn bounded<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(BOUND, f)
+        .await
+        .expect("the test did not finish within its bound")
+}
+
+#[tokio::test]
+async fn healthz_is_200_when_fresh_and_503_when_60s_stale() {
+    bounded(async {
+        let server = Server::start(sample()).await;
+        let fresh = request(server.addr, "GET", "/healthz").await;
+        assert_eq!((fresh.status, fresh.body.as_str()), (200, "ok\n"));
+
+        // The run loop replaces the snapshot whole; the server reads the new one.
+        server.snapshot.write().unwrap().taken_at = now() - 60;
+        let stale = request(server.addr, "GET", "/healthz").await;
+        assert_eq!(stale.status, 503);
+        assert!(stale.body.starts_with("stale"), "body {:?}", stale.body);
+
+        server.snapshot.write().unwrap().taken_at = 0;
+        let starting = request(server.addr, "GET", "/healthz").await;
+        assert_eq!(starting.status, 503);
+        assert!(
+            starting.body.starts_with("starting"),
+            "body {:?}",
+            starting.body
+        );
+
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fetch_status_returns_exactly_the_served_snapshot() {
+    bounded(async {
+        let snapshot = sample();
+        let server = Server::start(snapshot.clone()).await;
+        let fetched = admin::fetch_status(server.addr).await.unwrap();
+        assert_eq!(fetched, snapshot);
+
+        let raw = request(server.addr, "GET", "/status").await;
+        assert_eq!(raw.status, 200);
+        assert!(raw.headers.contains("content-type: application/json"));
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fetch_status_names_the_address_it_cannot_reach() {
+    bounded(async {
+        // Bind, then close, to get a loopback port nobody listens on.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = admin::fetch_status(addr).await.unwrap_err();
+        assert!(
+            matches!(err, AdminError::Connect { addr: a, .. } if a == addr),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fetch_status_gives_up_after_2s_on_a_silent_endpoint() {
+    bounded(async {
+        // The kernel completes the handshake from the backlog; nobody ever answers.
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let started = tokio::time::Instant::now();
+        let err = admin::fetch_status(addr).await.unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            matches!(err, AdminError::Timeout { addr: a, after } if a == addr && after == Duration::from_secs(2)),
+            "{err:?}"
+        );
+        assert!(
+            (Duration::from_secs(2)..Duration::from_millis(2500)).contains(&took),
+            "gave up after {took:?}"
+        );
+        drop(silent);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn metrics_carry_the_snapshot_numbers_as_valid_openmetrics_text() {
+    bounded(async {
+        let server = Server::start(sample()).await;
+        let reply = request(server.addr, "GET", "/metrics").await;
+        server.stop().await.unwrap();
+        assert_eq!(reply.status, 200);
+        assert!(
+            reply
+                .headers
+                .contains("content-type: application/openmetrics-text; version=1.0.0"),
+            "headers {:?}",
+            reply.headers
+        );
+
+        let lines: Vec<&str> = reply.body.lines().collect();
+        for expected in [
+            format!(r#"apilb_backend_healthy{{backend="{HEALTHY}"}} 1"#),
+            format!(r#"apilb_backend_healthy{{backend="{UNHEALTHY}"}} 0"#),
+            format!(r#"apilb_backend_in_rotation{{backend="{UNHEALTHY}"}} 0"#),
+            format!(r#"apilb_backend_probe_latency_seconds{{backend="{HEALTHY}"}} 0.0125"#),
+            format!(r#"apilb_backend_probes_total{{backend="{HEALTHY}"}} 120"#),
+            format!(r#"apilb_backend_transitions_total{{backend="{UNHEALTHY}"}} 2"#),
+            format!(
+                r#"apilb_backend_probe_failures_total{{backend="{UNHEALTHY}",reason="timeout"}} 3"#
+            ),
+            format!(
+                r#"apilb_backend_probe_failures_total{{backend="{UNHEALTHY}",reason="refused"}} 1"#
+            ),
+            format!(r#"apilb_backend_bytes_total{{backend="{HEALTHY}"}} 1258291"#),
+            format!(r#"apilb_vip_owned{{vip="{VIP}"}} 1"#),
+            format!(r#"apilb_vip_packets_total{{vip="{VIP}"}} 5000"#),
+            format!(r#"apilb_vip_new_flows_total{{vip="{VIP}"}} 17"#),
+            r#"apilb_datapath_packets_total{counter="redirect"} 42"#.to_owned(),
+            r#"apilb_datapath_packets_total{counter="drop_no_backend"} 7"#.to_owned(),
+            r#"apilb_datapath_packets_total{counter="tx"} 0"#.to_owned(),
+            "apilb_fail_open 0".to_owned(),
+            r#"apilb_config_reloads_total{result="applied"} 2"#.to_owned(),
+            r#"apilb_config_reloads_total{result="refused"} 1"#.to_owned(),
+        ] {
+            assert!(
+                lines.contains(&expected.as_str()),
+                "no line {expected:?} in\n{}",
+                reply.body
+            );
+        }
+        let datapath = lines
+            .iter()
+            .filter(|l| l.starts_with("apilb_datapath_packets_total{"))
+            .count();
+        assert_eq!(
+            datapath,
+            COUNTER_NAMES.len(),
+            "one series per datapath counter"
+        );
+        // Series keep the snapshot's order, so two scrapes diff cleanly.
+        let order: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(r#"apilb_datapath_packets_total{counter=""#))
+            .filter_map(|l| l.split_once('"').map(|(name, _)| name))
+            .collect();
+        assert_eq!(order, COUNTER_NAMES);
+
+        assert_valid_exposition(&reply.body);
+        let samples = lines.iter().filter(|l| !l.starts_with('#')).count();
+        // build, timestamp, fail_open, 2 reloads; 4 per VIP; 8 per backend plus 4
+        // failure reasons; one per datapath counter.
+        assert_eq!(
+            samples,
+            5 + 4 + 2 * 8 + 4 + COUNTER_NAMES.len(),
+            "every series"
+        );
+    })
+    .await;
+}
+
+#[test]
+fn metrics_of_an_empty_snapshot_are_still_valid() {
+    let text = admin::render_metrics(&Snapshot::default()).unwrap();
+    assert_valid_exposition(&text);
+    assert!(text.lines().any(|l| l == "apilb_fail_open 0"), "\n{text}");
+    assert!(
+        text.lines()
+            .any(|l| l == "apilb_snapshot_timestamp_seconds 0"),
+        "\n{text}"
+    );
+    assert!(
+        !text.contains("apilb_backend_"),
+        "no backend families without backends:\n{text}"
+    );
+}
+
+/// Checks the text exposition's shape: `# EOF` last; every other comment is HELP,
+/// TYPE or UNIT; every sample is `name{labels} value`, with a TYPE for its family.
+fn assert_valid_exposition(text: &str) {
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.last(),
+        Some(&"# EOF"),
+        "the exposition must end with # EOF"
+    );
+    let mut typed = Vec::new();
+    for line in &lines[..lines.len() - 1] {
+        if let Some(comment) = line.strip_prefix("# ") {
+            let mut words = comment.splitn(3, ' ');
+            let kind = words.next().unwrap();
+            let name = words
+                .next()
+                .unwrap_or_else(|| panic!("bare comment {line:?}"));
+            assert!(matches!(kind, "HELP" | "TYPE" | "UNIT"), "comment {line:?}");
+            assert!(is_metric_name(name), "name in {line:?}");
+            if kind == "TYPE" {
+                typed.push(name.to_owned());
+            }
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value in {line:?}"));
+        value
+            .parse::<f64>()
+            .unwrap_or_else(|e| panic!("value in {line:?}: {e}"));
+        let name = match series.split_once('{') {
+            Some((name, labels)) => {
+                let labels = labels
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("unclosed labels in {line:?}"));
+                assert_valid_labels(labels, line);
+                name
+            }
+            None => series,
+        };
+        assert!(is_metric_name(name), "name in {line:?}");
+        let family = ["_total", "_info"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .filter(|family| typed.iter().any(|t| t == family))
+            .unwrap_or(name);
+        assert!(typed.iter().any(|t| t == family), "no TYPE for {line:?}");
+    }
+}
+
+fn is_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+/// `k="v",k="v"` with simple (unescaped) values, which is all apilb emits.
+fn assert_valid_labels(labels: &str, line: &str) {
+    for pair in labels.split("\",") {
+        let (key, value) = pair
+            .split_once("=\"")
+            .unwrap_or_else(|| panic!("label {pair:?} in {line:?}"));
+        assert!(
+            is_metric_name(key) && !key.contains(':'),
+            "label name in {line:?}"
+        );
+        assert!(
+            !value.trim_end_matches('"').contains('"'),
+            "label value in {line:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unknown_path_is_404_and_post_is_405() {
+    bounded(async {
+        let server = Server::start(sample()).await;
+        assert_eq!(request(server.addr, "GET", "/nope").await.status, 404);
+        let post = request(server.addr, "POST", "/status").await;
+        assert_eq!(post.status, 405);
+        assert!(
+            post.headers.contains("allow: get"),
+            "headers {:?}",
+            post.headers
+        );
+        // The known routes still answer afterwards.
+        assert_eq!(request(server.addr, "GET", "/metrics").await.status, 200);
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_stops_the_server_and_refuses_new_connections() {
+    bounded(async {
+        let server = Server::start(sample()).await;
+        let addr = server.addr;
+        // A keep-alive connection, idle after one answered request, as a scraper
+        // leaves it: it must not hold the shutdown up.
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"\r\n\r\nok\n") {
+            let mut buf = [0u8; 512];
+            let n = idle.read(&mut buf).await.unwrap();
+            assert_ne!(
+                n,
+                0,
+                "closed before answering: {:?}",
+                String::from_utf8_lossy(&answer)
+            );
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200 "));
+
+        let started = tokio::time::Instant::now();
+        server.stop().await.unwrap();
+        let took = started.elapsed();
+        // Well under the 1 s grace: idle connections are closed, not waited for.
+        assert!(took < Duration::from_millis(500), "shutdown took {took:?}");
+
+        let err = TcpStream::connect(addr)
+            .await
+            .expect_err("connecting after shutdown must fail");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+        // The server closed the idle connection: EOF, no bytes.
+        let mut buf = [0u8; 16];
+        assert_eq!(idle.read(&mut buf).await.unwrap(), 0);
+    })
+    .await;
+}
+
+#[test]
+fn render_status_shows_each_backend_with_its_health_and_numbers() {
+    let table = admin::render_status(&sample());
+    let row = |address: &str| -> Vec<&str> {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(address))
+            .unwrap_or_else(|| panic!("no row for {address} in\n{table}"));
+        line.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect()
+    };
+    assert_eq!(
+        row(HEALTHY),
+        [
+            HEALTHY, "0", "1", "healthy", "yes", "ok", "12.5", "4000", "1.2 MiB", "17"
+        ],
+        "\n{table}"
+    );
+    assert_eq!(
+        row(UNHEALTHY),
+        [
+            UNHEALTHY,
+            "1",
+            "2",
+            "unhealthy",
+            "no",
+            "timeout",
+            "400.0",
+            "0",
+            "0 B",
+            "0"
+        ],
+        "\n{table}"
+    );
+    assert_eq!(row(VIP), [VIP, "yes", "5000", "2.0 KiB", "17"], "\n{table}");
+    assert!(!table.contains("WARNING"), "\n{table}");
+
+    // Columns line up: the health word starts under the HEALTH header.
+    let header = table.lines().find(|l| l.starts_with("BACKEND")).unwrap();
+    let column = header.find("HEALTH").unwrap();
+    for (address, word) in [(HEALTHY, "healthy"), (UNHEALTHY, "unhealthy")] {
+        let line = table.lines().find(|l| l.starts_with(address)).unwrap();
+        assert_eq!(line.find(word), Some(column), "\n{table}");
+    }
+    assert!(!table.contains('\x1b'), "no colour codes");
+}
+
+#[test]
+fn render_status_warns_when_failing_open() {
+    let mut snapshot = sample();
+    snapshot.fail_open = true;
+    let table = admin::render_status(&snapshot);
+    let warning = table.lines().nth(1).unwrap_or_default();
+    assert!(warning.starts_with("WARNING: failing open"), "\n{table}");
+}

@@ -1,0 +1,86 @@
+//! `cargo xtask bench controller`: the controller's idle cost. `apilb run` in the
+//! live topology (namespaces, veths, three masters), probing each master every
+//! 500 ms (the default timings; TCP probes, as the test masters speak plain TCP),
+//! with no traffic: CPU time and resident memory sampled from /proc over 30 s.
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use tests::live::{Apilb, EchoServer, MASTERS, PinDir, Topology};
+
+const WARMUP: Duration = Duration::from_secs(5);
+const WINDOW: Duration = Duration::from_secs(30);
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').expect("comm").1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS");
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("rss")
+}
+
+fn main() {
+    let t = Topology::new("apilb-bench-ctl");
+    let instance = format!("bench-ctl-{}", std::process::id());
+    let _pins = PinDir(lb_userspace::loader::pin_dir(&instance));
+    let _servers: Vec<EchoServer> = MASTERS
+        .iter()
+        .map(|m| EchoServer::start(&t.master, m, WARMUP + WINDOW + Duration::from_secs(30)))
+        .collect();
+    let dir = std::env::temp_dir().join(format!("apilb-bench-ctl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("apilb.toml");
+    let mut text = format!(
+        "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"l0\", \"l1\"]\nsnat_ipv4 = \"198.51.100.1\"\n\
+         [[vip]]\naddress = \"192.0.2.100\"\n[health]\nkind = \"tcp\"\n"
+    );
+    for m in MASTERS {
+        text.push_str("[[backend]]\naddress = \"");
+        text.push_str(m);
+        text.push_str("\"\n");
+    }
+    std::fs::write(&config, text).expect("config");
+    let mut apilb = Apilb::start(&t.lb, &config, &dir.join("apilb.log"));
+    assert!(
+        apilb.wait_log("XDP attached", Duration::from_secs(15)),
+        "apilb started:\n{}",
+        apilb.log_text()
+    );
+    thread::sleep(WARMUP);
+    let pid = apilb.pid();
+    let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+    thread::sleep(WINDOW);
+    let (secs, ticks) = (t0.elapsed().as_secs_f64(), cpu_ticks(pid) - c0);
+    let rss = rss_kib(pid);
+    apilb.signal(libc::SIGTERM);
+    let _ = apilb.wait(Duration::from_secs(5));
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = ticks as f64 / hz;
+    println!("apilb run, 3 masters probed every 500 ms (tcp), idle, {secs:.0} s window");
+    println!();
+    println!("| CPU time | CPU share of one core | RSS |");
+    println!("| ---: | ---: | ---: |");
+    println!(
+        "| {:.2} s | {:.2} % | {:.1} MiB |",
+        cpu,
+        cpu / secs * 100.0,
+        rss as f64 / 1024.0
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
