@@ -237,7 +237,28 @@ fn apilb_run_follows_health_refuses_bad_reloads_and_survives_sigkill() {
         (3, 0),
         "still balancing over all three after the refused reload: {by:?}"
     );
-    std::fs::write(&config, config_text(&instance)).expect("good config again");
+    // A valid reload is applied as a diff: an open connection survives it.
+    let mut open = Client::connect(&t.client).expect("connection before the reload");
+    let master = open.ask_master().expect("answer before the reload");
+    let reweighted = config_text(&instance).replacen(
+        "\"198.51.100.13:6443\"\n",
+        "\"198.51.100.13:6443\"\nweight = 2\n",
+        1,
+    );
+    assert_ne!(reweighted, config_text(&instance));
+    std::fs::write(&config, reweighted).expect("good config");
+    apilb.signal(libc::SIGHUP);
+    assert!(
+        apilb.wait_log("config reloaded", Duration::from_secs(5)),
+        "log:\n{}",
+        apilb.log_text()
+    );
+    assert_eq!(
+        open.ask_master().expect("answer after the reload"),
+        master,
+        "the open connection kept its master"
+    );
+    drop(open);
 
     sigkill_restart_and_sigterm(&t, apilb, &config, &files.0, pins);
 }
