@@ -58,6 +58,30 @@ pub struct RunOptions {
     pub detach_on_exit: bool,
 }
 
+/// Datapath events rare enough to log each second they occur. They are counted in
+/// the kernel, where logging them would cost every packet; the controller reads
+/// the counters once a second and logs what moved, so even a storm of them is one
+/// line per second per reason.
+const LOGGED_EVENTS: [u32; 5] = [
+    lb_common::DROP_NO_BACKEND,
+    lb_common::DROP_NO_NAT_PORT,
+    lb_common::DROP_NO_SNAT_ADDR,
+    lb_common::DROP_FLOW_INSERT,
+    lb_common::PORT_RECLAIMED,
+];
+
+/// The logged events that moved between two counter readings, and by how much.
+fn moved_events(before: &[u64], now: &[u64]) -> Vec<(&'static str, u64)> {
+    LOGGED_EVENTS
+        .iter()
+        .map(|&i| i as usize)
+        .filter_map(|i| {
+            let delta = now.get(i)?.saturating_sub(*before.get(i)?);
+            (delta > 0).then_some((COUNTER_NAMES[i], delta))
+        })
+        .collect()
+}
+
 /// A config change that only a restart can apply.
 fn restart_only_change(old: &Config, new: &Config) -> Option<&'static str> {
     if old.instance != new.instance {
@@ -167,9 +191,24 @@ struct Daemon {
     snapshot: SharedSnapshot,
     reloads_applied: u64,
     reloads_refused: u64,
+    /// Counters at the last `log_events`.
+    seen: Vec<u64>,
 }
 
 impl Daemon {
+    /// Log the rare datapath events since the last call (see `LOGGED_EVENTS`).
+    fn log_events(&mut self) {
+        let Ok(now) = self.dp.counters() else { return };
+        for (event, count) in moved_events(&self.seen, &now.0) {
+            if event == "port_reclaimed" {
+                info!(event, count, "NAT ports of finished flows were reused");
+            } else {
+                warn!(event, count, "new flows dropped by the datapath");
+            }
+        }
+        self.seen = now.0.to_vec();
+    }
+
     fn reconcile(&mut self, why: &str) -> Result<(), ControllerError> {
         let desired = self
             .reconciler
@@ -366,6 +405,7 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
         snapshot,
         reloads_applied: 0,
         reloads_refused: 0,
+        seen: Vec::new(),
     };
     d.reconcile("start")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -378,7 +418,10 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
             _ = hup.recv() => d.reload(),
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = tick.tick() => d.publish(),
+            _ = tick.tick() => {
+                d.log_events();
+                d.publish();
+            }
         }
     }
     let pin = loader::pin_dir(&d.config.instance);
@@ -400,4 +443,26 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
 #[must_use]
 pub fn new_snapshot() -> SharedSnapshot {
     Arc::new(RwLock::new(Snapshot::default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_logged_events_that_moved_are_reported_with_their_delta() {
+        let mut before = vec![0u64; lb_common::COUNTER_COUNT as usize];
+        before[lb_common::DROP_NO_NAT_PORT as usize] = 5;
+        let mut now = before.clone();
+        now[lb_common::DROP_NO_NAT_PORT as usize] = 12;
+        now[lb_common::REDIRECT as usize] = 1_000; // not a logged event
+        now[lb_common::PORT_RECLAIMED as usize] = 3;
+        assert_eq!(
+            moved_events(&before, &now),
+            vec![("drop_no_nat_port", 7), ("port_reclaimed", 3)]
+        );
+        assert!(moved_events(&now, &now).is_empty());
+        // The first reading (nothing seen yet) logs nothing.
+        assert!(moved_events(&[], &now).is_empty());
+    }
 }
