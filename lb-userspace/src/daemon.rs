@@ -359,6 +359,28 @@ fn start_datapath(config: &Config) -> Result<Datapath, LoaderError> {
     if loader::ensure_bpffs(Path::new(loader::BPFFS))? {
         info!(path = loader::BPFFS, "bpffs was not mounted; mounted it");
     }
+    // Without forwarding the FIB refuses every rewritten packet and so does the
+    // stack: the VIP would be dead. Nodes running Kubernetes have it on; say so
+    // loudly rather than change how the node routes.
+    for (family, path, needed) in [
+        (
+            "IPv4",
+            "/proc/sys/net/ipv4/ip_forward",
+            !config.vips.iter().all(|v| v.addr.is_ipv6()),
+        ),
+        (
+            "IPv6",
+            "/proc/sys/net/ipv6/conf/all/forwarding",
+            config.vips.iter().any(|v| v.addr.is_ipv6()),
+        ),
+    ] {
+        if needed && std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "0") {
+            error!(
+                path,
+                "{family} forwarding is off: the datapath cannot forward to the masters until it is on"
+            );
+        }
+    }
     let ports = &config.datapath.nat_ports;
     if loader::reserve_ports(*ports.start(), *ports.end())? {
         info!(ports = ?ports, "reserved the NAT ports from the node's own sockets (net.ipv4.ip_local_reserved_ports)");
