@@ -202,6 +202,9 @@ fn apilb_run_follows_health_refuses_bad_reloads_and_survives_sigkill() {
         f == 0 && !m.contains_key(dead)
     });
     let took = started.elapsed();
+    eprintln!(
+        "{dead} out of rotation, every new connect succeeding, {took:?} after its port closed (fall = 2 x 100 ms); spread after: {by:?}"
+    );
     assert!(
         !by.contains_key(dead) && failed == 0,
         "{dead} still served or connects failed: {by:?}, {failed} failed"
