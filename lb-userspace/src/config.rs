@@ -532,7 +532,7 @@ fn validate_datapath(
             "only \"nat\" is supported",
         ));
     }
-    let (snat_v4, snat_v6) = snat_addresses(&raw, vips)?;
+    let (snat_v4, snat_v6) = snat_addresses(&raw, vips, backends)?;
     let nat_ports = nat_port_range(&raw.nat_ports)?;
     let maglev_size = u32::try_from(raw.maglev_size)
         .ok()
@@ -593,10 +593,12 @@ fn optional_ip<T: std::str::FromStr>(
         .transpose()
 }
 
-/// The NAT source addresses; each family that a VIP uses must have one.
+/// The NAT source addresses; each family that a VIP uses must have one, and a
+/// backend.
 fn snat_addresses(
     raw: &RawDatapath,
     vips: &[VipSettings],
+    backends: &[BackendSettings],
 ) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), ConfigError> {
     let v4: Option<Ipv4Addr> = optional_ip("datapath.snat_ipv4", raw.snat_ipv4.as_deref(), "IPv4")?;
     let v6: Option<Ipv6Addr> = optional_ip("datapath.snat_ipv6", raw.snat_ipv6.as_deref(), "IPv6")?;
@@ -614,6 +616,16 @@ fn snat_addresses(
                     "vip[{i}] {} needs a NAT source address of its family",
                     v.addr
                 ),
+            ));
+        }
+        if !backends
+            .iter()
+            .any(|b| b.addr.is_ipv4() == v.addr.is_ipv4())
+        {
+            return Err(invalid(
+                format!("vip[{i}].address"),
+                v.addr.ip(),
+                "no [[backend]] of its address family",
             ));
         }
     }
@@ -982,6 +994,22 @@ mod tests {
         );
         check(&GOOD.replacen("kind = \"tcp\"", "kind = \"https\"\ninsecure = true", 1))
             .expect("explicitly insecure");
+    }
+
+    #[test]
+    fn a_vip_needs_a_backend_of_its_family() {
+        let text = GOOD
+            .replacen("\"192.168.19.200\"", "\"fd00::200\"", 1)
+            .replacen(
+                "snat_ipv4 = \"192.168.19.159\"",
+                "snat_ipv4 = \"192.168.19.159\"\nsnat_ipv6 = \"fd00::1\"",
+                1,
+            );
+        let msg = check(&text).expect_err("no IPv6 backend").to_string();
+        assert_eq!(
+            msg,
+            "vip[0].address = fd00::200: no [[backend]] of its address family"
+        );
     }
 
     #[test]

@@ -34,8 +34,11 @@ pub struct Desired {
     pub vips: Vec<(Vip, Vec<u32>)>,
     /// Backend ids that hold ring slots.
     pub in_rotation: BTreeSet<u32>,
-    /// No configured backend is healthy, so every configured one is in rotation:
-    /// better a possibly-dead master than a certainly-black-holed VIP.
+    /// Backends whose flows stay: healthy ones (drained included) and any in
+    /// rotation. Flows to every other backend are removed.
+    pub keep_flows: BTreeSet<SocketAddr>,
+    /// Some VIP has no healthy backend of its family, so all of them are in its
+    /// rotation: better a possibly-dead master than a certainly-black-holed VIP.
     pub fail_open: bool,
 }
 
@@ -92,26 +95,40 @@ impl Reconciler {
             .iter()
             .map(|b| (self.backend_ids[&b.addr], *b))
             .collect();
-        let live = |b: &&BackendSettings| b.weight > 0 && healthy.contains(&b.addr);
-        let fail_open = !config.backends.iter().any(|b| live(&b));
-        let rotation: Vec<&BackendSettings> = config
-            .backends
-            .iter()
-            .filter(|b| b.weight > 0 && (fail_open || healthy.contains(&b.addr)))
-            .collect();
-        let in_rotation = rotation.iter().map(|b| self.backend_ids[&b.addr]).collect();
+        let mut in_rotation = BTreeSet::new();
+        let mut fail_open = false;
         let vips = config
             .vips
             .iter()
             .map(|v| {
-                // A VIP only balances to backends of its own address family.
+                // A VIP balances over the weighted backends of its own address family
+                // that pass their probes; if none does, it fails open to all of them.
+                let family: Vec<&BackendSettings> = config
+                    .backends
+                    .iter()
+                    .filter(|b| b.weight > 0 && b.addr.is_ipv4() == v.addr.is_ipv4())
+                    .collect();
+                let live: Vec<&BackendSettings> = family
+                    .iter()
+                    .copied()
+                    .filter(|b| healthy.contains(&b.addr))
+                    .collect();
+                let rotation = if live.is_empty() {
+                    fail_open = true;
+                    family
+                } else {
+                    live
+                };
                 let weighted: Vec<WeightedBackend> = rotation
                     .iter()
-                    .filter(|b| b.addr.is_ipv4() == v.addr.is_ipv4())
-                    .map(|b| WeightedBackend {
-                        key: b.addr.to_string(),
-                        id: self.backend_ids[&b.addr],
-                        weight: b.weight,
+                    .map(|b| {
+                        let id = self.backend_ids[&b.addr];
+                        in_rotation.insert(id);
+                        WeightedBackend {
+                            key: b.addr.to_string(),
+                            id,
+                            weight: b.weight,
+                        }
                     })
                     .collect();
                 let vip = Vip {
@@ -125,6 +142,17 @@ impl Reconciler {
                     maglev::build_table(&weighted, config.datapath.maglev_size),
                 )
             })
+            .collect();
+        // Flows are kept to every backend that is configured and healthy, drained
+        // (weight 0) or not, and to every backend in rotation (which, failing open,
+        // includes unhealthy ones).
+        let keep_flows = config
+            .backends
+            .iter()
+            .filter(|b| {
+                healthy.contains(&b.addr) || in_rotation.contains(&self.backend_ids[&b.addr])
+            })
+            .map(|b| b.addr)
             .collect();
         let d = &config.datapath;
         let node = NodeConfig {
@@ -140,6 +168,7 @@ impl Reconciler {
             backends,
             vips,
             in_rotation,
+            keep_flows,
             fail_open,
         }
     }
@@ -158,13 +187,15 @@ impl Reconciler {
         desired: Desired,
     ) -> Result<Applied, ControllerError> {
         let mut out = Applied::default();
-        let old = self.current.take();
-        let old_ref = old.as_ref();
-        if old_ref.is_none_or(|o| o.node != desired.node) {
+        // What the maps hold is known from the last apply; without one (the first
+        // apply, maybe adopting pinned maps from an earlier process) it is read back,
+        // so VIPs and flows a previous configuration left are cleaned up too.
+        let old = self.current.as_ref();
+        if old.is_none_or(|o| o.node != desired.node) {
             dp.set_node_config(&desired.node)?;
         }
         for (id, b) in &desired.backends {
-            let same = old_ref
+            let same = old
                 .and_then(|o| o.backends.get(id))
                 .is_some_and(|ob| ob.addr == b.addr && ob.local == b.local);
             if !same {
@@ -173,7 +204,7 @@ impl Reconciler {
             }
         }
         for (vip, ring) in &desired.vips {
-            let old_vip = old_ref.and_then(|o| o.vips.iter().find(|(v, _)| v.addr == vip.addr));
+            let old_vip = old.and_then(|o| o.vips.iter().find(|(v, _)| v.addr == vip.addr));
             if old_vip.is_none_or(|(v, _)| v != vip) {
                 dp.set_vip(vip)?;
                 out.vips_written += 1;
@@ -186,20 +217,31 @@ impl Reconciler {
             dp.write_maglev(vip.id, &delta)?;
             out.ring_slots_written += delta.len();
         }
-        if let Some(o) = old_ref {
-            for (vip, _) in &o.vips {
-                if !desired.vips.iter().any(|(v, _)| v.addr == vip.addr) {
-                    dp.remove_vip(vip.addr)?;
-                    out.vips_removed += 1;
-                }
+        let stale_vips: Vec<SocketAddr> = match old {
+            Some(o) => o.vips.iter().map(|(v, _)| v.addr).collect(),
+            None => dp.vip_addrs()?,
+        };
+        for addr in stale_vips {
+            if !desired.vips.iter().any(|(v, _)| v.addr == addr) {
+                dp.remove_vip(addr)?;
+                out.vips_removed += 1;
             }
-            // Flows of backends that left rotation (unhealthy, drained or removed)
-            // are dropped, so their clients reconnect now rather than after a TCP
-            // timeout. Flows of backends still in rotation are never touched.
-            for id in o.in_rotation.difference(&desired.in_rotation) {
-                let addr = o.backends[id].addr;
-                out.flows_removed.push((addr, dp.remove_flows_of(*id)?));
-            }
+        }
+        // Flows to backends that are neither healthy nor in rotation (dead, or no
+        // longer configured) are removed, so their clients reconnect now rather than
+        // after a TCP timeout. Matched by address, not id: ids can move between
+        // configurations. Flows to every other backend are never touched.
+        let was_kept: Option<&BTreeSet<SocketAddr>> = old.map(|o| &o.keep_flows);
+        let doomed: Vec<SocketAddr> = match was_kept {
+            Some(k) => k.difference(&desired.keep_flows).copied().collect(),
+            None => dp
+                .flow_backends()?
+                .into_iter()
+                .filter(|a| !desired.keep_flows.contains(a))
+                .collect(),
+        };
+        for addr in doomed {
+            out.flows_removed.push((addr, dp.remove_flows_to(addr)?));
         }
         self.current = Some(desired);
         Ok(out)
@@ -280,6 +322,52 @@ mod tests {
             &healthy(&[A, C]),
         );
         assert_eq!(id(&d3, "10.0.0.14:6443"), id(&d1, B));
+    }
+
+    #[test]
+    fn a_drained_backend_leaves_the_ring_but_keeps_its_flows() {
+        let mut r = Reconciler::new();
+        let d = r.desired(&config(&[(A, 1), (B, 0)]), &healthy(&[A, B]));
+        assert_eq!(d.in_rotation, BTreeSet::from([1]), "weight 0: no slots");
+        assert!(
+            d.keep_flows.contains(&B.parse().unwrap()),
+            "but its open flows stay"
+        );
+        let d = r.desired(&config(&[(A, 1), (B, 0)]), &healthy(&[A]));
+        assert!(
+            !d.keep_flows.contains(&B.parse().unwrap()),
+            "until it fails its probes"
+        );
+    }
+
+    #[test]
+    fn each_vip_fails_open_over_its_own_family_only() {
+        let mut text = String::from(
+            "[datapath]\ninterfaces = [\"lo\"]\nsnat_ipv4 = \"10.0.0.1\"\nsnat_ipv6 = \"fd00::1\"\nmaglev_size = 1009\n\
+             [[vip]]\naddress = \"10.0.0.100\"\n[[vip]]\naddress = \"fd00::100\"\n[health]\nkind = \"tcp\"\n",
+        );
+        for a in [A, "[fd00::11]:6443", "[fd00::12]:6443"] {
+            let _ = write!(text, "[[backend]]\naddress = \"{a}\"\n");
+        }
+        let cfg = Config::parse(&text, Path::new("test.toml")).expect("valid");
+        let mut r = Reconciler::new();
+        // The IPv4 master is up, both IPv6 masters are down.
+        let d = r.desired(&cfg, &healthy(&[A]));
+        assert!(d.fail_open);
+        let v6_ring = &d.vips[1].1;
+        assert!(
+            v6_ring.iter().all(|&b| b == 2 || b == 3),
+            "the IPv6 VIP fails open to its own masters"
+        );
+        assert_eq!(
+            v6_ring.iter().filter(|&&b| b == 2).count()
+                + v6_ring.iter().filter(|&&b| b == 3).count(),
+            1009
+        );
+        assert!(
+            d.vips[0].1.iter().all(|&b| b == 1),
+            "the IPv4 VIP keeps its healthy master only"
+        );
     }
 
     #[test]

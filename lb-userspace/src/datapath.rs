@@ -177,6 +177,24 @@ pub fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
     }
 }
 
+/// The address stored as `addr_words` stores it, back as a `SocketAddr`.
+fn socket_addr(addr_be: &[u32; 4], family: u8, port_be: u16) -> SocketAddr {
+    let bytes: Vec<u8> = addr_be.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let ip = if family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&bytes);
+        IpAddr::V6(Ipv6Addr::from(b))
+    };
+    SocketAddr::new(ip, u16::from_be(port_be))
+}
+
+/// The backend a flow goes to.
+fn flow_backend(key: &FlowKey, flow: &FlowState) -> SocketAddr {
+    socket_addr(&flow.backend_be, key.family, flow.backend_port_be)
+}
+
 /// The `VIPS` key of a TCP VIP.
 #[must_use]
 pub fn vip_key(addr: SocketAddr) -> VipKey {
@@ -399,29 +417,27 @@ impl Datapath {
             .map_err(map_err(MAP_REPLIES))
     }
 
-    /// Remove every flow (both directions) to backend `id`, so that its clients'
-    /// next segments find no flow: the stack answers them with a RST and they
-    /// reconnect through the ring, instead of waiting out a dead master's TCP
-    /// timeout. Returns how many client flows it removed.
-    pub fn remove_flows_of(&mut self, id: u32) -> Result<usize> {
-        let mut removed = 0;
+    /// Remove every flow (both directions) to the backend at `addr`, so that its
+    /// clients' next segments find no flow: the stack answers them with a RST and
+    /// they reconnect through the ring, instead of waiting out a dead master's TCP
+    /// timeout. Matched by address, which flows record, not by id, which can move
+    /// between configurations. Returns how many client flows it removed.
+    pub fn remove_flows_to(&mut self, addr: SocketAddr) -> Result<usize> {
+        let (addr_be, _) = addr_words(addr.ip());
+        let port_be = addr.port().to_be();
         let doomed: Vec<FlowKey> = self
             .flows()?
             .into_iter()
-            .filter(|(_, f)| f.backend_id == id)
+            .filter(|(_, f)| f.backend_be == addr_be && f.backend_port_be == port_be)
             .map(|(k, _)| k)
             .collect();
         let mut flows: HashMap<_, FlowKey, FlowState> = self.typed(MAP_FLOWS)?;
-        for k in &doomed {
-            // A flow the LRU evicted meanwhile is already gone: not an error.
-            if flows.remove(k).is_ok() {
-                removed += 1;
-            }
-        }
+        // A flow the LRU evicted meanwhile is already gone: not an error.
+        let removed = doomed.iter().filter(|k| flows.remove(k).is_ok()).count();
         let doomed: Vec<FlowKey> = self
             .replies()?
             .into_iter()
-            .filter(|(_, r)| r.backend_id == id)
+            .filter(|(k, _)| k.src_be == addr_be && k.sport_be == port_be)
             .map(|(k, _)| k)
             .collect();
         let mut replies: HashMap<_, FlowKey, ReplyState> = self.typed(MAP_REPLIES)?;
@@ -429,6 +445,30 @@ impl Datapath {
             let _ = replies.remove(k);
         }
         Ok(removed)
+    }
+
+    /// The backends that client flows currently go to.
+    pub fn flow_backends(&self) -> Result<Vec<SocketAddr>> {
+        let mut out: Vec<SocketAddr> = self
+            .flows()?
+            .iter()
+            .map(|(k, f)| flow_backend(k, f))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// The VIPs in the datapath.
+    pub fn vip_addrs(&self) -> Result<Vec<SocketAddr>> {
+        let vips: HashMap<_, VipKey, VipInfo> =
+            HashMap::try_from(self.map(MAP_VIPS)?).map_err(map_err(MAP_VIPS))?;
+        vips.keys()
+            .map(|k| {
+                k.map(|k| socket_addr(&k.addr_be, k.family, k.port_be))
+                    .map_err(map_err(MAP_VIPS))
+            })
+            .collect()
     }
 
     /// Run `program` once on `packet` through `BPF_PROG_TEST_RUN`, as if received on
