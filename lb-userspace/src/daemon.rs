@@ -94,12 +94,21 @@ fn restart_only_change(old: &Config, new: &Config) -> Option<&'static str> {
         Some("datapath.flow_table_size")
     } else if old.admin_listen != new.admin_listen {
         Some("admin.listen")
+    } else if old.datapath.nat_ports != new.datapath.nat_ports {
+        // Replies of open flows arrive on the old ports, which the datapath would no
+        // longer recognise, and the new range is reserved only at start.
+        Some("datapath.nat_ports")
+    } else if old.datapath.snat_v4 != new.datapath.snat_v4
+        || old.datapath.snat_v6 != new.datapath.snat_v6
+    {
+        // Likewise: replies of open flows come back to the old address.
+        Some("datapath.snat_ipv4/snat_ipv6")
     } else {
         None
     }
 }
 
-fn probe_spec(h: &HealthSettings) -> ProbeSpec {
+fn probe_spec(h: &HealthSettings, initial: InitialState) -> ProbeSpec {
     let kind = match h.kind {
         ProbeKindSetting::Tcp => ProbeKind::Tcp,
         ProbeKindSetting::Http => ProbeKind::Http {
@@ -122,13 +131,20 @@ fn probe_spec(h: &HealthSettings) -> ProbeSpec {
         rise: h.rise,
         fall: h.fall,
         jitter: h.jitter,
-        initial: InitialState::Up,
+        initial,
     }
 }
 
 /// The probers of the configured backends, and their verdicts.
+///
+/// A prober starts in the state its backend is known to be in: masters configured
+/// at start are up (a restarted controller must not pull not-yet-probed masters,
+/// and their flows, out of the ring), a master added by a reload is down until
+/// `rise` probes prove it, and one whose prober restarts with new settings keeps
+/// its last verdict.
 struct Probes {
-    prober: Prober,
+    up: Prober,
+    down: Prober,
     settings: HealthSettings,
     handles: HashMap<SocketAddr, ProberHandle>,
     healthy: HashMap<SocketAddr, bool>,
@@ -138,33 +154,38 @@ struct Probes {
 impl Probes {
     fn start(config: &Config, events: mpsc::Sender<HealthEvent>) -> Result<Self, HealthError> {
         let mut p = Self {
-            prober: Prober::new(probe_spec(&config.health))?,
+            up: Prober::new(probe_spec(&config.health, InitialState::Up))?,
+            down: Prober::new(probe_spec(&config.health, InitialState::Down))?,
             settings: config.health.clone(),
             handles: HashMap::new(),
-            healthy: HashMap::new(),
+            healthy: config.backends.iter().map(|b| (b.addr, true)).collect(),
             events,
         };
         p.sync(config);
         Ok(p)
     }
 
-    /// Probe exactly the configured backends; new ones start healthy.
+    /// Probe exactly the configured backends; one not seen before starts down.
     fn sync(&mut self, config: &Config) {
         let wanted: HashSet<SocketAddr> = config.backends.iter().map(|b| b.addr).collect();
         self.handles.retain(|a, _| wanted.contains(a));
         self.healthy.retain(|a, _| wanted.contains(a));
         for addr in wanted {
+            let healthy = *self.healthy.entry(addr).or_insert(false);
+            let prober = if healthy { &self.up } else { &self.down };
             self.handles
                 .entry(addr)
-                .or_insert_with(|| self.prober.spawn(addr, self.events.clone()));
-            self.healthy.entry(addr).or_insert(true);
+                .or_insert_with(|| prober.spawn(addr, self.events.clone()));
         }
     }
 
-    /// Apply new health settings: all probers restart if they changed.
+    /// Apply new health settings: every prober restarts, from its last verdict, if
+    /// they changed.
     fn reconfigure(&mut self, config: &Config) -> Result<(), HealthError> {
         if config.health != self.settings {
-            self.prober = Prober::new(probe_spec(&config.health))?;
+            let up = Prober::new(probe_spec(&config.health, InitialState::Up))?;
+            let down = Prober::new(probe_spec(&config.health, InitialState::Down))?;
+            (self.up, self.down) = (up, down);
             self.settings = config.health.clone();
             self.handles.clear();
         }
@@ -193,6 +214,8 @@ struct Daemon {
     reloads_refused: u64,
     /// Counters at the last `log_events`.
     seen: Vec<u64>,
+    /// The last reconcile failed; the next tick retries it.
+    dirty: bool,
 }
 
 impl Daemon {
@@ -237,6 +260,21 @@ impl Daemon {
         Ok(())
     }
 
+    /// Reconcile, and on failure log it and leave it for the next tick to retry: a
+    /// failed map write must not end the daemon and freeze the maps.
+    fn try_reconcile(&mut self, why: &str) {
+        match self.reconcile(why) {
+            Ok(()) => self.dirty = false,
+            Err(e) => {
+                self.dirty = true;
+                error!(
+                    why,
+                    "updating the datapath failed (retrying every second): {e}"
+                );
+            }
+        }
+    }
+
     fn reload(&mut self) {
         let refuse = |d: &mut Self, reason: String| {
             d.reloads_refused += 1;
@@ -254,9 +292,12 @@ impl Daemon {
         }
         self.config = new;
         self.reloads_applied += 1;
-        info!(config = %self.config_path.display(), "config reloaded");
-        if let Err(e) = self.reconcile("reload") {
-            error!("applying the reloaded config: {e}");
+        match self.reconcile("reload") {
+            Ok(()) => info!(config = %self.config_path.display(), "config reloaded"),
+            Err(e) => {
+                self.dirty = true;
+                error!(config = %self.config_path.display(), "config reloaded, but updating the datapath failed (retrying every second): {e}");
+            }
         }
     }
 
@@ -386,7 +427,7 @@ fn start_datapath(config: &Config) -> Result<Datapath, LoaderError> {
         info!(ports = ?ports, "reserved the NAT ports from the node's own sockets (net.ipv4.ip_local_reserved_ports)");
     }
     let pin = loader::pin_dir(&config.instance);
-    let adopting = pin.exists();
+    let adopting = loader::pinned_maps_exist(&pin);
     let mut dp = Datapath::load(&LoadOptions {
         flow_table_size: config.datapath.flow_table_size,
         pin_dir: Some(pin.clone()),
@@ -398,6 +439,9 @@ fn start_datapath(config: &Config) -> Result<Datapath, LoaderError> {
         } else {
             info!(interface = %iface, ?mode, pins = %pin.display(), "XDP attached");
         }
+    }
+    for stale in loader::remove_stale_pins(&pin, &config.datapath.interfaces)? {
+        info!(pin = %stale.display(), "removed a pin the configuration no longer uses");
     }
     Ok(dp)
 }
@@ -428,19 +472,26 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
         reloads_applied: 0,
         reloads_refused: 0,
         seen: Vec::new(),
+        dirty: false,
     };
     d.reconcile("start")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             Some(ev) = rx.recv() => {
-                d.probes.healthy.insert(ev.backend, ev.healthy);
-                d.reconcile(if ev.healthy { "backend up" } else { "backend down" })?;
+                // An event from a prober stopped by a reload is stale.
+                if d.probes.handles.contains_key(&ev.backend) {
+                    d.probes.healthy.insert(ev.backend, ev.healthy);
+                    d.try_reconcile(if ev.healthy { "backend up" } else { "backend down" });
+                }
             }
             _ = hup.recv() => d.reload(),
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tick.tick() => {
+                if d.dirty {
+                    d.try_reconcile("retry");
+                }
                 d.log_events();
                 d.publish();
             }

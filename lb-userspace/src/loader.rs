@@ -263,9 +263,25 @@ impl Datapath {
             source,
         })?;
         let link_pin = pin_dir.map(|d| d.join(format!("link-{interface}")));
-        let used = match &link_pin {
-            Some(path) if path.exists() => self.adopt(path)?,
-            _ => self.attach_new(interface, ifindex, mode, link_pin.as_deref())?,
+        let adopted = match &link_pin {
+            Some(path) if path.exists() => match self.adopt(path) {
+                Ok(m) => Some(m),
+                // A link whose interface went away and came back is defunct: drop
+                // its pin and attach afresh rather than refuse to start.
+                Err(e) => {
+                    tracing::warn!(interface, pin = %path.display(), "cannot adopt the pinned link, attaching afresh: {e}");
+                    std::fs::remove_file(path).map_err(|source| LoaderError::Remove {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    None
+                }
+            },
+            _ => None,
+        };
+        let used = match adopted {
+            Some(m) => m,
+            None => self.attach_new(interface, ifindex, mode, link_pin.as_deref())?,
         };
         self.add_tx_port(ifindex)?;
         Ok(used)
@@ -408,6 +424,44 @@ pub fn reserve_ports(lo: u16, hi: u16) -> Result<bool> {
     };
     std::fs::write(&path, value).map_err(|source| LoaderError::Sysctl { path, source })?;
     Ok(true)
+}
+
+/// Whether maps of this apilb's layout are pinned under `pin_dir`, i.e. whether a
+/// load there reuses them.
+#[must_use]
+pub fn pinned_maps_exist(pin_dir: &Path) -> bool {
+    maps_dir(pin_dir).join(MAP_FLOWS).exists()
+}
+
+/// Remove the pinned links of interfaces not in `keep` (detaching the program from
+/// them), and maps of other layout versions. Returns what it removed.
+pub fn remove_stale_pins(pin_dir: &Path, keep: &[String]) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return Ok(removed);
+    };
+    let current_maps = maps_dir(pin_dir);
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = match name.strip_prefix("link-") {
+            Some(iface) => !keep.iter().any(|k| k == iface),
+            None => name.starts_with("maps-v") && path != current_maps,
+        };
+        if stale {
+            let rm = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            rm.map_err(|source| LoaderError::Remove {
+                path: path.clone(),
+                source,
+            })?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
 }
 
 /// Detach the datapath of the instance pinned at `pin_dir` and remove its pins.
