@@ -150,8 +150,58 @@ fn sigkill_restart_and_sigterm(
         "SIGTERM left the datapath pinned"
     );
     drop(open);
+    // apilb detach, as a user runs it.
+    let out = tests::netns::run(
+        "nsenter",
+        &[
+            &format!("--net=/run/netns/{}", t.lb.name()),
+            tests::live::apilb_bin().to_str().expect("path"),
+            "detach",
+            "--instance",
+            pins.0
+                .file_name()
+                .and_then(|n| n.to_str())
+                .expect("instance"),
+        ],
+    );
+    assert!(out.contains("link-l0") && out.contains("link-l1"), "{out}");
+    assert!(
+        !pins.0.exists() && !t.lb_has_xdp("l0") && !t.lb_has_xdp("l1"),
+        "apilb detach removed the datapath"
+    );
     drop(pins);
-    assert!(!t.lb_has_xdp("l0"), "detach removed it");
+}
+
+/// Every master dies: apilb fails open (all three stay in the ring) and says so, in
+/// /metrics and the log; when they come back it stops.
+fn every_master_dies_then_returns(t: &Topology, servers: &mut [Option<EchoServer>], apilb: &Apilb) {
+    for s in servers.iter_mut() {
+        drop(s.take());
+    }
+    let fail_open = |want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = t.lb.exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"]);
+            if m.lines().any(|l| l == want) || Instant::now() > deadline {
+                return m.lines().any(|l| l == want);
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert!(
+        fail_open("apilb_fail_open 1"),
+        "fail-open reported in /metrics"
+    );
+    assert!(
+        apilb.wait_log("failing open", Duration::from_secs(5)),
+        "and logged"
+    );
+    for (slot, m) in servers.iter_mut().zip(MASTERS) {
+        *slot = Some(EchoServer::start(&t.master, m, LIFETIME));
+    }
+    assert!(fail_open("apilb_fail_open 0"), "fail-open cleared");
+    let (by, failed) = wait_for(t, 30, Duration::from_secs(5), |m, f| f == 0 && m.len() == 3);
+    assert_eq!((by.len(), failed), (3, 0), "all three serve again: {by:?}");
 }
 
 struct Files(PathBuf);
@@ -189,10 +239,17 @@ fn apilb_run_follows_health_refuses_bad_reloads_and_survives_sigkill() {
         apilb.log_text()
     );
     assert!(
-        by.values().all(|&n| n >= 3),
+        by.values().all(|&n| n >= 1),
         "each master got a share of 30: {by:?}"
     );
     admin_endpoint_reports_three_healthy_masters(&t);
+    let reserved =
+        t.lb.exec("cat", &["/proc/sys/net/ipv4/ip_local_reserved_ports"]);
+    assert_eq!(
+        reserved.trim(),
+        "40000-40999",
+        "apilb reserved its NAT ports in the LB namespace"
+    );
 
     // Master .12 dies (its port refuses): after fall = 2 probes it leaves rotation.
     let dead = MASTERS[1];
@@ -211,6 +268,10 @@ fn apilb_run_follows_health_refuses_bad_reloads_and_survives_sigkill() {
     );
     assert!(took < Duration::from_secs(5), "left rotation in {took:?}");
     assert!(
+        took >= Duration::from_millis(100),
+        "left rotation only after probes failed: {took:?}"
+    );
+    assert!(
         apilb.wait_log("backend down", Duration::from_secs(5)),
         "log:\n{}",
         apilb.log_text()
@@ -220,6 +281,8 @@ fn apilb_run_follows_health_refuses_bad_reloads_and_survives_sigkill() {
     servers[1] = Some(EchoServer::start(&t.master, dead, LIFETIME));
     let (by, _) = wait_for(&t, 30, Duration::from_secs(5), |m, _| m.contains_key(dead));
     assert!(by.contains_key(dead), "{dead} rejoined: {by:?}");
+
+    every_master_dies_then_returns(&t, &mut servers, &apilb);
 
     // A bad config on SIGHUP is refused and changes nothing.
     std::fs::write(
