@@ -204,6 +204,52 @@ fn every_master_dies_then_returns(t: &Topology, servers: &mut [Option<EchoServer
     assert_eq!((by.len(), failed), (3, 0), "all three serve again: {by:?}");
 }
 
+/// A bad config on SIGHUP is refused and changes nothing; a good one is applied as
+/// a diff, keeping an open connection on its master.
+fn reloads(t: &Topology, apilb: &Apilb, config: &Path, instance: &str) {
+    // A bad config on SIGHUP is refused and changes nothing.
+    std::fs::write(
+        config,
+        config_text(instance).replace("timeout = \"80ms\"", "timeout = \"2s\""),
+    )
+    .expect("bad config");
+    apilb.signal(libc::SIGHUP);
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        apilb.wait_log("config reload refused", Duration::from_secs(5)),
+        "log:\n{}",
+        apilb.log_text()
+    );
+    let (by, failed) = spread(t, 30);
+    assert_eq!(
+        (by.len(), failed),
+        (3, 0),
+        "still balancing over all three after the refused reload: {by:?}"
+    );
+    // A valid reload is applied as a diff: an open connection survives it.
+    let mut open = Client::connect(&t.client).expect("connection before the reload");
+    let master = open.ask_master().expect("answer before the reload");
+    let reweighted = config_text(instance).replacen(
+        "\"198.51.100.13:6443\"\n",
+        "\"198.51.100.13:6443\"\nweight = 2\n",
+        1,
+    );
+    assert_ne!(reweighted, config_text(instance));
+    std::fs::write(config, reweighted).expect("good config");
+    apilb.signal(libc::SIGHUP);
+    assert!(
+        apilb.wait_log("config reloaded", Duration::from_secs(5)),
+        "log:\n{}",
+        apilb.log_text()
+    );
+    assert_eq!(
+        open.ask_master().expect("answer after the reload"),
+        master,
+        "the open connection kept its master"
+    );
+    drop(open);
+}
+
 struct Files(PathBuf);
 
 impl Drop for Files {
@@ -284,47 +330,7 @@ fn apilb_run_follows_health_refuses_bad_reloads_and_survives_sigkill() {
 
     every_master_dies_then_returns(&t, &mut servers, &apilb);
 
-    // A bad config on SIGHUP is refused and changes nothing.
-    std::fs::write(
-        &config,
-        config_text(&instance).replace("timeout = \"80ms\"", "timeout = \"2s\""),
-    )
-    .expect("bad config");
-    apilb.signal(libc::SIGHUP);
-    thread::sleep(Duration::from_millis(500));
-    assert!(
-        apilb.wait_log("config reload refused", Duration::from_secs(5)),
-        "log:\n{}",
-        apilb.log_text()
-    );
-    let (by, failed) = spread(&t, 30);
-    assert_eq!(
-        (by.len(), failed),
-        (3, 0),
-        "still balancing over all three after the refused reload: {by:?}"
-    );
-    // A valid reload is applied as a diff: an open connection survives it.
-    let mut open = Client::connect(&t.client).expect("connection before the reload");
-    let master = open.ask_master().expect("answer before the reload");
-    let reweighted = config_text(&instance).replacen(
-        "\"198.51.100.13:6443\"\n",
-        "\"198.51.100.13:6443\"\nweight = 2\n",
-        1,
-    );
-    assert_ne!(reweighted, config_text(&instance));
-    std::fs::write(&config, reweighted).expect("good config");
-    apilb.signal(libc::SIGHUP);
-    assert!(
-        apilb.wait_log("config reloaded", Duration::from_secs(5)),
-        "log:\n{}",
-        apilb.log_text()
-    );
-    assert_eq!(
-        open.ask_master().expect("answer after the reload"),
-        master,
-        "the open connection kept its master"
-    );
-    drop(open);
+    reloads(&t, &apilb, &config, &instance);
 
     sigkill_restart_and_sigterm(&t, apilb, &config, &files.0, pins);
 }
