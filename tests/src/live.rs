@@ -352,12 +352,20 @@ impl Apilb {
     /// Start `apilb run -c config` in namespace `ns`.
     #[must_use]
     pub fn start(ns: &Netns, config: &Path, log: &Path) -> Self {
+        Self::start_with(ns, config, log, &[])
+    }
+
+    /// [`Apilb::start`] with extra arguments after `run -c <config>`, e.g.
+    /// `--detach-on-exit`.
+    #[must_use]
+    pub fn start_with(ns: &Netns, config: &Path, log: &Path, extra: &[&str]) -> Self {
         let out = std::fs::File::create(log).expect("log file");
         let child = std::process::Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", ns.name()))
             .arg(apilb_bin())
             .args(["run", "-c"])
             .arg(config)
+            .args(extra)
             .stdout(out.try_clone().expect("log"))
             .stderr(out)
             .spawn()

@@ -169,6 +169,7 @@ fn sigkill_restart_and_sigterm(
         !pins.0.exists() && !t.lb_has_xdp("l0") && !t.lb_has_xdp("l1"),
         "apilb detach removed the datapath"
     );
+    detach_on_exit_with_json_logs(t, config, dir, &pins.0);
     drop(pins);
 }
 
@@ -248,6 +249,46 @@ fn reloads(t: &Topology, apilb: &Apilb, config: &Path, instance: &str) {
         "the open connection kept its master"
     );
     drop(open);
+}
+
+/// A third, fresh start with `--log-format json` and `--detach-on-exit`: every log
+/// line is a JSON object, and SIGTERM takes the datapath off the interfaces and
+/// removes every pin.
+fn detach_on_exit_with_json_logs(t: &Topology, config: &Path, dir: &Path, pins: &Path) {
+    let mut third = Apilb::start_with(
+        &t.lb,
+        config,
+        &dir.join("apilb-3.log"),
+        &["--log-format", "json", "--detach-on-exit"],
+    );
+    assert!(
+        third.wait_log("XDP attached", Duration::from_secs(10)),
+        "log:\n{}",
+        third.log_text()
+    );
+    let log = third.log_text();
+    assert!(
+        log.lines()
+            .filter(|l| !l.is_empty())
+            .all(|l| l.starts_with('{') && l.contains("\"level\":") && l.ends_with('}')),
+        "every line is JSON:\n{log}"
+    );
+    third.signal(libc::SIGTERM);
+    assert_eq!(
+        third.wait(Duration::from_secs(5)),
+        Some(0),
+        "log:\n{}",
+        third.log_text()
+    );
+    assert!(
+        third.log_text().contains("detached the datapath"),
+        "log:\n{}",
+        third.log_text()
+    );
+    assert!(
+        !t.lb_has_xdp("l0") && !t.lb_has_xdp("l1") && !pins.exists(),
+        "--detach-on-exit took the program off both interfaces and removed the pins"
+    );
 }
 
 struct Files(PathBuf);
