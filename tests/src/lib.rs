@@ -11,3 +11,4 @@ pub mod fixture;
 pub mod live;
 pub mod netns;
 pub mod packets;
+pub mod pki;

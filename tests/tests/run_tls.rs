@@ -1,0 +1,220 @@
+//! `apilb run` against TLS apiservers: three stub apiservers (certificates from a
+//! CA made for the test, SANs for their address and the VIP) in the master
+//! namespace, apilb probing `GET /readyz` over https with that CA every 100 ms, and
+//! real `curl --cacert` requests through the VIP from the client namespace. A master
+//! whose /readyz fails leaves rotation after `fall` probes and returns after `rise`.
+//! Root.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use tests::{
+    live::{Apilb, MASTERS, PinDir, Topology},
+    netns::Netns,
+    pki::Pki,
+};
+
+/// A process started inside a namespace, killed on drop.
+struct Spawned(Child);
+
+impl Spawned {
+    fn start(ns: &Netns, program: &Path, args: &[&str]) -> Self {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .arg(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn in namespace");
+        Self(child)
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A binary of this package, built beside the test binary.
+fn sibling_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let mut dir = exe.parent().expect("dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("profile dir");
+    }
+    dir.join(name)
+}
+
+/// `n` https requests through the VIP, each on a new connection: how many each
+/// master answered (by its `x-apiserver` header), and how many failed.
+fn spread(client: &Netns, ca: &Path, n: usize) -> (HashMap<String, usize>, usize) {
+    let mut by = HashMap::new();
+    let mut failed = 0;
+    for _ in 0..n {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                client.name(),
+                "curl",
+                "-sS",
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "2",
+                "--cacert",
+            ])
+            .arg(ca)
+            .arg("https://192.0.2.100:6443/version")
+            .output()
+            .expect("curl");
+        let headers = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        match headers
+            .lines()
+            .find_map(|l| l.strip_prefix("x-apiserver: "))
+        {
+            Some(name) if out.status.success() => {
+                *by.entry(name.trim().to_owned()).or_insert(0) += 1;
+            }
+            _ => failed += 1,
+        }
+    }
+    (by, failed)
+}
+
+fn wait_spread(
+    client: &Netns,
+    ca: &Path,
+    limit: Duration,
+    pred: impl Fn(&HashMap<String, usize>, usize) -> bool,
+) -> (HashMap<String, usize>, usize) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (by, failed) = spread(client, ca, 20);
+        if pred(&by, failed) || Instant::now() > deadline {
+            return (by, failed);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_master_whose_readyz_fails_leaves_rotation_and_returns_over_https_probes() {
+    let t = Topology::new("apilb-tls");
+    let dir = std::env::temp_dir().join(format!("apilb-tls-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let _cleanup = scopeguard(dir.clone());
+    let names: Vec<(String, IpAddr)> = MASTERS
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            (
+                format!("master-{}", i + 1),
+                m.parse::<std::net::SocketAddr>().expect("addr").ip(),
+            )
+        })
+        .collect();
+    let pki = Pki::generate(&dir, &names, &["192.0.2.100".parse().expect("vip")]);
+    let stub = sibling_bin("stub-apiserver");
+    let _stubs: Vec<Spawned> = names
+        .iter()
+        .zip(MASTERS)
+        .map(|((name, _), listen)| {
+            let (crt, key) = pki.cert(name);
+            let control = dir.join(name);
+            std::fs::create_dir_all(&control).expect("control dir");
+            Spawned::start(
+                &t.master,
+                &stub,
+                &[
+                    "--listen",
+                    listen,
+                    "--name",
+                    name,
+                    "--cert",
+                    crt.to_str().expect("path"),
+                    "--key",
+                    key.to_str().expect("path"),
+                    "--control-dir",
+                    control.to_str().expect("path"),
+                ],
+            )
+        })
+        .collect();
+
+    let instance = format!("test-tls-{}", std::process::id());
+    let _pins = PinDir(lb_userspace::loader::pin_dir(&instance));
+    let mut text = format!(
+        "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"l0\", \"l1\"]\nsnat_ipv4 = \"198.51.100.1\"\n\
+         nat_ports = [40000, 40999]\nmaglev_size = 1009\n[[vip]]\naddress = \"192.0.2.100\"\n\
+         [health]\nkind = \"https\"\npath = \"/readyz\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 2\nfall = 2\n\
+         jitter = 0.0\nca_file = \"{}\"\n",
+        pki.ca_pem.display()
+    );
+    for m in MASTERS {
+        text.push_str("[[backend]]\naddress = \"");
+        text.push_str(m);
+        text.push_str("\"\n");
+    }
+    let config = dir.join("apilb.toml");
+    std::fs::write(&config, text).expect("config");
+    let apilb = Apilb::start(&t.lb, &config, &dir.join("apilb.log"));
+
+    let (by, failed) = wait_spread(&t.client, &pki.ca_pem, Duration::from_secs(15), |b, f| {
+        f == 0 && b.len() == 3
+    });
+    assert_eq!(
+        (by.len(), failed),
+        (3, 0),
+        "all three masters answer over TLS: {by:?}\n{}",
+        apilb.log_text()
+    );
+
+    // master-2's /readyz starts failing (HTTP 500): it leaves rotation.
+    let fail = dir.join("master-2").join("readyz-fail");
+    std::fs::write(&fail, "").expect("fail readyz");
+    let started = Instant::now();
+    let (by, failed) = wait_spread(&t.client, &pki.ca_pem, Duration::from_secs(5), |b, f| {
+        f == 0 && !b.contains_key("master-2")
+    });
+    let took = started.elapsed();
+    eprintln!("master-2 out of rotation {took:?} after its /readyz began failing; spread {by:?}");
+    assert!(
+        !by.contains_key("master-2") && failed == 0,
+        "{by:?}, {failed} failed"
+    );
+    assert!(
+        apilb.wait_log("http status 500", Duration::from_secs(2)),
+        "the reason is logged:\n{}",
+        apilb.log_text()
+    );
+
+    // It is ready again: back in rotation after rise probes.
+    std::fs::remove_file(&fail).expect("ready again");
+    let (by, _) = wait_spread(&t.client, &pki.ca_pem, Duration::from_secs(5), |b, _| {
+        b.contains_key("master-2")
+    });
+    assert!(by.contains_key("master-2"), "master-2 rejoined: {by:?}");
+}
+
+/// Removes the test's temporary directory on drop.
+fn scopeguard(dir: PathBuf) -> impl Drop {
+    struct Rm(PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    Rm(dir)
+}
