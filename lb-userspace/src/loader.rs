@@ -35,6 +35,9 @@ use lb_common::{
 
 use crate::datapath::{Datapath, DatapathError, OBJECT};
 
+/// The XDP mode an attach ended up in (what `Datapath::attach` returns).
+pub use aya::programs::XdpMode as AttachedMode;
+
 /// Where bpffs is mounted on every Linux system that has it.
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// `statfs` magic of bpffs.
