@@ -207,15 +207,40 @@ fn every_master_dies_then_returns(t: &Topology, servers: &mut [Option<EchoServer
 
 /// A bad config on SIGHUP is refused and changes nothing; a good one is applied as
 /// a diff, keeping an open connection on its master.
+/// The parts of `/status` a reload may change: VIPs and the backends' settings
+/// and rotation (not traffic or probe counters), and the reload counters.
+fn status_state(t: &Topology) -> (serde_json::Value, u64, u64) {
+    let text = t.lb.exec("curl", &["-sf", "http://127.0.0.1:9464/status"]);
+    let v: serde_json::Value = serde_json::from_str(&text).expect("status JSON");
+    let backends: Vec<serde_json::Value> = v["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| serde_json::json!([b["address"], b["id"], b["weight"], b["in_rotation"]]))
+        .collect();
+    let vips: Vec<serde_json::Value> = v["vips"]
+        .as_array()
+        .expect("vips")
+        .iter()
+        .map(|x| serde_json::json!([x["address"], x["owned"]]))
+        .collect();
+    let n = |k: &str| v[k].as_u64().expect("counter");
+    (
+        serde_json::json!([vips, backends, v["fail_open"]]),
+        n("reloads_applied"),
+        n("reloads_refused"),
+    )
+}
+
 fn reloads(t: &Topology, apilb: &Apilb, config: &Path, instance: &str) {
     // A bad config on SIGHUP is refused and changes nothing.
+    let (before, applied, refused) = status_state(t);
     std::fs::write(
         config,
         config_text(instance).replace("timeout = \"80ms\"", "timeout = \"2s\""),
     )
     .expect("bad config");
     apilb.signal(libc::SIGHUP);
-    thread::sleep(Duration::from_millis(500));
     assert!(
         apilb.wait_log("config reload refused", Duration::from_secs(5)),
         "log:\n{}",
@@ -226,6 +251,17 @@ fn reloads(t: &Topology, apilb: &Apilb, config: &Path, instance: &str) {
         (by.len(), failed),
         (3, 0),
         "still balancing over all three after the refused reload: {by:?}"
+    );
+    thread::sleep(Duration::from_millis(1100)); // the snapshot is republished every second
+    let (after, applied_after, refused_after) = status_state(t);
+    assert_eq!(
+        after, before,
+        "the refused reload changed nothing /status shows"
+    );
+    assert_eq!(
+        (applied_after, refused_after),
+        (applied, refused + 1),
+        "and was counted as refused"
     );
     // A valid reload is applied as a diff: an open connection survives it.
     let mut open = Client::connect(&t.client).expect("connection before the reload");
