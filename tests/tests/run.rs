@@ -106,6 +106,7 @@ fn sigkill_restart_and_sigterm(
     pins: PinDir,
 ) {
     // SIGKILL: the pinned datapath keeps an open connection going with no controller.
+    let prog_before = xdp_prog_id(t, "l0");
     let mut open = Client::connect(&t.client).expect("connection before the kill");
     let master = open.ask_master().expect("answer before the kill");
     apilb.signal(libc::SIGKILL);
@@ -136,6 +137,11 @@ fn sigkill_restart_and_sigterm(
         again.log_text()
     );
     assert_eq!(open.ask_master().expect("answer after the restart"), master);
+    let prog_after = xdp_prog_id(t, "l0");
+    assert_ne!(
+        prog_after, prog_before,
+        "the restarted apilb's program was swapped into the pinned link"
+    );
 
     // SIGTERM: a clean exit that leaves the datapath pinned.
     again.signal(libc::SIGTERM);
@@ -325,6 +331,16 @@ fn detach_on_exit_with_json_logs(t: &Topology, config: &Path, dir: &Path, pins: 
         !t.lb_has_xdp("l0") && !t.lb_has_xdp("l1") && !pins.exists(),
         "--detach-on-exit took the program off both interfaces and removed the pins"
     );
+}
+
+/// The id of the XDP program on an LB interface (`prog/xdp id N` in `ip -d link`).
+fn xdp_prog_id(t: &Topology, dev: &str) -> u32 {
+    let out = t.lb.ip(&["-d", "link", "show", "dev", dev]);
+    out.split_whitespace()
+        .skip_while(|w| *w != "prog/xdp")
+        .nth(2)
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no XDP program id in:\n{out}"))
 }
 
 struct Files(PathBuf);
