@@ -323,22 +323,99 @@ impl Drop for PinDir {
     }
 }
 
-/// The `apilb` binary cargo built beside this test binary.
+/// A binary of this workspace that cargo built beside the running one: test
+/// binaries live in `target/<profile>/deps`, other binaries in `target/<profile>`.
 #[must_use]
-pub fn apilb_bin() -> PathBuf {
+pub fn sibling_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("own binary path");
-    // Test binaries live in target/<profile>/deps, other binaries in target/<profile>.
     let mut dir = exe.parent().expect("binary dir");
     if dir.ends_with("deps") {
         dir = dir.parent().expect("profile dir");
     }
-    let bin = dir.join("apilb");
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
-        "{} is missing: build it with `cargo build -p lb-userspace`",
+        "{} is missing: build it with cargo build",
         bin.display()
     );
     bin
+}
+
+/// The `apilb` binary.
+#[must_use]
+pub fn apilb_bin() -> PathBuf {
+    sibling_bin("apilb")
+}
+
+/// A process started inside a namespace (`ip netns exec`), killed on drop.
+pub struct Spawned(std::process::Child);
+
+impl Spawned {
+    #[must_use]
+    pub fn start(ns: &Netns, program: &Path, args: &[&str]) -> Self {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .arg(program)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn in namespace");
+        Self(child)
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start a stub apiserver (TLS, certificates from `pki`) for each master, inside
+/// the master namespace; `control` holds each one's control files
+/// (`<control>/<name>/readyz-fail` makes its /readyz fail).
+#[must_use]
+pub fn stub_apiservers(master: &Netns, pki: &crate::pki::Pki, control: &Path) -> Vec<Spawned> {
+    let stub = sibling_bin("stub-apiserver");
+    MASTERS
+        .iter()
+        .enumerate()
+        .map(|(i, listen)| {
+            let name = format!("master-{}", i + 1);
+            let (crt, key) = pki.cert(&name);
+            let dir = control.join(&name);
+            std::fs::create_dir_all(&dir).expect("control dir");
+            let path = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
+            let args = [
+                "--listen".to_owned(),
+                (*listen).to_owned(),
+                "--name".to_owned(),
+                name,
+                "--cert".to_owned(),
+                path(&crt),
+                "--key".to_owned(),
+                path(&key),
+                "--control-dir".to_owned(),
+                path(&dir),
+            ];
+            Spawned::start(
+                master,
+                &stub,
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+        })
+        .collect()
+}
+
+/// The masters' names and addresses, as `Pki::generate` takes them.
+#[must_use]
+pub fn master_names() -> Vec<(String, std::net::IpAddr)> {
+    MASTERS
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (format!("master-{}", i + 1), sa(m).ip()))
+        .collect()
 }
 
 /// A running `apilb run`, inside a namespace (`nsenter --net`, which keeps the

@@ -7,52 +7,17 @@
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
 use tests::{
-    live::{Apilb, MASTERS, PinDir, Topology},
+    live::{Apilb, MASTERS, PinDir, Topology, master_names, stub_apiservers},
     netns::Netns,
     pki::Pki,
 };
-
-/// A process started inside a namespace, killed on drop.
-struct Spawned(Child);
-
-impl Spawned {
-    fn start(ns: &Netns, program: &Path, args: &[&str]) -> Self {
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns.name()])
-            .arg(program)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn in namespace");
-        Self(child)
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A binary of this package, built beside the test binary.
-fn sibling_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    let mut dir = exe.parent().expect("dir");
-    if dir.ends_with("deps") {
-        dir = dir.parent().expect("profile dir");
-    }
-    dir.join(name)
-}
 
 /// `n` https requests through the VIP, each on a new connection: how many each
 /// master answered (by its `x-apiserver` header), and how many failed.
@@ -115,43 +80,12 @@ fn a_master_whose_readyz_fails_leaves_rotation_and_returns_over_https_probes() {
     let dir = std::env::temp_dir().join(format!("apilb-tls-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let _cleanup = scopeguard(dir.clone());
-    let names: Vec<(String, IpAddr)> = MASTERS
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            (
-                format!("master-{}", i + 1),
-                m.parse::<std::net::SocketAddr>().expect("addr").ip(),
-            )
-        })
-        .collect();
-    let pki = Pki::generate(&dir, &names, &["192.0.2.100".parse().expect("vip")]);
-    let stub = sibling_bin("stub-apiserver");
-    let _stubs: Vec<Spawned> = names
-        .iter()
-        .zip(MASTERS)
-        .map(|((name, _), listen)| {
-            let (crt, key) = pki.cert(name);
-            let control = dir.join(name);
-            std::fs::create_dir_all(&control).expect("control dir");
-            Spawned::start(
-                &t.master,
-                &stub,
-                &[
-                    "--listen",
-                    listen,
-                    "--name",
-                    name,
-                    "--cert",
-                    crt.to_str().expect("path"),
-                    "--key",
-                    key.to_str().expect("path"),
-                    "--control-dir",
-                    control.to_str().expect("path"),
-                ],
-            )
-        })
-        .collect();
+    let pki = Pki::generate(
+        &dir,
+        &master_names(),
+        &["192.0.2.100".parse().expect("vip")],
+    );
+    let _stubs = stub_apiservers(&t.master, &pki, &dir);
 
     let instance = format!("test-tls-{}", std::process::id());
     let _pins = PinDir(lb_userspace::loader::pin_dir(&instance));

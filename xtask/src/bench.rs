@@ -22,16 +22,10 @@ pub fn run(part: Part) -> anyhow::Result<()> {
         Part::Xdp => "bench-xdp",
         Part::Maglev => "bench-maglev",
         Part::Controller => {
-            step("building apilb (release), which the benchmark runs");
-            exec(cargo().args([
-                "build",
-                "--quiet",
-                "--release",
-                "-p",
-                "lb-userspace",
-                "--bin",
-                "apilb",
-            ]))?;
+            step("building apilb and the stub apiserver (release), which the benchmark runs");
+            for (package, bin) in [("lb-userspace", "apilb"), ("tests", "stub-apiserver")] {
+                exec(cargo().args(["build", "--quiet", "--release", "-p", package, "--bin", bin]))?;
+            }
             "bench-controller"
         }
     };

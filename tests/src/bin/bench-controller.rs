@@ -1,14 +1,18 @@
 //! `cargo xtask bench controller`: the controller's idle cost. `apilb run` in the
-//! live topology (namespaces, veths, three masters), probing each master every
-//! 500 ms (the default timings; TCP probes, as the test masters speak plain TCP),
-//! with no traffic: CPU time and resident memory sampled from /proc over 30 s.
+//! live topology (namespaces, veths, three stub apiservers with TLS), probing each
+//! master's /readyz over https every 500 ms with the defaults (a new TLS connection
+//! per probe), with no traffic: CPU time and resident memory sampled from /proc
+//! over 30 s.
 
 use std::{
     thread,
     time::{Duration, Instant},
 };
 
-use tests::live::{Apilb, EchoServer, MASTERS, PinDir, Topology};
+use tests::{
+    live::{Apilb, MASTERS, PinDir, Topology, master_names, stub_apiservers},
+    pki::Pki,
+};
 
 const WARMUP: Duration = Duration::from_secs(5);
 const WINDOW: Duration = Duration::from_secs(30);
@@ -38,16 +42,19 @@ fn main() {
     let t = Topology::new("apilb-bench-ctl");
     let instance = format!("bench-ctl-{}", std::process::id());
     let _pins = PinDir(lb_userspace::loader::pin_dir(&instance));
-    let _servers: Vec<EchoServer> = MASTERS
-        .iter()
-        .map(|m| EchoServer::start(&t.master, m, WARMUP + WINDOW + Duration::from_secs(30)))
-        .collect();
     let dir = std::env::temp_dir().join(format!("apilb-bench-ctl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
+    let pki = Pki::generate(
+        &dir,
+        &master_names(),
+        &["192.0.2.100".parse().expect("vip")],
+    );
+    let _stubs = stub_apiservers(&t.master, &pki, &dir);
     let config = dir.join("apilb.toml");
     let mut text = format!(
         "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"l0\", \"l1\"]\nsnat_ipv4 = \"198.51.100.1\"\n\
-         [[vip]]\naddress = \"192.0.2.100\"\n[health]\nkind = \"tcp\"\n"
+         [[vip]]\naddress = \"192.0.2.100\"\n[health]\nkind = \"https\"\nca_file = \"{}\"\n",
+        pki.ca_pem.display()
     );
     for m in MASTERS {
         text.push_str("[[backend]]\naddress = \"");
@@ -72,7 +79,9 @@ fn main() {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let cpu = ticks as f64 / hz;
-    println!("apilb run, 3 masters probed every 500 ms (tcp), idle, {secs:.0} s window");
+    println!(
+        "apilb run, 3 masters' /readyz probed over https every 500 ms, idle, {secs:.0} s window"
+    );
     println!();
     println!("| CPU time | CPU share of one core | RSS |");
     println!("| ---: | ---: | ---: |");
