@@ -305,13 +305,38 @@ impl Client {
 pub struct PinDir(pub PathBuf);
 
 impl PinDir {
+    /// The pin directory of instance `<prefix>-<pid>`. Pins left by an earlier run
+    /// of the same prefix whose process is gone (a killed test) are removed first.
     #[must_use]
     pub fn new(prefix: &str) -> Self {
         lb_userspace::loader::ensure_bpffs(Path::new(lb_userspace::loader::BPFFS)).expect("bpffs");
+        let root = Path::new(lb_userspace::loader::BPFFS).join("apilb");
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let pid = name
+                    .strip_prefix(prefix)
+                    .and_then(|r| r.strip_prefix('-'))
+                    .and_then(|p| p.parse::<u32>().ok());
+                if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                    let _ = lb_userspace::loader::detach(&e.path());
+                }
+            }
+        }
         Self(lb_userspace::loader::pin_dir(&format!(
             "{prefix}-{}",
             std::process::id()
         )))
+    }
+
+    /// The instance name these pins belong to (the config's `instance`).
+    #[must_use]
+    pub fn instance(&self) -> String {
+        self.0
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("instance name")
+            .to_owned()
     }
 }
 

@@ -354,8 +354,8 @@ impl Drop for Files {
 #[test]
 fn apilb_run_follows_health_refuses_bad_reloads_and_survives_sigkill() {
     let t = Topology::new("apilb-run");
-    let instance = format!("test-run-{}", std::process::id());
-    let pins = PinDir(lb_userspace::loader::pin_dir(&instance));
+    let pins = PinDir::new("test-run");
+    let instance = pins.instance();
     let dir = std::env::temp_dir().join(format!("apilb-run-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let files = Files(dir.clone());

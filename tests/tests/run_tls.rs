@@ -86,9 +86,8 @@ fn a_master_whose_readyz_fails_leaves_rotation_and_returns_over_https_probes() {
         &["192.0.2.100".parse().expect("vip")],
     );
     let _stubs = stub_apiservers(&t.master, &pki, &dir);
-
-    let instance = format!("test-tls-{}", std::process::id());
-    let _pins = PinDir(lb_userspace::loader::pin_dir(&instance));
+    let pins = PinDir::new("test-tls");
+    let instance = pins.instance();
     let mut text = format!(
         "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"l0\", \"l1\"]\nsnat_ipv4 = \"198.51.100.1\"\n\
          nat_ports = [40000, 40999]\nmaglev_size = 1009\n[[vip]]\naddress = \"192.0.2.100\"\n\

@@ -40,8 +40,8 @@ fn rss_kib(pid: i32) -> u64 {
 
 fn main() {
     let t = Topology::new("apilb-bench-ctl");
-    let instance = format!("bench-ctl-{}", std::process::id());
-    let _pins = PinDir(lb_userspace::loader::pin_dir(&instance));
+    let pins = PinDir::new("bench-ctl");
+    let instance = pins.instance();
     let dir = std::env::temp_dir().join(format!("apilb-bench-ctl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let pki = Pki::generate(
