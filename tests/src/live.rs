@@ -373,7 +373,7 @@ pub fn apilb_bin() -> PathBuf {
 }
 
 /// A process started inside a namespace (`ip netns exec`), killed on drop.
-pub struct Spawned(std::process::Child);
+pub struct Spawned(pub std::process::Child);
 
 impl Spawned {
     #[must_use]
@@ -402,35 +402,41 @@ impl Drop for Spawned {
 /// (`<control>/<name>/readyz-fail` makes its /readyz fail).
 #[must_use]
 pub fn stub_apiservers(master: &Netns, pki: &crate::pki::Pki, control: &Path) -> Vec<Spawned> {
-    let stub = sibling_bin("stub-apiserver");
-    MASTERS
-        .iter()
-        .enumerate()
-        .map(|(i, listen)| {
-            let name = format!("master-{}", i + 1);
-            let (crt, key) = pki.cert(&name);
-            let dir = control.join(&name);
-            std::fs::create_dir_all(&dir).expect("control dir");
-            let path = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
-            let args = [
-                "--listen".to_owned(),
-                (*listen).to_owned(),
-                "--name".to_owned(),
-                name,
-                "--cert".to_owned(),
-                path(&crt),
-                "--key".to_owned(),
-                path(&key),
-                "--control-dir".to_owned(),
-                path(&dir),
-            ];
-            Spawned::start(
-                master,
-                &stub,
-                &args.iter().map(String::as_str).collect::<Vec<_>>(),
-            )
-        })
+    (0..MASTERS.len())
+        .map(|i| stub_apiserver(master, pki, control, i))
         .collect()
+}
+
+/// Start the stub apiserver of master `index` (0-based; named `master-<index+1>`).
+#[must_use]
+pub fn stub_apiserver(
+    master: &Netns,
+    pki: &crate::pki::Pki,
+    control: &Path,
+    index: usize,
+) -> Spawned {
+    let name = format!("master-{}", index + 1);
+    let (crt, key) = pki.cert(&name);
+    let dir = control.join(&name);
+    std::fs::create_dir_all(&dir).expect("control dir");
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
+    let args = [
+        "--listen".to_owned(),
+        MASTERS[index].to_owned(),
+        "--name".to_owned(),
+        name,
+        "--cert".to_owned(),
+        path(&crt),
+        "--key".to_owned(),
+        path(&key),
+        "--control-dir".to_owned(),
+        path(&dir),
+    ];
+    Spawned::start(
+        master,
+        &sibling_bin("stub-apiserver"),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
 }
 
 /// The masters' names and addresses, as `Pki::generate` takes them.

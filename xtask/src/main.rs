@@ -31,6 +31,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The main job: apilb balancing TLS apiservers in network namespaces, a master
+    /// killed and brought back, with the numbers. Needs root; about a minute.
+    Demo,
     /// Run a benchmark and print its table.
     Bench {
         #[command(subcommand)]
@@ -47,6 +50,26 @@ fn main() -> anyhow::Result<()> {
             let mut cmd = cargo();
             cmd.args(["test", "--"]).args(&args);
             exec(&mut cmd)
+        }
+        Task::Demo => {
+            setup::run()?;
+            step("building apilb, the stub apiserver and the demo (release)");
+            for (package, bin) in [
+                ("lb-userspace", "apilb"),
+                ("tests", "stub-apiserver"),
+                ("tests", "demo"),
+            ] {
+                exec(cargo().args(["build", "--quiet", "--release", "-p", package, "--bin", bin]))?;
+            }
+            exec(cargo().args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                "tests",
+                "--bin",
+                "demo",
+            ]))
         }
         Task::Bench { part } => {
             setup::run()?;
