@@ -160,6 +160,57 @@ impl Topology {
     }
 }
 
+/// `apilb run`'s config for this topology: instance `instance`, the LB's two
+/// interfaces, the SNAT address, the VIP and the three masters, with `datapath`
+/// lines added to `[datapath]` and `health` as the `[health]` section's body.
+#[must_use]
+pub fn apilb_config(instance: &str, datapath: &str, health: &str) -> String {
+    let mut text = format!(
+        "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"l0\", \"l1\"]\nsnat_ipv4 = \"{SNAT}\"\n{datapath}\n\
+         [[vip]]\naddress = \"192.0.2.100\"\n[health]\n{health}\n"
+    );
+    for m in MASTERS {
+        text.push_str("[[backend]]\naddress = \"");
+        text.push_str(m);
+        text.push_str("\"\n");
+    }
+    text
+}
+
+/// One https request to the VIP from the client namespace, on a new connection
+/// (`curl --cacert ca`): the master that answered (its `x-apiserver` header), or
+/// `None` if the request failed.
+#[must_use]
+pub fn https_via_vip(client: &Netns, ca: &Path, path: &str) -> Option<String> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            client.name(),
+            "curl",
+            "-sS",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "2",
+            "--cacert",
+        ])
+        .arg(ca)
+        .arg(format!("https://{VIP}{path}"))
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let headers = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    headers
+        .lines()
+        .find_map(|l| l.strip_prefix("x-apiserver: "))
+        .map(|n| n.trim().to_owned())
+}
+
 /// A TCP server on a master address: for every line a client sends, it answers
 /// `master <its address> saw <peer>`, until the client closes. It stops when told
 /// to, or after `lifetime`; stopping closes its listener, so new connections are
@@ -313,12 +364,7 @@ impl PinDir {
         let root = Path::new(lb_userspace::loader::BPFFS).join("apilb");
         if let Ok(entries) = std::fs::read_dir(&root) {
             for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let pid = name
-                    .strip_prefix(prefix)
-                    .and_then(|r| r.strip_prefix('-'))
-                    .and_then(|p| p.parse::<u32>().ok());
-                if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                if netns::left_by_dead_process(&e.file_name().to_string_lossy(), prefix) {
                     let _ = lb_userspace::loader::detach(&e.path());
                 }
             }

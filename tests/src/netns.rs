@@ -37,8 +37,16 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn pid_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+/// Whether `name` is `<prefix>-<pid>[-...]` for a process that no longer exists:
+/// something a killed test run left behind.
+#[must_use]
+pub fn left_by_dead_process(name: &str, prefix: &str) -> bool {
+    let pid = name
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix('-'))
+        .and_then(|r| r.split('-').next())
+        .and_then(|p| p.parse::<u32>().ok());
+    pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
 }
 
 /// Delete namespaces with this prefix whose creating process is gone.
@@ -48,11 +56,7 @@ fn sweep(prefix: &str) {
     };
     for line in String::from_utf8_lossy(&list.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or_default();
-        let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else {
-            continue;
-        };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if pid.is_some_and(|p| !pid_alive(p)) {
+        if left_by_dead_process(name, prefix) {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
     }

@@ -15,24 +15,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::live::{Apilb, Client, EchoServer, MASTERS, PinDir, Topology};
+use tests::live::{Apilb, Client, EchoServer, MASTERS, PinDir, Topology, apilb_config};
 
 const LIFETIME: Duration = Duration::from_mins(2);
 
 fn config_text(instance: &str) -> String {
-    let mut text = format!(
-        "instance = \"{instance}\"\n\
-         [datapath]\ninterfaces = [\"l0\", \"l1\"]\nxdp_mode = \"native\"\nsnat_ipv4 = \"198.51.100.1\"\n\
-         nat_ports = [40000, 40999]\nmaglev_size = 1009\n\
-         [[vip]]\naddress = \"192.0.2.100\"\n\
-         [health]\nkind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 2\nfall = 2\njitter = 0.0\n"
-    );
-    for m in MASTERS {
-        text.push_str("[[backend]]\naddress = \"");
-        text.push_str(m);
-        text.push_str("\"\n");
-    }
-    text
+    apilb_config(
+        instance,
+        "xdp_mode = \"native\"\nnat_ports = [40000, 40999]\nmaglev_size = 1009",
+        "kind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 2\nfall = 2\njitter = 0.0",
+    )
 }
 
 /// `n` new connections through the VIP: how many each master answered, and how

@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use tests::live::{Apilb, Client, EchoServer, MASTERS, PinDir, Topology};
+use tests::live::{Apilb, Client, EchoServer, MASTERS, PinDir, Topology, apilb_config};
 
 const CONNECTIONS: usize = 3000;
 
@@ -17,16 +17,11 @@ fn three_thousand_new_connections_land_on_the_three_masters_within_ten_percent_o
         .collect();
     let dir = std::env::temp_dir().join(format!("apilb-spread-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let mut text = format!(
-        "instance = \"{}\"\n[datapath]\ninterfaces = [\"l0\", \"l1\"]\nsnat_ipv4 = \"198.51.100.1\"\n\
-         nat_ports = [40000, 49999]\n[[vip]]\naddress = \"192.0.2.100\"\n[health]\nkind = \"tcp\"\n",
-        pins.instance()
+    let text = apilb_config(
+        &pins.instance(),
+        "nat_ports = [40000, 49999]",
+        "kind = \"tcp\"",
     );
-    for m in MASTERS {
-        text.push_str("[[backend]]\naddress = \"");
-        text.push_str(m);
-        text.push_str("\"\n");
-    }
     let config = dir.join("apilb.toml");
     std::fs::write(&config, text).expect("config");
     let apilb = Apilb::start(&t.lb, &config, &dir.join("apilb.log"));

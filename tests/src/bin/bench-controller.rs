@@ -10,7 +10,7 @@ use std::{
 };
 
 use tests::{
-    live::{Apilb, MASTERS, PinDir, Topology, master_names, stub_apiservers},
+    live::{Apilb, PinDir, Topology, apilb_config, master_names, stub_apiservers},
     pki::Pki,
 };
 
@@ -51,16 +51,11 @@ fn main() {
     );
     let _stubs = stub_apiservers(&t.master, &pki, &dir);
     let config = dir.join("apilb.toml");
-    let mut text = format!(
-        "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"l0\", \"l1\"]\nsnat_ipv4 = \"198.51.100.1\"\n\
-         [[vip]]\naddress = \"192.0.2.100\"\n[health]\nkind = \"https\"\nca_file = \"{}\"\n",
-        pki.ca_pem.display()
+    let text = apilb_config(
+        &instance,
+        "",
+        &format!("kind = \"https\"\nca_file = \"{}\"", pki.ca_pem.display()),
     );
-    for m in MASTERS {
-        text.push_str("[[backend]]\naddress = \"");
-        text.push_str(m);
-        text.push_str("\"\n");
-    }
     std::fs::write(&config, text).expect("config");
     let mut apilb = Apilb::start(&t.lb, &config, &dir.join("apilb.log"));
     assert!(

@@ -18,44 +18,13 @@ use std::{
 };
 
 use tests::{
-    live::{Apilb, PinDir, Topology, master_names, stub_apiserver},
+    live::{Apilb, PinDir, Topology, apilb_config, https_via_vip, master_names, stub_apiserver},
     netns::Netns,
     pki::Pki,
 };
 
 const VIP_URL: &str = "https://192.0.2.100:6443";
 const STREAMS: usize = 30;
-
-/// One https request through the VIP on a new connection: the master that answered.
-fn request(client: &Netns, ca: &Path, path: &str) -> Option<String> {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            client.name(),
-            "curl",
-            "-sS",
-            "-D",
-            "-",
-            "-o",
-            "/dev/null",
-            "--max-time",
-            "2",
-            "--cacert",
-        ])
-        .arg(ca)
-        .arg(format!("{VIP_URL}{path}"))
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let headers = String::from_utf8_lossy(&out.stdout).to_lowercase();
-    headers
-        .lines()
-        .find_map(|l| l.strip_prefix("x-apiserver: "))
-        .map(|n| n.trim().to_owned())
-}
 
 fn bar(n: usize, total: usize) -> String {
     "#".repeat((n * 40).div_ceil(total.max(1)))
@@ -65,7 +34,7 @@ fn spread(client: &Netns, ca: &Path, n: usize) -> (BTreeMap<String, usize>, usiz
     let mut by = BTreeMap::new();
     let mut failed = 0;
     for _ in 0..n {
-        match request(client, ca, "/version") {
+        match https_via_vip(client, ca, "/version") {
             Some(m) => *by.entry(m).or_insert(0) += 1,
             None => failed += 1,
         }
@@ -128,17 +97,11 @@ impl Drop for Watch {
 /// apilb's config for the demo: defaults everywhere but the topology's facts.
 fn write_config(dir: &Path, pins: &PinDir, pki: &Pki) -> PathBuf {
     let config = dir.join("apilb.toml");
-    let mut text = format!(
-        "instance = \"{}\"\n[datapath]\ninterfaces = [\"l0\", \"l1\"]\nsnat_ipv4 = \"198.51.100.1\"\n\
-         [[vip]]\naddress = \"192.0.2.100\"\n[health]\nca_file = \"{}\"\n",
-        pins.instance(),
-        pki.ca_pem.display()
+    let text = apilb_config(
+        &pins.instance(),
+        "",
+        &format!("ca_file = \"{}\"", pki.ca_pem.display()),
     );
-    for m in tests::live::MASTERS {
-        text.push_str("[[backend]]\naddress = \"");
-        text.push_str(m);
-        text.push_str("\"\n");
-    }
     std::fs::write(&config, &text).expect("config");
     println!(
         "config ({}):\n{}",
@@ -158,7 +121,7 @@ fn failover(client: &Netns, ca: &Path, watches: &mut [Watch]) {
     let (mut failures, mut last_failure) = (0usize, None::<Duration>);
     while killed_at.elapsed() < Duration::from_secs(6) {
         for _ in 0..5 {
-            if request(client, ca, "/version").is_none() {
+            if https_via_vip(client, ca, "/version").is_none() {
                 failures += 1;
                 last_failure = Some(killed_at.elapsed());
             }
@@ -217,7 +180,7 @@ fn main() {
         apilb.log_text()
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while request(&t.client, &pki.ca_pem, "/version").is_none() && Instant::now() < deadline {
+    while https_via_vip(&t.client, &pki.ca_pem, "/version").is_none() && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(100));
     }
     println!("\n1. New connections through the VIP {VIP_URL} spread over the masters (Maglev):");
