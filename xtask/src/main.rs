@@ -42,7 +42,9 @@ enum Task {
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    cargo_bin_on_path();
+    match cli.command {
         Task::Setup => setup::run(),
         Task::Test { args } => {
             setup::run()?;
@@ -75,6 +77,27 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             bench::run(part)
         }
+    }
+}
+
+/// `cargo install` puts bpf-linker in `$CARGO_HOME/bin`; make sure every process
+/// xtask starts (setup's check, cargo test and the eBPF build under it) finds it,
+/// even where cargo itself is reached some other way.
+fn cargo_bin_on_path() {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")));
+    let Some(bin) = home.map(|h| h.join("bin")) else {
+        return;
+    };
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|p| p == bin) {
+        return;
+    }
+    let joined = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&path)));
+    if let Ok(joined) = joined {
+        // SAFETY: called at the start of main, before xtask starts any thread.
+        unsafe { std::env::set_var("PATH", joined) };
     }
 }
 
