@@ -348,11 +348,6 @@ impl Datapath {
     /// thread, so call this from the namespace the interface lives in: an index from
     /// another namespace names another device. [`Datapath::attach`] does it for the
     /// interfaces it attaches to.
-    ///
-    /// The kernel resolves `ifindex` in the network namespace of the calling
-    /// thread, so call this from the namespace the interface lives in: an index from
-    /// another namespace names another device. [`Datapath::attach`] does it for the
-    /// interfaces it attaches to.
     pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
         let mut ports =
             DevMapHash::try_from(self.map_mut(MAP_TX_PORTS)?).map_err(map_err(MAP_TX_PORTS))?;

@@ -360,11 +360,6 @@ impl ProberHandle {
     pub fn latest(&self) -> HealthEvent {
         self.latest.borrow().clone()
     }
-
-    /// Whether the task has ended (its event receiver was dropped, or it was aborted).
-    pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
-    }
 }
 
 impl Drop for ProberHandle {
