@@ -108,7 +108,7 @@ fn restart_only_change(old: &Config, new: &Config) -> Option<&'static str> {
     }
 }
 
-fn probe_spec(h: &HealthSettings, initial: InitialState) -> ProbeSpec {
+fn probe_spec(h: &HealthSettings) -> ProbeSpec {
     let kind = match h.kind {
         ProbeKindSetting::Tcp => ProbeKind::Tcp,
         ProbeKindSetting::Http => ProbeKind::Http {
@@ -131,7 +131,8 @@ fn probe_spec(h: &HealthSettings, initial: InitialState) -> ProbeSpec {
         rise: h.rise,
         fall: h.fall,
         jitter: h.jitter,
-        initial,
+        // Each prober is started from its backend's known state (`Probes::sync`).
+        initial: InitialState::Up,
     }
 }
 
@@ -143,8 +144,7 @@ fn probe_spec(h: &HealthSettings, initial: InitialState) -> ProbeSpec {
 /// `rise` probes prove it, and one whose prober restarts with new settings keeps
 /// its last verdict.
 struct Probes {
-    up: Prober,
-    down: Prober,
+    prober: Prober,
     settings: HealthSettings,
     handles: HashMap<SocketAddr, ProberHandle>,
     healthy: HashMap<SocketAddr, bool>,
@@ -154,8 +154,7 @@ struct Probes {
 impl Probes {
     fn start(config: &Config, events: mpsc::Sender<HealthEvent>) -> Result<Self, HealthError> {
         let mut p = Self {
-            up: Prober::new(probe_spec(&config.health, InitialState::Up))?,
-            down: Prober::new(probe_spec(&config.health, InitialState::Down))?,
+            prober: Prober::new(probe_spec(&config.health))?,
             settings: config.health.clone(),
             handles: HashMap::new(),
             healthy: config.backends.iter().map(|b| (b.addr, true)).collect(),
@@ -172,10 +171,9 @@ impl Probes {
         self.healthy.retain(|a, _| wanted.contains(a));
         for addr in wanted {
             let healthy = *self.healthy.entry(addr).or_insert(false);
-            let prober = if healthy { &self.up } else { &self.down };
             self.handles
                 .entry(addr)
-                .or_insert_with(|| prober.spawn(addr, self.events.clone()));
+                .or_insert_with(|| self.prober.spawn_as(addr, healthy, self.events.clone()));
         }
     }
 
@@ -183,9 +181,7 @@ impl Probes {
     /// they changed.
     fn reconfigure(&mut self, config: &Config) -> Result<(), HealthError> {
         if config.health != self.settings {
-            let up = Prober::new(probe_spec(&config.health, InitialState::Up))?;
-            let down = Prober::new(probe_spec(&config.health, InitialState::Down))?;
-            (self.up, self.down) = (up, down);
+            self.prober = Prober::new(probe_spec(&config.health))?;
             self.settings = config.health.clone();
             self.handles.clear();
         }

@@ -323,7 +323,17 @@ impl Prober {
     /// Starts probing `backend` in a new tokio task; must be called inside a tokio
     /// runtime. State changes go to `events`. Dropping the handle stops the task.
     pub fn spawn(&self, backend: SocketAddr, events: mpsc::Sender<HealthEvent>) -> ProberHandle {
-        let healthy = self.inner.spec.initial == InitialState::Up;
+        self.spawn_as(backend, self.inner.spec.initial == InitialState::Up, events)
+    }
+
+    /// [`Prober::spawn`], starting from a known state instead of the spec's initial
+    /// one (e.g. a backend whose prober restarts keeps its last verdict).
+    pub fn spawn_as(
+        &self,
+        backend: SocketAddr,
+        healthy: bool,
+        events: mpsc::Sender<HealthEvent>,
+    ) -> ProberHandle {
         let (latest_tx, latest) = watch::channel(HealthEvent {
             backend,
             healthy,
@@ -456,8 +466,8 @@ async fn run(
     latest: watch::Sender<HealthEvent>,
 ) {
     let spec = &inner.spec;
-    let mut state = RiseFall::new(spec.rise, spec.fall, spec.initial == InitialState::Up);
     let mut report = latest.borrow().clone();
+    let mut state = RiseFall::new(spec.rise, spec.fall, report.healthy);
     let mut next = Instant::now();
     if spec.jitter > 0.0 {
         next += spec.interval.mul_f64(fastrand::f64());
