@@ -5,8 +5,12 @@
 //!   (independently of the datapath's own checksum code), and a readable dump.
 //! - [`fixture`]: Katran-style packet fixtures run through `BPF_PROG_TEST_RUN`
 //!   against a datapath provisioned through the production map writer.
-//! - [`live`]: client, LB and master namespaces for tests that send real frames.
+//! - [`cluster`]: a client, a router, LB nodes and masters on an L2 segment, in
+//!   namespaces, for tests that send real frames.
+//! - [`live`]: the processes that run there: echo masters, clients, stub
+//!   apiservers and `apilb run`.
 
+pub mod cluster;
 pub mod fixture;
 pub mod live;
 pub mod netns;

@@ -1,11 +1,6 @@
-//! A live topology for tests that send real frames: client, LB and master namespaces
-//! joined by veths, a TCP echo server on the master, and the balancer attached to
-//! the LB's veths.
-//!
-//! Addresses (documentation ranges, only inside these namespaces, none with a
-//! default route): client 192.0.2.10/24 on `c0`; LB 192.0.2.1/24 and the VIP
-//! 192.0.2.100/32 on `l0`, 198.51.100.1/24 on `l1`; masters 198.51.100.11-13/24 on
-//! `m0` (one namespace, three apiserver addresses).
+//! What runs in the [`crate::cluster`] topology: TCP echo masters and clients, stub
+//! apiservers, `apilb run` itself, and the bpffs pins and processes each test owns,
+//! all removed on drop.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -16,166 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::{
-    datapath::{Datapath, NodeConfig, Vip},
-    loader::{AttachMode, LoadOptions},
-};
-
 use crate::{
-    fixture::{chain, sa},
+    cluster::{FOURTH_MASTER, MASTERS, Topology, VIP, master_index},
+    fixture::sa,
     netns::{self, Netns},
 };
-
-pub const VIP: &str = "192.0.2.100:6443";
-pub const MASTER: &str = "198.51.100.11:6443";
-/// The three masters' apiserver addresses.
-pub const MASTERS: [&str; 3] = [
-    "198.51.100.11:6443",
-    "198.51.100.12:6443",
-    "198.51.100.13:6443",
-];
-pub const SNAT: &str = "198.51.100.1";
-
-pub struct Topology {
-    pub client: Netns,
-    pub lb: Netns,
-    pub master: Netns,
-    /// A datapath with no VIPs on `c0` and `m0`, which passes every packet. A veth
-    /// delivers `XDP_TX` and redirected frames only to a peer with NAPI on, which here
-    /// means an XDP program of its own (switching GRO on, the other documented way,
-    /// did not take on kernel 6.18).
-    _peers: Datapath,
-}
-
-impl Topology {
-    /// Create the namespaces, each prefixed with `prefix`.
-    #[must_use]
-    pub fn new(prefix: &str) -> Self {
-        let client = Netns::new(&format!("{prefix}-c"));
-        let lb = Netns::new(&format!("{prefix}-l"));
-        let master = Netns::new(&format!("{prefix}-m"));
-        lb.ip(&[
-            "link",
-            "add",
-            "l0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "c0",
-            "netns",
-            client.name(),
-        ]);
-        lb.ip(&[
-            "link",
-            "add",
-            "l1",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "m0",
-            "netns",
-            master.name(),
-        ]);
-        for (ns, dev, addrs) in [
-            (&client, "c0", &["192.0.2.10/24"][..]),
-            (&lb, "l0", &["192.0.2.1/24", "192.0.2.100/32"][..]),
-            (&lb, "l1", &["198.51.100.1/24"][..]),
-            (
-                &master,
-                "m0",
-                &["198.51.100.11/24", "198.51.100.12/24", "198.51.100.13/24"][..],
-            ),
-        ] {
-            for a in addrs {
-                ns.ip(&["addr", "add", a, "dev", dev]);
-            }
-            ns.ip(&["link", "set", dev, "up"]);
-        }
-        lb.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-        // Frames the endpoints send must carry full checksums, as frames off a wire
-        // do, rather than veth's offloaded partial ones.
-        for (ns, dev) in [(&client, "c0"), (&master, "m0")] {
-            ns.exec("ethtool", &["-K", dev, "tx", "off"]);
-        }
-        let mut peers = Datapath::load(&LoadOptions {
-            flow_table_size: 1024,
-            pin_dir: None,
-        })
-        .unwrap_or_else(|e| panic!("{}", chain(&e)));
-        for (ns, dev) in [(&client, "c0"), (&master, "m0")] {
-            let _inside = ns.enter();
-            peers
-                .attach(dev, AttachMode::Native, None)
-                .unwrap_or_else(|e| panic!("{}", chain(&e)));
-        }
-        Self {
-            client,
-            lb,
-            master,
-            _peers: peers,
-        }
-    }
-
-    /// Load the balancer (pinned under `pin_dir` if given), attach it to `l0` and
-    /// `l1`, and provision VIP:6443 -> the master through the map writer.
-    #[must_use]
-    pub fn balancer(&self, pin_dir: Option<&Path>) -> Datapath {
-        let mut dp = Datapath::load(&LoadOptions {
-            flow_table_size: 4096,
-            pin_dir: pin_dir.map(Path::to_owned),
-        })
-        .unwrap_or_else(|e| panic!("{}", chain(&e)));
-        {
-            let _inside = self.lb.enter();
-            for dev in ["l0", "l1"] {
-                dp.attach(dev, AttachMode::Native, pin_dir)
-                    .unwrap_or_else(|e| panic!("{}", chain(&e)));
-            }
-        }
-        dp.set_node_config(&NodeConfig::new(
-            Some(SNAT.parse().expect("v4")),
-            None,
-            40_000..=40_999,
-        ))
-        .expect("node config");
-        dp.set_backend(1, sa(MASTER), false).expect("backend");
-        dp.set_vip(&Vip {
-            addr: sa(VIP),
-            id: 0,
-            ring_size: 251,
-            owned: true,
-        })
-        .expect("vip");
-        let ring: Vec<(u32, u32)> = (0..251).map(|slot| (slot, 1)).collect();
-        dp.write_maglev(0, &ring).expect("ring");
-        dp
-    }
-
-    /// Whether an XDP program is attached to the LB interface `dev`.
-    #[must_use]
-    pub fn lb_has_xdp(&self, dev: &str) -> bool {
-        self.lb.ip(&["link", "show", "dev", dev]).contains(" xdp")
-    }
-}
-
-/// `apilb run`'s config for this topology: instance `instance`, the LB's two
-/// interfaces, the SNAT address, the VIP and the three masters, with `datapath`
-/// lines added to `[datapath]` and `health` as the `[health]` section's body.
-#[must_use]
-pub fn apilb_config(instance: &str, datapath: &str, health: &str) -> String {
-    let mut text = format!(
-        "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"l0\", \"l1\"]\nsnat_ipv4 = \"{SNAT}\"\n{datapath}\n\
-         [[vip]]\naddress = \"192.0.2.100\"\n[health]\n{health}\n"
-    );
-    for m in MASTERS {
-        text.push_str("[[backend]]\naddress = \"");
-        text.push_str(m);
-        text.push_str("\"\n");
-    }
-    text
-}
 
 /// One https request to the VIP from the client namespace, on a new connection
 /// (`curl --cacert ca`): the master that answered (its `x-apiserver` header), or
@@ -443,32 +283,29 @@ impl Drop for Spawned {
     }
 }
 
-/// Start a stub apiserver (TLS, certificates from `pki`) for each master, inside
-/// the master namespace; `control` holds each one's control files
-/// (`<control>/<name>/readyz-fail` makes its /readyz fail).
+/// Start a stub apiserver (TLS, certificates from `pki`) on each of the three
+/// masters; `control` holds each one's control files (`<control>/<name>/readyz-fail`
+/// makes its /readyz fail).
 #[must_use]
-pub fn stub_apiservers(master: &Netns, pki: &crate::pki::Pki, control: &Path) -> Vec<Spawned> {
-    (0..MASTERS.len())
-        .map(|i| stub_apiserver(master, pki, control, i))
+pub fn stub_apiservers(t: &Topology, pki: &crate::pki::Pki, control: &Path) -> Vec<Spawned> {
+    MASTERS
+        .iter()
+        .map(|m| stub_apiserver(t, pki, control, m))
         .collect()
 }
 
-/// Start the stub apiserver of master `index` (0-based; named `master-<index+1>`).
+/// Start the stub apiserver of the master at `addr`, in its namespace, named
+/// `master-<n>` like its certificate.
 #[must_use]
-pub fn stub_apiserver(
-    master: &Netns,
-    pki: &crate::pki::Pki,
-    control: &Path,
-    index: usize,
-) -> Spawned {
-    let name = format!("master-{}", index + 1);
+pub fn stub_apiserver(t: &Topology, pki: &crate::pki::Pki, control: &Path, addr: &str) -> Spawned {
+    let name = master_name(addr);
     let (crt, key) = pki.cert(&name);
     let dir = control.join(&name);
     std::fs::create_dir_all(&dir).expect("control dir");
     let path = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
     let args = [
         "--listen".to_owned(),
-        MASTERS[index].to_owned(),
+        addr.to_owned(),
         "--name".to_owned(),
         name,
         "--cert".to_owned(),
@@ -479,19 +316,26 @@ pub fn stub_apiserver(
         path(&dir),
     ];
     Spawned::start(
-        master,
+        t.master_ns(addr),
         &sibling_bin("stub-apiserver"),
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
     )
 }
 
-/// The masters' names and addresses, as `Pki::generate` takes them.
+/// `master-<n>` for the master at `addr`.
+#[must_use]
+pub fn master_name(addr: &str) -> String {
+    format!("master-{}", master_index(addr) + 1)
+}
+
+/// Every master's name and address (the fourth included), as `Pki::generate`
+/// takes them.
 #[must_use]
 pub fn master_names() -> Vec<(String, std::net::IpAddr)> {
     MASTERS
         .iter()
-        .enumerate()
-        .map(|(i, m)| (format!("master-{}", i + 1), sa(m).ip()))
+        .chain([&FOURTH_MASTER])
+        .map(|m| (master_name(m), sa(m).ip()))
         .collect()
 }
 

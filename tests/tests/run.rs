@@ -1,5 +1,5 @@
 //! `apilb run` as users run it: the real binary, in the LB namespace of the
-//! `tests::live` topology, balancing real TCP connections over three masters, with
+//! `tests::cluster` topology, balancing real TCP connections over three masters, with
 //! TCP health probes every 100 ms. Root.
 //!
 //! One test walks through the lifecycle in order, since each step builds on the
@@ -15,7 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::live::{Apilb, Client, EchoServer, MASTERS, PinDir, Topology, apilb_config};
+use tests::{
+    cluster::{LB_DEV, MASTERS, Topology, apilb_config},
+    live::{Apilb, Client, EchoServer, PinDir},
+};
 
 const LIFETIME: Duration = Duration::from_mins(2);
 
@@ -61,7 +64,7 @@ fn wait_for(
 /// `apilb status` and `/metrics`, from inside the LB namespace.
 fn admin_endpoint_reports_three_healthy_masters(t: &Topology) {
     thread::sleep(Duration::from_millis(1100)); // the snapshot is republished every second
-    let netns = format!("--net=/run/netns/{}", t.lb.name());
+    let netns = format!("--net=/run/netns/{}", t.lb().name());
     let bin = tests::live::apilb_bin();
     let status = tests::netns::run("nsenter", &[&netns, bin.to_str().expect("path"), "status"]);
     for m in MASTERS {
@@ -70,7 +73,9 @@ fn admin_endpoint_reports_three_healthy_masters(t: &Topology) {
             "{m} healthy in:\n{status}"
         );
     }
-    let metrics = t.lb.exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"]);
+    let metrics = t
+        .lb()
+        .exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"]);
     assert!(
         metrics.lines().any(|l| l == "apilb_fail_open 0"),
         "{metrics}"
@@ -98,22 +103,19 @@ fn sigkill_restart_and_sigterm(
     pins: PinDir,
 ) {
     // SIGKILL: the pinned datapath keeps an open connection going with no controller.
-    let prog_before = xdp_prog_id(t, "l0");
+    let prog_before = xdp_prog_id(t);
     let mut open = Client::connect(&t.client).expect("connection before the kill");
     let master = open.ask_master().expect("answer before the kill");
     apilb.signal(libc::SIGKILL);
     assert!(apilb.wait(Duration::from_secs(5)).is_some(), "apilb died");
-    assert!(
-        t.lb_has_xdp("l0") && t.lb_has_xdp("l1"),
-        "the pinned links stayed attached"
-    );
+    assert!(t.lb_has_xdp(), "the pinned links stayed attached");
     assert_eq!(
         open.ask_master().expect("answer with no controller"),
         master
     );
 
     // A restarted controller adopts it; the open connection and new ones work.
-    let mut again = Apilb::start(&t.lb, config, &dir.join("apilb-2.log"));
+    let mut again = Apilb::start(t.lb(), config, &dir.join("apilb-2.log"));
     let (by, failed) = wait_for(t, 30, Duration::from_secs(15), |m, f| {
         f == 0 && m.len() == 3
     });
@@ -129,7 +131,7 @@ fn sigkill_restart_and_sigterm(
         again.log_text()
     );
     assert_eq!(open.ask_master().expect("answer after the restart"), master);
-    let prog_after = xdp_prog_id(t, "l0");
+    let prog_after = xdp_prog_id(t);
     assert_ne!(
         prog_after, prog_before,
         "the restarted apilb's program was swapped into the pinned link"
@@ -144,7 +146,7 @@ fn sigkill_restart_and_sigterm(
         again.log_text()
     );
     assert!(
-        Path::new(&pins.0).exists() && t.lb_has_xdp("l0"),
+        Path::new(&pins.0).exists() && t.lb_has_xdp(),
         "SIGTERM left the datapath pinned"
     );
     drop(open);
@@ -152,7 +154,7 @@ fn sigkill_restart_and_sigterm(
     let out = tests::netns::run(
         "nsenter",
         &[
-            &format!("--net=/run/netns/{}", t.lb.name()),
+            &format!("--net=/run/netns/{}", t.lb().name()),
             tests::live::apilb_bin().to_str().expect("path"),
             "detach",
             "--instance",
@@ -162,9 +164,9 @@ fn sigkill_restart_and_sigterm(
                 .expect("instance"),
         ],
     );
-    assert!(out.contains("link-l0") && out.contains("link-l1"), "{out}");
+    assert!(out.contains("link-eth0"), "{out}");
     assert!(
-        !pins.0.exists() && !t.lb_has_xdp("l0") && !t.lb_has_xdp("l1"),
+        !pins.0.exists() && !t.lb_has_xdp(),
         "apilb detach removed the datapath"
     );
     detach_on_exit_with_json_logs(t, config, dir, &pins.0);
@@ -180,7 +182,9 @@ fn every_master_dies_then_returns(t: &Topology, servers: &mut [Option<EchoServer
     let fail_open = |want: &str| {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let m = t.lb.exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"]);
+            let m = t
+                .lb()
+                .exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"]);
             if m.lines().any(|l| l == want) || Instant::now() > deadline {
                 return m.lines().any(|l| l == want);
             }
@@ -196,7 +200,7 @@ fn every_master_dies_then_returns(t: &Topology, servers: &mut [Option<EchoServer
         "and logged"
     );
     for (slot, m) in servers.iter_mut().zip(MASTERS) {
-        *slot = Some(EchoServer::start(&t.master, m, LIFETIME));
+        *slot = Some(EchoServer::start(t.master_ns(m), m, LIFETIME));
     }
     assert!(fail_open("apilb_fail_open 0"), "fail-open cleared");
     let (by, failed) = wait_for(t, 30, Duration::from_secs(5), |m, f| f == 0 && m.len() == 3);
@@ -208,7 +212,9 @@ fn every_master_dies_then_returns(t: &Topology, servers: &mut [Option<EchoServer
 /// The parts of `/status` a reload may change: VIPs and the backends' settings
 /// and rotation (not traffic or probe counters), and the reload counters.
 fn status_state(t: &Topology) -> (serde_json::Value, u64, u64) {
-    let text = t.lb.exec("curl", &["-sf", "http://127.0.0.1:9464/status"]);
+    let text = t
+        .lb()
+        .exec("curl", &["-sf", "http://127.0.0.1:9464/status"]);
     let v: serde_json::Value = serde_json::from_str(&text).expect("status JSON");
     let backends: Vec<serde_json::Value> = v["backends"]
         .as_array()
@@ -290,7 +296,7 @@ fn reloads(t: &Topology, apilb: &Apilb, config: &Path, instance: &str) {
 /// removes every pin.
 fn detach_on_exit_with_json_logs(t: &Topology, config: &Path, dir: &Path, pins: &Path) {
     let mut third = Apilb::start_with(
-        &t.lb,
+        t.lb(),
         config,
         &dir.join("apilb-3.log"),
         &["--log-format", "json", "--detach-on-exit"],
@@ -320,14 +326,14 @@ fn detach_on_exit_with_json_logs(t: &Topology, config: &Path, dir: &Path, pins: 
         third.log_text()
     );
     assert!(
-        !t.lb_has_xdp("l0") && !t.lb_has_xdp("l1") && !pins.exists(),
+        !t.lb_has_xdp() && !pins.exists(),
         "--detach-on-exit took the program off both interfaces and removed the pins"
     );
 }
 
 /// The id of the XDP program on an LB interface (`prog/xdp id N` in `ip -d link`).
-fn xdp_prog_id(t: &Topology, dev: &str) -> u32 {
-    let out = t.lb.ip(&["-d", "link", "show", "dev", dev]);
+fn xdp_prog_id(t: &Topology) -> u32 {
+    let out = t.lb().ip(&["-d", "link", "show", "dev", LB_DEV]);
     out.split_whitespace()
         .skip_while(|w| *w != "prog/xdp")
         .nth(2)
@@ -355,10 +361,10 @@ fn apilb_run_follows_health_refuses_bad_reloads_and_survives_sigkill() {
     std::fs::write(&config, config_text(&instance)).expect("config");
     let mut servers: Vec<Option<EchoServer>> = MASTERS
         .iter()
-        .map(|m| Some(EchoServer::start(&t.master, m, LIFETIME)))
+        .map(|m| Some(EchoServer::start(t.master_ns(m), m, LIFETIME)))
         .collect();
 
-    let apilb = Apilb::start(&t.lb, &config, &files.0.join("apilb-1.log"));
+    let apilb = Apilb::start(t.lb(), &config, &files.0.join("apilb-1.log"));
     // All three masters serve once apilb is up.
     let (by, failed) = wait_for(&t, 30, Duration::from_secs(15), |m, f| {
         f == 0 && m.len() == 3
@@ -374,8 +380,9 @@ fn apilb_run_follows_health_refuses_bad_reloads_and_survives_sigkill() {
         "each master got a share of 30: {by:?}"
     );
     admin_endpoint_reports_three_healthy_masters(&t);
-    let reserved =
-        t.lb.exec("cat", &["/proc/sys/net/ipv4/ip_local_reserved_ports"]);
+    let reserved = t
+        .lb()
+        .exec("cat", &["/proc/sys/net/ipv4/ip_local_reserved_ports"]);
     assert_eq!(
         reserved.trim(),
         "40000-40999",
@@ -409,7 +416,7 @@ fn apilb_run_follows_health_refuses_bad_reloads_and_survives_sigkill() {
     );
 
     // It comes back: after rise = 2 probes it serves again.
-    servers[1] = Some(EchoServer::start(&t.master, dead, LIFETIME));
+    servers[1] = Some(EchoServer::start(t.master_ns(dead), dead, LIFETIME));
     let (by, _) = wait_for(&t, 30, Duration::from_secs(5), |m, _| m.contains_key(dead));
     assert!(by.contains_key(dead), "{dead} rejoined: {by:?}");
 

@@ -1,6 +1,6 @@
 //! `apilb run` against TLS apiservers: three stub apiservers (certificates from a
 //! CA made for the test, SANs for their address and the VIP) in the master
-//! namespace, apilb probing `GET /readyz` over https with that CA every 100 ms, and
+//! namespaces, apilb probing `GET /readyz` over https with that CA every 100 ms, and
 //! real `curl --cacert` requests through the VIP from the client namespace. A master
 //! whose /readyz fails leaves rotation after `fall` probes and returns after `rise`.
 //! Root.
@@ -13,7 +13,8 @@ use std::{
 };
 
 use tests::{
-    live::{Apilb, PinDir, Topology, apilb_config, https_via_vip, master_names, stub_apiservers},
+    cluster::{Topology, VIP_ADDR, apilb_config},
+    live::{Apilb, PinDir, https_via_vip, master_names, stub_apiservers},
     netns::Netns,
     pki::Pki,
 };
@@ -54,12 +55,8 @@ fn a_master_whose_readyz_fails_leaves_rotation_and_returns_over_https_probes() {
     let dir = std::env::temp_dir().join(format!("apilb-tls-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let _cleanup = scopeguard(dir.clone());
-    let pki = Pki::generate(
-        &dir,
-        &master_names(),
-        &["192.0.2.100".parse().expect("vip")],
-    );
-    let _stubs = stub_apiservers(&t.master, &pki, &dir);
+    let pki = Pki::generate(&dir, &master_names(), &[VIP_ADDR.parse().expect("vip")]);
+    let _stubs = stub_apiservers(&t, &pki, &dir);
     let pins = PinDir::new("test-tls");
     let instance = pins.instance();
     let text = apilb_config(
@@ -73,7 +70,7 @@ fn a_master_whose_readyz_fails_leaves_rotation_and_returns_over_https_probes() {
     );
     let config = dir.join("apilb.toml");
     std::fs::write(&config, text).expect("config");
-    let apilb = Apilb::start(&t.lb, &config, &dir.join("apilb.log"));
+    let apilb = Apilb::start(t.lb(), &config, &dir.join("apilb.log"));
 
     let (by, failed) = wait_spread(&t.client, &pki.ca_pem, Duration::from_secs(15), |b, f| {
         f == 0 && b.len() == 3

@@ -3,7 +3,10 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use tests::live::{Apilb, Client, EchoServer, MASTERS, PinDir, Topology, apilb_config};
+use tests::{
+    cluster::{MASTERS, Topology, apilb_config},
+    live::{Apilb, Client, EchoServer, PinDir},
+};
 
 const CONNECTIONS: usize = 3000;
 
@@ -13,7 +16,7 @@ fn three_thousand_new_connections_land_on_the_three_masters_within_ten_percent_o
     let pins = PinDir::new("test-spread");
     let _servers: Vec<EchoServer> = MASTERS
         .iter()
-        .map(|m| EchoServer::start(&t.master, m, Duration::from_mins(2)))
+        .map(|m| EchoServer::start(t.master_ns(m), m, Duration::from_mins(2)))
         .collect();
     let dir = std::env::temp_dir().join(format!("apilb-spread-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -24,7 +27,7 @@ fn three_thousand_new_connections_land_on_the_three_masters_within_ten_percent_o
     );
     let config = dir.join("apilb.toml");
     std::fs::write(&config, text).expect("config");
-    let apilb = Apilb::start(&t.lb, &config, &dir.join("apilb.log"));
+    let apilb = Apilb::start(t.lb(), &config, &dir.join("apilb.log"));
     assert!(
         apilb.wait_log("datapath updated", Duration::from_secs(15)),
         "log:\n{}",

@@ -10,7 +10,8 @@ use std::{
 };
 
 use tests::{
-    live::{Apilb, PinDir, Topology, apilb_config, master_names, stub_apiservers},
+    cluster::{Topology, VIP_ADDR, apilb_config},
+    live::{Apilb, PinDir, master_names, stub_apiservers},
     pki::Pki,
 };
 
@@ -44,12 +45,8 @@ fn main() {
     let instance = pins.instance();
     let dir = std::env::temp_dir().join(format!("apilb-bench-ctl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let pki = Pki::generate(
-        &dir,
-        &master_names(),
-        &["192.0.2.100".parse().expect("vip")],
-    );
-    let _stubs = stub_apiservers(&t.master, &pki, &dir);
+    let pki = Pki::generate(&dir, &master_names(), &[VIP_ADDR.parse().expect("vip")]);
+    let _stubs = stub_apiservers(&t, &pki, &dir);
     let config = dir.join("apilb.toml");
     let text = apilb_config(
         &instance,
@@ -57,7 +54,7 @@ fn main() {
         &format!("kind = \"https\"\nca_file = \"{}\"", pki.ca_pem.display()),
     );
     std::fs::write(&config, text).expect("config");
-    let mut apilb = Apilb::start(&t.lb, &config, &dir.join("apilb.log"));
+    let mut apilb = Apilb::start(t.lb(), &config, &dir.join("apilb.log"));
     assert!(
         apilb.wait_log("XDP attached", Duration::from_secs(15)),
         "apilb started:\n{}",

@@ -18,12 +18,12 @@ use std::{
 };
 
 use tests::{
-    live::{Apilb, PinDir, Topology, apilb_config, https_via_vip, master_names, stub_apiserver},
+    cluster::{MASTERS, Topology, VIP, VIP_ADDR, apilb_config},
+    live::{Apilb, PinDir, https_via_vip, master_names, stub_apiserver},
     netns::Netns,
     pki::Pki,
 };
 
-const VIP_URL: &str = "https://192.0.2.100:6443";
 const STREAMS: usize = 30;
 
 fn bar(n: usize, total: usize) -> String {
@@ -67,7 +67,9 @@ impl Watch {
             .arg(ca)
             .arg("-D")
             .arg(&headers)
-            .arg(format!("{VIP_URL}/api/v1/namespaces/default/pods?watch=1"))
+            .arg(format!(
+                "https://{VIP}/api/v1/namespaces/default/pods?watch=1"
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -163,17 +165,13 @@ fn main() {
     let t = Topology::new("apilb-demo");
     let dir = std::env::temp_dir().join(format!("apilb-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let pki = Pki::generate(
-        &dir,
-        &master_names(),
-        &["192.0.2.100".parse().expect("vip")],
-    );
+    let pki = Pki::generate(&dir, &master_names(), &[VIP_ADDR.parse().expect("vip")]);
     let mut masters: Vec<Option<_>> = (0..3)
-        .map(|i| Some(stub_apiserver(&t.master, &pki, &dir, i)))
+        .map(|i| Some(stub_apiserver(&t, &pki, &dir, MASTERS[i])))
         .collect();
     let pins = PinDir::new("demo");
     let config = write_config(&dir, &pins, &pki);
-    let apilb = Apilb::start(&t.lb, &config, &dir.join("apilb.log"));
+    let apilb = Apilb::start(t.lb(), &config, &dir.join("apilb.log"));
     assert!(
         apilb.wait_log("XDP attached", Duration::from_secs(15)),
         "apilb did not start:\n{}",
@@ -183,7 +181,9 @@ fn main() {
     while https_via_vip(&t.client, &pki.ca_pem, "/version").is_none() && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(100));
     }
-    println!("\n1. New connections through the VIP {VIP_URL} spread over the masters (Maglev):");
+    println!(
+        "\n1. New connections through the VIP https://{VIP} spread over the masters (Maglev):"
+    );
     let (mut total, mut failed_total) = (BTreeMap::new(), 0);
     for round in 1..=3 {
         let (by, failed) = spread(&t.client, &pki.ca_pem, 30);
@@ -224,7 +224,7 @@ fn main() {
     show("30 new requests now:", &by, failed);
 
     println!("\n4. master-2 comes back; after its readiness probes pass (rise 2) it rejoins:");
-    masters[1] = Some(stub_apiserver(&t.master, &pki, &dir, 1));
+    masters[1] = Some(stub_apiserver(&t, &pki, &dir, MASTERS[1]));
     let back_at = Instant::now();
     let mut by = BTreeMap::new();
     while back_at.elapsed() < Duration::from_secs(10) {

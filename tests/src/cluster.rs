@@ -1,0 +1,272 @@
+//! A Kubernetes control plane in network namespaces, wired the way a real one is:
+//! LB nodes and masters on one L2 segment, clients one routed hop away.
+//!
+//! ```text
+//!  client  eth0 192.0.2.10/24 ── cl 192.0.2.1/24  router
+//!                                   seg 198.51.100.1/24 (a bridge: the segment)
+//!       ┌─────────────┬─────────────┬───────┴─────┬─────────────┬─────────────┐
+//!     p-lb1         p-lb2          p-m1          p-m2          p-m3        (p-m4)
+//!   lb1 eth0 .2   lb2 eth0 .3   master-1 .11  master-2 .12  master-3 .13 (master-4 .14)
+//! ```
+//!
+//! The VIP, 198.51.100.100, is a /32 on the first LB node's `eth0`, so the router
+//! resolves it there. The LB is one-armed: it rewrites a packet and sends it back
+//! out of `eth0` (`XDP_TX`), and SNATs to its own address. Addresses are from the
+//! documentation ranges and live only in these namespaces; no namespace has a
+//! default route, only routes to the other subnet via the router. Every namespace
+//! name starts with the caller's prefix and is deleted when the topology drops,
+//! which removes every link with it.
+
+use std::path::Path;
+
+use lb_userspace::{
+    datapath::{Datapath, NodeConfig, Vip},
+    loader::{AttachMode, LoadOptions},
+};
+
+use crate::{
+    fixture::{chain, sa},
+    netns::Netns,
+};
+
+/// The VIP the clients use.
+pub const VIP: &str = "198.51.100.100:6443";
+/// The VIP's address alone, as the config and certificates take it.
+pub const VIP_ADDR: &str = "198.51.100.100";
+/// The three masters' apiserver addresses.
+pub const MASTERS: [&str; 3] = [
+    "198.51.100.11:6443",
+    "198.51.100.12:6443",
+    "198.51.100.13:6443",
+];
+/// A fourth master, wired only when asked for, for scale-out.
+pub const FOURTH_MASTER: &str = "198.51.100.14:6443";
+/// The first LB node's own address, which it SNATs to.
+pub const SNAT: &str = "198.51.100.2";
+/// The LB nodes' only interface.
+pub const LB_DEV: &str = "eth0";
+
+/// How many LB nodes and masters to wire.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    /// 1 or 2.
+    pub lb_nodes: usize,
+    /// 3 or 4.
+    pub masters: usize,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Self {
+            lb_nodes: 1,
+            masters: 3,
+        }
+    }
+}
+
+pub struct Topology {
+    pub client: Netns,
+    pub router: Netns,
+    /// LB nodes; `lbs[0]` holds the VIP.
+    pub lbs: Vec<Netns>,
+    /// One namespace per master, in address order (`master-1` first).
+    pub masters: Vec<Netns>,
+    /// A datapath with no VIPs on the router's LB-facing ports, which passes every
+    /// packet. A veth delivers `XDP_TX` frames only to a peer with NAPI on, which
+    /// here means an XDP program of its own (switching GRO on, the other documented
+    /// way, did not take on kernel 6.18).
+    _peers: Datapath,
+}
+
+impl Topology {
+    /// One LB node and three masters, every namespace named `<prefix>-<role>-...`.
+    #[must_use]
+    pub fn new(prefix: &str) -> Self {
+        Self::with_shape(prefix, Shape::default())
+    }
+
+    #[must_use]
+    pub fn with_shape(prefix: &str, shape: Shape) -> Self {
+        assert!((1..=2).contains(&shape.lb_nodes) && (3..=4).contains(&shape.masters));
+        let client = Netns::new(&format!("{prefix}-c"));
+        let router = Netns::new(&format!("{prefix}-r"));
+        router.ip(&["link", "add", "seg", "type", "bridge"]);
+        router.ip(&["addr", "add", "198.51.100.1/24", "dev", "seg"]);
+        router.ip(&["link", "set", "seg", "up"]);
+        router.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        wire(&router, "cl", None, &client, "192.0.2.10/24");
+        router.ip(&["addr", "add", "192.0.2.1/24", "dev", "cl"]);
+        client.ip(&["route", "add", "198.51.100.0/24", "via", "192.0.2.1"]);
+
+        let lbs: Vec<Netns> = (1..=shape.lb_nodes)
+            .map(|i| {
+                let ns = Netns::new(&format!("{prefix}-lb{i}"));
+                wire(
+                    &router,
+                    &format!("p-lb{i}"),
+                    Some("seg"),
+                    &ns,
+                    &format!("198.51.100.{}/24", 1 + i),
+                );
+                ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+                // The FIB-miss path forwards a rewritten packet out of the interface
+                // it came in by; that is the design here, not a route to correct.
+                for key in ["all", LB_DEV] {
+                    ns.exec(
+                        "sysctl",
+                        &["-qw", &format!("net.ipv4.conf.{key}.send_redirects=0")],
+                    );
+                }
+                ns.ip(&["route", "add", "192.0.2.0/24", "via", "198.51.100.1"]);
+                ns
+            })
+            .collect();
+        lbs[0].ip(&["addr", "add", &format!("{VIP_ADDR}/32"), "dev", LB_DEV]);
+
+        let masters: Vec<Netns> = (1..=shape.masters)
+            .map(|i| {
+                let ns = Netns::new(&format!("{prefix}-m{i}"));
+                wire(
+                    &router,
+                    &format!("p-m{i}"),
+                    Some("seg"),
+                    &ns,
+                    &format!("198.51.100.{}/24", 10 + i),
+                );
+                ns.ip(&["route", "add", "192.0.2.0/24", "via", "198.51.100.1"]);
+                ns
+            })
+            .collect();
+
+        let mut peers = Datapath::load(&LoadOptions {
+            flow_table_size: 1024,
+            pin_dir: None,
+        })
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+        {
+            let _inside = router.enter();
+            for i in 1..=shape.lb_nodes {
+                peers
+                    .attach(&format!("p-lb{i}"), AttachMode::Native, None)
+                    .unwrap_or_else(|e| panic!("{}", chain(&e)));
+            }
+        }
+        Self {
+            client,
+            router,
+            lbs,
+            masters,
+            _peers: peers,
+        }
+    }
+
+    /// The first LB node, which holds the VIP.
+    #[must_use]
+    pub fn lb(&self) -> &Netns {
+        &self.lbs[0]
+    }
+
+    /// Load the balancer (pinned under `pin_dir` if given), attach it to the first
+    /// LB node's `eth0`, and provision VIP:6443 -> master-1 through the map writer.
+    #[must_use]
+    pub fn balancer(&self, pin_dir: Option<&Path>) -> Datapath {
+        let mut dp = Datapath::load(&LoadOptions {
+            flow_table_size: 4096,
+            pin_dir: pin_dir.map(Path::to_owned),
+        })
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+        {
+            let _inside = self.lb().enter();
+            dp.attach(LB_DEV, AttachMode::Native, pin_dir)
+                .unwrap_or_else(|e| panic!("{}", chain(&e)));
+        }
+        dp.set_node_config(&NodeConfig::new(
+            Some(SNAT.parse().expect("v4")),
+            None,
+            40_000..=40_999,
+        ))
+        .expect("node config");
+        dp.set_backend(1, sa(MASTERS[0]), false).expect("backend");
+        dp.set_vip(&Vip {
+            addr: sa(VIP),
+            id: 0,
+            ring_size: 251,
+            owned: true,
+        })
+        .expect("vip");
+        let ring: Vec<(u32, u32)> = (0..251).map(|slot| (slot, 1)).collect();
+        dp.write_maglev(0, &ring).expect("ring");
+        dp
+    }
+
+    /// Whether an XDP program is attached to the first LB node's `eth0`.
+    #[must_use]
+    pub fn lb_has_xdp(&self) -> bool {
+        self.lb()
+            .ip(&["link", "show", "dev", LB_DEV])
+            .contains(" xdp")
+    }
+
+    /// The namespace of the master serving `addr` (one of [`MASTERS`] or
+    /// [`FOURTH_MASTER`]).
+    #[must_use]
+    pub fn master_ns(&self, addr: &str) -> &Netns {
+        let i = master_index(addr);
+        self.masters
+            .get(i)
+            .unwrap_or_else(|| panic!("{addr} is not wired in this topology"))
+    }
+}
+
+/// 0 for master-1's address, 1 for master-2's, and so on.
+#[must_use]
+pub fn master_index(addr: &str) -> usize {
+    match sa(addr).ip() {
+        std::net::IpAddr::V4(v4) if (11..=14).contains(&v4.octets()[3]) => {
+            usize::from(v4.octets()[3] - 11)
+        }
+        _ => panic!("{addr} is not a master address"),
+    }
+}
+
+/// A veth from the router (`port`, enslaved to `bridge` if given) to `eth0` in
+/// `ns`, which gets `addr`. Frames the endpoint sends carry full checksums, as
+/// frames off a wire do, rather than veth's offloaded partial ones.
+fn wire(router: &Netns, port: &str, bridge: Option<&str>, ns: &Netns, addr: &str) {
+    router.ip(&[
+        "link",
+        "add",
+        port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns.name(),
+    ]);
+    if let Some(br) = bridge {
+        router.ip(&["link", "set", port, "master", br]);
+    }
+    router.ip(&["link", "set", port, "up"]);
+    ns.ip(&["addr", "add", addr, "dev", "eth0"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
+}
+
+/// `apilb run`'s config for the first LB node: instance `instance`, its `eth0`,
+/// its own address as SNAT, the VIP and the three masters, with `datapath` lines
+/// added to `[datapath]` and `health` as the `[health]` section's body.
+#[must_use]
+pub fn apilb_config(instance: &str, datapath: &str, health: &str) -> String {
+    let mut text = format!(
+        "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"{LB_DEV}\"]\nsnat_ipv4 = \"{SNAT}\"\n{datapath}\n\
+         [[vip]]\naddress = \"{VIP_ADDR}\"\n[health]\n{health}\n"
+    );
+    for m in MASTERS {
+        text.push_str("[[backend]]\naddress = \"");
+        text.push_str(m);
+        text.push_str("\"\n");
+    }
+    text
+}
