@@ -506,7 +506,7 @@ fn encode_backends(e: &mut DescriptorEncoder, backends: &[BackendStatus]) -> std
     counters(
         e,
         "backend_transitions",
-        "Times the backend changed between healthy and unhealthy",
+        "Times the backend changed between ready, not ready and down",
         None,
         backends.iter().map(|b| (backend(b), b.transitions)),
     )?;

@@ -1,20 +1,21 @@
 //! The reconcile step: config and health in, map contents out.
 //!
-//! [`Reconciler::desired`] is a pure function of the config and the set of healthy
-//! backends (election joins them later): which backends and VIPs exist, under which
+//! [`Reconciler::desired`] is a pure function of the config and each backend's
+//! [`Health`] (election joins them later): which backends and VIPs exist, under which
 //! ids, and each VIP's Maglev ring. [`Reconciler::apply`] converges the datapath to
 //! it with the fewest writes: only changed entries, only the ring slots that moved,
 //! and flow removal only for backends that left rotation. The controller is the
 //! only writer of the maps, and this is the only place it writes them.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
 };
 
 use crate::{
     config::{BackendSettings, Config},
     datapath::{Datapath, DatapathError, NodeConfig, Vip},
+    health::Health,
     maglev::{self, WeightedBackend},
 };
 
@@ -83,9 +84,10 @@ impl Reconciler {
         Self::default()
     }
 
-    /// The desired map contents for `config` when `healthy` backends pass their
-    /// probes.
-    pub fn desired(&mut self, config: &Config, healthy: &HashSet<SocketAddr>) -> Desired {
+    /// The desired map contents for `config` given each backend's health (a
+    /// backend missing from `health` is down).
+    pub fn desired(&mut self, config: &Config, health: &HashMap<SocketAddr, Health>) -> Desired {
+        let is = |addr: &SocketAddr, h: Health| health.get(addr) == Some(&h);
         let addrs: Vec<SocketAddr> = config.backends.iter().map(|b| b.addr).collect();
         assign_ids(&mut self.backend_ids, &addrs, 1);
         let vip_addrs: Vec<SocketAddr> = config.vips.iter().map(|v| v.addr).collect();
@@ -111,7 +113,7 @@ impl Reconciler {
                 let live: Vec<&BackendSettings> = family
                     .iter()
                     .copied()
-                    .filter(|b| healthy.contains(&b.addr))
+                    .filter(|b| is(&b.addr, Health::Ready))
                     .collect();
                 let rotation = if live.is_empty() {
                     fail_open = true;
@@ -143,14 +145,15 @@ impl Reconciler {
                 )
             })
             .collect();
-        // Flows are kept to every backend that is configured and healthy, drained
-        // (weight 0) or not, and to every backend in rotation (which, failing open,
-        // includes unhealthy ones).
+        // Flows are kept to every configured backend that still answers, ready or
+        // not, drained (weight 0) or not, and to every backend in rotation (which,
+        // failing open, includes down ones). Only a down master loses its flows.
         let keep_flows = config
             .backends
             .iter()
             .filter(|b| {
-                healthy.contains(&b.addr) || in_rotation.contains(&self.backend_ids[&b.addr])
+                health.get(&b.addr).is_some_and(|&h| h != Health::Down)
+                    || in_rotation.contains(&self.backend_ids[&b.addr])
             })
             .map(|b| b.addr)
             .collect();
@@ -268,8 +271,12 @@ mod tests {
         Config::parse(&text, Path::new("test.toml")).expect("valid test config")
     }
 
-    fn healthy(addrs: &[&str]) -> HashSet<SocketAddr> {
-        addrs.iter().map(|a| a.parse().unwrap()).collect()
+    /// `addrs` ready, every other backend down.
+    fn healthy(addrs: &[&str]) -> HashMap<SocketAddr, Health> {
+        addrs
+            .iter()
+            .map(|a| (a.parse().unwrap(), Health::Ready))
+            .collect()
     }
 
     fn share(d: &Desired, id: u32) -> usize {
@@ -338,6 +345,20 @@ mod tests {
             !d.keep_flows.contains(&B.parse().unwrap()),
             "until it fails its probes"
         );
+    }
+
+    #[test]
+    fn a_not_ready_backend_leaves_the_ring_and_keeps_its_flows_until_it_is_down() {
+        let mut r = Reconciler::new();
+        let cfg = config(&[(A, 1), (B, 1)]);
+        let mut health = healthy(&[A]);
+        health.insert(B.parse().unwrap(), Health::NotReady);
+        let d = r.desired(&cfg, &health);
+        assert_eq!(d.in_rotation, BTreeSet::from([1]));
+        assert!(d.keep_flows.contains(&B.parse().unwrap()));
+        health.insert(B.parse().unwrap(), Health::Down);
+        let d = r.desired(&cfg, &health);
+        assert!(!d.keep_flows.contains(&B.parse().unwrap()));
     }
 
     #[test]

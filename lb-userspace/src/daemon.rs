@@ -28,7 +28,8 @@ use crate::{
     controller::{ControllerError, Reconciler},
     datapath::Datapath,
     health::{
-        HealthError, HealthEvent, InitialState, ProbeKind, ProbeSpec, Prober, ProberHandle, TlsSpec,
+        Health, HealthError, HealthEvent, InitialState, ProbeKind, ProbeSpec, Prober, ProberHandle,
+        TlsSpec,
     },
     loader::{self, AttachMode, LoadOptions, LoaderError},
     status::{BackendStatus, SharedSnapshot, Snapshot, VipStatus},
@@ -147,7 +148,7 @@ struct Probes {
     prober: Prober,
     settings: HealthSettings,
     handles: HashMap<SocketAddr, ProberHandle>,
-    healthy: HashMap<SocketAddr, bool>,
+    health: HashMap<SocketAddr, Health>,
     events: mpsc::Sender<HealthEvent>,
 }
 
@@ -157,7 +158,11 @@ impl Probes {
             prober: Prober::new(probe_spec(&config.health))?,
             settings: config.health.clone(),
             handles: HashMap::new(),
-            healthy: config.backends.iter().map(|b| (b.addr, true)).collect(),
+            health: config
+                .backends
+                .iter()
+                .map(|b| (b.addr, Health::Ready))
+                .collect(),
             events,
         };
         p.sync(config);
@@ -168,12 +173,12 @@ impl Probes {
     fn sync(&mut self, config: &Config) {
         let wanted: HashSet<SocketAddr> = config.backends.iter().map(|b| b.addr).collect();
         self.handles.retain(|a, _| wanted.contains(a));
-        self.healthy.retain(|a, _| wanted.contains(a));
+        self.health.retain(|a, _| wanted.contains(a));
         for addr in wanted {
-            let healthy = *self.healthy.entry(addr).or_insert(false);
+            let health = *self.health.entry(addr).or_insert(Health::Down);
             self.handles
                 .entry(addr)
-                .or_insert_with(|| self.prober.spawn_as(addr, healthy, self.events.clone()));
+                .or_insert_with(|| self.prober.spawn_as(addr, health, self.events.clone()));
         }
     }
 
@@ -187,14 +192,6 @@ impl Probes {
         }
         self.sync(config);
         Ok(())
-    }
-
-    fn healthy_set(&self) -> HashSet<SocketAddr> {
-        self.healthy
-            .iter()
-            .filter(|&(_, &h)| h)
-            .map(|(a, _)| *a)
-            .collect()
     }
 }
 
@@ -229,9 +226,7 @@ impl Daemon {
     }
 
     fn reconcile(&mut self, why: &str) -> Result<(), ControllerError> {
-        let desired = self
-            .reconciler
-            .desired(&self.config, &self.probes.healthy_set());
+        let desired = self.reconciler.desired(&self.config, &self.probes.health);
         if desired.fail_open {
             error!(
                 why,
@@ -332,7 +327,7 @@ impl Daemon {
                             address: b.addr,
                             id,
                             weight: b.weight,
-                            healthy: self.probes.healthy.get(&b.addr).copied().unwrap_or(false),
+                            healthy: self.probes.health.get(&b.addr) == Some(&Health::Ready),
                             in_rotation: d.in_rotation.contains(&id),
                             last_probe: last
                                 .as_ref()
@@ -477,8 +472,13 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
             Some(ev) = rx.recv() => {
                 // An event from a prober stopped by a reload is stale.
                 if d.probes.handles.contains_key(&ev.backend) {
-                    d.probes.healthy.insert(ev.backend, ev.healthy);
-                    d.try_reconcile(if ev.healthy { "backend up" } else { "backend down" });
+                    let health = ev.health();
+                    d.probes.health.insert(ev.backend, health);
+                    d.try_reconcile(match health {
+                        Health::Ready => "backend up",
+                        Health::NotReady => "backend not ready",
+                        Health::Down => "backend down",
+                    });
                 }
             }
             _ = hup.recv() => d.reload(),

@@ -3,8 +3,8 @@
 //! The datapath balances over whatever backends the maps list, so something has to
 //! keep dead or not-ready apiservers out of the Maglev table. This module runs one
 //! tokio task per backend that probes the master's own address (never the VIP),
-//! turns raw probe results into an up/down state with rise/fall hysteresis, logs
-//! every change with its reason, and reports it to the controller.
+//! turns raw probe results into a [`Health`] with rise/fall hysteresis, logs every
+//! change with its reason, and reports it to the controller.
 //!
 //! # Use
 //!
@@ -52,6 +52,12 @@
 //!   fresh latency without an event per probe.
 //! - **Success.** `tcp`: the connect completes. `http`/`https`: the response status
 //!   is 2xx.
+//! - **Not ready versus down.** A backend that fails its probes but still answers
+//!   them with an HTTP status is [`Health::NotReady`]: an apiserver shutting down
+//!   gracefully fails `/readyz` while it finishes the requests and watches it has.
+//!   It becomes [`Health::Down`] after `fall` consecutive probes that get no answer
+//!   at all (refused, timed out, TLS or I/O failure), and each such change is an
+//!   event too. A down backend stays down until `rise` probes pass.
 
 mod probe;
 mod tls;
@@ -155,6 +161,18 @@ pub enum InitialState {
     Up,
 }
 
+/// A backend's health, as the controller acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Passes its probes: it takes new connections.
+    Ready,
+    /// Fails its probes but answers them: no new connections, while the ones it
+    /// has keep working.
+    NotReady,
+    /// Does not answer: its connections are as dead as it is.
+    Down,
+}
+
 /// The outcome of one probe, and the reason carried by a [`HealthEvent`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeResult {
@@ -175,6 +193,11 @@ pub enum ProbeResult {
 impl ProbeResult {
     pub fn is_ok(&self) -> bool {
         matches!(self, Self::Ok)
+    }
+
+    /// Whether the backend answered at all, passing or not.
+    pub fn answered(&self) -> bool {
+        matches!(self, Self::Ok | Self::HttpStatus(_))
     }
 }
 
@@ -225,8 +248,11 @@ impl FailureCounts {
 pub struct HealthEvent {
     /// The probed backend: the master's own address.
     pub backend: SocketAddr,
-    /// The state after this probe.
+    /// The state after this probe: passing.
     pub healthy: bool,
+    /// The state after this probe: answering, passing or not (see
+    /// [`HealthEvent::health`]).
+    pub answering: bool,
     /// This probe's result: for a change, why it happened.
     pub reason: ProbeResult,
     /// How long this probe took (the timeout, for a timeout).
@@ -237,6 +263,16 @@ pub struct HealthEvent {
     pub transitions: u64,
     /// Failed probes so far, by reason.
     pub failures: FailureCounts,
+}
+
+impl HealthEvent {
+    pub fn health(&self) -> Health {
+        match (self.healthy, self.answering) {
+            (true, _) => Health::Ready,
+            (false, true) => Health::NotReady,
+            (false, false) => Health::Down,
+        }
+    }
 }
 
 /// Errors from validating a [`ProbeSpec`] and loading its files.
@@ -323,7 +359,11 @@ impl Prober {
     /// Starts probing `backend` in a new tokio task; must be called inside a tokio
     /// runtime. State changes go to `events`. Dropping the handle stops the task.
     pub fn spawn(&self, backend: SocketAddr, events: mpsc::Sender<HealthEvent>) -> ProberHandle {
-        self.spawn_as(backend, self.inner.spec.initial == InitialState::Up, events)
+        let initial = match self.inner.spec.initial {
+            InitialState::Up => Health::Ready,
+            InitialState::Down => Health::Down,
+        };
+        self.spawn_as(backend, initial, events)
     }
 
     /// [`Prober::spawn`], starting from a known state instead of the spec's initial
@@ -331,12 +371,13 @@ impl Prober {
     pub fn spawn_as(
         &self,
         backend: SocketAddr,
-        healthy: bool,
+        health: Health,
         events: mpsc::Sender<HealthEvent>,
     ) -> ProberHandle {
         let (latest_tx, latest) = watch::channel(HealthEvent {
             backend,
-            healthy,
+            healthy: health == Health::Ready,
+            answering: health != Health::Down,
             reason: ProbeResult::Ok,
             latency: Duration::ZERO,
             probes: 0,
@@ -468,6 +509,9 @@ async fn run(
     let spec = &inner.spec;
     let mut report = latest.borrow().clone();
     let mut state = RiseFall::new(spec.rise, spec.fall, report.healthy);
+    // While it fails, one answer proves the backend alive and `fall` silent probes
+    // prove it dead.
+    let mut answering = RiseFall::new(1, spec.fall, report.answering);
     let mut next = Instant::now();
     if spec.jitter > 0.0 {
         next += spec.interval.mul_f64(fastrand::f64());
@@ -484,20 +528,34 @@ async fn run(
         report.latency = started.elapsed();
         report.probes += 1;
         report.failures.count(&result);
-        let changed = state.observe(result.is_ok());
+        let was = report.health();
+        state.observe(result.is_ok());
+        answering.observe(result.answered());
         report.healthy = state.healthy;
+        if report.healthy {
+            answering = RiseFall::new(1, spec.fall, true);
+        }
+        // Once down, a backend stays down until it is ready again: answering without
+        // passing says nothing about connections it no longer has.
+        report.answering = report.healthy || (was != Health::Down && answering.healthy);
         report.reason = result;
-        if changed.is_none() {
-            debug!(%backend, healthy = report.healthy, result = %report.reason, latency = ?report.latency, "probe");
+        let now = report.health();
+        if now == was {
+            debug!(%backend, health = ?now, result = %report.reason, latency = ?report.latency, "probe");
             latest.send_replace(report.clone());
             continue;
         }
         report.transitions += 1;
-        if report.healthy {
-            info!(%backend, state = "up", reason = %report.reason, latency = ?report.latency,
+        let label = match now {
+            Health::Ready => "up",
+            Health::NotReady => "not ready",
+            Health::Down => "down",
+        };
+        if now == Health::Ready {
+            info!(%backend, state = label, reason = %report.reason, latency = ?report.latency,
                 transitions = report.transitions, "backend health changed");
         } else {
-            warn!(%backend, state = "down", reason = %report.reason, latency = ?report.latency,
+            warn!(%backend, state = label, reason = %report.reason, latency = ?report.latency,
                 transitions = report.transitions, "backend health changed");
         }
         latest.send_replace(report.clone());

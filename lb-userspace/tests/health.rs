@@ -17,7 +17,7 @@ use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use lb_userspace::health::{
-    HealthError, HealthEvent, InitialState, ProbeKind, ProbeResult, ProbeSpec, Prober,
+    Health, HealthError, HealthEvent, InitialState, ProbeKind, ProbeResult, ProbeSpec, Prober,
     ProberHandle, TlsSpec,
 };
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
@@ -352,10 +352,10 @@ async fn https_up_after_rise_probes_down_after_fall_500s_and_back() {
 
     server.set_ready(false);
     let flipped = Instant::now();
-    let down = next_event(&mut rx, "down").await;
+    let down = next_event(&mut rx, "not ready").await;
     assert_eq!(
-        (down.healthy, &down.reason),
-        (false, &ProbeResult::HttpStatus(500))
+        (down.health(), &down.reason),
+        (Health::NotReady, &ProbeResult::HttpStatus(500))
     );
     assert_eq!(
         (down.probes, down.transitions, down.failures.http_status),
@@ -404,6 +404,33 @@ async fn stopped_server_goes_down_with_refused() {
         (down.probes, down.failures.refused, down.failures.total()),
         (4, 2, 2)
     );
+}
+
+#[tokio::test]
+async fn a_not_ready_server_goes_down_when_it_stops_answering() {
+    let dir = TempDir::new("notready");
+    let ca = Ca::new("apilb test CA");
+    let ca_file = dir.write("ca.crt", &ca.pem());
+    let mut server = Server::start(Mode::Https(server_tls(&ca.issue(&["127.0.0.1"]), None))).await;
+    let (_handle, mut rx) = start(
+        spec(https(trusting(&ca_file)), InitialState::Up),
+        server.addr,
+    );
+    server.set_ready(false);
+    let not_ready = next_event(&mut rx, "not ready").await;
+    assert_eq!(
+        (not_ready.health(), not_ready.probes),
+        (Health::NotReady, 2)
+    );
+
+    server.stop().await;
+    let down = next_event(&mut rx, "down").await;
+    assert_eq!(
+        (down.health(), &down.reason, down.failures.refused),
+        (Health::Down, &ProbeResult::Refused, 2),
+        "down after fall = 2 unanswered probes"
+    );
+    assert_eq!((down.probes, down.transitions), (4, 2));
 }
 
 #[tokio::test]

@@ -2,12 +2,13 @@
 //! writes only what changed, takes a dead backend out of the ring and removes its
 //! flows and no others, and fails open when no backend is healthy. Needs root.
 
-use std::{collections::HashSet, net::SocketAddr, path::Path};
+use std::{collections::HashMap, net::SocketAddr, path::Path};
 
 use lb_common::{PROG_XDP, counters::*};
 use lb_userspace::{
     config::Config,
     controller::{Applied, Reconciler},
+    health::Health,
 };
 use tests::{
     fixture::{CLIENT_MAC, FX0_MAC, Ingress, Lab, XDP_PASS, XDP_REDIRECT, sa},
@@ -33,8 +34,9 @@ fn config() -> Config {
     Config::parse(&text, Path::new("reconcile-test.toml")).expect("valid")
 }
 
-fn healthy(addrs: &[&str]) -> HashSet<SocketAddr> {
-    addrs.iter().map(|a| sa(a)).collect()
+/// `addrs` ready, every other master down.
+fn healthy(addrs: &[&str]) -> HashMap<SocketAddr, Health> {
+    addrs.iter().map(|a| (sa(a), Health::Ready)).collect()
 }
 
 /// Run one frame through the program from the client side; return the verdict.
