@@ -9,6 +9,10 @@
 //!   namespaces, for tests that send real frames.
 //! - [`live`]: the processes that run there: echo masters, clients, stub
 //!   apiservers and `apilb run`.
+//! - [`plane`]: all of it started in one call: topology, CA, stub apiservers, apilb.
+//! - [`traffic`]: new https connections and watch streams through the VIP, recorded
+//!   per master, for the scenarios and the demo.
+//! - [`pki`]: a CA and certificates for the stub apiservers.
 
 pub mod cluster;
 pub mod fixture;
@@ -16,3 +20,5 @@ pub mod live;
 pub mod netns;
 pub mod packets;
 pub mod pki;
+pub mod plane;
+pub mod traffic;

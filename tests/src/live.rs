@@ -192,6 +192,26 @@ impl Client {
     }
 }
 
+/// A temporary directory for one test, `<tmp>/<prefix>-<pid>-<n>`, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    #[must_use]
+    pub fn new(prefix: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A bpffs pin directory for one test, removed (detaching what is pinned) on drop.
 pub struct PinDir(pub PathBuf);
 

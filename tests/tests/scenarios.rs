@@ -1,33 +1,77 @@
-//! Issue 4's scenarios, measured through the real `apilb run` in the live topology.
-//! Root.
+//! Issue 4's scenarios: what kubelets and kubectl notice when something fails,
+//! measured through the real `apilb run` in the `tests::cluster` topology, with TLS
+//! stub apiservers and apilb's default probes (https `/readyz` every 500 ms, rise 2,
+//! fall 2). Each prints its numbers as one `scenario ...` line. Root.
+//!
+//! The scenarios run one at a time (`SERIAL`): they measure time, and two of them
+//! sharing the machine's two CPUs would measure each other.
 
-use std::{collections::HashMap, time::Duration};
-
-use tests::{
-    cluster::{MASTERS, Topology, apilb_config},
-    live::{Apilb, Client, EchoServer, PinDir},
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    process::Command,
+    sync::Mutex,
+    thread,
+    time::{Duration, Instant},
 };
 
-const CONNECTIONS: usize = 3000;
+use tests::{
+    cluster::{MASTERS, Shape, Topology, VIP, apilb_config},
+    live::{Apilb, Client, EchoServer, PinDir, TempDir},
+    plane::{ControlPlane, FAILOVER_TARGET},
+    traffic::{Record, Traffic},
+};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Continuous new connections: one started every 20 ms.
+const EVERY: Duration = Duration::from_millis(20);
+const STREAMS: usize = 30;
+/// How long the traffic must have run clean to count as recovered.
+const CLEAN: Duration = Duration::from_secs(2);
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Wait until `CLEAN` has passed since `since` without a failed attempt, at most
+/// `limit` after `since`; the record then.
+fn wait_clean(traffic: &Traffic, since: Instant, limit: Duration) -> Record {
+    loop {
+        let r = traffic.record();
+        let last = r.last_failure_since(since).unwrap_or(since);
+        if last.elapsed() > CLEAN || since.elapsed() > limit {
+            return r;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
 
 #[test]
 fn three_thousand_new_connections_land_on_the_three_masters_within_ten_percent_of_equal() {
+    const CONNECTIONS: usize = 3000;
+    let _serial = serial();
     let t = Topology::new("apilb-spread");
-    let pins = PinDir::new("test-spread");
+    let pins = PinDir::new("apilb-spread");
     let _servers: Vec<EchoServer> = MASTERS
         .iter()
         .map(|m| EchoServer::start(t.master_ns(m), m, Duration::from_mins(2)))
         .collect();
-    let dir = std::env::temp_dir().join(format!("apilb-spread-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = TempDir::new("apilb-spread");
     let text = apilb_config(
         &pins.instance(),
         "nat_ports = [40000, 49999]",
         "kind = \"tcp\"",
     );
-    let config = dir.join("apilb.toml");
+    let config = dir.0.join("apilb.toml");
     std::fs::write(&config, text).expect("config");
-    let apilb = Apilb::start(t.lb(), &config, &dir.join("apilb.log"));
+    let apilb = Apilb::start(t.lb(), &config, &dir.0.join("apilb.log"));
     assert!(
         apilb.wait_log("datapath updated", Duration::from_secs(15)),
         "log:\n{}",
@@ -42,8 +86,7 @@ fn three_thousand_new_connections_land_on_the_three_masters_within_ten_percent_o
             Err(_) => failed += 1,
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    eprintln!("{CONNECTIONS} connections: {by:?}, {failed} failed");
+    eprintln!("scenario spread: {CONNECTIONS} connections: {by:?}, {failed} failed");
     assert_eq!(failed, 0, "{by:?}");
     assert_eq!(by.len(), 3, "{by:?}");
     let equal = CONNECTIONS / 3;
@@ -53,4 +96,282 @@ fn three_thousand_new_connections_land_on_the_three_masters_within_ten_percent_o
             "{m} got {n} of {CONNECTIONS}, more than 10% off {equal}: {by:?}"
         );
     }
+}
+
+#[test]
+fn a_killed_master_costs_new_connections_for_under_five_targets_and_breaks_no_other_stream() {
+    let _serial = serial();
+    let mut p = ControlPlane::start("apilb-kill", Shape::default());
+    let traffic = Traffic::start(&p.t.client, p.ca(), STREAMS, Some(EVERY));
+    thread::sleep(Duration::from_secs(1));
+    let before = traffic.record();
+    let (spread, failed) = before.spread_since(before.attempts[0].at);
+    assert_eq!((spread.len(), failed), (3, 0), "{spread:?}");
+    let on_dead = before
+        .watches_per_master()
+        .get("master-2")
+        .copied()
+        .unwrap_or(0);
+
+    let killed = Instant::now();
+    p.kill_master(1);
+    let r = wait_clean(&traffic, killed, FAILOVER_TARGET * 5 + CLEAN);
+    let (after, failed) = r.spread_since(killed);
+    let recovered = r.recovered_after(killed);
+    let mut broken = r.broken_watches();
+    let broken_dead = broken.remove("master-2").unwrap_or(0);
+    eprintln!(
+        "scenario master-killed: every new connection succeeds again {} after SIGKILL; \
+         {failed} failed connects; broken streams on survivors {broken:?}, on master-2 \
+         {broken_dead} of {on_dead}; {} attempts since the kill: {after:?}",
+        secs(recovered),
+        r.since(killed).count(),
+    );
+    assert!(
+        recovered <= FAILOVER_TARGET * 5,
+        "recovered after {recovered:?}\n{}",
+        p.apilb.log_text()
+    );
+    assert!(
+        broken.is_empty(),
+        "streams broke on surviving masters: {broken:?}"
+    );
+    let tail_from = r.taken.checked_sub(CLEAN / 2).expect("monotonic clock");
+    assert!(
+        r.since(tail_from).count() > 0,
+        "connections kept coming after recovery"
+    );
+    assert!(
+        r.since(tail_from)
+            .all(|a| a.result.as_ref().is_ok_and(|m| m != "master-2")),
+        "after recovery every connection lands on a survivor"
+    );
+}
+
+#[test]
+fn a_master_that_is_alive_but_not_ready_leaves_rotation_keeps_its_streams_and_rejoins() {
+    let _serial = serial();
+    let p = ControlPlane::start("apilb-notready", Shape::default());
+    let traffic = Traffic::start(&p.t.client, p.ca(), STREAMS, Some(EVERY));
+    thread::sleep(Duration::from_secs(1));
+    let on_it = traffic
+        .record()
+        .watches_per_master()
+        .get("master-2")
+        .copied()
+        .unwrap_or(0);
+
+    let failing = Instant::now();
+    std::fs::write(p.readyz_fail(1), "").expect("fail /readyz");
+    // Out of rotation: no new connection reaches it for a full second.
+    let deadline = failing + FAILOVER_TARGET * 5 + Duration::from_secs(1);
+    let left = loop {
+        let r = traffic.record();
+        let last = r
+            .since(failing)
+            .filter(|a| a.result.as_deref() == Ok("master-2"))
+            .map(|a| a.at)
+            .last()
+            .unwrap_or(failing);
+        if last.elapsed() > Duration::from_secs(1) || Instant::now() > deadline {
+            break last - failing;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+
+    let ready = Instant::now();
+    std::fs::remove_file(p.readyz_fail(1)).expect("ready again");
+    let deadline = ready + FAILOVER_TARGET * 5;
+    let rejoined = loop {
+        let r = traffic.record();
+        if let Some(t) = r.first_served_by("master-2", ready) {
+            break Some(t - ready);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let r = traffic.stop();
+    let (_, failed) = r.spread_since(r.attempts[0].at);
+    let broken = r.broken_watches();
+    eprintln!(
+        "scenario not-ready: last new connection to master-2 {} after /readyz began failing; \
+         back {rejoined:?} after it passed again; {failed} failed connects; broken streams \
+         {broken:?} ({on_it} streams on master-2 kept)",
+        secs(left),
+    );
+    assert!(left <= FAILOVER_TARGET * 5, "left rotation after {left:?}");
+    assert!(
+        rejoined.is_some_and(|d| d <= FAILOVER_TARGET * 5),
+        "{rejoined:?}"
+    );
+    assert_eq!(
+        failed, 0,
+        "a not-ready master still answers: nothing may fail"
+    );
+    assert!(
+        broken.is_empty(),
+        "its established streams are kept: {broken:?}"
+    );
+}
+
+#[test]
+fn a_controller_killed_and_restarted_under_load_fails_no_connection_and_breaks_no_stream() {
+    let _serial = serial();
+    let mut p = ControlPlane::start("apilb-ctlkill", Shape::default());
+    let traffic = Traffic::start(&p.t.client, p.ca(), STREAMS, Some(EVERY));
+    thread::sleep(Duration::from_secs(1));
+    let killed = Instant::now();
+    p.kill_apilb();
+    thread::sleep(Duration::from_secs(2));
+    let alone = traffic.record().spread_since(killed);
+    let restarted = Instant::now();
+    p.restart_apilb();
+    let restart_took = restarted.elapsed();
+    thread::sleep(Duration::from_secs(2));
+    let r = traffic.stop();
+    let (all, failed) = r.spread_since(r.attempts[0].at);
+    let broken = r.broken_watches();
+    eprintln!(
+        "scenario controller-killed: {failed} failed connects of {}; broken streams {broken:?}; \
+         with no controller for {}: {alone:?}; restart took {}",
+        r.attempts.len(),
+        secs(restarted - killed),
+        secs(restart_took),
+    );
+    assert_eq!(failed, 0, "{all:?}");
+    assert!(broken.is_empty(), "{broken:?}");
+    assert_eq!(
+        alone.0.len(),
+        3,
+        "the pinned datapath kept balancing: {alone:?}"
+    );
+}
+
+#[test]
+fn a_fourth_master_added_by_sighup_takes_a_quarter_of_new_connections_and_no_stream_moves() {
+    let _serial = serial();
+    let p = ControlPlane::start(
+        "apilb-scale",
+        Shape {
+            lb_nodes: 1,
+            masters: 4,
+        },
+    );
+    let traffic = Traffic::start(&p.t.client, p.ca(), STREAMS, Some(EVERY / 2));
+    thread::sleep(Duration::from_secs(1));
+    let streams_before = traffic.record().watches_per_master();
+
+    std::fs::write(&p.config, ControlPlane::config_text(&p.pins, &p.pki, true)).expect("config");
+    let reloaded = Instant::now();
+    p.apilb.signal(libc::SIGHUP);
+    let deadline = reloaded + FAILOVER_TARGET * 5;
+    let joined = loop {
+        let r = traffic.record();
+        if let Some(t) = r.first_served_by("master-4", reloaded) {
+            break t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "master-4 never served:\n{}",
+            p.apilb.log_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    thread::sleep(Duration::from_secs(8));
+    let r = traffic.stop();
+    let (by, failed) = r.spread_since(joined);
+    let total: usize = by.values().sum();
+    let share = by.get("master-4").copied().unwrap_or(0) as f64 / total as f64;
+    let broken = r.broken_watches();
+    eprintln!(
+        "scenario scale-out: master-4 served {} after SIGHUP; then {total} new connections: \
+         {by:?} (master-4 {:.1} %); {failed} failed; broken streams {broken:?}; streams per \
+         master before {streams_before:?}, after {:?}",
+        secs(joined - reloaded),
+        share * 100.0,
+        r.watches_per_master(),
+    );
+    assert_eq!(failed, 0);
+    assert!(total >= 400, "enough connections to judge: {total}");
+    assert!(
+        (0.18..=0.32).contains(&share),
+        "master-4 got {share:.3} of {by:?}"
+    );
+    assert!(broken.is_empty(), "{broken:?}");
+    assert_eq!(r.watches_per_master(), streams_before, "no stream moved");
+}
+
+/// Debian's kubectl (kubernetes-client), as `cargo xtask setup` unpacks it.
+fn kubectl() -> PathBuf {
+    let path = std::env::var_os("APILB_KUBECTL").map_or_else(
+        || {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/tools/kubernetes-client/usr/bin/kubectl")
+        },
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask setup`",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn kubectl_and_curl_get_the_stub_apiservers_version_through_the_vip() {
+    let _serial = serial();
+    let p = ControlPlane::start("apilb-kubectl", Shape::default());
+    // A kubeconfig as a kubelet's or an admin's looks: the VIP, the cluster CA and a
+    // bearer token (which the stub does not check).
+    let home = p.dir.0.join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    let kubeconfig = home.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: apilb\n  cluster:\n    \
+             server: https://{VIP}\n    certificate-authority: {}\nusers:\n- name: test\n  \
+             user:\n    token: apilb-test\ncontexts:\n- name: apilb\n  context:\n    \
+             cluster: apilb\n    user: test\ncurrent-context: apilb\n",
+            p.ca().display()
+        ),
+    )
+    .expect("kubeconfig");
+    let out = Command::new("ip")
+        .args(["netns", "exec", p.t.client.name()])
+        .arg(kubectl())
+        .args(["version", "-o", "json"])
+        .env("HOME", &home)
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .expect("run kubectl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kubectl: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("kubectl's JSON");
+    let server = &v["serverVersion"]["gitVersion"];
+    eprintln!(
+        "scenario real-client: kubectl {} got server {server}",
+        v["clientVersion"]["gitVersion"]
+    );
+    assert_eq!(server, "v1.30.0-apilb-stub");
+
+    let curl = p.t.client.exec(
+        "curl",
+        &[
+            "-sS",
+            "--cacert",
+            &p.ca().display().to_string(),
+            &format!("https://{VIP}/version"),
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&curl).expect("curl's JSON");
+    assert_eq!(v["gitVersion"], "v1.30.0-apilb-stub");
 }

@@ -5,7 +5,10 @@
 //! links with bpf-linker built against Debian's LLVM 22 (`LLVM_PREFIX` is required,
 //! or the link fails with "unable to find library -lLLVM").
 
-use std::process::{Command, Stdio};
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, bail};
 
@@ -32,6 +35,7 @@ pub fn run() -> anyhow::Result<()> {
     apt()?;
     rust_src()?;
     bpf_linker()?;
+    kubectl()?;
     step("setup complete");
     Ok(())
 }
@@ -122,4 +126,55 @@ fn bpf_linker() -> anyhow::Result<()> {
             .env("PATH", path)
             .env("LLVM_PREFIX", LLVM_PREFIX),
     )
+}
+
+/// Where the real-client scenario (`tests/tests/scenarios.rs`) looks for kubectl.
+fn kubectl_root() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/kubernetes-client")
+}
+
+/// Debian's kubectl (package kubernetes-client) for the real-client scenario,
+/// unpacked under `target/tools` rather than installed: a machine may have another
+/// kubectl owning `/usr/bin/kubectl` (Google Cloud SDK's, on the development VM),
+/// and installing the package would collide with it.
+fn kubectl() -> anyhow::Result<()> {
+    let root = kubectl_root();
+    let bin = root.join("usr/bin/kubectl");
+    if bin.exists() {
+        step(&format!(
+            "kubectl (Debian kubernetes-client) already unpacked: {}",
+            bin.display()
+        ));
+        return Ok(());
+    }
+    step(&format!(
+        "downloading Debian's kubernetes-client and unpacking it under {}",
+        root.display()
+    ));
+    let download = root.with_extension("download");
+    std::fs::create_dir_all(&download)
+        .with_context(|| format!("creating {}", download.display()))?;
+    let fetch = || {
+        exec(
+            Command::new("apt-get")
+                .args(["download", "-q", "kubernetes-client"])
+                .current_dir(&download),
+        )
+    };
+    if fetch().is_err() {
+        step("apt-get download failed; refreshing the package lists and trying again");
+        exec(Command::new("apt-get").args(["update", "-q"]))?;
+        fetch()?;
+    }
+    let deb = std::fs::read_dir(&download)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download left no .deb")?;
+    exec(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+    std::fs::remove_dir_all(&download)?;
+    if !bin.exists() {
+        bail!("{} is not in the kubernetes-client package", bin.display());
+    }
+    Ok(())
 }

@@ -1,0 +1,150 @@
+//! The control plane the scenarios and the demo run, started in one call: the
+//! [`crate::cluster`] topology, a CA, a TLS stub apiserver on each master, and
+//! `apilb run` on the first LB node with default health probes (https `/readyz`
+//! with that CA, every 500 ms, rise 2, fall 2).
+//!
+//! Dropping it stops apilb, the stubs, removes the pins, the namespaces and the
+//! temporary directory, in that order.
+
+use std::{
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    cluster::{FOURTH_MASTER, MASTERS, Shape, Topology, VIP_ADDR, apilb_config},
+    live::{Apilb, PinDir, Spawned, TempDir, https_via_vip, master_names, stub_apiserver},
+    pki::Pki,
+};
+
+/// The default probes take a dead master out within `fall` intervals plus a
+/// timeout; the issue's target for that is 1.5 s.
+pub const FAILOVER_TARGET: Duration = Duration::from_millis(1500);
+
+pub struct ControlPlane {
+    // Field order is drop order.
+    pub apilb: Apilb,
+    /// Stub apiservers by master index (`None`: not running).
+    pub stubs: Vec<Option<Spawned>>,
+    pub pins: PinDir,
+    pub t: Topology,
+    pub pki: Pki,
+    pub config: PathBuf,
+    pub dir: TempDir,
+    restarts: usize,
+}
+
+impl ControlPlane {
+    /// Start everything, with a stub on every wired master (the fourth, if wired,
+    /// is not in apilb's config); return once a request through the VIP succeeds.
+    #[must_use]
+    pub fn start(prefix: &str, shape: Shape) -> Self {
+        let t = Topology::with_shape(prefix, shape);
+        let dir = TempDir::new(prefix);
+        let pki = Pki::generate(&dir.0, &master_names(), &[VIP_ADDR.parse().expect("vip")]);
+        let stubs = master_addrs(shape.masters)
+            .map(|m| Some(stub_apiserver(&t, &pki, &dir.0, m)))
+            .collect();
+        let pins = PinDir::new(prefix);
+        let config = dir.0.join("apilb.toml");
+        std::fs::write(&config, Self::config_text(&pins, &pki, false)).expect("config");
+        let apilb = Apilb::start(t.lb(), &config, &dir.0.join("apilb-0.log"));
+        let plane = Self {
+            apilb,
+            stubs,
+            pins,
+            t,
+            pki,
+            config,
+            dir,
+            restarts: 0,
+        };
+        plane.wait_serving(Duration::from_secs(15));
+        plane
+    }
+
+    /// apilb's config: defaults but for the topology's facts; the fourth master too
+    /// if `four`.
+    #[must_use]
+    pub fn config_text(pins: &PinDir, pki: &Pki, four: bool) -> String {
+        let mut text = apilb_config(
+            &pins.instance(),
+            "",
+            &format!("ca_file = \"{}\"", pki.ca_pem.display()),
+        );
+        if four {
+            text.push_str("[[backend]]\naddress = \"");
+            text.push_str(FOURTH_MASTER);
+            text.push_str("\"\n");
+        }
+        text
+    }
+
+    /// Wait (at most `limit`) until `GET /version` through the VIP succeeds.
+    pub fn wait_serving(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while https_via_vip(&self.t.client, &self.pki.ca_pem, "/version").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "nothing answers through the VIP; apilb's log:\n{}",
+                self.apilb.log_text()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL the stub apiserver of master `i` (0-based).
+    pub fn kill_master(&mut self, i: usize) {
+        drop(self.stubs[i].take());
+    }
+
+    /// Start the stub apiserver of master `i` again.
+    pub fn start_master(&mut self, i: usize) {
+        let addr = master_addrs(self.t.masters.len())
+            .nth(i)
+            .expect("wired master");
+        self.stubs[i] = Some(stub_apiserver(&self.t, &self.pki, &self.dir.0, addr));
+    }
+
+    /// The control file that makes master `i`'s `/readyz` fail while it exists.
+    #[must_use]
+    pub fn readyz_fail(&self, i: usize) -> PathBuf {
+        self.dir
+            .0
+            .join(format!("master-{}", i + 1))
+            .join("readyz-fail")
+    }
+
+    /// SIGKILL apilb (its pinned datapath stays) and return when it is gone.
+    pub fn kill_apilb(&mut self) {
+        self.apilb.signal(libc::SIGKILL);
+        assert!(
+            self.apilb.wait(Duration::from_secs(5)).is_some(),
+            "apilb did not die"
+        );
+    }
+
+    /// Start apilb again, with the same config, and wait until it has written the
+    /// datapath.
+    pub fn restart_apilb(&mut self) {
+        self.restarts += 1;
+        let log = self.dir.0.join(format!("apilb-{}.log", self.restarts));
+        self.apilb = Apilb::start(self.t.lb(), &self.config, &log);
+        assert!(
+            self.apilb
+                .wait_log("datapath updated", Duration::from_secs(15)),
+            "apilb did not come back:\n{}",
+            self.apilb.log_text()
+        );
+    }
+
+    #[must_use]
+    pub fn ca(&self) -> &Path {
+        &self.pki.ca_pem
+    }
+}
+
+fn master_addrs(n: usize) -> impl Iterator<Item = &'static str> {
+    MASTERS.into_iter().chain([FOURTH_MASTER]).take(n)
+}

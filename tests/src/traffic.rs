@@ -1,0 +1,366 @@
+//! Client traffic through the VIP, as the scenarios and the demo measure it: a
+//! steady stream of new https connections (kubectl, restarting kubelets) and
+//! long-lived watch streams (running kubelets), each recording which master served
+//! it and whether and when it failed.
+//!
+//! Everything runs on one thread that lives in the client namespace, so every
+//! socket it opens is the client's. The stub apiserver emits a watch event every
+//! 100 ms; a stream that errors, ends, or goes [`WATCH_GAP`] without an event is
+//! broken. The load loop is bounded in time ([`MAX_RUN`]) and each attempt in time
+//! ([`ATTEMPT_TIMEOUT`]).
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use http_body_util::{BodyExt as _, Empty};
+use hyper::{
+    Request,
+    body::{Bytes, Incoming},
+    header::HOST,
+};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::{cluster::VIP, fixture::sa, netns};
+
+/// Connect + TLS + response head of one attempt.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A watch stream silent this long is broken.
+pub const WATCH_GAP: Duration = Duration::from_secs(1);
+/// The traffic stops by itself after this long, whatever the test does.
+pub const MAX_RUN: Duration = Duration::from_mins(3);
+
+const WATCH_PATH: &str = "/api/v1/namespaces/default/pods?watch=1";
+
+/// One new connection: when it started and which master answered, or why not.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub at: Instant,
+    pub result: Result<String, String>,
+}
+
+/// One watch stream.
+#[derive(Clone, Debug)]
+pub struct Watch {
+    /// The master serving it (its `x-apiserver` header), once the response came.
+    pub master: Option<String>,
+    pub events: u64,
+    pub last_event: Instant,
+    /// When and why it ended, for a stream that errored or ended.
+    pub ended: Option<(Instant, String)>,
+}
+
+impl Watch {
+    /// Whether the stream is broken as of `now`: ended, or silent too long.
+    #[must_use]
+    pub fn broken(&self, now: Instant) -> bool {
+        self.ended.is_some() || now.duration_since(self.last_event) > WATCH_GAP
+    }
+}
+
+/// What the traffic saw, up to `taken`.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub attempts: Vec<Attempt>,
+    pub watches: Vec<Watch>,
+    pub taken: Instant,
+}
+
+impl Record {
+    /// Attempts started at or after `t`.
+    pub fn since(&self, t: Instant) -> impl Iterator<Item = &Attempt> {
+        self.attempts.iter().filter(move |a| a.at >= t)
+    }
+
+    /// Per master, the attempts since `t` it answered; and how many failed.
+    #[must_use]
+    pub fn spread_since(&self, t: Instant) -> (BTreeMap<String, usize>, usize) {
+        let mut by = BTreeMap::new();
+        let mut failed = 0;
+        for a in self.since(t) {
+            match &a.result {
+                Ok(m) => *by.entry(m.clone()).or_insert(0) += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        (by, failed)
+    }
+
+    /// The start of the last failed attempt since `t`.
+    #[must_use]
+    pub fn last_failure_since(&self, t: Instant) -> Option<Instant> {
+        self.since(t)
+            .filter(|a| a.result.is_err())
+            .map(|a| a.at)
+            .last()
+    }
+
+    /// How long after `t` the last failed attempt started: from then on, every new
+    /// connection succeeded. Zero if none failed.
+    #[must_use]
+    pub fn recovered_after(&self, t: Instant) -> Duration {
+        self.last_failure_since(t)
+            .map_or(Duration::ZERO, |f| f.duration_since(t))
+    }
+
+    /// When, since `t`, `master` first answered a new connection.
+    #[must_use]
+    pub fn first_served_by(&self, master: &str, t: Instant) -> Option<Instant> {
+        self.since(t)
+            .find(|a| a.result.as_deref() == Ok(master))
+            .map(|a| a.at)
+    }
+
+    /// Streams broken by the time the record was taken, per master that served
+    /// them (`?` for one that never got a response).
+    #[must_use]
+    pub fn broken_watches(&self) -> BTreeMap<String, usize> {
+        let mut by = BTreeMap::new();
+        for w in self.watches.iter().filter(|w| w.broken(self.taken)) {
+            *by.entry(w.master.clone().unwrap_or_else(|| "?".into()))
+                .or_insert(0) += 1;
+        }
+        by
+    }
+
+    /// Streams per master that serves them.
+    #[must_use]
+    pub fn watches_per_master(&self) -> BTreeMap<String, usize> {
+        let mut by = BTreeMap::new();
+        for w in &self.watches {
+            *by.entry(w.master.clone().unwrap_or_else(|| "?".into()))
+                .or_insert(0) += 1;
+        }
+        by
+    }
+}
+
+/// Traffic running in the background until stopped or dropped.
+pub struct Traffic {
+    record: Arc<Mutex<Record>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    /// From the client namespace, open `watches` watch streams through the VIP and
+    /// then start a new connection (`GET /version`) every `every` (none if `None`).
+    /// Returns once every stream has its response head or failed.
+    #[must_use]
+    pub fn start(
+        client: &netns::Netns,
+        ca: &Path,
+        watches: usize,
+        every: Option<Duration>,
+    ) -> Self {
+        let connector = connector(ca);
+        let record = Arc::new(Mutex::new(Record {
+            attempts: Vec::new(),
+            watches: Vec::new(),
+            taken: Instant::now(),
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let ns = client.name().to_owned();
+        let (rec, halt) = (Arc::clone(&record), Arc::clone(&stop));
+        let thread = thread::spawn(move || {
+            let _inside = netns::enter(&ns);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(run(connector, rec, halt, watches, every, ready_tx));
+        });
+        ready_rx
+            .recv_timeout(ATTEMPT_TIMEOUT * 3)
+            .expect("watch streams opened");
+        Self {
+            record,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// A copy of what was seen so far.
+    #[must_use]
+    pub fn record(&self) -> Record {
+        let mut r = self.record.lock().expect("lock").clone();
+        r.taken = Instant::now();
+        r
+    }
+
+    /// Stop everything (streams close) and return the record as of just before.
+    pub fn stop(mut self) -> Record {
+        let r = self.record();
+        self.halt();
+        r
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+fn connector(ca: &Path) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots.add(cert.expect("CA PEM")).expect("CA certificate");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
+}
+
+async fn run(
+    connector: TlsConnector,
+    record: Arc<Mutex<Record>>,
+    stop: Arc<AtomicBool>,
+    watches: usize,
+    every: Option<Duration>,
+    ready: std::sync::mpsc::Sender<()>,
+) {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut opened = tokio::task::JoinSet::new();
+    for i in 0..watches {
+        record.lock().expect("lock").watches.push(Watch {
+            master: None,
+            events: 0,
+            last_event: Instant::now(),
+            ended: None,
+        });
+        let (c, r) = (connector.clone(), Arc::clone(&record));
+        let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+        tasks.spawn(watch(c, r, i, head_tx));
+        opened.spawn(head_rx);
+    }
+    opened.join_all().await;
+    let _ = ready.send(());
+    let mut tick = every.map(|every| {
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < MAX_RUN {
+        if let Some(tick) = &mut tick {
+            tick.tick().await;
+            let (c, r) = (connector.clone(), Arc::clone(&record));
+            tasks.spawn(async move {
+                let at = Instant::now();
+                let result = tokio::time::timeout(ATTEMPT_TIMEOUT, request(&c, "/version"))
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".into()))
+                    .map(|(master, _)| master);
+                r.lock()
+                    .expect("lock")
+                    .attempts
+                    .push(Attempt { at, result });
+            });
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    tasks.shutdown().await;
+}
+
+/// `GET path` to the VIP on a new connection: the master that answered, and the
+/// response (whose body may still be streaming).
+async fn request(
+    connector: &TlsConnector,
+    path: &str,
+) -> Result<(String, hyper::Response<Incoming>), String> {
+    let vip: SocketAddr = sa(VIP);
+    let tcp = TcpStream::connect(vip)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let tls = connector
+        .connect(ServerName::IpAddress(vip.ip().into()), tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("http: {e}"))?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(HOST, VIP)
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("http status {}", resp.status()));
+    }
+    let master = resp
+        .headers()
+        .get("x-apiserver")
+        .and_then(|v| v.to_str().ok())
+        .ok_or("no x-apiserver header")?
+        .to_owned();
+    Ok((master, resp))
+}
+
+/// Watch stream `i`: record its master, then every event, then how it ended.
+async fn watch(
+    connector: TlsConnector,
+    record: Arc<Mutex<Record>>,
+    i: usize,
+    head: tokio::sync::oneshot::Sender<()>,
+) {
+    let update = |f: &dyn Fn(&mut Watch)| f(&mut record.lock().expect("lock").watches[i]);
+    let opened = tokio::time::timeout(ATTEMPT_TIMEOUT, request(&connector, WATCH_PATH))
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()));
+    let _ = head.send(());
+    let mut body = match opened {
+        Ok((master, resp)) => {
+            update(&|w| {
+                w.master = Some(master.clone());
+                w.last_event = Instant::now();
+            });
+            resp.into_body()
+        }
+        Err(e) => {
+            update(&|w| w.ended = Some((Instant::now(), e.clone())));
+            return;
+        }
+    };
+    let why = loop {
+        match body.frame().await {
+            Some(Ok(_)) => update(&|w| {
+                w.events += 1;
+                w.last_event = Instant::now();
+            }),
+            Some(Err(e)) => break format!("stream: {e}"),
+            None => break "stream ended".to_owned(),
+        }
+    };
+    update(&|w| w.ended = Some((Instant::now(), why.clone())));
+}
