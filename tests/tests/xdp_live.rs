@@ -9,7 +9,7 @@ use std::{collections::HashSet, net::SocketAddr, time::Duration};
 
 use lb_common::counters::*;
 use tests::{
-    cluster::{LB_DEV, MASTERS, SNAT, Topology, VIP},
+    cluster::{LB_DEV, MASTERS, SNAT, Shape, Topology, VIP},
     fixture::sa,
     live::{Client, EchoServer},
 };
@@ -18,7 +18,14 @@ const CONNECTIONS: usize = 5;
 
 #[test]
 fn tcp_connections_through_the_attached_datapath_reach_the_master_via_nat() {
-    let t = Topology::new("apilb-live");
+    // Two LB nodes on the segment, as a VRRP pair would be; the VIP is the first's.
+    let t = Topology::with_shape(
+        "apilb-live",
+        Shape {
+            lb_nodes: 2,
+            masters: 3,
+        },
+    );
     let dp = t.balancer(None);
     let v = t.lb().exec(
         "sysctl",

@@ -130,7 +130,11 @@ fn bpf_linker() -> anyhow::Result<()> {
 
 /// Where the real-client scenario (`tests/tests/scenarios.rs`) looks for kubectl.
 fn kubectl_root() -> PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/kubernetes-client")
+    let xtask = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    xtask
+        .parent()
+        .unwrap_or(xtask)
+        .join("target/tools/kubernetes-client")
 }
 
 /// Debian's kubectl (package kubernetes-client) for the real-client scenario,
