@@ -720,7 +720,7 @@ pub fn render_status(snapshot: &Snapshot) -> String {
                 b.address.to_string(),
                 b.id.to_string(),
                 b.weight.to_string(),
-                if b.healthy { "healthy" } else { "unhealthy" }.to_owned(),
+                b.health.clone(),
                 yes_no(b.in_rotation),
                 if b.last_probe.is_empty() {
                     "-".to_owned()

@@ -4,7 +4,7 @@
 //! [`Health`] (election joins them later): which backends and VIPs exist, under which
 //! ids, and each VIP's Maglev ring. [`Reconciler::apply`] converges the datapath to
 //! it with the fewest writes: only changed entries, only the ring slots that moved,
-//! and flow removal only for backends that left rotation. The controller is the
+//! and flow removal only for backends that are down or gone. The controller is the
 //! only writer of the maps, and this is the only place it writes them.
 
 use std::{
@@ -50,7 +50,7 @@ pub struct Applied {
     pub vips_written: usize,
     pub vips_removed: usize,
     pub ring_slots_written: usize,
-    /// Backends that left rotation, and the client flows removed with them.
+    /// Backends that are down or gone, and the client flows removed with them.
     pub flows_removed: Vec<(SocketAddr, usize)>,
 }
 
@@ -230,7 +230,7 @@ impl Reconciler {
                 out.vips_removed += 1;
             }
         }
-        // Flows to backends that are neither healthy nor in rotation (dead, or no
+        // Flows to backends that are neither answering nor in rotation (dead, or no
         // longer configured) are removed, so their clients reconnect now rather than
         // after a TCP timeout. Matched by address, not id: ids can move between
         // configurations. Flows to every other backend are never touched.

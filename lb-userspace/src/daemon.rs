@@ -235,7 +235,7 @@ impl Daemon {
         }
         let applied = self.reconciler.apply(&mut self.dp, desired)?;
         for (backend, flows) in &applied.flows_removed {
-            warn!(%backend, flows, "backend left rotation; its flows were removed so its clients reconnect now");
+            warn!(%backend, flows, "backend down or removed; its flows were removed so its clients reconnect now");
         }
         if applied != crate::controller::Applied::default() {
             info!(
@@ -323,11 +323,18 @@ impl Daemon {
                     .map(|(&id, b)| {
                         let s = self.dp.backend_stats(id).unwrap_or_default();
                         let last = self.probes.handles.get(&b.addr).map(ProberHandle::latest);
+                        let health = self
+                            .probes
+                            .health
+                            .get(&b.addr)
+                            .copied()
+                            .unwrap_or(Health::Down);
                         BackendStatus {
                             address: b.addr,
                             id,
                             weight: b.weight,
-                            healthy: self.probes.health.get(&b.addr) == Some(&Health::Ready),
+                            healthy: health == Health::Ready,
+                            health: health.to_string(),
                             in_rotation: d.in_rotation.contains(&id),
                             last_probe: last
                                 .as_ref()
@@ -474,11 +481,7 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
                 if d.probes.handles.contains_key(&ev.backend) {
                     let health = ev.health();
                     d.probes.health.insert(ev.backend, health);
-                    d.try_reconcile(match health {
-                        Health::Ready => "backend up",
-                        Health::NotReady => "backend not ready",
-                        Health::Down => "backend down",
-                    });
+                    d.try_reconcile(&format!("backend {health}"));
                 }
             }
             _ = hup.recv() => d.reload(),

@@ -173,6 +173,16 @@ pub enum Health {
     Down,
 }
 
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ready => "ready",
+            Self::NotReady => "not ready",
+            Self::Down => "down",
+        })
+    }
+}
+
 /// The outcome of one probe, and the reason carried by a [`HealthEvent`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeResult {
@@ -532,7 +542,8 @@ async fn run(
         state.observe(result.is_ok());
         answering.observe(result.answered());
         report.healthy = state.healthy;
-        if report.healthy {
+        if report.healthy && !answering.healthy {
+            // Ready again after being down: answering, with no silent streak.
             answering = RiseFall::new(1, spec.fall, true);
         }
         // Once down, a backend stays down until it is ready again: answering without
@@ -546,16 +557,11 @@ async fn run(
             continue;
         }
         report.transitions += 1;
-        let label = match now {
-            Health::Ready => "up",
-            Health::NotReady => "not ready",
-            Health::Down => "down",
-        };
         if now == Health::Ready {
-            info!(%backend, state = label, reason = %report.reason, latency = ?report.latency,
+            info!(%backend, state = %now, reason = %report.reason, latency = ?report.latency,
                 transitions = report.transitions, "backend health changed");
         } else {
-            warn!(%backend, state = label, reason = %report.reason, latency = ?report.latency,
+            warn!(%backend, state = %now, reason = %report.reason, latency = ?report.latency,
                 transitions = report.transitions, "backend health changed");
         }
         latest.send_replace(report.clone());

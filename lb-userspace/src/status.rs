@@ -44,6 +44,9 @@ pub struct BackendStatus {
     pub id: u32,
     pub weight: u32,
     pub healthy: bool,
+    /// "ready", "not ready" (answers its probes but fails them: out of rotation,
+    /// its connections kept) or "down" (its connections removed).
+    pub health: String,
     /// Holds Maglev slots (healthy and weighted, or everyone while failing open).
     pub in_rotation: bool,
     /// Why the last probe succeeded or failed, e.g. "ok", "timeout", "http 500".

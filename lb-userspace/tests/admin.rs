@@ -53,6 +53,7 @@ fn sample() -> Snapshot {
                 id: 0,
                 weight: 1,
                 healthy: true,
+                health: "ready".to_owned(),
                 in_rotation: true,
                 last_probe: "ok".to_owned(),
                 probe_latency_seconds: 0.0125,
@@ -68,6 +69,7 @@ fn sample() -> Snapshot {
                 id: 1,
                 weight: 2,
                 healthy: false,
+                health: "down".to_owned(),
                 in_rotation: false,
                 last_probe: "timeout".to_owned(),
                 probe_latency_seconds: 0.4,
@@ -504,23 +506,14 @@ fn render_status_shows_each_backend_with_its_health_and_numbers() {
     assert_eq!(
         row(HEALTHY),
         [
-            HEALTHY, "0", "1", "healthy", "yes", "ok", "12.5", "4000", "1.2 MiB", "17"
+            HEALTHY, "0", "1", "ready", "yes", "ok", "12.5", "4000", "1.2 MiB", "17"
         ],
         "\n{table}"
     );
     assert_eq!(
         row(UNHEALTHY),
         [
-            UNHEALTHY,
-            "1",
-            "2",
-            "unhealthy",
-            "no",
-            "timeout",
-            "400.0",
-            "0",
-            "0 B",
-            "0"
+            UNHEALTHY, "1", "2", "down", "no", "timeout", "400.0", "0", "0 B", "0"
         ],
         "\n{table}"
     );
@@ -530,7 +523,7 @@ fn render_status_shows_each_backend_with_its_health_and_numbers() {
     // Columns line up: the health word starts under the HEALTH header.
     let header = table.lines().find(|l| l.starts_with("BACKEND")).unwrap();
     let column = header.find("HEALTH").unwrap();
-    for (address, word) in [(HEALTHY, "healthy"), (UNHEALTHY, "unhealthy")] {
+    for (address, word) in [(HEALTHY, "ready"), (UNHEALTHY, "down")] {
         let line = table.lines().find(|l| l.starts_with(address)).unwrap();
         assert_eq!(line.find(word), Some(column), "\n{table}");
     }

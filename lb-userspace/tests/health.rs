@@ -399,7 +399,10 @@ async fn stopped_server_goes_down_with_refused() {
 
     server.stop().await;
     let down = next_event(&mut rx, "down").await;
-    assert_eq!((down.healthy, &down.reason), (false, &ProbeResult::Refused));
+    assert_eq!(
+        (down.health(), &down.reason),
+        (Health::Down, &ProbeResult::Refused)
+    );
     assert_eq!(
         (down.probes, down.failures.refused, down.failures.total()),
         (4, 2, 2)
@@ -446,7 +449,10 @@ async fn silent_server_goes_down_with_timeout() {
     let (handle, mut rx) = start(spec, server.addr);
 
     let down = next_event(&mut rx, "down").await;
-    assert_eq!((down.healthy, &down.reason), (false, &ProbeResult::Timeout));
+    assert_eq!(
+        (down.health(), &down.reason),
+        (Health::Down, &ProbeResult::Timeout)
+    );
     assert_eq!(
         (down.probes, down.transitions, down.failures.timeout),
         (2, 1, 2)

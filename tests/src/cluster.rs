@@ -79,7 +79,7 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// One LB node and three masters, every namespace named `<prefix>-<role>-...`.
+    /// One LB node and three masters, every namespace named `<prefix>-<pid>-<n><role>`.
     #[must_use]
     pub fn new(prefix: &str) -> Self {
         Self::with_shape(prefix, Shape::default())
@@ -88,8 +88,8 @@ impl Topology {
     #[must_use]
     pub fn with_shape(prefix: &str, shape: Shape) -> Self {
         assert!((1..=2).contains(&shape.lb_nodes) && (3..=4).contains(&shape.masters));
-        let client = Netns::new(&format!("{prefix}-c"));
-        let router = Netns::new(&format!("{prefix}-r"));
+        let client = Netns::with_role(prefix, "c");
+        let router = Netns::with_role(prefix, "r");
         router.ip(&["link", "add", "seg", "type", "bridge"]);
         router.ip(&["addr", "add", "198.51.100.1/24", "dev", "seg"]);
         router.ip(&["link", "set", "seg", "up"]);
@@ -100,7 +100,7 @@ impl Topology {
 
         let lbs: Vec<Netns> = (1..=shape.lb_nodes)
             .map(|i| {
-                let ns = Netns::new(&format!("{prefix}-lb{i}"));
+                let ns = Netns::with_role(prefix, &format!("lb{i}"));
                 wire(
                     &router,
                     &format!("p-lb{i}"),
@@ -125,7 +125,7 @@ impl Topology {
 
         let masters: Vec<Netns> = (1..=shape.masters)
             .map(|i| {
-                let ns = Netns::new(&format!("{prefix}-m{i}"));
+                let ns = Netns::with_role(prefix, &format!("m{i}"));
                 wire(
                     &router,
                     &format!("p-m{i}"),
@@ -216,6 +216,11 @@ impl Topology {
             .get(i)
             .unwrap_or_else(|| panic!("{addr} is not wired in this topology"))
     }
+}
+
+/// The addresses of the first `n` masters (at most four), in order.
+pub fn master_addrs(n: usize) -> impl Iterator<Item = &'static str> {
+    MASTERS.into_iter().chain([FOURTH_MASTER]).take(n)
 }
 
 /// 0 for master-1's address, 1 for master-2's, and so on.

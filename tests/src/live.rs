@@ -12,7 +12,7 @@ use std::{
 };
 
 use crate::{
-    cluster::{FOURTH_MASTER, MASTERS, Topology, VIP, master_index},
+    cluster::{MASTERS, Topology, VIP, master_addrs, master_index},
     fixture::sa,
     netns::{self, Netns},
 };
@@ -192,14 +192,24 @@ impl Client {
     }
 }
 
+static NEXT_DIR: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// A temporary directory for one test, `<tmp>/<prefix>-<pid>-<n>`, removed on drop.
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
+    /// Directories of the same prefix left by a process that is gone (a killed
+    /// test, an interrupted demo) are removed first.
     #[must_use]
     pub fn new(prefix: &str) -> Self {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+            for e in entries.flatten() {
+                if netns::left_by_dead_process(&e.file_name().to_string_lossy(), prefix) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let n = NEXT_DIR.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         Self(dir)
@@ -278,13 +288,30 @@ pub fn apilb_bin() -> PathBuf {
     sibling_bin("apilb")
 }
 
+/// `cmd`'s process gets SIGKILL when the thread that starts it ends, so nothing a
+/// killed test or an interrupted demo started outlives it.
+fn dies_with_parent(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: prctl is async-signal-safe, and this closure touches nothing else
+    // between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+    }
+}
+
 /// A process started inside a namespace (`ip netns exec`), killed on drop.
 pub struct Spawned(pub std::process::Child);
 
 impl Spawned {
     #[must_use]
     pub fn start(ns: &Netns, program: &Path, args: &[&str]) -> Self {
-        let child = std::process::Command::new("ip")
+        let child = dies_with_parent(&mut std::process::Command::new("ip"))
             .args(["netns", "exec", ns.name()])
             .arg(program)
             .args(args)
@@ -352,9 +379,7 @@ pub fn master_name(addr: &str) -> String {
 /// takes them.
 #[must_use]
 pub fn master_names() -> Vec<(String, std::net::IpAddr)> {
-    MASTERS
-        .iter()
-        .chain([&FOURTH_MASTER])
+    master_addrs(4)
         .map(|m| (master_name(m), sa(m).ip()))
         .collect()
 }
@@ -378,7 +403,7 @@ impl Apilb {
     #[must_use]
     pub fn start_with(ns: &Netns, config: &Path, log: &Path, extra: &[&str]) -> Self {
         let out = std::fs::File::create(log).expect("log file");
-        let child = std::process::Command::new("nsenter")
+        let child = dies_with_parent(&mut std::process::Command::new("nsenter"))
             .arg(format!("--net=/run/netns/{}", ns.name()))
             .arg(apilb_bin())
             .args(["run", "-c"])

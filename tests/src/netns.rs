@@ -65,9 +65,15 @@ fn sweep(prefix: &str) {
 impl Netns {
     /// Create `<prefix>-<pid>-<n>` with its loopback up.
     pub fn new(prefix: &str) -> Self {
+        Self::with_role(prefix, "")
+    }
+
+    /// Create `<prefix>-<pid>-<n><role>` with its loopback up. Every namespace of
+    /// one prefix, whatever its role, is swept together once its process is gone.
+    pub fn with_role(prefix: &str, role: &str) -> Self {
         sweep(prefix);
         let name = format!(
-            "{prefix}-{}-{}",
+            "{prefix}-{}-{}{role}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );

@@ -13,7 +13,7 @@ use std::{
 };
 
 use crate::{
-    cluster::{FOURTH_MASTER, MASTERS, Shape, Topology, VIP_ADDR, apilb_config},
+    cluster::{FOURTH_MASTER, Shape, Topology, VIP_ADDR, apilb_config, master_addrs},
     live::{Apilb, PinDir, Spawned, TempDir, https_via_vip, master_names, stub_apiserver},
     pki::Pki,
 };
@@ -143,8 +143,4 @@ impl ControlPlane {
     pub fn ca(&self) -> &Path {
         &self.pki.ca_pem
     }
-}
-
-fn master_addrs(n: usize) -> impl Iterator<Item = &'static str> {
-    MASTERS.into_iter().chain([FOURTH_MASTER]).take(n)
 }

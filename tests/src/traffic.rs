@@ -43,11 +43,36 @@ pub const MAX_RUN: Duration = Duration::from_mins(3);
 
 const WATCH_PATH: &str = "/api/v1/namespaces/default/pods?watch=1";
 
-/// One new connection: when it started and which master answered, or why not.
+/// An attempt still unanswered this long counts as failed: a healthy one takes
+/// milliseconds, and one this slow is what a user sees as a hang.
+pub const SLOW: Duration = Duration::from_millis(500);
+
+/// One new connection: when it started and which master answered, or why not
+/// (`None` while in flight).
 #[derive(Clone, Debug)]
 pub struct Attempt {
     pub at: Instant,
-    pub result: Result<String, String>,
+    pub result: Option<Result<String, String>>,
+}
+
+impl Attempt {
+    /// The master that answered, if one did.
+    #[must_use]
+    pub fn master(&self) -> Option<&str> {
+        match &self.result {
+            Some(Ok(m)) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Failed, or still in flight after [`SLOW`], as of `now`.
+    #[must_use]
+    pub fn failed(&self, now: Instant) -> bool {
+        match &self.result {
+            Some(r) => r.is_err(),
+            None => now.duration_since(self.at) > SLOW,
+        }
+    }
 }
 
 /// One watch stream.
@@ -57,15 +82,20 @@ pub struct Watch {
     pub master: Option<String>,
     pub events: u64,
     pub last_event: Instant,
+    /// The longest silence between two events so far.
+    pub max_gap: Duration,
     /// When and why it ended, for a stream that errored or ended.
     pub ended: Option<(Instant, String)>,
 }
 
 impl Watch {
-    /// Whether the stream is broken as of `now`: ended, or silent too long.
+    /// Whether the stream is broken as of `now`: ended, or silent too long at any
+    /// time, now included.
     #[must_use]
     pub fn broken(&self, now: Instant) -> bool {
-        self.ended.is_some() || now.duration_since(self.last_event) > WATCH_GAP
+        self.ended.is_some()
+            || self.max_gap > WATCH_GAP
+            || now.duration_since(self.last_event) > WATCH_GAP
     }
 }
 
@@ -83,27 +113,29 @@ impl Record {
         self.attempts.iter().filter(move |a| a.at >= t)
     }
 
-    /// Per master, the attempts since `t` it answered; and how many failed.
+    /// Per master, the attempts since `t` it answered; and how many failed (in
+    /// flight for [`SLOW`] included).
     #[must_use]
     pub fn spread_since(&self, t: Instant) -> (BTreeMap<String, usize>, usize) {
         let mut by = BTreeMap::new();
         let mut failed = 0;
         for a in self.since(t) {
-            match &a.result {
-                Ok(m) => *by.entry(m.clone()).or_insert(0) += 1,
-                Err(_) => failed += 1,
+            if let Some(m) = a.master() {
+                *by.entry(m.to_owned()).or_insert(0) += 1;
+            } else if a.failed(self.taken) {
+                failed += 1;
             }
         }
         (by, failed)
     }
 
-    /// The start of the last failed attempt since `t`.
+    /// The start of the latest failed attempt since `t`.
     #[must_use]
     pub fn last_failure_since(&self, t: Instant) -> Option<Instant> {
         self.since(t)
-            .filter(|a| a.result.is_err())
+            .filter(|a| a.failed(self.taken))
             .map(|a| a.at)
-            .last()
+            .max()
     }
 
     /// How long after `t` the last failed attempt started: from then on, every new
@@ -118,8 +150,18 @@ impl Record {
     #[must_use]
     pub fn first_served_by(&self, master: &str, t: Instant) -> Option<Instant> {
         self.since(t)
-            .find(|a| a.result.as_deref() == Ok(master))
+            .filter(|a| a.master() == Some(master))
             .map(|a| a.at)
+            .min()
+    }
+
+    /// When, since `t`, `master` last answered a new connection.
+    #[must_use]
+    pub fn last_served_by(&self, master: &str, t: Instant) -> Option<Instant> {
+        self.since(t)
+            .filter(|a| a.master() == Some(master))
+            .map(|a| a.at)
+            .max()
     }
 
     /// Streams broken by the time the record was taken, per master that served
@@ -182,9 +224,10 @@ impl Traffic {
                 .expect("runtime");
             rt.block_on(run(connector, rec, halt, watches, every, ready_tx));
         });
-        ready_rx
-            .recv_timeout(ATTEMPT_TIMEOUT * 3)
-            .expect("watch streams opened");
+        if ready_rx.recv_timeout(ATTEMPT_TIMEOUT * 3).is_err() {
+            stop.store(true, Ordering::Relaxed);
+            panic!("the watch streams did not open");
+        }
         Self {
             record,
             stop,
@@ -252,6 +295,7 @@ async fn run(
             master: None,
             events: 0,
             last_event: Instant::now(),
+            max_gap: Duration::ZERO,
             ended: None,
         });
         let (c, r) = (connector.clone(), Arc::clone(&record));
@@ -270,16 +314,20 @@ async fn run(
         if let Some(tick) = &mut tick {
             tick.tick().await;
             let (c, r) = (connector.clone(), Arc::clone(&record));
+            let i = {
+                let mut rec = r.lock().expect("lock");
+                rec.attempts.push(Attempt {
+                    at: Instant::now(),
+                    result: None,
+                });
+                rec.attempts.len() - 1
+            };
             tasks.spawn(async move {
-                let at = Instant::now();
                 let result = tokio::time::timeout(ATTEMPT_TIMEOUT, request(&c, "/version"))
                     .await
                     .unwrap_or_else(|_| Err("timed out".into()))
                     .map(|(master, _)| master);
-                r.lock()
-                    .expect("lock")
-                    .attempts
-                    .push(Attempt { at, result });
+                r.lock().expect("lock").attempts[i].result = Some(result);
             });
         } else {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -355,8 +403,10 @@ async fn watch(
     let why = loop {
         match body.frame().await {
             Some(Ok(_)) => update(&|w| {
+                let now = Instant::now();
                 w.events += 1;
-                w.last_event = Instant::now();
+                w.max_gap = w.max_gap.max(now.duration_since(w.last_event));
+                w.last_event = now;
             }),
             Some(Err(e)) => break format!("stream: {e}"),
             None => break "stream ended".to_owned(),

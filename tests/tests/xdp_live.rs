@@ -42,6 +42,19 @@ fn tcp_connections_through_the_attached_datapath_reach_the_master_via_nat() {
         answers.push(c.ask().expect("answer from the master"));
     }
     let peers = server.stop();
+    // The router resolved the VIP to the first LB node only.
+    let mac = |ns: &tests::netns::Netns| {
+        ns.ip(&["-br", "link", "show", "dev", LB_DEV])
+            .split_whitespace()
+            .nth(2)
+            .expect("MAC")
+            .to_owned()
+    };
+    let neigh = t.router.ip(&["neigh", "show", "198.51.100.100"]);
+    assert!(
+        neigh.contains(&mac(&t.lbs[0])) && !neigh.contains(&mac(&t.lbs[1])),
+        "{neigh}"
+    );
     assert_eq!(
         peers.len(),
         CONNECTIONS,

@@ -156,6 +156,8 @@ fn kubectl() -> anyhow::Result<()> {
         root.display()
     ));
     let download = root.with_extension("download");
+    // A download an earlier run left half done must not be unpacked.
+    let _ = std::fs::remove_dir_all(&download);
     std::fs::create_dir_all(&download)
         .with_context(|| format!("creating {}", download.display()))?;
     let fetch = || {
