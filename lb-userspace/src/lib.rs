@@ -2,10 +2,12 @@
 //! tests and benchmarks drive the very same code.
 
 pub mod admin;
+pub mod announce;
 pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod datapath;
+pub mod election;
 pub mod health;
 pub mod loader;
 pub mod maglev;

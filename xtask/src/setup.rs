@@ -14,18 +14,22 @@ use anyhow::{Context as _, bail};
 
 use crate::{exec, step};
 
-/// Debian packages: LLVM 22 for bpf-linker; iproute2, procps, ethtool, util-linux
-/// (nsenter) and curl for the tests' namespaces.
+/// Debian packages: LLVM 22 for bpf-linker; protoc for etcd-client's generated
+/// code; iproute2, procps, ethtool, util-linux (nsenter) and curl for the tests'
+/// namespaces; keepalived and etcd-server, the real peers of the election tests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
+    "protobuf-compiler",
     "iproute2",
     "procps",
     "ethtool",
     "util-linux",
     "curl",
+    "keepalived",
+    "etcd-server",
 ];
 /// The bpf-linker release known to work with rustc 1.95's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,1 @@
+//! Placeholder: VIP addresses and their announcements.

@@ -1,0 +1,50 @@
+//! VIP ownership: which LB node holds each VIP, decided without another daemon.
+//!
+//! Several nodes run apilb for the same VIPs; exactly one of them must answer ARP
+//! for a VIP and balance its connections. Each VIP has its own election (so two VIPs
+//! with inverse priorities make an active-active pair), run by one of:
+//!
+//! - [`vrrp`]: VRRPv3 (RFC 5798) or VRRPv2 (RFC 3768) with keepalived's simple
+//!   password, multicast or unicast, so apilb joins keepalived setups;
+//! - [`etcd`]: a lease and a transaction on a key per VIP in etcd.
+//!
+//! An election reports changes as [`Ownership`] events to the daemon, which writes
+//! the datapath's owned flag (through the reconciler) and has [`crate::announce`]
+//! add or remove the address and announce it. Each also publishes an
+//! [`ElectionState`] per VIP for `/status` and `/metrics`.
+
+pub mod etcd;
+pub mod vrrp;
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+/// This node gained or lost one VIP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ownership {
+    pub vip: IpAddr,
+    pub owned: bool,
+    /// Why, for the log: e.g. "master down timer expired", "lease acquired".
+    pub reason: String,
+}
+
+/// One VIP's election as `/status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ElectionState {
+    /// "vrrp" or "etcd".
+    pub mode: String,
+    /// vrrp: "initialize", "backup" or "master"; etcd: "candidate", "owner" or
+    /// "cut off".
+    pub state: String,
+    pub owned: bool,
+    /// vrrp: the priority this node advertises now (tracking applied).
+    pub priority: Option<u32>,
+    /// Ownership changes so far.
+    pub transitions: u64,
+    /// Why the last change happened.
+    pub reason: String,
+    /// vrrp: adverts refused, by reason ("ttl", "checksum", "auth", "vrid", "peer",
+    /// "version", "malformed", "addresses").
+    pub rejected: BTreeMap<String, u64>,
+}

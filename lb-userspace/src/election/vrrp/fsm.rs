@@ -1,0 +1,1 @@
+//! Placeholder: the VRRP state machine.
