@@ -347,7 +347,9 @@ type Labels = Vec<(&'static str, String)>;
 ///   `fail_open` 0/1 (no backend is healthy, so all configured ones serve);
 ///   `config_reloads_total{result="applied"|"refused"}`.
 /// - Per VIP, label `vip`: `vip_owned` 0/1, `vip_packets_total`,
-///   `vip_bytes_total`, `vip_new_flows_total`.
+///   `vip_bytes_total`, `vip_new_flows_total`; for an elected VIP also
+///   `vip_election_state{mode,state}` 1, `vip_election_transitions_total` and
+///   `vrrp_adverts_rejected_total{reason}`.
 /// - Per backend, label `backend` (its address): `backend_healthy` 0/1,
 ///   `backend_in_rotation` 0/1, `backend_probe_latency_seconds` (last probe),
 ///   `backend_probes_total`, `backend_transitions_total`,
@@ -464,6 +466,42 @@ fn encode_vips(e: &mut DescriptorEncoder, vips: &[VipStatus]) -> std::fmt::Resul
         "Flows the datapath created for the VIP",
         None,
         vips.iter().map(|v| (vip(v), v.new_flows)),
+    )?;
+    let elected = || vips.iter().filter_map(|v| Some((v, v.election.as_ref()?)));
+    gauges(
+        e,
+        "vip_election_state",
+        "1 for the VIP's election state (vrrp: initialize, backup, master; etcd: \
+         candidate, owner, cut off)",
+        None,
+        elected().map(|(v, s)| {
+            let mut l = vip(v);
+            l.push(("mode", s.mode.clone()));
+            l.push(("state", s.state.clone()));
+            (l, 1)
+        }),
+    )?;
+    counters(
+        e,
+        "vip_election_transitions",
+        "Times this node gained or lost the VIP",
+        None,
+        elected().map(|(v, s)| (vip(v), s.transitions)),
+    )?;
+    counters(
+        e,
+        "vrrp_adverts_rejected",
+        "VRRP adverts refused, by reason (ttl, version, checksum, auth, vrid, peer, \
+         interval, addresses, malformed); counted per socket, so every VRRP VIP \
+         shows the same totals",
+        None,
+        elected().flat_map(|(v, s)| {
+            s.rejected.iter().map(move |(reason, n)| {
+                let mut l = vip(v);
+                l.push(("reason", reason.clone()));
+                (l, *n)
+            })
+        }),
     )
 }
 
@@ -693,6 +731,10 @@ pub fn render_status(snapshot: &Snapshot) -> String {
             vec![
                 v.address.to_string(),
                 yes_no(v.owned),
+                v.election.as_ref().map_or_else(
+                    || "static".to_owned(),
+                    |e| format!("{} {}", e.mode, e.state),
+                ),
                 v.packets.to_string(),
                 human_bytes(v.bytes),
                 v.new_flows.to_string(),
@@ -704,6 +746,7 @@ pub fn render_status(snapshot: &Snapshot) -> String {
         &[
             ("VIP", Align::Left),
             ("OWNED", Align::Left),
+            ("ELECTION", Align::Left),
             ("PACKETS", Align::Right),
             ("BYTES", Align::Right),
             ("NEW FLOWS", Align::Right),

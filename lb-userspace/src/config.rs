@@ -20,6 +20,10 @@ use serde::Deserialize;
 
 use crate::maglev::is_prime;
 
+mod election;
+
+pub use election::{Election, ElectionSettings, EtcdSettings, VrrpSettings};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}")]
@@ -66,6 +70,8 @@ struct RawConfig {
     health: RawHealth,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    election: election::RawElection,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +106,8 @@ struct RawVip {
     port: i64,
     #[serde(default = "default_election")]
     election: String,
+    vrid: Option<i64>,
+    priority: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -246,13 +254,6 @@ pub enum ProbeKindSetting {
     Tcp,
 }
 
-/// Who owns a VIP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Election {
-    /// This node always owns it.
-    Static,
-}
-
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// Pins live under `/sys/fs/bpf/apilb/<instance>/`.
@@ -262,6 +263,7 @@ pub struct Config {
     pub backends: Vec<BackendSettings>,
     pub health: HealthSettings,
     pub admin_listen: SocketAddr,
+    pub election: ElectionSettings,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -356,6 +358,7 @@ fn validate(raw: RawConfig, facts: &dyn Facts) -> Result<Config, ConfigError> {
         backend,
         health,
         admin,
+        election,
     } = raw;
     if instance.is_empty()
         || !instance
@@ -371,6 +374,9 @@ fn validate(raw: RawConfig, facts: &dyn Facts) -> Result<Config, ConfigError> {
     let backends = validate_backends(&backend)?;
     let vips = validate_vips(&vip)?;
     let datapath = validate_datapath(datapath, &vips, &backends, facts)?;
+    let elections: Vec<(SocketAddr, Election)> =
+        vips.iter().map(|v| (v.addr, v.election)).collect();
+    let election = election::validate(election, &elections, &datapath.interfaces, facts)?;
     let health = validate_health(health)?;
     let admin_listen = admin.listen.parse().map_err(|_| {
         invalid(
@@ -386,6 +392,7 @@ fn validate(raw: RawConfig, facts: &dyn Facts) -> Result<Config, ConfigError> {
         backends,
         health,
         admin_listen,
+        election,
     })
 }
 
@@ -488,16 +495,7 @@ fn validate_vips(raw: &[RawVip]) -> Result<Vec<VipSettings>, ConfigError> {
                 format!("duplicate VIP {addr}"),
             ));
         }
-        let election = match v.election.as_str() {
-            "static" => Election::Static,
-            other => {
-                return Err(invalid(
-                    format!("vip[{i}].election"),
-                    format!("{other:?}"),
-                    "only \"static\" is supported",
-                ));
-            }
-        };
+        let election = election::vip_election(i, &v.election, v.vrid, v.priority)?;
         out.push(VipSettings { addr, election });
     }
     Ok(out)
@@ -829,6 +827,28 @@ mod tests {
     }
 
     #[test]
+    fn the_election_examples_are_valid() {
+        let ca = std::env::temp_dir().join(format!("apilb-config-ex-{}.crt", std::process::id()));
+        std::fs::write(&ca, "not parsed here, only read").unwrap();
+        for (name, text) in [
+            ("vrrp.toml", include_str!("../../examples/vrrp.toml")),
+            ("etcd.toml", include_str!("../../examples/etcd.toml")),
+            (
+                "active-active.toml",
+                include_str!("../../examples/active-active.toml"),
+            ),
+        ] {
+            let text = text.replace("/etc/kubernetes/pki/ca.crt", ca.to_str().unwrap());
+            let c = check(&text).unwrap_or_else(|e| panic!("examples/{name}: {e}"));
+            assert!(
+                c.vips.iter().all(|v| v.election != Election::Static),
+                "{name}"
+            );
+        }
+        std::fs::remove_file(&ca).unwrap();
+    }
+
+    #[test]
     fn a_good_file_gets_its_values_and_defaults() {
         let c = check(GOOD).expect("valid");
         assert_eq!(c.vips[0].addr, "192.168.19.200:6443".parse().unwrap());
@@ -1023,6 +1043,97 @@ mod tests {
             "snat_ipv4 = \"192.168.19.159\"",
             "",
             &["datapath.snat_ipv4 = (unset)", "vip[0] 192.168.19.200:6443"],
+        );
+    }
+
+    #[test]
+    fn vrrp_vips_get_their_vrid_priority_and_the_section_defaults() {
+        let c = check(&GOOD.replacen(
+            "address = \"192.168.19.200\"",
+            "address = \"192.168.19.200\"\nelection = \"vrrp\"\nvrid = 51\npriority = 150",
+            1,
+        ))
+        .expect("valid");
+        assert_eq!(
+            c.vips[0].election,
+            Election::Vrrp {
+                vrid: 51,
+                priority: 150
+            }
+        );
+        let e = &c.election;
+        assert_eq!((e.interface.as_str(), e.announce_count), ("eth0", 3));
+        assert_eq!(
+            (e.vrrp.version, e.vrrp.advert_interval, e.vrrp.preempt),
+            (3, Duration::from_secs(1), true)
+        );
+        assert_eq!((e.vrrp.track_weight, e.etcd.is_none()), (-50, true));
+    }
+
+    #[test]
+    fn election_errors_name_the_key_and_value() {
+        let vip = "address = \"192.168.19.200\"";
+        let vrrp = |extra: &str| format!("{vip}\nelection = \"vrrp\"\n{extra}");
+        refused(vip, &vrrp(""), &["vip[0].vrid = (unset)"]);
+        refused(vip, &vrrp("vrid = 0"), &["vip[0].vrid = 0", "1-255"]);
+        refused(
+            vip,
+            &vrrp("vrid = 1\npriority = 255"),
+            &["vip[0].priority = 255"],
+        );
+        refused(
+            vip,
+            &format!("{vip}\nvrid = 3"),
+            &["vip[0].vrid = 3", "only for election"],
+        );
+        refused(
+            vip,
+            &format!("{vip}\nelection = \"raft\""),
+            &["vip[0].election = \"raft\""],
+        );
+        refused(
+            vip,
+            &format!("{vip}\nelection = \"etcd\""),
+            &["election.etcd = (missing)"],
+        );
+        let with = |section: &str| format!("{}\n{section}", vrrp("vrid = 1"));
+        refused(
+            vip,
+            &with("[election.vrrp]\nversion = 2\nadvert_interval = \"500ms\""),
+            &["election.vrrp.advert_interval = 500ms", "whole seconds"],
+        );
+        refused(
+            vip,
+            &with("[election.vrrp]\nadvert_interval = \"15ms\""),
+            &["election.vrrp.advert_interval = 15ms", "centiseconds"],
+        );
+        refused(
+            vip,
+            &with("[election.vrrp]\nauth_pass = \"secret\""),
+            &["election.vrrp.auth_pass", "only VRRPv2"],
+        );
+        refused(
+            vip,
+            &with("[election.vrrp]\nversion = 2\nauth_pass = \"123456789\""),
+            &["election.vrrp.auth_pass = (9 bytes)"],
+        );
+        refused(
+            vip,
+            &with("[election.vrrp]\nunicast_peers = [\"fd00::2\"]"),
+            &[
+                "election.vrrp.unicast_peers[0] = \"fd00::2\"",
+                "other address family",
+            ],
+        );
+        refused(
+            vip,
+            &with("[election]\ninterface = \"eth9\""),
+            &["election.interface = \"eth9\"", "no such interface"],
+        );
+        refused(
+            vip,
+            &with("[election.vrrp]\ntrack_weight = 10"),
+            &["election.vrrp.track_weight = 10"],
         );
     }
 }

@@ -1,7 +1,7 @@
 //! The reconcile step: config and health in, map contents out.
 //!
 //! [`Reconciler::desired`] is a pure function of the config and each backend's
-//! [`Health`] (election joins them later): which backends and VIPs exist, under which
+//! [`Health`] and the VIPs this node owns: which backends and VIPs exist, under which
 //! ids, and each VIP's Maglev ring. [`Reconciler::apply`] converges the datapath to
 //! it with the fewest writes: only changed entries, only the ring slots that moved,
 //! and flow removal only for backends that are down or gone. The controller is the
@@ -9,11 +9,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use crate::{
-    config::{BackendSettings, Config},
+    config::{BackendSettings, Config, Election},
     datapath::{Datapath, DatapathError, NodeConfig, Vip},
     health::Health,
     maglev::{self, WeightedBackend},
@@ -85,8 +85,14 @@ impl Reconciler {
     }
 
     /// The desired map contents for `config` given each backend's health (a
-    /// backend missing from `health` is down).
-    pub fn desired(&mut self, config: &Config, health: &HashMap<SocketAddr, Health>) -> Desired {
+    /// backend missing from `health` is down) and the elected VIPs this node owns
+    /// (a static VIP is always owned).
+    pub fn desired(
+        &mut self,
+        config: &Config,
+        health: &HashMap<SocketAddr, Health>,
+        owned: &HashSet<IpAddr>,
+    ) -> Desired {
         let is = |addr: &SocketAddr, h: Health| health.get(addr) == Some(&h);
         let addrs: Vec<SocketAddr> = config.backends.iter().map(|b| b.addr).collect();
         assign_ids(&mut self.backend_ids, &addrs, 1);
@@ -137,7 +143,7 @@ impl Reconciler {
                     addr: v.addr,
                     id: self.vip_ids[&v.addr],
                     ring_size: config.datapath.maglev_size,
-                    owned: true,
+                    owned: v.election == Election::Static || owned.contains(&v.addr.ip()),
                 };
                 (
                     vip,
@@ -291,7 +297,7 @@ mod tests {
     fn only_healthy_backends_get_slots() {
         let mut r = Reconciler::new();
         let cfg = config(&[(A, 1), (B, 1), (C, 1)]);
-        let d = r.desired(&cfg, &healthy(&[A, C]));
+        let d = r.desired(&cfg, &healthy(&[A, C]), &HashSet::new());
         assert!(!d.fail_open);
         assert_eq!(d.in_rotation, BTreeSet::from([1, 3]));
         assert_eq!((share(&d, 1) + share(&d, 3), share(&d, 2)), (1009, 0));
@@ -300,7 +306,11 @@ mod tests {
     #[test]
     fn with_no_healthy_backend_every_configured_one_serves() {
         let mut r = Reconciler::new();
-        let d = r.desired(&config(&[(A, 1), (B, 1), (C, 0)]), &healthy(&[]));
+        let d = r.desired(
+            &config(&[(A, 1), (B, 1), (C, 0)]),
+            &healthy(&[]),
+            &HashSet::new(),
+        );
         assert!(d.fail_open);
         assert_eq!(
             d.in_rotation,
@@ -313,8 +323,16 @@ mod tests {
     #[test]
     fn ids_stay_with_their_address_across_config_changes() {
         let mut r = Reconciler::new();
-        let d1 = r.desired(&config(&[(A, 1), (B, 1), (C, 1)]), &healthy(&[A, B, C]));
-        let d2 = r.desired(&config(&[(C, 1), (A, 1)]), &healthy(&[A, C]));
+        let d1 = r.desired(
+            &config(&[(A, 1), (B, 1), (C, 1)]),
+            &healthy(&[A, B, C]),
+            &HashSet::new(),
+        );
+        let d2 = r.desired(
+            &config(&[(C, 1), (A, 1)]),
+            &healthy(&[A, C]),
+            &HashSet::new(),
+        );
         let id = |d: &Desired, a: &str| {
             *d.backends
                 .iter()
@@ -327,6 +345,7 @@ mod tests {
         let d3 = r.desired(
             &config(&[(C, 1), (A, 1), ("10.0.0.14:6443", 1)]),
             &healthy(&[A, C]),
+            &HashSet::new(),
         );
         assert_eq!(id(&d3, "10.0.0.14:6443"), id(&d1, B));
     }
@@ -334,13 +353,17 @@ mod tests {
     #[test]
     fn a_drained_backend_leaves_the_ring_but_keeps_its_flows() {
         let mut r = Reconciler::new();
-        let d = r.desired(&config(&[(A, 1), (B, 0)]), &healthy(&[A, B]));
+        let d = r.desired(
+            &config(&[(A, 1), (B, 0)]),
+            &healthy(&[A, B]),
+            &HashSet::new(),
+        );
         assert_eq!(d.in_rotation, BTreeSet::from([1]), "weight 0: no slots");
         assert!(
             d.keep_flows.contains(&B.parse().unwrap()),
             "but its open flows stay"
         );
-        let d = r.desired(&config(&[(A, 1), (B, 0)]), &healthy(&[A]));
+        let d = r.desired(&config(&[(A, 1), (B, 0)]), &healthy(&[A]), &HashSet::new());
         assert!(
             !d.keep_flows.contains(&B.parse().unwrap()),
             "until it fails its probes"
@@ -353,11 +376,11 @@ mod tests {
         let cfg = config(&[(A, 1), (B, 1)]);
         let mut health = healthy(&[A]);
         health.insert(B.parse().unwrap(), Health::NotReady);
-        let d = r.desired(&cfg, &health);
+        let d = r.desired(&cfg, &health, &HashSet::new());
         assert_eq!(d.in_rotation, BTreeSet::from([1]));
         assert!(d.keep_flows.contains(&B.parse().unwrap()));
         health.insert(B.parse().unwrap(), Health::Down);
-        let d = r.desired(&cfg, &health);
+        let d = r.desired(&cfg, &health, &HashSet::new());
         assert!(!d.keep_flows.contains(&B.parse().unwrap()));
     }
 
@@ -373,7 +396,7 @@ mod tests {
         let cfg = Config::parse(&text, Path::new("test.toml")).expect("valid");
         let mut r = Reconciler::new();
         // The IPv4 master is up, both IPv6 masters are down.
-        let d = r.desired(&cfg, &healthy(&[A]));
+        let d = r.desired(&cfg, &healthy(&[A]), &HashSet::new());
         assert!(d.fail_open);
         let v6_ring = &d.vips[1].1;
         assert!(
@@ -394,7 +417,11 @@ mod tests {
     #[test]
     fn weights_follow_into_the_ring() {
         let mut r = Reconciler::new();
-        let d = r.desired(&config(&[(A, 1), (B, 3)]), &healthy(&[A, B]));
+        let d = r.desired(
+            &config(&[(A, 1), (B, 3)]),
+            &healthy(&[A, B]),
+            &HashSet::new(),
+        );
         let (a, b) = (share(&d, 1) as f64, share(&d, 2) as f64);
         assert!((b / a - 3.0).abs() < 0.1, "shares {a} and {b}");
     }

@@ -24,7 +24,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, ConfigError, HealthSettings, ProbeKindSetting, XdpModeSetting},
+    config::{Config, ConfigError, Election, HealthSettings, ProbeKindSetting, XdpModeSetting},
     controller::{ControllerError, Reconciler},
     datapath::Datapath,
     health::{
@@ -32,6 +32,7 @@ use crate::{
         TlsSpec,
     },
     loader::{self, AttachMode, LoadOptions, LoaderError},
+    ownership::Owners,
     status::{BackendStatus, SharedSnapshot, Snapshot, VipStatus},
 };
 
@@ -47,6 +48,8 @@ pub enum DaemonError {
     Controller(#[from] ControllerError),
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
+    #[error(transparent)]
+    Ownership(#[from] crate::ownership::OwnershipError),
     #[error("installing the {0} handler")]
     Signal(&'static str, #[source] std::io::Error),
 }
@@ -83,6 +86,14 @@ fn moved_events(before: &[u64], now: &[u64]) -> Vec<(&'static str, u64)> {
         .collect()
 }
 
+/// The VIPs that have an election, with it.
+fn elected(c: &Config) -> impl Iterator<Item = (SocketAddr, Election)> + '_ {
+    c.vips
+        .iter()
+        .filter(|v| v.election != Election::Static)
+        .map(|v| (v.addr, v.election))
+}
+
 /// A config change that only a restart can apply.
 fn restart_only_change(old: &Config, new: &Config) -> Option<&'static str> {
     if old.instance != new.instance {
@@ -104,6 +115,11 @@ fn restart_only_change(old: &Config, new: &Config) -> Option<&'static str> {
     {
         // Likewise: replies of open flows come back to the old address.
         Some("datapath.snat_ipv4/snat_ipv6")
+    } else if old.election != new.election {
+        Some("election")
+    } else if elected(old).ne(elected(new)) {
+        // Elections run for a fixed set of VIPs; changing it means restarting them.
+        Some("an elected vip (its election, vrid or priority)")
     } else {
         None
     }
@@ -209,6 +225,7 @@ struct Daemon {
     seen: Vec<u64>,
     /// The last reconcile failed; the next tick retries it.
     dirty: bool,
+    owners: Owners,
 }
 
 impl Daemon {
@@ -226,7 +243,10 @@ impl Daemon {
     }
 
     fn reconcile(&mut self, why: &str) -> Result<(), ControllerError> {
-        let desired = self.reconciler.desired(&self.config, &self.probes.health);
+        let desired =
+            self.reconciler
+                .desired(&self.config, &self.probes.health, self.owners.owned());
+        self.owners.set_unhealthy(desired.fail_open);
         if desired.fail_open {
             error!(
                 why,
@@ -299,6 +319,7 @@ impl Daemon {
             .dp
             .counters()
             .map_or([0; lb_common::COUNTER_COUNT as usize], |c| c.0);
+        let elections = self.owners.states();
         let vips = current
             .map(|d| {
                 d.vips
@@ -308,6 +329,10 @@ impl Daemon {
                         VipStatus {
                             address: v.addr,
                             owned: v.owned,
+                            election: elections
+                                .iter()
+                                .find(|(a, _)| *a == v.addr.ip())
+                                .map(|(_, e)| e.clone()),
                             packets: s.packets,
                             bytes: s.bytes,
                             new_flows: s.new_flows,
@@ -460,6 +485,7 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
     let dp = start_datapath(&config)?;
     let (tx, mut rx) = mpsc::channel(256);
     let probes = Probes::start(&config, tx)?;
+    let (owners, mut owner_rx) = Owners::start(&config).await?;
     let mut d = Daemon {
         config,
         config_path: opts.config_path.clone(),
@@ -471,6 +497,7 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
         reloads_refused: 0,
         seen: Vec::new(),
         dirty: false,
+        owners,
     };
     d.reconcile("start")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -483,6 +510,13 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
                     d.probes.health.insert(ev.backend, health);
                     d.try_reconcile(&format!("backend {health}"));
                 }
+            }
+                                    Some(ev) = owner_rx.recv() => {
+                if d.owners.before_reconcile(&ev).await {
+                    d.try_reconcile(&ev.reason);
+                }
+                // Also for a VIP already owned: an election may ask to announce again.
+                d.owners.after_reconcile(&ev).await;
             }
             _ = hup.recv() => d.reload(),
             _ = term.recv() => break,
@@ -497,6 +531,10 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
         }
     }
     let pin = loader::pin_dir(&d.config.instance);
+    // Hand elected VIPs over first, then stop balancing them.
+    let owners = std::mem::replace(&mut d.owners, Owners::none());
+    owners.shutdown().await;
+    d.try_reconcile("exit: elected VIPs handed over");
     drop(d);
     let _ = stop_admin.send(());
     if let Ok(Err(e)) = admin.await {

@@ -11,4 +11,5 @@ pub mod election;
 pub mod health;
 pub mod loader;
 pub mod maglev;
+pub mod ownership;
 pub mod status;

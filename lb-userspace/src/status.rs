@@ -33,6 +33,9 @@ pub struct Snapshot {
 pub struct VipStatus {
     pub address: SocketAddr,
     pub owned: bool,
+    /// Its election, unless the VIP is static.
+    #[serde(default)]
+    pub election: Option<crate::election::ElectionState>,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,

@@ -43,6 +43,15 @@ fn sample() -> Snapshot {
         vips: vec![VipStatus {
             address: VIP.parse().unwrap(),
             owned: true,
+            election: Some(lb_userspace::election::ElectionState {
+                mode: "vrrp".to_owned(),
+                state: "master".to_owned(),
+                owned: true,
+                priority: Some(150),
+                transitions: 1,
+                reason: "master down timer expired".to_owned(),
+                rejected: [("ttl".to_owned(), 2)].into_iter().collect(),
+            }),
             packets: 5000,
             bytes: 2048,
             new_flows: 17,
@@ -293,6 +302,9 @@ async fn metrics_carry_the_snapshot_numbers_as_valid_openmetrics_text() {
             ),
             format!(r#"apilb_backend_bytes_total{{backend="{HEALTHY}"}} 1258291"#),
             format!(r#"apilb_vip_owned{{vip="{VIP}"}} 1"#),
+            format!(r#"apilb_vip_election_state{{vip="{VIP}",mode="vrrp",state="master"}} 1"#),
+            format!(r#"apilb_vip_election_transitions_total{{vip="{VIP}"}} 1"#),
+            format!(r#"apilb_vrrp_adverts_rejected_total{{vip="{VIP}",reason="ttl"}} 2"#),
             format!(r#"apilb_vip_packets_total{{vip="{VIP}"}} 5000"#),
             format!(r#"apilb_vip_new_flows_total{{vip="{VIP}"}} 17"#),
             r#"apilb_datapath_packets_total{counter="redirect"} 42"#.to_owned(),
@@ -327,11 +339,12 @@ async fn metrics_carry_the_snapshot_numbers_as_valid_openmetrics_text() {
 
         assert_valid_exposition(&reply.body);
         let samples = lines.iter().filter(|l| !l.starts_with('#')).count();
-        // build, timestamp, fail_open, 2 reloads; 4 per VIP; 8 per backend plus 4
-        // failure reasons; one per datapath counter.
+        // build, timestamp, fail_open, 2 reloads; 4 per VIP plus 3 for its election
+        // (state, transitions, one rejection reason); 8 per backend plus 4 failure
+        // reasons; one per datapath counter.
         assert_eq!(
             samples,
-            5 + 4 + 2 * 8 + 4 + COUNTER_NAMES.len(),
+            5 + 4 + 3 + 2 * 8 + 4 + COUNTER_NAMES.len(),
             "every series"
         );
     })
@@ -517,7 +530,11 @@ fn render_status_shows_each_backend_with_its_health_and_numbers() {
         ],
         "\n{table}"
     );
-    assert_eq!(row(VIP), [VIP, "yes", "5000", "2.0 KiB", "17"], "\n{table}");
+    assert_eq!(
+        row(VIP),
+        [VIP, "yes", "vrrp master", "5000", "2.0 KiB", "17"],
+        "\n{table}"
+    );
     assert!(!table.contains("WARNING"), "\n{table}");
 
     // Columns line up: the health word starts under the HEALTH header.

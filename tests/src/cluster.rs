@@ -43,6 +43,14 @@ pub const MASTERS: [&str; 3] = [
 pub const FOURTH_MASTER: &str = "198.51.100.14:6443";
 /// The first LB node's own address, which it SNATs to.
 pub const SNAT: &str = "198.51.100.2";
+/// A second VIP, for active-active.
+pub const VIP2_ADDR: &str = "198.51.100.101";
+
+/// LB node `i`'s own address (0-based): 198.51.100.2, .3.
+#[must_use]
+pub fn lb_addr(i: usize) -> String {
+    format!("198.51.100.{}", 2 + i)
+}
 /// The LB nodes' only interface.
 pub const LB_DEV: &str = "eth0";
 
@@ -51,15 +59,19 @@ pub const LB_DEV: &str = "eth0";
 pub struct Shape {
     /// 1 or 2.
     pub lb_nodes: usize,
-    /// 3 or 4.
+        /// 3 or 4.
     pub masters: usize,
+    /// Put the VIP on the first LB node (a static VIP). Off for elected VIPs,
+    /// whose address apilb adds on the node that wins.
+    pub vip_on_first_lb: bool,
 }
 
 impl Default for Shape {
     fn default() -> Self {
-        Self {
+                Self {
             lb_nodes: 1,
             masters: 3,
+            vip_on_first_lb: true,
         }
     }
 }
@@ -121,7 +133,9 @@ impl Topology {
                 ns
             })
             .collect();
-        lbs[0].ip(&["addr", "add", &format!("{VIP_ADDR}/32"), "dev", LB_DEV]);
+                if shape.vip_on_first_lb {
+            lbs[0].ip(&["addr", "add", &format!("{VIP_ADDR}/32"), "dev", LB_DEV]);
+        }
 
         let masters: Vec<Netns> = (1..=shape.masters)
             .map(|i| {

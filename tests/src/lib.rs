@@ -7,6 +7,8 @@
 //!   against a datapath provisioned through the production map writer.
 //! - [`cluster`]: a client, a router, LB nodes and masters on an L2 segment, in
 //!   namespaces, for tests that send real frames.
+//! - [`elect`]: two LB nodes running apilb or keepalived for one VIP, and who
+//!   holds and serves it.
 //! - [`live`]: the processes that run there: echo masters, clients, stub
 //!   apiservers and `apilb run`.
 //! - [`plane`]: all of it started in one call: topology, CA, stub apiservers, apilb.
@@ -15,6 +17,7 @@
 //! - [`pki`]: a CA and certificates for the stub apiservers.
 
 pub mod cluster;
+pub mod elect;
 pub mod fixture;
 pub mod live;
 pub mod netns;

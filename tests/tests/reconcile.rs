@@ -2,7 +2,11 @@
 //! writes only what changed, takes a dead backend out of the ring and removes its
 //! flows and no others, and fails open when no backend is healthy. Needs root.
 
-use std::{collections::HashMap, net::SocketAddr, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    path::Path,
+};
 
 use lb_common::{PROG_XDP, counters::*};
 use lb_userspace::{
@@ -82,7 +86,7 @@ fn a_dead_backend_leaves_the_ring_with_its_flows_and_no_other_flow_is_touched() 
     let cfg = config();
     let mut r = Reconciler::new();
 
-    let all = r.desired(&cfg, &healthy(&MASTERS));
+    let all = r.desired(&cfg, &healthy(&MASTERS), &HashSet::new());
     let first = r.apply(&mut lab.dp, all.clone()).expect("apply");
     assert_eq!(
         (
@@ -118,7 +122,7 @@ fn a_dead_backend_leaves_the_ring_with_its_flows_and_no_other_flow_is_touched() 
         .copied()
         .filter(|m| sa(m) != dead_addr)
         .collect();
-    let after = r.desired(&cfg, &healthy(&survivors));
+    let after = r.desired(&cfg, &healthy(&survivors), &HashSet::new());
     let applied = r.apply(&mut lab.dp, after.clone()).expect("apply");
     assert_eq!(applied.flows_removed, vec![(dead_addr, flows_on_dead)]);
     // Maglev moves the dead master's slots and a sliver of the others' (0.1% here).
@@ -157,7 +161,7 @@ fn a_dead_backend_leaves_the_ring_with_its_flows_and_no_other_flow_is_touched() 
         .find(|(k, _)| k.sport_be == live_flow.src.port().to_be());
     assert_eq!(survivor.expect("live flow").1.backend_id, *live_id);
 
-    let none = r.desired(&cfg, &healthy(&[]));
+    let none = r.desired(&cfg, &healthy(&[]), &HashSet::new());
     assert!(
         none.fail_open && none.in_rotation.len() == 3,
         "no healthy master: all three serve"

@@ -268,6 +268,7 @@ fn a_fourth_master_added_by_sighup_takes_a_quarter_of_new_connections_and_no_str
         Shape {
             lb_nodes: 1,
             masters: 4,
+            ..Shape::default()
         },
     );
     let traffic = Traffic::start(&p.t.client, p.ca(), STREAMS, Some(EVERY / 2));

@@ -24,6 +24,7 @@ fn tcp_connections_through_the_attached_datapath_reach_the_master_via_nat() {
         Shape {
             lb_nodes: 2,
             masters: 3,
+            ..Shape::default()
         },
     );
     let dp = t.balancer(None);

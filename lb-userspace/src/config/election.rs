@@ -1,0 +1,446 @@
+//! The `[election]` section and each VIP's `election`, `vrid` and `priority`: how
+//! this node decides whether it owns a VIP (see `crate::election`).
+//!
+//! Parsed like the rest of the file: raw serde structs, then validation that names
+//! the key and value at fault.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use super::{ConfigError, Facts, invalid};
+
+/// How one VIP's owner is decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Election {
+    /// This node always owns it; apilb leaves its address alone.
+    Static,
+    /// VRRP, as virtual router `vrid` with this node's `priority` (1-254).
+    Vrrp { vrid: u8, priority: u8 },
+    /// A lease on a key in etcd.
+    Etcd,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawElection {
+    interface: Option<String>,
+    #[serde(default = "default_announce_count")]
+    announce_count: i64,
+    #[serde(default = "default_announce_interval", with = "humantime_serde")]
+    announce_interval: Duration,
+    #[serde(default)]
+    vrrp: RawVrrp,
+    etcd: Option<RawEtcd>,
+}
+
+impl Default for RawElection {
+    fn default() -> Self {
+        Self {
+            interface: None,
+            announce_count: default_announce_count(),
+            announce_interval: default_announce_interval(),
+            vrrp: RawVrrp::default(),
+            etcd: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVrrp {
+    #[serde(default = "default_version")]
+    version: i64,
+    #[serde(default = "default_advert_interval", with = "humantime_serde")]
+    advert_interval: Duration,
+    #[serde(default = "default_true")]
+    preempt: bool,
+    #[serde(default, with = "humantime_serde")]
+    preempt_delay: Duration,
+    source: Option<String>,
+    #[serde(default)]
+    unicast_peers: Vec<String>,
+    auth_pass: Option<String>,
+    #[serde(default = "default_track_weight")]
+    track_weight: i64,
+}
+
+impl Default for RawVrrp {
+    fn default() -> Self {
+        Self {
+            version: default_version(),
+            advert_interval: default_advert_interval(),
+            preempt: true,
+            preempt_delay: Duration::ZERO,
+            source: None,
+            unicast_peers: Vec::new(),
+            auth_pass: None,
+            track_weight: default_track_weight(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEtcd {
+    endpoints: Vec<String>,
+    #[serde(default = "default_prefix")]
+    prefix: String,
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    lease_ttl: Duration,
+    node: Option<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    #[serde(default = "default_dial_timeout", with = "humantime_serde")]
+    dial_timeout: Duration,
+}
+
+fn default_announce_count() -> i64 {
+    3
+}
+fn default_announce_interval() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_version() -> i64 {
+    3
+}
+fn default_advert_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_true() -> bool {
+    true
+}
+fn default_track_weight() -> i64 {
+    -50
+}
+fn default_prefix() -> String {
+    "/apilb/".to_owned()
+}
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_dial_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// The validated `[election]` section.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ElectionSettings {
+    /// Where owned VIP addresses go and VRRP adverts flow.
+    pub interface: String,
+    /// Gratuitous ARPs / unsolicited NAs sent on becoming owner, and their spacing.
+    pub announce_count: u32,
+    pub announce_interval: Duration,
+    pub vrrp: VrrpSettings,
+    /// Present if any VIP uses etcd.
+    pub etcd: Option<EtcdSettings>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VrrpSettings {
+    /// 2 (RFC 3768, keepalived's default) or 3 (RFC 5798).
+    pub version: u8,
+    pub advert_interval: Duration,
+    pub preempt: bool,
+    pub preempt_delay: Duration,
+    /// Source of this node's adverts; `None`: the interface's primary address.
+    pub source: Option<IpAddr>,
+    /// Empty: multicast (224.0.0.18, `ff02::12`).
+    pub unicast_peers: Vec<IpAddr>,
+    /// VRRPv2 simple password (RFC 2338 type 1, keepalived's `auth_type PASS`).
+    pub auth_pass: Option<String>,
+    /// Added to each VIP's priority while no backend is healthy (<= 0).
+    pub track_weight: i32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdSettings {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub lease_ttl: Duration,
+    /// This node's name, the value of the keys it owns.
+    pub node: String,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub dial_timeout: Duration,
+}
+
+/// One VIP's `election` (with `vrid` and `priority` for VRRP). `i` is its index.
+pub(super) fn vip_election(
+    i: usize,
+    election: &str,
+    vrid: Option<i64>,
+    priority: Option<i64>,
+) -> Result<Election, ConfigError> {
+    let key = |k: &str| format!("vip[{i}].{k}");
+    let only_vrrp = |k: &str, v: i64| {
+        Err(invalid(
+            key(k),
+            v,
+            format!("only for election = \"vrrp\", not {election:?}"),
+        ))
+    };
+    match election {
+        "static" | "etcd" => {
+            if let Some(v) = vrid {
+                return only_vrrp("vrid", v);
+            }
+            if let Some(p) = priority {
+                return only_vrrp("priority", p);
+            }
+            Ok(if election == "etcd" {
+                Election::Etcd
+            } else {
+                Election::Static
+            })
+        }
+        "vrrp" => {
+            let vrid = vrid
+                .ok_or_else(|| invalid(key("vrid"), "(unset)", "a VRRP VIP needs a vrid, 1-255"))?;
+            let vrid = u8::try_from(vrid)
+                .ok()
+                .filter(|&v| v >= 1)
+                .ok_or_else(|| invalid(key("vrid"), vrid, "must be 1-255"))?;
+            let priority = priority.unwrap_or(100);
+            let priority = u8::try_from(priority)
+                .ok()
+                .filter(|p| (1..=254).contains(p))
+                .ok_or_else(|| {
+                    invalid(
+                        key("priority"),
+                        priority,
+                        "must be 1-254 (255 is for the address owner, which a VIP never is)",
+                    )
+                })?;
+            Ok(Election::Vrrp { vrid, priority })
+        }
+        other => Err(invalid(
+            key("election"),
+            format!("{other:?}"),
+            "must be \"static\", \"vrrp\" or \"etcd\"",
+        )),
+    }
+}
+
+/// Validate `[election]` against the VIPs that use it.
+pub(super) fn validate(
+    raw: RawElection,
+    vips: &[(SocketAddr, Election)],
+    interfaces: &[String],
+    facts: &dyn Facts,
+) -> Result<ElectionSettings, ConfigError> {
+    let interface = match raw.interface {
+        Some(name) => {
+            if !facts.interface_exists(&name) {
+                return Err(invalid(
+                    "election.interface",
+                    format!("{name:?}"),
+                    "no such interface",
+                ));
+            }
+            name
+        }
+        None => interfaces.first().cloned().unwrap_or_default(),
+    };
+    let announce_count = u32::try_from(raw.announce_count)
+        .ok()
+        .filter(|n| (1..=100).contains(n))
+        .ok_or_else(|| {
+            invalid(
+                "election.announce_count",
+                raw.announce_count,
+                "must be 1-100",
+            )
+        })?;
+    if raw.announce_interval > Duration::from_secs(10) {
+        return Err(invalid(
+            "election.announce_interval",
+            format!("{:?}", raw.announce_interval),
+            "must be at most 10s",
+        ));
+    }
+    let vrrp_vips: Vec<(SocketAddr, u8)> = vips
+        .iter()
+        .filter_map(|&(addr, e)| match e {
+            Election::Vrrp { vrid, .. } => Some((addr, vrid)),
+            _ => None,
+        })
+        .collect();
+    let vrrp = validate_vrrp(raw.vrrp, &vrrp_vips)?;
+    let uses_etcd = vips.iter().any(|(_, e)| *e == Election::Etcd);
+    let etcd = match (raw.etcd, uses_etcd) {
+        (Some(e), true) => Some(validate_etcd(e)?),
+        (None, true) => {
+            return Err(invalid(
+                "election.etcd",
+                "(missing)",
+                "a VIP has election = \"etcd\"; say where etcd is",
+            ));
+        }
+        (_, false) => None,
+    };
+    Ok(ElectionSettings {
+        interface,
+        announce_count,
+        announce_interval: raw.announce_interval,
+        vrrp,
+        etcd,
+    })
+}
+
+fn validate_vrrp(raw: RawVrrp, vips: &[(SocketAddr, u8)]) -> Result<VrrpSettings, ConfigError> {
+    let mut vrids: HashMap<u8, SocketAddr> = HashMap::new();
+    for &(addr, vrid) in vips {
+        if let Some(other) = vrids.insert(vrid, addr) {
+            return Err(invalid(
+                "vip.vrid",
+                vrid,
+                format!("used by both {} and {}", other.ip(), addr.ip()),
+            ));
+        }
+    }
+    let version = match raw.version {
+        2 => 2,
+        3 => 3,
+        v => return Err(invalid("election.vrrp.version", v, "must be 2 or 3")),
+    };
+    let interval = raw.advert_interval;
+    let key = "election.vrrp.advert_interval";
+    if version == 2 {
+        if interval.subsec_nanos() != 0 || !(1..=255).contains(&interval.as_secs()) {
+            return Err(invalid(
+                key,
+                format!("{interval:?}"),
+                "VRRPv2 adverts are 1-255 whole seconds",
+            ));
+        }
+        if let Some((addr, _)) = vips.iter().find(|(a, _)| a.is_ipv6()) {
+            return Err(invalid(
+                "election.vrrp.version",
+                2,
+                format!("VRRPv2 is IPv4 only; VIP {} needs version 3", addr.ip()),
+            ));
+        }
+    } else if !interval.as_nanos().is_multiple_of(10_000_000)
+        || !(Duration::from_millis(10)..=Duration::from_millis(40_950)).contains(&interval)
+    {
+        return Err(invalid(
+            key,
+            format!("{interval:?}"),
+            "VRRPv3 adverts are 10ms-40.95s in whole centiseconds",
+        ));
+    }
+    if let Some(pass) = &raw.auth_pass {
+        if version != 2 {
+            return Err(invalid(
+                "election.vrrp.auth_pass",
+                "(set)",
+                "only VRRPv2 has authentication",
+            ));
+        }
+        if pass.is_empty() || pass.len() > 8 {
+            return Err(invalid(
+                "election.vrrp.auth_pass",
+                format!("({} bytes)", pass.len()),
+                "must be 1-8 bytes",
+            ));
+        }
+    }
+    let source = super::optional_ip("election.vrrp.source", raw.source.as_deref(), "IP")?;
+    let mut unicast_peers = Vec::with_capacity(raw.unicast_peers.len());
+    for (i, p) in raw.unicast_peers.iter().enumerate() {
+        let key = format!("election.vrrp.unicast_peers[{i}]");
+        let ip: IpAddr = p
+            .parse()
+            .map_err(|_| invalid(&key, format!("{p:?}"), "not an IP address"))?;
+        if let Some((addr, _)) = vips.iter().find(|(a, _)| a.is_ipv4() != ip.is_ipv4()) {
+            return Err(invalid(
+                &key,
+                format!("{p:?}"),
+                format!("VIP {} is of the other address family", addr.ip()),
+            ));
+        }
+        unicast_peers.push(ip);
+    }
+    let track_weight = i32::try_from(raw.track_weight)
+        .ok()
+        .filter(|w| (-253..=0).contains(w))
+        .ok_or_else(|| {
+            invalid(
+                "election.vrrp.track_weight",
+                raw.track_weight,
+                "must be -253 to 0 (added to the priority while no backend is healthy)",
+            )
+        })?;
+    Ok(VrrpSettings {
+        version,
+        advert_interval: interval,
+        preempt: raw.preempt,
+        preempt_delay: raw.preempt_delay,
+        source,
+        unicast_peers,
+        auth_pass: raw.auth_pass,
+        track_weight,
+    })
+}
+
+fn validate_etcd(raw: RawEtcd) -> Result<EtcdSettings, ConfigError> {
+    if raw.endpoints.is_empty() {
+        return Err(invalid(
+            "election.etcd.endpoints",
+            "[]",
+            "name at least one etcd endpoint",
+        ));
+    }
+    if raw.lease_ttl < Duration::from_secs(2) {
+        return Err(invalid(
+            "election.etcd.lease_ttl",
+            format!("{:?}", raw.lease_ttl),
+            "must be at least 2s (etcd rounds shorter leases up)",
+        ));
+    }
+    if !raw.prefix.starts_with('/') {
+        return Err(invalid(
+            "election.etcd.prefix",
+            format!("{:?}", raw.prefix),
+            "must start with '/'",
+        ));
+    }
+    let client_cert = match (raw.cert_file, raw.key_file) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        (c, _) => {
+            return Err(invalid(
+                if c.is_some() {
+                    "election.etcd.key_file"
+                } else {
+                    "election.etcd.cert_file"
+                },
+                "(unset)",
+                "cert_file and key_file go together",
+            ));
+        }
+    };
+    let node = match raw.node {
+        Some(n) if !n.is_empty() => n,
+        Some(_) => return Err(invalid("election.etcd.node", "\"\"", "must not be empty")),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default(),
+    };
+    Ok(EtcdSettings {
+        endpoints: raw.endpoints,
+        prefix: raw.prefix,
+        lease_ttl: raw.lease_ttl,
+        node,
+        ca_file: raw.ca_file,
+        client_cert,
+        dial_timeout: raw.dial_timeout,
+    })
+}

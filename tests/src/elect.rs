@@ -1,0 +1,248 @@
+//! Shared pieces of the VIP-ownership tests: two LB nodes in the
+//! [`crate::cluster`] topology, each running its own `apilb run` (or keepalived),
+//! TCP echo masters, and the questions the tests ask: which node holds a VIP's
+//! address, and which node's datapath served a connection to it (the master sees
+//! that node's SNAT address).
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    cluster::{LB_DEV, MASTERS, Topology, lb_addr},
+    live::{Apilb, EchoServer, PinDir, Spawned},
+    netns::Netns,
+};
+
+/// One VIP and this node's VRRP settings for it.
+#[derive(Clone, Copy, Debug)]
+pub struct VrrpVip<'a> {
+    pub addr: &'a str,
+    pub vrid: u8,
+    pub priority: u8,
+}
+
+/// `apilb run`'s config for LB node `node`: its own address as SNAT, TCP probes of
+/// the three masters every 100 ms, and `vips` (each `[[vip]]` body) with
+/// `election` as the `[election]` tables.
+#[must_use]
+pub fn node_config(node: usize, instance: &str, vips: &[String], election: &str) -> String {
+    let mut text = format!(
+        "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"{LB_DEV}\"]\nsnat_ipv4 = \"{}\"\n\
+         nat_ports = [40000, 40999]\nmaglev_size = 1009\n",
+        lb_addr(node)
+    );
+    for v in vips {
+        text.push_str("[[vip]]\n");
+        text.push_str(v);
+        text.push('\n');
+    }
+    text.push_str(
+        "[health]\nkind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\njitter = 0.0\n",
+    );
+    for m in MASTERS {
+        text.push_str("[[backend]]\naddress = \"");
+        text.push_str(m);
+        text.push_str("\"\n");
+    }
+    text.push_str(election);
+    text
+}
+
+/// A `[[vip]]` body for a VRRP VIP.
+#[must_use]
+pub fn vrrp_vip(v: VrrpVip) -> String {
+    format!(
+        "address = \"{}\"\nelection = \"vrrp\"\nvrid = {}\npriority = {}",
+        v.addr, v.vrid, v.priority
+    )
+}
+
+/// Echo masters on all three masters, for `lifetime`.
+#[must_use]
+pub fn echo_masters(t: &Topology, lifetime: Duration) -> Vec<EchoServer> {
+    MASTERS
+        .iter()
+        .map(|m| EchoServer::start(t.master_ns(m), m, lifetime))
+        .collect()
+}
+
+/// One `apilb run` on an LB node, with its pins and config file.
+pub struct Node {
+    pub apilb: Option<Apilb>,
+    pub pins: PinDir,
+    pub config: std::path::PathBuf,
+    pub index: usize,
+    starts: usize,
+}
+
+impl Node {
+    /// Write `config` (from [`node_config`], given this node's instance name) and
+    /// start `apilb run` on LB node `index`.
+    pub fn start(
+        t: &Topology,
+        dir: &Path,
+        prefix: &str,
+        index: usize,
+        config: impl Fn(&str) -> String,
+    ) -> Self {
+        let pins = PinDir::new(&format!("{prefix}-n{index}"));
+        let path = dir.join(format!("apilb-{index}.toml"));
+        std::fs::write(&path, config(&pins.instance())).expect("config");
+        let mut n = Self {
+            apilb: None,
+            pins,
+            config: path,
+            index,
+            starts: 0,
+        };
+        n.restart(t, dir);
+        n
+    }
+
+    /// (Re)start apilb with the config file as it is now, and wait until it has
+    /// written its datapath.
+    pub fn restart(&mut self, t: &Topology, dir: &Path) {
+        self.starts += 1;
+        let log = dir.join(format!("apilb-{}-{}.log", self.index, self.starts));
+        let apilb = Apilb::start(&t.lbs[self.index], &self.config, &log);
+        assert!(
+            apilb.wait_log("datapath updated", Duration::from_secs(15)),
+            "apilb on lb{} did not start:\n{}",
+            self.index + 1,
+            apilb.log_text()
+        );
+        self.apilb = Some(apilb);
+    }
+
+    #[must_use]
+    pub fn apilb(&self) -> &Apilb {
+        self.apilb.as_ref().expect("running")
+    }
+
+    /// SIGKILL apilb and wait for it to go.
+    pub fn kill(&mut self) {
+        let mut a = self.apilb.take().expect("running");
+        a.signal(libc::SIGKILL);
+        assert!(a.wait(Duration::from_secs(5)).is_some(), "apilb did not die");
+    }
+}
+
+/// The LB nodes (0-based) whose interface holds `vip`.
+#[must_use]
+pub fn holders(t: &Topology, vip: &str) -> Vec<usize> {
+    t.lbs
+        .iter()
+        .enumerate()
+        .filter(|(_, ns)| holds(ns, vip))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Whether `ns`'s election interface holds `vip`.
+#[must_use]
+pub fn holds(ns: &Netns, vip: &str) -> bool {
+    ns.ip(&["-o", "addr", "show", "dev", LB_DEV])
+        .split_whitespace()
+        .any(|w| w == format!("{vip}/32"))
+}
+
+/// Which LB node served one new connection to `vip:6443` from the client: the
+/// node whose SNAT address the master saw (0-based), `Some(usize::MAX)` for a
+/// stand-in responder on a node ("master 0.0.0.0:6443 ..."), `None` on failure.
+#[must_use]
+pub fn served_by(client: &Netns, vip: &str) -> Option<usize> {
+    let _inside = client.enter();
+    let addr: SocketAddr = format!("{vip}:6443").parse().expect("vip");
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    std::io::Write::write_all(&mut conn, b"hello\n").ok()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(conn), &mut line).ok()?;
+    // "master <addr> saw <peer ip>:<port>"
+    let words: Vec<&str> = line.split_whitespace().collect();
+    if words.get(1) == Some(&"0.0.0.0:6443") {
+        return Some(usize::MAX);
+    }
+    let peer_ip = words.get(3)?.rsplit_once(':')?.0;
+    (0..2).find(|&i| lb_addr(i) == peer_ip)
+}
+
+/// Poll `served_by` every 20 ms until it answers `want`, at most `limit`; how long
+/// that took from `since`.
+#[must_use]
+pub fn wait_served_by(
+    client: &Netns,
+    vip: &str,
+    want: usize,
+    since: Instant,
+    limit: Duration,
+) -> Option<Duration> {
+    while since.elapsed() < limit {
+        if served_by(client, vip) == Some(want) {
+            return Some(since.elapsed());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// keepalived (Debian's, 2.2) on a node, VRRP only, in the foreground, killed on
+/// drop. Its config and pid files are written to `dir`.
+pub struct Keepalived {
+    pub process: Option<Spawned>,
+    pub config: std::path::PathBuf,
+    vrrp_pid: std::path::PathBuf,
+}
+
+impl Keepalived {
+    #[must_use]
+    pub fn start(ns: &Netns, dir: &Path, name: &str, config: &str) -> Self {
+        let path = dir.join(format!("{name}.conf"));
+        std::fs::write(&path, config).expect("keepalived config");
+        let arg = |f: &str| dir.join(format!("{name}.{f}")).display().to_string();
+        let args = [
+            "--dont-fork".to_owned(),
+            "--log-console".to_owned(),
+            "--vrrp".to_owned(),
+            "-f".to_owned(),
+            path.display().to_string(),
+            "-p".to_owned(),
+            arg("pid"),
+            "-r".to_owned(),
+            arg("vrrp.pid"),
+        ];
+        let process = Spawned::start(
+            ns,
+            Path::new("/usr/sbin/keepalived"),
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+                Self {
+            process: Some(process),
+            config: path,
+            vrrp_pid: dir.join(format!("{name}.vrrp.pid")),
+        }
+    }
+
+    /// SIGKILL its VRRP child (so it sends nothing more, not even a priority-0
+    /// advert), then the parent.
+    pub fn kill(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.vrrp_pid)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill with a pid read from keepalived's own pid file.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        drop(self.process.take());
+    }
+}
+
+impl Drop for Keepalived {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
