@@ -59,7 +59,7 @@ pub const LB_DEV: &str = "eth0";
 pub struct Shape {
     /// 1 or 2.
     pub lb_nodes: usize,
-        /// 3 or 4.
+    /// 3 or 4.
     pub masters: usize,
     /// Put the VIP on the first LB node (a static VIP). Off for elected VIPs,
     /// whose address apilb adds on the node that wins.
@@ -68,7 +68,7 @@ pub struct Shape {
 
 impl Default for Shape {
     fn default() -> Self {
-                Self {
+        Self {
             lb_nodes: 1,
             masters: 3,
             vip_on_first_lb: true,
@@ -133,7 +133,7 @@ impl Topology {
                 ns
             })
             .collect();
-                if shape.vip_on_first_lb {
+        if shape.vip_on_first_lb {
             lbs[0].ip(&["addr", "add", &format!("{VIP_ADDR}/32"), "dev", LB_DEV]);
         }
 

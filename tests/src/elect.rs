@@ -127,7 +127,10 @@ impl Node {
     pub fn kill(&mut self) {
         let mut a = self.apilb.take().expect("running");
         a.signal(libc::SIGKILL);
-        assert!(a.wait(Duration::from_secs(5)).is_some(), "apilb did not die");
+        assert!(
+            a.wait(Duration::from_secs(5)).is_some(),
+            "apilb did not die"
+        );
     }
 }
 
@@ -158,7 +161,8 @@ pub fn served_by(client: &Netns, vip: &str) -> Option<usize> {
     let _inside = client.enter();
     let addr: SocketAddr = format!("{vip}:6443").parse().expect("vip");
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
-    conn.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    conn.set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
     std::io::Write::write_all(&mut conn, b"hello\n").ok()?;
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(conn), &mut line).ok()?;
@@ -220,7 +224,7 @@ impl Keepalived {
             Path::new("/usr/sbin/keepalived"),
             &args.iter().map(String::as_str).collect::<Vec<_>>(),
         );
-                Self {
+        Self {
             process: Some(process),
             config: path,
             vrrp_pid: dir.join(format!("{name}.vrrp.pid")),

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use tests::{
     cluster::{Shape, Topology, VIP_ADDR},
-    elect::{Node, VrrpVip, echo_masters, holders, node_config, served_by, vrrp_vip, wait_served_by},
+    elect::{
+        Node, VrrpVip, echo_masters, holders, node_config, served_by, vrrp_vip, wait_served_by,
+    },
     live::TempDir,
 };
 
@@ -48,8 +50,18 @@ fn the_higher_priority_node_owns_the_vip_and_the_other_takes_over_when_it_is_kil
     let _lb2 = Node::start(&t, &dir.0, "apilb-vrrp", 1, |i| {
         node_config(1, i, &vip(100), &election(true))
     });
-    let won = wait_served_by(&t.client, VIP_ADDR, 0, Instant::now(), Duration::from_secs(5));
-    assert!(won.is_some(), "lb1 never served the VIP:\n{}", lb1.apilb().log_text());
+    let won = wait_served_by(
+        &t.client,
+        VIP_ADDR,
+        0,
+        Instant::now(),
+        Duration::from_secs(5),
+    );
+    assert!(
+        won.is_some(),
+        "lb1 never served the VIP:\n{}",
+        lb1.apilb().log_text()
+    );
     assert_eq!(holders(&t, VIP_ADDR), [0], "only lb1 holds the address");
 
     let killed = Instant::now();
@@ -68,4 +80,132 @@ fn the_higher_priority_node_owns_the_vip_and_the_other_takes_over_when_it_is_kil
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(holders(&t, VIP_ADDR), [0], "lb2 gave the address up");
     assert_eq!(served_by(&t.client, VIP_ADDR), Some(0));
+}
+
+#[test]
+fn link_down_sigstop_and_sigterm_each_move_the_vip_and_nopreempt_keeps_it_where_it_is() {
+    let (t, dir) = pair("apilb-vrrp2");
+    let _masters = echo_masters(&t, Duration::from_mins(3));
+    let mut lb1 = Node::start(&t, &dir.0, "apilb-vrrp2", 0, |i| {
+        node_config(0, i, &vip(150), &election(true))
+    });
+    let _lb2 = Node::start(&t, &dir.0, "apilb-vrrp2", 1, |i| {
+        node_config(1, i, &vip(100), &election(true))
+    });
+    let serve = |node, since, what: &str| {
+        let took = wait_served_by(&t.client, VIP_ADDR, node, since, TARGET * 5);
+        eprintln!(
+            "vrrp 100ms: {what}: served by lb{} after {took:?}",
+            node + 1
+        );
+        assert!(took.is_some(), "{what}: lb{} never served", node + 1);
+    };
+    serve(0, Instant::now(), "start");
+
+    // Link down (the cable, not the node's own admin state, which would also drop
+    // its routes): lb1 stops hearing and being heard.
+    let down = Instant::now();
+    t.router.ip(&["link", "set", "p-lb1", "down"]);
+    serve(1, down, "lb1's link down");
+    // Link up: lb1 still thinks it is master, with the higher priority; lb2 hears
+    // it and steps back, lb1 hears lb2 and announces again.
+    let up = Instant::now();
+    t.router.ip(&["link", "set", "p-lb1", "up"]);
+    serve(0, up, "lb1's link up");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(holders(&t, VIP_ADDR), [0]);
+
+    // SIGSTOP: lb1 falls silent but keeps its address; lb2 takes over and
+    // announces. SIGCONT: lb1 advertises again and wins back.
+    let stopped = Instant::now();
+    lb1.apilb().signal(libc::SIGSTOP);
+    serve(1, stopped, "lb1 SIGSTOPped");
+    let resumed = Instant::now();
+    lb1.apilb().signal(libc::SIGCONT);
+    serve(0, resumed, "lb1 SIGCONTed");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(holders(&t, VIP_ADDR), [0]);
+
+    // SIGTERM: lb1 sends priority 0, so lb2 takes over after Skew_Time (~60 ms),
+    // not the whole Master_Down_Interval.
+    let term = Instant::now();
+    lb1.apilb().signal(libc::SIGTERM);
+    serve(1, term, "lb1 SIGTERMed");
+    assert!(
+        lb1.apilb
+            .as_mut()
+            .expect("running")
+            .wait(Duration::from_secs(5))
+            .is_some()
+    );
+    assert!(
+        lb1.apilb().log_text().contains("no longer master"),
+        "{}",
+        lb1.apilb().log_text()
+    );
+    assert_eq!(
+        holders(&t, VIP_ADDR),
+        [1],
+        "lb1 removed its address on exit"
+    );
+
+    // Back with preempt off: lb2 keeps the VIP although lb1's priority is higher.
+    std::fs::write(
+        &lb1.config,
+        node_config(0, &lb1.pins.instance(), &vip(150), &election(false)),
+    )
+    .expect("config");
+    lb1.restart(&t, &dir.0);
+    std::thread::sleep(TARGET * 2);
+    assert_eq!(
+        served_by(&t.client, VIP_ADDR),
+        Some(1),
+        "nopreempt: lb2 keeps it"
+    );
+    assert_eq!(holders(&t, VIP_ADDR), [1]);
+}
+
+#[test]
+fn active_active_each_vip_on_its_preferred_node_both_on_the_survivor() {
+    use tests::cluster::VIP2_ADDR;
+    let (t, dir) = pair("apilb-vrrp-aa");
+    let _masters = echo_masters(&t, Duration::from_mins(3));
+    let vips = |p1: u8, p2: u8| {
+        vec![
+            vrrp_vip(VrrpVip {
+                addr: VIP_ADDR,
+                vrid: 51,
+                priority: p1,
+            }),
+            vrrp_vip(VrrpVip {
+                addr: VIP2_ADDR,
+                vrid: 52,
+                priority: p2,
+            }),
+        ]
+    };
+    let mut lb1 = Node::start(&t, &dir.0, "apilb-vrrp-aa", 0, |i| {
+        node_config(0, i, &vips(150, 100), &election(true))
+    });
+    let _lb2 = Node::start(&t, &dir.0, "apilb-vrrp-aa", 1, |i| {
+        node_config(1, i, &vips(100, 150), &election(true))
+    });
+    let start = Instant::now();
+    assert!(wait_served_by(&t.client, VIP_ADDR, 0, start, TARGET * 5).is_some());
+    assert!(wait_served_by(&t.client, VIP2_ADDR, 1, start, TARGET * 5).is_some());
+    assert_eq!(
+        (holders(&t, VIP_ADDR), holders(&t, VIP2_ADDR)),
+        (vec![0], vec![1])
+    );
+
+    let killed = Instant::now();
+    lb1.kill();
+    let took = wait_served_by(&t.client, VIP_ADDR, 1, killed, TARGET * 5);
+    eprintln!("active-active: lb1 killed -> its VIP on lb2 after {took:?}");
+    assert!(took.is_some());
+    assert_eq!(
+        served_by(&t.client, VIP2_ADDR),
+        Some(1),
+        "lb2's own VIP stays"
+    );
 }

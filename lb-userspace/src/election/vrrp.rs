@@ -179,7 +179,7 @@ pub async fn spawn(
             IpAddr::V6(_) => None,
         })
         .collect();
-        // SAFETY: the socket owns its descriptor, which stays open and the same until
+    // SAFETY: the socket owns its descriptor, which stays open and the same until
     // the AsyncFd (which owns the socket) drops.
     let socket = unsafe { AsyncFd::register(socket) }.map_err(|e| VrrpError::Socket {
         interface: interface.to_owned(),
@@ -450,7 +450,7 @@ async fn receive(
     if advert.addresses != [r.vip.addr] {
         return Err(Reject::Addresses);
     }
-        // A master hearing a lower-priority master (one that was cut off or stopped
+    // A master hearing a lower-priority master (one that was cut off or stopped
     // and came back) keeps the VIP, and announces it again: the network may have
     // followed the other node's announcements meanwhile.
     let rival = r.fsm.state() == State::Master
