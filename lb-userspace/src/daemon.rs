@@ -525,7 +525,8 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
                 if d.dirty {
                     d.try_reconcile("retry");
                 }
-                d.log_events();
+                                d.log_events();
+                d.owners.log_rejections();
                 d.publish();
             }
         }

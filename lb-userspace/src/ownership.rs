@@ -13,7 +13,11 @@
 //!
 //! A static VIP is never touched: its address is the operator's business.
 
-use std::{collections::HashSet, net::IpAddr, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    time::Duration,
+};
 
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -47,6 +51,8 @@ pub struct Owners {
     announce_count: u32,
     announce_interval: Duration,
     unhealthy: watch::Sender<bool>,
+    /// VRRP rejections by reason at the last `log_rejections`.
+    rejections_seen: BTreeMap<String, u64>,
 }
 
 impl Owners {
@@ -68,6 +74,7 @@ impl Owners {
             announce_count: e.announce_count,
             announce_interval: e.announce_interval,
             unhealthy,
+            rejections_seen: BTreeMap::new(),
         };
         let vrrp_vips: Vec<VrrpVip> = config
             .vips
@@ -136,6 +143,7 @@ impl Owners {
             announce_count: 0,
             announce_interval: Duration::ZERO,
             unhealthy: watch::channel(false).0,
+            rejections_seen: BTreeMap::new(),
         }
     }
 
@@ -181,6 +189,24 @@ impl Owners {
         {
             warn!(vip = %ev.vip, "adding or announcing the VIP address failed: {e}");
         }
+    }
+
+    /// Log the VRRP adverts refused since the last call, by reason: a peer with
+    /// the wrong password, VRID or TTL shows up here rather than as a silent
+    /// split brain.
+    pub fn log_rejections(&mut self) {
+        let Some(v) = &self.vrrp else { return };
+        // Every VRRP VIP shares one socket, so each carries the same totals.
+        let Some((_, state)) = v.states().into_iter().next() else {
+            return;
+        };
+        for (reason, &n) in &state.rejected {
+            let before = self.rejections_seen.get(reason).copied().unwrap_or(0);
+            if n > before {
+                warn!(reason, count = n - before, "VRRP adverts refused");
+            }
+        }
+        self.rejections_seen = state.rejected;
     }
 
     /// Each elected VIP's election state.

@@ -3,7 +3,8 @@
 //! removes both when it ends, panics included. Node a's connection goes through a
 //! small TCP proxy where a test needs to cut it.
 //!
-//! Run with `-- --nocapture` to see the measured times.
+//! Run with `-- --nocapture` to see the measured times, and with
+//! `RUST_LOG=lb_userspace=debug` as well to see the elections' logs.
 
 use std::{
     fs::File,
@@ -155,6 +156,16 @@ impl Drop for Etcd {
     }
 }
 
+/// The elections' logs, if `RUST_LOG` asks for them.
+fn logs() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -183,16 +194,21 @@ impl Proxy {
                 while let Ok((mut down, _)) = listener.accept().await {
                     let mut frozen = frozen_rx.clone();
                     let conn = tokio::spawn(async move {
-                        let Ok(mut up) = TcpStream::connect(upstream).await else {
-                            return;
-                        };
+                        // Frozen first, and checked before any byte is copied: a
+                        // connection opened after the freeze must not get a request
+                        // through in its first poll.
+                        let hold = async { drop(frozen.wait_for(|f| *f).await) };
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
-                            () = async { drop(frozen.wait_for(|f| *f).await) } => {
-                                // Hold both sockets open and forward nothing.
-                                std::future::pending::<()>().await;
-                            }
+                            biased;
+                            () = hold => {}
+                            () = async {
+                                if let Ok(mut up) = TcpStream::connect(upstream).await {
+                                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                                }
+                            } => return,
                         }
+                        // Hold the client's socket open and forward nothing.
+                        std::future::pending::<()>().await;
                     });
                     conns.lock().expect("proxy connections").push(conn);
                 }
@@ -320,6 +336,7 @@ async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_one_node_owns_the_vip() {
+    logs();
     let etcd = Etcd::start().await;
     let v = vip("10.0.0.10");
     let a = Node::start(&etcd.url, "a", &[v]);
@@ -363,6 +380,7 @@ async fn exactly_one_node_owns_the_vip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_owner_hands_over_when_its_lease_expires() {
+    logs();
     let etcd = Etcd::start().await;
     let v = vip("10.0.0.10");
     let mut a = Node::start(&etcd.url, "a", &[v]);
@@ -389,6 +407,7 @@ async fn killed_owner_hands_over_when_its_lease_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resign_hands_over_at_once() {
+    logs();
     let etcd = Etcd::start().await;
     let v = vip("10.0.0.10");
     let mut a = Node::start(&etcd.url, "a", &[v]);
@@ -472,6 +491,7 @@ async fn a_behind_proxy_owns(etcd: &Etcd, v: IpAddr) -> (Proxy, Node, Node) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_off_owner_releases_before_the_other_takes_over() {
+    logs();
     let etcd = Etcd::start().await;
     let v = vip("10.0.0.10");
     let (proxy, mut a, b) = a_behind_proxy_owns(&etcd, v).await;
@@ -494,6 +514,7 @@ async fn cut_off_owner_releases_before_the_other_takes_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_owner_releases_at_its_deadline_before_the_lease_expires() {
+    logs();
     let etcd = Etcd::start().await;
     let v = vip("10.0.0.10");
     let (proxy, mut a, b) = a_behind_proxy_owns(&etcd, v).await;
@@ -510,6 +531,13 @@ async fn frozen_owner_releases_at_its_deadline_before_the_lease_expires() {
         released <= Duration::from_millis(1600),
         "released after {released:?}"
     );
+    // The lease outlives a's release by the guard (500 ms), less 20 ms of sampling and
+    // some slack; etcd's expiry check (every 500 ms) only adds to it.
+    let gap = taken.saturating_sub(released);
+    assert!(
+        gap >= Duration::from_millis(400),
+        "b took over {gap:?} after a let go"
+    );
     assert_eq!(a.state(v).state, "cut off");
     let events = a.drain_events();
     assert_eq!(
@@ -522,6 +550,7 @@ async fn frozen_owner_releases_at_its_deadline_before_the_lease_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_vips_have_their_own_keys_and_elections() {
+    logs();
     let etcd = Etcd::start().await;
     let (v1, v2) = (vip("10.0.0.10"), vip("fd00::10"));
     // a runs for v1 only, b for both: a owns v1, b owns v2 and waits for v1.

@@ -397,6 +397,8 @@ impl Drop for AbortOnDrop {
 struct Session {
     client: Client,
     lease: i64,
+    /// The TTL etcd granted.
+    ttl: Duration,
     /// The lease cannot expire on the server before this instant (module docs).
     floor: watch::Receiver<Instant>,
     keepalive: AbortOnDrop,
@@ -525,6 +527,7 @@ impl VipTask {
         let mut session = Session {
             client,
             lease,
+            ttl: granted,
             floor: floor_rx,
             keepalive: AbortOnDrop(keepalive),
             watch: None,
@@ -570,7 +573,7 @@ impl VipTask {
                 campaign = false;
                 self.campaign(s).await?;
             }
-            let release_at = *s.floor.borrow() - guard;
+            let release_at = release_at(*s.floor.borrow(), guard);
             tokio::select! {
                 biased;
                 () = resign_requested(shutdown) => {
@@ -578,7 +581,8 @@ impl VipTask {
                     return Ok(Ended::Resigned);
                 }
                 () = sleep_until(release_at) => {
-                    let since = (*s.floor.borrow() - self.config.ttl).elapsed();
+                    let floor = *s.floor.borrow();
+                    let since = floor.checked_sub(s.ttl).map_or(s.ttl, |sent| sent.elapsed());
                     let error = self.session_error(format!(
                         "no keepalive answered for {since:?}; giving the VIP up {guard:?} before the lease may expire"
                     ));
@@ -656,7 +660,7 @@ impl VipTask {
                 }
             }
         };
-        let release_at = *s.floor.borrow() - self.config.guard;
+        let release_at = release_at(*s.floor.borrow(), self.config.guard);
         if Instant::now() >= release_at {
             let error = self.session_error(
                 "campaign won past the release deadline; not claiming the VIP".into(),
@@ -869,6 +873,11 @@ impl VipTask {
             }),
         }
     }
+}
+
+/// When an owner gives the VIP up: `guard` before the lease's earliest expiry.
+fn release_at(floor: Instant, guard: Duration) -> Instant {
+    floor.checked_sub(guard).unwrap_or_else(Instant::now)
 }
 
 fn positive_secs(ttl: i64) -> Option<Duration> {
