@@ -83,7 +83,7 @@ fn interop(version: u8) {
             apilb
                 .apilb
                 .as_ref()
-                .map(|a| a.log_text())
+                .map(tests::live::Apilb::log_text)
                 .unwrap_or_default()
         );
     };
@@ -127,9 +127,13 @@ fn interop(version: u8) {
         "no advert was refused:\n{log}"
     );
 
-    // A misconfigured keepalived (v2: another password; v3: another VRID) is
-    // refused and counted by reason, not obeyed.
     keepalived.kill();
+    misconfigured_peer_is_refused(&t, &dir, &apilb, version);
+}
+
+/// A misconfigured keepalived (v2: another password; v3: another VRID) is refused
+/// and counted by reason, not obeyed.
+fn misconfigured_peer_is_refused(t: &Topology, dir: &TempDir, apilb: &Node, version: u8) {
     let (conf, reason) = if version == 2 {
         (
             keepalived_conf(version, 200).replace("auth_pass 123456", "auth_pass wrong"),
