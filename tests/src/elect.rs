@@ -250,3 +250,64 @@ impl Drop for Keepalived {
         self.kill();
     }
 }
+
+/// etcd's client address in the topology: on the router's loopback, one routed hop
+/// from the LB nodes (`route_to_etcd`), so cutting a node off is one route.
+pub const ETCD_ADDR: &str = "203.0.113.1";
+
+/// A single-member etcd (Debian's etcd-server) in the router namespace, listening
+/// on [`ETCD_ADDR`]:2379, with its data under `dir`; killed on drop.
+pub struct Etcd(pub Spawned);
+
+impl Etcd {
+    #[must_use]
+    pub fn start(t: &Topology, dir: &Path) -> Self {
+        t.router
+            .ip(&["addr", "add", &format!("{ETCD_ADDR}/32"), "dev", "lo"]);
+        for lb in &t.lbs {
+            lb.ip(&["route", "add", ETCD_ADDR, "via", "198.51.100.1"]);
+        }
+        let url = format!("http://{ETCD_ADDR}:2379");
+        let data = dir.join("etcd-data").display().to_string();
+        let args = [
+            "--name",
+            "apilb",
+            "--data-dir",
+            &data,
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "apilb=http://127.0.0.1:2380",
+        ];
+        let etcd = Self(Spawned::start(&t.router, Path::new("/usr/bin/etcd"), &args));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr: SocketAddr = format!("{ETCD_ADDR}:2379").parse().expect("addr");
+        loop {
+            let up = {
+                let _inside = t.lbs[0].enter();
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            };
+            if up {
+                return etcd;
+            }
+            assert!(Instant::now() < deadline, "etcd did not start");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The `[election.etcd]` tables for node `node` (named `lb<node+1>`).
+#[must_use]
+pub fn etcd_election(node: usize, lease_ttl: &str) -> String {
+    format!(
+        "[election.etcd]\nendpoints = [\"http://{ETCD_ADDR}:2379\"]\nlease_ttl = \"{lease_ttl}\"\n\
+         node = \"lb{}\"\ndial_timeout = \"1s\"\n",
+        node + 1
+    )
+}
