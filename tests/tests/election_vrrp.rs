@@ -209,3 +209,46 @@ fn active_active_each_vip_on_its_preferred_node_both_on_the_survivor() {
         "lb2's own VIP stays"
     );
 }
+
+#[test]
+fn a_node_whose_masters_are_unreachable_lowers_its_priority_and_hands_the_vip_over() {
+    let (t, dir) = pair("apilb-vrrp-trk");
+    let _masters = echo_masters(&t, Duration::from_mins(3));
+    let election = "[election.vrrp]\nadvert_interval = \"100ms\"\ntrack_weight = -60\n";
+    let lb1 = Node::start(&t, &dir.0, "apilb-vrrp-trk", 0, |i| {
+        node_config(0, i, &vip(150), election)
+    });
+    let _lb2 = Node::start(&t, &dir.0, "apilb-vrrp-trk", 1, |i| {
+        node_config(1, i, &vip(100), election)
+    });
+    assert!(wait_served_by(&t.client, VIP_ADDR, 0, Instant::now(), TARGET * 5).is_some());
+
+    // lb1 loses every master (its probes fail; lb2's do not): 150 - 60 = 90 < 100.
+    let cut = Instant::now();
+    for m in tests::cluster::MASTERS {
+        let ip = m.split(':').next().expect("ip");
+        t.lbs[0].ip(&["route", "add", "prohibit", ip]);
+    }
+    let took = wait_served_by(&t.client, VIP_ADDR, 1, cut, TARGET * 5);
+    eprintln!("vrrp tracking: lb1's masters unreachable -> served by lb2 after {took:?}");
+    assert!(
+        took.is_some(),
+        "lb2 did not take over:\n{}",
+        lb1.apilb().log_text()
+    );
+    assert!(
+        lb1.apilb()
+            .log_text()
+            .contains("priority changed by health tracking")
+    );
+
+    // Reachable again: back to 150, and lb1 preempts.
+    let healed = Instant::now();
+    for m in tests::cluster::MASTERS {
+        let ip = m.split(':').next().expect("ip");
+        t.lbs[0].ip(&["route", "del", "prohibit", ip]);
+    }
+    let took = wait_served_by(&t.client, VIP_ADDR, 0, healed, TARGET * 5);
+    eprintln!("vrrp tracking: lb1's masters reachable -> served by lb1 after {took:?}");
+    assert!(took.is_some());
+}

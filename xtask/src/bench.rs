@@ -15,6 +15,9 @@ pub enum Part {
     Maglev,
     /// The controller's idle CPU and RSS with three masters probed every 500 ms.
     Controller,
+    /// VIP failover time between two LB nodes: apilb VRRP at 100 ms and 1 s
+    /// adverts, apilb etcd, and keepalived at its defaults; 10 trials each.
+    Failover,
 }
 
 pub fn run(part: Part) -> anyhow::Result<()> {
@@ -27,6 +30,19 @@ pub fn run(part: Part) -> anyhow::Result<()> {
                 exec(cargo().args(["build", "--quiet", "--release", "-p", package, "--bin", bin]))?;
             }
             "bench-controller"
+        }
+        Part::Failover => {
+            step("building apilb (release), which the benchmark runs");
+            exec(cargo().args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "lb-userspace",
+                "--bin",
+                "apilb",
+            ]))?;
+            "bench-failover"
         }
     };
     step(&format!("running {bin} (release build)"));
