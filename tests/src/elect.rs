@@ -17,6 +17,21 @@ use crate::{
     netns::Netns,
 };
 
+/// Two LB nodes, three masters, and the VIP on no node until an election puts it
+/// there; with a temporary directory of the same prefix.
+#[must_use]
+pub fn two_lb_nodes(prefix: &str) -> (Topology, crate::live::TempDir) {
+    let t = Topology::with_shape(
+        prefix,
+        crate::cluster::Shape {
+            lb_nodes: 2,
+            vip_on_first_lb: false,
+            ..crate::cluster::Shape::default()
+        },
+    );
+    (t, crate::live::TempDir::new(prefix))
+}
+
 /// One VIP and this node's VRRP settings for it.
 #[derive(Clone, Copy, Debug)]
 pub struct VrrpVip<'a> {

@@ -7,11 +7,11 @@
 use std::time::{Duration, Instant};
 
 use tests::{
-    cluster::{Shape, Topology, VIP_ADDR},
+    cluster::VIP_ADDR,
     elect::{
-        ETCD_ADDR, Etcd, Node, echo_masters, etcd_election, holders, node_config, wait_served_by,
+        ETCD_ADDR, Etcd, Node, echo_masters, etcd_election, holders, node_config, two_lb_nodes,
+        wait_served_by,
     },
-    live::TempDir,
 };
 
 const TTL: Duration = Duration::from_secs(2);
@@ -22,15 +22,7 @@ const SLACK: Duration = Duration::from_secs(2);
 #[test]
 fn the_vip_follows_the_etcd_lease_and_never_has_two_owners() {
     let prefix = "apilb-etcd";
-    let t = Topology::with_shape(
-        prefix,
-        Shape {
-            lb_nodes: 2,
-            vip_on_first_lb: false,
-            ..Shape::default()
-        },
-    );
-    let dir = TempDir::new(prefix);
+    let (t, dir) = two_lb_nodes(prefix);
     let _masters = echo_masters(&t, Duration::from_mins(3));
     let _etcd = Etcd::start(&t, &dir.0);
     let vip = vec![format!("address = \"{VIP_ADDR}\"\nelection = \"etcd\"")];

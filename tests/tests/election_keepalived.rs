@@ -9,9 +9,10 @@
 use std::time::{Duration, Instant};
 
 use tests::{
-    cluster::{Shape, Topology, VIP_ADDR, lb_addr},
+    cluster::{Topology, VIP_ADDR, lb_addr},
     elect::{
-        Keepalived, Node, VrrpVip, echo_masters, holders, node_config, vrrp_vip, wait_served_by,
+        Keepalived, Node, VrrpVip, echo_masters, holders, node_config, two_lb_nodes, vrrp_vip,
+        wait_served_by,
     },
     live::{EchoServer, TempDir},
 };
@@ -49,15 +50,7 @@ fn apilb_election(version: u8) -> String {
 
 fn interop(version: u8) {
     let prefix = format!("apilb-kad{version}");
-    let t = Topology::with_shape(
-        &prefix,
-        Shape {
-            lb_nodes: 2,
-            vip_on_first_lb: false,
-            ..Shape::default()
-        },
-    );
-    let dir = TempDir::new(&prefix);
+    let (t, dir) = two_lb_nodes(&prefix);
     let _masters = echo_masters(&t, Duration::from_mins(5));
     let _responder = EchoServer::start(&t.lbs[1], "0.0.0.0:6443", Duration::from_mins(5));
     let vip = vrrp_vip(VrrpVip {

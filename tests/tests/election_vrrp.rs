@@ -7,26 +7,14 @@
 use std::time::{Duration, Instant};
 
 use tests::{
-    cluster::{Shape, Topology, VIP_ADDR},
+    cluster::VIP_ADDR,
     elect::{
-        Node, VrrpVip, echo_masters, holders, node_config, served_by, vrrp_vip, wait_served_by,
+        Node, VrrpVip, echo_masters, holders, node_config, served_by, two_lb_nodes, vrrp_vip,
+        wait_served_by,
     },
-    live::TempDir,
 };
 
 const TARGET: Duration = Duration::from_secs(1);
-
-fn pair(prefix: &str) -> (Topology, TempDir) {
-    let t = Topology::with_shape(
-        prefix,
-        Shape {
-            lb_nodes: 2,
-            vip_on_first_lb: false,
-            ..Shape::default()
-        },
-    );
-    (t, TempDir::new(prefix))
-}
 
 fn election(preempt: bool) -> String {
     format!("[election.vrrp]\nadvert_interval = \"100ms\"\npreempt = {preempt}\n")
@@ -42,7 +30,7 @@ fn vip(priority: u8) -> Vec<String> {
 
 #[test]
 fn the_higher_priority_node_owns_the_vip_and_the_other_takes_over_when_it_is_killed() {
-    let (t, dir) = pair("apilb-vrrp");
+    let (t, dir) = two_lb_nodes("apilb-vrrp");
     let _masters = echo_masters(&t, Duration::from_mins(3));
     let mut lb1 = Node::start(&t, &dir.0, "apilb-vrrp", 0, |i| {
         node_config(0, i, &vip(150), &election(true))
@@ -84,7 +72,7 @@ fn the_higher_priority_node_owns_the_vip_and_the_other_takes_over_when_it_is_kil
 
 #[test]
 fn link_down_sigstop_and_sigterm_each_move_the_vip_and_nopreempt_keeps_it_where_it_is() {
-    let (t, dir) = pair("apilb-vrrp2");
+    let (t, dir) = two_lb_nodes("apilb-vrrp2");
     let _masters = echo_masters(&t, Duration::from_mins(3));
     let mut lb1 = Node::start(&t, &dir.0, "apilb-vrrp2", 0, |i| {
         node_config(0, i, &vip(150), &election(true))
@@ -168,7 +156,7 @@ fn link_down_sigstop_and_sigterm_each_move_the_vip_and_nopreempt_keeps_it_where_
 #[test]
 fn active_active_each_vip_on_its_preferred_node_both_on_the_survivor() {
     use tests::cluster::VIP2_ADDR;
-    let (t, dir) = pair("apilb-vrrp-aa");
+    let (t, dir) = two_lb_nodes("apilb-vrrp-aa");
     let _masters = echo_masters(&t, Duration::from_mins(3));
     let vips = |p1: u8, p2: u8| {
         vec![
@@ -212,7 +200,7 @@ fn active_active_each_vip_on_its_preferred_node_both_on_the_survivor() {
 
 #[test]
 fn a_node_whose_masters_are_unreachable_lowers_its_priority_and_hands_the_vip_over() {
-    let (t, dir) = pair("apilb-vrrp-trk");
+    let (t, dir) = two_lb_nodes("apilb-vrrp-trk");
     let _masters = echo_masters(&t, Duration::from_mins(3));
     let election = "[election.vrrp]\nadvert_interval = \"100ms\"\ntrack_weight = -60\n";
     let lb1 = Node::start(&t, &dir.0, "apilb-vrrp-trk", 0, |i| {
@@ -223,12 +211,16 @@ fn a_node_whose_masters_are_unreachable_lowers_its_priority_and_hands_the_vip_ov
     });
     assert!(wait_served_by(&t.client, VIP_ADDR, 0, Instant::now(), TARGET * 5).is_some());
 
+    // `add` or `del` a prohibit route on lb1 to every master.
+    let masters_route = |verb: &str| {
+        for m in tests::cluster::MASTERS {
+            let ip = m.split(':').next().expect("ip");
+            t.lbs[0].ip(&["route", verb, "prohibit", ip]);
+        }
+    };
     // lb1 loses every master (its probes fail; lb2's do not): 150 - 60 = 90 < 100.
     let cut = Instant::now();
-    for m in tests::cluster::MASTERS {
-        let ip = m.split(':').next().expect("ip");
-        t.lbs[0].ip(&["route", "add", "prohibit", ip]);
-    }
+    masters_route("add");
     let took = wait_served_by(&t.client, VIP_ADDR, 1, cut, TARGET * 5);
     eprintln!("vrrp tracking: lb1's masters unreachable -> served by lb2 after {took:?}");
     assert!(
@@ -244,10 +236,7 @@ fn a_node_whose_masters_are_unreachable_lowers_its_priority_and_hands_the_vip_ov
 
     // Reachable again: back to 150, and lb1 preempts.
     let healed = Instant::now();
-    for m in tests::cluster::MASTERS {
-        let ip = m.split(':').next().expect("ip");
-        t.lbs[0].ip(&["route", "del", "prohibit", ip]);
-    }
+    masters_route("del");
     let took = wait_served_by(&t.client, VIP_ADDR, 0, healed, TARGET * 5);
     eprintln!("vrrp tracking: lb1's masters reachable -> served by lb1 after {took:?}");
     assert!(took.is_some());

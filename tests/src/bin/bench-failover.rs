@@ -18,9 +18,8 @@ use std::{
 };
 
 use tests::{
-    cluster::{LB_DEV, Shape, Topology, VIP_ADDR},
-    elect::{Etcd, Keepalived, Node, VrrpVip, etcd_election, node_config, vrrp_vip},
-    live::TempDir,
+    cluster::{LB_DEV, Topology, VIP_ADDR},
+    elect::{Etcd, Keepalived, Node, VrrpVip, etcd_election, node_config, two_lb_nodes, vrrp_vip},
     netns::Netns,
 };
 
@@ -126,18 +125,6 @@ fn trials(
     times
 }
 
-fn topology(prefix: &str) -> (Topology, TempDir) {
-    let t = Topology::with_shape(
-        prefix,
-        Shape {
-            lb_nodes: 2,
-            vip_on_first_lb: false,
-            ..Shape::default()
-        },
-    );
-    (t, TempDir::new(prefix))
-}
-
 fn apilb_pair(
     t: &Topology,
     dir: &Path,
@@ -157,7 +144,7 @@ fn apilb_pair(
 
 fn vrrp(advert: &str) -> Vec<f64> {
     let prefix = format!("apilb-bfo-v{}", advert.trim_end_matches('s'));
-    let (t, dir) = topology(&prefix);
+    let (t, dir) = two_lb_nodes(&prefix);
     let election =
         |_| format!("[election.vrrp]\nadvert_interval = \"{advert}\"\npreempt = false\n");
     let vip = |_| {
@@ -185,7 +172,7 @@ fn vrrp(advert: &str) -> Vec<f64> {
 
 fn etcd() -> Vec<f64> {
     let prefix = "apilb-bfo-etcd";
-    let (t, dir) = topology(prefix);
+    let (t, dir) = two_lb_nodes(prefix);
     let _etcd = Etcd::start(&t, &dir.0);
     let election = |i| etcd_election(i, "3s");
     let vip = |_| format!("address = \"{VIP_ADDR}\"\nelection = \"etcd\"");
@@ -203,7 +190,7 @@ fn etcd() -> Vec<f64> {
 
 fn keepalived() -> Vec<f64> {
     let prefix = "apilb-bfo-ka";
-    let (t, dir) = topology(prefix);
+    let (t, dir) = two_lb_nodes(prefix);
     let conf = |i: usize| {
         format!(
             "global_defs {{\n    router_id lb{}\n}}\nvrrp_instance VI_1 {{\n    state BACKUP\n    nopreempt\n    \
