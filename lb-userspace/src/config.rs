@@ -1122,7 +1122,7 @@ mod tests {
             &with("[election.vrrp]\nunicast_peers = [\"fd00::2\"]"),
             &[
                 "election.vrrp.unicast_peers[0] = \"fd00::2\"",
-                "other address family",
+                "no VRRP VIP is of this address family",
             ],
         );
         refused(

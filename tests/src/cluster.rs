@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  client  eth0 192.0.2.10/24 ── cl 192.0.2.1/24  router
-//!                                   seg 198.51.100.1/24 (a bridge: the segment)
+//!                                   seg 198.51.100.1/24, fd00:198:51:100::1/64
+//!                                   (a bridge: the segment)
 //!       ┌─────────────┬─────────────┬───────┴─────┬─────────────┬─────────────┐
 //!     p-lb1         p-lb2          p-m1          p-m2          p-m3        (p-m4)
 //!   lb1 eth0 .2   lb2 eth0 .3   master-1 .11  master-2 .12  master-3 .13 (master-4 .14)
@@ -45,6 +46,9 @@ pub const FOURTH_MASTER: &str = "198.51.100.14:6443";
 pub const SNAT: &str = "198.51.100.2";
 /// A second VIP, for active-active.
 pub const VIP2_ADDR: &str = "198.51.100.101";
+/// An IPv6 VIP on the segment (fd00:198:51:100::/64, the router is ::1), for the
+/// IPv6 election tests.
+pub const VIP6_ADDR: &str = "fd00:198:51:100::100";
 
 /// LB node `i`'s own address (0-based): 198.51.100.2, .3.
 #[must_use]
@@ -104,6 +108,14 @@ impl Topology {
         let router = Netns::with_role(prefix, "r");
         router.ip(&["link", "add", "seg", "type", "bridge"]);
         router.ip(&["addr", "add", "198.51.100.1/24", "dev", "seg"]);
+        router.ip(&[
+            "addr",
+            "add",
+            "fd00:198:51:100::1/64",
+            "dev",
+            "seg",
+            "nodad",
+        ]);
         router.ip(&["link", "set", "seg", "up"]);
         router.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
         wire(&router, "cl", None, &client, "192.0.2.10/24");
@@ -269,6 +281,8 @@ fn wire(router: &Netns, port: &str, bridge: Option<&str>, ns: &Netns, addr: &str
     }
     router.ip(&["link", "set", port, "up"]);
     ns.ip(&["addr", "add", addr, "dev", "eth0"]);
+    // The link-local address is usable at once (IPv6 VRRP sends from it).
+    ns.exec("sysctl", &["-qw", "net.ipv6.conf.eth0.accept_dad=0"]);
     ns.ip(&["link", "set", "eth0", "up"]);
     ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
 }

@@ -165,7 +165,7 @@ pub fn holders(t: &Topology, vip: &str) -> Vec<usize> {
 pub fn holds(ns: &Netns, vip: &str) -> bool {
     ns.ip(&["-o", "addr", "show", "dev", LB_DEV])
         .split_whitespace()
-        .any(|w| w == format!("{vip}/32"))
+        .any(|w| w == format!("{vip}/32") || w == format!("{vip}/128"))
 }
 
 /// Which LB node served one new connection to `vip:6443` from the client: the

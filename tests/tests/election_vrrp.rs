@@ -241,3 +241,78 @@ fn a_node_whose_masters_are_unreachable_lowers_its_priority_and_hands_the_vip_ov
     eprintln!("vrrp tracking: lb1's masters reachable -> served by lb1 after {took:?}");
     assert!(took.is_some());
 }
+
+/// The router's neighbour entry for `vip` names LB node `node`'s MAC.
+fn router_resolves_to(t: &tests::cluster::Topology, vip: &str, node: usize) -> bool {
+    let mac = t.lbs[node].ip(&["-br", "link", "show", "dev", "eth0"]);
+    let mac = mac.split_whitespace().nth(2).expect("MAC");
+    t.router.ip(&["-6", "neigh", "show", vip]).contains(mac)
+}
+
+#[test]
+fn an_ipv6_vip_moves_by_vrrpv3_from_link_local_with_unsolicited_neighbour_adverts() {
+    use tests::cluster::VIP6_ADDR;
+    let (t, dir) = two_lb_nodes("apilb-vrrp6");
+    // An IPv6 VIP needs an IPv6 SNAT address and backend; none answers here, so
+    // tracking is off (both nodes would drop alike anyway).
+    let config = |node: usize, instance: &str, priority: u8| {
+        let vip = vec![vrrp_vip(VrrpVip {
+            addr: VIP6_ADDR,
+            vrid: 61,
+            priority,
+        })];
+        node_config(
+            node,
+            instance,
+            &vip,
+            "[election.vrrp]\nadvert_interval = \"100ms\"\ntrack_weight = 0\n\
+             [[backend]]\naddress = \"[fd00:198:51:100::11]:6443\"\n",
+        )
+        .replace(
+            "snat_ipv4 = ",
+            &format!(
+                "snat_ipv6 = \"fd00:198:51:100::{}\"\nsnat_ipv4 = ",
+                node + 2
+            ),
+        )
+    };
+    let mut lb1 = Node::start(&t, &dir.0, "apilb-vrrp6", 0, |i| config(0, i, 150));
+    let _lb2 = Node::start(&t, &dir.0, "apilb-vrrp6", 1, |i| config(1, i, 100));
+    let owner = |node: usize, since: Instant| {
+        while since.elapsed() < TARGET * 5 {
+            // Any packet to the VIP makes the router resolve it (or keep it fresh).
+            {
+                let _inside = t.router.enter();
+                let addr = std::net::SocketAddr::new(VIP6_ADDR.parse().expect("v6"), 6443);
+                let _ = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200));
+            }
+            if holders(&t, VIP6_ADDR) == [node] && router_resolves_to(&t, VIP6_ADDR, node) {
+                return Some(since.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    };
+    let won = owner(0, Instant::now());
+    assert!(
+        won.is_some(),
+        "lb1 never owned the IPv6 VIP:\n{}",
+        lb1.apilb().log_text()
+    );
+    let killed = Instant::now();
+    lb1.kill();
+    // lb1's stale address stays (SIGKILL); the router follows lb2's advert.
+    let mut took = None;
+    while killed.elapsed() < TARGET * 5 {
+        if holders(&t, VIP6_ADDR).contains(&1) && router_resolves_to(&t, VIP6_ADDR, 1) {
+            took = Some(killed.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("vrrp IPv6 100ms: SIGKILL -> router resolves the VIP to lb2 after {took:?}");
+    assert!(
+        took.is_some(),
+        "the router still resolves the IPv6 VIP to lb1"
+    );
+}

@@ -359,11 +359,11 @@ fn validate_vrrp(raw: RawVrrp, vips: &[(SocketAddr, u8)]) -> Result<VrrpSettings
         let ip: IpAddr = p
             .parse()
             .map_err(|_| invalid(&key, format!("{p:?}"), "not an IP address"))?;
-        if let Some((addr, _)) = vips.iter().find(|(a, _)| a.is_ipv4() != ip.is_ipv4()) {
+                if !vips.is_empty() && !vips.iter().any(|(a, _)| a.is_ipv4() == ip.is_ipv4()) {
             return Err(invalid(
                 &key,
                 format!("{p:?}"),
-                format!("VIP {} is of the other address family", addr.ip()),
+                "no VRRP VIP is of this address family",
             ));
         }
         unicast_peers.push(ip);

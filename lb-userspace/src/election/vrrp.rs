@@ -2,17 +2,15 @@
 //! router, so apilb can stand in for keepalived on a node, or share a VRID with it.
 //!
 //! [`packet`] encodes and checks adverts, [`fsm`] is RFC 5798's state machine
-//! without I/O; this module gives them a raw IPv4 socket (protocol 112) on the
-//! election interface and a clock. One task serves every VRRP VIP:
+//! without I/O, [`socket`] the raw sockets; this module is their clock and glue.
+//! One task per address family serves that family's VIPs:
 //!
-//! - **Receive.** The kernel hands a raw IPv4 socket the whole datagram, so the TTL
-//!   is checked here (255, or the advert may come from off-link), then the sender
-//!   (in unicast mode, a configured peer), then the VRID; [`packet::decode`] checks
-//!   version, checksum and authentication. Each refusal is counted by reason.
-//! - **Send.** TTL 255, to 224.0.0.18 (multicast loop off, so a node never hears
-//!   itself) or to each unicast peer. With `source` set, multicast adverts leave
-//!   from it (`IP_MULTICAST_IF`) and in unicast mode the socket is bound to it;
-//!   otherwise the kernel picks the interface's address for the route.
+//! - **Receive.** The TTL (hop limit) must be 255, or the advert may come from
+//!   off-link; in unicast mode the sender must be a configured peer; then the VRID
+//!   must be known, and [`packet::decode`] checks version, checksum and
+//!   authentication, and the addresses must be exactly the VIP. Each refusal is
+//!   counted by reason (`ElectionState::rejected`).
+//! - **Send.** To 224.0.0.18 / `ff02::12`, or to each unicast peer of the family.
 //! - **Rivals.** A master that hears a lower-priority master (one that was
 //!   stopped or cut off and came back) stays master and announces the VIP again,
 //!   since the network may have followed the other's announcements meanwhile.
@@ -21,23 +19,18 @@
 //! - **Shutdown.** [`VrrpElection::shutdown`] makes each instance that is master send
 //!   a priority-0 advert, so its backup takes over after `Skew_Time` rather than the
 //!   whole `Master_Down_Interval`.
-//!
-//! IPv6 VIPs are not served by this task yet; config validation lets a VRRP VIP be
-//! IPv4 only.
 
 pub mod fsm;
 pub mod packet;
+pub mod socket;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    io::Read as _,
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
-use socket2::{Domain, InterfaceIndexOrAddress, Protocol, SockAddr, Socket, Type};
 use tokio::{
-    io::unix::AsyncFd,
     sync::{mpsc, oneshot, watch},
     task::JoinHandle,
 };
@@ -47,9 +40,7 @@ use super::{ElectionState, Ownership};
 use crate::config::VrrpSettings;
 use fsm::{Instance, Output, Params, State};
 use packet::{Advert, Auth, Reject, Version};
-
-const IPPROTO_VRRP: i32 = 112;
-const VRRP_GROUP_V4: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 18);
+use socket::VrrpSocket;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VrrpError {
@@ -60,12 +51,12 @@ pub enum VrrpError {
         #[source]
         source: std::io::Error,
     },
-    #[error("VRRP VIP {0} is IPv6; only IPv4 VIPs take part in VRRP so far")]
-    Ipv6(IpAddr),
-    #[error(
-        "interface {0} has no IPv4 address to send VRRP adverts from; set election.vrrp.source"
-    )]
-    NoSource(String),
+    #[error("interface {interface} has no {family} address to send VRRP adverts from{hint}")]
+    NoSource {
+        interface: String,
+        family: &'static str,
+        hint: &'static str,
+    },
     #[error("election.vrrp.auth_pass: {0}")]
     Auth(#[from] packet::PacketError),
 }
@@ -78,10 +69,9 @@ pub struct VrrpVip {
     pub priority: u8,
 }
 
-/// The running VRRP task.
+/// The running VRRP tasks, one per address family in use.
 pub struct VrrpElection {
-    task: Option<JoinHandle<()>>,
-    stop: Option<oneshot::Sender<()>>,
+    tasks: Vec<(JoinHandle<()>, oneshot::Sender<()>)>,
     states: Vec<(IpAddr, watch::Receiver<ElectionState>)>,
 }
 
@@ -97,10 +87,8 @@ impl VrrpElection {
 
     /// Give up every VIP this node is master of, with a priority-0 advert, and stop.
     pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
+        for (task, stop) in std::mem::take(&mut self.tasks) {
             let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
             let _ = task.await;
         }
     }
@@ -108,7 +96,7 @@ impl VrrpElection {
 
 impl Drop for VrrpElection {
     fn drop(&mut self) {
-        if let Some(task) = &self.task {
+        for (task, _) in &self.tasks {
             task.abort();
         }
     }
@@ -124,16 +112,6 @@ pub async fn spawn(
     unhealthy: watch::Receiver<bool>,
     events: mpsc::Sender<Ownership>,
 ) -> Result<VrrpElection, VrrpError> {
-    if let Some(v) = vips.iter().find(|v| v.addr.is_ipv6()) {
-        return Err(VrrpError::Ipv6(v.addr));
-    }
-    let source = match settings.source {
-        Some(IpAddr::V4(a)) => a,
-        _ => primary_v4(interface)
-            .await
-            .ok_or_else(|| VrrpError::NoSource(interface.to_owned()))?,
-    };
-    let socket = open_v4(settings, interface, source)?;
     let version = if settings.version == 2 {
         Version::V2
     } else {
@@ -143,154 +121,83 @@ pub async fn spawn(
         Some(p) => Auth::password(p)?,
         None => Auth::None,
     };
-    let mut routers = BTreeMap::new();
-    let mut states = Vec::new();
-    for v in vips {
-        let (tx, rx) = watch::channel(ElectionState {
-            mode: "vrrp".into(),
-            state: "initialize".into(),
-            priority: Some(u32::from(v.priority)),
-            ..ElectionState::default()
-        });
-        states.push((v.addr, rx));
-        let params = Params {
-            version,
-            vrid: v.vrid,
-            priority: v.priority,
-            advert_interval: settings.advert_interval,
-            preempt: settings.preempt,
-            preempt_delay: settings.preempt_delay,
-            primary: IpAddr::V4(source),
-        };
-        routers.insert(
-            v.vrid,
-            Router {
-                vip: *v,
-                fsm: Instance::new(params),
-                state: tx,
-            },
-        );
-    }
-    let peers: Vec<Ipv4Addr> = settings
-        .unicast_peers
-        .iter()
-        .filter_map(|p| match p {
-            IpAddr::V4(a) => Some(*a),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    // SAFETY: the socket owns its descriptor, which stays open and the same until
-    // the AsyncFd (which owns the socket) drops.
-    let socket = unsafe { AsyncFd::register(socket) }.map_err(|e| VrrpError::Socket {
-        interface: interface.to_owned(),
-        step: "registering with tokio",
-        source: e.into_parts().1,
-    })?;
-    let io = Io {
-        socket,
-        source,
-        peers,
-        version,
-        auth,
-        interval: settings.advert_interval,
-        track_weight: settings.track_weight,
+    let mut election = VrrpElection {
+        tasks: Vec::new(),
+        states: Vec::new(),
     };
-    let (stop_tx, stop_rx) = oneshot::channel();
-    let task = tokio::spawn(run(io, routers, unhealthy, events, stop_rx));
-    Ok(VrrpElection {
-        task: Some(task),
-        stop: Some(stop_tx),
-        states,
-    })
-}
-
-/// The first IPv4 address of `interface` that is not a /32 (the node's own
-/// address, not a VIP), as the kernel lists them.
-pub async fn primary_v4(interface: &str) -> Option<Ipv4Addr> {
-    use futures_util::TryStreamExt as _;
-    use rtnetlink::packet_route::address::AddressAttribute;
-    let index = if_index(interface).ok()?;
-    let (conn, handle, _) = rtnetlink::new_connection().ok()?;
-    let conn = tokio::spawn(conn);
-    let mut addrs = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute();
-    let mut found = None;
-    while let Ok(Some(msg)) = addrs.try_next().await {
-        if msg.header.prefix_len == 32 {
+    for v6 in [false, true] {
+        let family: Vec<&VrrpVip> = vips.iter().filter(|v| v.addr.is_ipv6() == v6).collect();
+        if family.is_empty() {
             continue;
         }
-        found = msg.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Local(IpAddr::V4(v4)) | AddressAttribute::Address(IpAddr::V4(v4)) => {
-                Some(*v4)
-            }
-            _ => None,
-        });
-        if found.is_some() {
-            break;
-        }
-    }
-    conn.abort();
-    found
-}
-
-fn open_v4(
-    settings: &VrrpSettings,
-    interface: &str,
-    source: Ipv4Addr,
-) -> Result<Socket, VrrpError> {
-    let err = |step: &'static str| {
-        let interface = interface.to_owned();
-        move |source| VrrpError::Socket {
+        let configured = settings.source.filter(|s| s.is_ipv6() == v6);
+        let source = match configured {
+            Some(s) => s,
+            None => socket::interface_source(interface, v6)
+                .await
+                .ok_or_else(|| VrrpError::NoSource {
+                    interface: interface.to_owned(),
+                    family: if v6 { "IPv6 link-local" } else { "IPv4" },
+                    hint: if v6 { "" } else { "; set election.vrrp.source" },
+                })?,
+        };
+        let peers: Vec<IpAddr> = settings
+            .unicast_peers
+            .iter()
+            .copied()
+            .filter(|p| p.is_ipv6() == v6)
+            .collect();
+        let socket = VrrpSocket::open(
             interface,
-            step,
             source,
+            peers.is_empty(),
+            configured.is_some() && !v6,
+        )?;
+        let mut routers = BTreeMap::new();
+        for v in family {
+            let (tx, rx) = watch::channel(ElectionState {
+                mode: "vrrp".into(),
+                state: "initialize".into(),
+                priority: Some(u32::from(v.priority)),
+                ..ElectionState::default()
+            });
+            election.states.push((v.addr, rx));
+            let params = Params {
+                version,
+                vrid: v.vrid,
+                priority: v.priority,
+                advert_interval: settings.advert_interval,
+                preempt: settings.preempt,
+                preempt_delay: settings.preempt_delay,
+                primary: source,
+            };
+            routers.insert(
+                v.vrid,
+                Router {
+                    vip: *v,
+                    fsm: Instance::new(params),
+                    state: tx,
+                },
+            );
         }
-    };
-    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(IPPROTO_VRRP)))
-        .map_err(err("opening a raw socket for protocol 112"))?;
-    s.bind_device(Some(interface.as_bytes()))
-        .map_err(err("binding to the interface"))?;
-    s.set_ttl_v4(255).map_err(err("setting TTL 255"))?;
-    s.set_multicast_ttl_v4(255)
-        .map_err(err("setting multicast TTL 255"))?;
-    s.set_multicast_loop_v4(false)
-        .map_err(err("turning multicast loop off"))?;
-    if settings.unicast_peers.is_empty() {
-        let index = if_index(interface).map_err(err("looking up the interface index"))?;
-        s.join_multicast_v4_n(&VRRP_GROUP_V4, &InterfaceIndexOrAddress::Index(index))
-            .map_err(err("joining 224.0.0.18"))?;
-        s.set_multicast_if_v4(&source)
-            .map_err(err("choosing the multicast source address"))?;
-    } else if settings.source.is_some() {
-        // Unicast adverts come to our own address; binding both sets the source
-        // of ours and keeps only those.
-        s.bind(&SockAddr::from(SocketAddrV4::new(source, 0)))
-            .map_err(err("binding to election.vrrp.source"))?;
+        let io = Io {
+            socket,
+            peers,
+            version,
+            auth: auth.clone(),
+            interval: settings.advert_interval,
+            track_weight: settings.track_weight,
+        };
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(run(io, routers, unhealthy.clone(), events.clone(), stop_rx));
+        election.tasks.push((task, stop_tx));
     }
-    s.set_nonblocking(true)
-        .map_err(err("making the socket non-blocking"))?;
-    Ok(s)
-}
-
-fn if_index(interface: &str) -> std::io::Result<u32> {
-    let name = std::ffi::CString::new(interface)
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: `name` is a valid NUL-terminated string for the call's duration.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(index)
-    }
+    Ok(election)
 }
 
 struct Io {
-    socket: AsyncFd<Socket>,
-    source: Ipv4Addr,
-    peers: Vec<Ipv4Addr>,
+    socket: VrrpSocket,
+    peers: Vec<IpAddr>,
     version: Version,
     auth: Auth,
     interval: Duration,
@@ -313,42 +220,25 @@ impl Io {
             addresses: vec![r.vip.addr],
             auth: self.auth.clone(),
         };
-        let targets: Vec<Ipv4Addr> = if self.peers.is_empty() {
-            vec![VRRP_GROUP_V4]
+        let group = [self.socket.group()];
+        let targets = if self.peers.is_empty() {
+            &group[..]
         } else {
-            self.peers.clone()
+            &self.peers[..]
         };
-        for dst in targets {
-            let bytes = match packet::encode(&advert, IpAddr::V4(self.source), IpAddr::V4(dst)) {
+        for &dst in targets {
+            let bytes = match packet::encode(&advert, self.socket.source, dst) {
                 Ok(b) => b,
                 Err(e) => {
                     warn!(vrid = r.vip.vrid, "cannot encode a VRRP advert: {e}");
                     return;
                 }
             };
-            let to = SockAddr::from(SocketAddrV4::new(dst, 0));
-            if let Err(e) = self.socket.get_ref().send_to(&bytes, &to) {
+            if let Err(e) = self.socket.send(&bytes, dst) {
                 warn!(vrid = r.vip.vrid, %dst, "sending a VRRP advert failed: {e}");
             }
         }
     }
-
-    /// One datagram from the socket, if one is waiting.
-    fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        (&mut self.socket.get_ref()).read(buf)
-    }
-}
-
-/// A received datagram's IPv4 header fields and its VRRP payload.
-fn split_ipv4(datagram: &[u8]) -> Option<(u8, Ipv4Addr, Ipv4Addr, &[u8])> {
-    let ihl = usize::from(datagram.first()? & 0x0f) * 4;
-    if ihl < 20 || datagram.len() < ihl {
-        return None;
-    }
-    let ttl = datagram[8];
-    let src = Ipv4Addr::new(datagram[12], datagram[13], datagram[14], datagram[15]);
-    let dst = Ipv4Addr::new(datagram[16], datagram[17], datagram[18], datagram[19]);
-    Some((ttl, src, dst, &datagram[ihl..]))
 }
 
 async fn run(
@@ -394,30 +284,32 @@ async fn run(
                     handle(&io, r, out, &events).await;
                 }
             }
-            ready = io.socket.readable() => {
-                let Ok(mut guard) = ready else { break };
-                loop {
-                    match guard.try_io(|_| io.recv(&mut buf)) {
-                        Ok(Ok(n)) => {
-                            if let Err(reason) = receive(&io, &mut routers, &buf[..n], &events).await {
-                                *rejected.entry(reason.reason()).or_insert(0) += 1;
-                                publish_rejections(&routers, &rejected);
-                            }
-                        }
-                        Ok(Err(e)) => {
-                            warn!("VRRP receive failed: {e}");
-                            break;
-                        }
-                        Err(_would_block) => break,
+                        got = io.socket.recv(&mut buf) => match got {
+                Ok((envelope, msg)) => {
+                    if let Err(reason) = receive(&io, &mut routers, envelope, &buf[msg], &events).await {
+                        *rejected.entry(reason.reason()).or_insert(0) += 1;
+                        publish_rejections(&routers, &rejected);
                     }
                 }
-            }
+                Err(e) => {
+                    warn!("VRRP receive failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
         }
     }
     let now = Instant::now();
     for r in routers.values_mut() {
         let out = r.fsm.shutdown(now);
         handle(&io, r, out, &events).await;
+    }
+}
+
+/// An address as a number, for the RFC's tie-break (the higher address wins).
+fn ip_key(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
     }
 }
 
@@ -434,11 +326,12 @@ fn effective_priority(configured: u8, no_healthy_backend: bool, track_weight: i3
 async fn receive(
     io: &Io,
     routers: &mut BTreeMap<u8, Router>,
-    datagram: &[u8],
+    envelope: socket::Envelope,
+    msg: &[u8],
     events: &mpsc::Sender<Ownership>,
 ) -> Result<(), Reject> {
-    let (ttl, src, dst, msg) = split_ipv4(datagram).ok_or(Reject::Malformed)?;
-    if ttl != 255 {
+    let socket::Envelope { ttl, src, dst } = envelope;
+    if ttl != packet::TTL {
         return Err(Reject::Ttl);
     }
     if !io.peers.is_empty() && !io.peers.contains(&src) {
@@ -446,7 +339,7 @@ async fn receive(
     }
     let vrid = *msg.get(1).ok_or(Reject::Malformed)?;
     let r = routers.get_mut(&vrid).ok_or(Reject::Vrid)?;
-    let advert = packet::decode(msg, IpAddr::V4(src), IpAddr::V4(dst), io.version, &io.auth)?;
+    let advert = packet::decode(msg, src, dst, io.version, &io.auth)?;
     if advert.addresses != [r.vip.addr] {
         return Err(Reject::Addresses);
     }
@@ -455,13 +348,10 @@ async fn receive(
     // followed the other node's announcements meanwhile.
     let rival = r.fsm.state() == State::Master
         && advert.priority != 0
-        && (advert.priority, u32::from(src)) < (r.fsm.priority(), u32::from(io.source));
-    let out = r.fsm.on_advert(
-        Instant::now(),
-        IpAddr::V4(src),
-        advert.priority,
-        advert.interval,
-    )?;
+        && (advert.priority, ip_key(src)) < (r.fsm.priority(), ip_key(io.socket.source));
+    let out = r
+        .fsm
+        .on_advert(Instant::now(), src, advert.priority, advert.interval)?;
     handle(io, r, out, events).await;
     if rival {
         let _ = events
