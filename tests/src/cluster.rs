@@ -46,7 +46,7 @@ pub const FOURTH_MASTER: &str = "198.51.100.14:6443";
 pub const SNAT: &str = "198.51.100.2";
 /// A second VIP, for active-active.
 pub const VIP2_ADDR: &str = "198.51.100.101";
-/// An IPv6 VIP on the segment (fd00:198:51:100::/64, the router is ::1), for the
+/// An IPv6 VIP on the segment (`fd00:198:51:100::/64`, the router is `::1`), for the
 /// IPv6 election tests.
 pub const VIP6_ADDR: &str = "fd00:198:51:100::100";
 
