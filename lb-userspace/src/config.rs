@@ -1130,10 +1130,15 @@ mod tests {
             &with("[election]\ninterface = \"eth9\""),
             &["election.interface = \"eth9\"", "no such interface"],
         );
-        refused(
+                refused(
             vip,
             &with("[election.vrrp]\ntrack_weight = 10"),
             &["election.vrrp.track_weight = 10"],
+        );
+        refused(
+            vip,
+            &format!("{}\n[[vip]]\n{vip}\nport = 443", vrrp("vrid = 1")),
+            &["vip[1].address = \"192.168.19.200\"", "must be its own"],
         );
     }
 }

@@ -511,20 +511,20 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
                     d.try_reconcile(&format!("backend {health}"));
                 }
             }
-                                    Some(ev) = owner_rx.recv() => {
+                                                Some(ev) = owner_rx.recv() => {
                 if d.owners.before_reconcile(&ev).await {
                     d.try_reconcile(&ev.reason);
                 }
-                // Also for a VIP already owned: an election may ask to announce again.
-                d.owners.after_reconcile(&ev).await;
+                d.owners.after_reconcile(&ev, !d.dirty).await;
             }
             _ = hup.recv() => d.reload(),
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = tick.tick() => {
-                if d.dirty {
+                        _ = tick.tick() => {
+                if d.owners.retry_releases().await || d.dirty {
                     d.try_reconcile("retry");
                 }
+                d.owners.retry_claims(!d.dirty).await;
                                 d.log_events();
                 d.owners.log_rejections();
                 d.publish();
@@ -532,10 +532,17 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
         }
     }
     let pin = loader::pin_dir(&d.config.instance);
-    // Hand elected VIPs over first, then stop balancing them.
+        // Stop answering for elected VIPs and balancing them, then hand them over;
+    // ownership events that handing over produces are drained, not acted on.
+    d.owners.release_all().await;
+    d.try_reconcile("exit: elected VIPs released");
     let owners = std::mem::replace(&mut d.owners, Owners::none());
-    owners.shutdown().await;
-    d.try_reconcile("exit: elected VIPs handed over");
+    let drain = async { while owner_rx.recv().await.is_some() {} };
+    tokio::select! {
+        () = owners.shutdown() => {}
+        () = drain => {}
+        () = tokio::time::sleep(Duration::from_secs(5)) => warn!("handing elected VIPs over took over 5 s; exiting anyway"),
+    }
     drop(d);
     let _ = stop_admin.send(());
     if let Ok(Err(e)) = admin.await {

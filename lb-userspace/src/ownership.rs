@@ -9,12 +9,15 @@
 //! on gaining a VIP the datapath's owned flag is written (by the caller's
 //! reconcile) before the address is added and announced, so the first packet the
 //! new ARP entries bring is balanced; on losing it the address goes first, so the
-//! node stops answering ARP before it stops balancing.
+//! node stops answering ARP before it stops balancing. An address change that
+//! fails is retried every second, and until then the datapath follows what the
+//! kernel answers for. A clean exit removes the addresses and the owned flags
+//! first, then hands the VIPs over (priority 0, lease revoked).
 //!
 //! A static VIP is never touched: its address is the operator's business.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     time::Duration,
 };
@@ -51,8 +54,10 @@ pub struct Owners {
     announce_count: u32,
     announce_interval: Duration,
     unhealthy: watch::Sender<bool>,
-    /// VRRP rejections by reason at the last `log_rejections`.
+        /// VRRP rejections by reason at the last `log_rejections`.
     rejections_seen: BTreeMap<String, u64>,
+    /// Address changes that failed, with the state wanted (owned or not).
+    pending: HashMap<IpAddr, bool>,
 }
 
 impl Owners {
@@ -75,6 +80,7 @@ impl Owners {
             announce_interval: e.announce_interval,
             unhealthy,
             rejections_seen: BTreeMap::new(),
+            pending: HashMap::new(),
         };
         let vrrp_vips: Vec<VrrpVip> = config
             .vips
@@ -144,6 +150,7 @@ impl Owners {
             announce_interval: Duration::ZERO,
             unhealthy: watch::channel(false).0,
             rejections_seen: BTreeMap::new(),
+            pending: HashMap::new(),
         }
     }
 
@@ -164,30 +171,108 @@ impl Owners {
     }
 
     /// Before the reconcile that follows `ev`: a lost VIP's address goes now.
-    /// Returns whether the owned set changed.
+    /// Returns whether the owned set changed. If the address cannot be removed the
+    /// kernel still answers for the VIP, so the node keeps balancing it, and the
+    /// removal is retried ([`Owners::retry`]).
     pub async fn before_reconcile(&mut self, ev: &Ownership) -> bool {
         if ev.owned {
+            self.pending.remove(&ev.vip);
             return self.owned.insert(ev.vip);
         }
-        if let Some(a) = &self.announcer
-            && let Err(e) = a.release(ev.vip).await
-        {
-            warn!(vip = %ev.vip, "removing the VIP address failed: {e}");
+        if self.release(ev.vip).await {
+            self.pending.remove(&ev.vip);
+            self.owned.remove(&ev.vip)
+        } else {
+            self.pending.insert(ev.vip, false);
+            false
         }
-        self.owned.remove(&ev.vip)
     }
 
-    /// After that reconcile: a gained VIP's address is added and announced.
-    pub async fn after_reconcile(&self, ev: &Ownership) {
+    /// After that reconcile: a gained VIP's address is added and announced, once
+    /// the datapath balances it (`reconciled`); otherwise, or if adding fails, it
+    /// is retried ([`Owners::retry`]). Also for a VIP already owned: an election
+    /// may ask to announce it again.
+    pub async fn after_reconcile(&mut self, ev: &Ownership, reconciled: bool) {
         if !ev.owned || !self.owned.contains(&ev.vip) {
             return;
         }
-        if let Some(a) = &self.announcer
-            && let Err(e) = a
-                .claim(ev.vip, self.announce_count, self.announce_interval)
-                .await
+        if !reconciled || !self.claim(ev.vip).await {
+            self.pending.insert(ev.vip, true);
+        }
+    }
+
+    /// Retry the address changes that failed: removals first (returns whether the
+    /// owned set changed, so the caller reconciles), then, if `reconciled`, the
+    /// additions.
+    pub async fn retry_releases(&mut self) -> bool {
+        let mut changed = false;
+        let releases: Vec<IpAddr> = self
+            .pending
+            .iter()
+            .filter(|&(_, &want)| !want)
+            .map(|(v, _)| *v)
+            .collect();
+        for vip in releases {
+            if self.release(vip).await {
+                self.pending.remove(&vip);
+                changed |= self.owned.remove(&vip);
+            }
+        }
+        changed
+    }
+
+    /// See [`Owners::retry_releases`].
+    pub async fn retry_claims(&mut self, reconciled: bool) {
+        if !reconciled {
+            return;
+        }
+        let claims: Vec<IpAddr> = self
+            .pending
+            .iter()
+            .filter(|&(_, &want)| want)
+            .map(|(v, _)| *v)
+            .collect();
+        for vip in claims {
+            if !self.owned.contains(&vip) || self.claim(vip).await {
+                self.pending.remove(&vip);
+            }
+        }
+    }
+
+    async fn release(&self, vip: IpAddr) -> bool {
+        let Some(a) = &self.announcer else { return true };
+        match a.release(vip).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(%vip, "removing the VIP address failed (retrying every second): {e}");
+                false
+            }
+        }
+    }
+
+    async fn claim(&self, vip: IpAddr) -> bool {
+        let Some(a) = &self.announcer else { return true };
+        match a
+            .claim(vip, self.announce_count, self.announce_interval)
+            .await
         {
-            warn!(vip = %ev.vip, "adding or announcing the VIP address failed: {e}");
+            Ok(()) => true,
+            Err(e) => {
+                warn!(%vip, "adding or announcing the VIP address failed (retrying every second): {e}");
+                false
+            }
+        }
+    }
+
+    /// Stop answering for every elected VIP this node owns: addresses removed,
+    /// owned set emptied (the caller then reconciles). The first step of a clean
+    /// exit, before [`Owners::shutdown`] hands the VIPs over.
+    pub async fn release_all(&mut self) {
+        let owned: Vec<IpAddr> = self.owned.iter().copied().collect();
+        for vip in owned {
+            if self.release(vip).await {
+                self.owned.remove(&vip);
+            }
         }
     }
 
@@ -226,21 +311,14 @@ impl Owners {
         all
     }
 
-    /// Hand every owned VIP over: VRRP sends priority 0, etcd revokes its leases,
-    /// and the addresses go.
+        /// Hand the VIPs over, after [`Owners::release_all`]: VRRP sends priority 0,
+    /// etcd revokes its leases.
     pub async fn shutdown(mut self) {
         if let Some(v) = self.vrrp.take() {
             v.shutdown().await;
         }
         if let Some(e) = self.etcd.take() {
             e.resign().await;
-        }
-        if let Some(a) = &self.announcer {
-            for vip in self.owned.drain() {
-                if let Err(e) = a.release(vip).await {
-                    warn!(%vip, "removing the VIP address failed: {e}");
-                }
-            }
         }
     }
 }

@@ -247,16 +247,20 @@ impl Keepalived {
     }
 
     /// SIGKILL its VRRP child (so it sends nothing more, not even a priority-0
-    /// advert), then the parent.
+    /// advert), then the parent. Once only: a pid read later may be reused.
     pub fn kill(&mut self) {
+        let Some(parent) = self.process.take() else {
+            return;
+        };
         if let Some(pid) = std::fs::read_to_string(&self.vrrp_pid)
             .ok()
             .and_then(|p| p.trim().parse::<i32>().ok())
         {
-            // SAFETY: kill with a pid read from keepalived's own pid file.
+            // SAFETY: kill with a pid from keepalived's own pid file, read while its
+            // parent (whose child it is) still runs.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        drop(self.process.take());
+        drop(parent);
     }
 }
 

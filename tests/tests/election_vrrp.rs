@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use tests::{
-    cluster::VIP_ADDR,
+    cluster::{VIP_ADDR, VIP2_ADDR, VIP6_ADDR},
     elect::{
         Node, VrrpVip, echo_masters, holders, node_config, served_by, two_lb_nodes, vrrp_vip,
         wait_served_by,
@@ -15,6 +15,16 @@ use tests::{
 };
 
 const TARGET: Duration = Duration::from_secs(1);
+
+/// The tests run one at a time: each runs two apilb nodes with 100 ms adverts and
+/// probes, and four pairs at once on two CPUs could fail over spuriously.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 fn election(preempt: bool) -> String {
     format!("[election.vrrp]\nadvert_interval = \"100ms\"\npreempt = {preempt}\n")
@@ -30,6 +40,7 @@ fn vip(priority: u8) -> Vec<String> {
 
 #[test]
 fn the_higher_priority_node_owns_the_vip_and_the_other_takes_over_when_it_is_killed() {
+    let _serial = serial();
     let (t, dir) = two_lb_nodes("apilb-vrrp");
     let _masters = echo_masters(&t, Duration::from_mins(3));
     let mut lb1 = Node::start(&t, &dir.0, "apilb-vrrp", 0, |i| {
@@ -72,12 +83,13 @@ fn the_higher_priority_node_owns_the_vip_and_the_other_takes_over_when_it_is_kil
 
 #[test]
 fn link_down_sigstop_and_sigterm_each_move_the_vip_and_nopreempt_keeps_it_where_it_is() {
+    let _serial = serial();
     let (t, dir) = two_lb_nodes("apilb-vrrp2");
     let _masters = echo_masters(&t, Duration::from_mins(3));
     let mut lb1 = Node::start(&t, &dir.0, "apilb-vrrp2", 0, |i| {
         node_config(0, i, &vip(150), &election(true))
     });
-    let _lb2 = Node::start(&t, &dir.0, "apilb-vrrp2", 1, |i| {
+    let lb2 = Node::start(&t, &dir.0, "apilb-vrrp2", 1, |i| {
         node_config(1, i, &vip(100), &election(true))
     });
     let serve = |node, since, what: &str| {
@@ -136,6 +148,13 @@ fn link_down_sigstop_and_sigterm_each_move_the_vip_and_nopreempt_keeps_it_where_
         [1],
         "lb1 removed its address on exit"
     );
+    assert!(
+        lb2.apilb()
+            .log_text()
+            .contains("master resigned (priority 0)"),
+        "lb2 took over on lb1's priority-0 advert, not its timeout:\n{}",
+        lb2.apilb().log_text()
+    );
 
     // Back with preempt off: lb2 keeps the VIP although lb1's priority is higher.
     std::fs::write(
@@ -155,7 +174,7 @@ fn link_down_sigstop_and_sigterm_each_move_the_vip_and_nopreempt_keeps_it_where_
 
 #[test]
 fn active_active_each_vip_on_its_preferred_node_both_on_the_survivor() {
-    use tests::cluster::VIP2_ADDR;
+    let _serial = serial();
     let (t, dir) = two_lb_nodes("apilb-vrrp-aa");
     let _masters = echo_masters(&t, Duration::from_mins(3));
     let vips = |p1: u8, p2: u8| {
@@ -200,6 +219,7 @@ fn active_active_each_vip_on_its_preferred_node_both_on_the_survivor() {
 
 #[test]
 fn a_node_whose_masters_are_unreachable_lowers_its_priority_and_hands_the_vip_over() {
+    let _serial = serial();
     let (t, dir) = two_lb_nodes("apilb-vrrp-trk");
     let _masters = echo_masters(&t, Duration::from_mins(3));
     let election = "[election.vrrp]\nadvert_interval = \"100ms\"\ntrack_weight = -60\n";
@@ -251,7 +271,7 @@ fn router_resolves_to(t: &tests::cluster::Topology, vip: &str, node: usize) -> b
 
 #[test]
 fn an_ipv6_vip_moves_by_vrrpv3_from_link_local_with_unsolicited_neighbour_adverts() {
-    use tests::cluster::VIP6_ADDR;
+    let _serial = serial();
     let (t, dir) = two_lb_nodes("apilb-vrrp6");
     // An IPv6 VIP needs an IPv6 SNAT address and backend; none answers here, so
     // tracking is off (both nodes would drop alike anyway).

@@ -265,6 +265,25 @@ pub(super) fn validate(
             "must be at most 10s",
         ));
     }
+    // An elected VIP's address is added and removed by its election, so no other
+    // [[vip]] (another port, another election) may share it.
+    for (i, &(addr, e)) in vips.iter().enumerate() {
+        if e != Election::Static
+            && let Some((j, _)) = vips
+                .iter()
+                .enumerate()
+                .find(|&(j, (other, _))| j != i && other.ip() == addr.ip())
+        {
+            return Err(invalid(
+                format!("vip[{}].address", i.max(j)),
+                format!("{:?}", addr.ip().to_string()),
+                format!(
+                    "vip[{}] has the same address; an elected VIP's address must be its own",
+                    i.min(j)
+                ),
+            ));
+        }
+    }
     let vrrp_vips: Vec<(SocketAddr, u8)> = vips
         .iter()
         .filter_map(|&(addr, e)| match e {
@@ -359,7 +378,7 @@ fn validate_vrrp(raw: RawVrrp, vips: &[(SocketAddr, u8)]) -> Result<VrrpSettings
         let ip: IpAddr = p
             .parse()
             .map_err(|_| invalid(&key, format!("{p:?}"), "not an IP address"))?;
-                if !vips.is_empty() && !vips.iter().any(|(a, _)| a.is_ipv4() == ip.is_ipv4()) {
+        if !vips.is_empty() && !vips.iter().any(|(a, _)| a.is_ipv4() == ip.is_ipv4()) {
             return Err(invalid(
                 &key,
                 format!("{p:?}"),

@@ -8,7 +8,7 @@
 //! - **Receive.** The TTL (hop limit) must be 255, or the advert may come from
 //!   off-link; in unicast mode the sender must be a configured peer; then the VRID
 //!   must be known, and [`packet::decode`] checks version, checksum and
-//!   authentication, and the addresses must be exactly the VIP. Each refusal is
+//!   authentication, and the addresses must include the VIP. Each refusal is
 //!   counted by reason (`ElectionState::rejected`).
 //! - **Send.** To 224.0.0.18 / `ff02::12`, or to each unicast peer of the family.
 //! - **Rivals.** A master that hears a lower-priority master (one that was
@@ -147,11 +147,13 @@ pub async fn spawn(
             .copied()
             .filter(|p| p.is_ipv6() == v6)
             .collect();
+        // IPv4 unicast: bound to the source, so adverts leave from the address the
+        // checksum was computed with, and only those sent to it arrive.
         let socket = VrrpSocket::open(
             interface,
             source,
             peers.is_empty(),
-            configured.is_some() && !v6,
+            !peers.is_empty() && !v6,
         )?;
         let mut routers = BTreeMap::new();
         for v in family {
@@ -340,7 +342,9 @@ async fn receive(
     let vrid = *msg.get(1).ok_or(Reject::Malformed)?;
     let r = routers.get_mut(&vrid).ok_or(Reject::Vrid)?;
     let advert = packet::decode(msg, src, dst, io.version, &io.auth)?;
-    if advert.addresses != [r.vip.addr] {
+    // A peer may carry more addresses on the VRID (keepalived's virtual_ipaddress
+    // list); it must carry ours.
+    if !advert.addresses.contains(&r.vip.addr) {
         return Err(Reject::Addresses);
     }
     // A master hearing a lower-priority master (one that was cut off or stopped

@@ -4,8 +4,8 @@
 //!
 //! - **IPv4.** A raw IPv4 socket receives the whole datagram, header included, so
 //!   TTL and addresses come from the header. Multicast goes to 224.0.0.18 from
-//!   `IP_MULTICAST_IF`'s address; with a configured source in unicast mode the
-//!   socket is bound to it (which also keeps only adverts sent to it).
+//!   `IP_MULTICAST_IF`'s address; in unicast mode the socket is bound to the
+//!   source (which also keeps only adverts sent to it).
 //! - **IPv6.** A raw IPv6 socket receives the payload only; the hop limit and the
 //!   destination arrive as ancillary data (`IPV6_RECVHOPLIMIT`,
 //!   `IPV6_RECVPKTINFO`). Adverts leave from the interface's link-local address, as
@@ -47,7 +47,7 @@ pub struct VrrpSocket {
 
 impl VrrpSocket {
     /// Open the socket of `source`'s family on `interface`; `multicast` joins the
-    /// VRRP group, `bind` (unicast with a configured source, IPv4) binds to it.
+    /// VRRP group, `bind` (IPv4 unicast) binds to the source.
     pub fn open(
         interface: &str,
         source: IpAddr,
@@ -94,7 +94,7 @@ impl VrrpSocket {
                         .map_err(err("choosing the multicast source address"))?;
                 } else if bind {
                     s.bind(&SockAddr::from(SocketAddr::new(source, 0)))
-                        .map_err(err("binding to election.vrrp.source"))?;
+                        .map_err(err("binding to the advert source address"))?;
                 }
             }
             IpAddr::V6(_) => {
