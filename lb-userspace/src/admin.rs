@@ -348,8 +348,8 @@ type Labels = Vec<(&'static str, String)>;
 ///   `config_reloads_total{result="applied"|"refused"}`.
 /// - Per VIP, label `vip`: `vip_owned` 0/1, `vip_packets_total`,
 ///   `vip_bytes_total`, `vip_new_flows_total`; for an elected VIP also
-///   `vip_election_state{mode,state}` 1, `vip_election_transitions_total` and
-///   `vrrp_adverts_rejected_total{reason}`.
+///   `vip_election_state{mode,state}` 1 and `vip_election_transitions_total`.
+/// - `vrrp_adverts_rejected_total{reason}`: adverts this node refused.
 /// - Per backend, label `backend` (its address): `backend_healthy` 0/1,
 ///   `backend_in_rotation` 0/1, `backend_probe_latency_seconds` (last probe),
 ///   `backend_probes_total`, `backend_transitions_total`,
@@ -491,18 +491,23 @@ fn encode_vips(e: &mut DescriptorEncoder, vips: &[VipStatus]) -> std::fmt::Resul
     counters(
         e,
         "vrrp_adverts_rejected",
-        "VRRP adverts refused, by reason (ttl, version, checksum, auth, vrid, peer, \
-         interval, addresses, malformed); counted per socket, so every VRRP VIP \
-         shows the same totals",
+        "VRRP adverts this node refused, by reason (ttl, version, checksum, auth, vrid, \
+         peer, interval, addresses, malformed)",
         None,
-        elected().flat_map(|(v, s)| {
-            s.rejected.iter().map(move |(reason, n)| {
-                let mut l = vip(v);
-                l.push(("reason", reason.clone()));
-                (l, *n)
-            })
-        }),
+        vrrp_rejections(vips)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(reason, n)| (vec![("reason", reason)], n)),
     )
+}
+
+/// The node's VRRP refusals by reason. Every VRRP VIP's state carries them (its
+/// socket counts them for all), so they are read from the first.
+fn vrrp_rejections(vips: &[VipStatus]) -> Option<std::collections::BTreeMap<String, u64>> {
+    vips.iter()
+        .filter_map(|v| v.election.as_ref())
+        .find(|e| e.mode == "vrrp")
+        .map(|e| e.rejected.clone())
 }
 
 /// Per backend, labelled `backend` (its address): health, probes and traffic.
@@ -753,6 +758,47 @@ pub fn render_status(snapshot: &Snapshot) -> String {
         ],
         &vips,
     );
+
+    let elected: Vec<Vec<String>> = snapshot
+        .vips
+        .iter()
+        .filter_map(|v| {
+            let e = v.election.as_ref()?;
+            Some(vec![
+                v.address.ip().to_string(),
+                e.mode.clone(),
+                e.state.clone(),
+                e.priority.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                e.transitions.to_string(),
+                if e.reason.is_empty() {
+                    "-".to_owned()
+                } else {
+                    e.reason.clone()
+                },
+            ])
+        })
+        .collect();
+    if !elected.is_empty() {
+        out.push('\n');
+        write_table(
+            &mut out,
+            &[
+                ("ELECTED VIP", Align::Left),
+                ("MODE", Align::Left),
+                ("STATE", Align::Left),
+                ("PRIORITY", Align::Right),
+                ("CHANGES", Align::Right),
+                ("LAST CHANGE", Align::Left),
+            ],
+            &elected,
+        );
+        if let Some(rejected) = vrrp_rejections(&snapshot.vips)
+            && !rejected.is_empty()
+        {
+            let list: Vec<String> = rejected.iter().map(|(r, n)| format!("{r} {n}")).collect();
+            let _ = writeln!(out, "VRRP adverts refused: {}", list.join(", "));
+        }
+    }
 
     out.push('\n');
     let backends: Vec<Vec<String>> = snapshot

@@ -1130,7 +1130,7 @@ mod tests {
             &with("[election]\ninterface = \"eth9\""),
             &["election.interface = \"eth9\"", "no such interface"],
         );
-                refused(
+        refused(
             vip,
             &with("[election.vrrp]\ntrack_weight = 10"),
             &["election.vrrp.track_weight = 10"],

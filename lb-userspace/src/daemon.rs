@@ -532,7 +532,7 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
         }
     }
     let pin = loader::pin_dir(&d.config.instance);
-        // Stop answering for elected VIPs and balancing them, then hand them over;
+    // Stop answering for elected VIPs and balancing them, then hand them over;
     // ownership events that handing over produces are drained, not acted on.
     d.owners.release_all().await;
     d.try_reconcile("exit: elected VIPs released");

@@ -54,7 +54,7 @@ pub struct Owners {
     announce_count: u32,
     announce_interval: Duration,
     unhealthy: watch::Sender<bool>,
-        /// VRRP rejections by reason at the last `log_rejections`.
+    /// VRRP rejections by reason at the last `log_rejections`.
     rejections_seen: BTreeMap<String, u64>,
     /// Address changes that failed, with the state wanted (owned or not).
     pending: HashMap<IpAddr, bool>,
@@ -240,7 +240,9 @@ impl Owners {
     }
 
     async fn release(&self, vip: IpAddr) -> bool {
-        let Some(a) = &self.announcer else { return true };
+        let Some(a) = &self.announcer else {
+            return true;
+        };
         match a.release(vip).await {
             Ok(()) => true,
             Err(e) => {
@@ -251,7 +253,9 @@ impl Owners {
     }
 
     async fn claim(&self, vip: IpAddr) -> bool {
-        let Some(a) = &self.announcer else { return true };
+        let Some(a) = &self.announcer else {
+            return true;
+        };
         match a
             .claim(vip, self.announce_count, self.announce_interval)
             .await
@@ -311,7 +315,7 @@ impl Owners {
         all
     }
 
-        /// Hand the VIPs over, after [`Owners::release_all`]: VRRP sends priority 0,
+    /// Hand the VIPs over, after [`Owners::release_all`]: VRRP sends priority 0,
     /// etcd revokes its leases.
     pub async fn shutdown(mut self) {
         if let Some(v) = self.vrrp.take() {

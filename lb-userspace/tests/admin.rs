@@ -304,7 +304,7 @@ async fn metrics_carry_the_snapshot_numbers_as_valid_openmetrics_text() {
             format!(r#"apilb_vip_owned{{vip="{VIP}"}} 1"#),
             format!(r#"apilb_vip_election_state{{vip="{VIP}",mode="vrrp",state="master"}} 1"#),
             format!(r#"apilb_vip_election_transitions_total{{vip="{VIP}"}} 1"#),
-            format!(r#"apilb_vrrp_adverts_rejected_total{{vip="{VIP}",reason="ttl"}} 2"#),
+            r#"apilb_vrrp_adverts_rejected_total{reason="ttl"} 2"#.to_owned(),
             format!(r#"apilb_vip_packets_total{{vip="{VIP}"}} 5000"#),
             format!(r#"apilb_vip_new_flows_total{{vip="{VIP}"}} 17"#),
             r#"apilb_datapath_packets_total{counter="redirect"} 42"#.to_owned(),
@@ -536,6 +536,21 @@ fn render_status_shows_each_backend_with_its_health_and_numbers() {
         "\n{table}"
     );
     assert!(!table.contains("WARNING"), "\n{table}");
+    let elected = table
+        .lines()
+        .find(|l| l.starts_with("192.0.2.10 "))
+        .unwrap_or_else(|| panic!("no election row in\n{table}"));
+    let cells: Vec<&str> = elected
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(
+        cells,
+        ["192.0.2.10", "vrrp", "master", "150", "1", "master down timer expired"],
+        "\n{table}"
+    );
+    assert!(table.contains("VRRP adverts refused: ttl 2"), "\n{table}");
 
     // Columns line up: the health word starts under the HEALTH header.
     let header = table.lines().find(|l| l.starts_with("BACKEND")).unwrap();
