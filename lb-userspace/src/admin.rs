@@ -501,6 +501,50 @@ fn encode_vips(e: &mut DescriptorEncoder, vips: &[VipStatus]) -> std::fmt::Resul
     )
 }
 
+/// The elected VIPs' table of `apilb status`, and the node's VRRP refusals.
+fn render_elections(out: &mut String, snapshot: &Snapshot) {
+    let elected: Vec<Vec<String>> = snapshot
+        .vips
+        .iter()
+        .filter_map(|v| {
+            let e = v.election.as_ref()?;
+            Some(vec![
+                v.address.ip().to_string(),
+                e.mode.clone(),
+                e.state.clone(),
+                e.priority.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                e.transitions.to_string(),
+                if e.reason.is_empty() {
+                    "-".to_owned()
+                } else {
+                    e.reason.clone()
+                },
+            ])
+        })
+        .collect();
+    if !elected.is_empty() {
+        out.push('\n');
+        write_table(
+            out,
+            &[
+                ("ELECTED VIP", Align::Left),
+                ("MODE", Align::Left),
+                ("STATE", Align::Left),
+                ("PRIORITY", Align::Right),
+                ("CHANGES", Align::Right),
+                ("LAST CHANGE", Align::Left),
+            ],
+            &elected,
+        );
+        if let Some(rejected) = vrrp_rejections(&snapshot.vips)
+            && !rejected.is_empty()
+        {
+            let list: Vec<String> = rejected.iter().map(|(r, n)| format!("{r} {n}")).collect();
+            let _ = writeln!(out, "VRRP adverts refused: {}", list.join(", "));
+        }
+    }
+}
+
 /// The node's VRRP refusals by reason. Every VRRP VIP's state carries them (its
 /// socket counts them for all), so they are read from the first.
 fn vrrp_rejections(vips: &[VipStatus]) -> Option<std::collections::BTreeMap<String, u64>> {
@@ -759,46 +803,7 @@ pub fn render_status(snapshot: &Snapshot) -> String {
         &vips,
     );
 
-    let elected: Vec<Vec<String>> = snapshot
-        .vips
-        .iter()
-        .filter_map(|v| {
-            let e = v.election.as_ref()?;
-            Some(vec![
-                v.address.ip().to_string(),
-                e.mode.clone(),
-                e.state.clone(),
-                e.priority.map_or_else(|| "-".to_owned(), |p| p.to_string()),
-                e.transitions.to_string(),
-                if e.reason.is_empty() {
-                    "-".to_owned()
-                } else {
-                    e.reason.clone()
-                },
-            ])
-        })
-        .collect();
-    if !elected.is_empty() {
-        out.push('\n');
-        write_table(
-            &mut out,
-            &[
-                ("ELECTED VIP", Align::Left),
-                ("MODE", Align::Left),
-                ("STATE", Align::Left),
-                ("PRIORITY", Align::Right),
-                ("CHANGES", Align::Right),
-                ("LAST CHANGE", Align::Left),
-            ],
-            &elected,
-        );
-        if let Some(rejected) = vrrp_rejections(&snapshot.vips)
-            && !rejected.is_empty()
-        {
-            let list: Vec<String> = rejected.iter().map(|(r, n)| format!("{r} {n}")).collect();
-            let _ = writeln!(out, "VRRP adverts refused: {}", list.join(", "));
-        }
-    }
+    render_elections(&mut out, snapshot);
 
     out.push('\n');
     let backends: Vec<Vec<String>> = snapshot

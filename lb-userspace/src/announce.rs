@@ -24,8 +24,7 @@
 //! Every socket (netlink, packet, `ICMPv6`) is opened by [`Announcer::new`], so an
 //! announcer works in the network namespace it was created in, whichever thread
 //! later drives it. Netlink requests go through `rtnetlink`'s socket and message
-//! types; its stream-based request API would need the `futures` traits, which this
-//! crate does not depend on.
+//! types directly, over that one socket.
 
 use std::{
     collections::HashMap,

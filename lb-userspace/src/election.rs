@@ -45,6 +45,6 @@ pub struct ElectionState {
     /// Why the last change happened.
     pub reason: String,
     /// vrrp: adverts refused, by reason ("ttl", "checksum", "auth", "vrid", "peer",
-    /// "version", "malformed", "addresses").
+    /// "interval", "version", "malformed", "addresses").
     pub rejected: BTreeMap<String, u64>,
 }

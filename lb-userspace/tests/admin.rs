@@ -547,7 +547,14 @@ fn render_status_shows_each_backend_with_its_health_and_numbers() {
         .collect();
     assert_eq!(
         cells,
-        ["192.0.2.10", "vrrp", "master", "150", "1", "master down timer expired"],
+        [
+            "192.0.2.10",
+            "vrrp",
+            "master",
+            "150",
+            "1",
+            "master down timer expired"
+        ],
         "\n{table}"
     );
     assert!(table.contains("VRRP adverts refused: ttl 2"), "\n{table}");

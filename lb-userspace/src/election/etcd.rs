@@ -33,6 +33,10 @@
 //!
 //! # Safety: two nodes never own a VIP at once
 //!
+//! This holds as long as etcd keeps its lease contract (a lease outlives every
+//! keepalive it acknowledged by its TTL) and the two nodes' clocks run at about the
+//! same rate; the guard absorbs the rest.
+//!
 //! Another node can only win the key once it is deleted (its transaction requires
 //! `create_revision == 0`). While this node owns it, the key is attached to this node's
 //! lease, so it is deleted only when this node revokes the lease (after it has already

@@ -14,7 +14,8 @@
 //! - **Rivals.** A master that hears a lower-priority master (one that was
 //!   stopped or cut off and came back) stays master and announces the VIP again,
 //!   since the network may have followed the other's announcements meanwhile.
-//! - **Tracking.** While no backend is healthy every VIP's priority drops by
+//! - **Tracking.** While the node fails open (a VIP has no healthy backend of its
+//!   family; see `controller`) every VIP's priority drops by
 //!   `track_weight`, so a peer with working backends takes over.
 //! - **Shutdown.** [`VrrpElection::shutdown`] makes each instance that is master send
 //!   a priority-0 advert, so its backup takes over after `Skew_Time` rather than the
@@ -103,7 +104,7 @@ impl Drop for VrrpElection {
 }
 
 /// Start VRRP for `vips` on `interface` (inside a tokio runtime, in the network
-/// namespace of the interface). `unhealthy` is true while no backend is healthy.
+/// namespace of the interface). `unhealthy` is true while the node fails open.
 /// Ownership changes go to `events`.
 pub async fn spawn(
     settings: &VrrpSettings,
