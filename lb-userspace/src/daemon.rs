@@ -511,7 +511,7 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
                     d.try_reconcile(&format!("backend {health}"));
                 }
             }
-                                                Some(ev) = owner_rx.recv() => {
+            Some(ev) = owner_rx.recv() => {
                 if d.owners.before_reconcile(&ev).await {
                     d.try_reconcile(&ev.reason);
                 }
@@ -520,12 +520,12 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
             _ = hup.recv() => d.reload(),
             _ = term.recv() => break,
             _ = int.recv() => break,
-                        _ = tick.tick() => {
+            _ = tick.tick() => {
                 if d.owners.retry_releases().await || d.dirty {
                     d.try_reconcile("retry");
                 }
                 d.owners.retry_claims(!d.dirty).await;
-                                d.log_events();
+                d.log_events();
                 d.owners.log_rejections();
                 d.publish();
             }
@@ -541,7 +541,9 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
     tokio::select! {
         () = owners.shutdown() => {}
         () = drain => {}
-        () = tokio::time::sleep(Duration::from_secs(5)) => warn!("handing elected VIPs over took over 5 s; exiting anyway"),
+        () = tokio::time::sleep(Duration::from_secs(5)) => {
+            warn!("handing elected VIPs over took over 5 s; exiting anyway");
+        }
     }
     drop(d);
     let _ = stop_admin.send(());
