@@ -41,23 +41,28 @@ pub const PASS_NO_FLOW: u32 = 14;
 pub const TX: u32 = 15;
 /// Rewritten and redirected to another interface through `TX_PORTS`.
 pub const REDIRECT: u32 = 16;
+/// A backend answered a SYN it was sent with a RST (nothing listens there: a
+/// dead apiserver on a live host), passive detection is on: the RST is dropped and
+/// the half-open flow forgotten, so the client's SYN retransmit gets a fresh choice
+/// instead of the client failing.
+pub const DROP_PASSIVE_RST: u32 = 17;
 
 /// Number of outcome counters: indices `0..OUTCOMES` sum to the packet count.
-pub const OUTCOMES: u32 = 17;
+pub const OUTCOMES: u32 = 18;
 
 /// Event: a new flow was recorded. (Packets on existing flows are not counted here:
 /// they are the VIP's packets minus its new flows, from `VIP_STATS`.)
-pub const FLOW_NEW: u32 = 17;
+pub const FLOW_NEW: u32 = 18;
 /// Event: a backend's reply matched a flow under NAT.
-pub const REPLY_HIT: u32 = 18;
+pub const REPLY_HIT: u32 = 19;
 /// Event: the FIB was asked for a next hop (new flow, cached one expired, or a
 /// packet larger than the path has carried so far).
-pub const FIB_LOOKUP: u32 = 19;
+pub const FIB_LOOKUP: u32 = 20;
 /// Event: a NAT port held by a closed or idle flow was reclaimed for a new one.
-pub const PORT_RECLAIMED: u32 = 20;
+pub const PORT_RECLAIMED: u32 = 21;
 
 /// Size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 21;
+pub const COUNTER_COUNT: u32 = 22;
 
 /// Metric-friendly names, indexed by counter.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -78,6 +83,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "pass_no_flow",
     "tx",
     "redirect",
+    "drop_passive_rst",
     "flow_new",
     "reply_hit",
     "fib_lookup",

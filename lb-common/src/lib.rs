@@ -41,8 +41,9 @@ pub const MAP_TX_PORTS: &str = "TX_PORTS";
 pub const MAP_PORT_CURSOR: &str = "PORT_CURSOR";
 /// Kernel-private per-CPU scratch space; userspace never reads or writes it.
 pub const MAP_SCRATCH: &str = "SCRATCH";
+pub const MAP_PASSIVE_STATS: &str = "PASSIVE_STATS";
 /// Every map the datapath object defines, for pinning and for the loader's checks.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     MAP_VIPS,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -55,13 +56,14 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_TX_PORTS,
     MAP_PORT_CURSOR,
     MAP_SCRATCH,
+    MAP_PASSIVE_STATS,
 ];
 
 /// Version of the map layout: the types below, the map set and their sizes. Bump
 /// it with any change to them. Pinned maps live in a directory named after it, so
 /// an upgraded apilb with another layout starts with fresh maps instead of reading
 /// old ones with new types.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 // ---- Program names (the function names in lb-ebpf). ----
 pub const PROG_XDP: &str = "apilb_xdp";
@@ -96,6 +98,13 @@ pub const BACKEND_F_LOCAL: u32 = 1;
 /// `FlowState::flags`: a FIN or RST was seen in either direction; the flow's NAT
 /// port may be reused `flow_close_grace_ns` after its last packet.
 pub const FLOW_F_CLOSING: u32 = 1;
+/// The backend answered the flow's SYN (a SYN-ACK went by): the connection is
+/// established, and a RST from the backend now reaches the client as it must.
+pub const FLOW_F_ANSWERED: u32 = 2;
+
+/// `DatapathConfig::flags`: passive failure detection. A backend's RST to a SYN
+/// it never answered is dropped and counted, and the half-open flow forgotten.
+pub const CONFIG_F_PASSIVE: u32 = 1;
 
 /// Key of the `VIPS` hash map.
 #[repr(C)]
@@ -151,6 +160,9 @@ pub struct DatapathConfig {
     pub flow_close_grace_ns: u64,
     /// Any flow's NAT port may be reused this long after its last packet.
     pub flow_idle_timeout_ns: u64,
+    /// `CONFIG_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
 }
 
 /// Key of both LRU flow tables.
@@ -233,6 +245,15 @@ pub struct ReplyState {
     pub next_hop: NextHop,
 }
 
+/// One row of `PASSIVE_STATS` (per backend id), per CPU: the backend's failures the
+/// datapath saw on the wire, by kind.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassiveStats {
+    /// RSTs answering a SYN the backend never accepted.
+    pub rst: u64,
+}
+
 /// One row of `VIP_STATS` (per VIP id) and `BACKEND_STATS` (per backend id), per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -246,7 +267,8 @@ const _: () = {
     assert!(size_of::<VipKey>() == 20);
     assert!(size_of::<VipInfo>() == 16);
     assert!(size_of::<Backend>() == 24);
-    assert!(size_of::<DatapathConfig>() == 48);
+    assert!(size_of::<DatapathConfig>() == 56);
+    assert!(size_of::<PassiveStats>() == 8);
     assert!(size_of::<FlowKey>() == 40);
     assert!(size_of::<NextHop>() == 32);
     assert!(size_of::<FlowState>() == 72);
@@ -277,4 +299,6 @@ mod pod {
     unsafe impl aya::Pod for super::ReplyState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TrafficStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PassiveStats {}
 }

@@ -26,13 +26,17 @@ mod program {
         programs::XdpContext,
     };
     use lb_common::{
-        FLOW_F_CLOSING, FLOW_SEEN_GRANULARITY_NS, FlowState, VIP_F_OWNED, VipKey, counters::*,
+        CONFIG_F_PASSIVE, FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_SEEN_GRANULARITY_NS, FlowState,
+        VIP_F_OWNED, VipKey, counters::*,
     };
 
     use crate::{
         forward::{Tuple, forward, rewrite},
-        maps::{BACKEND_STATS, CONFIG, FLOWS, REPLIES, SCRATCH, VIP_STATS, VIPS, account, count},
-        nat::{mark_closing, new_flow, restore_reply, save_flow, snat_addr},
+        maps::{
+            BACKEND_STATS, CONFIG, FLOWS, REPLIES, SCRATCH, VIP_STATS, VIPS, account, count,
+            passive_rst,
+        },
+        nat::{answered, forget_flow, mark_closing, new_flow, restore_reply, save_flow, snat_addr},
         packet::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
     };
 
@@ -104,7 +108,7 @@ mod program {
                     e.flags |= FLOW_F_CLOSING;
                 } else if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
                     // The client reuses the tuple for a new connection.
-                    e.flags &= !FLOW_F_CLOSING;
+                    e.flags &= !(FLOW_F_CLOSING | FLOW_F_ANSWERED);
                 }
                 if now.wrapping_sub(e.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS {
                     e.last_seen_ns = now;
@@ -204,7 +208,21 @@ mod program {
         // not fit the BPF stack.
         let reply = unsafe { &mut *entry };
         count(REPLY_HIT);
+        if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+            answered(reply, &p.key, true);
+        }
         if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            // A RST to a SYN the backend never answered: nothing listens there. With
+            // passive detection the client does not see it; its SYN retransmit comes
+            // back as a new flow.
+            if p.tcp_flags & TCP_RST != 0
+                && cfg.flags & CONFIG_F_PASSIVE != 0
+                && !answered(reply, &p.key, false)
+            {
+                passive_rst(reply.backend_id);
+                forget_flow(reply, &p.key);
+                return Ok(Outcome::drop(DROP_PASSIVE_RST));
+            }
             mark_closing(reply, &p.key);
         }
         account(

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, COUNTER_COUNT, DatapathConfig, FLOW_TABLE_SIZE, FlowKey, FlowState, MAGLEV_ENTRIES,
-    MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, ReplyState, TrafficStats, VipInfo, VipKey,
+    MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, PassiveStats, ReplyState, TrafficStats, VipInfo, VipKey,
 };
 
 #[map]
@@ -31,6 +31,10 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_CO
 pub static VIP_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
 #[map]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+/// Per backend id: failures seen on the wire (passive detection).
+#[map]
+pub static PASSIVE_STATS: PerCpuArray<PassiveStats> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 /// Interfaces (by ifindex) that rewritten packets may be redirected to.
 #[map]
@@ -72,5 +76,14 @@ pub fn account(map: &PerCpuArray<TrafficStats>, index: u32, bytes: u64, new_flow
         s.packets += 1;
         s.bytes += bytes;
         s.new_flows += u64::from(new_flow);
+    }
+}
+
+/// Count a backend's RST to a SYN it never answered.
+#[inline(always)]
+pub fn passive_rst(backend_id: u32) {
+    if let Some(s) = PASSIVE_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: per-CPU slot, only this CPU writes it (see `count`).
+        unsafe { (*s).rst += 1 };
     }
 }

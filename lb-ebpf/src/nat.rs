@@ -14,8 +14,9 @@
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    AF_INET, BACKEND_F_LOCAL, BACKEND_NONE, DatapathConfig, FLOW_F_CLOSING, FlowKey, FlowState,
-    MAGLEV_SIZE_MAX, NextHop, PORT_CLAIM_GRACE_NS, ReplyState, VipInfo, counters::*, flow_hash,
+    AF_INET, BACKEND_F_LOCAL, BACKEND_NONE, DatapathConfig, FLOW_F_ANSWERED, FLOW_F_CLOSING,
+    FlowKey, FlowState, MAGLEV_SIZE_MAX, NextHop, PORT_CLAIM_GRACE_NS, ReplyState, VipInfo,
+    counters::*, flow_hash,
 };
 
 use crate::maps::{BACKENDS, CONFIG, FLOWS, MAGLEV, PORT_CURSOR, REPLIES, SCRATCH, Scratch, count};
@@ -140,6 +141,31 @@ pub fn mark_closing(reply: &ReplyState, rkey: &FlowKey) {
         // with identical writes or with a whole-entry replacement, either harmless.
         unsafe { (*f).flags |= FLOW_F_CLOSING };
     }
+}
+
+/// Whether the flow a reply entry belongs to was answered (a SYN-ACK went by), and
+/// mark it so if `syn_ack`. A call for the same reason as `mark_closing`; only
+/// SYN-ACKs and RSTs need it.
+#[inline(never)]
+pub fn answered(reply: &ReplyState, rkey: &FlowKey, syn_ack: bool) -> bool {
+    let Some(f) = FLOWS.get_ptr_mut(flow_key_of(reply, rkey)) else {
+        // No flow (evicted): nothing to re-steer, treat it as established.
+        return true;
+    };
+    // SAFETY: a valid entry pointer from the map; as in `mark_closing`.
+    let f = unsafe { &mut *f };
+    if syn_ack {
+        f.flags |= FLOW_F_ANSWERED;
+    }
+    f.flags & FLOW_F_ANSWERED != 0
+}
+
+/// Forget a half-open flow that its backend refused: both table entries go, so the
+/// client's next SYN is a new flow, and its NAT port is free again.
+#[inline(never)]
+pub fn forget_flow(reply: &ReplyState, rkey: &FlowKey) {
+    let _ = FLOWS.remove(flow_key_of(reply, rkey));
+    let _ = REPLIES.remove(rkey);
 }
 
 /// The `REPLIES` key under which the backend's answers to `flow` arrive.

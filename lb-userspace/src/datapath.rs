@@ -21,11 +21,12 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    AF_INET, AF_INET6, BACKEND_F_LOCAL, Backend, COUNTER_COUNT, DatapathConfig,
+    AF_INET, AF_INET6, BACKEND_F_LOCAL, Backend, CONFIG_F_PASSIVE, COUNTER_COUNT, DatapathConfig,
     FLOW_CLOSE_GRACE_DEFAULT_NS, FLOW_IDLE_TIMEOUT_DEFAULT_NS, FlowKey, FlowState, IPPROTO_TCP,
     MAGLEV_SIZE_MAX, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS,
-    MAP_MAGLEV, MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS,
-    MAX_VIPS, NEXTHOP_TTL_DEFAULT_NS, ReplyState, TrafficStats, VIP_F_OWNED, VipInfo, VipKey,
+    MAP_MAGLEV, MAP_PASSIVE_STATS, MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS, MAP_VIP_STATS,
+    MAP_VIPS, MAX_BACKENDS, MAX_VIPS, NEXTHOP_TTL_DEFAULT_NS, PassiveStats, ReplyState,
+    TrafficStats, VIP_F_OWNED, VipInfo, VipKey,
 };
 
 /// The compiled lb-ebpf object, embedded at build time.
@@ -116,6 +117,10 @@ pub struct NodeConfig {
     pub flow_close_grace: Duration,
     /// Any flow gives its NAT port up this long after its last packet.
     pub flow_idle_timeout: Duration,
+    /// Passive failure detection: a backend's RST to a SYN it never answered is
+    /// dropped and counted (`PASSIVE_STATS`), and the half-open flow forgotten, so
+    /// the client's SYN retransmit is balanced afresh.
+    pub passive: bool,
 }
 
 impl NodeConfig {
@@ -133,6 +138,7 @@ impl NodeConfig {
             nexthop_ttl: Duration::from_nanos(NEXTHOP_TTL_DEFAULT_NS),
             flow_close_grace: Duration::from_nanos(FLOW_CLOSE_GRACE_DEFAULT_NS),
             flow_idle_timeout: Duration::from_nanos(FLOW_IDLE_TIMEOUT_DEFAULT_NS),
+            passive: false,
         }
     }
 }
@@ -251,6 +257,8 @@ impl Datapath {
             nexthop_ttl_ns: nanos(nat.nexthop_ttl),
             flow_close_grace_ns: nanos(nat.flow_close_grace),
             flow_idle_timeout_ns: nanos(nat.flow_idle_timeout),
+            flags: if nat.passive { CONFIG_F_PASSIVE } else { 0 },
+            _pad: 0,
         };
         let mut config: Array<_, DatapathConfig> = self.typed(MAP_CONFIG)?;
         config.set(0, cfg, 0).map_err(map_err(MAP_CONFIG))?;
@@ -379,6 +387,16 @@ impl Datapath {
     /// Traffic through backend `id` (both directions), summed over CPUs.
     pub fn backend_stats(&self, id: u32) -> Result<TrafficStats> {
         self.stats(MAP_BACKEND_STATS, id)
+    }
+
+    /// Backend `id`'s failures seen on the wire, summed over CPUs.
+    pub fn passive_stats(&self, id: u32) -> Result<PassiveStats> {
+        let map: PerCpuArray<_, PassiveStats> = PerCpuArray::try_from(self.map(MAP_PASSIVE_STATS)?)
+            .map_err(map_err(MAP_PASSIVE_STATS))?;
+        let per_cpu = map.get(&id, 0).map_err(map_err(MAP_PASSIVE_STATS))?;
+        Ok(PassiveStats {
+            rst: per_cpu.iter().map(|s| s.rst).sum(),
+        })
     }
 
     fn stats(&self, name: &'static str, id: u32) -> Result<TrafficStats> {

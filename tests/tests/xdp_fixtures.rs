@@ -812,3 +812,152 @@ fn nat_port_of_a_closed_flow_is_reused_after_its_grace_but_a_live_one_never() {
     assert_eq!(flows.len(), 1, "only B is left");
     assert_eq!(u16::from_be(flows[0].0.sport_be), 51_001);
 }
+
+/// A lab with passive detection `on` or off and one half-open IPv4 flow: the
+/// client's SYN, the master it went to (id, address, MAC) and the SNAT side.
+struct HalfOpen {
+    lab: Lab,
+    syn: Tcp,
+    id: u32,
+    backend: SocketAddr,
+    mac: Mac,
+    snat: SocketAddr,
+}
+
+fn half_open(prefix: &str, on: bool) -> HalfOpen {
+    let mut lab = lab(prefix);
+    lab.dp
+        .set_node_config(&lb_userspace::datapath::NodeConfig {
+            passive: on,
+            ..lab_config()
+        })
+        .expect("node config");
+    let syn = client_syn(CLIENT4, VIP4);
+    let (id, backend, mac) = picked(&lab, 0, CLIENT4, VIP4, &masters4());
+    lab.run(&new_flow_to("SYN", &syn, backend, 40_000, mac));
+    let snat = SocketAddr::new(snat_for(backend.ip()), 40_000);
+    HalfOpen {
+        lab,
+        syn,
+        id,
+        backend,
+        mac,
+        snat,
+    }
+}
+
+/// A master's RST answering the SYN it was sent (nothing listens there), with
+/// passive detection `on` or off.
+fn master_rst(on: bool) -> (Lab, u32) {
+    let HalfOpen {
+        mut lab,
+        syn,
+        id,
+        backend,
+        mac,
+        snat,
+    } = half_open(
+        if on {
+            "apilb-fx-prst"
+        } else {
+            "apilb-fx-prst0"
+        },
+        on,
+    );
+    let mut rst = Tcp::syn(mac, FX1_MAC, backend, snat);
+    rst.syn = false;
+    rst.rst = true;
+    rst.ack = Some(syn.seq + 1);
+    rst.seq = 0;
+    if on {
+        lab.run(&Fixture {
+            desc: "RST from a master that never answered the SYN: dropped, flow forgotten",
+            ingress: Ingress::MasterSide,
+            input: rst.build(),
+            verdict: XDP_DROP,
+            output: rst.build(),
+            counters: vec![(REPLY_HIT, 1), (DROP_PASSIVE_RST, 1)],
+        });
+    } else {
+        let back = rst
+            .clone()
+            .via(FX0_MAC, CLIENT_MAC)
+            .between(sa(VIP4), sa(CLIENT4));
+        lab.run(&Fixture {
+            desc: "RST from a master, passive detection off: reaches the client",
+            ingress: Ingress::MasterSide,
+            input: rst.build(),
+            verdict: XDP_REDIRECT,
+            output: back.build(),
+            counters: vec![(REPLY_HIT, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
+        });
+    }
+    (lab, id)
+}
+
+#[test]
+fn passive_detection_drops_a_rst_to_an_unanswered_syn_and_forgets_the_flow() {
+    let (lab, id) = master_rst(true);
+    assert_eq!(lab.dp.passive_stats(id).expect("passive stats").rst, 1);
+    assert!(
+        lab.dp.flows().expect("flows").is_empty(),
+        "the half-open flow is gone"
+    );
+    assert!(
+        lab.dp.replies().expect("replies").is_empty(),
+        "and its reply entry"
+    );
+    // With detection off the RST goes through and nothing is counted.
+    let (lab, id) = master_rst(false);
+    assert_eq!(lab.dp.passive_stats(id).expect("passive stats").rst, 0);
+    assert_eq!(lab.dp.flows().expect("flows").len(), 1);
+}
+
+#[test]
+fn a_rst_after_the_syn_ack_reaches_the_client_even_with_passive_detection() {
+    let HalfOpen {
+        mut lab,
+        syn,
+        id,
+        backend,
+        mac,
+        snat,
+    } = half_open("apilb-fx-prst2", true);
+    let mut syn_ack = Tcp::syn(mac, FX1_MAC, backend, snat);
+    syn_ack.ack = Some(syn.seq + 1);
+    syn_ack.seq = 0x2000_0000;
+    lab.run(&Fixture {
+        desc: "SYN-ACK: the flow is answered",
+        ingress: Ingress::MasterSide,
+        input: syn_ack.build(),
+        verdict: XDP_REDIRECT,
+        output: syn_ack
+            .clone()
+            .via(FX0_MAC, CLIENT_MAC)
+            .between(sa(VIP4), sa(CLIENT4))
+            .build(),
+        counters: vec![(REPLY_HIT, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
+    });
+    let mut rst = syn_ack.clone();
+    rst.syn = false;
+    rst.rst = true;
+    rst.seq = 0x2000_0001;
+    lab.run(&Fixture {
+        desc: "mid-stream RST from the master: reaches the client as it must",
+        ingress: Ingress::MasterSide,
+        input: rst.build(),
+        verdict: XDP_REDIRECT,
+        output: rst
+            .clone()
+            .via(FX0_MAC, CLIENT_MAC)
+            .between(sa(VIP4), sa(CLIENT4))
+            .build(),
+        counters: vec![(REPLY_HIT, 1), (REDIRECT, 1)],
+    });
+    assert_eq!(lab.dp.passive_stats(id).expect("passive stats").rst, 0);
+    assert_eq!(
+        lab.dp.flows().expect("flows").len(),
+        1,
+        "the flow stays (closing)"
+    );
+}
