@@ -42,8 +42,10 @@ pub const MAP_PORT_CURSOR: &str = "PORT_CURSOR";
 /// Kernel-private per-CPU scratch space; userspace never reads or writes it.
 pub const MAP_SCRATCH: &str = "SCRATCH";
 pub const MAP_PASSIVE_STATS: &str = "PASSIVE_STATS";
+pub const MAP_PASSIVE_EVENTS: &str = "PASSIVE_EVENTS";
+pub const MAP_PASSIVE_LAST: &str = "PASSIVE_LAST";
 /// Every map the datapath object defines, for pinning and for the loader's checks.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_VIPS,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -57,6 +59,8 @@ pub const ALL_MAPS: [&str; 13] = [
     MAP_PORT_CURSOR,
     MAP_SCRATCH,
     MAP_PASSIVE_STATS,
+    MAP_PASSIVE_EVENTS,
+    MAP_PASSIVE_LAST,
 ];
 
 /// Version of the map layout: the types below, the map set and their sizes. Bump
@@ -254,6 +258,25 @@ pub struct PassiveStats {
     pub rst: u64,
 }
 
+/// Size of the `PASSIVE_EVENTS` ring buffer (a power of two of pages).
+pub const PASSIVE_EVENTS_BYTES: u32 = 64 * 1024;
+/// At most one `PassiveEvent` per backend this often: the controller reads the
+/// exact counts from `PASSIVE_STATS`, so a storm wakes it, not floods it.
+pub const PASSIVE_EVENT_GAP_NS: u64 = 10_000_000;
+/// `PassiveEvent::kind`: a RST to a SYN the backend never answered.
+pub const PASSIVE_KIND_RST: u32 = 0;
+
+/// A record of `PASSIVE_EVENTS`: a backend just failed on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassiveEvent {
+    pub backend_id: u32,
+    /// `PASSIVE_KIND_*`.
+    pub kind: u32,
+    /// Coarse monotonic time of the failure.
+    pub at_ns: u64,
+}
+
 /// One row of `VIP_STATS` (per VIP id) and `BACKEND_STATS` (per backend id), per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -269,6 +292,7 @@ const _: () = {
     assert!(size_of::<Backend>() == 24);
     assert!(size_of::<DatapathConfig>() == 56);
     assert!(size_of::<PassiveStats>() == 8);
+    assert!(size_of::<PassiveEvent>() == 16);
     assert!(size_of::<FlowKey>() == 40);
     assert!(size_of::<NextHop>() == 32);
     assert!(size_of::<FlowState>() == 72);
@@ -301,4 +325,6 @@ mod pod {
     unsafe impl aya::Pod for super::TrafficStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PassiveStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PassiveEvent {}
 }

@@ -219,7 +219,7 @@ mod program {
                 && cfg.flags & CONFIG_F_PASSIVE != 0
                 && !answered(reply, &p.key, false)
             {
-                passive_rst(reply.backend_id);
+                passive_rst(reply.backend_id, coarse_now());
                 forget_flow(reply, &p.key);
                 return Ok(Outcome::drop(DROP_PASSIVE_RST));
             }

@@ -4,11 +4,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     Backend, COUNTER_COUNT, DatapathConfig, FLOW_TABLE_SIZE, FlowKey, FlowState, MAGLEV_ENTRIES,
-    MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, PassiveStats, ReplyState, TrafficStats, VipInfo, VipKey,
+    MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, PASSIVE_EVENT_GAP_NS, PASSIVE_EVENTS_BYTES,
+    PASSIVE_KIND_RST, PassiveEvent, PassiveStats, ReplyState, TrafficStats, VipInfo, VipKey,
 };
 
 #[map]
@@ -36,6 +37,13 @@ pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
 #[map]
 pub static PASSIVE_STATS: PerCpuArray<PassiveStats> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+/// Passive failures for the controller, at most one per backend per
+/// `PASSIVE_EVENT_GAP_NS`.
+#[map]
+pub static PASSIVE_EVENTS: RingBuf = RingBuf::with_byte_size(PASSIVE_EVENTS_BYTES, 0);
+/// Per backend id: when its last `PassiveEvent` was sent.
+#[map]
+pub static PASSIVE_LAST: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// Interfaces (by ifindex) that rewritten packets may be redirected to.
 #[map]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
@@ -79,11 +87,30 @@ pub fn account(map: &PerCpuArray<TrafficStats>, index: u32, bytes: u64, new_flow
     }
 }
 
-/// Count a backend's RST to a SYN it never answered.
-#[inline(always)]
-pub fn passive_rst(backend_id: u32) {
+/// Count a backend's RST to a SYN it never answered, and tell the controller
+/// unless it was told about this backend within `PASSIVE_EVENT_GAP_NS`.
+#[inline(never)]
+pub fn passive_rst(backend_id: u32, now: u64) {
     if let Some(s) = PASSIVE_STATS.get_ptr_mut(backend_id) {
         // SAFETY: per-CPU slot, only this CPU writes it (see `count`).
         unsafe { (*s).rst += 1 };
     }
+    let Some(last) = PASSIVE_LAST.get_ptr_mut(backend_id) else {
+        return;
+    };
+    // SAFETY: a valid array slot. CPUs race on it only within one gap, and the
+    // worst outcome is one extra event.
+    let last = unsafe { &mut *last };
+    if now.wrapping_sub(*last) < PASSIVE_EVENT_GAP_NS {
+        return;
+    }
+    *last = now;
+    let event = PassiveEvent {
+        backend_id,
+        kind: PASSIVE_KIND_RST,
+        at_ns: now,
+    };
+    // A full ring loses the event; the count above is kept, and the next one
+    // after the gap wakes the controller.
+    let _ = PASSIVE_EVENTS.output::<PassiveEvent>(&event, 0);
 }

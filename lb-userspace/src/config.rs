@@ -141,8 +141,12 @@ struct RawHealth {
     server_name: Option<String>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
-    #[serde(default)]
+        #[serde(default)]
     insecure: bool,
+    #[serde(default = "default_true")]
+    passive: bool,
+    #[serde(default = "default_passive_threshold")]
+    passive_threshold: i64,
 }
 
 impl Default for RawHealth {
@@ -158,10 +162,19 @@ impl Default for RawHealth {
             ca_file: None,
             server_name: None,
             client_cert: None,
-            client_key: None,
+                        client_key: None,
             insecure: false,
+            passive: true,
+            passive_threshold: default_passive_threshold(),
         }
     }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_passive_threshold() -> i64 {
+    1
 }
 
 #[derive(Debug, Deserialize)]
@@ -308,6 +321,10 @@ pub struct HealthSettings {
     pub server_name: Option<String>,
     pub client_cert: Option<(PathBuf, PathBuf)>,
     pub insecure: bool,
+    /// Passive failure detection (see `crate::passive`).
+    pub passive: bool,
+    /// Passive failures that take a backend out (1-1000).
+    pub passive_threshold: u32,
 }
 
 impl Config {
@@ -752,6 +769,16 @@ fn validate_health(raw: RawHealth) -> Result<HealthSettings, ConfigError> {
         ));
     }
     let client_cert = validate_tls(&raw)?;
+    let passive_threshold = u32::try_from(raw.passive_threshold)
+        .ok()
+        .filter(|n| (1..=1000).contains(n))
+        .ok_or_else(|| {
+            invalid(
+                "health.passive_threshold",
+                raw.passive_threshold,
+                "must be 1-1000",
+            )
+        })?;
     Ok(HealthSettings {
         kind: raw.kind,
         path: raw.path,
@@ -764,6 +791,8 @@ fn validate_health(raw: RawHealth) -> Result<HealthSettings, ConfigError> {
         server_name: raw.server_name,
         client_cert,
         insecure: raw.insecure,
+        passive: raw.passive,
+        passive_threshold,
     })
 }
 

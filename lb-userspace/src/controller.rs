@@ -171,7 +171,7 @@ impl Reconciler {
             nexthop_ttl: d.nexthop_ttl,
             flow_close_grace: d.flow_close_grace,
             flow_idle_timeout: d.flow_idle_timeout,
-            passive: false,
+            passive: config.health.passive,
         };
         Desired {
             node,

@@ -50,6 +50,10 @@ pub enum DaemonError {
     Admin(#[from] crate::admin::AdminError),
     #[error(transparent)]
     Ownership(#[from] crate::ownership::OwnershipError),
+    #[error(transparent)]
+    Datapath(#[from] crate::datapath::DatapathError),
+    #[error("reading passive failure events from the datapath")]
+    PassiveEvents(#[source] std::io::Error),
     #[error("installing the {0} handler")]
     Signal(&'static str, #[source] std::io::Error),
 }
@@ -226,9 +230,55 @@ struct Daemon {
     /// The last reconcile failed; the next tick retries it.
     dirty: bool,
     owners: Owners,
+    /// Per backend id: its passive failure count when it last took it out.
+    passive_seen: HashMap<u32, u64>,
+    /// When a passive failure last took each backend out (for flapping).
+    passive_marked: HashMap<SocketAddr, std::time::Instant>,
 }
 
+/// A backend that passive failures took out less than this long ago, and that
+/// its probes have brought back since, is flapping: its passive failures are
+/// ignored (and logged) until the window ends.
+const PASSIVE_FLAP_WINDOW: Duration = Duration::from_secs(10);
+
 impl Daemon {
+    /// The datapath saw backend `id` refuse clients' connections: once
+    /// `passive_threshold` failures have added up, take it out of rotation now
+    /// (its probes bring it back after `rise` passes).
+    fn passive_failure(&mut self, id: u32) {
+        let Some(addr) = self
+            .reconciler
+            .current()
+            .and_then(|c| c.backends.get(&id))
+            .map(|b| b.addr)
+        else {
+            return;
+        };
+        let Ok(stats) = self.dp.passive_stats(id) else {
+            return;
+        };
+        let seen = self.passive_seen.entry(id).or_insert(0);
+        let new = stats.rst.saturating_sub(*seen);
+        if new < u64::from(self.config.health.passive_threshold) {
+            return;
+        }
+        *seen = stats.rst;
+        if self.probes.health.get(&addr) != Some(&Health::Ready) {
+            return;
+        }
+        if let Some(at) = self.passive_marked.get(&addr)
+            && at.elapsed() < PASSIVE_FLAP_WINDOW
+        {
+            warn!(backend = %addr, refused = new, "backend flapping: it refuses clients' connections while its probes pass; passive failures ignored for now");
+            return;
+        }
+        self.passive_marked.insert(addr, std::time::Instant::now());
+        if let Some(h) = self.probes.handles.get(&addr) {
+            warn!(backend = %addr, refused = new, "passive failure: the backend refused a client's connection; taking it out now");
+            h.mark_down();
+        }
+    }
+
     /// Log the rare datapath events since the last call (see `LOGGED_EVENTS`).
     fn log_events(&mut self) {
         let Ok(now) = self.dp.counters() else { return };
@@ -377,6 +427,7 @@ impl Daemon {
                                     ("tls".to_owned(), f.tls),
                                     ("http_status".to_owned(), f.http_status),
                                     ("io".to_owned(), f.io),
+                                    ("passive".to_owned(), f.passive),
                                 ]
                             }),
                             packets: s.packets,
@@ -482,7 +533,10 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
     let admin = tokio::spawn(crate::admin::serve(listener, snapshot.clone(), async {
         let _ = admin_stopped.await;
     }));
-    let dp = start_datapath(&config)?;
+    let mut dp = start_datapath(&config)?;
+    let (passive_tx, mut passive_rx) = mpsc::channel(256);
+    let _passive_reader = crate::passive::spawn(dp.take_passive_events()?, passive_tx)
+        .map_err(DaemonError::PassiveEvents)?;
     let (tx, mut rx) = mpsc::channel(256);
     let probes = Probes::start(&config, tx)?;
     let (owners, mut owner_rx) = Owners::start(&config).await?;
@@ -498,6 +552,8 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
         seen: Vec::new(),
         dirty: false,
         owners,
+        passive_seen: HashMap::new(),
+        passive_marked: HashMap::new(),
     };
     d.reconcile("start")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -517,6 +573,7 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
                 }
                 d.owners.after_reconcile(&ev, !d.dirty).await;
             }
+            Some(id) = passive_rx.recv() => d.passive_failure(id),
             _ = hup.recv() => d.reload(),
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -24,7 +24,7 @@ use lb_common::{
     AF_INET, AF_INET6, BACKEND_F_LOCAL, Backend, CONFIG_F_PASSIVE, COUNTER_COUNT, DatapathConfig,
     FLOW_CLOSE_GRACE_DEFAULT_NS, FLOW_IDLE_TIMEOUT_DEFAULT_NS, FlowKey, FlowState, IPPROTO_TCP,
     MAGLEV_SIZE_MAX, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS,
-    MAP_MAGLEV, MAP_PASSIVE_STATS, MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS, MAP_VIP_STATS,
+    MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS, MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS, MAP_VIP_STATS,
     MAP_VIPS, MAX_BACKENDS, MAX_VIPS, NEXTHOP_TTL_DEFAULT_NS, PassiveStats, ReplyState,
     TrafficStats, VIP_F_OWNED, VipInfo, VipKey,
 };
@@ -387,6 +387,16 @@ impl Datapath {
     /// Traffic through backend `id` (both directions), summed over CPUs.
     pub fn backend_stats(&self, id: u32) -> Result<TrafficStats> {
         self.stats(MAP_BACKEND_STATS, id)
+    }
+
+    /// The ring buffer of passive failure events, taken out of the datapath (once:
+    /// its reader owns it; see `crate::passive`).
+    pub fn take_passive_events(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        let map = self
+            .ebpf
+            .take_map(MAP_PASSIVE_EVENTS)
+            .ok_or(DatapathError::MissingMap(MAP_PASSIVE_EVENTS))?;
+        aya::maps::RingBuf::try_from(map).map_err(map_err(MAP_PASSIVE_EVENTS))
     }
 
     /// Backend `id`'s failures seen on the wire, summed over CPUs.

@@ -198,6 +198,9 @@ pub enum ProbeResult {
     HttpStatus(u16),
     /// Any other I/O or protocol failure.
     Io(String),
+    /// Not a probe: the datapath saw the backend refuse a client's connection (a
+    /// RST to a SYN it never answered), and the controller marked it down at once.
+    Passive,
 }
 
 impl ProbeResult {
@@ -220,6 +223,7 @@ impl fmt::Display for ProbeResult {
             Self::Tls(e) => write!(f, "tls: {e}"),
             Self::HttpStatus(s) => write!(f, "http status {s}"),
             Self::Io(e) => write!(f, "io: {e}"),
+            Self::Passive => f.write_str("passive: refused a client's connection"),
         }
     }
 }
@@ -232,6 +236,8 @@ pub struct FailureCounts {
     pub tls: u64,
     pub http_status: u64,
     pub io: u64,
+    /// Passive failures the controller acted on (see [`ProberHandle::mark_down`]).
+    pub passive: u64,
 }
 
 impl FailureCounts {
@@ -243,12 +249,13 @@ impl FailureCounts {
             ProbeResult::Tls(_) => self.tls += 1,
             ProbeResult::HttpStatus(_) => self.http_status += 1,
             ProbeResult::Io(_) => self.io += 1,
+            ProbeResult::Passive => self.passive += 1,
         }
     }
 
     /// All failed probes.
     pub fn total(&self) -> u64 {
-        self.timeout + self.refused + self.tls + self.http_status + self.io
+        self.timeout + self.refused + self.tls + self.http_status + self.io + self.passive
     }
 }
 
@@ -394,11 +401,19 @@ impl Prober {
             transitions: 0,
             failures: FailureCounts::default(),
         });
-        let task = tokio::spawn(run(Arc::clone(&self.inner), backend, events, latest_tx));
+        let (mark, marks) = mpsc::channel(1);
+        let task = tokio::spawn(run(
+            Arc::clone(&self.inner),
+            backend,
+            events,
+            latest_tx,
+            marks,
+        ));
         ProberHandle {
             backend,
             task,
             latest,
+            mark,
         }
     }
 }
@@ -409,9 +424,17 @@ pub struct ProberHandle {
     backend: SocketAddr,
     task: JoinHandle<()>,
     latest: watch::Receiver<HealthEvent>,
+    mark: mpsc::Sender<()>,
 }
 
 impl ProberHandle {
+    /// A passive failure: take a ready backend out at once, as if `fall` probes
+    /// had failed but it still answered (not ready: its flows stay). It comes back
+    /// after `rise` passing probes; probes that get no answer make it down.
+    pub fn mark_down(&self) {
+        let _ = self.mark.try_send(());
+    }
+
     pub fn backend(&self) -> SocketAddr {
         self.backend
     }
@@ -515,6 +538,7 @@ async fn run(
     backend: SocketAddr,
     events: mpsc::Sender<HealthEvent>,
     latest: watch::Sender<HealthEvent>,
+    mut marks: mpsc::Receiver<()>,
 ) {
     let spec = &inner.spec;
     let mut report = latest.borrow().clone();
@@ -527,7 +551,26 @@ async fn run(
         next += spec.interval.mul_f64(fastrand::f64());
     }
     loop {
-        tokio::time::sleep_until(next).await;
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {}
+            Some(()) = marks.recv() => {
+                if !report.healthy {
+                    continue;
+                }
+                state = RiseFall::new(spec.rise, spec.fall, false);
+                report.healthy = false;
+                report.reason = ProbeResult::Passive;
+                report.failures.count(&report.reason);
+                report.transitions += 1;
+                warn!(%backend, state = %report.health(), reason = %report.reason,
+                    transitions = report.transitions, "backend health changed");
+                latest.send_replace(report.clone());
+                if events.send(report.clone()).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
         let started = Instant::now();
         next = started + jittered(spec.interval, spec.jitter);
         let result =

@@ -12,4 +12,5 @@ pub mod health;
 pub mod loader;
 pub mod maglev;
 pub mod ownership;
+pub mod passive;
 pub mod status;
