@@ -60,9 +60,12 @@ pub const REPLY_HIT: u32 = 19;
 pub const FIB_LOOKUP: u32 = 20;
 /// Event: a NAT port held by a closed or idle flow was reclaimed for a new one.
 pub const PORT_RECLAIMED: u32 = 21;
+/// Event: a client sent a SYN again on a flow its backend never answered (passive
+/// detection): the flow was forgotten and the SYN balanced as a new flow.
+pub const PASSIVE_SILENT: u32 = 22;
 
 /// Size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 22;
+pub const COUNTER_COUNT: u32 = 23;
 
 /// Metric-friendly names, indexed by counter.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -88,4 +91,5 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "reply_hit",
     "fib_lookup",
     "port_reclaimed",
+    "passive_silent",
 ];

@@ -256,6 +256,8 @@ pub struct ReplyState {
 pub struct PassiveStats {
     /// RSTs answering a SYN the backend never accepted.
     pub rst: u64,
+    /// Flows whose SYN the backend never answered before the client sent it again.
+    pub silent: u64,
 }
 
 /// Size of the `PASSIVE_EVENTS` ring buffer (a power of two of pages).
@@ -265,6 +267,12 @@ pub const PASSIVE_EVENTS_BYTES: u32 = 64 * 1024;
 pub const PASSIVE_EVENT_GAP_NS: u64 = 10_000_000;
 /// `PassiveEvent::kind`: a RST to a SYN the backend never answered.
 pub const PASSIVE_KIND_RST: u32 = 0;
+/// `PassiveEvent::kind`: no answer to a SYN before the client sent it again.
+pub const PASSIVE_KIND_SILENT: u32 = 1;
+/// A SYN on a flow its backend has not answered for this long is the client's
+/// retransmit (Linux waits 1 s): the backend is silent, and the flow is balanced
+/// afresh.
+pub const PASSIVE_SILENT_NS: u64 = 500_000_000;
 
 /// A record of `PASSIVE_EVENTS`: a backend just failed on the wire.
 #[repr(C)]
@@ -291,7 +299,7 @@ const _: () = {
     assert!(size_of::<VipInfo>() == 16);
     assert!(size_of::<Backend>() == 24);
     assert!(size_of::<DatapathConfig>() == 56);
-    assert!(size_of::<PassiveStats>() == 8);
+    assert!(size_of::<PassiveStats>() == 16);
     assert!(size_of::<PassiveEvent>() == 16);
     assert!(size_of::<FlowKey>() == 40);
     assert!(size_of::<NextHop>() == 32);

@@ -27,16 +27,19 @@ mod program {
     };
     use lb_common::{
         CONFIG_F_PASSIVE, FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_SEEN_GRANULARITY_NS, FlowState,
-        VIP_F_OWNED, VipKey, counters::*,
+        PASSIVE_KIND_RST, VIP_F_OWNED, VipKey, counters::*,
     };
 
     use crate::{
         forward::{Tuple, forward, rewrite},
         maps::{
             BACKEND_STATS, CONFIG, FLOWS, REPLIES, SCRATCH, VIP_STATS, VIPS, account, count,
-            passive_rst,
+            passive_failure,
         },
-        nat::{answered, forget_flow, mark_closing, new_flow, restore_reply, save_flow, snat_addr},
+        nat::{
+            answered, forget_flow, forget_silent, mark_closing, new_flow, restore_reply, save_flow,
+            snat_addr,
+        },
         packet::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
     };
 
@@ -98,7 +101,14 @@ mod program {
         // (into its map entry or, for a new flow, into this CPU's scratch slot), so
         // that `new_flow` and `to_backend` are sibling calls: the verifier sums the
         // stack frames of nested calls, and these two would not fit nested.
-        let (entry, is_new) = match FLOWS.get_ptr_mut(&p.key) {
+        let is_syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let mut found = FLOWS.get_ptr_mut(&p.key);
+        // The client sending its SYN again, unanswered: with passive detection the
+        // flow is forgotten here and the SYN balanced as a new flow below.
+        if is_syn && let Some(e) = found && forget_silent(&p.key, e, now) {
+            found = None;
+        }
+        let (entry, is_new) = match found {
             Some(entry) => {
                 // SAFETY: a valid entry pointer from the map. `flags` and
                 // `last_seen_ns` are written in place, racing at worst with the same
@@ -116,7 +126,7 @@ mod program {
                 (entry, false)
             }
             // Only a SYN opens a flow: a stray segment must not take a port.
-            None if p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN => {
+            None if !is_syn => {
                 return Err(Outcome::pass(PASS_NO_FLOW));
             }
             None => {
@@ -219,7 +229,7 @@ mod program {
                 && cfg.flags & CONFIG_F_PASSIVE != 0
                 && !answered(reply, &p.key, false)
             {
-                passive_rst(reply.backend_id, coarse_now());
+                passive_failure(reply.backend_id, PASSIVE_KIND_RST, coarse_now());
                 forget_flow(reply, &p.key);
                 return Ok(Outcome::drop(DROP_PASSIVE_RST));
             }

@@ -87,13 +87,18 @@ pub fn account(map: &PerCpuArray<TrafficStats>, index: u32, bytes: u64, new_flow
     }
 }
 
-/// Count a backend's RST to a SYN it never answered, and tell the controller
-/// unless it was told about this backend within `PASSIVE_EVENT_GAP_NS`.
+/// Count a backend's failure on the wire (`PASSIVE_KIND_*`), and tell the
+/// controller unless it was told about this backend within `PASSIVE_EVENT_GAP_NS`.
 #[inline(never)]
-pub fn passive_rst(backend_id: u32, now: u64) {
+pub fn passive_failure(backend_id: u32, kind: u32, now: u64) {
     if let Some(s) = PASSIVE_STATS.get_ptr_mut(backend_id) {
         // SAFETY: per-CPU slot, only this CPU writes it (see `count`).
-        unsafe { (*s).rst += 1 };
+        let s = unsafe { &mut *s };
+        if kind == PASSIVE_KIND_RST {
+            s.rst += 1;
+        } else {
+            s.silent += 1;
+        }
     }
     let Some(last) = PASSIVE_LAST.get_ptr_mut(backend_id) else {
         return;
@@ -107,7 +112,7 @@ pub fn passive_rst(backend_id: u32, now: u64) {
     *last = now;
     let event = PassiveEvent {
         backend_id,
-        kind: PASSIVE_KIND_RST,
+        kind,
         at_ns: now,
     };
     // A full ring loses the event; the count above is kept, and the next one

@@ -14,12 +14,15 @@
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    AF_INET, BACKEND_F_LOCAL, BACKEND_NONE, DatapathConfig, FLOW_F_ANSWERED, FLOW_F_CLOSING,
+    AF_INET, BACKEND_F_LOCAL, BACKEND_NONE, CONFIG_F_PASSIVE, DatapathConfig, FLOW_F_ANSWERED,
+    FLOW_F_CLOSING, PASSIVE_KIND_SILENT, PASSIVE_SILENT_NS,
     FlowKey, FlowState, MAGLEV_SIZE_MAX, NextHop, PORT_CLAIM_GRACE_NS, ReplyState, VipInfo,
     counters::*, flow_hash,
 };
 
-use crate::maps::{BACKENDS, CONFIG, FLOWS, MAGLEV, PORT_CURSOR, REPLIES, SCRATCH, Scratch, count};
+use crate::maps::{
+    BACKENDS, CONFIG, FLOWS, MAGLEV, PORT_CURSOR, REPLIES, SCRATCH, Scratch, count, passive_failure,
+};
 
 /// Source ports tried before a new flow is dropped as `DROP_NO_NAT_PORT`.
 const PORT_TRIES: u32 = 8;
@@ -166,6 +169,31 @@ pub fn answered(reply: &ReplyState, rkey: &FlowKey, syn_ack: bool) -> bool {
 pub fn forget_flow(reply: &ReplyState, rkey: &FlowKey) {
     let _ = FLOWS.remove(flow_key_of(reply, rkey));
     let _ = REPLIES.remove(rkey);
+}
+
+/// With passive detection on, whether the flow at `entry` (client's key `key`) is
+/// one its backend never answered, for `PASSIVE_SILENT_NS` or more: if so it is
+/// counted against the backend, reported, and forgotten (both entries).
+#[inline(never)]
+pub fn forget_silent(key: &FlowKey, entry: *mut FlowState, now: u64) -> bool {
+    let Some(cfg) = CONFIG.get(0) else {
+        return false;
+    };
+    // SAFETY: a valid entry pointer from the map, read before the entry is removed.
+    let f = unsafe { &*entry };
+    if cfg.flags & CONFIG_F_PASSIVE == 0
+        || f.flags & FLOW_F_ANSWERED != 0
+        || f.nat_port_be == 0
+        || now.wrapping_sub(f.last_seen_ns) < PASSIVE_SILENT_NS
+    {
+        return false;
+    }
+    passive_failure(f.backend_id, PASSIVE_KIND_SILENT, now);
+    count(PASSIVE_SILENT);
+    let rkey = reply_key(key, f, &snat_addr(cfg, key.family));
+    let _ = REPLIES.remove(&rkey);
+    let _ = FLOWS.remove(key);
+    true
 }
 
 /// The `REPLIES` key under which the backend's answers to `flow` arrive.

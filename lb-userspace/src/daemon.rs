@@ -242,7 +242,8 @@ struct Daemon {
 const PASSIVE_FLAP_WINDOW: Duration = Duration::from_secs(10);
 
 impl Daemon {
-    /// The datapath saw backend `id` refuse clients' connections: once
+    /// The datapath saw backend `id` refuse clients' connections (or leave their
+    /// SYNs unanswered until the clients sent them again): once
     /// `passive_threshold` failures have added up, take it out of rotation now
     /// (its probes bring it back after `rise` passes).
     fn passive_failure(&mut self, id: u32) {
@@ -257,12 +258,13 @@ impl Daemon {
         let Ok(stats) = self.dp.passive_stats(id) else {
             return;
         };
+        let total = stats.rst + stats.silent;
         let seen = self.passive_seen.entry(id).or_insert(0);
-        let new = stats.rst.saturating_sub(*seen);
+        let new = total.saturating_sub(*seen);
         if new < u64::from(self.config.health.passive_threshold) {
             return;
         }
-        *seen = stats.rst;
+        *seen = total;
         if self.probes.health.get(&addr) != Some(&Health::Ready) {
             return;
         }

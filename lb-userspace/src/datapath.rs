@@ -406,6 +406,7 @@ impl Datapath {
         let per_cpu = map.get(&id, 0).map_err(map_err(MAP_PASSIVE_STATS))?;
         Ok(PassiveStats {
             rst: per_cpu.iter().map(|s| s.rst).sum(),
+            silent: per_cpu.iter().map(|s| s.silent).sum(),
         })
     }
 

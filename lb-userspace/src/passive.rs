@@ -1,5 +1,6 @@
 //! Passive failure events from the datapath: a backend that refused a connection
-//! on the wire (a RST to a SYN it never answered). Probes notice a dead apiserver
+//! on the wire (a RST to a SYN it never answered), or left a SYN unanswered until
+//! the client sent it again (a silent host). Probes notice a dead apiserver
 //! only after `fall` intervals; the datapath sees the first refused SYN, so this
 //! reader hands each event to the daemon within milliseconds, and the daemon takes
 //! the backend out of rotation at once.

@@ -961,3 +961,45 @@ fn a_rst_after_the_syn_ack_reaches_the_client_even_with_passive_detection() {
         "the flow stays (closing)"
     );
 }
+
+#[test]
+fn passive_detection_balances_afresh_a_syn_sent_again_to_a_silent_master() {
+    let HalfOpen {
+        mut lab,
+        syn,
+        id,
+        backend,
+        mac,
+        ..
+    } = half_open("apilb-fx-psil", true);
+    // At once, the same SYN again is the same flow.
+    lab.run(&to_master(
+        "the SYN again at once: same flow, same port",
+        &syn,
+        backend,
+        40_000,
+        mac,
+        vec![(REDIRECT, 1)],
+    ));
+    // After PASSIVE_SILENT_NS without an answer it is the client's retransmit: the
+    // master is silent, the flow is forgotten and balanced anew (same ring, so the
+    // same master here, with a new NAT port).
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    lab.run(&to_master(
+        "the SYN again after 600 ms unanswered: a new flow",
+        &syn,
+        backend,
+        40_001,
+        mac,
+        vec![
+            (PASSIVE_SILENT, 1),
+            (FLOW_NEW, 1),
+            (FIB_LOOKUP, 1),
+            (REDIRECT, 1),
+        ],
+    ));
+    let p = lab.dp.passive_stats(id).expect("passive stats");
+    assert_eq!((p.silent, p.rst), (1, 0));
+    assert_eq!(lab.dp.flows().expect("flows").len(), 1, "only the new flow");
+    assert_eq!(lab.dp.replies().expect("replies").len(), 1);
+}
