@@ -105,7 +105,10 @@ mod program {
         let mut found = FLOWS.get_ptr_mut(&p.key);
         // The client sending its SYN again, unanswered: with passive detection the
         // flow is forgotten here and the SYN balanced as a new flow below.
-        if is_syn && let Some(e) = found && forget_silent(&p.key, e, now) {
+        if is_syn
+            && let Some(e) = found
+            && forget_silent(&p.key, e, now)
+        {
             found = None;
         }
         let (entry, is_new) = match found {

@@ -15,9 +15,8 @@
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
     AF_INET, BACKEND_F_LOCAL, BACKEND_NONE, CONFIG_F_PASSIVE, DatapathConfig, FLOW_F_ANSWERED,
-    FLOW_F_CLOSING, PASSIVE_KIND_SILENT, PASSIVE_SILENT_NS,
-    FlowKey, FlowState, MAGLEV_SIZE_MAX, NextHop, PORT_CLAIM_GRACE_NS, ReplyState, VipInfo,
-    counters::*, flow_hash,
+    FLOW_F_CLOSING, FlowKey, FlowState, MAGLEV_SIZE_MAX, NextHop, PASSIVE_KIND_SILENT,
+    PASSIVE_SILENT_NS, PORT_CLAIM_GRACE_NS, ReplyState, VipInfo, counters::*, flow_hash,
 };
 
 use crate::maps::{

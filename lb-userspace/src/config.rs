@@ -141,7 +141,7 @@ struct RawHealth {
     server_name: Option<String>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
-        #[serde(default)]
+    #[serde(default)]
     insecure: bool,
     #[serde(default = "default_true")]
     passive: bool,
@@ -162,7 +162,7 @@ impl Default for RawHealth {
             ca_file: None,
             server_name: None,
             client_cert: None,
-                        client_key: None,
+            client_key: None,
             insecure: false,
             passive: true,
             passive_threshold: default_passive_threshold(),
