@@ -36,6 +36,14 @@ fn lab(prefix: &str) -> Lab {
     lab
 }
 
+/// A lab whose IPv4 VIP balances one master, id 1 (198.51.100.11:6443).
+fn one_master_lab(prefix: &str) -> (Lab, SocketAddr) {
+    let mut lab = Lab::new(prefix);
+    let master = sa("198.51.100.11:6443");
+    lab.vip(0, sa(VIP4), true, &[(1, master)]);
+    (lab, master)
+}
+
 fn client_syn(client: &str, vip: &str) -> Tcp {
     Tcp::syn(CLIENT_MAC, FX0_MAC, sa(client), sa(vip))
 }
@@ -601,9 +609,7 @@ fn new_flows_are_dropped_with_a_reason_when_they_cannot_be_served() {
 
 #[test]
 fn cached_next_hop_is_used_until_it_expires_then_refreshed_from_the_fib() {
-    let mut lab = Lab::new("apilb-fx-nexthop");
-    let master = sa("198.51.100.11:6443");
-    lab.vip(0, sa(VIP4), true, &[(1, master)]);
+    let (mut lab, master) = one_master_lab("apilb-fx-nexthop");
     let syn = client_syn(CLIENT4, VIP4);
     lab.run(&new_flow_to(
         "SYN: the FIB is asked",
@@ -668,9 +674,7 @@ fn cached_next_hop_is_used_until_it_expires_then_refreshed_from_the_fib() {
 
 #[test]
 fn packet_larger_than_the_egress_mtu_goes_to_the_stack() {
-    let mut lab = Lab::new("apilb-fx-mtu");
-    let master = sa("198.51.100.11:6443");
-    lab.vip(0, sa(VIP4), true, &[(1, master)]);
+    let (mut lab, master) = one_master_lab("apilb-fx-mtu");
     lab.ns.ip(&["link", "set", "fx1", "mtu", "1280"]);
     let syn = client_syn(CLIENT4, VIP4);
     lab.run(&new_flow_to("SYN", &syn, master, 40_000, master_mac(1)));
@@ -723,9 +727,7 @@ fn only_a_syn_opens_a_flow() {
 
 #[test]
 fn nat_port_of_a_closed_flow_is_reused_after_its_grace_but_a_live_one_never() {
-    let mut lab = Lab::new("apilb-fx-ports");
-    let master = sa("198.51.100.11:6443");
-    lab.vip(0, sa(VIP4), true, &[(1, master)]);
+    let (mut lab, master) = one_master_lab("apilb-fx-ports");
     let one_port = |close_grace| lb_userspace::datapath::NodeConfig {
         ports: 40_000..=40_000,
         flow_close_grace: close_grace,
