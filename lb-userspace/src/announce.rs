@@ -261,6 +261,27 @@ impl Announcer {
         Ok(self.find(vip).await?.is_some())
     }
 
+    /// The node's own address of a family on the interface, that its VRRP adverts
+    /// leave from: IPv4, the first that is not a /32 (a VIP); IPv6, the link-local
+    /// one.
+    pub async fn own_address(&self, v6: bool) -> Result<Option<IpAddr>, AnnounceError> {
+        let probe = if v6 {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        };
+        let addresses = self
+            .netlink
+            .addresses(self.link.ifindex, probe)
+            .await
+            .map_err(|e| self.link.error(probe, VipStep::ListAddresses, e))?;
+        Ok(addresses.iter().find_map(|a| match local_address(a)? {
+            IpAddr::V4(v4) if a.header.prefix_len != 32 => Some(IpAddr::V4(v4)),
+            IpAddr::V6(v6) if v6.is_unicast_link_local() => Some(IpAddr::V6(v6)),
+            _ => None,
+        }))
+    }
+
     async fn find(&self, vip: IpAddr) -> Result<Option<AddressMessage>, AnnounceError> {
         let addresses = self
             .netlink

@@ -114,12 +114,11 @@ impl Owners {
                 announcer.release(vip).await?;
             }
         }
-        owners.announcer = Some(announcer);
         if !vrrp_vips.is_empty() {
-            owners.vrrp = Some(
-                vrrp::spawn(&e.vrrp, &e.interface, &vrrp_vips, unhealthy_rx, tx.clone()).await?,
-            );
+            owners.vrrp =
+                Some(vrrp::spawn(&e.vrrp, &announcer, &vrrp_vips, unhealthy_rx, tx.clone()).await?);
         }
+        owners.announcer = Some(announcer);
         if let Some(s) = &e.etcd {
             let settings = EtcdSettings {
                 endpoints: s.endpoints.clone(),

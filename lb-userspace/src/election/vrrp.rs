@@ -38,6 +38,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::{ElectionState, Ownership};
+use crate::announce::{AnnounceError, Announcer};
 use crate::config::VrrpSettings;
 use fsm::{Instance, Output, Params, State};
 use packet::{Advert, Auth, Reject, Version};
@@ -60,6 +61,8 @@ pub enum VrrpError {
     },
     #[error("election.vrrp.auth_pass: {0}")]
     Auth(#[from] packet::PacketError),
+    #[error(transparent)]
+    Interface(#[from] AnnounceError),
 }
 
 /// One VRRP VIP: its virtual router id and this node's configured priority.
@@ -108,7 +111,7 @@ impl Drop for VrrpElection {
 /// Ownership changes go to `events`.
 pub async fn spawn(
     settings: &VrrpSettings,
-    interface: &str,
+    announcer: &Announcer,
     vips: &[VrrpVip],
     unhealthy: watch::Receiver<bool>,
     events: mpsc::Sender<Ownership>,
@@ -132,10 +135,12 @@ pub async fn spawn(
             continue;
         }
         let configured = settings.source.filter(|s| s.is_ipv6() == v6);
+        let interface = announcer.interface();
         let source = match configured {
             Some(s) => s,
-            None => socket::interface_source(interface, v6)
-                .await
+            None => announcer
+                .own_address(v6)
+                .await?
                 .ok_or_else(|| VrrpError::NoSource {
                     interface: interface.to_owned(),
                     family: if v6 { "IPv6 link-local" } else { "IPv4" },
@@ -152,6 +157,7 @@ pub async fn spawn(
         // checksum was computed with, and only those sent to it arrive.
         let socket = VrrpSocket::open(
             interface,
+            announcer.ifindex(),
             source,
             peers.is_empty(),
             !peers.is_empty() && !v6,

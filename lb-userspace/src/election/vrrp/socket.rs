@@ -46,10 +46,11 @@ pub struct VrrpSocket {
 }
 
 impl VrrpSocket {
-    /// Open the socket of `source`'s family on `interface`; `multicast` joins the
-    /// VRRP group, `bind` (IPv4 unicast) binds to the source.
+    /// Open the socket of `source`'s family on `interface` (index `ifindex`);
+    /// `multicast` joins the VRRP group, `bind` (IPv4 unicast) binds to the source.
     pub fn open(
         interface: &str,
+        ifindex: u32,
         source: IpAddr,
         multicast: bool,
         bind: bool,
@@ -62,7 +63,7 @@ impl VrrpSocket {
                 source,
             }
         };
-        let ifindex = if_index(interface).map_err(err("looking up the interface index"))?;
+
         let domain = if source.is_ipv4() {
             Domain::IPV4
         } else {
@@ -283,51 +284,6 @@ fn set_int(s: &Socket, level: i32, name: i32, value: i32) -> std::io::Result<()>
     } else {
         Err(std::io::Error::last_os_error())
     }
-}
-
-pub(super) fn if_index(interface: &str) -> std::io::Result<u32> {
-    let name = std::ffi::CString::new(interface)
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: `name` is a valid NUL-terminated string for the call's duration.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(index)
-    }
-}
-
-/// The address adverts of a family leave from: IPv4, the interface's first
-/// address that is not a /32 (the node's own, not a VIP); IPv6, its link-local
-/// address.
-pub async fn interface_source(interface: &str, v6: bool) -> Option<IpAddr> {
-    use futures_util::TryStreamExt as _;
-    use rtnetlink::packet_route::address::AddressAttribute;
-    let index = if_index(interface).ok()?;
-    let (conn, handle, _) = rtnetlink::new_connection().ok()?;
-    let conn = tokio::spawn(conn);
-    let mut addrs = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute();
-    let mut found = None;
-    while let Ok(Some(msg)) = addrs.try_next().await {
-        let candidate = msg.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => Some(*ip),
-            _ => None,
-        });
-        found = match candidate {
-            Some(IpAddr::V4(a)) if !v6 && msg.header.prefix_len != 32 => Some(IpAddr::V4(a)),
-            Some(IpAddr::V6(a)) if v6 && a.is_unicast_link_local() => Some(IpAddr::V6(a)),
-            _ => None,
-        };
-        if found.is_some() {
-            break;
-        }
-    }
-    conn.abort();
-    found
 }
 
 #[cfg(test)]
