@@ -37,7 +37,7 @@ mod program {
             passive_failure,
         },
         nat::{
-            answered, forget_flow, forget_silent, mark_closing, new_flow, restore_reply, save_flow,
+            forget_flow, forget_silent, new_flow, restore_reply, save_flow, set_flow_flags,
             snat_addr,
         },
         packet::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
@@ -222,21 +222,20 @@ mod program {
         let reply = unsafe { &mut *entry };
         count(REPLY_HIT);
         if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
-            answered(reply, &p.key, true);
-        }
-        if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            set_flow_flags(reply, &p.key, FLOW_F_ANSWERED);
+        } else if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            let flags = set_flow_flags(reply, &p.key, FLOW_F_CLOSING);
             // A RST to a SYN the backend never answered: nothing listens there. With
             // passive detection the client does not see it; its SYN retransmit comes
             // back as a new flow.
             if p.tcp_flags & TCP_RST != 0
                 && cfg.flags & CONFIG_F_PASSIVE != 0
-                && !answered(reply, &p.key, false)
+                && flags & FLOW_F_ANSWERED == 0
             {
                 passive_failure(reply.backend_id, PASSIVE_KIND_RST, coarse_now());
                 forget_flow(reply, &p.key);
                 return Ok(Outcome::drop(DROP_PASSIVE_RST));
             }
-            mark_closing(reply, &p.key);
         }
         account(
             &BACKEND_STATS,

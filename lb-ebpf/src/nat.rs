@@ -133,33 +133,21 @@ pub fn flow_key_of(reply: &ReplyState, rkey: &FlowKey) -> FlowKey {
     }
 }
 
-/// Mark the flow a reply entry belongs to as closing (a FIN or RST went by). A call,
-/// not inlined: only FIN and RST segments need it, and its key would otherwise sit on
-/// the reply path's stack.
+/// Set `bits` (`FLOW_F_*`) on the flow a reply entry belongs to, and return its
+/// flags after: a SYN-ACK marks it answered, a FIN or RST closing. A call, not
+/// inlined: only those segments need it, and the flow key would otherwise sit on
+/// the reply path's stack. A flow that is gone (evicted) reads as answered:
+/// there is nothing left to re-steer.
 #[inline(never)]
-pub fn mark_closing(reply: &ReplyState, rkey: &FlowKey) {
-    if let Some(f) = FLOWS.get_ptr_mut(flow_key_of(reply, rkey)) {
-        // SAFETY: a valid entry pointer from the map; setting one flag bit races only
-        // with identical writes or with a whole-entry replacement, either harmless.
-        unsafe { (*f).flags |= FLOW_F_CLOSING };
-    }
-}
-
-/// Whether the flow a reply entry belongs to was answered (a SYN-ACK went by), and
-/// mark it so if `syn_ack`. A call for the same reason as `mark_closing`; only
-/// SYN-ACKs and RSTs need it.
-#[inline(never)]
-pub fn answered(reply: &ReplyState, rkey: &FlowKey, syn_ack: bool) -> bool {
+pub fn set_flow_flags(reply: &ReplyState, rkey: &FlowKey, bits: u32) -> u32 {
     let Some(f) = FLOWS.get_ptr_mut(flow_key_of(reply, rkey)) else {
-        // No flow (evicted): nothing to re-steer, treat it as established.
-        return true;
+        return bits | FLOW_F_ANSWERED;
     };
-    // SAFETY: a valid entry pointer from the map; as in `mark_closing`.
+    // SAFETY: a valid entry pointer from the map; setting flag bits races only with
+    // identical writes or with a whole-entry replacement, either harmless.
     let f = unsafe { &mut *f };
-    if syn_ack {
-        f.flags |= FLOW_F_ANSWERED;
-    }
-    f.flags & FLOW_F_ANSWERED != 0
+    f.flags |= bits;
+    f.flags
 }
 
 /// Forget a half-open flow that its backend refused: both table entries go, so the
