@@ -58,7 +58,7 @@ struct RawVrrp {
     version: i64,
     #[serde(default = "default_advert_interval", with = "humantime_serde")]
     advert_interval: Duration,
-    #[serde(default = "default_true")]
+    #[serde(default = "super::default_true")]
     preempt: bool,
     #[serde(default, with = "humantime_serde")]
     preempt_delay: Duration,
@@ -112,9 +112,6 @@ fn default_version() -> i64 {
 }
 fn default_advert_interval() -> Duration {
     Duration::from_secs(1)
-}
-fn default_true() -> bool {
-    true
 }
 fn default_track_weight() -> i64 {
     -50
