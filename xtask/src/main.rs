@@ -21,11 +21,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing need (apt packages, rust-src, bpf-linker),
-    /// skipping what is already there.
+    /// Install what building and testing need (apt packages, rust-src, rustfmt,
+    /// bpf-linker, Debian's kubectl), skipping what is already there.
     Setup,
-    /// Run `setup`, then every test: unit tests, packet fixtures in the kernel, and
-    /// the namespace scenarios. Needs root.
+    /// Run `setup`, check formatting, then every test: unit tests, packet fixtures
+    /// in the kernel, and the namespace scenarios. Needs root.
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
@@ -48,6 +48,8 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::Test { args } => {
             setup::run()?;
+            step("checking formatting (cargo fmt --all -- --check)");
+            exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
             step("running the test suite (cargo test: every default member)");
             let mut cmd = cargo();
             cmd.args(["test", "--"]).args(&args);

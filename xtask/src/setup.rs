@@ -37,7 +37,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn run() -> anyhow::Result<()> {
     apt()?;
-    rust_src()?;
+    rust_components()?;
     bpf_linker()?;
     kubectl()?;
     step("setup complete");
@@ -82,20 +82,25 @@ fn apt() -> anyhow::Result<()> {
     )
 }
 
-fn rust_src() -> anyhow::Result<()> {
+/// The rustup components: rust-src (the eBPF crate builds `core` from source) and
+/// rustfmt (`cargo xtask test` checks formatting first).
+fn rust_components() -> anyhow::Result<()> {
     let out = Command::new("rustup")
         .args(["component", "list", "--installed"])
         .output()
-        .context("rustup is needed to add rust-src")?;
-    if String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.starts_with("rust-src"))
-    {
-        step("rust-src already installed");
-        return Ok(());
+        .context("rustup is needed to add rust-src and rustfmt")?;
+    let installed = String::from_utf8_lossy(&out.stdout).into_owned();
+    for component in ["rust-src", "rustfmt"] {
+        if installed.lines().any(|l| l.starts_with(component)) {
+            step(&format!("{component} already installed"));
+            continue;
+        }
+        step(&format!(
+            "installing {component} (rustup component add {component})"
+        ));
+        exec(Command::new("rustup").args(["component", "add", component]))?;
     }
-    step("installing rust-src (rustup component add rust-src)");
-    exec(Command::new("rustup").args(["component", "add", "rust-src"]))
+    Ok(())
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
