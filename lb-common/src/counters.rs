@@ -7,14 +7,16 @@
 
 /// Not IPv4 or IPv6 (ARP, LLDP, ...): passed.
 pub const PASS_NOT_IP: u32 = 0;
-/// IP but not TCP, including UDP to a VIP's port and IPv6 extension headers: passed.
+/// IP but not TCP, including UDP to a VIP's port, IPv6 extension headers and ICMP
+/// other than destination unreachable about TCP: passed.
 pub const PASS_NOT_TCP: u32 = 1;
 /// An IPv4 fragment or an IPv6 fragment header: passed untouched.
 pub const PASS_FRAGMENT: u32 = 2;
 /// Headers cut short or inconsistent (IHL, version, total length): passed
 /// untouched for the stack to judge.
 pub const PASS_MALFORMED: u32 = 3;
-/// TCP that is neither for a VIP nor a reply to a flow under NAT: passed.
+/// TCP that is neither for a VIP nor a reply to a flow under NAT, or an ICMP
+/// destination unreachable about no half-open flow under NAT: passed.
 pub const PASS_NOT_VIP: u32 = 4;
 /// For a VIP that this node does not own: passed.
 pub const PASS_NOT_OWNED: u32 = 5;
@@ -46,26 +48,34 @@ pub const REDIRECT: u32 = 16;
 /// the half-open flow forgotten, so the client's SYN retransmit gets a fresh choice
 /// instead of the client failing.
 pub const DROP_PASSIVE_RST: u32 = 17;
+/// An ICMP destination unreachable about a SYN the backend never answered, with
+/// passive detection on: dropped, and the half-open flow forgotten, as for a RST.
+pub const DROP_PASSIVE_ICMP: u32 = 18;
 
 /// Number of outcome counters: indices `0..OUTCOMES` sum to the packet count.
-pub const OUTCOMES: u32 = 18;
+pub const OUTCOMES: u32 = 19;
 
 /// Event: a new flow was recorded. (Packets on existing flows are not counted here:
 /// they are the VIP's packets minus its new flows, from `VIP_STATS`.)
-pub const FLOW_NEW: u32 = 18;
+pub const FLOW_NEW: u32 = 19;
 /// Event: a backend's reply matched a flow under NAT.
-pub const REPLY_HIT: u32 = 19;
+pub const REPLY_HIT: u32 = 20;
 /// Event: the FIB was asked for a next hop (new flow, cached one expired, or a
 /// packet larger than the path has carried so far).
-pub const FIB_LOOKUP: u32 = 20;
+pub const FIB_LOOKUP: u32 = 21;
 /// Event: a NAT port held by a closed or idle flow was reclaimed for a new one.
-pub const PORT_RECLAIMED: u32 = 21;
+pub const PORT_RECLAIMED: u32 = 22;
 /// Event: a client sent a SYN again on a flow its backend never answered (passive
-/// detection): the flow was forgotten and the SYN balanced as a new flow.
-pub const PASSIVE_SILENT: u32 = 22;
+/// detection): the flow was forgotten and the SYN balanced as a new flow, away
+/// from that backend.
+pub const PASSIVE_SILENT: u32 = 23;
+/// Event: a new flow's Maglev slot named a backend out of rotation (or the one
+/// that just left its SYN unanswered), and the flow went to the next one along
+/// the fallback order instead.
+pub const FALLBACK: u32 = 24;
 
 /// Size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 23;
+pub const COUNTER_COUNT: u32 = 25;
 
 /// Metric-friendly names, indexed by counter.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -87,9 +97,11 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "tx",
     "redirect",
     "drop_passive_rst",
+    "drop_passive_icmp",
     "flow_new",
     "reply_hit",
     "fib_lookup",
     "port_reclaimed",
     "passive_silent",
+    "fallback",
 ];

@@ -43,7 +43,7 @@ pub const MAP_PORT_CURSOR: &str = "PORT_CURSOR";
 pub const MAP_SCRATCH: &str = "SCRATCH";
 pub const MAP_PASSIVE_STATS: &str = "PASSIVE_STATS";
 pub const MAP_PASSIVE_EVENTS: &str = "PASSIVE_EVENTS";
-pub const MAP_PASSIVE_LAST: &str = "PASSIVE_LAST";
+pub const MAP_PASSIVE_STATE: &str = "PASSIVE_STATE";
 /// Every map the datapath object defines, for pinning and for the loader's checks.
 pub const ALL_MAPS: [&str; 15] = [
     MAP_VIPS,
@@ -60,14 +60,14 @@ pub const ALL_MAPS: [&str; 15] = [
     MAP_SCRATCH,
     MAP_PASSIVE_STATS,
     MAP_PASSIVE_EVENTS,
-    MAP_PASSIVE_LAST,
+    MAP_PASSIVE_STATE,
 ];
 
 /// Version of the map layout: the types below, the map set and their sizes. Bump
 /// it with any change to them. Pinned maps live in a directory named after it, so
 /// an upgraded apilb with another layout starts with fresh maps instead of reading
 /// old ones with new types.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 // ---- Program names (the function names in lb-ebpf). ----
 pub const PROG_XDP: &str = "apilb_xdp";
@@ -92,6 +92,9 @@ pub const MAX_TX_PORTS: u32 = 64;
 
 /// A Maglev slot that holds this backend id is empty: new flows on it are dropped.
 pub const BACKEND_NONE: u32 = 0;
+/// How many steps a new flow follows `Backend::fallback_id` from a backend that is
+/// out of rotation before it gives up and takes the ring's choice.
+pub const FALLBACK_HOPS: u32 = 16;
 
 // ---- Flag bits. ----
 /// `VipInfo::flags`: this node owns the VIP and balances its traffic.
@@ -99,6 +102,10 @@ pub const VIP_F_OWNED: u32 = 1;
 /// `Backend::flags`: the backend is this node; deliver the packet untouched to the
 /// local stack, which holds the VIP (topology 2, masters running apilb).
 pub const BACKEND_F_LOCAL: u32 = 1;
+/// `Backend::flags`: out of rotation (down, not ready, or drained). The controller
+/// sets it before it rewrites the rings without the backend, so a new flow whose
+/// slot still names it follows `fallback_id` to one in rotation instead.
+pub const BACKEND_F_DOWN: u32 = 2;
 /// `FlowState::flags`: a FIN or RST was seen in either direction; the flow's NAT
 /// port may be reused `flow_close_grace_ns` after its last packet.
 pub const FLOW_F_CLOSING: u32 = 1;
@@ -106,8 +113,9 @@ pub const FLOW_F_CLOSING: u32 = 1;
 /// established, and a RST from the backend now reaches the client as it must.
 pub const FLOW_F_ANSWERED: u32 = 2;
 
-/// `DatapathConfig::flags`: passive failure detection. A backend's RST to a SYN
-/// it never answered is dropped and counted, and the half-open flow forgotten.
+/// `DatapathConfig::flags`: passive failure detection. A backend's RST or ICMP
+/// unreachable answering a SYN it never accepted is dropped and counted, and the
+/// half-open flow forgotten; so is a flow whose SYN the client had to send again.
 pub const CONFIG_F_PASSIVE: u32 = 1;
 
 /// Key of the `VIPS` hash map.
@@ -143,6 +151,11 @@ pub struct Backend {
     pub _pad: u8,
     /// `BACKEND_F_*` bits.
     pub flags: u32,
+    /// The next backend of this family in a fixed order (by address and port, the
+    /// same on every node), wrapping around: where a new flow goes when this one
+    /// is marked `BACKEND_F_DOWN`. [`BACKEND_NONE`] if it is the only one.
+    pub fallback_id: u32,
+    pub _pad2: u32,
 }
 
 /// Value of the single-entry `CONFIG` array: node-wide NAT settings.
@@ -166,7 +179,9 @@ pub struct DatapathConfig {
     pub flow_idle_timeout_ns: u64,
     /// `CONFIG_F_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// Passive failures in a row (no SYN-ACK from the backend in between) that make
+    /// the datapath tell the controller; at least 1.
+    pub passive_threshold: u32,
 }
 
 /// Key of both LRU flow tables.
@@ -258,6 +273,19 @@ pub struct PassiveStats {
     pub rst: u64,
     /// Flows whose SYN the backend never answered before the client sent it again.
     pub silent: u64,
+    /// ICMP destination unreachable (not "fragmentation needed") for a SYN.
+    pub icmp: u64,
+}
+
+/// One row of `PASSIVE_STATE` (per backend id), shared by all CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassiveState {
+    /// When the last `PassiveEvent` for this backend was sent.
+    pub last_event_ns: u64,
+    /// Passive failures since the backend last answered a SYN.
+    pub in_a_row: u32,
+    pub _pad: u32,
 }
 
 /// Size of the `PASSIVE_EVENTS` ring buffer (a power of two of pages).
@@ -269,6 +297,8 @@ pub const PASSIVE_EVENT_GAP_NS: u64 = 10_000_000;
 pub const PASSIVE_KIND_RST: u32 = 0;
 /// `PassiveEvent::kind`: no answer to a SYN before the client sent it again.
 pub const PASSIVE_KIND_SILENT: u32 = 1;
+/// `PassiveEvent::kind`: an ICMP destination unreachable about a SYN.
+pub const PASSIVE_KIND_ICMP: u32 = 2;
 /// A SYN on a flow its backend has not answered for this long is the client's
 /// retransmit (Linux waits 1 s): the backend is silent, and the flow is balanced
 /// afresh.
@@ -297,9 +327,10 @@ pub struct TrafficStats {
 const _: () = {
     assert!(size_of::<VipKey>() == 20);
     assert!(size_of::<VipInfo>() == 16);
-    assert!(size_of::<Backend>() == 24);
+    assert!(size_of::<Backend>() == 32);
     assert!(size_of::<DatapathConfig>() == 56);
-    assert!(size_of::<PassiveStats>() == 16);
+    assert!(size_of::<PassiveStats>() == 24);
+    assert!(size_of::<PassiveState>() == 16);
     assert!(size_of::<PassiveEvent>() == 16);
     assert!(size_of::<FlowKey>() == 40);
     assert!(size_of::<NextHop>() == 32);
@@ -335,4 +366,6 @@ mod pod {
     unsafe impl aya::Pod for super::PassiveStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PassiveEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PassiveState {}
 }

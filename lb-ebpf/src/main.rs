@@ -26,15 +26,15 @@ mod program {
         programs::XdpContext,
     };
     use lb_common::{
-        CONFIG_F_PASSIVE, FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_SEEN_GRANULARITY_NS, FlowState,
-        PASSIVE_KIND_RST, VIP_F_OWNED, VipKey, counters::*,
+        BACKEND_NONE, CONFIG_F_PASSIVE, FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_SEEN_GRANULARITY_NS,
+        FlowState, PASSIVE_KIND_ICMP, PASSIVE_KIND_RST, VIP_F_OWNED, VipKey, counters::*,
     };
 
     use crate::{
         forward::{Tuple, forward, rewrite},
         maps::{
             BACKEND_STATS, CONFIG, FLOWS, REPLIES, SCRATCH, VIP_STATS, VIPS, account, count,
-            passive_failure,
+            passive_answered, passive_failure,
         },
         nat::{
             forget_flow, forget_silent, new_flow, restore_reply, save_flow, set_flow_flags,
@@ -82,6 +82,9 @@ mod program {
     #[inline(always)]
     fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
         let p = parse(ctx).map_err(Outcome::pass)?;
+        if p.icmp {
+            return to_client(ctx, &p);
+        }
         let vip_key = VipKey {
             addr_be: p.key.dst_be,
             port_be: p.key.dport_be,
@@ -104,12 +107,14 @@ mod program {
         let is_syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let mut found = FLOWS.get_ptr_mut(&p.key);
         // The client sending its SYN again, unanswered: with passive detection the
-        // flow is forgotten here and the SYN balanced as a new flow below.
-        if is_syn
-            && let Some(e) = found
-            && forget_silent(&p.key, e, now)
-        {
-            found = None;
+        // flow is forgotten here and the SYN balanced as a new flow below, away
+        // from the backend that ignored it.
+        let mut avoid = BACKEND_NONE;
+        if is_syn && let Some(e) = found {
+            avoid = forget_silent(&p.key, e, now);
+            if avoid != BACKEND_NONE {
+                found = None;
+            }
         }
         let (entry, is_new) = match found {
             Some(entry) => {
@@ -139,6 +144,7 @@ mod program {
                 // SAFETY: this CPU's scratch slot; XDP runs to completion on a CPU,
                 // so nothing else uses it meanwhile.
                 let s = unsafe { &mut *scratch };
+                s.avoid = avoid;
                 new_flow(&p.key, vip, now, s).map_err(Outcome::drop)?;
                 (&raw mut s.flow, true)
             }
@@ -199,6 +205,7 @@ mod program {
     }
 
     /// Possibly a backend's reply to a flow under NAT: undo the NAT and send it on.
+    /// Or an ICMP error about a flow's SYN: passive detection.
     /// A BPF-to-BPF call (see `to_backend`).
     #[inline(never)]
     fn to_client(ctx: &XdpContext, p: &Parsed) -> Result<Outcome, Outcome> {
@@ -221,17 +228,27 @@ mod program {
         // not fit the BPF stack.
         let reply = unsafe { &mut *entry };
         count(REPLY_HIT);
+        let passive = cfg.flags & CONFIG_F_PASSIVE != 0;
+        if p.icmp {
+            // The backend's host, or a router before it, refused a segment of this
+            // flow. Only a SYN's refusal is acted on; the stack may have the rest.
+            let answered = set_flow_flags(reply, &p.key, 0) & FLOW_F_ANSWERED != 0;
+            if !passive || answered {
+                return Err(Outcome::pass(PASS_NOT_VIP));
+            }
+            passive_failure(reply.backend_id, PASSIVE_KIND_ICMP, coarse_now());
+            forget_flow(reply, &p.key);
+            return Ok(Outcome::drop(DROP_PASSIVE_ICMP));
+        }
         if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
             set_flow_flags(reply, &p.key, FLOW_F_ANSWERED);
+            passive_answered(reply.backend_id);
         } else if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             let flags = set_flow_flags(reply, &p.key, FLOW_F_CLOSING);
             // A RST to a SYN the backend never answered: nothing listens there. With
             // passive detection the client does not see it; its SYN retransmit comes
             // back as a new flow.
-            if p.tcp_flags & TCP_RST != 0
-                && cfg.flags & CONFIG_F_PASSIVE != 0
-                && flags & FLOW_F_ANSWERED == 0
-            {
+            if p.tcp_flags & TCP_RST != 0 && passive && flags & FLOW_F_ANSWERED == 0 {
                 passive_failure(reply.backend_id, PASSIVE_KIND_RST, coarse_now());
                 forget_flow(reply, &p.key);
                 return Ok(Outcome::drop(DROP_PASSIVE_RST));

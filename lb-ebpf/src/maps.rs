@@ -9,7 +9,8 @@ use aya_ebpf::{
 use lb_common::{
     Backend, COUNTER_COUNT, DatapathConfig, FLOW_TABLE_SIZE, FlowKey, FlowState, MAGLEV_ENTRIES,
     MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, PASSIVE_EVENT_GAP_NS, PASSIVE_EVENTS_BYTES,
-    PASSIVE_KIND_RST, PassiveEvent, PassiveStats, ReplyState, TrafficStats, VipInfo, VipKey,
+    PASSIVE_KIND_ICMP, PASSIVE_KIND_RST, PassiveEvent, PassiveState, PassiveStats, ReplyState,
+    TrafficStats, VipInfo, VipKey,
 };
 
 #[map]
@@ -41,9 +42,9 @@ pub static PASSIVE_STATS: PerCpuArray<PassiveStats> =
 /// `PASSIVE_EVENT_GAP_NS`.
 #[map]
 pub static PASSIVE_EVENTS: RingBuf = RingBuf::with_byte_size(PASSIVE_EVENTS_BYTES, 0);
-/// Per backend id: when its last `PassiveEvent` was sent.
+/// Per backend id: failures in a row, and when its last `PassiveEvent` was sent.
 #[map]
-pub static PASSIVE_LAST: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
+pub static PASSIVE_STATE: Array<PassiveState> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// Interfaces (by ifindex) that rewritten packets may be redirected to.
 #[map]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
@@ -60,6 +61,9 @@ pub struct Scratch {
     pub reply: ReplyState,
     pub reply_key: FlowKey,
     pub flow_key: FlowKey,
+    /// The backend a new flow must not get (it just ignored the flow's SYN), or
+    /// `BACKEND_NONE`: an argument of `nat::new_flow`, which has no room for it.
+    pub avoid: u32,
 }
 
 #[map]
@@ -87,8 +91,9 @@ pub fn account(map: &PerCpuArray<TrafficStats>, index: u32, bytes: u64, new_flow
     }
 }
 
-/// Count a backend's failure on the wire (`PASSIVE_KIND_*`), and tell the
-/// controller unless it was told about this backend within `PASSIVE_EVENT_GAP_NS`.
+/// Count a backend's failure on the wire (`PASSIVE_KIND_*`). Once it has failed
+/// `passive_threshold` times in a row, tell the controller, unless it was told
+/// about this backend within `PASSIVE_EVENT_GAP_NS`.
 #[inline(never)]
 pub fn passive_failure(backend_id: u32, kind: u32, now: u64) {
     if let Some(s) = PASSIVE_STATS.get_ptr_mut(backend_id) {
@@ -96,20 +101,25 @@ pub fn passive_failure(backend_id: u32, kind: u32, now: u64) {
         let s = unsafe { &mut *s };
         if kind == PASSIVE_KIND_RST {
             s.rst += 1;
+        } else if kind == PASSIVE_KIND_ICMP {
+            s.icmp += 1;
         } else {
             s.silent += 1;
         }
     }
-    let Some(last) = PASSIVE_LAST.get_ptr_mut(backend_id) else {
+    let (Some(state), Some(cfg)) = (PASSIVE_STATE.get_ptr_mut(backend_id), CONFIG.get(0)) else {
         return;
     };
-    // SAFETY: a valid array slot. CPUs race on it only within one gap, and the
-    // worst outcome is one extra event.
-    let last = unsafe { &mut *last };
-    if now.wrapping_sub(*last) < PASSIVE_EVENT_GAP_NS {
+    // SAFETY: a valid array slot shared by CPUs. Racing updates can lose a count
+    // or send one extra event; either only shifts the threshold by one.
+    let state = unsafe { &mut *state };
+    state.in_a_row = state.in_a_row.saturating_add(1);
+    if state.in_a_row < cfg.passive_threshold
+        || now.wrapping_sub(state.last_event_ns) < PASSIVE_EVENT_GAP_NS
+    {
         return;
     }
-    *last = now;
+    state.last_event_ns = now;
     let event = PassiveEvent {
         backend_id,
         kind,
@@ -118,4 +128,18 @@ pub fn passive_failure(backend_id: u32, kind: u32, now: u64) {
     // A full ring loses the event; the count above is kept, and the next one
     // after the gap wakes the controller.
     let _ = PASSIVE_EVENTS.output::<PassiveEvent>(&event, 0);
+}
+
+/// The backend answered a SYN: its run of passive failures is over. Written only
+/// when there is a run, so that answered SYNs do not all write a shared line.
+#[inline(always)]
+pub fn passive_answered(backend_id: u32) {
+    if let Some(state) = PASSIVE_STATE.get_ptr_mut(backend_id) {
+        // SAFETY: a valid array slot; a racing failure count may be lost (see
+        // `passive_failure`).
+        let state = unsafe { &mut *state };
+        if state.in_a_row != 0 {
+            state.in_a_row = 0;
+        }
+    }
 }

@@ -11,12 +11,18 @@
 //! has been idle for `flow_idle_timeout_ns`; and never within `PORT_CLAIM_GRACE_NS`
 //! of the claim, while the claimer is still recording its flow. The old flow entry
 //! is removed at takeover, so a late packet of it cannot reach the new flow.
+//!
+//! A new flow whose Maglev slot names a backend out of rotation (`BACKEND_F_DOWN`:
+//! the controller marks it before rewriting the rings) follows the backends'
+//! fallback order to the next one in rotation. Every node has the same order, so
+//! all LB nodes still agree on where a flow goes.
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    AF_INET, BACKEND_F_LOCAL, BACKEND_NONE, CONFIG_F_PASSIVE, DatapathConfig, FLOW_F_ANSWERED,
-    FLOW_F_CLOSING, FlowKey, FlowState, MAGLEV_SIZE_MAX, NextHop, PASSIVE_KIND_SILENT,
-    PASSIVE_SILENT_NS, PORT_CLAIM_GRACE_NS, ReplyState, VipInfo, counters::*, flow_hash,
+    AF_INET, BACKEND_F_DOWN, BACKEND_F_LOCAL, BACKEND_NONE, Backend, CONFIG_F_PASSIVE,
+    DatapathConfig, FALLBACK_HOPS, FLOW_F_ANSWERED, FLOW_F_CLOSING, FlowKey, FlowState,
+    MAGLEV_SIZE_MAX, NextHop, PASSIVE_KIND_SILENT, PASSIVE_SILENT_NS, PORT_CLAIM_GRACE_NS,
+    ReplyState, VipInfo, counters::*, flow_hash,
 };
 
 use crate::maps::{
@@ -36,27 +42,35 @@ pub fn snat_addr(cfg: &DatapathConfig, family: u8) -> [u32; 4] {
     }
 }
 
-/// Choose a backend for a new flow through the VIP's Maglev ring and claim a source
-/// port (recording the reply entry), filling in `s.flow`. The caller records the
-/// flow itself with [`save_flow`] once forwarding has filled in its next hop. `Err`
-/// is the drop counter.
+/// Choose a backend for a new flow through the VIP's Maglev ring (and the fallback
+/// order, past one out of rotation or `s.avoid`) and claim a source port (recording
+/// the reply entry), filling in `s.flow`. The caller records the flow itself with
+/// [`save_flow`] once forwarding has filled in its next hop. `Err` is the drop
+/// counter.
 ///
 /// Not inlined: this is the cold path, and as a BPF-to-BPF call its stack frame does
-/// not add to the hot path's. BPF calls take at most five arguments, hence the
-/// config read here.
+/// not add to the hot path's. BPF calls take at most five arguments (the result
+/// is one), hence the config read here and the backend to avoid in the scratch.
 #[inline(never)]
 pub fn new_flow(key: &FlowKey, vip: &VipInfo, now: u64, s: &mut Scratch) -> Result<(), u32> {
+    let avoid = s.avoid;
     let cfg = CONFIG.get(0).ok_or(DROP_NO_SNAT_ADDR)?;
     let snat = snat_addr(cfg, key.family);
     if vip.ring_size == 0 || vip.ring_size > MAGLEV_SIZE_MAX {
         return Err(DROP_NO_BACKEND);
     }
     let slot = vip.vip_id * MAGLEV_SIZE_MAX + flow_hash(key) % vip.ring_size;
-    let backend_id = *MAGLEV.get(slot).ok_or(DROP_NO_BACKEND)?;
+    let mut backend_id = *MAGLEV.get(slot).ok_or(DROP_NO_BACKEND)?;
     if backend_id == BACKEND_NONE {
         return Err(DROP_NO_BACKEND);
     }
-    let backend = BACKENDS.get(backend_id).ok_or(DROP_NO_BACKEND)?;
+    let mut backend = BACKENDS.get(backend_id).ok_or(DROP_NO_BACKEND)?;
+    if (backend.flags & BACKEND_F_DOWN != 0 || backend_id == avoid)
+        && let Some((id, b)) = fallback(backend_id, backend.fallback_id, key.family, avoid)
+    {
+        (backend_id, backend) = (id, b);
+        count(FALLBACK);
+    }
     // An id the controller never set (family 0) or an address of the other family
     // cannot be written into this packet.
     if backend.family != key.family {
@@ -79,6 +93,24 @@ pub fn new_flow(key: &FlowKey, vip: &VipInfo, now: u64, s: &mut Scratch) -> Resu
         s.flow.nat_port_be = claim_port(key, &snat, cfg, now, s)?;
     }
     Ok(())
+}
+
+/// The first backend in rotation, of `family` and not `avoid`, along the fallback
+/// order from `next` (the successor of `from`); `None` if the order comes back to
+/// `from` or runs out first.
+#[inline(always)]
+fn fallback(from: u32, mut next: u32, family: u8, avoid: u32) -> Option<(u32, &'static Backend)> {
+    for _ in 0..FALLBACK_HOPS {
+        if next == BACKEND_NONE || next == from {
+            return None;
+        }
+        let b = BACKENDS.get(next)?;
+        if b.flags & BACKEND_F_DOWN == 0 && next != avoid && b.family == family {
+            return Some((next, b));
+        }
+        next = b.fallback_id;
+    }
+    None
 }
 
 /// Record a new flow; on failure, release its NAT port.
@@ -160,11 +192,12 @@ pub fn forget_flow(reply: &ReplyState, rkey: &FlowKey) {
 
 /// With passive detection on, whether the flow at `entry` (client's key `key`) is
 /// one its backend never answered, for `PASSIVE_SILENT_NS` or more: if so it is
-/// counted against the backend, reported, and forgotten (both entries).
+/// counted against the backend, reported, and forgotten (both entries), and that
+/// backend's id returned, for the new flow to avoid; else [`BACKEND_NONE`].
 #[inline(never)]
-pub fn forget_silent(key: &FlowKey, entry: *mut FlowState, now: u64) -> bool {
+pub fn forget_silent(key: &FlowKey, entry: *mut FlowState, now: u64) -> u32 {
     let Some(cfg) = CONFIG.get(0) else {
-        return false;
+        return BACKEND_NONE;
     };
     // SAFETY: a valid entry pointer from the map, read before the entry is removed.
     let f = unsafe { &*entry };
@@ -173,14 +206,15 @@ pub fn forget_silent(key: &FlowKey, entry: *mut FlowState, now: u64) -> bool {
         || f.nat_port_be == 0
         || now.wrapping_sub(f.last_seen_ns) < PASSIVE_SILENT_NS
     {
-        return false;
+        return BACKEND_NONE;
     }
-    passive_failure(f.backend_id, PASSIVE_KIND_SILENT, now);
+    let silent = f.backend_id;
+    passive_failure(silent, PASSIVE_KIND_SILENT, now);
     count(PASSIVE_SILENT);
     let rkey = reply_key(key, f, &snat_addr(cfg, key.family));
     let _ = REPLIES.remove(&rkey);
     let _ = FLOWS.remove(key);
-    true
+    silent
 }
 
 /// The `REPLIES` key under which the backend's answers to `flow` arrive.

@@ -2,6 +2,10 @@
 //!
 //! [`ptr_at`] is the single bounds check every access goes through; the verifier
 //! rejects any packet read it cannot prove in bounds, so all parsing funnels here.
+//!
+//! Besides TCP, it reads one kind of ICMP: a destination unreachable that quotes a
+//! TCP segment, which is how a backend (or a router on the way) refuses a SYN that
+//! the balancer sent it. Passive failure detection needs that segment's flow.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{AF_INET, AF_INET6, FlowKey, IPPROTO_TCP, counters::*};
@@ -17,6 +21,16 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+/// ICMPv4 destination unreachable, and its one code that is no refusal: the path
+/// MTU is smaller ("fragmentation needed"), which the stack must see.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+/// ICMPv6 destination unreachable (packet too big is another type).
+const ICMPV6_DEST_UNREACH: u8 = 1;
+/// ICMP header ahead of the quoted datagram: type, code, checksum, 4 bytes unused.
+const ICMP_HDR_LEN: usize = 8;
 /// IPv4 `frags` field: the MF bit and the 13-bit offset, in host order.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
 /// TCP flag bits (byte 13 of the header).
@@ -58,8 +72,13 @@ pub struct Parsed {
     pub ip_len: u16,
     /// IPv4 TOS byte (0 for IPv6), for the FIB's policy routing.
     pub tos: u8,
-    /// TCP flags byte (`TCP_*` bits).
+    /// TCP flags byte (`TCP_*` bits); 0 for an ICMP error.
     pub tcp_flags: u8,
+    /// An ICMP destination unreachable about a TCP segment the balancer may have
+    /// sent: `key` is that segment's flow turned around, the way the backend's
+    /// answer would arrive (backend -> SNAT address), so it finds the `REPLIES`
+    /// entry. Never rewritten or forwarded by the balancer.
+    pub icmp: bool,
 }
 
 #[inline(always)]
@@ -72,7 +91,8 @@ pub fn addr6(bytes: &[u8; 16]) -> [u32; 4] {
     ]
 }
 
-/// Parse Ethernet, one optional VLAN tag, IPv4 (with options) or IPv6, then TCP.
+/// Parse Ethernet, one optional VLAN tag, IPv4 (with options) or IPv6, then TCP or
+/// an ICMP destination unreachable about TCP.
 /// `Err` carries the pass counter for a packet the balancer leaves alone.
 ///
 /// Always inlined: as a BPF-to-BPF call, LLVM would pass it the loaded packet
@@ -97,7 +117,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
         ..FlowKey::default()
     };
     let mut tos = 0;
-    let (l4, ip_len) = match ether_type {
+    let (l4, ip_len, proto) = match ether_type {
         ETH_P_IP => {
             let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).map_err(|()| PASS_MALFORMED)?;
             // SAFETY: `ptr_at` proved the fixed IPv4 header lies inside the packet.
@@ -110,14 +130,14 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
             if u16::from_be_bytes(h.frags) & IPV4_MF_OR_OFFSET != 0 {
                 return Err(PASS_FRAGMENT);
             }
-            if h.proto != IPPROTO_TCP {
+            if h.proto != IPPROTO_TCP && h.proto != IPPROTO_ICMP {
                 return Err(PASS_NOT_TCP);
             }
             key.family = AF_INET;
             tos = h.tos;
             key.src_be[0] = u32::from_ne_bytes(h.src_addr);
             key.dst_be[0] = u32::from_ne_bytes(h.dst_addr);
-            (l3 + ihl, tot_len)
+            (l3 + ihl, tot_len, h.proto)
         }
         ETH_P_IPV6 => {
             let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).map_err(|()| PASS_MALFORMED)?;
@@ -127,7 +147,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
                 return Err(PASS_MALFORMED);
             }
             match h.next_hdr {
-                IPPROTO_TCP => {}
+                IPPROTO_TCP | IPPROTO_ICMPV6 => {}
                 IPPROTO_FRAGMENT => return Err(PASS_FRAGMENT),
                 _ => return Err(PASS_NOT_TCP),
             }
@@ -135,17 +155,23 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
             key.src_be = addr6(&h.src_addr);
             key.dst_be = addr6(&h.dst_addr);
             let len = u16::from_be_bytes(h.payload_len).saturating_add(Ipv6Hdr::LEN as u16);
-            (l3 + Ipv6Hdr::LEN, len)
+            (l3 + Ipv6Hdr::LEN, len, h.next_hdr)
         }
         _ => return Err(PASS_NOT_IP),
     };
-    let tcp: *mut TcpHdr = ptr_at(ctx, l4).map_err(|()| PASS_MALFORMED)?;
-    // SAFETY: `ptr_at` proved the TCP header lies inside the packet.
-    let t = unsafe { &*tcp };
-    key.sport_be = u16::from_ne_bytes(t.source);
-    key.dport_be = u16::from_ne_bytes(t.dest);
-    // SAFETY: byte 13 of the 20-byte header `ptr_at` proved present.
-    let tcp_flags = unsafe { *tcp.cast::<u8>().add(13) };
+    let icmp = proto != IPPROTO_TCP;
+    let tcp_flags = if icmp {
+        quoted_tcp(ctx, l4, &mut key)?;
+        0
+    } else {
+        let tcp: *mut TcpHdr = ptr_at(ctx, l4).map_err(|()| PASS_MALFORMED)?;
+        // SAFETY: `ptr_at` proved the TCP header lies inside the packet.
+        let t = unsafe { &*tcp };
+        key.sport_be = u16::from_ne_bytes(t.source);
+        key.dport_be = u16::from_ne_bytes(t.dest);
+        // SAFETY: byte 13 of the 20-byte header `ptr_at` proved present.
+        unsafe { *tcp.cast::<u8>().add(13) }
+    };
     Ok(Parsed {
         l3: l3 as u8,
         l4: l4 as u8,
@@ -154,5 +180,52 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
         ip_len,
         tos,
         tcp_flags,
+        icmp,
     })
+}
+
+/// Read the ICMP message at `l4` (the outer header's family in `key.family`): if
+/// it is a destination unreachable quoting a TCP segment of that family, set `key`
+/// to the segment's flow turned around (see [`Parsed::icmp`]); else `PASS_NOT_TCP`.
+#[inline(always)]
+fn quoted_tcp(ctx: &XdpContext, l4: usize, key: &mut FlowKey) -> Result<(), u32> {
+    let head: *const [u8; 2] = ptr_at(ctx, l4).map_err(|()| PASS_MALFORMED)?;
+    // SAFETY: `ptr_at` proved the ICMP type and code lie inside the packet.
+    let [kind, code] = unsafe { *head };
+    let inner = l4 + ICMP_HDR_LEN;
+    let ports_at = if key.family == AF_INET {
+        if kind != ICMP_DEST_UNREACH || code == ICMP_FRAG_NEEDED {
+            return Err(PASS_NOT_TCP);
+        }
+        let ip: *const Ipv4Hdr = ptr_at(ctx, inner).map_err(|()| PASS_MALFORMED)?;
+        // SAFETY: `ptr_at` proved the quoted IPv4 header lies inside the packet.
+        let h = unsafe { &*ip };
+        let ihl = usize::from(h.vihl & 0x0f) * 4;
+        if h.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || h.proto != IPPROTO_TCP {
+            return Err(PASS_NOT_TCP);
+        }
+        key.src_be = [u32::from_ne_bytes(h.dst_addr), 0, 0, 0];
+        key.dst_be = [u32::from_ne_bytes(h.src_addr), 0, 0, 0];
+        inner + ihl
+    } else {
+        if kind != ICMPV6_DEST_UNREACH {
+            return Err(PASS_NOT_TCP);
+        }
+        let ip: *const Ipv6Hdr = ptr_at(ctx, inner).map_err(|()| PASS_MALFORMED)?;
+        // SAFETY: `ptr_at` proved the quoted IPv6 header lies inside the packet.
+        let h = unsafe { &*ip };
+        if h.vcf[0] >> 4 != 6 || h.next_hdr != IPPROTO_TCP {
+            return Err(PASS_NOT_TCP);
+        }
+        key.src_be = addr6(&h.dst_addr);
+        key.dst_be = addr6(&h.src_addr);
+        inner + Ipv6Hdr::LEN
+    };
+    // An ICMP error quotes at least the first 8 bytes of the segment: its ports.
+    let ports: *const [u8; 4] = ptr_at(ctx, ports_at).map_err(|()| PASS_MALFORMED)?;
+    // SAFETY: `ptr_at` proved both ports lie inside the packet.
+    let [s0, s1, d0, d1] = unsafe { *ports };
+    key.sport_be = u16::from_ne_bytes([d0, d1]);
+    key.dport_be = u16::from_ne_bytes([s0, s1]);
+    Ok(())
 }

@@ -612,6 +612,20 @@ fn encode_backends(e: &mut DescriptorEncoder, backends: &[BackendStatus]) -> std
     )?;
     counters(
         e,
+        "backend_passive_failures",
+        "Clients' connections the backend failed on the wire, as the datapath saw: \
+         a RST or an ICMP unreachable for a SYN, or a SYN left unanswered",
+        None,
+        backends.iter().flat_map(|b| {
+            b.passive_failures.iter().map(|(kind, n)| {
+                let mut labels = backend(b);
+                labels.push(("kind", kind.clone()));
+                (labels, *n)
+            })
+        }),
+    )?;
+    counters(
+        e,
         "backend_packets",
         "Packets the datapath carried to and from the backend",
         None,

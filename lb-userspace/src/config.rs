@@ -323,7 +323,8 @@ pub struct HealthSettings {
     pub insecure: bool,
     /// Passive failure detection (see `crate::passive`).
     pub passive: bool,
-    /// Passive failures that take a backend out (1-1000).
+    /// Passive failures in a row (no SYN-ACK between) that take a backend out
+    /// (1-1000).
     pub passive_threshold: u32,
 }
 

@@ -12,9 +12,11 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
+use lb_common::BACKEND_NONE;
+
 use crate::{
     config::{BackendSettings, Config, Election},
-    datapath::{Datapath, DatapathError, NodeConfig, Vip},
+    datapath::{BackendEntry, Datapath, DatapathError, NodeConfig, Vip},
     health::Health,
     maglev::{self, WeightedBackend},
 };
@@ -35,12 +37,29 @@ pub struct Desired {
     pub vips: Vec<(Vip, Vec<u32>)>,
     /// Backend ids that hold ring slots.
     pub in_rotation: BTreeSet<u32>,
+    /// Backend id -> the next one of its family by address, wrapping around: the
+    /// fallback order, the same on every node whatever the ids.
+    pub fallback: BTreeMap<u32, u32>,
     /// Backends whose flows stay: healthy ones (drained included) and any in
     /// rotation. Flows to every other backend are removed.
     pub keep_flows: BTreeSet<SocketAddr>,
     /// Some VIP has no healthy backend of its family, so all of them are in its
     /// rotation: better a possibly-dead master than a certainly-black-holed VIP.
     pub fail_open: bool,
+}
+
+impl Desired {
+    /// Backend `id` as the datapath should hold it.
+    #[must_use]
+    pub fn entry(&self, id: u32) -> Option<BackendEntry> {
+        let b = self.backends.get(&id)?;
+        Some(BackendEntry {
+            addr: b.addr,
+            local: b.local,
+            down: !self.in_rotation.contains(&id),
+            fallback: self.fallback.get(&id).copied().unwrap_or(BACKEND_NONE),
+        })
+    }
 }
 
 /// What `apply` changed, for the log.
@@ -163,6 +182,19 @@ impl Reconciler {
             })
             .map(|b| b.addr)
             .collect();
+        let mut fallback = BTreeMap::new();
+        for v4 in [true, false] {
+            let order: Vec<u32> = self
+                .backend_ids
+                .iter()
+                .filter(|(a, _)| a.is_ipv4() == v4)
+                .map(|(_, id)| *id)
+                .collect();
+            for (i, id) in order.iter().enumerate() {
+                let next = order[(i + 1) % order.len()];
+                fallback.insert(*id, if next == *id { BACKEND_NONE } else { next });
+            }
+        }
         let d = &config.datapath;
         let node = NodeConfig {
             snat_v4: d.snat_v4,
@@ -172,12 +204,14 @@ impl Reconciler {
             flow_close_grace: d.flow_close_grace,
             flow_idle_timeout: d.flow_idle_timeout,
             passive: config.health.passive,
+            passive_threshold: config.health.passive_threshold,
         };
         Desired {
             node,
             backends,
             vips,
             in_rotation,
+            fallback,
             keep_flows,
             fail_open,
         }
@@ -204,12 +238,14 @@ impl Reconciler {
         if old.is_none_or(|o| o.node != desired.node) {
             dp.set_node_config(&desired.node)?;
         }
-        for (id, b) in &desired.backends {
-            let same = old
-                .and_then(|o| o.backends.get(id))
-                .is_some_and(|ob| ob.addr == b.addr && ob.local == b.local);
-            if !same {
-                dp.set_backend(*id, b.addr, b.local)?;
+        // Backends first: one leaving rotation is marked before the rings are
+        // rewritten without it, so new flows meanwhile take the fallback.
+        for id in desired.backends.keys() {
+            let entry = desired.entry(*id);
+            if old.and_then(|o| o.entry(*id)) != entry
+                && let Some(entry) = entry
+            {
+                dp.set_backend(*id, &entry)?;
                 out.backends_written += 1;
             }
         }
@@ -302,6 +338,24 @@ mod tests {
         assert!(!d.fail_open);
         assert_eq!(d.in_rotation, BTreeSet::from([1, 3]));
         assert_eq!((share(&d, 1) + share(&d, 3), share(&d, 2)), (1009, 0));
+    }
+
+    #[test]
+    fn backends_out_of_rotation_are_marked_and_fall_back_in_address_order() {
+        // Listed out of order: ids follow the list, the fallback order the address.
+        let cfg = config(&[(C, 1), (A, 1), (B, 1), ("[fd00::11]:6443", 1)]);
+        let d = Reconciler::new().desired(&cfg, &healthy(&[A, C]), &HashSet::new());
+        let next = |addr: &str| {
+            let id = d.backends.iter().find(|(_, b)| b.addr.to_string() == addr);
+            let e = d.entry(*id.expect("configured").0).expect("entry");
+            let to = d.backends.get(&e.fallback).map(|b| b.addr.to_string());
+            (e.down, to)
+        };
+        assert_eq!(next(A), (false, Some(B.to_owned())));
+        assert_eq!(next(B), (true, Some(C.to_owned())));
+        assert_eq!(next(C), (false, Some(A.to_owned())));
+        // The only IPv6 backend has nowhere to fall back to.
+        assert_eq!(next("[fd00::11]:6443"), (true, None));
     }
 
     #[test]

@@ -24,8 +24,11 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, ConfigError, Election, HealthSettings, ProbeKindSetting, XdpModeSetting},
-    controller::{ControllerError, Reconciler},
+    config::{
+        BackendSettings, Config, ConfigError, Election, HealthSettings, ProbeKindSetting,
+        XdpModeSetting,
+    },
+    controller::{ControllerError, Desired, Reconciler},
     datapath::Datapath,
     health::{
         Health, HealthError, HealthEvent, InitialState, ProbeKind, ProbeSpec, Prober, ProberHandle,
@@ -33,6 +36,7 @@ use crate::{
     },
     loader::{self, AttachMode, LoadOptions, LoaderError},
     ownership::Owners,
+    passive::PassiveKind,
     status::{BackendStatus, SharedSnapshot, Snapshot, VipStatus},
 };
 
@@ -230,23 +234,21 @@ struct Daemon {
     /// The last reconcile failed; the next tick retries it.
     dirty: bool,
     owners: Owners,
-    /// Per backend id: its passive failure count when it last took it out.
-    passive_seen: HashMap<u32, u64>,
-    /// When a passive failure last took each backend out (for flapping).
-    passive_marked: HashMap<SocketAddr, std::time::Instant>,
+    /// When a passive failure last took each backend out (for flapping), and
+    /// whether its flapping was logged since.
+    passive_marked: HashMap<SocketAddr, (std::time::Instant, bool)>,
 }
 
 /// A backend that passive failures took out less than this long ago, and that
 /// its probes have brought back since, is flapping: its passive failures are
-/// ignored (and logged) until the window ends.
+/// ignored (and logged once) until the window ends.
 const PASSIVE_FLAP_WINDOW: Duration = Duration::from_secs(10);
 
 impl Daemon {
-    /// The datapath saw backend `id` refuse clients' connections (or leave their
-    /// SYNs unanswered until the clients sent them again): once
-    /// `passive_threshold` failures have added up, take it out of rotation now
-    /// (its probes bring it back after `rise` passes).
-    fn passive_failure(&mut self, id: u32) {
+    /// The datapath saw backend `id` fail `passive_threshold` clients'
+    /// connections in a row (see `crate::passive`): take it out of rotation now,
+    /// unless it is flapping. Its probes bring it back after `rise` passes.
+    fn passive_failure(&mut self, id: u32, why: PassiveKind) {
         let Some(addr) = self
             .reconciler
             .current()
@@ -255,29 +257,23 @@ impl Daemon {
         else {
             return;
         };
-        let Ok(stats) = self.dp.passive_stats(id) else {
-            return;
-        };
-        let total = stats.rst + stats.silent;
-        let seen = self.passive_seen.entry(id).or_insert(0);
-        let new = total.saturating_sub(*seen);
-        if new < u64::from(self.config.health.passive_threshold) {
-            return;
-        }
-        *seen = total;
         if self.probes.health.get(&addr) != Some(&Health::Ready) {
             return;
         }
-        if let Some(at) = self.passive_marked.get(&addr)
+        if let Some((at, logged)) = self.passive_marked.get_mut(&addr)
             && at.elapsed() < PASSIVE_FLAP_WINDOW
         {
-            warn!(backend = %addr, refused = new, "backend flapping: it refuses clients' connections while its probes pass; passive failures ignored for now");
+            if !*logged {
+                *logged = true;
+                warn!(backend = %addr, "backend flapping: {why} while its probes pass; passive failures ignored for {}s", PASSIVE_FLAP_WINDOW.as_secs());
+            }
             return;
         }
-        self.passive_marked.insert(addr, std::time::Instant::now());
+        self.passive_marked
+            .insert(addr, (std::time::Instant::now(), false));
         if let Some(h) = self.probes.handles.get(&addr) {
-            warn!(backend = %addr, refused = new, "passive failure: the backend refused a client's connection; taking it out now");
-            h.mark_down();
+            warn!(backend = %addr, "passive failure: {why}; taking it out now");
+            h.mark_down(why);
         }
     }
 
@@ -364,6 +360,64 @@ impl Daemon {
         }
     }
 
+    /// One backend's row of the snapshot.
+    fn backend_status(
+        &self,
+        desired: &Desired,
+        id: u32,
+        backend: &BackendSettings,
+    ) -> BackendStatus {
+        let traffic = self.dp.backend_stats(id).unwrap_or_default();
+        let passive = self.dp.passive_stats(id).unwrap_or_default();
+        let last = self
+            .probes
+            .handles
+            .get(&backend.addr)
+            .map(ProberHandle::latest);
+        let health = self
+            .probes
+            .health
+            .get(&backend.addr)
+            .copied()
+            .unwrap_or(Health::Down);
+        BackendStatus {
+            address: backend.addr,
+            id,
+            weight: backend.weight,
+            healthy: health == Health::Ready,
+            health: health.to_string(),
+            in_rotation: desired.in_rotation.contains(&id),
+            last_probe: last
+                .as_ref()
+                .map_or_else(|| "none yet".to_owned(), |e| e.reason.to_string()),
+            probe_latency_seconds: last.as_ref().map_or(0.0, |e| e.latency.as_secs_f64()),
+            probes: last.as_ref().map_or(0, |e| e.probes),
+            transitions: last.as_ref().map_or(0, |e| e.transitions),
+            failures: last.as_ref().map_or_else(Vec::new, |e| {
+                let f = &e.failures;
+                vec![
+                    ("timeout".to_owned(), f.timeout),
+                    ("refused".to_owned(), f.refused),
+                    ("tls".to_owned(), f.tls),
+                    ("http_status".to_owned(), f.http_status),
+                    ("io".to_owned(), f.io),
+                    ("passive".to_owned(), f.passive),
+                ]
+            }),
+            passive_failures: [
+                (PassiveKind::Rst, passive.rst),
+                (PassiveKind::Icmp, passive.icmp),
+                (PassiveKind::Silent, passive.silent),
+            ]
+            .into_iter()
+            .map(|(k, n)| (k.label().to_owned(), n))
+            .collect(),
+            packets: traffic.packets,
+            bytes: traffic.bytes,
+            new_flows: traffic.new_flows,
+        }
+    }
+
     /// Replace the published snapshot with the current state.
     fn publish(&self) {
         let current = self.reconciler.current();
@@ -397,46 +451,7 @@ impl Daemon {
             .map(|d| {
                 d.backends
                     .iter()
-                    .map(|(&id, b)| {
-                        let s = self.dp.backend_stats(id).unwrap_or_default();
-                        let last = self.probes.handles.get(&b.addr).map(ProberHandle::latest);
-                        let health = self
-                            .probes
-                            .health
-                            .get(&b.addr)
-                            .copied()
-                            .unwrap_or(Health::Down);
-                        BackendStatus {
-                            address: b.addr,
-                            id,
-                            weight: b.weight,
-                            healthy: health == Health::Ready,
-                            health: health.to_string(),
-                            in_rotation: d.in_rotation.contains(&id),
-                            last_probe: last
-                                .as_ref()
-                                .map_or_else(|| "none yet".to_owned(), |e| e.reason.to_string()),
-                            probe_latency_seconds: last
-                                .as_ref()
-                                .map_or(0.0, |e| e.latency.as_secs_f64()),
-                            probes: last.as_ref().map_or(0, |e| e.probes),
-                            transitions: last.as_ref().map_or(0, |e| e.transitions),
-                            failures: last.as_ref().map_or_else(Vec::new, |e| {
-                                let f = &e.failures;
-                                vec![
-                                    ("timeout".to_owned(), f.timeout),
-                                    ("refused".to_owned(), f.refused),
-                                    ("tls".to_owned(), f.tls),
-                                    ("http_status".to_owned(), f.http_status),
-                                    ("io".to_owned(), f.io),
-                                    ("passive".to_owned(), f.passive),
-                                ]
-                            }),
-                            packets: s.packets,
-                            bytes: s.bytes,
-                            new_flows: s.new_flows,
-                        }
-                    })
+                    .map(|(&id, b)| self.backend_status(d, id, b))
                     .collect()
             })
             .unwrap_or_default();
@@ -554,7 +569,6 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
         seen: Vec::new(),
         dirty: false,
         owners,
-        passive_seen: HashMap::new(),
         passive_marked: HashMap::new(),
     };
     d.reconcile("start")?;
@@ -575,7 +589,7 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
                 }
                 d.owners.after_reconcile(&ev, !d.dirty).await;
             }
-            Some(id) = passive_rx.recv() => d.passive_failure(id),
+            Some((id, why)) = passive_rx.recv() => d.passive_failure(id, why),
             _ = hup.recv() => d.reload(),
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -21,12 +21,12 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    AF_INET, AF_INET6, BACKEND_F_LOCAL, Backend, CONFIG_F_PASSIVE, COUNTER_COUNT, DatapathConfig,
-    FLOW_CLOSE_GRACE_DEFAULT_NS, FLOW_IDLE_TIMEOUT_DEFAULT_NS, FlowKey, FlowState, IPPROTO_TCP,
-    MAGLEV_SIZE_MAX, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS,
-    MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS, MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS,
-    MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS, NEXTHOP_TTL_DEFAULT_NS, PassiveStats,
-    ReplyState, TrafficStats, VIP_F_OWNED, VipInfo, VipKey,
+    AF_INET, AF_INET6, BACKEND_F_DOWN, BACKEND_F_LOCAL, BACKEND_NONE, Backend, CONFIG_F_PASSIVE,
+    COUNTER_COUNT, DatapathConfig, FLOW_CLOSE_GRACE_DEFAULT_NS, FLOW_IDLE_TIMEOUT_DEFAULT_NS,
+    FlowKey, FlowState, IPPROTO_TCP, MAGLEV_SIZE_MAX, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG,
+    MAP_COUNTERS, MAP_FLOWS, MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS, MAP_PORT_CURSOR,
+    MAP_REPLIES, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS,
+    NEXTHOP_TTL_DEFAULT_NS, PassiveStats, ReplyState, TrafficStats, VIP_F_OWNED, VipInfo, VipKey,
 };
 
 /// The compiled lb-ebpf object, embedded at build time.
@@ -117,10 +117,39 @@ pub struct NodeConfig {
     pub flow_close_grace: Duration,
     /// Any flow gives its NAT port up this long after its last packet.
     pub flow_idle_timeout: Duration,
-    /// Passive failure detection: a backend's RST to a SYN it never answered is
-    /// dropped and counted (`PASSIVE_STATS`), and the half-open flow forgotten, so
-    /// the client's SYN retransmit is balanced afresh.
+    /// Passive failure detection: a backend's RST or ICMP unreachable answering a
+    /// SYN it never accepted is dropped and counted (`PASSIVE_STATS`), and the
+    /// half-open flow forgotten, so the client's SYN retransmit is balanced afresh.
     pub passive: bool,
+    /// Passive failures in a row that make the datapath report a backend.
+    pub passive_threshold: u32,
+}
+
+/// A backend as the datapath holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendEntry {
+    pub addr: SocketAddr,
+    /// The backend is this node: its flows go to the local stack unmodified, which
+    /// must hold the VIP.
+    pub local: bool,
+    /// Out of rotation: a new flow whose ring slot still names it (the rings are
+    /// rewritten after) goes along the fallback order instead.
+    pub down: bool,
+    /// The next backend id of the fallback order (`BACKEND_NONE`: none).
+    pub fallback: u32,
+}
+
+impl BackendEntry {
+    /// A remote backend in rotation, without a fallback.
+    #[must_use]
+    pub fn remote(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            local: false,
+            down: false,
+            fallback: BACKEND_NONE,
+        }
+    }
 }
 
 impl NodeConfig {
@@ -139,6 +168,7 @@ impl NodeConfig {
             flow_close_grace: Duration::from_nanos(FLOW_CLOSE_GRACE_DEFAULT_NS),
             flow_idle_timeout: Duration::from_nanos(FLOW_IDLE_TIMEOUT_DEFAULT_NS),
             passive: false,
+            passive_threshold: 1,
         }
     }
 }
@@ -258,7 +288,7 @@ impl Datapath {
             flow_close_grace_ns: nanos(nat.flow_close_grace),
             flow_idle_timeout_ns: nanos(nat.flow_idle_timeout),
             flags: if nat.passive { CONFIG_F_PASSIVE } else { 0 },
-            _pad: 0,
+            passive_threshold: nat.passive_threshold.max(1),
         };
         let mut config: Array<_, DatapathConfig> = self.typed(MAP_CONFIG)?;
         config.set(0, cfg, 0).map_err(map_err(MAP_CONFIG))?;
@@ -312,17 +342,20 @@ impl Datapath {
         vips.remove(&vip_key(addr)).map_err(vip_err(addr))
     }
 
-    /// Set backend `id` (`1..MAX_BACKENDS`). A `local` backend is this node itself: its
-    /// flows go to the local stack unmodified, which must hold the VIP.
-    pub fn set_backend(&mut self, id: u32, addr: SocketAddr, local: bool) -> Result<()> {
+    /// Set backend `id` (`1..MAX_BACKENDS`).
+    pub fn set_backend(&mut self, id: u32, entry: &BackendEntry) -> Result<()> {
         check_range("backend id", id, 1..=MAX_BACKENDS - 1)?;
-        let (addr_be, family) = addr_words(addr.ip());
+        check_range("fallback backend id", entry.fallback, 0..=MAX_BACKENDS - 1)?;
+        let (addr_be, family) = addr_words(entry.addr.ip());
         let b = Backend {
             addr_be,
-            port_be: addr.port().to_be(),
+            port_be: entry.addr.port().to_be(),
             family,
             _pad: 0,
-            flags: if local { BACKEND_F_LOCAL } else { 0 },
+            flags: if entry.local { BACKEND_F_LOCAL } else { 0 }
+                | if entry.down { BACKEND_F_DOWN } else { 0 },
+            fallback_id: entry.fallback,
+            _pad2: 0,
         };
         let mut backends: Array<_, Backend> = self.typed(MAP_BACKENDS)?;
         backends.set(id, b, 0).map_err(map_err(MAP_BACKENDS))
@@ -407,6 +440,7 @@ impl Datapath {
         Ok(PassiveStats {
             rst: per_cpu.iter().map(|s| s.rst).sum(),
             silent: per_cpu.iter().map(|s| s.silent).sum(),
+            icmp: per_cpu.iter().map(|s| s.icmp).sum(),
         })
     }
 

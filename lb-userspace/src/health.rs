@@ -69,6 +69,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::passive::PassiveKind;
+
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -198,9 +200,9 @@ pub enum ProbeResult {
     HttpStatus(u16),
     /// Any other I/O or protocol failure.
     Io(String),
-    /// Not a probe: the datapath saw the backend refuse a client's connection (a
-    /// RST to a SYN it never answered), and the controller marked it down at once.
-    Passive,
+    /// Not a probe: the datapath saw the backend fail a client's connection (see
+    /// `crate::passive`), and the controller marked it down at once.
+    Passive(PassiveKind),
 }
 
 impl ProbeResult {
@@ -223,7 +225,7 @@ impl fmt::Display for ProbeResult {
             Self::Tls(e) => write!(f, "tls: {e}"),
             Self::HttpStatus(s) => write!(f, "http status {s}"),
             Self::Io(e) => write!(f, "io: {e}"),
-            Self::Passive => f.write_str("passive: refused a client's connection"),
+            Self::Passive(kind) => write!(f, "passive: {kind}"),
         }
     }
 }
@@ -249,7 +251,7 @@ impl FailureCounts {
             ProbeResult::Tls(_) => self.tls += 1,
             ProbeResult::HttpStatus(_) => self.http_status += 1,
             ProbeResult::Io(_) => self.io += 1,
-            ProbeResult::Passive => self.passive += 1,
+            ProbeResult::Passive(_) => self.passive += 1,
         }
     }
 
@@ -424,15 +426,15 @@ pub struct ProberHandle {
     backend: SocketAddr,
     task: JoinHandle<()>,
     latest: watch::Receiver<HealthEvent>,
-    mark: mpsc::Sender<()>,
+    mark: mpsc::Sender<PassiveKind>,
 }
 
 impl ProberHandle {
     /// A passive failure: take a ready backend out at once, as if `fall` probes
     /// had failed but it still answered (not ready: its flows stay). It comes back
     /// after `rise` passing probes; probes that get no answer make it down.
-    pub fn mark_down(&self) {
-        let _ = self.mark.try_send(());
+    pub fn mark_down(&self, why: PassiveKind) {
+        let _ = self.mark.try_send(why);
     }
 
     pub fn backend(&self) -> SocketAddr {
@@ -538,7 +540,7 @@ async fn run(
     backend: SocketAddr,
     events: mpsc::Sender<HealthEvent>,
     latest: watch::Sender<HealthEvent>,
-    mut marks: mpsc::Receiver<()>,
+    mut marks: mpsc::Receiver<PassiveKind>,
 ) {
     let spec = &inner.spec;
     let mut report = latest.borrow().clone();
@@ -553,13 +555,13 @@ async fn run(
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(next) => {}
-            Some(()) = marks.recv() => {
+            Some(kind) = marks.recv() => {
                 if !report.healthy {
                     continue;
                 }
                 state = RiseFall::new(spec.rise, spec.fall, false);
                 report.healthy = false;
-                report.reason = ProbeResult::Passive;
+                report.reason = ProbeResult::Passive(kind);
                 report.failures.count(&report.reason);
                 report.transitions += 1;
                 warn!(%backend, state = %report.health(), reason = %report.reason,

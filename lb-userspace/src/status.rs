@@ -57,8 +57,12 @@ pub struct BackendStatus {
     pub probe_latency_seconds: f64,
     pub probes: u64,
     pub transitions: u64,
-    /// Failed probes by reason: `timeout`, `refused`, `tls`, `http_status`, `io`.
+    /// Failed probes by reason: `timeout`, `refused`, `tls`, `http_status`, `io`,
+    /// and `passive` (times a passive failure took it out).
     pub failures: Vec<(String, u64)>,
+    /// Failures the datapath saw on the wire, by kind: `rst`, `icmp`, `silent`
+    /// (see `crate::passive`).
+    pub passive_failures: Vec<(String, u64)>,
     /// Both directions through this backend.
     pub packets: u64,
     pub bytes: u64,

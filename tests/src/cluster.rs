@@ -21,7 +21,7 @@
 use std::path::Path;
 
 use lb_userspace::{
-    datapath::{Datapath, NodeConfig, Vip},
+    datapath::{BackendEntry, Datapath, NodeConfig, Vip},
     loader::{AttachMode, LoadOptions},
 };
 
@@ -212,7 +212,8 @@ impl Topology {
             40_000..=40_999,
         ))
         .expect("node config");
-        dp.set_backend(1, sa(MASTERS[0]), false).expect("backend");
+        dp.set_backend(1, &BackendEntry::remote(sa(MASTERS[0])))
+            .expect("backend");
         dp.set_vip(&Vip {
             addr: sa(VIP),
             id: 0,

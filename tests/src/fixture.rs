@@ -25,7 +25,7 @@ use std::{
 
 use lb_common::{COUNTER_COUNT, COUNTER_NAMES, FlowKey, MAGLEV_SIZE_DEFAULT, OUTCOMES, flow_hash};
 use lb_userspace::{
-    datapath::{Counters, Datapath, NodeConfig, Vip, addr_words},
+    datapath::{BackendEntry, Counters, Datapath, NodeConfig, Vip, addr_words},
     loader::LoadOptions,
     maglev::{self, WeightedBackend},
 };
@@ -229,7 +229,7 @@ impl Lab {
             .iter()
             .map(|&(bid, addr)| {
                 self.dp
-                    .set_backend(bid, addr, false)
+                    .set_backend(bid, &BackendEntry::remote(addr))
                     .unwrap_or_else(|e| panic!("{}", chain(&e)));
                 WeightedBackend {
                     key: addr.to_string(),

@@ -3,12 +3,15 @@
 //! etherparse computes every length and checksum from scratch, so an expected output
 //! built here is an independent check of the datapath's incremental updates.
 
-use std::{fmt::Write as _, net::SocketAddr};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+};
 
 use etherparse::{
-    ArpHardwareId, ArpOperation, ArpPacket, EtherType, IpFragOffset, IpHeaders, IpNumber,
-    Ipv4Header, Ipv4Options, Ipv6Extensions, Ipv6FragmentHeader, Ipv6Header, PacketBuilder,
-    SingleVlanHeader, TcpHeader, VlanHeader, VlanId, VlanPcp,
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Icmpv4Type, Icmpv6Type, IpFragOffset,
+    IpHeaders, IpNumber, Ipv4Header, Ipv4Options, Ipv6Extensions, Ipv6FragmentHeader, Ipv6Header,
+    PacketBuilder, SingleVlanHeader, TcpHeader, VlanHeader, VlanId, VlanPcp, icmpv4, icmpv6,
 };
 
 pub type Mac = [u8; 6];
@@ -173,6 +176,43 @@ pub fn udp(eth_src: Mac, eth_dst: Mac, src: SocketAddr, dst: SocketAddr) -> Vec<
     b.udp(src.port(), dst.port())
         .write(&mut out, b"udp to a tcp vip")
         .expect("serialise udp");
+    out
+}
+
+/// An ICMP destination unreachable from `from` about `segment` (a frame built by
+/// [`Tcp::build`], its IP datagram quoted whole), sent to the segment's source:
+/// port unreachable, or with `frag_needed` (IPv4 only) fragmentation needed.
+#[must_use]
+pub fn icmp_unreachable(
+    eth_src: Mac,
+    eth_dst: Mac,
+    from: IpAddr,
+    segment: &Tcp,
+    frag_needed: bool,
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(eth_src, eth_dst);
+    let quoted = &segment.build()[14..];
+    let mut out = Vec::new();
+    match (from, segment.src.ip()) {
+        (IpAddr::V4(f), IpAddr::V4(to)) => {
+            let code = if frag_needed {
+                icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 }
+            } else {
+                icmpv4::DestUnreachableHeader::Port
+            };
+            b.ipv4(f.octets(), to.octets(), 64)
+                .icmpv4(Icmpv4Type::DestinationUnreachable(code))
+                .write(&mut out, quoted)
+        }
+        (IpAddr::V6(f), IpAddr::V6(to)) => b
+            .ipv6(f.octets(), to.octets(), 64)
+            .icmpv6(Icmpv6Type::DestinationUnreachable(
+                icmpv6::DestUnreachableCode::Port,
+            ))
+            .write(&mut out, quoted),
+        _ => panic!("mixed address families"),
+    }
+    .expect("serialise icmp");
     out
 }
 

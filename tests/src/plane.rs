@@ -40,6 +40,12 @@ impl ControlPlane {
     /// is not in apilb's config); return once a request through the VIP succeeds.
     #[must_use]
     pub fn start(prefix: &str, shape: Shape) -> Self {
+        Self::start_with(prefix, shape, "")
+    }
+
+    /// [`Self::start`], with `health` lines added to apilb's `[health]` section.
+    #[must_use]
+    pub fn start_with(prefix: &str, shape: Shape, health: &str) -> Self {
         let t = Topology::with_shape(prefix, shape);
         let dir = TempDir::new(prefix);
         let pki = Pki::generate(&dir.0, &master_names(), &[VIP_ADDR.parse().expect("vip")]);
@@ -48,7 +54,7 @@ impl ControlPlane {
             .collect();
         let pins = PinDir::new(prefix);
         let config = dir.0.join("apilb.toml");
-        std::fs::write(&config, Self::config_text(&pins, &pki, false)).expect("config");
+        std::fs::write(&config, Self::config_text(&pins, &pki, false, health)).expect("config");
         let apilb = Apilb::start(t.lb(), &config, &dir.0.join("apilb-0.log"));
         let plane = Self {
             apilb,
@@ -64,14 +70,14 @@ impl ControlPlane {
         plane
     }
 
-    /// apilb's config: defaults but for the topology's facts; the fourth master too
-    /// if `four`.
+    /// apilb's config: defaults but for the topology's facts and `health` lines;
+    /// the fourth master too if `four`.
     #[must_use]
-    pub fn config_text(pins: &PinDir, pki: &Pki, four: bool) -> String {
+    pub fn config_text(pins: &PinDir, pki: &Pki, four: bool, health: &str) -> String {
         let mut text = apilb_config(
             &pins.instance(),
             "",
-            &format!("ca_file = \"{}\"", pki.ca_pem.display()),
+            &format!("ca_file = \"{}\"\n{health}", pki.ca_pem.display()),
         );
         if four {
             text.push_str("[[backend]]\naddress = \"");

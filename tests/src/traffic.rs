@@ -34,8 +34,10 @@ use tokio_rustls::TlsConnector;
 
 use crate::{cluster::VIP, fixture::sa, netns};
 
-/// Connect + TLS + response head of one attempt.
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connect + TLS + response head of one attempt: long enough for two SYN
+/// retransmits (sent 1 s and 3 s after the SYN), the client's own retries that a
+/// packet-level balancer relies on when a master refuses or ignores a SYN.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A watch stream silent this long is broken.
 pub const WATCH_GAP: Duration = Duration::from_secs(1);
 /// The traffic stops by itself after this long, whatever the test does.
@@ -53,6 +55,8 @@ pub const SLOW: Duration = Duration::from_millis(500);
 pub struct Attempt {
     pub at: Instant,
     pub result: Option<Result<String, String>>,
+    /// How long it took to get its answer or its error.
+    pub took: Option<Duration>,
 }
 
 impl Attempt {
@@ -127,6 +131,25 @@ impl Record {
             }
         }
         (by, failed)
+    }
+
+    /// Attempts since `t` that ended in an error (a timeout included): what a
+    /// client saw fail, however slow the ones that succeeded were.
+    #[must_use]
+    pub fn errors_since(&self, t: Instant) -> Vec<&Attempt> {
+        self.since(t)
+            .filter(|a| matches!(a.result, Some(Err(_))))
+            .collect()
+    }
+
+    /// Attempts since `t` that succeeded but took longer than [`SLOW`] (a SYN
+    /// retransmit, typically), with how long each took.
+    #[must_use]
+    pub fn delayed_since(&self, t: Instant) -> Vec<(Instant, Duration)> {
+        self.since(t)
+            .filter(|a| a.master().is_some())
+            .filter_map(|a| a.took.filter(|d| *d > SLOW).map(|d| (a.at, d)))
+            .collect()
     }
 
     /// The start of the latest failed attempt since `t`.
@@ -243,11 +266,11 @@ impl Traffic {
         r
     }
 
-    /// Stop everything (streams close) and return the record as of just before.
+    /// Stop starting attempts, let those in flight finish, then close the streams;
+    /// return the record as of just before the streams closed.
     pub fn stop(mut self) -> Record {
-        let r = self.record();
         self.halt();
-        r
+        self.record.lock().expect("lock").clone()
     }
 
     fn halt(&mut self) {
@@ -289,6 +312,7 @@ async fn run(
 ) {
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
+    let mut attempts = tokio::task::JoinSet::new();
     let mut opened = tokio::task::JoinSet::new();
     for i in 0..watches {
         record.lock().expect("lock").watches.push(Watch {
@@ -319,21 +343,28 @@ async fn run(
                 rec.attempts.push(Attempt {
                     at: Instant::now(),
                     result: None,
+                    took: None,
                 });
                 rec.attempts.len() - 1
             };
-            tasks.spawn(async move {
+            attempts.spawn(async move {
                 let result = tokio::time::timeout(ATTEMPT_TIMEOUT, request(&c, "/version"))
                     .await
                     .unwrap_or_else(|_| Err("timed out".into()))
                     .map(|(master, _)| master);
-                r.lock().expect("lock").attempts[i].result = Some(result);
+                let a = &mut r.lock().expect("lock").attempts[i];
+                a.took = Some(a.at.elapsed());
+                a.result = Some(result);
             });
         } else {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        while tasks.try_join_next().is_some() {}
+        while attempts.try_join_next().is_some() {}
     }
+    // Attempts in flight finish (each is bounded by ATTEMPT_TIMEOUT), so that the
+    // record says how every one of them ended; then the streams close.
+    let _ = tokio::time::timeout(ATTEMPT_TIMEOUT * 2, attempts.join_all()).await;
+    record.lock().expect("lock").taken = Instant::now();
     tasks.shutdown().await;
 }
 

@@ -2,7 +2,7 @@
 //! leaves the datapath as it was. Needs root and BPF (it loads the real program).
 
 use lb_userspace::{
-    datapath::{Datapath, NodeConfig, Vip},
+    datapath::{BackendEntry, Datapath, NodeConfig, Vip},
     loader::LoadOptions,
 };
 use tests::fixture::sa;
@@ -45,7 +45,7 @@ fn out_of_range_ids_ports_and_slots_are_refused_by_name_and_value() {
         "backend id = 256 is out of range (0..=255)"
     );
     assert_eq!(
-        err(dp.set_backend(0, sa("198.51.100.11:6443"), false)),
+        err(dp.set_backend(0, &BackendEntry::remote(sa("198.51.100.11:6443")))),
         "backend id = 0 is out of range (1..=255)"
     );
     assert_eq!(

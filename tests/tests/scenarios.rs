@@ -275,7 +275,7 @@ fn a_fourth_master_added_by_sighup_takes_a_quarter_of_new_connections_and_no_str
     thread::sleep(Duration::from_secs(1));
     let streams_before = traffic.record().watches_per_master();
 
-    std::fs::write(&p.config, ControlPlane::config_text(&p.pins, &p.pki, true)).expect("config");
+    std::fs::write(&p.config, ControlPlane::config_text(&p.pins, &p.pki, true, "")).expect("config");
     let reloaded = Instant::now();
     p.apilb.signal(libc::SIGHUP);
     let deadline = reloaded + FAILOVER_TARGET * 5;

@@ -6,9 +6,10 @@
 use std::net::SocketAddr;
 
 use lb_common::counters::*;
+use lb_userspace::datapath::BackendEntry;
 use tests::{
     fixture::*,
-    packets::{Mac, Tcp, arp_request, udp},
+    packets::{Mac, Tcp, arp_request, icmp_unreachable, udp},
 };
 
 const VIP4: &str = "192.0.2.100:6443";
@@ -513,7 +514,13 @@ fn local_master_gets_the_packet_unmodified_and_the_flow_sticks() {
     let mut lab = Lab::new("apilb-fx-local");
     lab.vip(0, sa(VIP4), true, &[(7, sa("192.0.2.1:6443"))]);
     lab.dp
-        .set_backend(7, sa("192.0.2.1:6443"), true)
+        .set_backend(
+            7,
+            &BackendEntry {
+                local: true,
+                ..BackendEntry::remote(sa("192.0.2.1:6443"))
+            },
+        )
         .expect("mark local");
     let syn = client_syn(CLIENT4, VIP4);
     lab.run(&Fixture {
@@ -827,6 +834,16 @@ struct HalfOpen {
 }
 
 fn half_open(prefix: &str, on: bool) -> HalfOpen {
+    half_open_at(prefix, on, (CLIENT4, VIP4, 0), &masters4())
+}
+
+/// [`half_open`] from `client` to VIP `vip_id` at `vip`.
+fn half_open_at(
+    prefix: &str,
+    on: bool,
+    (client, vip, vip_id): (&str, &str, u32),
+    masters: &[(u32, SocketAddr)],
+) -> HalfOpen {
     let mut lab = lab(prefix);
     lab.dp
         .set_node_config(&lb_userspace::datapath::NodeConfig {
@@ -834,8 +851,8 @@ fn half_open(prefix: &str, on: bool) -> HalfOpen {
             ..lab_config()
         })
         .expect("node config");
-    let syn = client_syn(CLIENT4, VIP4);
-    let (id, backend, mac) = picked(&lab, 0, CLIENT4, VIP4, &masters4());
+    let syn = client_syn(client, vip);
+    let (id, backend, mac) = picked(&lab, vip_id, client, vip, masters);
     lab.run(&new_flow_to("SYN", &syn, backend, 40_000, mac));
     let snat = SocketAddr::new(snat_for(backend.ip()), 40_000);
     HalfOpen {
@@ -974,6 +991,20 @@ fn passive_detection_balances_afresh_a_syn_sent_again_to_a_silent_master() {
         mac,
         ..
     } = half_open("apilb-fx-psil", true);
+    // The silent master falls back to another one.
+    let (other, to) = *masters4()
+        .iter()
+        .find(|(b, _)| *b != id)
+        .expect("three masters");
+    lab.dp
+        .set_backend(
+            id,
+            &BackendEntry {
+                fallback: other,
+                ..BackendEntry::remote(backend)
+            },
+        )
+        .expect("fallback");
     // At once, the same SYN again is the same flow.
     lab.run(&to_master(
         "the SYN again at once: same flow, same port",
@@ -984,17 +1015,18 @@ fn passive_detection_balances_afresh_a_syn_sent_again_to_a_silent_master() {
         vec![(REDIRECT, 1)],
     ));
     // After PASSIVE_SILENT_NS without an answer it is the client's retransmit: the
-    // master is silent, the flow is forgotten and balanced anew (same ring, so the
-    // same master here, with a new NAT port).
+    // master is silent, the flow is forgotten and balanced anew, away from it (the
+    // ring still names it: the controller has not rewritten it yet).
     std::thread::sleep(std::time::Duration::from_millis(600));
     lab.run(&to_master(
-        "the SYN again after 600 ms unanswered: a new flow",
+        "the SYN again after 600 ms unanswered: a new flow, to the fallback",
         &syn,
-        backend,
+        to,
         40_001,
-        mac,
+        master_mac((other % 10) as u8),
         vec![
             (PASSIVE_SILENT, 1),
+            (FALLBACK, 1),
             (FLOW_NEW, 1),
             (FIB_LOOKUP, 1),
             (REDIRECT, 1),
@@ -1004,4 +1036,140 @@ fn passive_detection_balances_afresh_a_syn_sent_again_to_a_silent_master() {
     assert_eq!((p.silent, p.rst), (1, 0));
     assert_eq!(lab.dp.flows().expect("flows").len(), 1, "only the new flow");
     assert_eq!(lab.dp.replies().expect("replies").len(), 1);
+}
+
+#[test]
+fn passive_detection_drops_an_icmp_unreachable_for_a_syn_but_not_one_about_the_mtu() {
+    let HalfOpen {
+        mut lab,
+        syn,
+        id,
+        backend,
+        mac,
+        ..
+    } = half_open("apilb-fx-picmp", true);
+    let sent = natted(&syn, backend, 40_000, mac);
+    let mtu = icmp_unreachable(mac, FX1_MAC, backend.ip(), &sent, true);
+    lab.run(&unchanged(
+        "ICMP fragmentation needed for the SYN: the stack's business",
+        Ingress::MasterSide,
+        mtu,
+        PASS_NOT_TCP,
+    ));
+    assert_eq!(lab.dp.flows().expect("flows").len(), 1, "the flow stays");
+    let refused = icmp_unreachable(mac, FX1_MAC, backend.ip(), &sent, false);
+    lab.run(&Fixture {
+        desc: "ICMP port unreachable for the SYN: dropped, flow forgotten",
+        ingress: Ingress::MasterSide,
+        input: refused.clone(),
+        verdict: XDP_DROP,
+        output: refused.clone(),
+        counters: vec![(REPLY_HIT, 1), (DROP_PASSIVE_ICMP, 1)],
+    });
+    let p = lab.dp.passive_stats(id).expect("passive stats");
+    assert_eq!((p.icmp, p.rst, p.silent), (1, 0, 0));
+    assert!(lab.dp.flows().expect("flows").is_empty());
+    assert!(lab.dp.replies().expect("replies").is_empty());
+    lab.run(&unchanged(
+        "the same ICMP again, about no flow now: passed",
+        Ingress::MasterSide,
+        refused,
+        PASS_NOT_VIP,
+    ));
+}
+
+#[test]
+fn passive_detection_reads_an_icmpv6_unreachable_for_a_syn() {
+    let HalfOpen {
+        mut lab,
+        syn,
+        id,
+        backend,
+        mac,
+        ..
+    } = half_open_at("apilb-fx-picmp6", true, (CLIENT6, VIP6, 1), &masters6());
+    let refused = icmp_unreachable(
+        mac,
+        FX1_MAC,
+        backend.ip(),
+        &natted(&syn, backend, 40_000, mac),
+        false,
+    );
+    lab.run(&Fixture {
+        desc: "ICMPv6 port unreachable for the SYN: dropped, flow forgotten",
+        ingress: Ingress::MasterSide,
+        input: refused.clone(),
+        verdict: XDP_DROP,
+        output: refused,
+        counters: vec![(REPLY_HIT, 1), (DROP_PASSIVE_ICMP, 1)],
+    });
+    assert_eq!(lab.dp.passive_stats(id).expect("passive stats").icmp, 1);
+    assert!(lab.dp.flows().expect("flows").is_empty());
+}
+
+#[test]
+fn new_flows_whose_slot_names_a_master_out_of_rotation_follow_the_fallback_order() {
+    let mut lab = lab("apilb-fx-fallback");
+    let masters = masters4();
+    // A client port whose slot names master `id`.
+    let syn_to = |lab: &Lab, id: u32, skip: u16| {
+        (skip..u16::MAX)
+            .map(|port| client_syn(&format!("192.0.2.10:{port}"), VIP4))
+            .find(|s| lab.maglev_pick(0, s.src, sa(VIP4)) == id)
+            .expect("a port for every master")
+    };
+    // Out of rotation in order: 1 -> 2 -> 3 -> 1, as the controller links them.
+    let mark = |lab: &mut Lab, id: u32, down: bool| {
+        let (_, addr) = masters[id as usize - 1];
+        lab.dp
+            .set_backend(
+                id,
+                &BackendEntry {
+                    down,
+                    fallback: id % 3 + 1,
+                    ..BackendEntry::remote(addr)
+                },
+            )
+            .expect("backend");
+    };
+    for id in 1..=3 {
+        mark(&mut lab, id, false);
+    }
+    let mut syns = Vec::new();
+    for (out, desc) in [
+        (1, "SYN to a slot of master 1, which is out: master 2"),
+        (2, "SYN to a slot of master 1 with 2 out too: master 3"),
+    ] {
+        mark(&mut lab, out, true);
+        let from = syns.last().map_or(30_000, |s: &Tcp| s.src.port() + 1);
+        let syn = syn_to(&lab, 1, from);
+        lab.run(&to_master(
+            desc,
+            &syn,
+            masters[out as usize].1,
+            40_000 + u16::try_from(out).expect("small") - 1,
+            master_mac(out as u8 + 1),
+            vec![(FALLBACK, 1), (FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
+        ));
+        syns.push(syn);
+    }
+    let (a, b) = (&syns[0], &syns[1]);
+    mark(&mut lab, 3, true);
+    let c = syn_to(&lab, 1, b.src.port() + 1);
+    lab.run(&new_flow_to(
+        "SYN to a slot of master 1 with all out: the ring's choice",
+        &c,
+        masters[0].1,
+        40_002,
+        master_mac(1),
+    ));
+    // Flows already open keep their master (a larger packet asks the FIB again).
+    lab.run(&to_master(
+        "the first flow's next segment: still master 2",
+        &a.clone().data(b"x"),
+        masters[1].1,
+        40_000,
+        master_mac(2),
+        vec![(FIB_LOOKUP, 1), (REDIRECT, 1)],
+    ));
 }

@@ -16,7 +16,9 @@ use crate::{exec, step};
 
 /// Debian packages: LLVM 22 for bpf-linker; protoc for etcd-client's generated
 /// code; iproute2, procps, ethtool, util-linux (nsenter) and curl for the tests'
-/// namespaces; keepalived and etcd-server, the real peers of the election tests.
+/// namespaces; keepalived and etcd-server, the real peers of the election tests;
+/// nftables, which makes a test master refuse or reject SYNs; haproxy and iptables,
+/// what the master-failure benchmark compares apilb with.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -30,6 +32,9 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "keepalived",
     "etcd-server",
+    "nftables",
+    "haproxy",
+    "iptables",
 ];
 /// The bpf-linker release known to work with rustc 1.95's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
