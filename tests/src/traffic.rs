@@ -161,14 +161,6 @@ impl Record {
             .max()
     }
 
-    /// How long after `t` the last failed attempt started: from then on, every new
-    /// connection succeeded. Zero if none failed.
-    #[must_use]
-    pub fn recovered_after(&self, t: Instant) -> Duration {
-        self.last_failure_since(t)
-            .map_or(Duration::ZERO, |f| f.duration_since(t))
-    }
-
     /// When, since `t`, `master` first answered a new connection.
     #[must_use]
     pub fn first_served_by(&self, master: &str, t: Instant) -> Option<Instant> {

@@ -5,6 +5,8 @@
 //! fall 2), under 30 watch streams and a new https connection every 20 ms. Each
 //! prints its numbers as one `scenario ...` line. Root.
 //!
+//! A master killed outright is issue 6's, in `passive.rs`.
+//!
 //! The scenarios run one at a time (`SERIAL`): they measure time, and two of them
 //! sharing the machine's two CPUs would measure each other.
 
@@ -21,7 +23,7 @@ use tests::{
     cluster::{MASTERS, Shape, Topology, VIP, apilb_config},
     live::{Apilb, Client, EchoServer, PinDir, TempDir},
     plane::{ControlPlane, FAILOVER_TARGET},
-    traffic::{Record, Traffic},
+    traffic::Traffic,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -29,26 +31,11 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// Continuous new connections: one started every 20 ms.
 const EVERY: Duration = Duration::from_millis(20);
 const STREAMS: usize = 30;
-/// How long the traffic must have run clean to count as recovered.
-const CLEAN: Duration = Duration::from_secs(2);
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Wait until `CLEAN` has passed since `since` without a failed attempt, at most
-/// `limit` after `since`; the record then.
-fn wait_clean(traffic: &Traffic, since: Instant, limit: Duration) -> Record {
-    loop {
-        let r = traffic.record();
-        let last = r.last_failure_since(since).unwrap_or(since);
-        if last.elapsed() > CLEAN || since.elapsed() > limit {
-            return r;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn secs(d: Duration) -> String {
@@ -98,62 +85,6 @@ fn three_thousand_new_connections_land_on_the_three_masters_within_ten_percent_o
             "{m} got {n} of {CONNECTIONS}, more than 10% off {equal}: {by:?}"
         );
     }
-}
-
-#[test]
-fn a_killed_master_costs_new_connections_for_under_five_targets_and_breaks_no_other_stream() {
-    let _serial = serial();
-    let mut p = ControlPlane::start("apilb-kill", Shape::default());
-    let begin = Instant::now();
-    let traffic = Traffic::start(&p.t.client, p.ca(), STREAMS, Some(EVERY));
-    thread::sleep(Duration::from_secs(1));
-    let before = traffic.record();
-    let (spread, failed) = before.spread_since(begin);
-    assert_eq!((spread.len(), failed), (3, 0), "{spread:?}");
-    let on_dead = before
-        .watches_per_master()
-        .get("master-2")
-        .copied()
-        .unwrap_or(0);
-
-    let killed = Instant::now();
-    p.kill_master(1);
-    let r = wait_clean(&traffic, killed, FAILOVER_TARGET * 5 + CLEAN);
-    let (after, failed) = r.spread_since(killed);
-    let recovered = r.recovered_after(killed);
-    let mut broken = r.broken_watches();
-    let broken_dead = broken.remove("master-2").unwrap_or(0);
-    eprintln!(
-        "scenario master-killed: every new connection succeeds again {} after SIGKILL; \
-         {failed} failed connects; broken streams on survivors {broken:?}, on master-2 \
-         {broken_dead} of {on_dead}; {} attempts since the kill: {after:?}",
-        secs(recovered),
-        r.since(killed).count(),
-    );
-    assert!(
-        recovered <= FAILOVER_TARGET * 5,
-        "recovered after {recovered:?}\n{}",
-        p.apilb.log_text()
-    );
-    assert!(
-        broken.is_empty(),
-        "streams broke on surviving masters: {broken:?}"
-    );
-    let tail_from = r.taken.checked_sub(CLEAN / 2).expect("monotonic clock");
-    assert!(
-        r.since(tail_from).count() > 0,
-        "connections kept coming after recovery"
-    );
-    assert!(
-        r.since(tail_from)
-            .filter(|a| a.result.is_some())
-            .all(|a| a.master().is_some_and(|m| m != "master-2")),
-        "after recovery every connection lands on a survivor"
-    );
-    assert!(
-        on_dead > 0 && broken_dead == on_dead,
-        "the streams on the killed master are seen to break ({broken_dead} of {on_dead})"
-    );
 }
 
 #[test]
@@ -275,7 +206,11 @@ fn a_fourth_master_added_by_sighup_takes_a_quarter_of_new_connections_and_no_str
     thread::sleep(Duration::from_secs(1));
     let streams_before = traffic.record().watches_per_master();
 
-    std::fs::write(&p.config, ControlPlane::config_text(&p.pins, &p.pki, true, "")).expect("config");
+    std::fs::write(
+        &p.config,
+        ControlPlane::config_text(&p.pins, &p.pki, true, ""),
+    )
+    .expect("config");
     let reloaded = Instant::now();
     p.apilb.signal(libc::SIGHUP);
     let deadline = reloaded + FAILOVER_TARGET * 5;
