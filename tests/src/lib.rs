@@ -24,4 +24,5 @@ pub mod netns;
 pub mod packets;
 pub mod pki;
 pub mod plane;
+pub mod proxies;
 pub mod traffic;

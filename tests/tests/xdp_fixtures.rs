@@ -1137,18 +1137,18 @@ fn new_flows_whose_slot_names_a_master_out_of_rotation_follow_the_fallback_order
     }
     let mut syns = Vec::new();
     for (out, desc) in [
-        (1, "SYN to a slot of master 1, which is out: master 2"),
+        (1_u8, "SYN to a slot of master 1, which is out: master 2"),
         (2, "SYN to a slot of master 1 with 2 out too: master 3"),
     ] {
-        mark(&mut lab, out, true);
+        mark(&mut lab, u32::from(out), true);
         let from = syns.last().map_or(30_000, |s: &Tcp| s.src.port() + 1);
         let syn = syn_to(&lab, 1, from);
         lab.run(&to_master(
             desc,
             &syn,
-            masters[out as usize].1,
-            40_000 + u16::try_from(out).expect("small") - 1,
-            master_mac(out as u8 + 1),
+            masters[usize::from(out)].1,
+            40_000 + u16::from(out) - 1,
+            master_mac(out + 1),
             vec![(FALLBACK, 1), (FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
         ));
         syns.push(syn);

@@ -16,35 +16,37 @@ pub enum Part {
     /// The controller's idle CPU and RSS with three masters probed every 500 ms.
     Controller,
     /// VIP failover time between two LB nodes: apilb VRRP at 100 ms and 1 s
-    /// adverts, apilb etcd, and keepalived at its defaults; 10 trials each.
+    /// adverts, apilb etcd, and keepalived at its defaults; 10 trials each. Then
+    /// (`bench-masters`) what clients see when a master's apiserver is killed or its
+    /// host goes silent, behind apilb, haproxy (kubeadm's HA guide config and its
+    /// defaults) and iptables DNAT; 3 trials each.
     Failover,
 }
 
 pub fn run(part: Part) -> anyhow::Result<()> {
-    let bin = match part {
-        Part::Xdp => "bench-xdp",
-        Part::Maglev => "bench-maglev",
+    let bins: &[&str] = match part {
+        Part::Xdp => &["bench-xdp"],
+        Part::Maglev => &["bench-maglev"],
         Part::Controller => {
-            step("building apilb and the stub apiserver (release), which the benchmark runs");
-            for (package, bin) in [("lb-userspace", "apilb"), ("tests", "stub-apiserver")] {
-                exec(cargo().args(["build", "--quiet", "--release", "-p", package, "--bin", bin]))?;
-            }
-            "bench-controller"
+            build_apilb_and_stub()?;
+            &["bench-controller"]
         }
         Part::Failover => {
-            step("building apilb (release), which the benchmark runs");
-            exec(cargo().args([
-                "build",
-                "--quiet",
-                "--release",
-                "-p",
-                "lb-userspace",
-                "--bin",
-                "apilb",
-            ]))?;
-            "bench-failover"
+            build_apilb_and_stub()?;
+            &["bench-failover", "bench-masters"]
         }
     };
-    step(&format!("running {bin} (release build)"));
-    exec(cargo().args(["run", "--quiet", "--release", "-p", "tests", "--bin", bin]))
+    for bin in bins {
+        step(&format!("running {bin} (release build)"));
+        exec(cargo().args(["run", "--quiet", "--release", "-p", "tests", "--bin", bin]))?;
+    }
+    Ok(())
+}
+
+fn build_apilb_and_stub() -> anyhow::Result<()> {
+    step("building apilb and the stub apiserver (release), which the benchmark runs");
+    for (package, bin) in [("lb-userspace", "apilb"), ("tests", "stub-apiserver")] {
+        exec(cargo().args(["build", "--quiet", "--release", "-p", package, "--bin", bin]))?;
+    }
+    Ok(())
 }

@@ -1,0 +1,230 @@
+//! The balancers apilb is measured against, in the [`crate::cluster`] topology's LB
+//! node instead of `apilb run`: haproxy as kubeadm's HA guide configures it, haproxy
+//! at its defaults, and kube-proxy-style iptables DNAT.
+//!
+//! The guide's haproxy.cfg is kubernetes/kubeadm `docs/ha-considerations.md`
+//! ("haproxy configuration", tested there with haproxy 2.1.4). Its values are kept:
+//! `retries 1`, `option redispatch`, `timeout connect 5s`, `client`/`server 20s`,
+//! `check 10s` (and its HTTP-only options, which a `mode tcp` proxy ignores), and a
+//! backend with `option httpchk GET /healthz`, `http-check expect status 200`,
+//! `option ssl-hello-chk`, `balance roundrobin` and plain `check` servers (inter 2s,
+//! fall 3, rise 2). `ssl-hello-chk` comes last, so it is the check haproxy runs: a
+//! TLS hello (`L6OK`), not the `/healthz` request. Left out: its logging (`log`,
+//! `httplog`, `dontlognull`, `tcplog`) and `daemon` (haproxy runs in the foreground,
+//! `-db`); added: a stats socket, so that a run starts once every server has passed
+//! a check.
+
+use std::{
+    io::{Read as _, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    cluster::{MASTERS, SNAT, Topology, VIP, VIP_ADDR},
+    live::{Spawned, TempDir, https_via_vip, master_name, master_names, stub_apiservers},
+    netns::Netns,
+    pki::Pki,
+};
+
+/// What balances the VIP.
+#[derive(Clone, Copy, Debug)]
+pub enum Proxy {
+    /// haproxy with the kubeadm HA guide's config.
+    HaproxyKubeadm,
+    /// The guide's config without `retries 1`, `option redispatch` and its check
+    /// options: haproxy's defaults, 3 retries to the same server, no redispatch, and
+    /// a layer-4 check (a TCP connect).
+    HaproxyDefaults,
+    /// iptables DNAT, a random third per master, no health checks.
+    IptablesDnat,
+}
+
+/// haproxy's config for `proxy` (not [`Proxy::IptablesDnat`]), with its stats
+/// socket at `stats`.
+#[must_use]
+pub fn haproxy_config(proxy: Proxy, stats: &Path) -> String {
+    let (retries, check) = match proxy {
+        Proxy::HaproxyKubeadm => (
+            "    option redispatch\n    retries 1\n",
+            "    option httpchk GET /healthz\n    http-check expect status 200\n    \
+             option ssl-hello-chk\n",
+        ),
+        _ => ("", ""),
+    };
+    let servers = MASTERS.map(|m| format!("    server {} {m} check", master_name(m)));
+    format!(
+        "global
+    stats socket {stats}
+defaults
+    mode http
+    option http-server-close
+    option forwardfor except 127.0.0.0/8
+{retries}    timeout http-request 10s
+    timeout queue 20s
+    timeout connect 5s
+    timeout client 20s
+    timeout server 20s
+    timeout http-keep-alive 10s
+    timeout check 10s
+frontend apiserver
+    bind {VIP}
+    mode tcp
+    default_backend apiserver
+backend apiserver
+{check}    mode tcp
+    balance roundrobin
+{}\n",
+        servers.join("\n"),
+        stats = stats.display()
+    )
+}
+
+/// haproxy in the foreground in a namespace, killed on drop.
+pub struct Haproxy {
+    _process: Spawned,
+    stats: PathBuf,
+}
+
+impl Haproxy {
+    /// Start haproxy in `ns` with `proxy`'s config, written under `dir`.
+    ///
+    /// # Panics
+    /// If the config cannot be written.
+    #[must_use]
+    pub fn start(ns: &Netns, dir: &Path, proxy: Proxy) -> Self {
+        let (config, stats) = (dir.join("haproxy.cfg"), dir.join("haproxy.sock"));
+        std::fs::write(&config, haproxy_config(proxy, &stats)).expect("haproxy config");
+        let config = config.to_str().expect("utf-8 path");
+        let process = Spawned::start(ns, Path::new("/usr/sbin/haproxy"), &["-db", "-f", config]);
+        Self {
+            _process: process,
+            stats,
+        }
+    }
+
+    /// Each server's state and last check from `show stat`, e.g. `master-1 UP L6OK`;
+    /// none while the stats socket is not up.
+    #[must_use]
+    pub fn servers(&self) -> Vec<String> {
+        let mut csv = String::new();
+        let _ = UnixStream::connect(&self.stats).and_then(|mut sock| {
+            sock.write_all(b"show stat\n")?;
+            sock.read_to_string(&mut csv)
+        });
+        let mut rows = csv
+            .lines()
+            .map(|l| l.trim_start_matches("# ").split(',').collect());
+        let header: Vec<&str> = rows.next().unwrap_or_default();
+        let cols = ["svname", "status", "check_status"]
+            .map(|name| header.iter().position(|h| *h == name).unwrap_or(usize::MAX));
+        rows.filter(|f| f.get(cols[0]).is_some_and(|sv| sv.starts_with("master-")))
+            .map(|f| {
+                cols.iter()
+                    .filter_map(|&c| f.get(c).copied())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect()
+    }
+
+    /// Wait (at most `limit`) until every master is up and has passed a check.
+    ///
+    /// # Panics
+    /// If that takes longer, with the servers' states.
+    pub fn wait_checked(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let servers = self.servers();
+            let ok = servers
+                .iter()
+                .filter(|s| s.contains(" UP ") && s.ends_with("OK"));
+            if ok.count() == MASTERS.len() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "haproxy's checks did not pass: {servers:?}"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// DNAT of VIP:6443 in `lb`'s PREROUTING to the three masters, as kube-proxy's
+/// iptables mode writes a service (a random third, then half of the rest, then the
+/// last), and SNAT to the node's own address so that replies come back through it.
+pub fn iptables_dnat(lb: &Netns) {
+    lb.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    let odds = [
+        "-m statistic --mode random --probability 0.3333333333",
+        "-m statistic --mode random --probability 0.5000000000",
+        "",
+    ];
+    for (m, odds) in MASTERS.iter().zip(odds) {
+        let rule = format!(
+            "-t nat -A PREROUTING -d {VIP_ADDR} -p tcp --dport 6443 {odds} -j DNAT --to-destination {m}"
+        );
+        lb.exec("iptables", &rule.split_whitespace().collect::<Vec<_>>());
+    }
+    let snat =
+        format!("-t nat -A POSTROUTING -m conntrack --ctstate DNAT -j SNAT --to-source {SNAT}");
+    lb.exec("iptables", &snat.split_whitespace().collect::<Vec<_>>());
+}
+
+/// The topology, CA and stub apiservers of [`crate::plane::ControlPlane`], with
+/// `proxy` on the LB node instead of apilb.
+pub struct ProxyPlane {
+    // Field order is drop order.
+    pub haproxy: Option<Haproxy>,
+    /// Stub apiservers by master index (`None`: killed).
+    pub stubs: Vec<Option<Spawned>>,
+    pub t: Topology,
+    pub pki: Pki,
+    pub dir: TempDir,
+}
+
+impl ProxyPlane {
+    /// Start everything; return once every master passed haproxy's checks (if
+    /// haproxy) and a request through the VIP succeeds.
+    ///
+    /// # Panics
+    /// If something does not start, or nothing answers through the VIP in 15 s.
+    #[must_use]
+    pub fn start(prefix: &str, proxy: Proxy) -> Self {
+        let t = Topology::new(prefix);
+        let dir = TempDir::new(prefix);
+        let pki = Pki::generate(&dir.0, &master_names(), &[VIP_ADDR.parse().expect("vip")]);
+        let stubs = stub_apiservers(&t, &pki, &dir.0)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let haproxy = if let Proxy::IptablesDnat = proxy {
+            iptables_dnat(t.lb());
+            None
+        } else {
+            let h = Haproxy::start(t.lb(), &dir.0, proxy);
+            h.wait_checked(Duration::from_secs(15));
+            Some(h)
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while https_via_vip(&t.client, &pki.ca_pem, "/version").is_none() {
+            assert!(Instant::now() < deadline, "nothing answers through the VIP");
+            thread::sleep(Duration::from_millis(100));
+        }
+        Self {
+            haproxy,
+            stubs,
+            t,
+            pki,
+            dir,
+        }
+    }
+
+    /// SIGKILL the stub apiserver of master `i` (0-based).
+    pub fn kill_master(&mut self, i: usize) {
+        drop(self.stubs[i].take());
+    }
+}
