@@ -45,11 +45,12 @@ pub const TX: u32 = 15;
 pub const REDIRECT: u32 = 16;
 /// A backend answered a SYN it was sent with a RST (nothing listens there: a
 /// dead apiserver on a live host), passive detection is on: the RST is dropped and
-/// the half-open flow forgotten, so the client's SYN retransmit gets a fresh choice
-/// instead of the client failing.
+/// the half-open flow marked refused (`FLOW_F_REFUSED`), so the client's SYN
+/// retransmit goes to another backend instead of the client failing.
 pub const DROP_PASSIVE_RST: u32 = 17;
 /// An ICMP destination unreachable about a SYN the backend never answered, with
-/// passive detection on: dropped, and the half-open flow forgotten, as for a RST.
+/// passive detection on: dropped, and the half-open flow marked refused, as for a
+/// RST.
 pub const DROP_PASSIVE_ICMP: u32 = 18;
 
 /// Number of outcome counters: indices `0..OUTCOMES` sum to the packet count.
@@ -67,7 +68,8 @@ pub const FIB_LOOKUP: u32 = 21;
 pub const PORT_RECLAIMED: u32 = 22;
 /// Event: a client sent a SYN again on a flow its backend never answered (passive
 /// detection): the flow was forgotten and the SYN balanced as a new flow, away
-/// from that backend.
+/// from that backend. (A SYN sent again after a refusal is balanced the same way,
+/// and counted as the refusal.)
 pub const PASSIVE_SILENT: u32 = 23;
 /// Event: a new flow's Maglev slot named a backend out of rotation (or the one
 /// that just left its SYN unanswered), and the flow went to the next one along

@@ -112,10 +112,15 @@ pub const FLOW_F_CLOSING: u32 = 1;
 /// The backend answered the flow's SYN (a SYN-ACK went by): the connection is
 /// established, and a RST from the backend now reaches the client as it must.
 pub const FLOW_F_ANSWERED: u32 = 2;
+/// The backend refused the flow's SYN (a RST or an ICMP unreachable; passive
+/// detection): its NAT port is released, and the client's SYN retransmit is
+/// balanced as a new flow, away from that backend.
+pub const FLOW_F_REFUSED: u32 = 4;
 
 /// `DatapathConfig::flags`: passive failure detection. A backend's RST or ICMP
 /// unreachable answering a SYN it never accepted is dropped and counted, and the
-/// half-open flow forgotten; so is a flow whose SYN the client had to send again.
+/// half-open flow marked refused; the client's SYN retransmit, on a refused flow
+/// or one left unanswered, is balanced as a new flow away from that backend.
 pub const CONFIG_F_PASSIVE: u32 = 1;
 
 /// Key of the `VIPS` hash map.

@@ -37,7 +37,7 @@ mod program {
             passive_answered, passive_failure,
         },
         nat::{
-            forget_flow, forget_silent, new_flow, restore_reply, save_flow, set_flow_flags,
+            forget_failed, new_flow, refuse_flow, restore_reply, save_flow, set_flow_flags,
             snat_addr,
         },
         packet::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
@@ -106,12 +106,12 @@ mod program {
         // stack frames of nested calls, and these two would not fit nested.
         let is_syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let mut found = FLOWS.get_ptr_mut(&p.key);
-        // The client sending its SYN again, unanswered: with passive detection the
-        // flow is forgotten here and the SYN balanced as a new flow below, away
-        // from the backend that ignored it.
+        // The client sending its SYN again, refused or unanswered: with passive
+        // detection the flow is forgotten here and the SYN balanced as a new flow
+        // below, away from the backend that failed it.
         let mut avoid = BACKEND_NONE;
         if is_syn && let Some(e) = found {
-            avoid = forget_silent(&p.key, e, now);
+            avoid = forget_failed(&p.key, e, now);
             if avoid != BACKEND_NONE {
                 found = None;
             }
@@ -237,7 +237,7 @@ mod program {
                 return Err(Outcome::pass(PASS_NOT_VIP));
             }
             passive_failure(reply.backend_id, PASSIVE_KIND_ICMP, coarse_now());
-            forget_flow(reply, &p.key);
+            refuse_flow(reply, &p.key);
             return Ok(Outcome::drop(DROP_PASSIVE_ICMP));
         }
         if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
@@ -246,11 +246,11 @@ mod program {
         } else if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             let flags = set_flow_flags(reply, &p.key, FLOW_F_CLOSING);
             // A RST to a SYN the backend never answered: nothing listens there. With
-            // passive detection the client does not see it; its SYN retransmit comes
-            // back as a new flow.
+            // passive detection the client does not see it; its SYN retransmit is
+            // balanced afresh, away from this backend.
             if p.tcp_flags & TCP_RST != 0 && passive && flags & FLOW_F_ANSWERED == 0 {
                 passive_failure(reply.backend_id, PASSIVE_KIND_RST, coarse_now());
-                forget_flow(reply, &p.key);
+                refuse_flow(reply, &p.key);
                 return Ok(Outcome::drop(DROP_PASSIVE_RST));
             }
         }

@@ -20,9 +20,9 @@
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
     AF_INET, BACKEND_F_DOWN, BACKEND_F_LOCAL, BACKEND_NONE, Backend, CONFIG_F_PASSIVE,
-    DatapathConfig, FALLBACK_HOPS, FLOW_F_ANSWERED, FLOW_F_CLOSING, FlowKey, FlowState,
-    MAGLEV_SIZE_MAX, NextHop, PASSIVE_KIND_SILENT, PASSIVE_SILENT_NS, PORT_CLAIM_GRACE_NS,
-    ReplyState, VipInfo, counters::*, flow_hash,
+    DatapathConfig, FALLBACK_HOPS, FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_F_REFUSED, FlowKey,
+    FlowState, MAGLEV_SIZE_MAX, NextHop, PASSIVE_KIND_SILENT, PASSIVE_SILENT_NS,
+    PORT_CLAIM_GRACE_NS, ReplyState, VipInfo, counters::*, flow_hash,
 };
 
 use crate::maps::{
@@ -182,39 +182,45 @@ pub fn set_flow_flags(reply: &ReplyState, rkey: &FlowKey, bits: u32) -> u32 {
     f.flags
 }
 
-/// Forget a half-open flow that its backend refused: both table entries go, so the
-/// client's next SYN is a new flow, and its NAT port is free again.
+/// A half-open flow its backend refused: mark it refused and release its NAT port
+/// (the reply entry), so that the client's SYN retransmit finds it and is balanced
+/// afresh, away from that backend, by [`forget_failed`].
 #[inline(never)]
-pub fn forget_flow(reply: &ReplyState, rkey: &FlowKey) {
-    let _ = FLOWS.remove(flow_key_of(reply, rkey));
+pub fn refuse_flow(reply: &ReplyState, rkey: &FlowKey) {
+    set_flow_flags(reply, rkey, FLOW_F_REFUSED);
     let _ = REPLIES.remove(rkey);
 }
 
-/// With passive detection on, whether the flow at `entry` (client's key `key`) is
-/// one its backend never answered, for `PASSIVE_SILENT_NS` or more: if so it is
-/// counted against the backend, reported, and forgotten (both entries), and that
-/// backend's id returned, for the new flow to avoid; else [`BACKEND_NONE`].
+/// With passive detection on, whether the flow at `entry` (client's key `key`),
+/// now seeing its client's SYN again, failed: refused by its backend, or never
+/// answered for `PASSIVE_SILENT_NS` or more (which counts against the backend and
+/// is reported). If so the flow is forgotten and the backend's id returned, for
+/// the new flow to avoid; else [`BACKEND_NONE`].
 #[inline(never)]
-pub fn forget_silent(key: &FlowKey, entry: *mut FlowState, now: u64) -> u32 {
+pub fn forget_failed(key: &FlowKey, entry: *mut FlowState, now: u64) -> u32 {
     let Some(cfg) = CONFIG.get(0) else {
         return BACKEND_NONE;
     };
     // SAFETY: a valid entry pointer from the map, read before the entry is removed.
     let f = unsafe { &*entry };
+    let refused = f.flags & FLOW_F_REFUSED != 0;
     if cfg.flags & CONFIG_F_PASSIVE == 0
         || f.flags & FLOW_F_ANSWERED != 0
         || f.nat_port_be == 0
-        || now.wrapping_sub(f.last_seen_ns) < PASSIVE_SILENT_NS
+        || (!refused && now.wrapping_sub(f.last_seen_ns) < PASSIVE_SILENT_NS)
     {
         return BACKEND_NONE;
     }
-    let silent = f.backend_id;
-    passive_failure(silent, PASSIVE_KIND_SILENT, now);
-    count(PASSIVE_SILENT);
-    let rkey = reply_key(key, f, &snat_addr(cfg, key.family));
-    let _ = REPLIES.remove(&rkey);
+    let failed = f.backend_id;
+    // A refused flow's port was released when it was refused, and may be another
+    // flow's by now; a silent flow's is still its own.
+    if !refused {
+        passive_failure(failed, PASSIVE_KIND_SILENT, now);
+        count(PASSIVE_SILENT);
+        let _ = REPLIES.remove(reply_key(key, f, &snat_addr(cfg, key.family)));
+    }
     let _ = FLOWS.remove(key);
-    silent
+    failed
 }
 
 /// The `REPLIES` key under which the backend's answers to `flow` arrive.

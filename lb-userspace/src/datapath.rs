@@ -118,8 +118,8 @@ pub struct NodeConfig {
     /// Any flow gives its NAT port up this long after its last packet.
     pub flow_idle_timeout: Duration,
     /// Passive failure detection: a backend's RST or ICMP unreachable answering a
-    /// SYN it never accepted is dropped and counted (`PASSIVE_STATS`), and the
-    /// half-open flow forgotten, so the client's SYN retransmit is balanced afresh.
+    /// SYN it never accepted is dropped and counted (`PASSIVE_STATS`), so that the
+    /// client's SYN retransmit is balanced afresh, away from that backend.
     pub passive: bool,
     /// Passive failures in a row that make the datapath report a backend.
     pub passive_threshold: u32,

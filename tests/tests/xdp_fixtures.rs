@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use lb_common::counters::*;
+use lb_common::{FLOW_F_REFUSED, counters::*};
 use lb_userspace::datapath::BackendEntry;
 use tests::{
     fixture::*,
@@ -867,30 +867,21 @@ fn half_open_at(
 
 /// A master's RST answering the SYN it was sent (nothing listens there), with
 /// passive detection `on` or off.
-fn master_rst(on: bool) -> (Lab, u32) {
-    let HalfOpen {
-        mut lab,
-        syn,
-        id,
-        backend,
-        mac,
-        snat,
-    } = half_open(
-        if on {
-            "apilb-fx-prst"
-        } else {
-            "apilb-fx-prst0"
-        },
-        on,
-    );
-    let mut rst = Tcp::syn(mac, FX1_MAC, backend, snat);
+fn master_rst(on: bool) -> HalfOpen {
+    let prefix = if on {
+        "apilb-fx-prst"
+    } else {
+        "apilb-fx-prst0"
+    };
+    let mut h = half_open(prefix, on);
+    let mut rst = Tcp::syn(h.mac, FX1_MAC, h.backend, h.snat);
     rst.syn = false;
     rst.rst = true;
-    rst.ack = Some(syn.seq + 1);
+    rst.ack = Some(h.syn.seq + 1);
     rst.seq = 0;
     if on {
-        lab.run(&Fixture {
-            desc: "RST from a master that never answered the SYN: dropped, flow forgotten",
+        h.lab.run(&Fixture {
+            desc: "RST from a master that never answered the SYN: dropped, flow refused",
             ingress: Ingress::MasterSide,
             input: rst.build(),
             verdict: XDP_DROP,
@@ -902,7 +893,7 @@ fn master_rst(on: bool) -> (Lab, u32) {
             .clone()
             .via(FX0_MAC, CLIENT_MAC)
             .between(sa(VIP4), sa(CLIENT4));
-        lab.run(&Fixture {
+        h.lab.run(&Fixture {
             desc: "RST from a master, passive detection off: reaches the client",
             ingress: Ingress::MasterSide,
             input: rst.build(),
@@ -911,25 +902,61 @@ fn master_rst(on: bool) -> (Lab, u32) {
             counters: vec![(REPLY_HIT, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
         });
     }
-    (lab, id)
+    h
+}
+
+/// Give master `id` (at `backend`) another master as its fallback; that one.
+fn with_fallback(lab: &mut Lab, id: u32, backend: SocketAddr) -> (u32, SocketAddr) {
+    let (other, to) = *masters4()
+        .iter()
+        .find(|(b, _)| *b != id)
+        .expect("three masters");
+    lab.dp
+        .set_backend(
+            id,
+            &BackendEntry {
+                fallback: other,
+                ..BackendEntry::remote(backend)
+            },
+        )
+        .expect("fallback");
+    (other, to)
 }
 
 #[test]
-fn passive_detection_drops_a_rst_to_an_unanswered_syn_and_forgets_the_flow() {
-    let (lab, id) = master_rst(true);
+fn passive_detection_drops_a_rst_to_an_unanswered_syn_and_steers_the_retransmit_away() {
+    let HalfOpen {
+        mut lab,
+        syn,
+        id,
+        backend,
+        ..
+    } = master_rst(true);
     assert_eq!(lab.dp.passive_stats(id).expect("passive stats").rst, 1);
-    assert!(
-        lab.dp.flows().expect("flows").is_empty(),
-        "the half-open flow is gone"
-    );
+    let flows = lab.dp.flows().expect("flows");
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0].1.flags & FLOW_F_REFUSED, FLOW_F_REFUSED);
     assert!(
         lab.dp.replies().expect("replies").is_empty(),
-        "and its reply entry"
+        "its NAT port is free"
     );
+    // The client's retransmit (the ring still names the master: the controller
+    // has not rewritten it yet) goes to the fallback, and counts no second failure.
+    let (other, to) = with_fallback(&mut lab, id, backend);
+    lab.run(&to_master(
+        "the SYN again after the RST: a new flow, to the fallback",
+        &syn,
+        to,
+        40_001,
+        master_mac((other % 10) as u8),
+        vec![(FALLBACK, 1), (FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
+    ));
+    assert_eq!(lab.dp.passive_stats(id).expect("passive stats").rst, 1);
+    assert_eq!(lab.dp.flows().expect("flows").len(), 1, "only the new flow");
     // With detection off the RST goes through and nothing is counted.
-    let (lab, id) = master_rst(false);
-    assert_eq!(lab.dp.passive_stats(id).expect("passive stats").rst, 0);
-    assert_eq!(lab.dp.flows().expect("flows").len(), 1);
+    let h = master_rst(false);
+    assert_eq!(h.lab.dp.passive_stats(h.id).expect("passive stats").rst, 0);
+    assert_eq!(h.lab.dp.flows().expect("flows").len(), 1);
 }
 
 #[test]
@@ -991,20 +1018,7 @@ fn passive_detection_balances_afresh_a_syn_sent_again_to_a_silent_master() {
         mac,
         ..
     } = half_open("apilb-fx-psil", true);
-    // The silent master falls back to another one.
-    let (other, to) = *masters4()
-        .iter()
-        .find(|(b, _)| *b != id)
-        .expect("three masters");
-    lab.dp
-        .set_backend(
-            id,
-            &BackendEntry {
-                fallback: other,
-                ..BackendEntry::remote(backend)
-            },
-        )
-        .expect("fallback");
+    let (other, to) = with_fallback(&mut lab, id, backend);
     // At once, the same SYN again is the same flow.
     lab.run(&to_master(
         "the SYN again at once: same flow, same port",
@@ -1059,7 +1073,7 @@ fn passive_detection_drops_an_icmp_unreachable_for_a_syn_but_not_one_about_the_m
     assert_eq!(lab.dp.flows().expect("flows").len(), 1, "the flow stays");
     let refused = icmp_unreachable(mac, FX1_MAC, backend.ip(), &sent, false);
     lab.run(&Fixture {
-        desc: "ICMP port unreachable for the SYN: dropped, flow forgotten",
+        desc: "ICMP port unreachable for the SYN: dropped, flow refused",
         ingress: Ingress::MasterSide,
         input: refused.clone(),
         verdict: XDP_DROP,
@@ -1068,7 +1082,10 @@ fn passive_detection_drops_an_icmp_unreachable_for_a_syn_but_not_one_about_the_m
     });
     let p = lab.dp.passive_stats(id).expect("passive stats");
     assert_eq!((p.icmp, p.rst, p.silent), (1, 0, 0));
-    assert!(lab.dp.flows().expect("flows").is_empty());
+    assert_eq!(
+        lab.dp.flows().expect("flows")[0].1.flags & FLOW_F_REFUSED,
+        FLOW_F_REFUSED
+    );
     assert!(lab.dp.replies().expect("replies").is_empty());
     lab.run(&unchanged(
         "the same ICMP again, about no flow now: passed",
@@ -1096,7 +1113,7 @@ fn passive_detection_reads_an_icmpv6_unreachable_for_a_syn() {
         false,
     );
     lab.run(&Fixture {
-        desc: "ICMPv6 port unreachable for the SYN: dropped, flow forgotten",
+        desc: "ICMPv6 port unreachable for the SYN: dropped, flow refused",
         ingress: Ingress::MasterSide,
         input: refused.clone(),
         verdict: XDP_DROP,
@@ -1104,7 +1121,7 @@ fn passive_detection_reads_an_icmpv6_unreachable_for_a_syn() {
         counters: vec![(REPLY_HIT, 1), (DROP_PASSIVE_ICMP, 1)],
     });
     assert_eq!(lab.dp.passive_stats(id).expect("passive stats").icmp, 1);
-    assert!(lab.dp.flows().expect("flows").is_empty());
+    assert!(lab.dp.replies().expect("replies").is_empty());
 }
 
 #[test]
