@@ -44,8 +44,10 @@ pub const MAP_SCRATCH: &str = "SCRATCH";
 pub const MAP_PASSIVE_STATS: &str = "PASSIVE_STATS";
 pub const MAP_PASSIVE_EVENTS: &str = "PASSIVE_EVENTS";
 pub const MAP_PASSIVE_STATE: &str = "PASSIVE_STATE";
+pub const MAP_SOCK_ORIG: &str = "SOCK_ORIG";
+pub const MAP_LOCAL_STATS: &str = "LOCAL_STATS";
 /// Every map the datapath object defines, for pinning and for the loader's checks.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 17] = [
     MAP_VIPS,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -61,18 +63,28 @@ pub const ALL_MAPS: [&str; 15] = [
     MAP_PASSIVE_STATS,
     MAP_PASSIVE_EVENTS,
     MAP_PASSIVE_STATE,
+    MAP_SOCK_ORIG,
+    MAP_LOCAL_STATS,
 ];
 
 /// Version of the map layout: the types below, the map set and their sizes. Bump
 /// it with any change to them. Pinned maps live in a directory named after it, so
 /// an upgraded apilb with another layout starts with fresh maps instead of reading
 /// old ones with new types.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 // ---- Program names (the function names in lb-ebpf). ----
 pub const PROG_XDP: &str = "apilb_xdp";
 /// A program that only returns `XDP_DROP`: the floor `cargo xtask bench xdp` compares with.
 pub const PROG_XDP_DROP: &str = "apilb_xdp_drop";
+/// The node-local balancer's socket programs (cgroup/connect4, connect6,
+/// getpeername4, getpeername6), in that order.
+pub const PROG_SOCK: [&str; 4] = [
+    "apilb_connect4",
+    "apilb_connect6",
+    "apilb_getpeername4",
+    "apilb_getpeername6",
+];
 
 // ---- Sizes. ----
 /// VIP ids run from 0 to `MAX_VIPS - 1`; each owns one Maglev ring.
@@ -99,6 +111,11 @@ pub const FALLBACK_HOPS: u32 = 16;
 // ---- Flag bits. ----
 /// `VipInfo::flags`: this node owns the VIP and balances its traffic.
 pub const VIP_F_OWNED: u32 = 1;
+/// `VipInfo::flags`: the node's own processes connecting to this address are
+/// balanced in their `connect()` (node-local mode), owned or not. An extra local
+/// address (`127.0.0.1:6443`) is a `VIPS` entry with only this flag, sharing its
+/// VIP's id and ring.
+pub const VIP_F_LOCAL: u32 = 2;
 /// `Backend::flags`: the backend is this node; deliver the packet untouched to the
 /// local stack, which holds the VIP (topology 2, masters running apilb).
 pub const BACKEND_F_LOCAL: u32 = 1;
@@ -187,6 +204,9 @@ pub struct DatapathConfig {
     /// Passive failures in a row (no SYN-ACK from the backend in between) that make
     /// the datapath tell the controller; at least 1.
     pub passive_threshold: u32,
+    /// Node-local mode balances only sockets of this network namespace (the node's,
+    /// where apilb runs); 0 balances none.
+    pub netns_cookie: u64,
 }
 
 /// Key of both LRU flow tables.
@@ -320,6 +340,17 @@ pub struct PassiveEvent {
     pub at_ns: u64,
 }
 
+/// Value of `SOCK_ORIG`, keyed by socket cookie: the address a node-local socket
+/// asked to connect to, which `getpeername()` reports instead of the backend's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOrig {
+    pub addr_be: [u32; 4],
+    pub port_be: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
 /// One row of `VIP_STATS` (per VIP id) and `BACKEND_STATS` (per backend id), per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -333,7 +364,8 @@ const _: () = {
     assert!(size_of::<VipKey>() == 20);
     assert!(size_of::<VipInfo>() == 16);
     assert!(size_of::<Backend>() == 32);
-    assert!(size_of::<DatapathConfig>() == 56);
+    assert!(size_of::<DatapathConfig>() == 64);
+    assert!(size_of::<SockOrig>() == 20);
     assert!(size_of::<PassiveStats>() == 24);
     assert!(size_of::<PassiveState>() == 16);
     assert!(size_of::<PassiveEvent>() == 16);
@@ -373,4 +405,6 @@ mod pod {
     unsafe impl aya::Pod for super::PassiveEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PassiveState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockOrig {}
 }

@@ -5,6 +5,9 @@
 //! checksums and forward through the FIB (`forward`). A backend's reply is matched in
 //! `REPLIES` and rewritten back to VIP:port. Everything else passes untouched. Every
 //! packet bumps exactly one outcome counter; nothing is logged per packet.
+//!
+//! The node's own processes never reach the XDP hook; `sock` balances their
+//! `connect()` calls with the same rings.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -18,6 +21,8 @@ mod maps;
 mod nat;
 #[cfg(target_arch = "bpf")]
 mod packet;
+#[cfg(target_arch = "bpf")]
+mod sock;
 
 #[cfg(target_arch = "bpf")]
 mod program {

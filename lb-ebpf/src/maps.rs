@@ -10,7 +10,7 @@ use lb_common::{
     Backend, COUNTER_COUNT, DatapathConfig, FLOW_TABLE_SIZE, FlowKey, FlowState, MAGLEV_ENTRIES,
     MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, PASSIVE_EVENT_GAP_NS, PASSIVE_EVENTS_BYTES,
     PASSIVE_KIND_ICMP, PASSIVE_KIND_RST, PassiveEvent, PassiveState, PassiveStats, ReplyState,
-    TrafficStats, VipInfo, VipKey,
+    SockOrig, TrafficStats, VipInfo, VipKey,
 };
 
 #[map]
@@ -45,6 +45,12 @@ pub static PASSIVE_EVENTS: RingBuf = RingBuf::with_byte_size(PASSIVE_EVENTS_BYTE
 /// Per backend id: failures in a row, and when its last `PassiveEvent` was sent.
 #[map]
 pub static PASSIVE_STATE: Array<PassiveState> = Array::with_max_entries(MAX_BACKENDS, 0);
+/// Per socket cookie: the address a node-local socket asked for (see `sock`).
+#[map]
+pub static SOCK_ORIG: LruHashMap<u64, SockOrig> = LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+/// Per backend id: node-local connects sent to it.
+#[map]
+pub static LOCAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 /// Interfaces (by ifindex) that rewritten packets may be redirected to.
 #[map]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);

@@ -53,29 +53,9 @@ pub fn snat_addr(cfg: &DatapathConfig, family: u8) -> [u32; 4] {
 /// is one), hence the config read here and the backend to avoid in the scratch.
 #[inline(never)]
 pub fn new_flow(key: &FlowKey, vip: &VipInfo, now: u64, s: &mut Scratch) -> Result<(), u32> {
-    let avoid = s.avoid;
     let cfg = CONFIG.get(0).ok_or(DROP_NO_SNAT_ADDR)?;
     let snat = snat_addr(cfg, key.family);
-    if vip.ring_size == 0 || vip.ring_size > MAGLEV_SIZE_MAX {
-        return Err(DROP_NO_BACKEND);
-    }
-    let slot = vip.vip_id * MAGLEV_SIZE_MAX + flow_hash(key) % vip.ring_size;
-    let mut backend_id = *MAGLEV.get(slot).ok_or(DROP_NO_BACKEND)?;
-    if backend_id == BACKEND_NONE {
-        return Err(DROP_NO_BACKEND);
-    }
-    let mut backend = BACKENDS.get(backend_id).ok_or(DROP_NO_BACKEND)?;
-    if (backend.flags & BACKEND_F_DOWN != 0 || backend_id == avoid)
-        && let Some((id, b)) = fallback(backend_id, backend.fallback_id, key.family, avoid)
-    {
-        (backend_id, backend) = (id, b);
-        count(FALLBACK);
-    }
-    // An id the controller never set (family 0) or an address of the other family
-    // cannot be written into this packet.
-    if backend.family != key.family {
-        return Err(DROP_NO_BACKEND);
-    }
+    let (backend_id, backend) = pick(vip, flow_hash(key), key.family, s.avoid)?;
     s.flow = FlowState {
         backend_be: backend.addr_be,
         backend_port_be: backend.port_be,
@@ -93,6 +73,39 @@ pub fn new_flow(key: &FlowKey, vip: &VipInfo, now: u64, s: &mut Scratch) -> Resu
         s.flow.nat_port_be = claim_port(key, &snat, cfg, now, s)?;
     }
     Ok(())
+}
+
+/// The backend for a new connection to `vip` whose hash is `hash`: its Maglev
+/// slot's, or, if that one is out of rotation or `avoid`, the next one in rotation
+/// along the fallback order. `Err` is the drop counter.
+#[inline(always)]
+pub fn pick(
+    vip: &VipInfo,
+    hash: u32,
+    family: u8,
+    avoid: u32,
+) -> Result<(u32, &'static Backend), u32> {
+    if vip.ring_size == 0 || vip.ring_size > MAGLEV_SIZE_MAX {
+        return Err(DROP_NO_BACKEND);
+    }
+    let slot = vip.vip_id * MAGLEV_SIZE_MAX + hash % vip.ring_size;
+    let mut backend_id = *MAGLEV.get(slot).ok_or(DROP_NO_BACKEND)?;
+    if backend_id == BACKEND_NONE {
+        return Err(DROP_NO_BACKEND);
+    }
+    let mut backend = BACKENDS.get(backend_id).ok_or(DROP_NO_BACKEND)?;
+    if (backend.flags & BACKEND_F_DOWN != 0 || backend_id == avoid)
+        && let Some((id, b)) = fallback(backend_id, backend.fallback_id, family, avoid)
+    {
+        (backend_id, backend) = (id, b);
+        count(FALLBACK);
+    }
+    // An id the controller never set (family 0) or an address of the other family
+    // cannot be used for this connection.
+    if backend.family != family {
+        return Err(DROP_NO_BACKEND);
+    }
+    Ok((backend_id, backend))
 }
 
 /// The first backend in rotation, of `family` and not `avoid`, along the fallback

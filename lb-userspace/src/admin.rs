@@ -626,6 +626,13 @@ fn encode_backends(e: &mut DescriptorEncoder, backends: &[BackendStatus]) -> std
     )?;
     counters(
         e,
+        "backend_local_connects",
+        "The node's own connects to a VIP sent to the backend (node-local mode)",
+        None,
+        backends.iter().map(|b| (backend(b), b.local_connects)),
+    )?;
+    counters(
+        e,
         "backend_packets",
         "Packets the datapath carried to and from the backend",
         None,

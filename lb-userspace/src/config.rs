@@ -21,8 +21,10 @@ use serde::Deserialize;
 use crate::maglev::is_prime;
 
 mod election;
+mod local;
 
 pub use election::{Election, ElectionSettings, EtcdSettings, VrrpSettings};
+pub use local::LocalSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -72,6 +74,8 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     election: election::RawElection,
+    #[serde(default)]
+    local: local::RawLocal,
 }
 
 #[derive(Debug, Deserialize)]
@@ -277,6 +281,7 @@ pub struct Config {
     pub health: HealthSettings,
     pub admin_listen: SocketAddr,
     pub election: ElectionSettings,
+    pub local: LocalSettings,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -377,6 +382,7 @@ fn validate(raw: RawConfig, facts: &dyn Facts) -> Result<Config, ConfigError> {
         health,
         admin,
         election,
+        local,
     } = raw;
     if instance.is_empty()
         || !instance
@@ -396,6 +402,7 @@ fn validate(raw: RawConfig, facts: &dyn Facts) -> Result<Config, ConfigError> {
         vips.iter().map(|v| (v.addr, v.election)).collect();
     let election = election::validate(election, &elections, &datapath.interfaces, facts)?;
     let health = validate_health(health)?;
+    let local = local::validate(local, &vips)?;
     let admin_listen = admin.listen.parse().map_err(|_| {
         invalid(
             "admin.listen",
@@ -411,6 +418,7 @@ fn validate(raw: RawConfig, facts: &dyn Facts) -> Result<Config, ConfigError> {
         health,
         admin_listen,
         election,
+        local,
     })
 }
 
@@ -843,23 +851,24 @@ mod tests {
         }
     }
 
+    /// Check an example file, its CA file standing in for the one it names.
+    fn check_example(name: &str, text: &str) -> Config {
+        let ca = std::env::temp_dir().join(format!("apilb-{name}-{}.crt", std::process::id()));
+        std::fs::write(&ca, "not parsed here, only read").unwrap();
+        let c = check(&text.replace("/etc/kubernetes/pki/ca.crt", ca.to_str().unwrap()));
+        std::fs::remove_file(&ca).unwrap();
+        c.unwrap_or_else(|e| panic!("examples/{name}: {e}"))
+    }
+
     #[test]
     fn the_shipped_example_is_valid_once_its_ca_file_exists() {
-        let ca = std::env::temp_dir().join(format!("apilb-config-test-{}.crt", std::process::id()));
-        std::fs::write(&ca, "not parsed here, only read").unwrap();
-        let text = include_str!("../../examples/apilb.toml")
-            .replace("/etc/kubernetes/pki/ca.crt", ca.to_str().unwrap());
-        let c = check(&text);
-        std::fs::remove_file(&ca).unwrap();
-        let c = c.expect("examples/apilb.toml is valid");
+        let c = check_example("apilb.toml", include_str!("../../examples/apilb.toml"));
         assert_eq!((c.vips.len(), c.backends.len()), (1, 3));
         assert_eq!(c.health.server_name.as_deref(), Some("kubernetes"));
     }
 
     #[test]
     fn the_election_examples_are_valid() {
-        let ca = std::env::temp_dir().join(format!("apilb-config-ex-{}.crt", std::process::id()));
-        std::fs::write(&ca, "not parsed here, only read").unwrap();
         for (name, text) in [
             ("vrrp.toml", include_str!("../../examples/vrrp.toml")),
             ("etcd.toml", include_str!("../../examples/etcd.toml")),
@@ -868,14 +877,19 @@ mod tests {
                 include_str!("../../examples/active-active.toml"),
             ),
         ] {
-            let text = text.replace("/etc/kubernetes/pki/ca.crt", ca.to_str().unwrap());
-            let c = check(&text).unwrap_or_else(|e| panic!("examples/{name}: {e}"));
+            let c = check_example(name, text);
             assert!(
                 c.vips.iter().all(|v| v.election != Election::Static),
                 "{name}"
             );
         }
-        std::fs::remove_file(&ca).unwrap();
+    }
+
+    #[test]
+    fn the_node_local_example_is_valid() {
+        let c = check_example("local.toml", include_str!("../../examples/local.toml"));
+        assert!(c.local.enabled);
+        assert_eq!(c.local.addresses, vec!["127.0.0.1:6443".parse().unwrap()]);
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub struct Desired {
     pub backends: BTreeMap<u32, BackendSettings>,
     /// Per VIP: the VIP and its Maglev ring (one backend id per slot).
     pub vips: Vec<(Vip, Vec<u32>)>,
+    /// Node-local extra addresses (`[local] addresses`), each standing for the
+    /// first VIP of its family: its id and ring, balanced only in `connect()`.
+    pub aliases: Vec<Vip>,
     /// Backend ids that hold ring slots.
     pub in_rotation: BTreeSet<u32>,
     /// Backend id -> the next one of its family by address, wrapping around: the
@@ -49,6 +52,14 @@ pub struct Desired {
 }
 
 impl Desired {
+    /// Every address in `VIPS`: the VIPs and the node-local aliases.
+    pub fn vip_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.vips
+            .iter()
+            .map(|(v, _)| v.addr)
+            .chain(self.aliases.iter().map(|a| a.addr))
+    }
+
     /// Backend `id` as the datapath should hold it.
     #[must_use]
     pub fn entry(&self, id: u32) -> Option<BackendEntry> {
@@ -79,6 +90,25 @@ pub struct Reconciler {
     backend_ids: BTreeMap<SocketAddr, u32>,
     vip_ids: BTreeMap<SocketAddr, u32>,
     current: Option<Desired>,
+    /// The node's network namespace, for node-local mode (see `NodeConfig`).
+    netns_cookie: u64,
+}
+
+/// The node-local aliases: each address stands for the first VIP of its family.
+fn aliases(config: &Config, vips: &[(Vip, Vec<u32>)]) -> Vec<Vip> {
+    config
+        .local
+        .addresses
+        .iter()
+        .filter_map(|a| {
+            let (vip, _) = vips.iter().find(|(v, _)| v.addr.is_ipv4() == a.is_ipv4())?;
+            Some(Vip {
+                addr: *a,
+                owned: false,
+                ..*vip
+            })
+        })
+        .collect()
 }
 
 /// Give every address an id, keeping the ids of addresses seen before and reusing
@@ -124,7 +154,7 @@ impl Reconciler {
             .collect();
         let mut in_rotation = BTreeSet::new();
         let mut fail_open = false;
-        let vips = config
+        let vips: Vec<(Vip, Vec<u32>)> = config
             .vips
             .iter()
             .map(|v| {
@@ -163,6 +193,7 @@ impl Reconciler {
                     id: self.vip_ids[&v.addr],
                     ring_size: config.datapath.maglev_size,
                     owned: v.election == Election::Static || owned.contains(&v.addr.ip()),
+                    local: config.local.enabled,
                 };
                 (
                     vip,
@@ -182,6 +213,36 @@ impl Reconciler {
             })
             .map(|b| b.addr)
             .collect();
+        let d = &config.datapath;
+        let node = NodeConfig {
+            snat_v4: d.snat_v4,
+            snat_v6: d.snat_v6,
+            ports: d.nat_ports.clone(),
+            nexthop_ttl: d.nexthop_ttl,
+            flow_close_grace: d.flow_close_grace,
+            flow_idle_timeout: d.flow_idle_timeout,
+            passive: config.health.passive,
+            passive_threshold: config.health.passive_threshold,
+            netns_cookie: if config.local.enabled {
+                self.netns_cookie
+            } else {
+                0
+            },
+        };
+        Desired {
+            node,
+            backends,
+            aliases: aliases(config, &vips),
+            vips,
+            in_rotation,
+            fallback: self.fallback_order(),
+            keep_flows,
+            fail_open,
+        }
+    }
+
+    /// Each backend id -> the next of its family by address, wrapping around.
+    fn fallback_order(&self) -> BTreeMap<u32, u32> {
         let mut fallback = BTreeMap::new();
         for v4 in [true, false] {
             let order: Vec<u32> = self
@@ -195,26 +256,13 @@ impl Reconciler {
                 fallback.insert(*id, if next == *id { BACKEND_NONE } else { next });
             }
         }
-        let d = &config.datapath;
-        let node = NodeConfig {
-            snat_v4: d.snat_v4,
-            snat_v6: d.snat_v6,
-            ports: d.nat_ports.clone(),
-            nexthop_ttl: d.nexthop_ttl,
-            flow_close_grace: d.flow_close_grace,
-            flow_idle_timeout: d.flow_idle_timeout,
-            passive: config.health.passive,
-            passive_threshold: config.health.passive_threshold,
-        };
-        Desired {
-            node,
-            backends,
-            vips,
-            in_rotation,
-            fallback,
-            keep_flows,
-            fail_open,
-        }
+        fallback
+    }
+
+    /// Node-local mode balances the sockets of the network namespace with this
+    /// cookie (the node's, where apilb runs).
+    pub fn set_netns_cookie(&mut self, cookie: u64) {
+        self.netns_cookie = cookie;
     }
 
     /// What the last `apply` wrote.
@@ -263,12 +311,18 @@ impl Reconciler {
             dp.write_maglev(vip.id, &delta)?;
             out.ring_slots_written += delta.len();
         }
+        for alias in &desired.aliases {
+            if old.is_none_or(|o| !o.aliases.contains(alias)) {
+                dp.set_vip(alias)?;
+                out.vips_written += 1;
+            }
+        }
         let stale_vips: Vec<SocketAddr> = match old {
-            Some(o) => o.vips.iter().map(|(v, _)| v.addr).collect(),
+            Some(o) => o.vip_addrs().collect(),
             None => dp.vip_addrs()?,
         };
         for addr in stale_vips {
-            if !desired.vips.iter().any(|(v, _)| v.addr == addr) {
+            if !desired.vip_addrs().any(|a| a == addr) {
                 dp.remove_vip(addr)?;
                 out.vips_removed += 1;
             }

@@ -56,6 +56,8 @@ pub enum DaemonError {
     Ownership(#[from] crate::ownership::OwnershipError),
     #[error(transparent)]
     Datapath(#[from] crate::datapath::DatapathError),
+    #[error(transparent)]
+    SockLb(#[from] crate::socklb::SockLbError),
     #[error("reading passive failure events from the datapath")]
     PassiveEvents(#[source] std::io::Error),
     #[error("installing the {0} handler")]
@@ -125,6 +127,9 @@ fn restart_only_change(old: &Config, new: &Config) -> Option<&'static str> {
         Some("datapath.snat_ipv4/snat_ipv6")
     } else if old.election != new.election {
         Some("election")
+    } else if old.local.enabled != new.local.enabled || old.local.cgroup != new.local.cgroup {
+        // The socket programs are attached, or not, at start.
+        Some("local.enabled/local.cgroup")
     } else if elected(old).ne(elected(new)) {
         // Elections run for a fixed set of VIPs; changing it means restarting them.
         Some("an elected vip (its election, vrid or priority)")
@@ -412,6 +417,7 @@ impl Daemon {
             .into_iter()
             .map(|(k, n)| (k.label().to_owned(), n))
             .collect(),
+            local_connects: self.dp.local_connects(id).unwrap_or_default(),
             packets: traffic.packets,
             bytes: traffic.bytes,
             new_flows: traffic.new_flows,
@@ -537,6 +543,30 @@ fn start_datapath(config: &Config) -> Result<Datapath, LoaderError> {
     Ok(dp)
 }
 
+/// Attach the socket programs of node-local mode if it is on, or release those
+/// an earlier run left attached if it is off.
+fn start_node_local(
+    config: &Config,
+    dp: &mut Datapath,
+    reconciler: &mut Reconciler,
+) -> Result<(), crate::socklb::SockLbError> {
+    let pin = loader::pin_dir(&config.instance);
+    if !config.local.enabled {
+        for stale in crate::socklb::detach(&pin)? {
+            info!(pin = %stale.display(), "node-local mode is off: released its socket programs");
+        }
+        return Ok(());
+    }
+    let cgroup = match &config.local.cgroup {
+        Some(c) => c.clone(),
+        None => crate::socklb::cgroup_root()?,
+    };
+    crate::socklb::attach(dp, &cgroup, &pin)?;
+    reconciler.set_netns_cookie(crate::socklb::netns_cookie()?);
+    info!(cgroup = %cgroup.display(), "node-local mode: this node's connects to the VIPs are balanced");
+    Ok(())
+}
+
 /// Run until SIGTERM or SIGINT, serving `snapshot` on the admin endpoint.
 pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), DaemonError> {
     let config = Config::load(&opts.config_path)?;
@@ -551,6 +581,8 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
         let _ = admin_stopped.await;
     }));
     let mut dp = start_datapath(&config)?;
+    let mut reconciler = Reconciler::new();
+    start_node_local(&config, &mut dp, &mut reconciler)?;
     let (passive_tx, mut passive_rx) = mpsc::channel(256);
     let _passive_reader = crate::passive::spawn(dp.take_passive_events()?, passive_tx)
         .map_err(DaemonError::PassiveEvents)?;
@@ -561,7 +593,7 @@ pub async fn run(opts: &RunOptions, snapshot: SharedSnapshot) -> Result<(), Daem
         config,
         config_path: opts.config_path.clone(),
         dp,
-        reconciler: Reconciler::new(),
+        reconciler,
         probes,
         snapshot,
         reloads_applied: 0,

@@ -24,9 +24,10 @@ use lb_common::{
     AF_INET, AF_INET6, BACKEND_F_DOWN, BACKEND_F_LOCAL, BACKEND_NONE, Backend, CONFIG_F_PASSIVE,
     COUNTER_COUNT, DatapathConfig, FLOW_CLOSE_GRACE_DEFAULT_NS, FLOW_IDLE_TIMEOUT_DEFAULT_NS,
     FlowKey, FlowState, IPPROTO_TCP, MAGLEV_SIZE_MAX, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG,
-    MAP_COUNTERS, MAP_FLOWS, MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS, MAP_PORT_CURSOR,
-    MAP_REPLIES, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS,
-    NEXTHOP_TTL_DEFAULT_NS, PassiveStats, ReplyState, TrafficStats, VIP_F_OWNED, VipInfo, VipKey,
+    MAP_COUNTERS, MAP_FLOWS, MAP_LOCAL_STATS, MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS,
+    MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS,
+    NEXTHOP_TTL_DEFAULT_NS, PassiveStats, ReplyState, TrafficStats, VIP_F_LOCAL, VIP_F_OWNED,
+    VipInfo, VipKey,
 };
 
 /// The compiled lb-ebpf object, embedded at build time.
@@ -99,6 +100,9 @@ pub struct Vip {
     pub ring_size: u32,
     /// Whether this node owns the VIP and balances it.
     pub owned: bool,
+    /// Whether the node's own processes connecting to it are balanced (node-local
+    /// mode, `crate::socklb`).
+    pub local: bool,
 }
 
 /// Node-wide datapath settings.
@@ -123,6 +127,9 @@ pub struct NodeConfig {
     pub passive: bool,
     /// Passive failures in a row that make the datapath report a backend.
     pub passive_threshold: u32,
+    /// The network namespace whose sockets node-local mode balances (its cookie,
+    /// `SO_NETNS_COOKIE`); 0: none.
+    pub netns_cookie: u64,
 }
 
 /// A backend as the datapath holds it.
@@ -169,6 +176,7 @@ impl NodeConfig {
             flow_idle_timeout: Duration::from_nanos(FLOW_IDLE_TIMEOUT_DEFAULT_NS),
             passive: false,
             passive_threshold: 1,
+            netns_cookie: 0,
         }
     }
 }
@@ -289,6 +297,7 @@ impl Datapath {
             flow_idle_timeout_ns: nanos(nat.flow_idle_timeout),
             flags: if nat.passive { CONFIG_F_PASSIVE } else { 0 },
             passive_threshold: nat.passive_threshold.max(1),
+            netns_cookie: nat.netns_cookie,
         };
         let mut config: Array<_, DatapathConfig> = self.typed(MAP_CONFIG)?;
         config.set(0, cfg, 0).map_err(map_err(MAP_CONFIG))?;
@@ -314,7 +323,8 @@ impl Datapath {
         }
         let info = VipInfo {
             vip_id: vip.id,
-            flags: if vip.owned { VIP_F_OWNED } else { 0 },
+            flags: if vip.owned { VIP_F_OWNED } else { 0 }
+                | if vip.local { VIP_F_LOCAL } else { 0 },
             ring_size: vip.ring_size,
             _pad: 0,
         };
@@ -430,6 +440,14 @@ impl Datapath {
             .take_map(MAP_PASSIVE_EVENTS)
             .ok_or(DatapathError::MissingMap(MAP_PASSIVE_EVENTS))?;
         aya::maps::RingBuf::try_from(map).map_err(map_err(MAP_PASSIVE_EVENTS))
+    }
+
+    /// Node-local connects sent to backend `id`, summed over CPUs.
+    pub fn local_connects(&self, id: u32) -> Result<u64> {
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map(MAP_LOCAL_STATS)?).map_err(map_err(MAP_LOCAL_STATS))?;
+        let per_cpu = map.get(&id, 0).map_err(map_err(MAP_LOCAL_STATS))?;
+        Ok(per_cpu.iter().sum())
     }
 
     /// Backend `id`'s failures seen on the wire, summed over CPUs.

@@ -13,4 +13,5 @@ pub mod loader;
 pub mod maglev;
 pub mod ownership;
 pub mod passive;
+pub mod socklb;
 pub mod status;

@@ -22,7 +22,7 @@ use aya::{
     EbpfLoader,
     maps::Map,
     programs::{
-        ProgramError, XdpMode,
+        CgroupSockAddr, ProgramError, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
     },
@@ -30,7 +30,8 @@ use aya::{
 use lb_common::{
     ALL_MAPS, Backend, DatapathConfig, FlowKey, FlowState, LAYOUT_VERSION, MAP_BACKEND_STATS,
     MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_MAGLEV, MAP_PORT_CURSOR, MAP_REPLIES,
-    MAP_VIP_STATS, MAP_VIPS, PROG_XDP, PROG_XDP_DROP, ReplyState, TrafficStats, VipInfo, VipKey,
+    MAP_VIP_STATS, MAP_VIPS, PROG_SOCK, PROG_XDP, PROG_XDP_DROP, ReplyState, TrafficStats, VipInfo,
+    VipKey,
 };
 
 use crate::datapath::{Datapath, DatapathError, OBJECT};
@@ -229,6 +230,19 @@ impl Datapath {
                     program: name,
                     source,
                 })?;
+        }
+        // The socket programs of node-local mode, attached only when it is on
+        // (`crate::socklb`).
+        for name in PROG_SOCK {
+            let prog: &mut CgroupSockAddr = dp
+                .ebpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .ok_or(DatapathError::MissingProgram(name))?;
+            prog.load().map_err(|source| DatapathError::Program {
+                program: name,
+                source,
+            })?;
         }
         Ok(dp)
     }

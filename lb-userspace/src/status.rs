@@ -63,6 +63,8 @@ pub struct BackendStatus {
     /// Failures the datapath saw on the wire, by kind: `rst`, `icmp`, `silent`
     /// (see `crate::passive`).
     pub passive_failures: Vec<(String, u64)>,
+    /// The node's own connects sent to this backend (node-local mode).
+    pub local_connects: u64,
     /// Both directions through this backend.
     pub packets: u64,
     pub bytes: u64,

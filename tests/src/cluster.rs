@@ -219,6 +219,7 @@ impl Topology {
             id: 0,
             ring_size: 251,
             owned: true,
+            local: false,
         })
         .expect("vip");
         let ring: Vec<(u32, u32)> = (0..251).map(|slot| (slot, 1)).collect();

@@ -218,6 +218,7 @@ impl Lab {
                 id,
                 ring_size: MAGLEV_SIZE_DEFAULT,
                 owned,
+                local: false,
             })
             .unwrap_or_else(|e| panic!("{}", chain(&e)));
         self.ring(id, backends);

@@ -159,8 +159,13 @@ impl Client {
     /// Connect to the VIP from the client namespace (the calling thread returns to
     /// its own namespace afterwards; the socket stays in the client's).
     pub fn connect(client: &Netns) -> std::io::Result<Self> {
-        let _inside = client.enter();
-        let conn = TcpStream::connect_timeout(&sa(VIP), Duration::from_secs(5))?;
+        Self::connect_to(client, sa(VIP))
+    }
+
+    /// Connect to `addr` from namespace `ns`.
+    pub fn connect_to(ns: &Netns, addr: SocketAddr) -> std::io::Result<Self> {
+        let _inside = ns.enter();
+        let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         conn.set_read_timeout(Some(Duration::from_secs(5)))?;
         Ok(Self {
             reader: BufReader::new(conn.try_clone()?),

@@ -27,6 +27,7 @@ fn out_of_range_ids_ports_and_slots_are_refused_by_name_and_value() {
         id,
         ring_size,
         owned: true,
+        local: false,
     };
     assert_eq!(
         err(dp.set_vip(&vip(16, 65_537))),
@@ -84,6 +85,7 @@ fn unknown_vips_are_named() {
         id: 3,
         ring_size: 251,
         owned: false,
+        local: false,
     })
     .expect("add vip");
     dp.set_owned(sa("192.0.2.7:6443"), true).expect("known vip");
