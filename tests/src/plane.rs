@@ -15,6 +15,7 @@ use std::{
 use crate::{
     cluster::{FOURTH_MASTER, Shape, Topology, VIP_ADDR, apilb_config, master_addrs},
     live::{Apilb, PinDir, Spawned, TempDir, https_via_vip, master_names, stub_apiserver},
+    netns::Netns,
     pki::Pki,
 };
 
@@ -43,12 +44,22 @@ impl ControlPlane {
         Self::start_with(prefix, shape, "")
     }
 
-    /// [`Self::start`], with `health` lines added to apilb's `[health]` section.
+    /// [`Self::start`], with `health` lines added to apilb's `[health]` section
+    /// (after which they may open sections of their own, e.g. `[local]`).
     #[must_use]
     pub fn start_with(prefix: &str, shape: Shape, health: &str) -> Self {
         let t = Topology::with_shape(prefix, shape);
         let dir = TempDir::new(prefix);
-        let pki = Pki::generate(&dir.0, &master_names(), &[VIP_ADDR.parse().expect("vip")]);
+        // 127.0.0.1 too, as k3s and kubespray's node-local proxies have it: a
+        // node-local kubeconfig may point there (`[local] addresses`).
+        let pki = Pki::generate(
+            &dir.0,
+            &master_names(),
+            &[
+                VIP_ADDR.parse().expect("vip"),
+                std::net::Ipv4Addr::LOCALHOST.into(),
+            ],
+        );
         let stubs = master_addrs(shape.masters)
             .map(|m| Some(stub_apiserver(&t, &pki, &dir.0, m)))
             .collect();
@@ -149,4 +160,91 @@ impl ControlPlane {
     pub fn ca(&self) -> &Path {
         &self.pki.ca_pem
     }
+
+    /// Debian's kubectl (`version -o json`, with a kubeconfig as a kubelet's or an
+    /// admin's looks: the server, the cluster CA and a bearer token the stub does
+    /// not check) and curl (`/version`), run in `ns` against `https://{server}`:
+    /// the server version each got, and kubectl's own.
+    ///
+    /// # Panics
+    /// If either fails.
+    #[must_use]
+    pub fn real_clients(&self, ns: &Netns, server: &str) -> RealClients {
+        let home = self.dir.0.join("home");
+        std::fs::create_dir_all(&home).expect("home");
+        let kubeconfig = home.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: apilb\n  cluster:\n    \
+                 server: https://{server}\n    certificate-authority: {}\nusers:\n- name: test\n  \
+                 user:\n    token: apilb-test\ncontexts:\n- name: apilb\n  context:\n    \
+                 cluster: apilb\n    user: test\ncurrent-context: apilb\n",
+                self.ca().display()
+            ),
+        )
+        .expect("kubeconfig");
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .arg(kubectl_bin())
+            .args(["version", "-o", "json"])
+            .env("HOME", &home)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .expect("run kubectl");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "kubectl: {}\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_str(&stdout).expect("kubectl's JSON");
+        let curl = ns.exec(
+            "curl",
+            &[
+                "-sS",
+                "--cacert",
+                &self.ca().display().to_string(),
+                &format!("https://{server}/version"),
+            ],
+        );
+        let c: serde_json::Value = serde_json::from_str(&curl).expect("curl's JSON");
+        RealClients {
+            kubectl: v["clientVersion"]["gitVersion"].to_string(),
+            kubectl_got: v["serverVersion"]["gitVersion"].to_string(),
+            curl_got: c["gitVersion"].to_string(),
+        }
+    }
+}
+
+/// What [`ControlPlane::real_clients`] saw: JSON strings, quotes included.
+pub struct RealClients {
+    pub kubectl: String,
+    pub kubectl_got: String,
+    pub curl_got: String,
+}
+
+/// The server version the stub apiserver reports, as `RealClients` holds it.
+pub const STUB_VERSION: &str = "\"v1.30.0-apilb-stub\"";
+
+/// Debian's kubectl, unpacked by `cargo xtask setup` (or `APILB_KUBECTL`).
+///
+/// # Panics
+/// If it is missing.
+#[must_use]
+pub fn kubectl_bin() -> PathBuf {
+    let path = std::env::var_os("APILB_KUBECTL").map_or_else(
+        || {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/tools/kubernetes-client/usr/bin/kubectl")
+        },
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask setup`",
+        path.display()
+    );
+    path
 }

@@ -15,6 +15,7 @@ use tests::{
     cluster::{MASTERS, Shape, Topology, VIP, apilb_config},
     fixture::sa,
     live::{Apilb, Client, EchoServer, PinDir, TempDir},
+    plane::{ControlPlane, STUB_VERSION},
 };
 
 const LIFETIME: Duration = Duration::from_mins(2);
@@ -34,6 +35,11 @@ struct Local {
 
 impl Local {
     fn start(prefix: &str) -> Self {
+        Self::start_after(prefix, |_| {})
+    }
+
+    /// [`Local::start`], running `prepare` on the topology before apilb starts.
+    fn start_after(prefix: &str, prepare: impl FnOnce(&Topology)) -> Self {
         let t = Topology::with_shape(
             prefix,
             Shape {
@@ -41,6 +47,7 @@ impl Local {
                 ..Shape::default()
             },
         );
+        prepare(&t);
         let masters = MASTERS
             .iter()
             .enumerate()
@@ -174,4 +181,134 @@ fn a_dead_master_gets_no_new_local_connects_and_the_others_keep_theirs() {
     for (m, c) in open.iter_mut().filter(|(m, _)| m != dead) {
         assert_eq!(&c.ask_master().expect("still open"), m);
     }
+}
+
+#[test]
+fn curl_and_kubectl_on_the_node_reach_the_apiservers_by_the_vip_and_by_localhost() {
+    let p = ControlPlane::start_with(
+        "apilb-localtls",
+        Shape::default(),
+        "[local]\nenabled = true\naddresses = [\"127.0.0.1:6443\"]",
+    );
+    for server in [VIP, LOCALHOST] {
+        let seen = p.real_clients(p.t.lb(), server);
+        eprintln!(
+            "local: on the LB node, kubectl {} got {} and curl got {} from https://{server}",
+            seen.kubectl, seen.kubectl_got, seen.curl_got
+        );
+        assert_eq!(
+            (seen.kubectl_got.as_str(), seen.curl_got.as_str()),
+            (STUB_VERSION, STUB_VERSION)
+        );
+    }
+}
+
+/// What kube-proxy would write for the `kubernetes` service (cluster IP
+/// 10.96.0.1:443 to the three masters) in iptables mode: its chain layout,
+/// comments, probabilities and masquerade marking.
+const KUBE_PROXY_IPTABLES: &str = "*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SVC-NPX46M4PTMTKRN6Y - [0:0]
+:KUBE-SEP-A4ZJ2AMMSYSXX2EU - [0:0]
+:KUBE-SEP-B7Z3PQR2N2WXFQLK - [0:0]
+:KUBE-SEP-C5QW6HZXY4GJ3T2M - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0
+-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully
+-A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -m comment --comment \"default/kubernetes:https cluster IP\" -m tcp --dport 443 -j KUBE-SVC-NPX46M4PTMTKRN6Y
+-A KUBE-SVC-NPX46M4PTMTKRN6Y -m comment --comment \"default/kubernetes:https -> 198.51.100.11:6443\" -m statistic --mode random --probability 0.33333333349 -j KUBE-SEP-A4ZJ2AMMSYSXX2EU
+-A KUBE-SVC-NPX46M4PTMTKRN6Y -m comment --comment \"default/kubernetes:https -> 198.51.100.12:6443\" -m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-B7Z3PQR2N2WXFQLK
+-A KUBE-SVC-NPX46M4PTMTKRN6Y -m comment --comment \"default/kubernetes:https -> 198.51.100.13:6443\" -j KUBE-SEP-C5QW6HZXY4GJ3T2M
+-A KUBE-SEP-A4ZJ2AMMSYSXX2EU -s 198.51.100.11/32 -m comment --comment default/kubernetes:https -j KUBE-MARK-MASQ
+-A KUBE-SEP-A4ZJ2AMMSYSXX2EU -p tcp -m comment --comment default/kubernetes:https -m tcp -j DNAT --to-destination 198.51.100.11:6443
+-A KUBE-SEP-B7Z3PQR2N2WXFQLK -s 198.51.100.12/32 -m comment --comment default/kubernetes:https -j KUBE-MARK-MASQ
+-A KUBE-SEP-B7Z3PQR2N2WXFQLK -p tcp -m comment --comment default/kubernetes:https -m tcp -j DNAT --to-destination 198.51.100.12:6443
+-A KUBE-SEP-C5QW6HZXY4GJ3T2M -s 198.51.100.13/32 -m comment --comment default/kubernetes:https -j KUBE-MARK-MASQ
+-A KUBE-SEP-C5QW6HZXY4GJ3T2M -p tcp -m comment --comment default/kubernetes:https -m tcp -j DNAT --to-destination 198.51.100.13:6443
+COMMIT
+";
+
+/// The same service in kube-proxy's nftables mode, at cluster IP 10.96.0.2: a
+/// `kube-proxy` table whose service chain picks an endpoint with `numgen`.
+const KUBE_PROXY_NFT: &str = "table ip kube-proxy {
+  chain nat-prerouting { type nat hook prerouting priority dstnat; policy accept; jump services; }
+  chain nat-output { type nat hook output priority -100; policy accept; jump services; }
+  chain services { ip daddr 10.96.0.2 tcp dport 443 goto service-kubernetes; }
+  chain service-kubernetes {
+    numgen random mod 3 vmap { 0 : goto endpoint-1, 1 : goto endpoint-2, 2 : goto endpoint-3 }
+  }
+  chain endpoint-1 { meta l4proto tcp dnat to 198.51.100.11:6443; }
+  chain endpoint-2 { meta l4proto tcp dnat to 198.51.100.12:6443; }
+  chain endpoint-3 { meta l4proto tcp dnat to 198.51.100.13:6443; }
+}
+";
+
+/// Both rulesets as the LB node's tools print them: the rules, without the
+/// packet counters that traffic moves (`nft --stateless`) or iptables-save's
+/// comment lines, which carry a timestamp.
+fn rulesets(t: &Topology) -> (String, String) {
+    let saved = t
+        .lb()
+        .exec("iptables-save", &[])
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (
+        saved,
+        t.lb().exec("nft", &["--stateless", "list", "ruleset"]),
+    )
+}
+
+#[test]
+fn kube_proxys_iptables_and_nftables_rules_keep_working_and_stay_byte_identical() {
+    let mut before = (String::new(), String::new());
+    let mut local = Local::start_after("apilb-localkp", |t| {
+        let dir = TempDir::new("apilb-localkp");
+        let (ipt, nft) = (dir.0.join("rules.iptables"), dir.0.join("rules.nft"));
+        std::fs::write(&ipt, KUBE_PROXY_IPTABLES).expect("rules");
+        std::fs::write(&nft, KUBE_PROXY_NFT).expect("rules");
+        let lb = t.lb();
+        lb.exec(
+            "iptables-restore",
+            &["--noflush", ipt.to_str().expect("path")],
+        );
+        lb.exec("nft", &["-f", nft.to_str().expect("path")]);
+        // The service CIDR is routed (a node has a default route; these do not).
+        lb.ip(&["route", "add", "10.96.0.0/12", "via", "198.51.100.1"]);
+        before = rulesets(t);
+    });
+    assert!(before.0.contains("KUBE-SVC-NPX46M4PTMTKRN6Y") && before.1.contains("kube-proxy"));
+    let reach = |local: &Local, to: &str| {
+        let (by, failed) = local.spread(sa(to), 60);
+        assert_eq!((by.len(), failed), (3, 0), "{to}: {by:?}");
+    };
+    for to in ["10.96.0.1:443", "10.96.0.2:443", VIP] {
+        reach(&local, to);
+    }
+    let during = rulesets(&local.t);
+    local.apilb.signal(libc::SIGTERM);
+    assert_eq!(
+        local.apilb.wait(Duration::from_secs(10)),
+        Some(0),
+        "apilb exits on SIGTERM"
+    );
+    let after = rulesets(&local.t);
+    for to in ["10.96.0.1:443", "10.96.0.2:443"] {
+        reach(&local, to);
+    }
+    eprintln!(
+        "local: kube-proxy rules, {} bytes of iptables-save and {} of nft list ruleset, \
+         identical before, during and after apilb",
+        before.0.len(),
+        before.1.len()
+    );
+    assert_eq!(before, during, "apilb changed a rule while running");
+    assert_eq!(before, after, "apilb changed a rule by exiting");
 }

@@ -12,8 +12,6 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
-    process::Command,
     sync::Mutex,
     thread,
     time::{Duration, Instant},
@@ -22,7 +20,7 @@ use std::{
 use tests::{
     cluster::{MASTERS, Shape, Topology, VIP, apilb_config},
     live::{Apilb, Client, EchoServer, PinDir, TempDir},
-    plane::{ControlPlane, FAILOVER_TARGET},
+    plane::{ControlPlane, FAILOVER_TARGET, STUB_VERSION},
     traffic::Traffic,
 };
 
@@ -254,74 +252,15 @@ fn a_fourth_master_added_by_sighup_takes_a_quarter_of_new_connections_and_no_str
 }
 
 /// Debian's kubectl (kubernetes-client), as `cargo xtask setup` unpacks it.
-fn kubectl() -> PathBuf {
-    let path = std::env::var_os("APILB_KUBECTL").map_or_else(
-        || {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/tools/kubernetes-client/usr/bin/kubectl")
-        },
-        PathBuf::from,
-    );
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo xtask setup`",
-        path.display()
-    );
-    path
-}
-
 #[test]
 fn kubectl_and_curl_get_the_stub_apiservers_version_through_the_vip() {
     let _serial = serial();
     let p = ControlPlane::start("apilb-kubectl", Shape::default());
-    // A kubeconfig as a kubelet's or an admin's looks: the VIP, the cluster CA and a
-    // bearer token (which the stub does not check).
-    let home = p.dir.0.join("home");
-    std::fs::create_dir_all(&home).expect("home");
-    let kubeconfig = home.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: apilb\n  cluster:\n    \
-             server: https://{VIP}\n    certificate-authority: {}\nusers:\n- name: test\n  \
-             user:\n    token: apilb-test\ncontexts:\n- name: apilb\n  context:\n    \
-             cluster: apilb\n    user: test\ncurrent-context: apilb\n",
-            p.ca().display()
-        ),
-    )
-    .expect("kubeconfig");
-    let out = Command::new("ip")
-        .args(["netns", "exec", p.t.client.name()])
-        .arg(kubectl())
-        .args(["version", "-o", "json"])
-        .env("HOME", &home)
-        .env("KUBECONFIG", &kubeconfig)
-        .output()
-        .expect("run kubectl");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "kubectl: {}\n{stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_str(&stdout).expect("kubectl's JSON");
-    let server = &v["serverVersion"]["gitVersion"];
+    let seen = p.real_clients(&p.t.client, VIP);
     eprintln!(
-        "scenario real-client: kubectl {} got server {server}",
-        v["clientVersion"]["gitVersion"]
+        "scenario real-client: kubectl {} got server {}; curl got {}",
+        seen.kubectl, seen.kubectl_got, seen.curl_got
     );
-    assert_eq!(server, "v1.30.0-apilb-stub");
-
-    let curl = p.t.client.exec(
-        "curl",
-        &[
-            "-sS",
-            "--cacert",
-            &p.ca().display().to_string(),
-            &format!("https://{VIP}/version"),
-        ],
-    );
-    let v: serde_json::Value = serde_json::from_str(&curl).expect("curl's JSON");
-    assert_eq!(v["gitVersion"], "v1.30.0-apilb-stub");
+    assert_eq!(seen.kubectl_got, STUB_VERSION);
+    assert_eq!(seen.curl_got, STUB_VERSION);
 }
