@@ -165,7 +165,11 @@ impl Client {
     /// Connect to `addr` from namespace `ns`.
     pub fn connect_to(ns: &Netns, addr: SocketAddr) -> std::io::Result<Self> {
         let _inside = ns.enter();
-        let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        Self::from_stream(TcpStream::connect_timeout(&addr, Duration::from_secs(5))?)
+    }
+
+    /// A client over a connected stream.
+    pub fn from_stream(conn: TcpStream) -> std::io::Result<Self> {
         conn.set_read_timeout(Some(Duration::from_secs(5)))?;
         Ok(Self {
             reader: BufReader::new(conn.try_clone()?),

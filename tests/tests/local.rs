@@ -28,8 +28,8 @@ const N: usize = 3000;
 struct Local {
     apilb: Apilb,
     masters: Vec<Option<EchoServer>>,
-    _pins: PinDir,
-    _dir: TempDir,
+    pins: PinDir,
+    dir: TempDir,
     t: Topology,
 }
 
@@ -72,8 +72,8 @@ impl Local {
         let local = Self {
             apilb,
             masters,
-            _pins: pins,
-            _dir: dir,
+            pins,
+            dir,
             t,
         };
         local.wait_spread(Duration::from_secs(10), |m| m.len() == 3);
@@ -311,4 +311,96 @@ fn kube_proxys_iptables_and_nftables_rules_keep_working_and_stay_byte_identical(
     );
     assert_eq!(before, during, "apilb changed a rule while running");
     assert_eq!(before, after, "apilb changed a rule by exiting");
+}
+
+/// How many connects in a row from the LB node to the VIP succeed, from a thread,
+/// until `stop`; and how many fail.
+fn connect_loop(
+    ns: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> thread::JoinHandle<(usize, usize)> {
+    thread::spawn(move || {
+        let _inside = tests::netns::enter(&ns);
+        let (mut ok, mut failed) = (0, 0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+            let answered = std::net::TcpStream::connect_timeout(&sa(VIP), Duration::from_secs(2))
+                .and_then(|c| {
+                    let mut c = Client::from_stream(c)?;
+                    c.ask_master()
+                });
+            if answered.is_ok() {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
+        }
+        (ok, failed)
+    })
+}
+
+#[test]
+fn the_socket_programs_keep_balancing_through_a_restart_until_apilb_detach() {
+    let mut local = Local::start("apilb-localre");
+    let pinned = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&local.pins.0)
+            .expect("pins")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("sock-"))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(pinned().len(), 4, "{:?}", pinned());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = connect_loop(local.t.lb().name().to_owned(), std::sync::Arc::clone(&stop));
+    thread::sleep(Duration::from_millis(300));
+    // SIGKILL, then a new apilb, which attaches its own links and releases these.
+    local.apilb.signal(libc::SIGKILL);
+    assert!(
+        local.apilb.wait(Duration::from_secs(5)).is_some(),
+        "apilb died"
+    );
+    thread::sleep(Duration::from_millis(300));
+    let config = local.dir.0.join("apilb.toml");
+    local.apilb = Apilb::start(local.t.lb(), &config, &local.dir.0.join("apilb-2.log"));
+    assert!(
+        local
+            .apilb
+            .wait_log("datapath updated", Duration::from_secs(15)),
+        "{}",
+        local.apilb.log_text()
+    );
+    thread::sleep(Duration::from_millis(300));
+    // SIGTERM leaves them attached too.
+    local.apilb.signal(libc::SIGTERM);
+    assert_eq!(local.apilb.wait(Duration::from_secs(10)), Some(0));
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().expect("load thread");
+    eprintln!("local: {ok} connects through a SIGKILL, a restart and a SIGTERM: {failed} failed");
+    assert_eq!(failed, 0, "{ok} succeeded");
+    assert!(ok > 100, "{ok} connects");
+    assert_eq!(
+        pinned().len(),
+        4,
+        "the restart replaced the links, one each"
+    );
+    // apilb detach releases them: the VIP, on no interface, is unreachable again.
+    let instance = local.pins.instance();
+    tests::netns::run(
+        "nsenter",
+        &[
+            &format!("--net=/run/netns/{}", local.t.lb().name()),
+            tests::live::apilb_bin().to_str().expect("path"),
+            "detach",
+            "--instance",
+            &instance,
+        ],
+    );
+    assert!(
+        Client::connect_to(local.t.lb(), sa(VIP)).is_err(),
+        "after apilb detach no connect is balanced"
+    );
 }
