@@ -21,6 +21,11 @@ pub enum Part {
     /// host goes silent, behind apilb, haproxy (kubeadm's HA guide config and its
     /// defaults) and iptables DNAT; 3 trials each.
     Failover,
+    /// New connections from the LB node itself (connect, first byte, close, 4
+    /// workers): node-local mode's socket-LB to the VIP against a direct connect to
+    /// one master and kubespray's nginx stream proxy on localhost; connections/s and
+    /// p50/p99 connect + first-byte latency, as ratios to direct.
+    Local,
 }
 
 pub fn run(part: Part) -> anyhow::Result<()> {
@@ -34,6 +39,10 @@ pub fn run(part: Part) -> anyhow::Result<()> {
         Part::Failover => {
             build_apilb_and_stub()?;
             &["bench-failover", "bench-masters"]
+        }
+        Part::Local => {
+            build_apilb_and_stub()?;
+            &["bench-local"]
         }
     };
     for bin in bins {

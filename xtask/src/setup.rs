@@ -18,7 +18,9 @@ use crate::{exec, step};
 /// code; iproute2, procps, ethtool, util-linux (nsenter) and curl for the tests'
 /// namespaces; keepalived and etcd-server, the real peers of the election tests;
 /// nftables, which makes a test master refuse or reject SYNs; haproxy and iptables,
-/// what the master-failure benchmark compares apilb with.
+/// what the master-failure benchmark compares apilb with; nginx and its stream
+/// module (a separate package on Debian, loaded with `load_module`), the node-local
+/// proxy the local benchmark compares apilb with.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -35,6 +37,8 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "haproxy",
     "iptables",
+    "nginx",
+    "libnginx-mod-stream",
 ];
 /// The bpf-linker release known to work with rustc 1.95's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -84,7 +88,20 @@ fn apt() -> anyhow::Result<()> {
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    )?;
+    // On a systemd host nginx's postinst starts and enables its daemon (on :80); the
+    // benchmark runs its own nginx in a namespace, and nothing else wants one.
+    if missing.contains(&"nginx")
+        && Command::new("systemctl")
+            .args(["is-active", "--quiet", "nginx.service"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    {
+        step("stopping and disabling the nginx service the package started");
+        exec(Command::new("systemctl").args(["disable", "--now", "nginx.service"]))?;
+    }
+    Ok(())
 }
 
 /// The rustup components: rust-src (the eBPF crate builds `core` from source) and
