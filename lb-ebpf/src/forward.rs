@@ -25,7 +25,7 @@ use network_types::{
 use crate::{
     Outcome,
     csum::Delta,
-    maps::{TX_PORTS, count},
+    maps::{SCRATCH, TX_PORTS, count},
     packet::{Parsed, ptr_at},
 };
 
@@ -88,13 +88,21 @@ fn bytes6(a: &[u32; 4]) -> [u8; 16] {
 }
 
 /// Ask the FIB for the next hop towards `t.dst_be` and store it in `hop`; false on
-/// any miss. A call, not inlined: it runs once per next-hop TTL, and its 64-byte
-/// request would otherwise sit on the hot path's stack.
+/// any miss. A call, not inlined: it runs once per next-hop TTL. Its 64-byte
+/// request lives in the scratch slot: on the stack it made this call's frame, with
+/// the `memset` that zeroes it as one more call below, too deep for the 6.1
+/// verifier's 512-byte sum over a call chain.
 #[inline(never)]
 fn fib_next_hop(ctx: &XdpContext, p: &Parsed, t: &Tuple, now: u64, hop: &mut NextHop) -> bool {
     count(FIB_LOOKUP);
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's scratch slot; only its `fib` field is touched, through
+    // the raw pointer, as `t` or the caller's flow may point into other fields.
+    let fib = unsafe { &mut *(&raw mut (*scratch).fib) };
     // SAFETY: `bpf_fib_lookup` is plain old data; all-zero is its documented start.
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    *fib = unsafe { core::mem::zeroed() };
     fib.family = p.key.family;
     fib.l4_protocol = p.key.proto;
     fib.sport = t.sport_be;
@@ -109,12 +117,12 @@ fn fib_next_hop(ctx: &XdpContext, p: &Parsed, t: &Tuple, now: u64, hop: &mut Nex
         fib.__bindgen_anon_3.ipv6_src = t.src_be;
         fib.__bindgen_anon_4.ipv6_dst = t.dst_be;
     }
-    // SAFETY: `fib` is a valid, initialised `bpf_fib_lookup` on our stack and the
-    // size passed is its size; the context pointer is the program's own.
+    // SAFETY: `fib` is a valid, initialised `bpf_fib_lookup` in the scratch slot
+    // and the size passed is its size; the context pointer is the program's own.
     let rc = unsafe {
         fib_lookup(
             ctx.as_ptr(),
-            &raw mut fib,
+            &raw mut *fib,
             size_of::<bpf_fib_lookup>() as i32,
             0,
         )

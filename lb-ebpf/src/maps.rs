@@ -70,6 +70,8 @@ pub struct Scratch {
     /// The backend a new flow must not get (it just ignored the flow's SYN), or
     /// `BACKEND_NONE`: an argument of `nat::new_flow`, which has no room for it.
     pub avoid: u32,
+    /// The FIB request of `forward::fib_next_hop`.
+    pub fib: aya_ebpf::bindings::bpf_fib_lookup,
 }
 
 #[map]

@@ -165,7 +165,12 @@ pub fn ensure_bpffs(path: &Path) -> Result<bool> {
         }
         st.f_type
     };
-    if magic == BPF_FS_MAGIC {
+    // `f_type` is an i64 in glibc and a u64 in musl; the magic fits either.
+    #[allow(
+        clippy::useless_conversion,
+        reason = "the conversion is needed on musl"
+    )]
+    if i64::try_from(magic).ok() == Some(BPF_FS_MAGIC) {
         return Ok(false);
     }
     let fstype = c"bpf";

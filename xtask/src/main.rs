@@ -6,6 +6,7 @@
 
 mod bench;
 mod setup;
+mod vm;
 
 use std::process::Command;
 
@@ -39,6 +40,9 @@ enum Task {
         #[command(subcommand)]
         part: bench::Part,
     },
+    /// Build static binaries, boot Debian's kernels (6.1 and 6.12 by default) in
+    /// qemu and run the packet-fixture suite in each; a table per kernel.
+    VmTest(vm::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +82,10 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { part } => {
             setup::run()?;
             bench::run(part)
+        }
+        Task::VmTest(args) => {
+            setup::run()?;
+            vm::run(&args)
         }
     }
 }

@@ -20,7 +20,8 @@ use crate::{exec, step};
 /// nftables, which makes a test master refuse or reject SYNs; haproxy and iptables,
 /// what the master-failure benchmark compares apilb with; nginx and its stream
 /// module (a separate package on Debian, loaded with `load_module`), the node-local
-/// proxy the local benchmark compares apilb with.
+/// proxy the local benchmark compares apilb with; qemu, musl-tools (ring builds C
+/// for the static binaries), busybox-static, cpio and xz-utils for `vm-test`.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -39,6 +40,11 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "nginx",
     "libnginx-mod-stream",
+    "qemu-system-x86",
+    "musl-tools",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
 ];
 /// The bpf-linker release known to work with rustc 1.95's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
