@@ -3,6 +3,7 @@
 //! all removed on drop.
 
 use std::{
+    collections::HashMap,
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
@@ -202,6 +203,27 @@ impl Client {
 }
 
 static NEXT_DIR: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// `n` new connections from `ns` to `to`, each asking an echo master its name:
+/// how many each master answered (by address), and how many failed.
+#[must_use]
+pub fn spread(ns: &Netns, to: SocketAddr, n: usize) -> (HashMap<String, usize>, usize) {
+    let mut by = HashMap::new();
+    let mut failed = 0;
+    for _ in 0..n {
+        match Client::connect_to(ns, to).and_then(|mut c| c.ask_master()) {
+            Ok(m) => *by.entry(m).or_insert(0) += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    (by, failed)
+}
+
+/// apilb's `/metrics` as served in namespace `ns` (on the default admin address).
+#[must_use]
+pub fn metrics(ns: &Netns) -> String {
+    ns.exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"])
+}
 
 /// A temporary directory for one test, `<tmp>/<prefix>-<pid>-<n>`, removed on drop.
 pub struct TempDir(pub PathBuf);

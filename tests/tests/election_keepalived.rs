@@ -146,7 +146,7 @@ fn misconfigured_peer_is_refused(t: &Topology, dir: &TempDir, apilb: &Node, vers
         "{reason} rejections logged:\n{}",
         apilb.apilb().log_text()
     );
-    let metrics = t.lbs[0].exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"]);
+    let metrics = tests::live::metrics(&t.lbs[0]);
     assert!(
         metrics.contains(&format!(
             "apilb_vrrp_adverts_rejected_total{{reason=\"{reason}\"}}"

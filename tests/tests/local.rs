@@ -80,18 +80,9 @@ impl Local {
         local
     }
 
-    /// `n` new connections from the LB node to `to`: how many each master answered
-    /// (by address), and how many failed.
+    /// `n` new connections from the LB node to `to`.
     fn spread(&self, to: SocketAddr, n: usize) -> (HashMap<String, usize>, usize) {
-        let mut by = HashMap::new();
-        let mut failed = 0;
-        for _ in 0..n {
-            match Client::connect_to(self.t.lb(), to).and_then(|mut c| c.ask_master()) {
-                Ok(m) => *by.entry(m).or_insert(0) += 1,
-                Err(_) => failed += 1,
-            }
-        }
-        (by, failed)
+        tests::live::spread(self.t.lb(), to, n)
     }
 
     /// Wait (bounded) until 30 connections to the VIP all succeed and spread as
@@ -110,12 +101,6 @@ impl Local {
             );
             thread::sleep(Duration::from_millis(100));
         }
-    }
-
-    fn metrics(&self) -> String {
-        self.t
-            .lb()
-            .exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"])
     }
 }
 
@@ -149,8 +134,7 @@ fn the_nodes_own_connects_to_the_vip_reach_the_masters_and_name_the_vip_as_peer(
         );
     }
     thread::sleep(Duration::from_millis(1100)); // the snapshot is republished every second
-    let counted: u64 = local
-        .metrics()
+    let counted: u64 = tests::live::metrics(local.t.lb())
         .lines()
         .filter(|l| l.starts_with("apilb_backend_local_connects_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())

@@ -130,9 +130,7 @@ fn nft(p: &ControlPlane, rules: &str) {
 /// The victim's passive failures of `kind` in `/metrics` (republished every second).
 fn passive_failures(p: &ControlPlane, kind: &str) -> u64 {
     thread::sleep(Duration::from_millis(1100));
-    let metrics =
-        p.t.lb()
-            .exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"]);
+    let metrics = tests::live::metrics(p.t.lb());
     let series = format!(
         "apilb_backend_passive_failures_total{{backend=\"{VICTIM_ADDR}\",kind=\"{kind}\"}} "
     );

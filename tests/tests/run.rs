@@ -16,7 +16,8 @@ use std::{
 };
 
 use tests::{
-    cluster::{LB_DEV, MASTERS, Topology, apilb_config},
+    cluster::{LB_DEV, MASTERS, Topology, VIP, apilb_config},
+    fixture::sa,
     live::{Apilb, Client, EchoServer, PinDir},
 };
 
@@ -30,18 +31,9 @@ fn config_text(instance: &str) -> String {
     )
 }
 
-/// `n` new connections through the VIP: how many each master answered, and how
-/// many failed.
+/// `n` new connections from the client through the VIP.
 fn spread(t: &Topology, n: usize) -> (HashMap<String, usize>, usize) {
-    let mut by_master = HashMap::new();
-    let mut failed = 0;
-    for _ in 0..n {
-        match Client::connect(&t.client).and_then(|mut c| c.ask_master()) {
-            Ok(m) => *by_master.entry(m).or_insert(0) += 1,
-            Err(_) => failed += 1,
-        }
-    }
-    (by_master, failed)
+    tests::live::spread(&t.client, sa(VIP), n)
 }
 
 /// Wait (bounded) until `pred` holds for a spread of `n` connections.
@@ -73,9 +65,7 @@ fn admin_endpoint_reports_three_healthy_masters(t: &Topology) {
             "{m} healthy in:\n{status}"
         );
     }
-    let metrics = t
-        .lb()
-        .exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"]);
+    let metrics = tests::live::metrics(t.lb());
     assert!(
         metrics.lines().any(|l| l == "apilb_fail_open 0"),
         "{metrics}"
@@ -182,9 +172,7 @@ fn every_master_dies_then_returns(t: &Topology, servers: &mut [Option<EchoServer
     let fail_open = |want: &str| {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let m = t
-                .lb()
-                .exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"]);
+            let m = tests::live::metrics(t.lb());
             if m.lines().any(|l| l == want) || Instant::now() > deadline {
                 return m.lines().any(|l| l == want);
             }

@@ -260,7 +260,7 @@ fn main() {
 /// caught up.
 fn local_connects(lb: &Netns) -> Vec<String> {
     thread::sleep(Duration::from_millis(1100));
-    let metrics = lb.exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"]);
+    let metrics = tests::live::metrics(lb);
     let key = "apilb_backend_local_connects_total{backend=";
     let lines = metrics.lines().filter_map(|l| l.strip_prefix(key));
     lines.map(|l| l.replace(['"', '}'], "")).collect()
