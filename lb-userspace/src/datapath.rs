@@ -37,6 +37,13 @@ pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_
 pub enum DatapathError {
     #[error("loading the eBPF object into the kernel failed")]
     Load(#[source] aya::EbpfError),
+    /// A load failure on a kernel older than apilb needs ([`crate::kernel`]).
+    #[error("{explanation}")]
+    Kernel {
+        explanation: String,
+        #[source]
+        source: Box<DatapathError>,
+    },
     #[error("the eBPF object has no map named {0}")]
     MissingMap(&'static str),
     #[error("the eBPF object has no XDP program named {0}")]

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod election;
 pub mod health;
+pub mod kernel;
 pub mod loader;
 pub mod maglev;
 pub mod ownership;

@@ -190,6 +190,18 @@ pub fn ensure_bpffs(path: &Path) -> Result<bool> {
     Ok(true)
 }
 
+/// A load failure, explained by what the running kernel lacks if it is older than
+/// apilb needs.
+fn too_old(e: DatapathError) -> DatapathError {
+    match crate::kernel::explain(&crate::kernel::release(), false) {
+        Some(explanation) => DatapathError::Kernel {
+            explanation,
+            source: Box::new(e),
+        },
+        None => e,
+    }
+}
+
 impl Datapath {
     /// Load the embedded programs, creating their maps or, with a pin directory,
     /// reusing the ones pinned there (see the module docs). Not attached anywhere yet.
@@ -215,7 +227,9 @@ impl Datapath {
         for (name, path) in &pins {
             loader.map_pin_path(name, path);
         }
-        let ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
+        let ebpf = loader
+            .load(OBJECT)
+            .map_err(|e| too_old(DatapathError::Load(e)))?;
         let mut dp = Self {
             ebpf,
             pinned_links: Vec::new(),
@@ -229,12 +243,12 @@ impl Datapath {
             check_layout(dp.map(name)?, name, path, opts.flow_table_size)?;
         }
         for name in [PROG_XDP, PROG_XDP_DROP] {
-            dp.xdp(name)?
-                .load()
-                .map_err(|source| DatapathError::Program {
+            dp.xdp(name)?.load().map_err(|source| {
+                too_old(DatapathError::Program {
                     program: name,
                     source,
-                })?;
+                })
+            })?;
         }
         // The socket programs of node-local mode, attached only when it is on
         // (`crate::socklb`).
@@ -244,9 +258,11 @@ impl Datapath {
                 .program_mut(name)
                 .and_then(|p| p.try_into().ok())
                 .ok_or(DatapathError::MissingProgram(name))?;
-            prog.load().map_err(|source| DatapathError::Program {
-                program: name,
-                source,
+            prog.load().map_err(|source| {
+                too_old(DatapathError::Program {
+                    program: name,
+                    source,
+                })
             })?;
         }
         Ok(dp)

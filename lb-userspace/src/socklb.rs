@@ -63,6 +63,9 @@ pub enum SockLbError {
     },
     #[error("reading this network namespace's cookie (SO_NETNS_COOKIE)")]
     NetnsCookie(#[source] io::Error),
+    /// Node-local mode on a kernel older than it needs ([`crate::kernel`]).
+    #[error("{0}")]
+    Kernel(String, #[source] io::Error),
 }
 
 type Result<T> = std::result::Result<T, SockLbError>;
@@ -150,7 +153,13 @@ pub fn netns_cookie() -> Result<u64> {
         )
     };
     if rc != 0 {
-        return Err(SockLbError::NetnsCookie(io::Error::last_os_error()));
+        let e = io::Error::last_os_error();
+        return Err(
+            match crate::kernel::explain(&crate::kernel::release(), true) {
+                Some(explanation) => SockLbError::Kernel(explanation, e),
+                None => SockLbError::NetnsCookie(e),
+            },
+        );
     }
     Ok(cookie)
 }
