@@ -26,9 +26,11 @@ enum Task {
     /// bpf-linker, Debian's kubectl), skipping what is already there.
     Setup,
     /// Run `setup`, check formatting, then every test: unit tests, packet fixtures
-    /// in the kernel, and the namespace scenarios. Needs root.
+    /// in the kernel, the namespace scenarios, and then `vm-test` (the fixtures and
+    /// the smoke test on Debian's 6.1 and 6.12 kernels in qemu). Needs root.
     Test {
-        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter;
+        /// with any, `vm-test` is skipped.
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -41,7 +43,8 @@ enum Task {
         part: bench::Part,
     },
     /// Build static binaries, boot Debian's kernels (6.1 and 6.12 by default) in
-    /// qemu and run the packet-fixture suite in each; a table per kernel.
+    /// qemu and run the packet fixtures and the smoke test in each; a row per
+    /// kernel.
     VmTest(vm::Args),
 }
 
@@ -57,7 +60,13 @@ fn main() -> anyhow::Result<()> {
             step("running the test suite (cargo test: every default member)");
             let mut cmd = cargo();
             cmd.args(["test", "--"]).args(&args);
-            exec(&mut cmd)
+            exec(&mut cmd)?;
+            if !args.is_empty() {
+                step("test arguments given: skipping vm-test");
+                return Ok(());
+            }
+            step("running the suite on other kernels (cargo xtask vm-test)");
+            vm::run(&vm::Args::default())
         }
         Task::Demo => {
             setup::run()?;

@@ -1,13 +1,16 @@
 //! `cargo xtask vm-test`: the datapath loaded and run on other kernels, the
-//! distribution kernels users run, each booted in qemu (TCG: a KVM boot hung on
-//! this kind of machine, see `../shared/TOOLCHAIN.md`).
+//! distribution kernels users run, each booted in qemu: under KVM if it reaches
+//! `/init` within 15 s, else TCG (a KVM boot hangs on this kind of machine, see
+//! `../shared/TOOLCHAIN.md`).
 //!
-//! 1. apilb and the packet-fixture suite are built as static (musl) binaries.
+//! 1. apilb and the VM's test binaries ([`SUITES`]: the packet fixtures and the
+//!    smoke test) are built as static (musl) binaries.
 //! 2. Each kernel comes from Debian's archive (`apt-get download` and `dpkg-deb
 //!    -x`) and is cached under `target/vm/kernels/<package>_<version>/`.
-//! 3. An initramfs holds busybox, iproute2's `ip` with its libraries (busybox's
-//!    `ip` has no `netns`), the kernel's `veth` module, the binaries, and an `/init`
-//!    that mounts proc, sys, bpffs and cgroup2, runs the suite and powers off.
+//! 3. An initramfs holds busybox, iproute2's `ip` and `ethtool` with their
+//!    libraries, the kernel's modules for veth and bridges, the binaries, and an
+//!    `/init` that mounts proc, sys, bpffs and cgroup2, runs the suites and powers
+//!    off.
 //! 4. The console is read line by line: libtest's `test <name> ... ok|FAILED`,
 //!    and `APILB-VM` lines from `/init`.
 
@@ -30,8 +33,11 @@ pub const DEFAULT_KERNELS: [&str; 2] = ["linux-image-amd64", "linux-image-6.12-a
 const MUSL: &str = "x86_64-unknown-linux-musl";
 /// A boot and the whole suite, under TCG, must finish within this.
 const RUN_LIMIT: Duration = Duration::from_mins(15);
+/// A KVM boot must reach `/init` within this, or TCG takes over (a KVM boot hung
+/// on this kind of machine; TCG reaches `/init` in about 5 s).
+const KVM_BOOT_LIMIT: Duration = Duration::from_secs(15);
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Default)]
 pub struct Args {
     /// A Debian kernel package (a metapackage such as `linux-image-amd64`, or a
     /// concrete `linux-image-<release>`). Repeat for several. Default: Debian 12's
@@ -45,6 +51,8 @@ struct Row {
     package: String,
     version: String,
     release: String,
+    /// `kvm` or `tcg`.
+    accel: String,
     boot: Option<Duration>,
     took: Duration,
     passed: Vec<String>,
@@ -61,17 +69,17 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         args.kernels.clone()
     };
     let mut rows = Vec::new();
+    let mut kvm = kvm_available();
     for meta in &kernels {
         let (package, version) = resolve(meta)?;
         let dir = fetch(&root, &package, &version)?;
         let release = release_of(&dir)?;
         let initrd = initramfs(&root, &dir, &release, &bins)?;
-        step(&format!(
-            "booting {package} {version} ({release}) in qemu (TCG)"
-        ));
+        step(&format!("booting {package} {version} ({release}) in qemu"));
         let mut row = boot(
             &dir.join("boot").join(format!("vmlinuz-{release}")),
             &initrd,
+            &mut kvm,
         )?;
         row.package = package;
         row.version = version;
@@ -95,18 +103,23 @@ fn target_dir() -> anyhow::Result<PathBuf> {
     Ok(here.parent().context("xtask has a parent")?.join("target"))
 }
 
-/// The static binaries the VM runs: apilb and the packet-fixture test binary.
+/// The static binaries the VM runs: apilb and the test binaries of [`SUITES`].
 struct Bins {
     apilb: PathBuf,
-    fixtures: PathBuf,
+    tests: Vec<(&'static str, PathBuf)>,
 }
+
+/// The test binaries run in the VM, in order: the packet fixtures (every program
+/// loads and rewrites packets as the host's run expects), then the smoke test
+/// (`apilb run` balancing real connections in network namespaces).
+const SUITES: [&str; 2] = ["xdp_fixtures", "smoke"];
 
 fn build_static() -> anyhow::Result<Bins> {
     step(&format!(
         "adding the rust target {MUSL} (skipped if present)"
     ));
     exec(Command::new("rustup").args(["target", "add", MUSL]))?;
-    step("building apilb and the packet-fixture suite as static binaries (musl, release)");
+    step("building apilb and the VM's test binaries as static binaries (musl, release)");
     exec(cargo().args([
         "build",
         "--quiet",
@@ -116,34 +129,44 @@ fn build_static() -> anyhow::Result<Bins> {
         "-p",
         "lb-userspace",
     ]))?;
-    let out = cargo()
-        .args([
-            "test",
-            "--no-run",
-            "--release",
-            "--target",
-            MUSL,
-            "-p",
-            "tests",
-        ])
-        .args(["--test", "xdp_fixtures", "--message-format", "json"])
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "--no-run",
+        "--release",
+        "--target",
+        MUSL,
+        "-p",
+        "tests",
+        "--message-format",
+        "json",
+    ]);
+    for suite in SUITES {
+        cmd.args(["--test", suite]);
+    }
+    let out = cmd
         .stderr(Stdio::inherit())
         .output()
         .context("cargo test --no-run")?;
     if !out.status.success() {
-        bail!("building the fixture suite for {MUSL} failed");
+        bail!("building the VM's test binaries for {MUSL} failed");
     }
-    let fixtures = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("\"executable\"") && l.contains("xdp_fixtures"))
-        .find_map(|l| {
-            let (_, rest) = l.split_once("\"executable\":\"")?;
-            Some(PathBuf::from(rest.split_once('"')?.0))
+    let json = String::from_utf8_lossy(&out.stdout);
+    let tests = SUITES
+        .iter()
+        .map(|&suite| {
+            json.lines()
+                .filter(|l| l.contains(&format!("\"name\":\"{suite}\"")))
+                .find_map(|l| {
+                    let (_, rest) = l.split_once("\"executable\":\"")?;
+                    Some((suite, PathBuf::from(rest.split_once('"')?.0)))
+                })
+                .with_context(|| format!("cargo did not name the {suite} binary"))
         })
-        .context("cargo did not name the fixture binary")?;
+        .collect::<anyhow::Result<_>>()?;
     Ok(Bins {
         apilb: target_dir()?.join(MUSL).join("release").join("apilb"),
-        fixtures,
+        tests,
     })
 }
 
@@ -230,55 +253,61 @@ mount -t bpf bpf /sys/fs/bpf
 mkdir -p /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup
 echo "APILB-VM kernel $(uname -r)"
 echo "APILB-VM init"
-if insmod /lib/veth.ko; then echo "APILB-VM PASS veth module"; else echo "APILB-VM FAIL veth module"; fi
+for m in /lib/mods/*.ko; do
+  name=${m##*/}; name=${name#*-}; name=${name%.ko}
+  if insmod "$m"; then echo "APILB-VM PASS module $name"; else echo "APILB-VM FAIL module $name"; fi
+done
 ip link set lo up
 /apilb/apilb --version
-/apilb/xdp_fixtures --test-threads=1 2>&1
+for t in SUITES; do "/apilb/$t" --test-threads=1 2>&1; done
 echo "APILB-VM DONE"
 poweroff -f
 "#;
+
+/// Kernel modules the tests need, in load order (dependencies first): the
+/// topology's veth pairs and its bridge. One that is built in is skipped.
+const MODULES: [&str; 4] = ["llc", "stp", "bridge", "veth"];
+
+/// Host programs the tests run beyond busybox: iproute2's `ip` (busybox's has no
+/// `netns`) and `ethtool`, each with the shared libraries it loads.
+const HOST_TOOLS: [&str; 2] = ["/usr/bin/ip", "/usr/sbin/ethtool"];
 
 /// Build the initramfs for the kernel unpacked at `dir`.
 fn initramfs(root: &Path, dir: &Path, release: &str, bins: &Bins) -> anyhow::Result<PathBuf> {
     let stage = root.join(format!("initramfs-{release}"));
     let _ = std::fs::remove_dir_all(&stage);
-    for d in ["bin", "lib", "apilb", "usr/local/bin"] {
+    for d in ["bin", "lib/mods", "apilb", "usr/local/bin"] {
         std::fs::create_dir_all(stage.join(d))?;
     }
     std::fs::copy("/bin/busybox", stage.join("bin/busybox"))?;
-    // iproute2's ip and the shared libraries it loads, at their own paths.
-    let ip = "/usr/bin/ip";
-    std::fs::copy(ip, stage.join("usr/local/bin/ip"))?;
-    for lib in output(Command::new("ldd").arg(ip))?
-        .lines()
-        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
-    {
-        let to = stage.join(lib.trim_start_matches('/'));
-        std::fs::create_dir_all(to.parent().context("a library has a directory")?)?;
-        std::fs::copy(lib, &to).with_context(|| format!("copying {lib}"))?;
+    for tool in HOST_TOOLS {
+        let name = Path::new(tool).file_name().context("a tool has a name")?;
+        std::fs::copy(tool, stage.join("usr/local/bin").join(name))
+            .with_context(|| format!("copying {tool}"))?;
+        for lib in output(Command::new("ldd").arg(tool))?
+            .lines()
+            .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
+        {
+            let to = stage.join(lib.trim_start_matches('/'));
+            std::fs::create_dir_all(to.parent().context("a library has a directory")?)?;
+            std::fs::copy(lib, &to).with_context(|| format!("copying {lib}"))?;
+        }
     }
     std::fs::copy(&bins.apilb, stage.join("apilb/apilb"))?;
-    std::fs::copy(&bins.fixtures, stage.join("apilb/xdp_fixtures"))?;
-    let modules = dir
-        .join("lib/modules")
-        .join(release)
-        .join("kernel/drivers/net");
-    let veth = stage.join("lib/veth.ko");
-    if modules.join("veth.ko").exists() {
-        std::fs::copy(modules.join("veth.ko"), &veth)?;
-    } else {
-        let xz = Command::new("xz")
-            .arg("-dc")
-            .arg(modules.join("veth.ko.xz"))
-            .output()
-            .context("xz")?;
-        if !xz.status.success() {
-            bail!("cannot unpack veth.ko.xz of {release}");
+    for (suite, bin) in &bins.tests {
+        std::fs::copy(bin, stage.join("apilb").join(suite))?;
+    }
+    let modules = dir.join("lib/modules").join(release);
+    for (i, module) in MODULES.iter().enumerate() {
+        let to = stage.join(format!("lib/mods/{i}-{module}.ko"));
+        match find_module(&modules.join("kernel"), module) {
+            Some(file) => unpack_module(&file, &to)?,
+            None if builtin(&modules, module) => {}
+            None => bail!("kernel {release} has no module {module}, built in or loadable"),
         }
-        std::fs::write(&veth, xz.stdout)?;
     }
     let init = stage.join("init");
-    std::fs::write(&init, INIT)?;
+    std::fs::write(&init, INIT.replace("SUITES", &SUITES.join(" ")))?;
     exec(Command::new("chmod").arg("+x").arg(&init))?;
     let image = root.join(format!("initramfs-{release}.cpio"));
     let packed = Command::new("sh")
@@ -295,14 +324,47 @@ fn initramfs(root: &Path, dir: &Path, release: &str, bins: &Bins) -> anyhow::Res
     Ok(image)
 }
 
-/// Boot `kernel` with `initrd` and read the console until `/init` powers off or
-/// `RUN_LIMIT` passes.
-fn boot(kernel: &Path, initrd: &Path) -> anyhow::Result<Row> {
+/// Boot `kernel` with `initrd`, with KVM first while it works: a KVM boot that
+/// does not reach `/init` within [`KVM_BOOT_LIMIT`] is killed, and this kernel
+/// and every later one boot under TCG.
+fn boot(kernel: &Path, initrd: &Path, kvm: &mut bool) -> anyhow::Result<Row> {
+    if *kvm {
+        let row = boot_with("kvm", kernel, initrd, KVM_BOOT_LIMIT)?;
+        if row.boot.is_some() {
+            return Ok(row);
+        }
+        step(&format!(
+            "KVM did not reach /init within {} s; using TCG from here on",
+            KVM_BOOT_LIMIT.as_secs()
+        ));
+        *kvm = false;
+    }
+    boot_with("tcg", kernel, initrd, RUN_LIMIT)
+}
+
+/// Whether KVM is there to try: `/dev/kvm` opens read-write.
+fn kvm_available() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// Boot under `accel` and read the console until `/init` powers off, `/init` is
+/// not reached within `boot_limit`, or `RUN_LIMIT` passes.
+fn boot_with(
+    accel: &str,
+    kernel: &Path,
+    initrd: &Path,
+    boot_limit: Duration,
+) -> anyhow::Result<Row> {
+    step(&format!("booting under {accel}"));
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args([
             "-accel",
-            "tcg",
+            accel,
             "-m",
             "1024",
             "-smp",
@@ -333,6 +395,7 @@ fn boot(kernel: &Path, initrd: &Path) -> anyhow::Result<Row> {
         package: String::new(),
         version: String::new(),
         release: String::new(),
+        accel: accel.to_owned(),
         boot: None,
         took: Duration::ZERO,
         passed: Vec::new(),
@@ -340,7 +403,12 @@ fn boot(kernel: &Path, initrd: &Path) -> anyhow::Result<Row> {
         done: false,
     };
     loop {
-        let left = RUN_LIMIT.saturating_sub(started.elapsed());
+        let limit = if row.boot.is_some() {
+            RUN_LIMIT
+        } else {
+            boot_limit
+        };
+        let left = limit.saturating_sub(started.elapsed());
         let Ok(line) = rx.recv_timeout(left) else {
             break;
         };
@@ -370,8 +438,8 @@ fn boot(kernel: &Path, initrd: &Path) -> anyhow::Result<Row> {
 
 fn table(rows: &[Row]) -> String {
     let mut t = String::from(
-        "| kernel | package | boot to init | whole run | passed | failed |\n\
-         | --- | --- | ---: | ---: | ---: | --- |\n",
+        "| kernel | package | qemu | boot to init | whole run | passed | failed |\n\
+         | --- | --- | --- | ---: | ---: | ---: | --- |\n",
     );
     for r in rows {
         let failed = if r.done {
@@ -385,10 +453,11 @@ fn table(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             t,
-            "| {} | {} {} | {} | {:.0} s | {} | {} |",
+            "| {} | {} {} | {} | {} | {:.0} s | {} | {} |",
             r.release,
             r.package,
             r.version,
+            r.accel,
             r.boot.map_or_else(
                 || "never".to_owned(),
                 |b| format!("{:.1} s", b.as_secs_f64())
@@ -399,6 +468,52 @@ fn table(rows: &[Row]) -> String {
         );
     }
     t
+}
+
+/// `<name>.ko`, compressed or not, anywhere under `dir`.
+fn find_module(dir: &Path, name: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(found) = find_module(&path, name) {
+                return Some(found);
+            }
+        } else if ["ko", "ko.xz", "ko.zst"]
+            .iter()
+            .any(|ext| entry.file_name().to_str() == Some(&format!("{name}.{ext}")))
+        {
+            return Some(path);
+        }
+    }
+    None
+}
+
+/// Whether the kernel has `name` built in (`modules.builtin`).
+fn builtin(modules: &Path, name: &str) -> bool {
+    std::fs::read_to_string(modules.join("modules.builtin"))
+        .is_ok_and(|list| list.lines().any(|l| l.ends_with(&format!("/{name}.ko"))))
+}
+
+/// Copy a module, decompressing it: busybox's `insmod` takes plain `.ko` only.
+fn unpack_module(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let tool = match from.extension().and_then(|e| e.to_str()) {
+        Some("xz") => "xz",
+        Some("zst") => "zstd",
+        _ => {
+            std::fs::copy(from, to)?;
+            return Ok(());
+        }
+    };
+    let out = Command::new(tool)
+        .arg("-dc")
+        .arg(from)
+        .output()
+        .with_context(|| format!("cannot start {tool}"))?;
+    if !out.status.success() {
+        bail!("{tool} could not unpack {}", from.display());
+    }
+    std::fs::write(to, out.stdout)?;
+    Ok(())
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
