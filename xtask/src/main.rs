@@ -27,7 +27,7 @@ enum Task {
     Setup,
     /// Run `setup`, check formatting, then every test: unit tests, packet fixtures
     /// in the kernel, the namespace scenarios, and then `vm-test` (the fixtures and
-    /// the smoke test on Debian's 6.1 and 6.12 kernels in qemu). Needs root.
+    /// the smoke test on Debian's and Ubuntu's kernels in qemu). Needs root.
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter;
         /// with any, `vm-test` is skipped.
@@ -42,9 +42,9 @@ enum Task {
         #[command(subcommand)]
         part: bench::Part,
     },
-    /// Build static binaries, boot Debian's kernels (6.1 and 6.12 by default) in
-    /// qemu and run the packet fixtures and the smoke test in each; a row per
-    /// kernel.
+    /// Build static binaries, boot other kernels in qemu (by default Debian 12's
+    /// 6.1 and 6.12, Ubuntu's 5.15 and 6.8) and run the packet fixtures and the
+    /// smoke test in each; a row per kernel.
     VmTest(vm::Args),
 }
 

@@ -21,7 +21,8 @@ use crate::{exec, step};
 /// what the master-failure benchmark compares apilb with; nginx and its stream
 /// module (a separate package on Debian, loaded with `load_module`), the node-local
 /// proxy the local benchmark compares apilb with; qemu, musl-tools (ring builds C
-/// for the static binaries), busybox-static, cpio and xz-utils for `vm-test`.
+/// for the static binaries), busybox-static, cpio, xz-utils and zstd (Debian's
+/// and Ubuntu's compressed modules) for `vm-test`.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -45,6 +46,7 @@ const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     "cpio",
     "xz-utils",
+    "zstd",
 ];
 /// The bpf-linker release known to work with rustc 1.95's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -5,8 +5,9 @@
 //!
 //! 1. apilb and the VM's test binaries ([`SUITES`]: the packet fixtures and the
 //!    smoke test) are built as static (musl) binaries.
-//! 2. Each kernel comes from Debian's archive (`apt-get download` and `dpkg-deb
-//!    -x`) and is cached under `target/vm/kernels/<package>_<version>/`.
+//! 2. Each kernel comes from Debian's archive (`apt-get download`) or Ubuntu's
+//!    (its `Packages` index, then the image and modules packages), is unpacked
+//!    with `dpkg-deb -x` and cached under `target/vm/kernels/<package>_<version>/`.
 //! 3. An initramfs holds busybox, iproute2's `ip` and `ethtool` with their
 //!    libraries, the kernel's modules for veth and bridges, the binaries, and an
 //!    `/init` that mounts proc, sys, bpffs and cgroup2, runs the suites and powers
@@ -28,8 +29,15 @@ use anyhow::{Context as _, bail};
 
 use crate::{cargo, exec, step};
 
-/// Debian 12's kernels: 6.1 LTS (the default) and 6.12 (bookworm's newest).
-pub const DEFAULT_KERNELS: [&str; 2] = ["linux-image-amd64", "linux-image-6.12-amd64"];
+/// Debian 12's kernels, 6.1 LTS (its default) and 6.12 (its newest), then Ubuntu
+/// 22.04's 5.15 (the oldest here, near apilb's minimum, see `lb-userspace/src/
+/// kernel.rs`) and 24.04's 6.8.
+pub const DEFAULT_KERNELS: [&str; 4] = [
+    "linux-image-amd64",
+    "linux-image-6.12-amd64",
+    "ubuntu/jammy",
+    "ubuntu/noble",
+];
 const MUSL: &str = "x86_64-unknown-linux-musl";
 /// A boot and the whole suite, under TCG, must finish within this.
 const RUN_LIMIT: Duration = Duration::from_mins(15);
@@ -40,8 +48,10 @@ const KVM_BOOT_LIMIT: Duration = Duration::from_secs(15);
 #[derive(clap::Args, Default)]
 pub struct Args {
     /// A Debian kernel package (a metapackage such as `linux-image-amd64`, or a
-    /// concrete `linux-image-<release>`). Repeat for several. Default: Debian 12's
-    /// 6.1 and 6.12.
+    /// concrete `linux-image-<release>`), `ubuntu/<suite>` for the newest generic
+    /// kernel of an Ubuntu release, or `debian/<suite>` for a Debian release
+    /// outside the apt sources. Repeat for several. Default: Debian
+    /// 12's 6.1 and 6.12, Ubuntu's jammy (5.15) and noble (6.8).
     #[arg(long = "kernel")]
     kernels: Vec<String>,
 }
@@ -71,8 +81,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut kvm = kvm_available();
     for meta in &kernels {
-        let (package, version) = resolve(meta)?;
-        let dir = fetch(&root, &package, &version)?;
+        let kernel = resolve(&root, meta)?;
+        let dir = fetch(&root, &kernel)?;
+        let Kernel {
+            package, version, ..
+        } = kernel;
         let release = release_of(&dir)?;
         let initrd = initramfs(&root, &dir, &release, &bins)?;
         step(&format!("booting {package} {version} ({release}) in qemu"));
@@ -170,25 +183,117 @@ fn build_static() -> anyhow::Result<Bins> {
     })
 }
 
-/// The concrete image package behind `meta` and its candidate version.
-fn resolve(meta: &str) -> anyhow::Result<(String, String)> {
-    let depends = output(Command::new("apt-cache").args(["depends", meta]))?;
+/// A kernel to boot: its image package, the version, and where its `.deb`s come
+/// from.
+struct Kernel {
+    package: String,
+    version: String,
+    /// Empty: `apt-get download <package>=<version>` from this machine's sources.
+    /// Otherwise the URLs of the image and modules packages.
+    urls: Vec<String>,
+}
+
+/// `ubuntu/<suite>` and `debian/<suite>`: a release's kernel, from its archive.
+const UBUNTU: &str = "http://archive.ubuntu.com/ubuntu";
+const DEBIAN: &str = "http://deb.debian.org/debian";
+
+/// The concrete image package behind `spec`: a Debian package (a metapackage
+/// such as `linux-image-amd64` or a concrete `linux-image-<release>`) and its
+/// candidate version in the apt sources; `ubuntu/<suite>`: the newest
+/// `linux-image-generic` in `<suite>-updates`; or `debian/<suite>`, a Debian
+/// release not in the apt sources (e.g. `debian/bullseye`): its
+/// `linux-image-amd64`.
+fn resolve(root: &Path, spec: &str) -> anyhow::Result<Kernel> {
+    if let Some(suite) = spec.strip_prefix("ubuntu/") {
+        let dist = format!("{suite}-updates");
+        return resolve_archive(root, UBUNTU, &dist, "linux-image-generic", true);
+    }
+    if let Some(suite) = spec.strip_prefix("debian/") {
+        return resolve_archive(root, DEBIAN, suite, "linux-image-amd64", false);
+    }
+    let depends = output(Command::new("apt-cache").args(["depends", spec]))?;
     let package = depends
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
         .find(|d| d.starts_with("linux-image-"))
-        .map_or_else(|| meta.to_owned(), str::to_owned);
+        .map_or_else(|| spec.to_owned(), str::to_owned);
     let policy = output(Command::new("apt-cache").args(["policy", &package]))?;
     let version = policy
         .lines()
         .find_map(|l| l.trim().strip_prefix("Candidate: "))
         .filter(|v| *v != "(none)")
         .with_context(|| format!("no candidate version of {package} in the apt sources"))?;
-    Ok((package, version.to_owned()))
+    Ok(Kernel {
+        package,
+        version: version.to_owned(),
+        urls: Vec::new(),
+    })
 }
 
-/// The unpacked package, downloading it unless cached.
-fn fetch(root: &Path, package: &str, version: &str) -> anyhow::Result<PathBuf> {
+/// The image package `meta` depends on in `archive`'s `dist`, read from its
+/// `Packages` index. Ubuntu splits a kernel in two packages (`split_modules`):
+/// `linux-image-<release>` holds `vmlinuz`, `linux-modules-<release>` the modules,
+/// veth and bridge among them.
+fn resolve_archive(
+    root: &Path,
+    archive: &str,
+    dist: &str,
+    meta: &str,
+    split_modules: bool,
+) -> anyhow::Result<Kernel> {
+    let index_url = format!("{archive}/dists/{dist}/main/binary-amd64/Packages.gz");
+    let index = root.join("downloads").join(format!(
+        "{}-Packages.gz",
+        index_url.replace(['/', ':'], "_")
+    ));
+    std::fs::create_dir_all(index.parent().context("downloads dir")?)?;
+    step(&format!("reading {index_url}"));
+    exec(
+        Command::new("curl")
+            .args(["-fsS", "--retry", "3", "-o"])
+            .arg(&index)
+            .arg(&index_url),
+    )?;
+    let text = output(Command::new("zcat").arg(&index))?;
+    let stanza = |name: &str| {
+        text.split("\n\n")
+            .find(|s| s.lines().next() == Some(&format!("Package: {name}")))
+            .map(str::to_owned)
+            .with_context(|| format!("no {name} in {index_url}"))
+    };
+    let field = |stanza: &str, key: &str| {
+        stanza
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}: ")))
+            .map(str::to_owned)
+            .with_context(|| format!("no {key} in {stanza}"))
+    };
+    let package = field(&stanza(meta)?, "Depends")?
+        .split(", ")
+        .find_map(|d| {
+            d.split_whitespace()
+                .next()
+                .filter(|n| n.starts_with("linux-image-"))
+        })
+        .map(str::to_owned)
+        .with_context(|| format!("{meta} names no image"))?;
+    let mut stanzas = vec![stanza(&package)?];
+    if split_modules {
+        stanzas.push(stanza(&package.replace("linux-image-", "linux-modules-"))?);
+    }
+    Ok(Kernel {
+        version: field(&stanzas[0], "Version")?,
+        urls: stanzas
+            .iter()
+            .map(|s| Ok(format!("{archive}/{}", field(s, "Filename")?)))
+            .collect::<anyhow::Result<_>>()?,
+        package,
+    })
+}
+
+/// The unpacked packages, downloading them unless cached.
+fn fetch(root: &Path, kernel: &Kernel) -> anyhow::Result<PathBuf> {
+    let (package, version) = (&kernel.package, &kernel.version);
     let dir = root.join("kernels").join(format!("{package}_{version}"));
     if dir.join("boot").exists() {
         step(&format!(
@@ -197,24 +302,24 @@ fn fetch(root: &Path, package: &str, version: &str) -> anyhow::Result<PathBuf> {
         ));
         return Ok(dir);
     }
-    let downloads = root.join("downloads");
+    let downloads = root.join("downloads").join(format!("{package}_{version}"));
+    let _ = std::fs::remove_dir_all(&downloads);
     std::fs::create_dir_all(&downloads)?;
     step(&format!("downloading {package} {version}"));
-    exec(
-        Command::new("apt-get")
-            .args(["download", "-q", &format!("{package}={version}")])
-            .current_dir(&downloads),
-    )?;
-    let deb = std::fs::read_dir(&downloads)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.extension().is_some_and(|e| e == "deb")
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&format!("{package}_")))
-        })
-        .context("apt-get download left no .deb")?;
+    if kernel.urls.is_empty() {
+        exec(
+            Command::new("apt-get")
+                .args(["download", "-q", &format!("{package}={version}")])
+                .current_dir(&downloads),
+        )?;
+    }
+    for url in &kernel.urls {
+        exec(
+            Command::new("curl")
+                .args(["-fsS", "--retry", "3", "-O", url])
+                .current_dir(&downloads),
+        )?;
+    }
     // Unpacked beside its final name, then renamed: a cut-off unpack is never
     // taken for a cached kernel.
     let partial = root
@@ -222,9 +327,16 @@ fn fetch(root: &Path, package: &str, version: &str) -> anyhow::Result<PathBuf> {
         .join(format!("{package}_{version}.partial"));
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial)?;
-    exec(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
+    for deb in std::fs::read_dir(&downloads)?.flatten() {
+        exec(
+            Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(deb.path())
+                .arg(&partial),
+        )?;
+    }
     std::fs::rename(&partial, &dir)?;
-    std::fs::remove_file(&deb)?;
+    std::fs::remove_dir_all(&downloads)?;
     Ok(dir)
 }
 
