@@ -25,4 +25,5 @@ pub mod packets;
 pub mod pki;
 pub mod plane;
 pub mod proxies;
+pub mod report;
 pub mod traffic;

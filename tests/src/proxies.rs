@@ -153,10 +153,59 @@ impl Haproxy {
     }
 }
 
-/// DNAT of VIP:6443 in `lb`'s PREROUTING to the three masters, as kube-proxy's
-/// iptables mode writes a service (a random third, then half of the rest, then the
-/// last), and SNAT to the node's own address so that replies come back through it.
-pub fn iptables_dnat(lb: &Netns) {
+/// nginx as kubespray's `nginx-proxy` runs on every node (its nginx.conf.j2, one
+/// worker per CPU instead of its fixed 2, without its /healthz http server),
+/// listening on `listen`, in the foreground with its files under `dir`. nginx's
+/// workers outlive a master that gets SIGKILL, so it is pid 1 of its own pid
+/// namespace (`unshare --kill-child`), whose end takes them along, even when this
+/// process is the one killed.
+#[must_use]
+pub fn nginx_stream(ns: &Netns, dir: &Path, listen: &str, cpus: usize) -> Spawned {
+    let servers: String = MASTERS.map(|m| format!("    server {m};\n")).concat();
+    nginx(
+        ns,
+        dir,
+        &format!(
+            "worker_processes {cpus};
+worker_rlimit_nofile 130048;
+worker_shutdown_timeout 10s;
+events {{ multi_accept on; use epoll; worker_connections 16384; }}
+stream {{
+  upstream kube_apiserver {{ least_conn;
+{servers}  }}
+  server {{ listen {listen}; proxy_pass kube_apiserver;
+           proxy_timeout 10m; proxy_connect_timeout 1s; }}
+}}
+"
+        ),
+    )
+}
+
+/// nginx with `config` (after its module, log and pid lines), in the foreground
+/// in its own pid namespace, with its files under `dir` (see [`nginx_stream`]).
+#[must_use]
+pub fn nginx(ns: &Netns, dir: &Path, config: &str) -> Spawned {
+    let d = dir.display();
+    std::fs::create_dir_all(dir).expect("nginx dir");
+    let config = format!(
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+error_log {d}/error.log notice;
+pid {d}/nginx.pid;
+{config}"
+    );
+    std::fs::write(dir.join("nginx.conf"), config).expect("nginx config");
+    let cmd =
+        format!("--pid --kill-child /usr/sbin/nginx -p {d} -c {d}/nginx.conf -e {d}/error.log");
+    let args: Vec<&str> = cmd.split(' ').chain(["-g", "daemon off;"]).collect();
+    Spawned::start(ns, Path::new("/usr/bin/unshare"), &args)
+}
+
+/// DNAT of `to` (VIP:6443 for the failover benchmark) in `lb`'s PREROUTING to the
+/// three masters, as kube-proxy's iptables mode writes a service (a random third,
+/// then half of the rest, then the last), and SNAT to the node's own address so
+/// that replies come back through it.
+pub fn iptables_dnat(lb: &Netns, to: &str) {
+    let (addr, port) = to.rsplit_once(':').expect("address:port");
     lb.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
     let odds = [
         "-m statistic --mode random --probability 0.3333333333",
@@ -165,7 +214,7 @@ pub fn iptables_dnat(lb: &Netns) {
     ];
     for (m, odds) in MASTERS.iter().zip(odds) {
         let rule = format!(
-            "-t nat -A PREROUTING -d {VIP_ADDR} -p tcp --dport 6443 {odds} -j DNAT --to-destination {m}"
+            "-t nat -A PREROUTING -d {addr} -p tcp --dport {port} {odds} -j DNAT --to-destination {m}"
         );
         lb.exec("iptables", &rule.split_whitespace().collect::<Vec<_>>());
     }
@@ -202,7 +251,7 @@ impl ProxyPlane {
             .map(Some)
             .collect();
         let haproxy = if let Proxy::IptablesDnat = proxy {
-            iptables_dnat(t.lb());
+            iptables_dnat(t.lb(), VIP);
             None
         } else {
             let h = Haproxy::start(t.lb(), &dir.0, proxy);

@@ -1,26 +1,43 @@
-//! `cargo xtask bench <part>`: benchmarks print tables; they never assert targets.
+//! `cargo xtask bench [<part>]`: benchmarks print tables; they never assert targets.
 //!
 //! Each part is a release binary of the `tests` crate, which holds the harness the
-//! measurement needs (namespaces, packet builders, the provisioned datapath).
+//! measurement needs (namespaces, packet builders, the provisioned datapath). A
+//! part's tables (its binaries' stdout, shown as they come) are kept in
+//! `target/bench/<part>.md`. The whole suite (no part named) then writes
+//! `BENCHMARKS.md`: the machine, every peer's version, and each part's tables;
+//! the plots it links are drawn by the parts into `tests/plots/`.
 
-use clap::Subcommand;
+use std::{
+    fmt::Write as _,
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use clap::ValueEnum;
 
 use crate::{cargo, exec, step};
 
-#[derive(Subcommand, Clone, Copy)]
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Part {
-    /// ns per packet through `BPF_PROG_TEST_RUN` for four paths, against `XDP_DROP`.
-    Xdp,
-    /// Maglev table build and delta times for M = 65537 and N = 3, 100, 1000.
-    Maglev,
-    /// The controller's idle CPU and RSS with three masters probed every 500 ms.
-    Controller,
+    /// HTTP through every path (direct, iptables DNAT, haproxy, nginx stream,
+    /// apilb XDP, apilb socket-LB) measured by wrk: keep-alive and a new connection
+    /// per request, requests/s, p99 and the LB's CPU per 10k requests.
+    E2e,
     /// VIP failover time between two LB nodes: apilb VRRP at 100 ms and 1 s
     /// adverts, apilb etcd, and keepalived at its defaults; 10 trials each. Then
     /// (`bench-masters`) what clients see when a master's apiserver is killed or its
     /// host goes silent, behind apilb, haproxy (kubeadm's HA guide config and its
     /// defaults) and iptables DNAT; 3 trials each.
     Failover,
+    /// ns per packet through `BPF_PROG_TEST_RUN` for four paths, against `XDP_DROP`.
+    Xdp,
+    /// Maglev table build and delta times for M = 65537 and N = 3, 100, 1000.
+    Maglev,
+    /// The controller's idle CPU and RSS with three masters probed every 500 ms.
+    Controller,
     /// New connections from the LB node itself (connect, first byte, close, 4
     /// workers): node-local mode's socket-LB to the VIP against a direct connect to
     /// one master and kubespray's nginx stream proxy on localhost; connections/s and
@@ -28,34 +45,190 @@ pub enum Part {
     Local,
 }
 
-pub fn run(part: Part) -> anyhow::Result<()> {
-    let bins: &[&str] = match part {
-        Part::Xdp => &["bench-xdp"],
-        Part::Maglev => &["bench-maglev"],
-        Part::Controller => {
-            build_apilb_and_stub()?;
-            &["bench-controller"]
+impl Part {
+    /// The whole suite, in the order `BENCHMARKS.md` shows it.
+    const ALL: [Part; 6] = [
+        Part::E2e,
+        Part::Failover,
+        Part::Xdp,
+        Part::Maglev,
+        Part::Controller,
+        Part::Local,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Part::E2e => "e2e",
+            Part::Failover => "failover",
+            Part::Xdp => "xdp",
+            Part::Maglev => "maglev",
+            Part::Controller => "controller",
+            Part::Local => "local",
         }
-        Part::Failover => {
-            build_apilb_and_stub()?;
-            &["bench-failover", "bench-masters"]
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Part::E2e => "End to end: requests through each path",
+            Part::Failover => "Failover: a VIP moving, a master dying",
+            Part::Xdp => "The XDP program, ns per packet",
+            Part::Maglev => "Maglev table builds",
+            Part::Controller => "The controller at rest",
+            Part::Local => "Node-local connects",
         }
-        Part::Local => {
-            build_apilb_and_stub()?;
-            &["bench-local"]
+    }
+
+    fn bins(self) -> &'static [&'static str] {
+        match self {
+            Part::E2e => &["bench-e2e"],
+            Part::Failover => &["bench-failover", "bench-masters"],
+            Part::Xdp => &["bench-xdp"],
+            Part::Maglev => &["bench-maglev"],
+            Part::Controller => &["bench-controller"],
+            Part::Local => &["bench-local"],
         }
-    };
-    for bin in bins {
-        step(&format!("running {bin} (release build)"));
-        exec(cargo().args(["run", "--quiet", "--release", "-p", "tests", "--bin", bin]))?;
+    }
+
+    /// Whether its binaries run `apilb run` (or the stub apiserver) themselves.
+    fn runs_apilb(self) -> bool {
+        !matches!(self, Part::Xdp | Part::Maglev)
+    }
+}
+
+pub fn run(part: Option<Part>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let parts: Vec<Part> = part.map_or_else(|| Part::ALL.to_vec(), |p| vec![p]);
+    if parts.iter().any(|p| p.runs_apilb()) {
+        build_apilb_and_stub()?;
+    }
+    let out = root()?.join("target").join("bench");
+    std::fs::create_dir_all(&out)?;
+    let mut sections = String::new();
+    for part in &parts {
+        let mut text = String::new();
+        for bin in part.bins() {
+            text.push_str(&run_bin(bin)?);
+            text.push('\n');
+        }
+        std::fs::write(out.join(format!("{}.md", part.name())), &text)?;
+        let _ = write!(
+            sections,
+            "\n## {}\n\n`cargo xtask bench {}`\n\n{}",
+            part.title(),
+            part.name(),
+            text.trim_end()
+        );
+        sections.push('\n');
+    }
+    if part.is_none() {
+        let path = root()?.join("BENCHMARKS.md");
+        let page = format!("{}{sections}", header(started.elapsed().as_secs_f64()));
+        std::fs::write(&path, page)?;
+        step(&format!(
+            "wrote {} in {:.0} s",
+            path.display(),
+            started.elapsed().as_secs_f64()
+        ));
     }
     Ok(())
 }
 
+fn root() -> anyhow::Result<PathBuf> {
+    Ok(PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask has a parent")?
+        .to_owned())
+}
+
 fn build_apilb_and_stub() -> anyhow::Result<()> {
-    step("building apilb and the stub apiserver (release), which the benchmark runs");
+    step("building apilb and the stub apiserver (release), which the benchmarks run");
     for (package, bin) in [("lb-userspace", "apilb"), ("tests", "stub-apiserver")] {
         exec(cargo().args(["build", "--quiet", "--release", "-p", package, "--bin", bin]))?;
     }
     Ok(())
+}
+
+/// Run a benchmark binary (release), showing its stdout as it comes; return it.
+fn run_bin(bin: &str) -> anyhow::Result<String> {
+    step(&format!("running {bin} (release build)"));
+    let mut child = cargo()
+        .args(["run", "--quiet", "--release", "-p", "tests", "--bin", bin])
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {bin}"))?;
+    let mut text = String::new();
+    for line in BufReader::new(child.stdout.take().context("stdout")?)
+        .lines()
+        .map_while(Result::ok)
+    {
+        println!("{line}");
+        text.push_str(&line);
+        text.push('\n');
+    }
+    if !child.wait()?.success() {
+        bail!("{bin} failed");
+    }
+    Ok(text)
+}
+
+/// The page's head: when, where, and with which versions of everything compared.
+fn header(took: f64) -> String {
+    let first_line = |program: &str, args: &[&str]| {
+        Command::new(program).args(args).output().ok().map_or_else(
+            || "not installed".to_owned(),
+            |o| {
+                let text = [o.stdout, o.stderr].concat();
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned()
+            },
+        )
+    };
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map_or("unknown", |m| m.trim_start_matches([' ', '\t', ':']))
+        .to_owned();
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let commit = first_line(
+        "git",
+        &[
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ],
+    );
+    let mut s = String::from(
+        "# apilb benchmarks\n\n\
+         Written by `cargo xtask bench` (the whole suite); do not edit by hand. Each \
+         section says how it measures; the README's Benchmarks section discusses the \
+         figures. Targets are reported, never asserted.\n\n",
+    );
+    let _ = writeln!(s, "| | |\n| --- | --- |");
+    let rows = [
+        ("date", first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"])),
+        ("apilb commit", commit),
+        ("kernel", first_line("uname", &["-r"])),
+        ("CPU", format!("{cpus} x {model}")),
+        ("haproxy", first_line("haproxy", &["-v"])),
+        ("nginx", first_line("nginx", &["-v"])),
+        ("iptables", first_line("iptables", &["--version"])),
+        ("keepalived", first_line("keepalived", &["--version"])),
+        ("etcd", first_line("etcd", &["--version"])),
+        ("wrk", first_line("wrk", &["--version"])),
+        ("suite took", format!("{took:.0} s")),
+    ];
+    for (k, v) in rows {
+        let _ = writeln!(s, "| {k} | {} |", v.replace('|', "/"));
+    }
+    s
 }

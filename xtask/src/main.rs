@@ -37,10 +37,12 @@ enum Task {
     /// The main job: apilb balancing TLS apiservers in network namespaces, a master
     /// killed and brought back, with the numbers. Needs root; about a minute.
     Demo,
-    /// Run a benchmark and print its table.
+    /// Run the benchmark suite (writing BENCHMARKS.md), or one part, and print
+    /// the tables.
     Bench {
-        #[command(subcommand)]
-        part: bench::Part,
+        /// One part; without, the whole suite, which also writes BENCHMARKS.md.
+        #[arg(value_enum)]
+        part: Option<bench::Part>,
     },
     /// Build static binaries, boot other kernels in qemu (by default Debian 12's
     /// 6.1 and 6.12, Ubuntu's 5.15 and 6.8) and run the packet fixtures and the

@@ -20,7 +20,8 @@ use crate::{exec, step};
 /// nftables, which makes a test master refuse or reject SYNs; haproxy and iptables,
 /// what the master-failure benchmark compares apilb with; nginx and its stream
 /// module (a separate package on Debian, loaded with `load_module`), the node-local
-/// proxy the local benchmark compares apilb with; qemu, musl-tools (ring builds C
+/// proxy the local benchmark compares apilb with; wrk, the end-to-end benchmark's
+/// load generator; qemu, musl-tools (ring builds C
 /// for the static binaries), busybox-static, cpio, xz-utils and zstd (Debian's
 /// and Ubuntu's compressed modules) for `vm-test`.
 const APT_PACKAGES: &[&str] = &[
@@ -41,6 +42,7 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "nginx",
     "libnginx-mod-stream",
+    "wrk",
     "qemu-system-x86",
     "musl-tools",
     "busybox-static",

@@ -15,7 +15,6 @@
 use std::{
     io::Read as _,
     net::{SocketAddr, TcpStream},
-    path::Path,
     thread,
     time::{Duration, Instant},
 };
@@ -23,7 +22,7 @@ use std::{
 use tests::{
     cluster::{MASTERS, Shape, Topology, VIP, apilb_config},
     fixture::sa,
-    live::{Apilb, PinDir, Spawned, TempDir},
+    live::{Apilb, PinDir, TempDir},
     netns::Netns,
 };
 
@@ -162,37 +161,6 @@ async fn answer(conn: tokio::net::TcpStream) {
     }
 }
 
-/// nginx as kubespray's `nginx-proxy` runs on every node (its nginx.conf.j2, one
-/// worker per CPU instead of its fixed 2, without its /healthz http server), in the
-/// foreground with its files under `dir`. nginx's workers outlive a master that gets
-/// SIGKILL, so it is pid 1 of its own pid namespace (`unshare --kill-child`), whose
-/// end takes them along, even when this process is the one killed.
-fn start_nginx(lb: &Netns, dir: &Path, cpus: usize) -> Spawned {
-    let servers: String = MASTERS.map(|m| format!("    server {m};\n")).concat();
-    let d = dir.display();
-    let config = format!(
-        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-error_log {d}/error.log notice;
-pid {d}/nginx.pid;
-worker_processes {cpus};
-worker_rlimit_nofile 130048;
-worker_shutdown_timeout 10s;
-events {{ multi_accept on; use epoll; worker_connections 16384; }}
-stream {{
-  upstream kube_apiserver {{ least_conn;
-{servers}  }}
-  server {{ listen {NGINX}; proxy_pass kube_apiserver;
-           proxy_timeout 10m; proxy_connect_timeout 1s; }}
-}}
-"
-    );
-    std::fs::write(dir.join("nginx.conf"), config).expect("nginx config");
-    let cmd =
-        format!("--pid --kill-child /usr/sbin/nginx -p {d} -c {d}/nginx.conf -e {d}/error.log");
-    let args: Vec<&str> = cmd.split(' ').chain(["-g", "daemon off;"]).collect();
-    Spawned::start(lb, Path::new("/usr/bin/unshare"), &args)
-}
-
 /// Wait (at most 15 s) until `ok`; panic with `what` and `log()` if it does not come.
 fn wait_until(what: &str, ok: impl Fn() -> bool, log: impl Fn() -> String) {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -230,7 +198,7 @@ fn main() {
     let log = || apilb.log_text();
     let up = || log().contains("datapath updated") && ready();
     wait_until("apilb did not start", up, log);
-    let nginx = start_nginx(lb, &dir.0, cpus);
+    let nginx = tests::proxies::nginx_stream(lb, &dir.0, NGINX, cpus);
     wait_until("the VIP does not answer", || serves(lb, VIP), log);
     let nginx_log = || std::fs::read_to_string(dir.0.join("error.log")).unwrap_or_default();
     wait_until("nginx does not answer", || serves(lb, NGINX), nginx_log);

@@ -1,0 +1,469 @@
+//! `cargo xtask bench e2e`: HTTP requests through every path a user could put in
+//! front of the masters, on one topology, measured by wrk.
+//!
+//! The `tests::cluster` topology: a client one routed hop from the segment, one
+//! LB node and three masters, each master running nginx with a small plain-HTTP
+//! answer on :6443 (no TLS, so that TLS does not hide what the LB costs). Paths:
+//! direct to master-1 (the floor); kube-proxy-style iptables DNAT with
+//! `statistic --mode random` on the LB node; haproxy `mode tcp` with `check inter
+//! 2s fall 3 rise 2`; nginx `stream` as kubespray configures it; apilb's XDP in NAT
+//! mode; and, for a client on the LB node itself, apilb's socket-LB, next to a
+//! direct connection from that node.
+//!
+//! wrk runs pinned to CPU 0 (`taskset -c 0`), one thread and 32 connections, in
+//! two workloads: keep-alive, and a new connection per request (`Connection:
+//! close`). Everything else (masters, proxies, softirqs) shares the machine's CPUs.
+//! The paths run interleaved, `ROUNDS` rounds; the report gives medians and ratios
+//! to direct. CPU per 10k requests is the whole machine's busy time (`/proc/stat`)
+//! during the run, less the direct path's in the same round: what going through
+//! the LB node costs, its hop included. apilb runs only during its own paths, and
+//! the iptables rules exist only during theirs, so no path pays for another.
+//!
+//! The iptables path gets a new port each round. wrk reuses its source ports
+//! within seconds, and the masters close first (`Connection: close`), so conntrack
+//! keeps each finished tuple in `TIME_WAIT` for 120 s and will not reopen it: a
+//! second round on the same port measured a sixth of the first, every SYN on a
+//! reused tuple waiting for its retransmit. A node whose clients come back on the
+//! same tuple within two minutes at this rate would see that too.
+
+use std::{
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use tests::{
+    cluster::{MASTERS, SNAT, Topology, VIP, apilb_config},
+    live::{Apilb, PinDir, Spawned, TempDir, master_name},
+    netns::Netns,
+    proxies,
+};
+
+const PREFIX: &str = "apilb-bench-e2e";
+const ROUNDS: usize = 3;
+const SECONDS: u32 = 4;
+const CONNECTIONS: u32 = 32;
+const HAPROXY_PORT: u16 = 7001;
+const NGINX_PORT: u16 = 7002;
+const IPTABLES_PORT: u16 = 7003;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    LbNode,
+}
+
+struct Route {
+    name: &'static str,
+    url: String,
+    from: Side,
+    /// Needs `apilb run`.
+    apilb: bool,
+    /// Needs the iptables rules.
+    iptables: bool,
+}
+
+/// One wrk run.
+#[derive(Clone, Copy, Default)]
+struct Run {
+    rps: f64,
+    p99_ms: f64,
+    requests: f64,
+    errors: u64,
+    /// Busy CPU seconds of the whole machine during the run.
+    cpu_s: f64,
+}
+
+impl Run {
+    fn cpu_per_10k(&self) -> f64 {
+        self.cpu_s / self.requests * 10_000.0
+    }
+}
+
+fn main() {
+    let started = Instant::now();
+    let cpus = thread::available_parallelism().map_or(1, usize::from);
+    let t = Topology::new(PREFIX);
+    let dir = TempDir::new(PREFIX);
+    let _masters: Vec<Spawned> = t
+        .masters
+        .iter()
+        .zip(MASTERS)
+        .map(|(ns, m)| http_master(ns, &dir.0.join(master_name(m)), m))
+        .collect();
+    let lb = t.lb();
+    let own = SNAT;
+    let _haproxy = haproxy(lb, &dir.0, &format!("{own}:{HAPROXY_PORT}"));
+    let _nginx = proxies::nginx_stream(
+        lb,
+        &dir.0.join("nginx-stream"),
+        &format!("{own}:{NGINX_PORT}"),
+        cpus,
+    );
+    let pins = PinDir::new(PREFIX);
+    let config = dir.0.join("apilb.toml");
+    let mut text = apilb_config(&pins.instance(), "", "kind = \"tcp\"");
+    text.push_str("[local]\nenabled = true\n");
+    std::fs::write(&config, text).expect("config");
+
+    let paths = routes();
+    let ns = |p: &Route| {
+        if p.from == Side::Client {
+            &t.client
+        } else {
+            lb
+        }
+    };
+    for p in &paths {
+        if !p.apilb && !p.iptables {
+            wait_serving(ns(p), &p.url);
+        }
+    }
+    // runs[path][workload] over rounds; workload 0 keep-alive, 1 close.
+    let mut runs = vec![[Vec::new(), Vec::new()]; paths.len()];
+    let mut no_nat_port = Vec::new();
+    for round in 0..ROUNDS {
+        eprintln!("round {} of {ROUNDS}", round + 1);
+        // A port of its own each round: the client reuses its source ports, and a
+        // tuple whose earlier connection the master closed lingers in conntrack's
+        // TIME_WAIT (120 s), which refuses to reopen it; in a round of its own that
+        // never happens (see the module docs).
+        let dnat = format!(
+            "{own}:{}",
+            IPTABLES_PORT + u16::try_from(round).expect("round")
+        );
+        proxies::iptables_dnat(lb, &dnat);
+        for (i, p) in paths.iter().enumerate().filter(|(_, p)| !p.apilb) {
+            let url = if p.iptables {
+                let url = format!("http://{dnat}/");
+                wait_serving(ns(p), &url);
+                url
+            } else {
+                p.url.clone()
+            };
+            for close in [false, true] {
+                runs[i][usize::from(close)].push(wrk(ns(p), &url, close));
+            }
+        }
+        lb.exec("iptables", &["-t", "nat", "-F"]);
+        let mut apilb = Apilb::start_with(
+            lb,
+            &config,
+            &dir.0.join(format!("apilb-{round}.log")),
+            &["--detach-on-exit"],
+        );
+        assert!(
+            apilb.wait_log("datapath updated", Duration::from_secs(15)),
+            "apilb did not start:\n{}",
+            apilb.log_text()
+        );
+        for (i, p) in paths.iter().enumerate().filter(|(_, p)| p.apilb) {
+            wait_serving(ns(p), &p.url);
+            for close in [false, true] {
+                runs[i][usize::from(close)].push(wrk(ns(p), &p.url, close));
+            }
+        }
+        let metrics = tests::live::metrics(lb);
+        let no_port: u64 = metrics
+            .lines()
+            .find(|l| l.starts_with("apilb_datapath_packets_total{counter=\"drop_no_nat_port\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0);
+        no_nat_port.push(no_port);
+        eprintln!("  apilb dropped {no_port} SYNs for want of a NAT port");
+        apilb.signal(libc::SIGTERM);
+        assert!(
+            apilb.wait(Duration::from_secs(10)).is_some(),
+            "apilb did not stop"
+        );
+    }
+    report(&paths, &runs, cpus, started.elapsed());
+}
+
+/// Every path measured, in the report's order.
+fn routes() -> [Route; 7] {
+    let own = SNAT;
+    [
+        path("direct to master-1", MASTERS[0], Side::Client, false, false),
+        path(
+            "iptables DNAT (statistic random)",
+            &format!("{own}:{IPTABLES_PORT}"),
+            Side::Client,
+            false,
+            true,
+        ),
+        path(
+            "haproxy mode tcp",
+            &format!("{own}:{HAPROXY_PORT}"),
+            Side::Client,
+            false,
+            false,
+        ),
+        path(
+            "nginx stream",
+            &format!("{own}:{NGINX_PORT}"),
+            Side::Client,
+            false,
+            false,
+        ),
+        path("apilb XDP (NAT)", VIP, Side::Client, true, false),
+        path(
+            "direct to master-1, from the LB node",
+            MASTERS[0],
+            Side::LbNode,
+            false,
+            false,
+        ),
+        path(
+            "apilb socket-LB, from the LB node",
+            VIP,
+            Side::LbNode,
+            true,
+            false,
+        ),
+    ]
+}
+
+fn path(name: &'static str, to: &str, from: Side, apilb: bool, iptables: bool) -> Route {
+    Route {
+        name,
+        url: format!("http://{to}/"),
+        from,
+        apilb,
+        iptables,
+    }
+}
+
+/// nginx answering every request on `addr` with a line naming the master.
+fn http_master(ns: &Netns, dir: &Path, addr: &str) -> Spawned {
+    let name = master_name(addr);
+    proxies::nginx(
+        ns,
+        dir,
+        &format!(
+            "worker_processes 1;
+events {{ worker_connections 16384; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  server {{ listen {addr} reuseport; default_type text/plain;
+           location / {{ return 200 \"{name}\\n\"; }} }}
+}}
+"
+        ),
+    )
+}
+
+/// haproxy in TCP mode on `listen`, checking every master every 2 s.
+fn haproxy(ns: &Netns, dir: &Path, listen: &str) -> Spawned {
+    let servers: String = MASTERS
+        .map(|m| {
+            format!(
+                "    server {} {m} check inter 2s fall 3 rise 2\n",
+                master_name(m)
+            )
+        })
+        .concat();
+    let config = format!(
+        "defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 20s
+    timeout server 20s
+frontend apiserver
+    bind {listen}
+    default_backend masters
+backend masters
+    balance roundrobin
+{servers}"
+    );
+    let file = dir.join("haproxy-e2e.cfg");
+    std::fs::write(&file, config).expect("haproxy config");
+    Spawned::start(
+        ns,
+        Path::new("/usr/sbin/haproxy"),
+        &["-db", "-f", file.to_str().expect("utf-8 path")],
+    )
+}
+
+/// Wait (at most 15 s) until `url` answers from `ns`.
+fn wait_serving(ns: &Netns, url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "exec", ns.name(), "curl", "-sf", "-m", "1", url])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{url} does not answer");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Busy CPU time of the whole machine so far, in seconds (user, nice, system,
+/// irq, softirq from `/proc/stat`).
+fn busy_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .expect("cpu line")
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().expect("number"))
+        .collect();
+    // SAFETY: sysconf with a valid name has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    [0, 1, 2, 5, 6].iter().map(|&i| fields[i]).sum::<f64>() / hz
+}
+
+/// One wrk run from `ns`, pinned to CPU 0.
+fn wrk(ns: &Netns, url: &str, close: bool) -> Run {
+    let (duration, connections) = (format!("{SECONDS}s"), CONNECTIONS.to_string());
+    let mut args = vec![
+        "-c",
+        "0",
+        "wrk",
+        "-t1",
+        "-c",
+        &connections,
+        "-d",
+        &duration,
+        "--latency",
+    ];
+    if close {
+        args.extend(["-H", "Connection: close"]);
+    }
+    args.push(url);
+    let before = busy_cpu_s();
+    let out = ns.exec("taskset", &args);
+    let cpu_s = busy_cpu_s() - before;
+    let run = parse_wrk(&out, cpu_s);
+    eprintln!(
+        "  {url} {}: {:.0} req/s, p99 {:.2} ms, {} errors",
+        if close { "close" } else { "keep-alive" },
+        run.rps,
+        run.p99_ms,
+        run.errors
+    );
+    run
+}
+
+fn parse_wrk(out: &str, cpu_s: f64) -> Run {
+    let mut run = Run {
+        cpu_s,
+        ..Run::default()
+    };
+    for line in out.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            run.rps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = line.strip_prefix("99%") {
+            run.p99_ms = millis(v.trim());
+        } else if let Some((n, _)) = line.split_once(" requests in ") {
+            run.requests = n.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = line.strip_prefix("Socket errors:") {
+            run.errors += v
+                .split(',')
+                .filter_map(|kv| kv.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            run.errors += v.trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    assert!(run.requests > 0.0, "wrk measured nothing:\n{out}");
+    run
+}
+
+/// wrk's latency figure (`812.00us`, `1.23ms`, `2.00s`) in ms.
+fn millis(v: &str) -> f64 {
+    let split = v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len());
+    let (n, unit) = v.split_at(split);
+    let n: f64 = n.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => n / 1000.0,
+        "s" => n * 1000.0,
+        _ => n,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn report(paths: &[Route], runs: &[[Vec<Run>; 2]], cpus: usize, took: Duration) {
+    // Each path's floor: the direct path from the same side.
+    let base = |p: &Route| {
+        paths
+            .iter()
+            .position(|q| q.from == p.from && q.name.starts_with("direct"))
+            .expect("a direct path per side")
+    };
+    let med = |i: usize, w: usize, f: fn(&Run) -> f64| median(runs[i][w].iter().map(f).collect());
+    // The LB's extra CPU per 10k requests, round by round against its direct path.
+    let extra = |i: usize, w: usize, b: usize| {
+        median(
+            runs[i][w]
+                .iter()
+                .zip(&runs[b][w])
+                .map(|(r, d)| r.cpu_per_10k() - d.cpu_per_10k())
+                .collect(),
+        )
+    };
+    println!(
+        "wrk 4.1 pinned to CPU 0 (`taskset -c 0 wrk -t1 -c{CONNECTIONS} -d{SECONDS}s`), \
+         {cpus} vCPUs, {ROUNDS} interleaved rounds, medians; ratios are to direct from the \
+         same side (the client namespace, or the LB node for the socket-LB); run took \
+         {:.0} s.\n",
+        took.as_secs_f64()
+    );
+    println!(
+        "| path | keep-alive req/s | / direct | p99 | new conn. per request req/s | / direct | p99 | \
+         LB CPU s per 10k req, keep-alive / new conn. | errors |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let mut rps = [Vec::new(), Vec::new()];
+    let mut p99 = [Vec::new(), Vec::new()];
+    for (i, p) in paths.iter().enumerate() {
+        let b = base(p);
+        let mut cells = Vec::new();
+        for w in 0..2 {
+            let (r, d) = (med(i, w, |r| r.rps), med(b, w, |r| r.rps));
+            let l = med(i, w, |r| r.p99_ms);
+            rps[w].push(r);
+            p99[w].push(l);
+            cells.push(format!("{r:.0} | {:.2}x | {l:.2} ms", r / d));
+        }
+        let cpu = if i == b {
+            "(floor)".to_owned()
+        } else {
+            format!("{:.3} / {:.3}", extra(i, 0, b), extra(i, 1, b))
+        };
+        let errors: u64 = runs[i].iter().flatten().map(|r| r.errors).sum();
+        println!(
+            "| {} | {} | {} | {cpu} | {errors} |",
+            p.name, cells[0], cells[1]
+        );
+    }
+    let names: Vec<&str> = paths.iter().map(|p| p.name).collect();
+    let [ka, close] = rps;
+    tests::report::bars(
+        "e2e-requests.svg",
+        "Requests/s per path (median of rounds)",
+        "requests/s",
+        &names,
+        &[("keep-alive", ka), ("new connection per request", close)],
+    );
+    let [ka, close] = p99;
+    tests::report::bars(
+        "e2e-p99.svg",
+        "p99 latency per path (median of rounds)",
+        "ms",
+        &names,
+        &[("keep-alive", ka), ("new connection per request", close)],
+    );
+    println!("\n![requests/s per path](tests/plots/e2e-requests.svg)");
+    println!("![p99 per path](tests/plots/e2e-p99.svg)");
+}
