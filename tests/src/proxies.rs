@@ -38,6 +38,10 @@ pub enum Proxy {
     /// options: haproxy's defaults, 3 retries to the same server, no redispatch, and
     /// a layer-4 check (a TCP connect).
     HaproxyDefaults,
+    /// [`Proxy::HaproxyDefaults`] with checks at apilb's default rate: every
+    /// 500 ms, out after 2 failures, back after 2 passes (`inter 500ms fall 2
+    /// rise 2`).
+    HaproxyTuned,
     /// iptables DNAT, a random third per master, no health checks.
     IptablesDnat,
 }
@@ -54,7 +58,12 @@ pub fn haproxy_config(proxy: Proxy, stats: &Path) -> String {
         ),
         _ => ("", ""),
     };
-    let servers = MASTERS.map(|m| format!("    server {} {m} check", master_name(m)));
+    let rate = if let Proxy::HaproxyTuned = proxy {
+        " inter 500ms fall 2 rise 2"
+    } else {
+        ""
+    };
+    let servers = MASTERS.map(|m| format!("    server {} {m} check{rate}", master_name(m)));
     format!(
         "global
     stats socket {stats}

@@ -26,11 +26,11 @@ pub enum Part {
     /// apilb XDP, apilb socket-LB) measured by wrk: keep-alive and a new connection
     /// per request, requests/s, p99 and the LB's CPU per 10k requests.
     E2e,
-    /// VIP failover time between two LB nodes: apilb VRRP at 100 ms and 1 s
-    /// adverts, apilb etcd, and keepalived at its defaults; 10 trials each. Then
-    /// (`bench-masters`) what clients see when a master's apiserver is killed or its
-    /// host goes silent, behind apilb, haproxy (kubeadm's HA guide config and its
-    /// defaults) and iptables DNAT; 3 trials each.
+    /// VIP failover time between two LB nodes: apilb VRRP and keepalived at 100 ms
+    /// and at 1 s adverts, apilb etcd; 6 trials each. Then (`bench-masters`) what
+    /// clients see when a master's apiserver is killed or its host goes silent,
+    /// behind apilb (default and fast probes), haproxy (kubeadm's HA guide config,
+    /// its defaults, its checks at apilb's rate) and iptables DNAT; 2 trials each.
     Failover,
     /// ns per packet through `BPF_PROG_TEST_RUN` for four paths, against `XDP_DROP`.
     Xdp,
@@ -105,15 +105,18 @@ pub fn run(part: Option<Part>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     let mut sections = String::new();
     for part in &parts {
+        let part_started = Instant::now();
         let mut text = String::new();
         for bin in part.bins() {
             text.push_str(&run_bin(bin)?);
             text.push('\n');
         }
         std::fs::write(out.join(format!("{}.md", part.name())), &text)?;
+        let took = part_started.elapsed().as_secs_f64();
+        step(&format!("{} took {took:.0} s", part.name()));
         let _ = write!(
             sections,
-            "\n## {}\n\n`cargo xtask bench {}`\n\n{}",
+            "\n## {}\n\n`cargo xtask bench {}` ({took:.0} s)\n\n{}",
             part.title(),
             part.name(),
             text.trim_end()

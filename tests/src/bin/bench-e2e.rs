@@ -41,7 +41,7 @@ use tests::{
 
 const PREFIX: &str = "apilb-bench-e2e";
 const ROUNDS: usize = 3;
-const SECONDS: u32 = 4;
+const SECONDS: u32 = 3;
 const CONNECTIONS: u32 = 32;
 const HAPROXY_PORT: u16 = 7001;
 const NGINX_PORT: u16 = 7002;

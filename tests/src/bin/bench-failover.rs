@@ -1,10 +1,11 @@
 //! `cargo xtask bench failover`: how long a VIP takes to move to the other LB node
-//! when its owner gets SIGKILL, over 10 trials per setup, in the `tests::cluster`
+//! when its owner gets SIGKILL, over 6 trials per setup, in the `tests::cluster`
 //! topology with two LB nodes:
 //!
 //! - apilb VRRP (v3, multicast) with 100 ms and with 1 s adverts;
 //! - apilb etcd with the default 3 s lease (etcd in the router namespace);
-//! - keepalived on both nodes at its defaults (VRRPv2, `advert_int 1`).
+//! - keepalived on both nodes at its defaults (VRRPv2, `advert_int 1`), and at
+//!   100 ms adverts (VRRPv3, `advert_int 0.1`), apilb's fast setting.
 //!
 //! Failover is timed from the kill until the router's ARP entry for the VIP names
 //! the other node's MAC (polled every 10 ms): the moment traffic follows, the same
@@ -23,7 +24,7 @@ use tests::{
     netns::Netns,
 };
 
-const TRIALS: usize = 10;
+const TRIALS: usize = 6;
 
 /// One LB node's VIP owner: apilb or keepalived.
 enum Side {
@@ -188,14 +189,21 @@ fn etcd() -> Vec<f64> {
     )
 }
 
-fn keepalived() -> Vec<f64> {
-    let prefix = "apilb-bfo-ka";
-    let (t, dir) = two_lb_nodes(prefix);
+/// keepalived on both nodes, adverts every `advert` seconds: `"1"` is its
+/// default (VRRPv2); a fraction needs VRRPv3, whose adverts count centiseconds.
+fn keepalived(advert: &str) -> Vec<f64> {
+    let prefix = format!("apilb-bfo-ka{}", advert.replace('.', ""));
+    let (t, dir) = two_lb_nodes(&prefix);
+    let version = if advert.contains('.') {
+        "    vrrp_version 3\n"
+    } else {
+        ""
+    };
     let conf = |i: usize| {
         format!(
-            "global_defs {{\n    router_id lb{}\n}}\nvrrp_instance VI_1 {{\n    state BACKUP\n    nopreempt\n    \
-             interface eth0\n    virtual_router_id 51\n    priority 100\n    advert_int 1\n    \
-             virtual_ipaddress {{\n        {VIP_ADDR}/32 dev eth0\n    }}\n}}\n",
+            "global_defs {{\n    router_id lb{}\n{version}}}\nvrrp_instance VI_1 {{\n    state BACKUP\n    \
+             nopreempt\n    interface eth0\n    virtual_router_id 51\n    priority 100\n    \
+             advert_int {advert}\n    virtual_ipaddress {{\n        {VIP_ADDR}/32 dev eth0\n    }}\n}}\n",
             i + 1
         )
     };
@@ -206,13 +214,14 @@ fn keepalived() -> Vec<f64> {
         Side::Keepalived(first, conf(0)),
         Side::Keepalived(second, conf(1)),
     ];
+    let cycle = Duration::from_secs_f64(advert.parse().expect("advert_int"));
     trials(
-        "keepalived defaults",
+        &format!("keepalived advert_int {advert}"),
         &t,
         &dir.0,
         &mut sides,
         Duration::from_secs(20),
-        Duration::from_secs(1),
+        cycle,
     )
 }
 
@@ -230,9 +239,16 @@ fn stats(v: &[f64]) -> (f64, f64) {
 fn main() {
     let rows = [
         ("apilb VRRP, 100 ms adverts", vrrp("100ms")),
+        (
+            "keepalived 2.2, VRRPv3, 100 ms adverts (advert_int 0.1)",
+            keepalived("0.1"),
+        ),
         ("apilb VRRP, 1 s adverts", vrrp("1s")),
+        (
+            "keepalived 2.2, defaults (VRRPv2, advert_int 1)",
+            keepalived("1"),
+        ),
         ("apilb etcd, 3 s lease", etcd()),
-        ("keepalived 2.2, defaults (advert_int 1)", keepalived()),
     ];
     println!(
         "\nVIP failover after SIGKILL of the owner, {TRIALS} trials each (router's ARP entry moves)\n"

@@ -2,19 +2,21 @@
 //! behind apilb and behind the balancers it replaces, in the `tests::cluster`
 //! topology (one LB node, three TLS stub apiservers, a client one routed hop away).
 //!
-//! Setups: apilb at its defaults (passive detection on); haproxy as kubeadm's HA
-//! guide configures it; haproxy at its defaults; kube-proxy-style iptables DNAT with
-//! no health checks (`tests::proxies` has the configs and where they come from).
+//! Setups: apilb at its defaults (probes every 500 ms, passive detection on) and
+//! with fast probes (every 100 ms); haproxy as kubeadm's HA guide configures it;
+//! haproxy at its defaults, and with its checks at apilb's default rate;
+//! kube-proxy-style iptables DNAT with no health checks (`tests::proxies` has the
+//! configs and where they come from).
 //! Scenarios: master-2's apiserver process gets SIGKILL (its host then answers SYNs
 //! with RST), or master-2's host goes silent (its link is cut at the router: no RST,
 //! no ICMP, SYNs vanish).
 //!
 //! Each trial starts a fresh cluster, opens 6 watch streams and a new https
 //! connection every 10 ms (each bounded by `traffic::ATTEMPT_TIMEOUT`), warms up
-//! 2 s, fails master-2 at t0 and keeps the load on for 14 s: longer than haproxy's
-//! checks take to eject a silent master (fall 3 checks, each a 2 s connect timeout
-//! plus the 2 s interval). Attempts in flight then finish. Per trial: attempts
-//! started since t0 and how many failed (an error or a timeout); the window, from
+//! 2 s, fails master-2 at t0 and keeps the load on for 8 s (killed) or 14 s
+//! (silent): longer than haproxy's default checks take to eject the master (for a
+//! silent one, fall 3 checks, each a 2 s connect timeout plus the 2 s interval).
+//! Attempts in flight then finish. Per trial: attempts started since t0 and how many failed (an error or a timeout); the window, from
 //! t0 to the start of the last attempt that failed or was delayed; the delayed ones
 //! (succeeded, but took over `traffic::SLOW`) and how long they took; watch streams
 //! broken on the surviving masters. haproxy's `timeout connect 5s` equals the
@@ -32,14 +34,15 @@ use tests::{
     live::master_name,
     plane::ControlPlane,
     proxies::{Proxy, ProxyPlane},
-    traffic::Traffic,
+    traffic::{SLOW, Traffic},
 };
 
-const TRIALS: usize = 3;
+const TRIALS: usize = 2;
 const WATCHES: usize = 6;
 const EVERY: Duration = Duration::from_millis(10);
 const WARMUP: Duration = Duration::from_secs(2);
-const OBSERVE: Duration = Duration::from_secs(14);
+/// The timeline plot's resolution.
+const BUCKET: Duration = Duration::from_millis(250);
 /// master-2, the one that fails, and the router's port to it.
 const VICTIM: usize = 1;
 const VICTIM_PORT: &str = "p-m2";
@@ -48,6 +51,25 @@ const VICTIM_PORT: &str = "p-m2";
 enum Scenario {
     Killed,
     Silent,
+}
+
+impl Scenario {
+    /// How long the load stays on after the failure: past the longest window
+    /// any setup needs (haproxy's defaults eject a killed master within about
+    /// 5 s, a silent one within about 11 s), so that each window closes inside it.
+    fn observe(self) -> Duration {
+        match self {
+            Self::Killed => Duration::from_secs(8),
+            Self::Silent => Duration::from_secs(14),
+        }
+    }
+
+    fn file(self) -> &'static str {
+        match self {
+            Self::Killed => "failover-killed.svg",
+            Self::Silent => "failover-silent.svg",
+        }
+    }
 }
 
 enum Plane {
@@ -81,12 +103,27 @@ struct Trial {
     window: Duration,
     delays: Vec<Duration>,
     broken: usize,
+    /// Per [`BUCKET`]: attempts started, and those answered within `SLOW`.
+    timeline: Vec<(usize, usize)>,
 }
 
-fn trial(prefix: &str, proxy: Option<Proxy>, scenario: Scenario) -> Trial {
-    let mut plane = match proxy {
-        None => Plane::Apilb(ControlPlane::start(prefix, Shape::default())),
-        Some(p) => Plane::Proxied(ProxyPlane::start(prefix, p)),
+/// What balances the VIP in a trial.
+#[derive(Clone, Copy)]
+enum Setup {
+    /// `apilb run` with these `[health]` lines (empty: its defaults).
+    Apilb(&'static str),
+    Proxied(Proxy),
+}
+
+/// apilb's fast probe settings: every 100 ms, each within 80 ms.
+const FAST: &str = "interval = \"100ms\"\ntimeout = \"80ms\"";
+
+fn trial(prefix: &str, setup: Setup, scenario: Scenario) -> Trial {
+    let mut plane = match setup {
+        Setup::Apilb(health) => {
+            Plane::Apilb(ControlPlane::start_with(prefix, Shape::default(), health))
+        }
+        Setup::Proxied(p) => Plane::Proxied(ProxyPlane::start(prefix, p)),
     };
     let (t, ca) = plane.parts();
     let begin = Instant::now();
@@ -100,8 +137,20 @@ fn trial(prefix: &str, proxy: Option<Proxy>, scenario: Scenario) -> Trial {
     );
     let t0 = Instant::now();
     plane.fail(scenario);
-    thread::sleep(OBSERVE);
+    thread::sleep(scenario.observe());
     let r = traffic.stop();
+    // Per `BUCKET` from 1 s before the failure: attempts, and those answered
+    // within `SLOW`.
+    let mut timeline = vec![(0, 0); bucket_of(t0 + scenario.observe(), t0) + 1];
+    for a in r.since(t0.checked_sub(Duration::from_secs(1)).unwrap_or(t0)) {
+        let Some(slot) = timeline.get_mut(bucket_of(a.at, t0)) else {
+            continue;
+        };
+        slot.0 += 1;
+        if matches!(a.result, Some(Ok(_))) && a.took.is_some_and(|t| t <= SLOW) {
+            slot.1 += 1;
+        }
+    }
     let errors = r.errors_since(t0);
     let delayed = r.delayed_since(t0);
     let last = errors
@@ -117,7 +166,31 @@ fn trial(prefix: &str, proxy: Option<Proxy>, scenario: Scenario) -> Trial {
         window: last.map_or(Duration::ZERO, |l| l - t0),
         delays: delayed.iter().map(|d| d.1).collect(),
         broken: broken.values().sum(),
+        timeline,
     }
+}
+
+/// The timeline's bucket of an attempt started at `at`; bucket 0 starts 1 s
+/// before the failure at `t0`.
+fn bucket_of(at: Instant, t0: Instant) -> usize {
+    let from = t0.checked_sub(Duration::from_secs(1)).unwrap_or(t0);
+    usize::try_from(at.saturating_duration_since(from).as_millis() / BUCKET.as_millis())
+        .unwrap_or(usize::MAX)
+}
+
+/// The trials' timelines pooled: (seconds since the failure, % answered in time).
+fn timeline(trials: &[Trial]) -> Vec<(f64, f64)> {
+    let len = trials.iter().map(|t| t.timeline.len()).max().unwrap_or(0);
+    (0..len)
+        .filter_map(|i| {
+            let (n, ok) = trials
+                .iter()
+                .filter_map(|t| t.timeline.get(i))
+                .fold((0, 0), |(n, ok), &(a, b)| (n + a, ok + b));
+            let x = (i as f64).mul_add(BUCKET.as_secs_f64(), -1.0);
+            (n > 0).then(|| (x, 100.0 * ok as f64 / n as f64))
+        })
+        .collect()
 }
 
 fn median<T: Copy + Ord>(v: impl Iterator<Item = T>) -> Option<T> {
@@ -155,24 +228,34 @@ fn row(name: &str, trials: &[Trial]) -> String {
 fn main() {
     let setups = [
         (
-            "apilb, defaults (passive detection on)",
+            "apilb, defaults (probes every 500 ms, passive detection on)",
             "apilb-bm-lb",
-            None,
+            Setup::Apilb(""),
+        ),
+        (
+            "apilb, fast probes (every 100 ms)",
+            "apilb-bm-lbf",
+            Setup::Apilb(FAST),
         ),
         (
             "haproxy 2.6, kubeadm HA guide config",
             "apilb-bm-hapx",
-            Some(Proxy::HaproxyKubeadm),
+            Setup::Proxied(Proxy::HaproxyKubeadm),
         ),
         (
-            "haproxy 2.6, defaults, layer-4 check",
+            "haproxy 2.6, defaults, layer-4 check every 2 s",
             "apilb-bm-hapd",
-            Some(Proxy::HaproxyDefaults),
+            Setup::Proxied(Proxy::HaproxyDefaults),
+        ),
+        (
+            "haproxy 2.6, defaults, checks at apilb's rate (500 ms, fall 2)",
+            "apilb-bm-hapt",
+            Setup::Proxied(Proxy::HaproxyTuned),
         ),
         (
             "iptables DNAT (kube-proxy style)",
             "apilb-bm-ipt",
-            Some(Proxy::IptablesDnat),
+            Setup::Proxied(Proxy::IptablesDnat),
         ),
     ];
     let scenarios = [
@@ -189,11 +272,11 @@ fn main() {
     ];
     let mut tables = Vec::new();
     for (scenario, title, how) in scenarios {
-        let mut rows = Vec::new();
-        for (name, prefix, proxy) in setups {
+        let (mut rows, mut lines) = (Vec::new(), Vec::new());
+        for (name, prefix, setup) in setups {
             let trials: Vec<Trial> = (1..=TRIALS)
                 .map(|n| {
-                    let t = trial(prefix, proxy, scenario);
+                    let t = trial(prefix, setup, scenario);
                     eprintln!(
                         "  {title}, {name}: trial {n}: {} attempts, {} failed, window {}, \
                          {} delayed (max {}), {} broken watches on survivors",
@@ -208,18 +291,32 @@ fn main() {
                 })
                 .collect();
             rows.push(row(name, &trials));
+            lines.push((name, timeline(&trials)));
         }
-        tables.push((title, how, rows));
+        tests::report::lines(
+            scenario.file(),
+            &format!("Master-2 {title} at t = 0: new connections answered within 0.5 s"),
+            ("seconds since the failure", "% answered within 0.5 s"),
+            0.0..105.0,
+            &lines,
+        );
+        tables.push((title, how, rows, scenario.file()));
     }
     println!(
         "\nMaster-2 fails under {WATCHES} watch streams and a new https connection every \
-         {} ms; {TRIALS} trials per setup, {} s observed after the failure. Medians of the \
-         trials, except the delay columns: median and max over every delayed attempt.",
+         {} ms; {TRIALS} trials per setup, {} s (process killed) or {} s (host silent) \
+         observed after the failure. Medians of the trials, except the delay columns: \
+         median and max over every delayed attempt. The plots pool the trials: per \
+         {} ms from 1 s before the failure, the share of new connections answered \
+         within 0.5 s.",
         EVERY.as_millis(),
-        OBSERVE.as_secs(),
+        Scenario::Killed.observe().as_secs(),
+        Scenario::Silent.observe().as_secs(),
+        BUCKET.as_millis(),
     );
-    for (title, how, rows) in tables {
+    for (title, how, rows, file) in tables {
         println!("\n### Master-2 {title} ({how})\n");
+        println!("![timeline: master-2 {title}](tests/plots/{file})\n");
         println!(
             "| setup | attempts | failed | window | delayed (> 0.5 s) | delayed took, median \
              | delayed took, max | broken watches on survivors |"
