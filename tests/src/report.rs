@@ -32,7 +32,7 @@ pub fn bars(file: &str, title: &str, unit: &str, categories: &[&str], series: &[
     let path = plots_dir().join(file);
     let height = 80 + 28 * categories.len() * series.len().max(1);
     let root =
-        SVGBackend::new(&path, (900, u32::try_from(height).expect("height"))).into_drawing_area();
+        SVGBackend::new(&path, (1000, u32::try_from(height).expect("height"))).into_drawing_area();
     root.fill(&WHITE).expect("fill");
     let max = series
         .iter()
@@ -44,7 +44,7 @@ pub fn bars(file: &str, title: &str, unit: &str, categories: &[&str], series: &[
         .caption(title, ("sans-serif", 20))
         .margin(10)
         .x_label_area_size(40)
-        .y_label_area_size(260)
+        .y_label_area_size(300)
         .build_cartesian_2d(0.0..max.max(1e-9), 0.0..n as f64)
         .expect("chart");
     chart

@@ -4,7 +4,8 @@
 //! The `tests::cluster` topology: a client one routed hop from the segment, one
 //! LB node and three masters, each master running nginx with a small plain-HTTP
 //! answer on :6443 (no TLS, so that TLS does not hide what the LB costs). Paths:
-//! direct to master-1 (the floor); kube-proxy-style iptables DNAT with
+//! direct to master-1 (the floor); routed through the LB node to master-1 and
+//! back, with nothing balancing (what the extra hop alone costs); kube-proxy-style iptables DNAT with
 //! `statistic --mode random` on the LB node; haproxy `mode tcp` with `check inter
 //! 2s fall 3 rise 2`; nginx `stream` as kubespray configures it; apilb's XDP in NAT
 //! mode; and, for a client on the LB node itself, apilb's socket-LB, next to a
@@ -17,7 +18,8 @@
 //! to direct. CPU per 10k requests is the whole machine's busy time (`/proc/stat`)
 //! during the run, less the direct path's in the same round: what going through
 //! the LB node costs, its hop included. apilb runs only during its own paths, and
-//! the iptables rules exist only during theirs, so no path pays for another.
+//! the iptables rules (and with them conntrack) exist only during theirs, so no
+//! path pays for another.
 //!
 //! The iptables path gets a new port each round. wrk reuses its source ports
 //! within seconds, and the masters close first (`Connection: close`), so conntrack
@@ -46,6 +48,9 @@ const CONNECTIONS: u32 = 32;
 const HAPROXY_PORT: u16 = 7001;
 const NGINX_PORT: u16 = 7002;
 const IPTABLES_PORT: u16 = 7003;
+/// A second address of master-1 that the router and master-1 route through the
+/// LB node, both ways: the LB node's forwarding alone, with nothing balancing.
+const ROUTED: &str = "203.0.113.11";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -85,6 +90,8 @@ fn main() {
     let cpus = thread::available_parallelism().map_or(1, usize::from);
     let t = Topology::new(PREFIX);
     let dir = TempDir::new(PREFIX);
+    // Before nginx starts: master-1's nginx listens on the routed address too.
+    route_through_lb(&t);
     let _masters: Vec<Spawned> = t
         .masters
         .iter()
@@ -132,9 +139,9 @@ fn main() {
             "{own}:{}",
             IPTABLES_PORT + u16::try_from(round).expect("round")
         );
-        proxies::iptables_dnat(lb, &dnat);
         for (i, p) in paths.iter().enumerate().filter(|(_, p)| !p.apilb) {
             let url = if p.iptables {
+                proxies::iptables_dnat(lb, &dnat);
                 let url = format!("http://{dnat}/");
                 wait_serving(ns(p), &url);
                 url
@@ -144,8 +151,13 @@ fn main() {
             for close in [false, true] {
                 runs[i][usize::from(close)].push(wrk(ns(p), &url, close));
             }
+            if p.iptables {
+                // The whole table, not just its rules: its hooks would keep
+                // conntrack tracking every other path's connections through
+                // this node.
+                lb.exec("nft", &["delete", "table", "ip", "nat"]);
+            }
         }
-        lb.exec("iptables", &["-t", "nat", "-F"]);
         let mut apilb = Apilb::start_with(
             lb,
             &config,
@@ -181,10 +193,17 @@ fn main() {
 }
 
 /// Every path measured, in the report's order.
-fn routes() -> [Route; 7] {
+fn routes() -> [Route; 8] {
     let own = SNAT;
     [
         path("direct to master-1", MASTERS[0], Side::Client, false, false),
+        path(
+            "routed via the LB node, no balancing",
+            &format!("{ROUTED}:6443"),
+            Side::Client,
+            false,
+            false,
+        ),
         path(
             "iptables DNAT (statistic random)",
             &format!("{own}:{IPTABLES_PORT}"),
@@ -234,9 +253,15 @@ fn path(name: &'static str, to: &str, from: Side, apilb: bool, iptables: bool) -
     }
 }
 
-/// nginx answering every request on `addr` with a line naming the master.
+/// nginx answering every request on `addr` with a line naming the master; on
+/// master-1 also on [`ROUTED`].
 fn http_master(ns: &Netns, dir: &Path, addr: &str) -> Spawned {
     let name = master_name(addr);
+    let also = if addr == MASTERS[0] {
+        format!("listen {ROUTED}:6443 reuseport;")
+    } else {
+        String::new()
+    };
     proxies::nginx(
         ns,
         dir,
@@ -246,12 +271,34 @@ events {{ worker_connections 16384; }}
 http {{
   access_log off;
   keepalive_requests 10000000;
-  server {{ listen {addr} reuseport; default_type text/plain;
+  server {{ listen {addr} reuseport; {also} default_type text/plain;
            location / {{ return 200 \"{name}\\n\"; }} }}
 }}
 "
         ),
     )
+}
+
+/// [`ROUTED`]: on master-1, with replies from it sent back through the LB node;
+/// the client, the router and the LB node route it.
+fn route_through_lb(t: &Topology) {
+    let m1 = &t.masters[0];
+    let via_lb = ["via", SNAT];
+    m1.ip(&["addr", "add", &format!("{ROUTED}/32"), "dev", "eth0"]);
+    m1.ip(&["rule", "add", "from", ROUTED, "table", "99"]);
+    m1.ip(&[
+        &["route", "add", "192.0.2.0/24"][..],
+        &via_lb,
+        &["table", "99"],
+    ]
+    .concat());
+    t.router
+        .ip(&[&["route", "add", &format!("{ROUTED}/32")][..], &via_lb].concat());
+    t.client
+        .ip(&["route", "add", &format!("{ROUTED}/32"), "via", "192.0.2.1"]);
+    let to_m1 = MASTERS[0].split(':').next().expect("address");
+    t.lb()
+        .ip(&["route", "add", &format!("{ROUTED}/32"), "via", to_m1]);
 }
 
 /// haproxy in TCP mode on `listen`, checking every master every 2 s.
