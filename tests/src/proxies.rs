@@ -212,8 +212,8 @@ pid {d}/nginx.pid;
 /// DNAT of `to` (VIP:6443 for the failover benchmark) in `lb`'s PREROUTING to the
 /// three masters, as kube-proxy's iptables mode writes a service (a random third,
 /// then half of the rest, then the last), and SNAT to the node's own address so
-/// that replies come back through it.
-pub fn iptables_dnat(lb: &Netns, to: &str) {
+/// that replies come back through it (`snat`).
+pub fn iptables_dnat(lb: &Netns, to: &str, snat: &str) {
     let (addr, port) = to.rsplit_once(':').expect("address:port");
     lb.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
     let odds = [
@@ -227,9 +227,9 @@ pub fn iptables_dnat(lb: &Netns, to: &str) {
         );
         lb.exec("iptables", &rule.split_whitespace().collect::<Vec<_>>());
     }
-    let snat =
-        format!("-t nat -A POSTROUTING -m conntrack --ctstate DNAT -j SNAT --to-source {SNAT}");
-    lb.exec("iptables", &snat.split_whitespace().collect::<Vec<_>>());
+    let rule =
+        format!("-t nat -A POSTROUTING -m conntrack --ctstate DNAT -j SNAT --to-source {snat}");
+    lb.exec("iptables", &rule.split_whitespace().collect::<Vec<_>>());
 }
 
 /// The topology, CA and stub apiservers of [`crate::plane::ControlPlane`], with
@@ -260,7 +260,7 @@ impl ProxyPlane {
             .map(Some)
             .collect();
         let haproxy = if let Proxy::IptablesDnat = proxy {
-            iptables_dnat(t.lb(), VIP);
+            iptables_dnat(t.lb(), VIP, SNAT);
             None
         } else {
             let h = Haproxy::start(t.lb(), &dir.0, proxy);

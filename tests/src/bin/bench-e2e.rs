@@ -21,13 +21,15 @@
 //! the iptables rules (and with them conntrack) exist only during theirs, so no
 //! path pays for another.
 //!
-//! The iptables path gets a new port each round. wrk reuses its source ports
-//! within seconds, and the masters close first (`Connection: close`), so conntrack
-//! keeps each finished tuple in `TIME_WAIT` for 120 s and will not reopen it: a
-//! second round on the same port measured a sixth of the first, every SYN on a
-//! reused tuple waiting for its retransmit. A node whose clients come back on the
-//! same tuple within two minutes at this rate would see that too.
-
+//! The iptables path SNATs to an address of its own. DNAT keeps the client's
+//! source port, and the masters close first (`Connection: close`), so they hold
+//! `TIME_WAIT` sockets for `<LB address>:<port>`. Sharing the LB node's address
+//! with the proxies' and the node's own connections, a reused port met a
+//! `TIME_WAIT` socket whose timestamps came from another sender's clock, which
+//! the master does not reopen for a SYN that looks older (PAWS, most likely):
+//! later rounds measured 300 requests/s instead of 10000, SYNs waiting for
+//! their retransmit. With an address of its own, every round measured alike.
+//!
 use std::{
     path::Path,
     thread,
@@ -48,6 +50,9 @@ const CONNECTIONS: u32 = 32;
 const HAPROXY_PORT: u16 = 7001;
 const NGINX_PORT: u16 = 7002;
 const IPTABLES_PORT: u16 = 7003;
+/// The iptables path's SNAT address, a second one of the LB node's (see the
+/// module docs).
+const IPTABLES_SNAT: &str = "198.51.100.50";
 /// A second address of master-1 that the router and master-1 route through the
 /// LB node, both ways: the LB node's forwarding alone, with nothing balancing.
 const ROUTED: &str = "203.0.113.11";
@@ -99,6 +104,7 @@ fn main() {
         .map(|(ns, m)| http_master(ns, &dir.0.join(master_name(m)), m))
         .collect();
     let lb = t.lb();
+    lb.ip(&["addr", "add", &format!("{IPTABLES_SNAT}/32"), "dev", "eth0"]);
     let own = SNAT;
     let _haproxy = haproxy(lb, &dir.0, &format!("{own}:{HAPROXY_PORT}"));
     let _nginx = proxies::nginx_stream(
@@ -131,25 +137,13 @@ fn main() {
     let mut no_nat_port = Vec::new();
     for round in 0..ROUNDS {
         eprintln!("round {} of {ROUNDS}", round + 1);
-        // A port of its own each round: the client reuses its source ports, and a
-        // tuple whose earlier connection the master closed lingers in conntrack's
-        // TIME_WAIT (120 s), which refuses to reopen it; in a round of its own that
-        // never happens (see the module docs).
-        let dnat = format!(
-            "{own}:{}",
-            IPTABLES_PORT + u16::try_from(round).expect("round")
-        );
         for (i, p) in paths.iter().enumerate().filter(|(_, p)| !p.apilb) {
-            let url = if p.iptables {
-                proxies::iptables_dnat(lb, &dnat);
-                let url = format!("http://{dnat}/");
-                wait_serving(ns(p), &url);
-                url
-            } else {
-                p.url.clone()
-            };
+            if p.iptables {
+                proxies::iptables_dnat(lb, &format!("{own}:{IPTABLES_PORT}"), IPTABLES_SNAT);
+                wait_serving(ns(p), &p.url);
+            }
             for close in [false, true] {
-                runs[i][usize::from(close)].push(wrk(ns(p), &url, close));
+                runs[i][usize::from(close)].push(wrk(ns(p), &p.url, close));
             }
             if p.iptables {
                 // The whole table, not just its rules: its hooks would keep
