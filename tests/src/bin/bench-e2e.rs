@@ -134,7 +134,6 @@ fn main() {
     }
     // runs[path][workload] over rounds; workload 0 keep-alive, 1 close.
     let mut runs = vec![[Vec::new(), Vec::new()]; paths.len()];
-    let mut no_nat_port = Vec::new();
     for round in 0..ROUNDS {
         eprintln!("round {} of {ROUNDS}", round + 1);
         for (i, p) in paths.iter().enumerate().filter(|(_, p)| !p.apilb) {
@@ -175,7 +174,6 @@ fn main() {
             .find(|l| l.starts_with("apilb_datapath_packets_total{counter=\"drop_no_nat_port\"}"))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
             .unwrap_or(0);
-        no_nat_port.push(no_port);
         eprintln!("  apilb dropped {no_port} SYNs for want of a NAT port");
         apilb.signal(libc::SIGTERM);
         assert!(
@@ -489,22 +487,18 @@ fn report(paths: &[Route], runs: &[[Vec<Run>; 2]], cpus: usize, took: Duration) 
         );
     }
     let names: Vec<&str> = paths.iter().map(|p| p.name).collect();
-    let [ka, close] = rps;
-    tests::report::bars(
-        "e2e-requests.svg",
-        "Requests/s per path (median of rounds)",
-        "requests/s",
-        &names,
-        &[("keep-alive", ka), ("new connection per request", close)],
-    );
-    let [ka, close] = p99;
-    tests::report::bars(
-        "e2e-p99.svg",
-        "p99 latency per path (median of rounds)",
-        "ms",
-        &names,
-        &[("keep-alive", ka), ("new connection per request", close)],
-    );
+    for (file, title, unit, [ka, close]) in [
+        ("e2e-requests.svg", "Requests/s per path", "requests/s", rps),
+        ("e2e-p99.svg", "p99 latency per path", "ms", p99),
+    ] {
+        tests::report::bars(
+            file,
+            &format!("{title} (median of rounds)"),
+            unit,
+            &names,
+            &[("keep-alive", ka), ("new connection per request", close)],
+        );
+    }
     println!("\n![requests/s per path](tests/plots/e2e-requests.svg)");
     println!("![p99 per path](tests/plots/e2e-p99.svg)");
 }
