@@ -376,6 +376,19 @@ pub fn stub_apiservers(t: &Topology, pki: &crate::pki::Pki, control: &Path) -> V
 /// `master-<n>` like its certificate.
 #[must_use]
 pub fn stub_apiserver(t: &Topology, pki: &crate::pki::Pki, control: &Path, addr: &str) -> Spawned {
+    stub_apiserver_on(t, pki, control, addr, addr)
+}
+
+/// [`stub_apiserver`] listening on `listen` instead of the master's address, e.g.
+/// `0.0.0.0:6443` for a master that may hold the VIP itself.
+#[must_use]
+pub fn stub_apiserver_on(
+    t: &Topology,
+    pki: &crate::pki::Pki,
+    control: &Path,
+    addr: &str,
+    listen: &str,
+) -> Spawned {
     let name = master_name(addr);
     let (crt, key) = pki.cert(&name);
     let dir = control.join(&name);
@@ -383,7 +396,7 @@ pub fn stub_apiserver(t: &Topology, pki: &crate::pki::Pki, control: &Path, addr:
     let path = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
     let args = [
         "--listen".to_owned(),
-        addr.to_owned(),
+        listen.to_owned(),
         "--name".to_owned(),
         name,
         "--cert".to_owned(),

@@ -1,6 +1,8 @@
 //! The balancers apilb is measured against, in the [`crate::cluster`] topology's LB
 //! node instead of `apilb run`: haproxy as kubeadm's HA guide configures it, haproxy
-//! at its defaults, and kube-proxy-style iptables DNAT.
+//! at its defaults, and kube-proxy-style iptables DNAT; and, with no LB node at
+//! all, the guide's keepalived and `check_apiserver.sh` on the masters
+//! ([`KeepalivedPlane`]).
 //!
 //! The guide's haproxy.cfg is kubernetes/kubeadm `docs/ha-considerations.md`
 //! ("haproxy configuration", tested there with haproxy 2.1.4). Its values are kept:
@@ -23,8 +25,12 @@ use std::{
 };
 
 use crate::{
-    cluster::{MASTERS, SNAT, Topology, VIP, VIP_ADDR},
-    live::{Spawned, TempDir, https_via_vip, master_name, master_names, stub_apiservers},
+    cluster::{MASTERS, SNAT, Shape, Topology, VIP, VIP_ADDR},
+    elect::{Keepalived, holds},
+    live::{
+        Spawned, TempDir, https_via_vip, master_name, master_names, stub_apiserver_on,
+        stub_apiservers,
+    },
     netns::Netns,
     pki::Pki,
 };
@@ -44,9 +50,15 @@ pub enum Proxy {
     HaproxyTuned,
     /// iptables DNAT, a random third per master, no health checks.
     IptablesDnat,
+    /// No LB node: keepalived on each master moves the VIP among them, and
+    /// kubeadm's HA guide's `check_apiserver.sh` lowers the holder's priority once
+    /// its own apiserver fails. Nothing balances: every connection goes to the
+    /// holder, master-2 (priority 101, the others 100), whose apiserver listens on
+    /// `0.0.0.0:6443`.
+    KeepalivedScript,
 }
 
-/// haproxy's config for `proxy` (not [`Proxy::IptablesDnat`]), with its stats
+/// haproxy's config for `proxy` (a `Haproxy*` one), with its stats
 /// socket at `stats`.
 #[must_use]
 pub fn haproxy_config(proxy: Proxy, stats: &Path) -> String {
@@ -237,6 +249,7 @@ pub fn iptables_dnat(lb: &Netns, to: &str, snat: &str) {
 pub struct ProxyPlane {
     // Field order is drop order.
     pub haproxy: Option<Haproxy>,
+    pub keepalived: Vec<Keepalived>,
     /// Stub apiservers by master index (`None`: killed).
     pub stubs: Vec<Option<Spawned>>,
     pub t: Topology,
@@ -252,21 +265,32 @@ impl ProxyPlane {
     /// If something does not start, or nothing answers through the VIP in 15 s.
     #[must_use]
     pub fn start(prefix: &str, proxy: Proxy) -> Self {
-        let t = Topology::new(prefix);
+        let on_masters = matches!(proxy, Proxy::KeepalivedScript);
+        let shape = Shape {
+            vip_on_first_lb: !on_masters,
+            ..Shape::default()
+        };
+        let t = Topology::with_shape(prefix, shape);
         let dir = TempDir::new(prefix);
         let pki = Pki::generate(&dir.0, &master_names(), &[VIP_ADDR.parse().expect("vip")]);
-        let stubs = stub_apiservers(&t, &pki, &dir.0)
-            .into_iter()
-            .map(Some)
-            .collect();
-        let haproxy = if let Proxy::IptablesDnat = proxy {
-            iptables_dnat(t.lb(), VIP, SNAT);
-            None
+        let stubs = if on_masters {
+            MASTERS
+                .iter()
+                .map(|m| stub_apiserver_on(&t, &pki, &dir.0, m, "0.0.0.0:6443"))
+                .collect()
         } else {
-            let h = Haproxy::start(t.lb(), &dir.0, proxy);
-            h.wait_checked(Duration::from_secs(15));
-            Some(h)
+            stub_apiservers(&t, &pki, &dir.0)
         };
+        let (mut haproxy, mut keepalived) = (None, Vec::new());
+        match proxy {
+            Proxy::IptablesDnat => iptables_dnat(t.lb(), VIP, SNAT),
+            Proxy::KeepalivedScript => keepalived = keepalived_on_masters(&t, &dir.0),
+            _ => {
+                let h = Haproxy::start(t.lb(), &dir.0, proxy);
+                h.wait_checked(Duration::from_secs(15));
+                haproxy = Some(h);
+            }
+        }
         let deadline = Instant::now() + Duration::from_secs(15);
         while https_via_vip(&t.client, &pki.ca_pem, "/version").is_none() {
             assert!(Instant::now() < deadline, "nothing answers through the VIP");
@@ -274,7 +298,8 @@ impl ProxyPlane {
         }
         Self {
             haproxy,
-            stubs,
+            keepalived,
+            stubs: stubs.into_iter().map(Some).collect(),
             t,
             pki,
             dir,
@@ -285,4 +310,92 @@ impl ProxyPlane {
     pub fn kill_master(&mut self, i: usize) {
         drop(self.stubs[i].take());
     }
+}
+
+/// kubeadm's HA guide's `check_apiserver.sh` (its current form, with the
+/// apiserver's own port for `APISERVER_DEST_PORT`): one `GET /healthz` with a 2 s
+/// limit.
+const CHECK_APISERVER: &str = "#!/bin/sh
+errorExit() {
+    echo \"*** $*\" 1>&2
+    exit 1
+}
+curl -sfk --max-time 2 https://localhost:6443/healthz -o /dev/null || errorExit \"Error GET https://localhost:6443/healthz\"
+";
+
+/// The guide's keepalived.conf for a node that starts as `state` with `priority`:
+/// the script every 3 s, weight -2, fall 10, rise 2; VRID 51, PASS
+/// authentication; `advert_int` left at its default of 1 s.
+fn kubeadm_keepalived_config(state: &str, priority: u8, script: &Path) -> String {
+    format!(
+        "global_defs {{
+    router_id LVS_DEVEL
+}}
+vrrp_script check_apiserver {{
+    script \"{script}\"
+    interval 3
+    weight -2
+    fall 10
+    rise 2
+}}
+vrrp_instance VI_1 {{
+    state {state}
+    interface eth0
+    virtual_router_id 51
+    priority {priority}
+    authentication {{
+        auth_type PASS
+        auth_pass 42
+    }}
+    virtual_ipaddress {{
+        {VIP_ADDR}
+    }}
+    track_script {{
+        check_apiserver
+    }}
+}}
+",
+        script = script.display()
+    )
+}
+
+/// The master that holds the VIP at the start under [`Proxy::KeepalivedScript`].
+const KEEPALIVED_HOLDER: usize = 1;
+
+/// [`Proxy::KeepalivedScript`]'s keepalived on every master, master-2 first, so
+/// that the others start by hearing its adverts; returns once it holds the VIP.
+///
+/// # Panics
+/// If the script cannot be written, or master-2 does not take the VIP in 15 s.
+fn keepalived_on_masters(t: &Topology, dir: &Path) -> Vec<Keepalived> {
+    let script = dir.join("check_apiserver.sh");
+    std::fs::write(&script, CHECK_APISERVER).expect("check script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("check script mode");
+    let start = |i: usize| {
+        let (state, priority) = if i == KEEPALIVED_HOLDER {
+            ("MASTER", 101)
+        } else {
+            ("BACKUP", 100)
+        };
+        let config = kubeadm_keepalived_config(state, priority, &script);
+        Keepalived::start(
+            t.master_ns(MASTERS[i]),
+            dir,
+            &format!("ka-m{}", i + 1),
+            &config,
+        )
+    };
+    let mut keepalived = vec![start(KEEPALIVED_HOLDER)];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !holds(t.master_ns(MASTERS[KEEPALIVED_HOLDER]), VIP_ADDR) {
+        assert!(Instant::now() < deadline, "master-2 did not take the VIP");
+        thread::sleep(Duration::from_millis(50));
+    }
+    keepalived.extend(
+        (0..MASTERS.len())
+            .filter(|&i| i != KEEPALIVED_HOLDER)
+            .map(start),
+    );
+    keepalived
 }

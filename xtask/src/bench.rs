@@ -27,10 +27,11 @@ pub enum Part {
     /// per request, requests/s, p99 and the LB's CPU per 10k requests.
     E2e,
     /// VIP failover time between two LB nodes: apilb VRRP and keepalived at 100 ms
-    /// and at 1 s adverts, apilb etcd; 6 trials each. Then (`bench-masters`) what
+    /// and at 1 s adverts, apilb etcd; 4 trials each. Then (`bench-masters`) what
     /// clients see when a master's apiserver is killed or its host goes silent,
     /// behind apilb (default and fast probes), haproxy (kubeadm's HA guide config,
-    /// its defaults, its checks at apilb's rate) and iptables DNAT; 2 trials each.
+    /// its defaults, its checks at apilb's rate), iptables DNAT, and keepalived on
+    /// the masters with kubeadm's check script; 3 concurrent trials each.
     Failover,
     /// ns per packet through `BPF_PROG_TEST_RUN` for four paths, against `XDP_DROP`.
     Xdp,

@@ -5,17 +5,23 @@
 //! Setups: apilb at its defaults (probes every 500 ms, passive detection on) and
 //! with fast probes (every 100 ms); haproxy as kubeadm's HA guide configures it;
 //! haproxy at its defaults, and with its checks at apilb's default rate;
-//! kube-proxy-style iptables DNAT with no health checks (`tests::proxies` has the
+//! kube-proxy-style iptables DNAT with no health checks; and the seeds' recipe
+//! without a proxy, keepalived on the masters moving the VIP when kubeadm's
+//! `check_apiserver.sh` fails on its holder, master-2 (`tests::proxies` has the
 //! configs and where they come from).
 //! Scenarios: master-2's apiserver process gets SIGKILL (its host then answers SYNs
 //! with RST), or master-2's host goes silent (its link is cut at the router: no RST,
 //! no ICMP, SYNs vanish).
 //!
-//! Each trial starts a fresh cluster, opens 6 watch streams and a new https
-//! connection every 10 ms (each bounded by `traffic::ATTEMPT_TIMEOUT`), warms up
+//! A setup's trials run at once, each on a fresh cluster of its own (the load is
+//! light, 100 TLS handshakes a second, and a trial spends most of its time
+//! waiting for the failure to be noticed). Each opens 6 watch streams and a new
+//! https connection every 10 ms (each bounded by `traffic::ATTEMPT_TIMEOUT`), warms up
 //! 2 s, fails master-2 at t0 and keeps the load on for 8 s (killed) or 14 s
 //! (silent): longer than haproxy's default checks take to eject the master (for a
 //! silent one, fall 3 checks, each a 2 s connect timeout plus the 2 s interval).
+//! The keepalived recipe gets 36 s after a kill: its script must fail 10 times,
+//! 3 s apart, before the VIP moves.
 //! Attempts in flight then finish. Per trial: attempts started since t0 and how many failed (an error or a timeout); the window, from
 //! t0 to the start of the last attempt that failed or was delayed; the delayed ones
 //! (succeeded, but took over `traffic::SLOW`) and how long they took; watch streams
@@ -37,7 +43,7 @@ use tests::{
     traffic::{SLOW, Traffic},
 };
 
-const TRIALS: usize = 2;
+const TRIALS: usize = 3;
 const WATCHES: usize = 6;
 const EVERY: Duration = Duration::from_millis(10);
 const WARMUP: Duration = Duration::from_secs(2);
@@ -57,10 +63,13 @@ impl Scenario {
     /// How long the load stays on after the failure: past the longest window
     /// any setup needs (haproxy's defaults eject a killed master within about
     /// 5 s, a silent one within about 11 s), so that each window closes inside it.
-    fn observe(self) -> Duration {
-        match self {
-            Self::Killed => Duration::from_secs(8),
-            Self::Silent => Duration::from_secs(14),
+    /// The keepalived recipe moves the VIP off a killed apiserver after 10 failed
+    /// checks 3 s apart, 27 to 30 s.
+    fn observe(self, setup: Setup) -> Duration {
+        match (self, setup) {
+            (Self::Killed, Setup::Proxied(Proxy::KeepalivedScript)) => Duration::from_secs(45),
+            (Self::Killed, _) => Duration::from_secs(8),
+            (Self::Silent, _) => Duration::from_secs(14),
         }
     }
 
@@ -130,18 +139,23 @@ fn trial(prefix: &str, setup: Setup, scenario: Scenario) -> Trial {
     let traffic = Traffic::start(&t.client, ca, WATCHES, Some(EVERY));
     thread::sleep(WARMUP);
     let (spread, _) = traffic.record().spread_since(begin);
+    let serving = match setup {
+        Setup::Proxied(Proxy::KeepalivedScript) => 1,
+        _ => MASTERS.len(),
+    };
     assert_eq!(
         spread.len(),
-        3,
-        "warm-up did not reach every master: {spread:?}"
+        serving,
+        "warm-up did not reach the masters it should: {spread:?}"
     );
     let t0 = Instant::now();
     plane.fail(scenario);
-    thread::sleep(scenario.observe());
+    let observe = scenario.observe(setup);
+    thread::sleep(observe);
     let r = traffic.stop();
     // Per `BUCKET` from 1 s before the failure: attempts, and those answered
     // within `SLOW`.
-    let mut timeline = vec![(0, 0); bucket_of(t0 + scenario.observe(), t0) + 1];
+    let mut timeline = vec![(0, 0); bucket_of(t0 + observe, t0) + 1];
     for a in r.since(t0.checked_sub(Duration::from_secs(1)).unwrap_or(t0)) {
         let Some(slot) = timeline.get_mut(bucket_of(a.at, t0)) else {
             continue;
@@ -225,6 +239,32 @@ fn row(name: &str, trials: &[Trial]) -> String {
     )
 }
 
+/// `setup`'s trials of `scenario`, run at once, each logged to stderr.
+fn trials(title: &str, name: &str, prefix: &str, setup: Setup, scenario: Scenario) -> Vec<Trial> {
+    let trials: Vec<Trial> = thread::scope(|s| {
+        let runs: Vec<_> = (1..=TRIALS)
+            .map(|n| s.spawn(move || trial(&format!("{prefix}-t{n}"), setup, scenario)))
+            .collect();
+        runs.into_iter()
+            .map(|r| r.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    for (n, t) in trials.iter().enumerate() {
+        eprintln!(
+            "  {title}, {name}: trial {}: {} attempts, {} failed, window {}, \
+             {} delayed (max {}), {} broken watches on survivors",
+            n + 1,
+            t.attempts,
+            t.failed,
+            secs(Some(t.window)),
+            t.delays.len(),
+            secs(t.delays.iter().max().copied()),
+            t.broken,
+        );
+    }
+    trials
+}
+
 fn main() {
     let setups = [
         (
@@ -257,6 +297,11 @@ fn main() {
             "apilb-bm-ipt",
             Setup::Proxied(Proxy::IptablesDnat),
         ),
+        (
+            "keepalived 2.2 on the masters, kubeadm guide's check_apiserver.sh, no proxy",
+            "apilb-bm-ka",
+            Setup::Proxied(Proxy::KeepalivedScript),
+        ),
     ];
     let scenarios = [
         (
@@ -274,22 +319,7 @@ fn main() {
     for (scenario, title, how) in scenarios {
         let (mut rows, mut lines) = (Vec::new(), Vec::new());
         for (name, prefix, setup) in setups {
-            let trials: Vec<Trial> = (1..=TRIALS)
-                .map(|n| {
-                    let t = trial(prefix, setup, scenario);
-                    eprintln!(
-                        "  {title}, {name}: trial {n}: {} attempts, {} failed, window {}, \
-                         {} delayed (max {}), {} broken watches on survivors",
-                        t.attempts,
-                        t.failed,
-                        secs(Some(t.window)),
-                        t.delays.len(),
-                        secs(t.delays.iter().max().copied()),
-                        t.broken,
-                    );
-                    t
-                })
-                .collect();
+            let trials = trials(title, name, prefix, setup, scenario);
             rows.push(row(name, &trials));
             lines.push((name, timeline(&trials)));
         }
@@ -304,14 +334,17 @@ fn main() {
     }
     println!(
         "\nMaster-2 fails under {WATCHES} watch streams and a new https connection every \
-         {} ms; {TRIALS} trials per setup, {} s (process killed) or {} s (host silent) \
-         observed after the failure. Medians of the trials, except the delay columns: \
+         {} ms; {TRIALS} trials per setup, {} s (process killed; {} s for the keepalived \
+         recipe) or {} s (host silent) observed after the failure. Medians of the trials, except the delay columns: \
          median and max over every delayed attempt. The plots pool the trials: per \
          {} ms from 1 s before the failure, the share of new connections answered \
          within 0.5 s.",
         EVERY.as_millis(),
-        Scenario::Killed.observe().as_secs(),
-        Scenario::Silent.observe().as_secs(),
+        Scenario::Killed.observe(Setup::Apilb("")).as_secs(),
+        Scenario::Killed
+            .observe(Setup::Proxied(Proxy::KeepalivedScript))
+            .as_secs(),
+        Scenario::Silent.observe(Setup::Apilb("")).as_secs(),
         BUCKET.as_millis(),
     );
     for (title, how, rows, file) in tables {
