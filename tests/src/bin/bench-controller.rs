@@ -2,7 +2,7 @@
 //! `tests::plane` control plane (namespaces, three stub apiservers with TLS), probing each
 //! master's /readyz over https every 500 ms with the defaults (a new TLS connection
 //! per probe), with no traffic: CPU time and resident memory sampled from /proc
-//! over 30 s.
+//! over 20 s.
 
 use std::{
     thread,
@@ -12,7 +12,7 @@ use std::{
 use tests::{cluster::Shape, plane::ControlPlane};
 
 const WARMUP: Duration = Duration::from_secs(5);
-const WINDOW: Duration = Duration::from_secs(30);
+const WINDOW: Duration = Duration::from_secs(20);
 
 /// utime + stime of `pid`, in clock ticks.
 fn cpu_ticks(pid: i32) -> u64 {

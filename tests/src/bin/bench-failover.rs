@@ -1,5 +1,5 @@
 //! `cargo xtask bench failover`: how long a VIP takes to move to the other LB node
-//! when its owner gets SIGKILL, over 6 trials per setup, in the `tests::cluster`
+//! when its owner gets SIGKILL, over 4 trials per setup, in the `tests::cluster`
 //! topology with two LB nodes:
 //!
 //! - apilb VRRP (v3, multicast) with 100 ms and with 1 s adverts;
@@ -24,7 +24,7 @@ use tests::{
     netns::Netns,
 };
 
-const TRIALS: usize = 6;
+const TRIALS: usize = 4;
 
 /// One LB node's VIP owner: apilb or keepalived.
 enum Side {

@@ -29,7 +29,7 @@ use tests::{
 const PREFIX: &str = "apilb-bench-local";
 /// Concurrent client threads, each with one connection at a time.
 const WORKERS: usize = 4;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 3;
 const PER_ROUND: Duration = Duration::from_secs(3);
 /// Not 6443: with `[local] addresses`, apilb would balance 127.0.0.1:6443 itself.
 const NGINX: &str = "127.0.0.1:6444";
