@@ -14,13 +14,15 @@ pub fn plots_dir() -> PathBuf {
 }
 
 /// Colours of the series, in order.
-const COLOURS: [RGBColor; 6] = [
+const COLOURS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
 ];
 
 /// Horizontal grouped bars: one group per category (top to bottom), one bar per

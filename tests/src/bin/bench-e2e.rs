@@ -136,6 +136,7 @@ fn main() {
     }
     // runs[path][workload] over rounds; workload 0 keep-alive, 1 close.
     let mut runs = vec![[Vec::new(), Vec::new()]; paths.len()];
+    let mut no_port_total = 0;
     for round in 0..ROUNDS {
         eprintln!("round {} of {ROUNDS}", round + 1);
         for (i, p) in paths.iter().enumerate().filter(|(_, p)| !p.apilb) {
@@ -177,6 +178,7 @@ fn main() {
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
             .unwrap_or(0);
         eprintln!("  apilb dropped {no_port} SYNs for want of a NAT port");
+        no_port_total += no_port;
         apilb.signal(libc::SIGTERM);
         assert!(
             apilb.wait(Duration::from_secs(10)).is_some(),
@@ -184,6 +186,13 @@ fn main() {
         );
     }
     report(&paths, &runs, cpus, started.elapsed());
+    println!(
+        "\napilb runs at its defaults: each master has 10,000 NAT ports, and a port is \
+         held 30 s after its flow closes, so a master takes 10,000 new connections at \
+         once and about 333 a second sustained. apilb starts afresh each round, and a \
+         round's 2 s of new connections stays within that. SYNs dropped for want of a \
+         NAT port, all rounds: {no_port_total}."
+    );
 }
 
 /// Every path measured, in the report's order.
