@@ -2,7 +2,7 @@
 //! node instead of `apilb run`: haproxy as kubeadm's HA guide configures it, haproxy
 //! at its defaults, and kube-proxy-style iptables DNAT; and, with no LB node at
 //! all, the guide's keepalived and `check_apiserver.sh` on the masters
-//! ([`KeepalivedPlane`]).
+//! ([`Proxy::KeepalivedScript`]).
 //!
 //! The guide's haproxy.cfg is kubernetes/kubeadm `docs/ha-considerations.md`
 //! ("haproxy configuration", tested there with haproxy 2.1.4). Its values are kept:
@@ -245,7 +245,8 @@ pub fn iptables_dnat(lb: &Netns, to: &str, snat: &str) {
 }
 
 /// The topology, CA and stub apiservers of [`crate::plane::ControlPlane`], with
-/// `proxy` on the LB node instead of apilb.
+/// `proxy` instead of apilb: on the LB node, or for [`Proxy::KeepalivedScript`]
+/// on the masters.
 pub struct ProxyPlane {
     // Field order is drop order.
     pub haproxy: Option<Haproxy>,
@@ -312,8 +313,9 @@ impl ProxyPlane {
     }
 }
 
-/// kubeadm's HA guide's `check_apiserver.sh` (its current form, with the
-/// apiserver's own port for `APISERVER_DEST_PORT`): one `GET /healthz` with a 2 s
+/// kubeadm's HA guide's `check_apiserver.sh` (`docs/ha-considerations.md`,
+/// "keepalived configuration", its current form; the apiserver's own port for
+/// `APISERVER_DEST_PORT`, as there is no haproxy): one `GET /healthz` with a 2 s
 /// limit.
 const CHECK_APISERVER: &str = "#!/bin/sh
 errorExit() {

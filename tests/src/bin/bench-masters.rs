@@ -16,16 +16,16 @@
 //! A setup's trials run at once, each on a fresh cluster of its own (the load is
 //! light, 100 TLS handshakes a second, and a trial spends most of its time
 //! waiting for the failure to be noticed). Each opens 6 watch streams and a new
-//! https connection every 10 ms (each bounded by `traffic::ATTEMPT_TIMEOUT`), warms up
-//! 2 s, fails master-2 at t0 and keeps the load on for 8 s (killed) or 14 s
-//! (silent): longer than haproxy's default checks take to eject the master (for a
-//! silent one, fall 3 checks, each a 2 s connect timeout plus the 2 s interval).
-//! The keepalived recipe gets 36 s after a kill: its script must fail 10 times,
-//! 3 s apart, before the VIP moves.
-//! Attempts in flight then finish. Per trial: attempts started since t0 and how many failed (an error or a timeout); the window, from
-//! t0 to the start of the last attempt that failed or was delayed; the delayed ones
-//! (succeeded, but took over `traffic::SLOW`) and how long they took; watch streams
-//! broken on the surviving masters. haproxy's `timeout connect 5s` equals the
+//! https connection every 10 ms (each bounded by `traffic::ATTEMPT_TIMEOUT`),
+//! warms up 2 s, fails master-2 at t0 and keeps the load on for 8 s (killed) or
+//! 14 s (silent): longer than haproxy's default checks take to eject the master
+//! (for a silent one, fall 3 checks, each a 2 s connect timeout plus the 2 s
+//! interval). The keepalived recipe gets 45 s after a kill: its script must fail
+//! 10 times, 3 s apart, before the VIP moves. Attempts in flight then finish. Per
+//! trial: attempts started since t0 and how many failed (an error or a timeout);
+//! the window, from t0 to the start of the last attempt that failed or was
+//! delayed; the delayed ones (succeeded, but took over `traffic::SLOW`) and how
+//! long they took; watch streams broken on the surviving masters. haproxy's `timeout connect 5s` equals the
 //! client's 5 s attempt timeout, so a connection haproxy redispatches once a silent
 //! master's connect times out reaches the client too late and counts as failed.
 
@@ -64,7 +64,8 @@ impl Scenario {
     /// any setup needs (haproxy's defaults eject a killed master within about
     /// 5 s, a silent one within about 11 s), so that each window closes inside it.
     /// The keepalived recipe moves the VIP off a killed apiserver after 10 failed
-    /// checks 3 s apart, 27 to 30 s.
+    /// checks 3 s apart, 27 to 30 s; the rest is margin for the move, and for the
+    /// repeat of its gratuitous ARPs 5 s later when the first ones went amiss.
     fn observe(self, setup: Setup) -> Duration {
         match (self, setup) {
             (Self::Killed, Setup::Proxied(Proxy::KeepalivedScript)) => Duration::from_secs(45),
