@@ -202,8 +202,11 @@ fn default_instance() -> String {
 fn default_mode() -> String {
     "nat".to_owned()
 }
+/// `datapath.nat_ports` when the config leaves it out: 10,000 ports.
+pub const NAT_PORTS_DEFAULT: [u16; 2] = [20_000, 29_999];
+
 fn default_nat_ports() -> Vec<i64> {
-    vec![20_000, 29_999]
+    NAT_PORTS_DEFAULT.map(i64::from).to_vec()
 }
 fn default_maglev_size() -> i64 {
     i64::from(MAGLEV_SIZE_DEFAULT)

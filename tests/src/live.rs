@@ -225,6 +225,17 @@ pub fn metrics(ns: &Netns) -> String {
     ns.exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"])
 }
 
+/// The sum of the samples in `metrics` (Prometheus text) whose line starts with
+/// `series`, e.g. `apilb_datapath_packets_total{counter="flow_new"}`; 0 if none.
+#[must_use]
+pub fn metric_sum(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// A temporary directory for one test, `<tmp>/<prefix>-<pid>-<n>`, removed on drop.
 pub struct TempDir(pub PathBuf);
 

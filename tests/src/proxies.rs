@@ -58,10 +58,10 @@ pub enum Proxy {
     KeepalivedScript,
 }
 
-/// haproxy's config for `proxy` (a `Haproxy*` one), with its stats
-/// socket at `stats`.
+/// haproxy's config for `proxy` (a `Haproxy*` one), listening on `bind`, with its
+/// stats socket at `stats`.
 #[must_use]
-pub fn haproxy_config(proxy: Proxy, stats: &Path) -> String {
+fn haproxy_config(proxy: Proxy, bind: &str, stats: &Path) -> String {
     let (retries, check) = match proxy {
         Proxy::HaproxyKubeadm => (
             "    option redispatch\n    retries 1\n",
@@ -91,7 +91,7 @@ defaults
     timeout http-keep-alive 10s
     timeout check 10s
 frontend apiserver
-    bind {VIP}
+    bind {bind}
     mode tcp
     default_backend apiserver
 backend apiserver
@@ -110,14 +110,15 @@ pub struct Haproxy {
 }
 
 impl Haproxy {
-    /// Start haproxy in `ns` with `proxy`'s config, written under `dir`.
+    /// Start haproxy in `ns` with `proxy`'s config listening on `bind`, written
+    /// under `dir`.
     ///
     /// # Panics
     /// If the config cannot be written.
     #[must_use]
-    pub fn start(ns: &Netns, dir: &Path, proxy: Proxy) -> Self {
+    pub fn start(ns: &Netns, dir: &Path, proxy: Proxy, bind: &str) -> Self {
         let (config, stats) = (dir.join("haproxy.cfg"), dir.join("haproxy.sock"));
-        std::fs::write(&config, haproxy_config(proxy, &stats)).expect("haproxy config");
+        std::fs::write(&config, haproxy_config(proxy, bind, &stats)).expect("haproxy config");
         let config = config.to_str().expect("utf-8 path");
         let process = Spawned::start(ns, Path::new("/usr/sbin/haproxy"), &["-db", "-f", config]);
         Self {
@@ -287,7 +288,7 @@ impl ProxyPlane {
             Proxy::IptablesDnat => iptables_dnat(t.lb(), VIP, SNAT),
             Proxy::KeepalivedScript => keepalived = keepalived_on_masters(&t, &dir.0),
             _ => {
-                let h = Haproxy::start(t.lb(), &dir.0, proxy);
+                let h = Haproxy::start(t.lb(), &dir.0, proxy, VIP);
                 h.wait_checked(Duration::from_secs(15));
                 haproxy = Some(h);
             }

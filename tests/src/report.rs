@@ -1,9 +1,19 @@
-//! What the benchmarks leave behind besides their tables: SVG plots under
-//! `tests/plots/`, which `BENCHMARKS.md` links (`cargo xtask bench` writes both).
+//! What the benchmarks share to report their figures: the median, and SVG plots
+//! under `tests/plots/`, which `BENCHMARKS.md` links (`cargo xtask bench` writes
+//! both).
 
 use std::path::PathBuf;
 
 use plotters::prelude::*;
+
+/// The median of `values`: the middle one, or the upper of the middle two for an
+/// even count, so that it is always a value measured; `None` when there are none.
+#[must_use]
+pub fn median<T: Copy + PartialOrd>(values: impl IntoIterator<Item = T>) -> Option<T> {
+    let mut v: Vec<T> = values.into_iter().collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v.get(v.len() / 2).copied()
+}
 
 /// Where the plots go: `tests/plots/`, beside the benchmarks that draw them.
 #[must_use]

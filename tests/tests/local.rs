@@ -134,11 +134,10 @@ fn the_nodes_own_connects_to_the_vip_reach_the_masters_and_name_the_vip_as_peer(
         );
     }
     thread::sleep(Duration::from_millis(1100)); // the snapshot is republished every second
-    let counted: u64 = tests::live::metrics(local.t.lb())
-        .lines()
-        .filter(|l| l.starts_with("apilb_backend_local_connects_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
+    let counted = tests::live::metric_sum(
+        &tests::live::metrics(local.t.lb()),
+        "apilb_backend_local_connects_total{",
+    );
     assert!(counted >= N as u64, "local connects counted: {counted}");
 }
 

@@ -75,12 +75,11 @@ fn admin_endpoint_reports_three_healthy_masters(t: &Topology) {
         .filter(|l| l.starts_with("apilb_backend_healthy{") && l.ends_with(" 1"))
         .count();
     assert_eq!(healthy, 3, "{metrics}");
-    let new_flows: u64 = metrics
-        .lines()
-        .find(|l| l.starts_with("apilb_datapath_packets_total{counter=\"flow_new\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .expect("flow_new in /metrics");
-    assert!(new_flows >= 30, "flow_new = {new_flows}");
+    let new_flows = tests::live::metric_sum(
+        &metrics,
+        "apilb_datapath_packets_total{counter=\"flow_new\"}",
+    );
+    assert!(new_flows >= 30, "flow_new = {new_flows}\n{metrics}");
 }
 
 /// SIGKILL leaves the pinned datapath keeping an open connection going, a restart

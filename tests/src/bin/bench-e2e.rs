@@ -9,8 +9,8 @@
 //! with apilb's XDP program attached, passing those packets to the stack (what
 //! native XDP on a veth costs a packet it does not rewrite); kube-proxy-style
 //! iptables DNAT with `statistic --mode random` on the LB node; haproxy `mode
-//! tcp` with `check inter 2s fall 3 rise 2`; nginx `stream` as kubespray
-//! configures it; apilb's XDP in NAT mode; and, for a client on the LB node
+//! tcp` at its defaults, as the master-failure benchmark runs it (`check`: inter
+//! 2s, fall 3, rise 2); nginx `stream` as kubespray configures it; apilb's XDP in NAT mode; and, for a client on the LB node
 //! itself, apilb's socket-LB, next to a direct connection from that node.
 //!
 //! wrk runs pinned to CPU 0 (`taskset -c 0`), one thread and 32 connections, in
@@ -43,6 +43,7 @@ use tests::{
     live::{Apilb, PinDir, Spawned, TempDir, master_name},
     netns::Netns,
     proxies,
+    report::median,
 };
 
 const PREFIX: &str = "apilb-bench-e2e";
@@ -108,7 +109,12 @@ fn main() {
     let lb = t.lb();
     lb.ip(&["addr", "add", &format!("{IPTABLES_SNAT}/32"), "dev", "eth0"]);
     let own = SNAT;
-    let _haproxy = haproxy(lb, &dir.0, &format!("{own}:{HAPROXY_PORT}"));
+    let _haproxy = proxies::Haproxy::start(
+        lb,
+        &dir.0,
+        proxies::Proxy::HaproxyDefaults,
+        &format!("{own}:{HAPROXY_PORT}"),
+    );
     let _nginx = proxies::nginx_stream(
         lb,
         &dir.0.join("nginx-stream"),
@@ -171,12 +177,7 @@ fn main() {
                 runs[i][usize::from(close)].push(wrk(ns(p), &p.url, close));
             }
         }
-        let metrics = tests::live::metrics(lb);
-        let no_port: u64 = metrics
-            .lines()
-            .find(|l| l.starts_with("apilb_datapath_packets_total{counter=\"drop_no_nat_port\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0);
+        let no_port = nat_port_drops(lb);
         eprintln!("  apilb dropped {no_port} SYNs for want of a NAT port");
         no_port_total += no_port;
         apilb.signal(libc::SIGTERM);
@@ -186,12 +187,29 @@ fn main() {
         );
     }
     report(&paths, &runs, cpus, started.elapsed());
+    print_nat_budget(no_port_total);
+}
+
+/// SYNs apilb's datapath on `lb` dropped for want of a NAT port, from its metrics.
+fn nat_port_drops(lb: &Netns) -> u64 {
+    tests::live::metric_sum(
+        &tests::live::metrics(lb),
+        "apilb_datapath_packets_total{counter=\"drop_no_nat_port\"}",
+    )
+}
+
+/// What apilb's default NAT port budget allows, next to the SYNs it dropped.
+fn print_nat_budget(dropped: u64) {
+    let [lo, hi] = lb_userspace::config::NAT_PORTS_DEFAULT;
+    let ports = u32::from(hi - lo) + 1;
+    let grace_s = lb_common::FLOW_CLOSE_GRACE_DEFAULT_NS / 1_000_000_000;
     println!(
-        "\napilb runs at its defaults: each master has 10,000 NAT ports, and a port is \
-         held 30 s after its flow closes, so a master takes 10,000 new connections at \
-         once and about 333 a second sustained. apilb starts afresh each round, and a \
-         round's 2 s of new connections stays within that. SYNs dropped for want of a \
-         NAT port, all rounds: {no_port_total}."
+        "\napilb runs at its defaults: each master has {ports} NAT ports, and a port is \
+         held {grace_s} s after its flow closes, so a master takes {ports} new connections \
+         at once and about {} a second sustained. apilb starts afresh each round, and a \
+         round's {SECONDS} s of new connections stays within that. SYNs dropped for want \
+         of a NAT port, all rounds: {dropped}.",
+        u64::from(ports) / grace_s
     );
 }
 
@@ -311,38 +329,6 @@ fn route_through_lb(t: &Topology) {
         .ip(&["route", "add", &format!("{ROUTED}/32"), "via", to_m1]);
 }
 
-/// haproxy in TCP mode on `listen`, checking every master every 2 s.
-fn haproxy(ns: &Netns, dir: &Path, listen: &str) -> Spawned {
-    let servers: String = MASTERS
-        .map(|m| {
-            format!(
-                "    server {} {m} check inter 2s fall 3 rise 2\n",
-                master_name(m)
-            )
-        })
-        .concat();
-    let config = format!(
-        "defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 20s
-    timeout server 20s
-frontend apiserver
-    bind {listen}
-    default_backend masters
-backend masters
-    balance roundrobin
-{servers}"
-    );
-    let file = dir.join("haproxy-e2e.cfg");
-    std::fs::write(&file, config).expect("haproxy config");
-    Spawned::start(
-        ns,
-        Path::new("/usr/sbin/haproxy"),
-        &["-db", "-f", file.to_str().expect("utf-8 path")],
-    )
-}
-
 /// Wait (at most 15 s) until `url` answers from `ns`.
 fn wait_serving(ns: &Netns, url: &str) {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -445,11 +431,6 @@ fn millis(v: &str) -> f64 {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn report(paths: &[Route], runs: &[[Vec<Run>; 2]], cpus: usize, took: Duration) {
     // Each path's floor: the direct path from the same side.
     let base = |p: &Route| {
@@ -458,16 +439,17 @@ fn report(paths: &[Route], runs: &[[Vec<Run>; 2]], cpus: usize, took: Duration) 
             .position(|q| q.from == p.from && q.name.starts_with("direct"))
             .expect("a direct path per side")
     };
-    let med = |i: usize, w: usize, f: fn(&Run) -> f64| median(runs[i][w].iter().map(f).collect());
+    let med =
+        |i: usize, w: usize, f: fn(&Run) -> f64| median(runs[i][w].iter().map(f)).expect("runs");
     // The LB's extra CPU per 10k requests, round by round against its direct path.
     let extra = |i: usize, w: usize, b: usize| {
         median(
             runs[i][w]
                 .iter()
                 .zip(&runs[b][w])
-                .map(|(r, d)| r.cpu_per_10k() - d.cpu_per_10k())
-                .collect(),
+                .map(|(r, d)| r.cpu_per_10k() - d.cpu_per_10k()),
         )
+        .expect("runs")
     };
     println!(
         "wrk 4.1 pinned to CPU 0 (`taskset -c 0 wrk -t1 -c{CONNECTIONS} -d{SECONDS}s`), \

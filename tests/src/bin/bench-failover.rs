@@ -22,6 +22,7 @@ use tests::{
     cluster::{LB_DEV, Topology, VIP_ADDR},
     elect::{Etcd, Keepalived, Node, VrrpVip, etcd_election, node_config, two_lb_nodes, vrrp_vip},
     netns::Netns,
+    report::median,
 };
 
 const TRIALS: usize = 4;
@@ -225,17 +226,6 @@ fn keepalived(advert: &str) -> Vec<f64> {
     )
 }
 
-fn stats(v: &[f64]) -> (f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let median = if s.len().is_multiple_of(2) {
-        f64::midpoint(s[s.len() / 2 - 1], s[s.len() / 2])
-    } else {
-        s[s.len() / 2]
-    };
-    (median, *s.last().expect("trials"))
-}
-
 fn main() {
     let rows = [
         ("apilb VRRP, 100 ms adverts", vrrp("100ms")),
@@ -256,7 +246,8 @@ fn main() {
     println!("| setup | median | max |");
     println!("| --- | ---: | ---: |");
     for (name, times) in rows {
-        let (median, max) = stats(&times);
+        let median = median(times.iter().copied()).expect("trials");
+        let max = times.iter().copied().fold(f64::MIN, f64::max);
         println!("| {name} | {median:.2} s | {max:.2} s |");
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use lb_common::MAGLEV_SIZE_DEFAULT;
 use lb_userspace::maglev::{WeightedBackend, build_table, delta};
+use tests::report::median;
 
 const RUNS: usize = 30;
 
@@ -18,11 +19,6 @@ fn backends(n: u32) -> Vec<WeightedBackend> {
             weight: 1,
         })
         .collect()
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort_unstable();
-    v[v.len() / 2]
 }
 
 fn main() {
@@ -53,8 +49,8 @@ fn main() {
         let moved = delta(&before, &after).len();
         println!(
             "| {n} | {:.2} ms | {:.3} ms | {moved} |",
-            median(builds).as_secs_f64() * 1e3,
-            median(deltas).as_secs_f64() * 1e3
+            median(builds).expect("runs").as_secs_f64() * 1e3,
+            median(deltas).expect("runs").as_secs_f64() * 1e3
         );
     }
 }

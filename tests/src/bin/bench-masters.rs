@@ -40,6 +40,7 @@ use tests::{
     live::master_name,
     plane::ControlPlane,
     proxies::{Proxy, ProxyPlane},
+    report::median,
     traffic::{SLOW, Traffic},
 };
 
@@ -206,12 +207,6 @@ fn timeline(trials: &[Trial]) -> Vec<(f64, f64)> {
             (n > 0).then(|| (x, 100.0 * ok as f64 / n as f64))
         })
         .collect()
-}
-
-fn median<T: Copy + Ord>(v: impl Iterator<Item = T>) -> Option<T> {
-    let mut s: Vec<T> = v.collect();
-    s.sort_unstable();
-    s.get(s.len() / 2).copied()
 }
 
 fn secs(d: Option<Duration>) -> String {
