@@ -10,8 +10,9 @@
 //! native XDP on a veth costs a packet it does not rewrite); kube-proxy-style
 //! iptables DNAT with `statistic --mode random` on the LB node; haproxy `mode
 //! tcp` at its defaults, as the master-failure benchmark runs it (`check`: inter
-//! 2s, fall 3, rise 2); nginx `stream` as kubespray configures it; apilb's XDP in NAT mode; and, for a client on the LB node
-//! itself, apilb's socket-LB, next to a direct connection from that node.
+//! 2s, fall 3, rise 2); nginx `stream` as kubespray configures it; apilb's XDP
+//! in NAT mode; and, for a client on the LB node itself, apilb's socket-LB, next
+//! to a direct connection from that node.
 //!
 //! wrk runs pinned to CPU 0 (`taskset -c 0`), one thread and 32 connections, in
 //! two workloads: keep-alive, and a new connection per request (`Connection:

@@ -25,9 +25,10 @@
 //! trial: attempts started since t0 and how many failed (an error or a timeout);
 //! the window, from t0 to the start of the last attempt that failed or was
 //! delayed; the delayed ones (succeeded, but took over `traffic::SLOW`) and how
-//! long they took; watch streams broken on the surviving masters. haproxy's `timeout connect 5s` equals the
-//! client's 5 s attempt timeout, so a connection haproxy redispatches once a silent
-//! master's connect times out reaches the client too late and counts as failed.
+//! long they took; watch streams broken on the surviving masters. haproxy's
+//! `timeout connect 5s` equals the client's 5 s attempt timeout, so a connection
+//! haproxy redispatches once a silent master's connect times out reaches the
+//! client too late and counts as failed.
 
 use std::{
     path::Path,
@@ -331,8 +332,8 @@ fn main() {
     println!(
         "\nMaster-2 fails under {WATCHES} watch streams and a new https connection every \
          {} ms; {TRIALS} trials per setup, {} s (process killed; {} s for the keepalived \
-         recipe) or {} s (host silent) observed after the failure. Medians of the trials, except the delay columns: \
-         median and max over every delayed attempt. The plots pool the trials: per \
+         recipe) or {} s (host silent) observed after the failure. Medians of the \
+         trials, except the delay columns: median and max over every delayed attempt. The plots pool the trials: per \
          {} ms from 1 s before the failure, the share of new connections answered \
          within 0.5 s.",
         EVERY.as_millis(),
