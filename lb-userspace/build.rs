@@ -1,7 +1,8 @@
 //! Builds lb-ebpf for bpfel-unknown-none so that `apilb` embeds its own datapath and
 //! never reads an object from a path at run time.
 //!
-//! The toolchain here is stable, so `-Z build-std=core` needs `RUSTC_BOOTSTRAP=1`,
+//! The toolchain here is stable (1.95.0, pinned in `rust-toolchain.toml` for its
+//! LLVM 22, the one bpf-linker reads), so `-Z build-std=core` needs `RUSTC_BOOTSTRAP=1`,
 //! which aya-build honours (see shared TOOLCHAIN.md). `cargo xtask setup` installs
 //! the pieces this needs: rust-src and bpf-linker.
 

@@ -14,22 +14,24 @@ use anyhow::{Context as _, bail};
 
 use crate::{exec, step};
 
-/// Debian packages: LLVM 22 for bpf-linker; protoc for etcd-client's generated
-/// code; iproute2, procps, ethtool, util-linux (nsenter) and curl for the tests'
-/// namespaces; keepalived and etcd-server, the real peers of the election tests;
-/// nftables, which makes a test master refuse or reject SYNs; haproxy and iptables,
-/// what the master-failure benchmark compares apilb with; nginx and its stream
-/// module (a separate package on Debian, loaded with `load_module`), the node-local
-/// proxy the local benchmark compares apilb with; wrk, the end-to-end benchmark's
-/// load generator; qemu, musl-tools (ring builds C
-/// for the static binaries), busybox-static, cpio, xz-utils and zstd (Debian's
-/// and Ubuntu's compressed modules) for `vm-test`.
+/// Debian packages: LLVM 22 for bpf-linker; protoc and the well-known `.proto`
+/// files it imports (libprotobuf-dev, only a recommendation of protoc's package)
+/// for etcd-client's generated code; iproute2, procps, ethtool, util-linux
+/// (nsenter) and curl for the tests' namespaces; keepalived and etcd-server, the
+/// real peers of the election tests; nftables, which makes a test master refuse or
+/// reject SYNs; haproxy and iptables, what the master-failure benchmark compares
+/// apilb with; nginx and its stream module (a separate package on Debian, loaded
+/// with `load_module`), the node-local proxy the local benchmark compares apilb
+/// with; wrk, the end-to-end benchmark's load generator; qemu, musl-tools (ring
+/// builds C for the static binaries), busybox-static, cpio, xz-utils and zstd
+/// (Debian's and Ubuntu's compressed modules) for `vm-test`.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
     "protobuf-compiler",
+    "libprotobuf-dev",
     "iproute2",
     "procps",
     "ethtool",
