@@ -18,12 +18,17 @@ use std::{
 use lb_common::{MAGLEV_SIZE_DEFAULT, MAGLEV_SIZE_MAX, MAX_BACKENDS, MAX_VIPS};
 use serde::Deserialize;
 
-use crate::maglev::is_prime;
+use crate::{
+    health::{ProbeKind, ProbeSpec, TlsSpec, Trust},
+    maglev::is_prime,
+    passive::PassiveSettings,
+};
 
 mod election;
 mod local;
+mod reload;
 
-pub use election::{Election, ElectionSettings, EtcdSettings, VrrpSettings};
+pub use election::{Election, ElectionSettings, VrrpSettings};
 pub use local::LocalSettings;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,11 +39,13 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path}: {source}")]
+    /// The TOML error is part of the message, not a source: its text is the whole
+    /// story (line, column, snippet), and a report that walks the source chain
+    /// would print it twice.
+    #[error("config file {path}: {error}")]
     Parse {
         path: PathBuf,
-        #[source]
-        source: Box<toml::de::Error>,
+        error: Box<toml::de::Error>,
     },
     #[error("{key} = {value}: {reason}")]
     Invalid {
@@ -128,7 +135,7 @@ struct RawBackend {
 #[serde(deny_unknown_fields)]
 struct RawHealth {
     #[serde(default)]
-    kind: ProbeKindSetting,
+    kind: RawProbeKind,
     #[serde(default = "default_path")]
     path: String,
     #[serde(default = "default_interval", with = "humantime_serde")]
@@ -156,7 +163,7 @@ struct RawHealth {
 impl Default for RawHealth {
     fn default() -> Self {
         Self {
-            kind: ProbeKindSetting::default(),
+            kind: RawProbeKind::default(),
             path: default_path(),
             interval: default_interval(),
             timeout: default_timeout(),
@@ -247,8 +254,11 @@ fn default_rise_fall() -> i64 {
 fn default_jitter() -> f64 {
     0.1
 }
+/// `admin.listen` when the config leaves it out; also where `apilb status` looks.
+pub const ADMIN_LISTEN_DEFAULT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
+
 fn default_listen() -> String {
-    "127.0.0.1:9464".to_owned()
+    ADMIN_LISTEN_DEFAULT.to_string()
 }
 
 // ---- The validated configuration. ----
@@ -264,10 +274,10 @@ pub enum XdpModeSetting {
     Generic,
 }
 
-/// How backends are probed.
+/// `health.kind` as written.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum ProbeKindSetting {
+enum RawProbeKind {
     #[default]
     Https,
     Http,
@@ -281,7 +291,10 @@ pub struct Config {
     pub datapath: DatapathSettings,
     pub vips: Vec<VipSettings>,
     pub backends: Vec<BackendSettings>,
-    pub health: HealthSettings,
+    /// `[health]`: how the masters are probed.
+    pub health: ProbeSpec,
+    /// `health.passive` and `health.passive_threshold`.
+    pub passive: PassiveSettings,
     pub admin_listen: SocketAddr,
     pub election: ElectionSettings,
     pub local: LocalSettings,
@@ -316,27 +329,12 @@ pub struct BackendSettings {
     pub local: bool,
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct HealthSettings {
-    pub kind: ProbeKindSetting,
-    pub path: String,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub rise: u32,
-    pub fall: u32,
-    pub jitter: f64,
-    pub ca_file: Option<PathBuf>,
-    pub server_name: Option<String>,
-    pub client_cert: Option<(PathBuf, PathBuf)>,
-    pub insecure: bool,
-    /// Passive failure detection (see `crate::passive`).
-    pub passive: bool,
-    /// Passive failures in a row (no SYN-ACK between) that take a backend out
-    /// (1-1000).
-    pub passive_threshold: u32,
-}
-
 impl Config {
+    /// The masters' addresses, in config order.
+    pub fn backend_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.backends.iter().map(|b| b.addr)
+    }
+
     /// Read, parse and validate a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -348,9 +346,9 @@ impl Config {
 
     /// Parse and validate config text; `path` is only for messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let raw: RawConfig = toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: path.to_owned(),
-            source: Box::new(source),
+            error: Box::new(error),
         })?;
         validate(raw, &SystemFacts)
     }
@@ -360,6 +358,9 @@ impl Config {
 /// which interfaces exist without depending on the machine they run on.
 trait Facts {
     fn interface_exists(&self, name: &str) -> bool;
+    /// This node's hostname (the default `election.etcd.node`), or why there is
+    /// none.
+    fn hostname(&self) -> Result<String, String>;
 }
 
 struct SystemFacts;
@@ -373,6 +374,16 @@ impl Facts for SystemFacts {
         };
         // SAFETY: `c_name` is a valid NUL-terminated string for the call's duration.
         unsafe { libc::if_nametoindex(c_name.as_ptr()) != 0 }
+    }
+
+    fn hostname(&self) -> Result<String, String> {
+        let path = "/proc/sys/kernel/hostname";
+        let name = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot be read from {path}: {e}"))?;
+        match name.trim() {
+            "" => Err(format!("is empty in {path}")),
+            name => Ok(name.to_owned()),
+        }
     }
 }
 
@@ -404,7 +415,7 @@ fn validate(raw: RawConfig, facts: &dyn Facts) -> Result<Config, ConfigError> {
     let elections: Vec<(SocketAddr, Election)> =
         vips.iter().map(|v| (v.addr, v.election)).collect();
     let election = election::validate(election, &elections, &datapath.interfaces, facts)?;
-    let health = validate_health(health)?;
+    let (health, passive) = validate_health(health)?;
     let local = local::validate(local, &vips)?;
     let admin_listen = admin.listen.parse().map_err(|_| {
         invalid(
@@ -419,6 +430,7 @@ fn validate(raw: RawConfig, facts: &dyn Facts) -> Result<Config, ConfigError> {
         vips,
         backends,
         health,
+        passive,
         admin_listen,
         election,
         local,
@@ -682,9 +694,9 @@ fn nat_port_range(raw: &[i64]) -> Result<RangeInclusive<u16>, ConfigError> {
     Ok(lo..=hi)
 }
 
-/// The https settings: files readable, certificate and key together, and either a
-/// CA file or an explicit `insecure`. Returns the client certificate pair.
-fn validate_tls(raw: &RawHealth) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+/// The https settings: files readable, certificate and key together, a valid
+/// server name, and either a CA file or an explicit `insecure`.
+fn validate_tls(raw: &RawHealth) -> Result<TlsSpec, ConfigError> {
     for (key, file) in [
         ("health.ca_file", &raw.ca_file),
         ("health.client_cert", &raw.client_cert),
@@ -713,33 +725,45 @@ fn validate_tls(raw: &RawHealth) -> Result<Option<(PathBuf, PathBuf)>, ConfigErr
             ));
         }
     };
-    if raw.kind != ProbeKindSetting::Https
-        && (raw.ca_file.is_some() || raw.insecure || client_cert.is_some())
-    {
-        return Err(invalid(
-            "health.kind",
-            format!("{:?}", raw.kind).to_lowercase(),
-            "TLS settings need kind = \"https\"",
-        ));
-    }
-    if raw.kind == ProbeKindSetting::Https && raw.ca_file.is_none() && !raw.insecure {
-        return Err(invalid(
-            "health.ca_file",
-            "(unset)",
-            "an https probe verifies the apiserver against a CA file; set it, or insecure = true",
-        ));
-    }
-    if raw.insecure && raw.ca_file.is_some() {
-        return Err(invalid(
-            "health.insecure",
-            true,
-            "conflicts with health.ca_file: choose one",
-        ));
-    }
-    Ok(client_cert)
+    let trust = match (&raw.ca_file, raw.insecure) {
+        (Some(ca), false) => Trust::CaFile(ca.clone()),
+        (None, true) => Trust::AnyCertificate,
+        (None, false) => {
+            return Err(invalid(
+                "health.ca_file",
+                "(unset)",
+                "an https probe verifies the apiserver against a CA file; set it, or insecure = true",
+            ));
+        }
+        (Some(_), true) => {
+            return Err(invalid(
+                "health.insecure",
+                true,
+                "conflicts with health.ca_file: choose one",
+            ));
+        }
+    };
+    let server_name = raw
+        .server_name
+        .as_ref()
+        .map(|name| {
+            rustls::pki_types::ServerName::try_from(name.clone()).map_err(|_| {
+                invalid(
+                    "health.server_name",
+                    format!("{name:?}"),
+                    "not a valid DNS name or IP address",
+                )
+            })
+        })
+        .transpose()?;
+    Ok(TlsSpec {
+        trust,
+        server_name,
+        client_cert,
+    })
 }
 
-fn validate_health(raw: RawHealth) -> Result<HealthSettings, ConfigError> {
+fn validate_health(raw: RawHealth) -> Result<(ProbeSpec, PassiveSettings), ConfigError> {
     let ms = |d: Duration| format!("{}ms", d.as_millis());
     if raw.interval.is_zero() {
         return Err(invalid(
@@ -773,14 +797,13 @@ fn validate_health(raw: RawHealth) -> Result<HealthSettings, ConfigError> {
             "must be 0-0.5 (a fraction of the interval)",
         ));
     }
-    if !raw.path.starts_with('/') {
+    if !crate::health::is_request_path(&raw.path) {
         return Err(invalid(
             "health.path",
             format!("{:?}", raw.path),
-            "must start with '/'",
+            "must be a URL path starting with '/'",
         ));
     }
-    let client_cert = validate_tls(&raw)?;
     let passive_threshold = u32::try_from(raw.passive_threshold)
         .ok()
         .filter(|n| (1..=1000).contains(n))
@@ -791,21 +814,38 @@ fn validate_health(raw: RawHealth) -> Result<HealthSettings, ConfigError> {
                 "must be 1-1000",
             )
         })?;
-    Ok(HealthSettings {
-        kind: raw.kind,
-        path: raw.path,
+    let tls_keys = raw.ca_file.is_some()
+        || raw.insecure
+        || raw.client_cert.is_some()
+        || raw.client_key.is_some();
+    if raw.kind != RawProbeKind::Https && tls_keys {
+        return Err(invalid(
+            "health.kind",
+            format!("{:?}", raw.kind).to_lowercase(),
+            "TLS settings need kind = \"https\"",
+        ));
+    }
+    let kind = match raw.kind {
+        RawProbeKind::Tcp => ProbeKind::Tcp,
+        RawProbeKind::Http => ProbeKind::Http { path: raw.path },
+        RawProbeKind::Https => ProbeKind::Https {
+            tls: validate_tls(&raw)?,
+            path: raw.path,
+        },
+    };
+    let spec = ProbeSpec {
+        kind,
         interval: raw.interval,
         timeout: raw.timeout,
         rise,
         fall,
         jitter: raw.jitter,
-        ca_file: raw.ca_file,
-        server_name: raw.server_name,
-        client_cert,
-        insecure: raw.insecure,
-        passive: raw.passive,
-        passive_threshold,
-    })
+    };
+    let passive = PassiveSettings {
+        enabled: raw.passive,
+        threshold: passive_threshold,
+    };
+    Ok((spec, passive))
 }
 
 #[cfg(test)]
@@ -816,6 +856,20 @@ mod tests {
     impl Facts for FakeFacts {
         fn interface_exists(&self, name: &str) -> bool {
             name == "eth0"
+        }
+        fn hostname(&self) -> Result<String, String> {
+            Ok("node-a".to_owned())
+        }
+    }
+
+    /// A machine whose hostname cannot be read.
+    struct NoHostname;
+    impl Facts for NoHostname {
+        fn interface_exists(&self, name: &str) -> bool {
+            FakeFacts.interface_exists(name)
+        }
+        fn hostname(&self) -> Result<String, String> {
+            Err("cannot be read from /proc/sys/kernel/hostname: denied".to_owned())
         }
     }
 
@@ -835,11 +889,25 @@ mod tests {
     "#;
 
     fn check(text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        check_on(text, &FakeFacts)
+    }
+
+    fn check_on(text: &str, facts: &dyn Facts) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: "test.toml".into(),
-            source: Box::new(source),
+            error: Box::new(error),
         })?;
-        validate(raw, &FakeFacts)
+        validate(raw, facts)
+    }
+
+    /// `GOOD` with its VIP elected through etcd, `[election.etcd]` holding `etcd`.
+    fn with_etcd(etcd: &str) -> String {
+        GOOD.replacen(
+            "address = \"192.168.19.200\"",
+            "address = \"192.168.19.200\"\nelection = \"etcd\"",
+            1,
+        ) + "[election.etcd]\n"
+            + etcd
     }
 
     /// `GOOD` with `from` replaced by `to`, which must be refused with a message
@@ -867,7 +935,13 @@ mod tests {
     fn the_shipped_example_is_valid_once_its_ca_file_exists() {
         let c = check_example("apilb.toml", include_str!("../../examples/apilb.toml"));
         assert_eq!((c.vips.len(), c.backends.len()), (1, 3));
-        assert_eq!(c.health.server_name.as_deref(), Some("kubernetes"));
+        let ProbeKind::Https { tls, .. } = &c.health.kind else {
+            panic!("the example probes https: {:?}", c.health.kind);
+        };
+        assert_eq!(
+            tls.server_name,
+            Some(rustls::pki_types::ServerName::try_from("kubernetes").unwrap())
+        );
     }
 
     #[test]
@@ -1186,6 +1260,146 @@ mod tests {
             vip,
             &format!("{}\n[[vip]]\n{vip}\nport = 443", vrrp("vrid = 1")),
             &["vip[1].address = \"192.168.19.200\"", "must be its own"],
+        );
+    }
+
+    #[test]
+    fn a_toml_error_is_said_once() {
+        let err = check("[datapath\n").expect_err("not TOML");
+        let full = format!("{:#}", anyhow_like(&err));
+        assert_eq!(
+            full.matches("TOML parse error at line 1, column 10")
+                .count(),
+            1,
+            "the TOML error once, with its source chain: {full}"
+        );
+    }
+
+    /// The message and every source under it, as `anyhow`'s `{:#}` prints them.
+    fn anyhow_like(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            out = format!("{out}: {s}");
+            source = s.source();
+        }
+        out
+    }
+
+    #[test]
+    fn etcd_settings_come_out_checked_and_ready_to_run() {
+        let c = check(&with_etcd(
+            "endpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"/ca.pem\"\n\
+             cert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\n",
+        ))
+        .expect("valid");
+        let etcd = c.election.etcd.expect("etcd settings");
+        assert_eq!(etcd.node, "node-a", "the hostname, by default");
+        assert_eq!(
+            etcd.tls,
+            Some(crate::election::etcd::EtcdTls {
+                ca_file: "/ca.pem".into(),
+                client_cert: Some(("/c.pem".into(), "/k.pem".into())),
+            })
+        );
+    }
+
+    #[test]
+    fn an_etcd_client_certificate_without_a_ca_file_is_refused_not_dropped() {
+        let msg = check(&with_etcd(
+            "endpoints = [\"https://10.0.0.1:2379\"]\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\n",
+        ))
+        .expect_err("a client certificate without TLS")
+        .to_string();
+        assert!(
+            msg.starts_with("election.etcd.ca_file = (unset): election.etcd.cert_file /c.pem"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_hostname_fails_the_check_not_the_run() {
+        let text = with_etcd("endpoints = [\"http://10.0.0.1:2379\"]\n");
+        let msg = check_on(&text, &NoHostname)
+            .expect_err("no node name")
+            .to_string();
+        assert!(
+            msg.starts_with("election.etcd.node = (unset): defaults to this node's hostname")
+                && msg.contains("denied")
+                && msg.ends_with("; set it"),
+            "{msg}"
+        );
+        // Naming the node needs no hostname.
+        check_on(
+            &with_etcd("endpoints = [\"http://10.0.0.1:2379\"]\nnode = \"lb1\"\n"),
+            &NoHostname,
+        )
+        .expect("node given");
+    }
+
+    #[test]
+    fn etcd_endpoints_and_lease_are_checked_by_apilb_check() {
+        for (etcd, want) in [
+            (
+                "endpoints = [\"ftp://etcd:2379\"]\n",
+                "election.etcd.endpoints[0] = \"ftp://etcd:2379\": only http:// and https://",
+            ),
+            (
+                "endpoints = [\"https://a:2379\", \"http://b:2379\"]\nca_file = \"/ca.pem\"\n",
+                "election.etcd.endpoints[1] = \"http://b:2379\": http:// with TLS settings",
+            ),
+            (
+                "endpoints = [\" \"]\n",
+                "election.etcd.endpoints[0] = \" \": expected host:port",
+            ),
+            (
+                "endpoints = [\"http://a:2379\"]\nlease_ttl = \"1s\"\n",
+                "election.etcd.lease_ttl = 1s: must be at least 2s",
+            ),
+        ] {
+            let msg = check(&with_etcd(etcd)).expect_err(etcd).to_string();
+            assert!(msg.starts_with(want), "{etcd}: {msg}");
+        }
+    }
+
+    #[test]
+    fn probe_paths_and_server_names_are_checked_by_apilb_check() {
+        refused(
+            "kind = \"tcp\"",
+            "kind = \"https\"\ninsecure = true\nserver_name = \"not a name\"",
+            &[
+                "health.server_name = \"not a name\"",
+                "not a valid DNS name",
+            ],
+        );
+        refused(
+            "kind = \"tcp\"",
+            "kind = \"http\"\npath = \"/ready z\"",
+            &["health.path = \"/ready z\"", "URL path"],
+        );
+    }
+
+    #[test]
+    fn a_reload_applies_weights_and_health_but_not_interfaces_or_elections() {
+        let old = check(GOOD).expect("valid");
+        let weights = check(&GOOD.replacen("weight = 2", "weight = 3", 1)).expect("valid");
+        assert_eq!(old.restart_needed(&weights), None);
+        let health =
+            check(&GOOD.replacen("kind = \"tcp\"", "kind = \"tcp\"\nrise = 3", 1)).expect("valid");
+        assert_eq!(old.restart_needed(&health), None);
+        let ports =
+            check(&GOOD.replacen("[datapath]", "[datapath]\nnat_ports = [30000, 30999]", 1))
+                .expect("valid");
+        assert_eq!(old.restart_needed(&ports), Some("datapath.nat_ports"));
+        let vrrp = check(&GOOD.replacen(
+            "address = \"192.168.19.200\"",
+            "address = \"192.168.19.200\"\nelection = \"vrrp\"\nvrid = 5",
+            1,
+        ))
+        .expect("valid");
+        assert_eq!(
+            old.restart_needed(&vrrp),
+            Some("an elected vip (its election, vrid or priority)")
         );
     }
 }

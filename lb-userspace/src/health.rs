@@ -10,19 +10,31 @@
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), lb_userspace::health::HealthError> {
-//! use std::sync::Arc;
-//! use lb_userspace::health::{ProbeKind, ProbeSpec, Prober, TlsSpec};
+//! use std::time::Duration;
+//! use lb_userspace::health::{Health, ProbeKind, ProbeSpec, Prober, TlsSpec, Trust};
 //!
-//! let spec = ProbeSpec::new(ProbeKind::Https {
-//!     path: "/readyz".into(),
-//!     tls: TlsSpec { ca_file: Some("/etc/kubernetes/pki/ca.crt".into()), ..TlsSpec::default() },
-//! });
-//! // Validates the spec and loads the PEM files once; a bad file is an error here.
+//! // Specs come validated out of `crate::config`; built by hand here.
+//! let spec = ProbeSpec {
+//!     kind: ProbeKind::Https {
+//!         path: "/readyz".into(),
+//!         tls: TlsSpec {
+//!             trust: Trust::CaFile("/etc/kubernetes/pki/ca.crt".into()),
+//!             server_name: None,
+//!             client_cert: None,
+//!         },
+//!     },
+//!     interval: Duration::from_millis(500),
+//!     timeout: Duration::from_millis(400),
+//!     rise: 2,
+//!     fall: 2,
+//!     jitter: 0.1,
+//! };
+//! // Loads the PEM files once; a bad file is an error here.
 //! let prober = Prober::new(spec)?;
 //! let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-//! let handle = prober.spawn("192.168.19.160:6443".parse().unwrap(), tx);
+//! let handle = prober.spawn("192.168.19.160:6443".parse().unwrap(), Health::Down, tx);
 //! while let Some(event) = rx.recv().await {
-//!     println!("{} is now {}", event.backend, if event.healthy { "up" } else { "down" });
+//!     println!("{} is now {}", event.backend, event.health());
 //! }
 //! drop(handle); // stops the task
 //! # Ok(()) }
@@ -39,11 +51,9 @@
 //!   Times come from `tokio::time`, so paused-clock tests can drive it.
 //! - **Timeout.** A probe, connect + TLS + request + response head, must finish within
 //!   `timeout` (< `interval`), else its result is [`ProbeResult::Timeout`].
-//! - **Rise/fall.** The state starts at [`ProbeSpec::initial`]. A down backend comes up
-//!   after `rise` consecutive successes; an up one goes down after `fall` consecutive
-//!   failures. The default initial state is down, so no traffic goes to a master
-//!   until it has proven itself; a controller that prefers fast startup may start
-//!   them up and let `fall` failures take a dead one out.
+//! - **Rise/fall.** The state starts where the caller of [`Prober::spawn`] says the
+//!   backend is ([`Probes`] knows). A down backend comes up after `rise` consecutive
+//!   successes; an up one goes down after `fall` consecutive failures.
 //! - **Reports.** Every state change is logged (`info` for up, `warn` for down) and
 //!   sent as a [`HealthEvent`] on the bounded channel given to [`Prober::spawn`]; the
 //!   task waits for room rather than drop a change, and stops if the receiver is
@@ -60,7 +70,11 @@
 //!   event too. A down backend stays down until `rise` probes pass.
 
 mod probe;
+mod probes;
 mod tls;
+
+pub use probe::is_request_path;
+pub use probes::Probes;
 
 use std::fmt;
 use std::io;
@@ -76,53 +90,21 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-/// Default time between probe starts.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
-/// Default per-probe timeout.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(400);
-/// Default consecutive successes for a down backend to come up.
-pub const DEFAULT_RISE: u32 = 2;
-/// Default consecutive failures for an up backend to go down.
-pub const DEFAULT_FALL: u32 = 2;
-/// Default jitter fraction: each gap is `interval * (1 ± 0.1)`.
-pub const DEFAULT_JITTER: f64 = 0.1;
-/// The largest accepted jitter fraction; beyond it the schedule stops being periodic.
-pub const MAX_JITTER: f64 = 0.5;
-/// The apiserver's readiness endpoint, readable anonymously.
-pub const DEFAULT_PATH: &str = "/readyz";
-
-/// What to probe and how often. Plain data, as read from the config; [`Prober::new`]
-/// validates it.
+/// What to probe and how often: `[health]` as `crate::config` validated it, so
+/// nothing here checks it again.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProbeSpec {
     pub kind: ProbeKind,
     /// Time between probe starts (before jitter).
     pub interval: Duration,
-    /// Budget for one whole probe; must be shorter than `interval`.
+    /// Budget for one whole probe; shorter than `interval`.
     pub timeout: Duration,
     /// Consecutive successes for a down backend to come up (at least 1).
     pub rise: u32,
     /// Consecutive failures for an up backend to go down (at least 1).
     pub fall: u32,
-    /// Fraction in `[0, MAX_JITTER]` by which each gap may deviate from `interval`.
+    /// Fraction in `[0, 0.5]` by which each gap may deviate from `interval`.
     pub jitter: f64,
-    /// The state a backend has before its first probe.
-    pub initial: InitialState,
-}
-
-impl ProbeSpec {
-    /// A spec of the given kind with the default timing and initial state.
-    pub fn new(kind: ProbeKind) -> Self {
-        Self {
-            kind,
-            interval: DEFAULT_INTERVAL,
-            timeout: DEFAULT_TIMEOUT,
-            rise: DEFAULT_RISE,
-            fall: DEFAULT_FALL,
-            jitter: DEFAULT_JITTER,
-            initial: InitialState::Down,
-        }
-    }
 }
 
 /// The probe itself.
@@ -136,31 +118,36 @@ pub enum ProbeKind {
     Https { path: String, tls: TlsSpec },
 }
 
-/// How an `https` probe verifies the master and identifies itself.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TlsSpec {
-    /// PEM file of the CA(s) that sign the masters' serving certificates. Required
-    /// unless `insecure`: cluster CAs are private, so system roots would not help.
-    pub ca_file: Option<PathBuf>,
-    /// Name sent as SNI and verified in the certificate, while the connection still
-    /// goes to the backend's IP. `None`: verify the certificate for that IP (no SNI).
-    pub server_name: Option<String>,
-    /// Client certificate chain and private key, both PEM: `(cert_file, key_file)`.
-    pub client_cert: Option<(PathBuf, PathBuf)>,
-    /// Accept any server certificate. Only for an explicit `insecure = true`; it
-    /// excludes `ca_file` so that a config cannot look verified when it is not.
-    pub insecure: bool,
+impl ProbeKind {
+    /// The kind as `health.kind` names it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Http { .. } => "http",
+            Self::Https { .. } => "https",
+        }
+    }
 }
 
-/// A backend's state before its first probe.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum InitialState {
-    /// Down until `rise` consecutive successes: no traffic to an unproven master.
-    #[default]
-    Down,
-    /// Up until `fall` consecutive failures: fast startup, at the cost of sending
-    /// traffic to a dead master for `fall` probes.
-    Up,
+/// How an `https` probe verifies the master and identifies itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSpec {
+    pub trust: Trust,
+    /// Name sent as SNI and verified in the certificate, while the connection still
+    /// goes to the backend's IP. `None`: verify the certificate for that IP (no SNI).
+    pub server_name: Option<rustls::pki_types::ServerName<'static>>,
+    /// Client certificate chain and private key, both PEM: `(cert_file, key_file)`.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// Which server certificates an `https` probe accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Those signed by the CA(s) in this PEM file. Cluster CAs are private, so
+    /// system roots would not help.
+    CaFile(PathBuf),
+    /// Any: only for an explicit `insecure = true`.
+    AnyCertificate,
 }
 
 /// A backend's health, as the controller acts on it.
@@ -294,15 +281,9 @@ impl HealthEvent {
     }
 }
 
-/// Errors from validating a [`ProbeSpec`] and loading its files.
+/// Errors from loading the files a [`ProbeSpec`] names.
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {
-    #[error("health.{key} = {value}: {reason}")]
-    InvalidSpec {
-        key: &'static str,
-        value: String,
-        reason: &'static str,
-    },
     #[error("cannot read {what} {}", path.display())]
     ReadFile {
         what: &'static str,
@@ -340,7 +321,7 @@ pub enum HealthError {
     TlsConfig(#[source] rustls::Error),
 }
 
-/// A validated [`ProbeSpec`] with its TLS client configuration built once. Cheap to
+/// A [`ProbeSpec`] with its TLS client configuration built once. Cheap to
 /// clone; one `Prober` serves any number of backends.
 #[derive(Clone)]
 pub struct Prober {
@@ -361,33 +342,20 @@ impl fmt::Debug for Prober {
 }
 
 impl Prober {
-    /// Validates `spec` and, for `https`, reads the PEM files and builds the TLS
-    /// client configuration. Errors name the offending key or file.
+    /// For `https`, reads the PEM files and builds the TLS client configuration.
+    /// Errors name the offending file.
     pub fn new(spec: ProbeSpec) -> Result<Self, HealthError> {
-        validate_timing(&spec)?;
         let target = probe::Target::new(&spec.kind)?;
         Ok(Self {
             inner: Arc::new(ProberInner { spec, target }),
         })
     }
 
-    pub fn spec(&self) -> &ProbeSpec {
-        &self.inner.spec
-    }
-
-    /// Starts probing `backend` in a new tokio task; must be called inside a tokio
-    /// runtime. State changes go to `events`. Dropping the handle stops the task.
-    pub fn spawn(&self, backend: SocketAddr, events: mpsc::Sender<HealthEvent>) -> ProberHandle {
-        let initial = match self.inner.spec.initial {
-            InitialState::Up => Health::Ready,
-            InitialState::Down => Health::Down,
-        };
-        self.spawn_as(backend, initial, events)
-    }
-
-    /// [`Prober::spawn`], starting from a known state instead of the spec's initial
-    /// one (e.g. a backend whose prober restarts keeps its last verdict).
-    pub fn spawn_as(
+    /// Starts probing `backend` in a new tokio task, from the state it is known to
+    /// be in (`Ready`: it serves until `fall` probes fail; `Down`: it gets nothing
+    /// until `rise` probes pass); must be called inside a tokio runtime. State
+    /// changes go to `events`. Dropping the handle stops the task.
+    pub fn spawn(
         &self,
         backend: SocketAddr,
         health: Health,
@@ -411,19 +379,13 @@ impl Prober {
             latest_tx,
             marks,
         ));
-        ProberHandle {
-            backend,
-            task,
-            latest,
-            mark,
-        }
+        ProberHandle { task, latest, mark }
     }
 }
 
 /// A running per-backend probe task. Dropping it aborts the task.
 #[derive(Debug)]
 pub struct ProberHandle {
-    backend: SocketAddr,
     task: JoinHandle<()>,
     latest: watch::Receiver<HealthEvent>,
     mark: mpsc::Sender<PassiveKind>,
@@ -437,10 +399,6 @@ impl ProberHandle {
         let _ = self.mark.try_send(why);
     }
 
-    pub fn backend(&self) -> SocketAddr {
-        self.backend
-    }
-
     /// The state after the latest probe, with its result, latency and counters.
     /// Before the first probe: the initial state, zero counters, reason `Ok`.
     pub fn latest(&self) -> HealthEvent {
@@ -452,41 +410,6 @@ impl Drop for ProberHandle {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-fn validate_timing(spec: &ProbeSpec) -> Result<(), HealthError> {
-    let invalid = |key, value: String, reason| Err(HealthError::InvalidSpec { key, value, reason });
-    if spec.interval.is_zero() {
-        return invalid(
-            "interval",
-            format!("{:?}", spec.interval),
-            "must be positive",
-        );
-    }
-    if spec.timeout.is_zero() {
-        return invalid("timeout", format!("{:?}", spec.timeout), "must be positive");
-    }
-    if spec.timeout >= spec.interval {
-        return invalid(
-            "timeout",
-            format!("{:?}", spec.timeout),
-            "must be shorter than interval",
-        );
-    }
-    if spec.rise == 0 {
-        return invalid("rise", "0".into(), "must be at least 1");
-    }
-    if spec.fall == 0 {
-        return invalid("fall", "0".into(), "must be at least 1");
-    }
-    if !(0.0..=MAX_JITTER).contains(&spec.jitter) {
-        return invalid(
-            "jitter",
-            spec.jitter.to_string(),
-            "must be between 0 and 0.5",
-        );
-    }
-    Ok(())
 }
 
 /// Rise/fall hysteresis: pure, so that it is tested without sockets.
@@ -668,22 +591,5 @@ mod tests {
         // The spread is actually used: 10k uniform draws cover most of +-20 ms.
         assert!(*min < Duration::from_millis(82) && *max > Duration::from_millis(118));
         assert_eq!(jittered(interval, 0.0), interval);
-    }
-
-    #[test]
-    fn timing_validation_names_the_key() {
-        let mut spec = ProbeSpec::new(ProbeKind::Tcp);
-        assert!(Prober::new(spec.clone()).is_ok());
-        spec.timeout = spec.interval;
-        let err = Prober::new(spec.clone()).unwrap_err().to_string();
-        assert_eq!(err, "health.timeout = 500ms: must be shorter than interval");
-        spec.timeout = DEFAULT_TIMEOUT;
-        spec.rise = 0;
-        let err = Prober::new(spec.clone()).unwrap_err().to_string();
-        assert_eq!(err, "health.rise = 0: must be at least 1");
-        spec.rise = 1;
-        spec.jitter = 0.7;
-        let err = Prober::new(spec).unwrap_err().to_string();
-        assert_eq!(err, "health.jitter = 0.7: must be between 0 and 0.5");
     }
 }

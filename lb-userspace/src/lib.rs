@@ -8,6 +8,7 @@ pub mod controller;
 pub mod daemon;
 pub mod datapath;
 pub mod election;
+pub mod events;
 pub mod health;
 pub mod kernel;
 pub mod loader;

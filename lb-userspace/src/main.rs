@@ -104,18 +104,18 @@ fn run(command: Command) -> anyhow::Result<()> {
                 config_path: config,
                 detach_on_exit,
             };
-            runtime.block_on(daemon::run(&opts, daemon::new_snapshot()))?;
+            runtime.block_on(daemon::run(&opts))?;
         }
         Command::Check { config } => {
             let c = Config::load(&config)
                 .with_context(|| format!("{} is refused", config.display()))?;
             println!(
-                "{}: valid: {} VIP(s), {} backend(s), interfaces {}, health {:?} every {:?}",
+                "{}: valid: {} VIP(s), {} backend(s), interfaces {}, health {} every {:?}",
                 config.display(),
                 c.vips.len(),
                 c.backends.len(),
                 c.datapath.interfaces.join(","),
-                c.health.kind,
+                c.health.kind.name(),
                 c.health.interval,
             );
         }

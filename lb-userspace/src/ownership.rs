@@ -15,6 +15,10 @@
 //! first, then hands the VIPs over (priority 0, lease revoked).
 //!
 //! A static VIP is never touched: its address is the operator's business.
+//!
+//! The run loop drives all of this through [`Owners::step`] (an election's event,
+//! or the one-second tick that retries what failed) and [`Owners::reconcile`] (any
+//! other cause), handing in what converges the datapath as a [`Reconcile`].
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -23,14 +27,15 @@ use std::{
 };
 
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     announce::{AnnounceError, Announcer},
     config::{Config, Election},
+    controller::ControllerError,
     election::{
         ElectionState, Ownership,
-        etcd::{self, EtcdElection, EtcdError, EtcdSettings, EtcdTls},
+        etcd::{self, EtcdElection, EtcdError},
         vrrp::{self, VrrpElection, VrrpError, VrrpVip},
     },
 };
@@ -43,6 +48,28 @@ pub enum OwnershipError {
     Vrrp(#[from] VrrpError),
     #[error(transparent)]
     Etcd(#[from] EtcdError),
+}
+
+/// What converges the datapath: the daemon's side of a step.
+pub trait Reconcile {
+    /// Converge the maps to the config, health and the `owned` elected VIPs.
+    /// `Ok(fail_open)`: written, and whether no backend is healthy. On an error
+    /// the implementation has logged it, and [`Reconcile::dirty`] holds until a
+    /// reconcile succeeds.
+    fn reconcile(&mut self, owned: &HashSet<IpAddr>, why: &str) -> Result<bool, ControllerError>;
+    /// The last reconcile failed, so the datapath may lag behind what is wanted.
+    fn dirty(&self) -> bool;
+}
+
+/// An input of [`Owners::step`].
+#[derive(Clone, Debug)]
+pub enum Step {
+    /// An election changed its mind, or asks to announce a VIP again.
+    Election(Ownership),
+    /// Something else the maps follow changed (a backend's health, the config).
+    Changed(String),
+    /// The loop's one-second tick: retry failed address changes and reconciles.
+    Tick,
 }
 
 /// The elections and what they decided.
@@ -120,19 +147,7 @@ impl Owners {
         }
         owners.announcer = Some(announcer);
         if let Some(s) = &e.etcd {
-            let settings = EtcdSettings {
-                endpoints: s.endpoints.clone(),
-                prefix: s.prefix.clone(),
-                lease_ttl: s.lease_ttl,
-                node: s.node.clone(),
-                tls: s.ca_file.clone().map(|ca_file| EtcdTls {
-                    ca_file,
-                    cert_file: s.client_cert.as_ref().map(|c| c.0.clone()),
-                    key_file: s.client_cert.as_ref().map(|c| c.1.clone()),
-                }),
-                dial_timeout: s.dial_timeout,
-            };
-            owners.etcd = Some(etcd::spawn(settings, &etcd_vips, tx)?);
+            owners.etcd = Some(etcd::spawn(s.clone(), &etcd_vips, tx)?);
         }
         Ok((owners, events))
     }
@@ -153,27 +168,57 @@ impl Owners {
         }
     }
 
-    /// The elected VIPs this node owns now.
-    #[must_use]
-    pub fn owned(&self) -> &HashSet<IpAddr> {
-        &self.owned
-    }
-
-    /// Tell the elections whether no backend is healthy (VRRP lowers its
-    /// priority by `track_weight` while so).
-    pub fn set_unhealthy(&self, no_healthy_backend: bool) {
+    /// Reconcile with the VIPs this node owns, then tell the elections whether
+    /// any backend is healthy (VRRP lowers its priority by `track_weight` while
+    /// none is).
+    pub fn reconcile(&self, r: &mut impl Reconcile, why: &str) -> Result<(), ControllerError> {
+        let fail_open = r.reconcile(&self.owned, why)?;
         self.unhealthy.send_if_modified(|v| {
-            let changed = *v != no_healthy_backend;
-            *v = no_healthy_backend;
+            let changed = *v != fail_open;
+            *v = fail_open;
             changed
         });
+        Ok(())
+    }
+
+    /// [`Owners::reconcile`] inside a step: a failure is already logged, and the
+    /// tick retries it while [`Reconcile::dirty`].
+    fn reconcile_or_retry(&self, r: &mut impl Reconcile, why: &str) {
+        if let Err(e) = self.reconcile(r, why) {
+            debug!(why, "reconcile failed, retried on the next tick: {e}");
+        }
+    }
+
+    /// One step of the loop for ownership.
+    ///
+    /// An election's event: a lost VIP's address goes first, then the reconcile
+    /// (if the owned set changed), then a gained VIP's address is added and
+    /// announced, once the datapath balances it. If an address cannot be removed
+    /// the kernel still answers for the VIP, so the node keeps balancing it; a
+    /// failed change is retried on the tick, removals before additions. The tick
+    /// also retries a failed reconcile and logs refused VRRP adverts.
+    pub async fn step(&mut self, input: Step, r: &mut impl Reconcile) {
+        match input {
+            Step::Election(ev) => {
+                if self.begin(&ev).await {
+                    self.reconcile_or_retry(r, &ev.reason);
+                }
+                self.finish(&ev, !r.dirty()).await;
+            }
+            Step::Changed(why) => self.reconcile_or_retry(r, &why),
+            Step::Tick => {
+                if self.retry_releases().await || r.dirty() {
+                    self.reconcile_or_retry(r, "retry");
+                }
+                self.retry_claims(!r.dirty()).await;
+                self.log_rejections();
+            }
+        }
     }
 
     /// Before the reconcile that follows `ev`: a lost VIP's address goes now.
-    /// Returns whether the owned set changed. If the address cannot be removed the
-    /// kernel still answers for the VIP, so the node keeps balancing it, and the
-    /// removal is retried ([`Owners::retry`]).
-    pub async fn before_reconcile(&mut self, ev: &Ownership) -> bool {
+    /// Returns whether the owned set changed.
+    async fn begin(&mut self, ev: &Ownership) -> bool {
         if ev.owned {
             self.pending.remove(&ev.vip);
             return self.owned.insert(ev.vip);
@@ -189,9 +234,9 @@ impl Owners {
 
     /// After that reconcile: a gained VIP's address is added and announced, once
     /// the datapath balances it (`reconciled`); otherwise, or if adding fails, it
-    /// is retried ([`Owners::retry`]). Also for a VIP already owned: an election
-    /// may ask to announce it again.
-    pub async fn after_reconcile(&mut self, ev: &Ownership, reconciled: bool) {
+    /// is retried. Also for a VIP already owned: an election may ask to announce
+    /// it again.
+    async fn finish(&mut self, ev: &Ownership, reconciled: bool) {
         if !ev.owned || !self.owned.contains(&ev.vip) {
             return;
         }
@@ -200,10 +245,9 @@ impl Owners {
         }
     }
 
-    /// Retry the address changes that failed: removals first (returns whether the
-    /// owned set changed, so the caller reconciles), then, if `reconciled`, the
-    /// additions.
-    pub async fn retry_releases(&mut self) -> bool {
+    /// Retry the address removals that failed; returns whether the owned set
+    /// changed, so that the step reconciles.
+    async fn retry_releases(&mut self) -> bool {
         let mut changed = false;
         let releases: Vec<IpAddr> = self
             .pending
@@ -220,8 +264,8 @@ impl Owners {
         changed
     }
 
-    /// See [`Owners::retry_releases`].
-    pub async fn retry_claims(&mut self, reconciled: bool) {
+    /// Retry the address additions that failed, if the datapath is `reconciled`.
+    async fn retry_claims(&mut self, reconciled: bool) {
         if !reconciled {
             return;
         }
@@ -268,21 +312,22 @@ impl Owners {
     }
 
     /// Stop answering for every elected VIP this node owns: addresses removed,
-    /// owned set emptied (the caller then reconciles). The first step of a clean
-    /// exit, before [`Owners::shutdown`] hands the VIPs over.
-    pub async fn release_all(&mut self) {
+    /// owned set emptied, datapath reconciled. The first step of a clean exit,
+    /// before [`Owners::shutdown`] hands the VIPs over.
+    pub async fn release_all(&mut self, r: &mut impl Reconcile) {
         let owned: Vec<IpAddr> = self.owned.iter().copied().collect();
         for vip in owned {
             if self.release(vip).await {
                 self.owned.remove(&vip);
             }
         }
+        self.reconcile_or_retry(r, "exit: elected VIPs released");
     }
 
     /// Log the VRRP adverts refused since the last call, by reason: a peer with
     /// the wrong password, VRID or TTL shows up here rather than as a silent
     /// split brain.
-    pub fn log_rejections(&mut self) {
+    fn log_rejections(&mut self) {
         let Some(v) = &self.vrrp else { return };
         // Every VRRP VIP shares one socket, so each carries the same totals.
         let Some((_, state)) = v.states().into_iter().next() else {

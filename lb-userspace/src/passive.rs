@@ -1,20 +1,33 @@
-//! Passive failure events from the datapath: a backend that refused a connection
-//! on the wire (a RST or an ICMP unreachable answering a SYN it never accepted), or
-//! left a SYN unanswered until the client sent it again (a silent host). Probes
-//! notice a dead apiserver only after `fall` intervals; the datapath sees the first
-//! refused SYN, so this reader hands each event to the daemon within milliseconds,
-//! and the daemon takes the backend out of rotation at once.
+//! Passive failure detection, on the controller's side: a backend that refused a
+//! connection on the wire (a RST or an ICMP unreachable answering a SYN it never
+//! accepted), or left a SYN unanswered until the client sent it again (a silent
+//! host). Probes notice a dead apiserver only after `fall` intervals; the datapath
+//! sees the first refused SYN, so this module reads its events within milliseconds
+//! and decides ([`Policy`]) whether the backend leaves rotation at once.
 //!
-//! The datapath sends an event once a backend has failed `passive_threshold` times
-//! in a row, at most one per backend per `PASSIVE_EVENT_GAP_NS`; the counts by
-//! kind are in `PASSIVE_STATS` (see `/metrics`).
+//! The datapath (`lb-ebpf/src/passive.rs`) sends an event once a backend has failed
+//! `passive_threshold` times in a row, at most one per backend per
+//! `PASSIVE_EVENT_GAP_NS`; the counts by kind are in `PASSIVE_STATS` (see
+//! `/metrics`).
 
-use std::fmt;
+use std::{collections::HashMap, fmt, net::SocketAddr, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
-use lb_common::{PASSIVE_KIND_ICMP, PASSIVE_KIND_RST, PassiveEvent};
-use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
+use lb_common::{PASSIVE_KIND_ICMP, PASSIVE_KIND_RST, PASSIVE_KIND_SILENT, PassiveEvent};
+use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle, time::Instant};
 use tracing::warn;
+
+use crate::health::{Health, Probes};
+
+/// `health.passive` and `health.passive_threshold`, validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassiveSettings {
+    /// Whether the datapath drops a refusal of an unanswered SYN and reports it.
+    pub enabled: bool,
+    /// Passive failures in a row (no SYN-ACK between) that take a backend out
+    /// (1-1000).
+    pub threshold: u32,
+}
 
 /// How a backend failed on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,13 +38,15 @@ pub enum PassiveKind {
 }
 
 impl PassiveKind {
-    /// The kind of a `PassiveEvent` (`PASSIVE_KIND_*`).
+    /// The kind of a `PassiveEvent` (`PASSIVE_KIND_*`); `None` for a kind this
+    /// apilb does not know (a newer datapath's), which is then not acted on.
     #[must_use]
-    pub fn from_raw(kind: u32) -> Self {
+    pub fn from_raw(kind: u32) -> Option<Self> {
         match kind {
-            PASSIVE_KIND_RST => Self::Rst,
-            PASSIVE_KIND_ICMP => Self::Icmp,
-            _ => Self::Silent,
+            PASSIVE_KIND_RST => Some(Self::Rst),
+            PASSIVE_KIND_ICMP => Some(Self::Icmp),
+            PASSIVE_KIND_SILENT => Some(Self::Silent),
+            _ => None,
         }
     }
 
@@ -91,12 +106,83 @@ pub fn spawn(
     }))
 }
 
-/// The backend id and kind of one ring record, if it is a whole `PassiveEvent`.
+/// The backend id and kind of one ring record, if it is a whole `PassiveEvent` of
+/// a known kind.
 fn decode(bytes: &[u8]) -> Option<(u32, PassiveKind)> {
     if bytes.len() < std::mem::size_of::<PassiveEvent>() {
         return None;
     }
     let id = u32::from_ne_bytes(bytes[..4].try_into().ok()?);
     let kind = u32::from_ne_bytes(bytes[4..8].try_into().ok()?);
-    Some((id, PassiveKind::from_raw(kind)))
+    Some((id, PassiveKind::from_raw(kind)?))
+}
+
+/// A backend that passive failures took out less than this long ago, and that
+/// its probes have brought back since, is flapping: its passive failures are
+/// ignored (and logged once) until the window ends.
+const FLAP_WINDOW: Duration = Duration::from_secs(10);
+
+/// What the controller does with a passive failure: take a ready backend out of
+/// rotation now (its probes bring it back after `rise` passes), unless it is
+/// flapping.
+#[derive(Debug, Default)]
+pub struct Policy {
+    /// When a passive failure last took each backend out, and whether its
+    /// flapping was logged since.
+    marked: HashMap<SocketAddr, (Instant, bool)>,
+}
+
+impl Policy {
+    /// The datapath saw `backend` fail `passive_threshold` clients' connections in
+    /// a row, `why` the last.
+    pub fn failed(&mut self, backend: SocketAddr, why: PassiveKind, probes: &Probes) {
+        if probes.health().get(&backend) != Some(&Health::Ready) {
+            return;
+        }
+        if let Some((at, logged)) = self.marked.get_mut(&backend)
+            && at.elapsed() < FLAP_WINDOW
+        {
+            if !*logged {
+                *logged = true;
+                warn!(%backend, "backend flapping: {why} while its probes pass; passive failures ignored for {}s", FLAP_WINDOW.as_secs());
+            }
+            return;
+        }
+        self.marked.insert(backend, (Instant::now(), false));
+        warn!(%backend, "passive failure: {why}; taking it out now");
+        probes.mark_down(backend, why);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_known_kind_decodes_and_an_unknown_one_does_not() {
+        let record = |kind: u32| {
+            let mut b = 7u32.to_ne_bytes().to_vec();
+            b.extend_from_slice(&kind.to_ne_bytes());
+            b.resize(std::mem::size_of::<PassiveEvent>(), 0);
+            b
+        };
+        assert_eq!(
+            decode(&record(PASSIVE_KIND_RST)),
+            Some((7, PassiveKind::Rst))
+        );
+        assert_eq!(
+            decode(&record(PASSIVE_KIND_ICMP)),
+            Some((7, PassiveKind::Icmp))
+        );
+        assert_eq!(
+            decode(&record(PASSIVE_KIND_SILENT)),
+            Some((7, PassiveKind::Silent))
+        );
+        assert_eq!(decode(&record(99)), None, "a kind from a newer datapath");
+        assert_eq!(
+            decode(&record(PASSIVE_KIND_RST)[..6]),
+            None,
+            "a short record"
+        );
+    }
 }

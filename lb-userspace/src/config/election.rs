@@ -14,6 +14,7 @@ use std::{
 use serde::Deserialize;
 
 use super::{ConfigError, Facts, invalid};
+use crate::election::etcd::{self, EtcdSettings, EtcdTls};
 
 /// How one VIP's owner is decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,18 +157,6 @@ pub struct VrrpSettings {
     pub track_weight: i32,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EtcdSettings {
-    pub endpoints: Vec<String>,
-    pub prefix: String,
-    pub lease_ttl: Duration,
-    /// This node's name, the value of the keys it owns.
-    pub node: String,
-    pub ca_file: Option<PathBuf>,
-    pub client_cert: Option<(PathBuf, PathBuf)>,
-    pub dial_timeout: Duration,
-}
-
 /// One VIP's `election` (with `vrid` and `priority` for VRRP). `i` is its index.
 pub(super) fn vip_election(
     i: usize,
@@ -291,7 +280,7 @@ pub(super) fn validate(
     let vrrp = validate_vrrp(raw.vrrp, &vrrp_vips)?;
     let uses_etcd = vips.iter().any(|(_, e)| *e == Election::Etcd);
     let etcd = match (raw.etcd, uses_etcd) {
-        (Some(e), true) => Some(validate_etcd(e)?),
+        (Some(e), true) => Some(validate_etcd(e, facts)?),
         (None, true) => {
             return Err(invalid(
                 "election.etcd",
@@ -406,7 +395,7 @@ fn validate_vrrp(raw: RawVrrp, vips: &[(SocketAddr, u8)]) -> Result<VrrpSettings
     })
 }
 
-fn validate_etcd(raw: RawEtcd) -> Result<EtcdSettings, ConfigError> {
+fn validate_etcd(raw: RawEtcd, facts: &dyn Facts) -> Result<EtcdSettings, ConfigError> {
     if raw.endpoints.is_empty() {
         return Err(invalid(
             "election.etcd.endpoints",
@@ -414,7 +403,7 @@ fn validate_etcd(raw: RawEtcd) -> Result<EtcdSettings, ConfigError> {
             "name at least one etcd endpoint",
         ));
     }
-    if raw.lease_ttl < Duration::from_secs(2) {
+    if raw.lease_ttl < etcd::MIN_LEASE_TTL {
         return Err(invalid(
             "election.etcd.lease_ttl",
             format!("{:?}", raw.lease_ttl),
@@ -443,20 +432,50 @@ fn validate_etcd(raw: RawEtcd) -> Result<EtcdSettings, ConfigError> {
             ));
         }
     };
+    let tls = match (raw.ca_file, client_cert) {
+        (Some(ca_file), client_cert) => Some(EtcdTls {
+            ca_file,
+            client_cert,
+        }),
+        (None, None) => None,
+        (None, Some((cert, _))) => {
+            return Err(invalid(
+                "election.etcd.ca_file",
+                "(unset)",
+                format!(
+                    "election.etcd.cert_file {} is a TLS client certificate: \
+                     set ca_file to the CA that signed etcd's serving certificate",
+                    cert.display()
+                ),
+            ));
+        }
+    };
+    for (i, endpoint) in raw.endpoints.iter().enumerate() {
+        etcd::check_endpoint(endpoint, tls.is_some()).map_err(|reason| {
+            invalid(
+                format!("election.etcd.endpoints[{i}]"),
+                format!("{endpoint:?}"),
+                reason,
+            )
+        })?;
+    }
     let node = match raw.node {
         Some(n) if !n.is_empty() => n,
         Some(_) => return Err(invalid("election.etcd.node", "\"\"", "must not be empty")),
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_default(),
+        None => facts.hostname().map_err(|reason| {
+            invalid(
+                "election.etcd.node",
+                "(unset)",
+                format!("defaults to this node's hostname, which {reason}; set it"),
+            )
+        })?,
     };
     Ok(EtcdSettings {
         endpoints: raw.endpoints,
         prefix: raw.prefix,
         lease_ttl: raw.lease_ttl,
         node,
-        ca_file: raw.ca_file,
-        client_cert,
+        tls,
         dial_timeout: raw.dial_timeout,
     })
 }

@@ -72,7 +72,7 @@
 //! channel must be drained promptly too: a release waits for room in it.
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::VecDeque,
     future::Future,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -119,29 +119,16 @@ pub struct EtcdSettings {
 }
 
 /// TLS towards etcd: the CA that signed its serving certificate, and an optional
-/// client certificate and key (both or neither), all PEM.
+/// client certificate and key, all PEM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdTls {
     pub ca_file: PathBuf,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
+    /// `(cert_file, key_file)`.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
-    #[error("election.etcd.endpoints: none given")]
-    NoEndpoints,
-    #[error("etcd endpoint {endpoint:?}: {reason}")]
-    Endpoint {
-        endpoint: String,
-        reason: &'static str,
-    },
-    #[error("election.etcd.lease_ttl = {0:?}: must be at least 2 s")]
-    LeaseTtl(Duration),
-    #[error("election.etcd.node: empty; the node's name is the value of the keys it owns")]
-    EmptyNode,
-    #[error("VIP {0} is listed twice")]
-    DuplicateVip(IpAddr),
     #[error("etcd TLS {what} {}: {source}", path.display())]
     ReadFile {
         what: &'static str,
@@ -151,11 +138,6 @@ pub enum EtcdError {
     },
     #[error("etcd TLS {what} {}: no PEM block in it", path.display())]
     NotPem { what: &'static str, path: PathBuf },
-    #[error("etcd TLS: {} given without its {missing}", given.display())]
-    HalfIdentity {
-        given: PathBuf,
-        missing: &'static str,
-    },
     #[error("etcd at {endpoints}: {op}: {source}")]
     Request {
         endpoints: String,
@@ -190,14 +172,6 @@ impl EtcdElection {
             .collect()
     }
 
-    /// A receiver of one VIP's state, to follow its changes.
-    pub fn subscribe(&self, vip: IpAddr) -> Option<watch::Receiver<ElectionState>> {
-        self.vips
-            .iter()
-            .find(|(v, _)| *v == vip)
-            .map(|(_, rx)| rx.clone())
-    }
-
     /// Clean shutdown: every owned VIP is reported not owned, then every lease is
     /// revoked, so the other node takes over at once. Bounded: a task that has not
     /// finished within a request timeout is aborted (its lease then expires).
@@ -229,10 +203,6 @@ pub fn spawn(
     events: mpsc::Sender<Ownership>,
 ) -> Result<EtcdElection, EtcdError> {
     let config = Arc::new(Config::new(settings)?);
-    let mut seen = HashSet::new();
-    if let Some(dup) = vips.iter().find(|v| !seen.insert(**v)) {
-        return Err(EtcdError::DuplicateVip(*dup));
-    }
     let (shutdown, shutdown_rx) = watch::channel(false);
     let resign_timeout = config.request_timeout + Duration::from_secs(1);
     let start = move |vip: IpAddr| {
@@ -278,18 +248,6 @@ struct Config {
 
 impl Config {
     fn new(settings: EtcdSettings) -> Result<Self, EtcdError> {
-        if settings.lease_ttl < MIN_LEASE_TTL {
-            return Err(EtcdError::LeaseTtl(settings.lease_ttl));
-        }
-        if settings.node.is_empty() {
-            return Err(EtcdError::EmptyNode);
-        }
-        if settings.endpoints.is_empty() {
-            return Err(EtcdError::NoEndpoints);
-        }
-        for endpoint in &settings.endpoints {
-            check_endpoint(endpoint, settings.tls.is_some())?;
-        }
         let mut options = ConnectOptions::new().with_connect_timeout(settings.dial_timeout);
         if let Some(tls) = &settings.tls {
             options = options.with_tls(tls_options(tls)?);
@@ -313,13 +271,10 @@ impl Config {
     }
 }
 
-fn check_endpoint(endpoint: &str, tls: bool) -> Result<(), EtcdError> {
-    let bad = |reason| {
-        Err(EtcdError::Endpoint {
-            endpoint: endpoint.to_owned(),
-            reason,
-        })
-    };
+/// Whether `endpoint` is one the client can dial (`crate::config` asks, so that a
+/// bad one fails `apilb check`); the error is why not.
+pub fn check_endpoint(endpoint: &str, tls: bool) -> Result<(), &'static str> {
+    let bad = Err;
     let rest = if let Some(rest) = endpoint.strip_prefix("http://") {
         if tls {
             return bad("http:// with TLS settings; use https:// or no scheme");
@@ -357,25 +312,9 @@ fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, EtcdError> {
 fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, EtcdError> {
     let ca = read_pem("ca_file", &tls.ca_file)?;
     let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
-    match (&tls.cert_file, &tls.key_file) {
-        (Some(cert), Some(key)) => {
-            let identity =
-                Identity::from_pem(read_pem("cert_file", cert)?, read_pem("key_file", key)?);
-            options = options.identity(identity);
-        }
-        (Some(given), None) => {
-            return Err(EtcdError::HalfIdentity {
-                given: given.clone(),
-                missing: "key_file",
-            });
-        }
-        (None, Some(given)) => {
-            return Err(EtcdError::HalfIdentity {
-                given: given.clone(),
-                missing: "cert_file",
-            });
-        }
-        (None, None) => {}
+    if let Some((cert, key)) = &tls.client_cert {
+        let identity = Identity::from_pem(read_pem("cert_file", cert)?, read_pem("key_file", key)?);
+        options = options.identity(identity);
     }
     Ok(options)
 }
@@ -409,11 +348,6 @@ struct Session {
     watch: Option<WatchStream>,
 }
 
-/// How a session ended without error.
-enum Ended {
-    Resigned,
-}
-
 struct VipTask {
     vip: IpAddr,
     key: String,
@@ -431,7 +365,7 @@ impl VipTask {
         loop {
             let started = Instant::now();
             match Box::pin(self.session(&mut shutdown, &mut stale_lease)).await {
-                Ok(Ended::Resigned) => return,
+                Ok(()) => return,
                 Err(error) => {
                     debug_assert!(!self.owned, "a failed session releases first");
                     if self.state.borrow().state != "cut off" {
@@ -459,14 +393,14 @@ impl VipTask {
         &mut self,
         shutdown: &mut watch::Receiver<bool>,
         stale_lease: &mut Option<i64>,
-    ) -> Result<Ended, EtcdError> {
+    ) -> Result<(), EtcdError> {
         let mut session = tokio::select! {
             s = self.open(stale_lease) => s?,
-            () = resign_requested(shutdown) => return Ok(Ended::Resigned),
+            () = resign_requested(shutdown) => return Ok(()),
         };
         *stale_lease = Some(session.lease);
         let ended = self.elect(&mut session, shutdown).await;
-        if matches!(ended, Ok(Ended::Resigned)) {
+        if ended.is_ok() {
             let revoke = session.client.lease_revoke(session.lease);
             match self.request("lease revoke", revoke).await {
                 Ok(_) => *stale_lease = None,
@@ -563,12 +497,12 @@ impl VipTask {
         }
     }
 
-    /// The election proper, on an open session.
+    /// The election proper, on an open session: `Ok` once resigned.
     async fn elect(
         &mut self,
         s: &mut Session,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<Ended, EtcdError> {
+    ) -> Result<(), EtcdError> {
         let guard = self.config.guard;
         let mut campaign = true;
         let mut retry_at = self.next_retry();
@@ -582,7 +516,7 @@ impl VipTask {
                 biased;
                 () = resign_requested(shutdown) => {
                     self.release("candidate", "resigned".into()).await;
-                    return Ok(Ended::Resigned);
+                    return Ok(());
                 }
                 () = sleep_until(release_at) => {
                     let floor = *s.floor.borrow();

@@ -29,37 +29,23 @@ impl Target {
     pub(super) fn new(kind: &ProbeKind) -> Result<Self, HealthError> {
         Ok(match kind {
             ProbeKind::Tcp => Self::Tcp,
-            ProbeKind::Http { path } => {
-                validate_path(path)?;
-                Self::Http { path: path.clone() }
-            }
-            ProbeKind::Https { path, tls } => {
-                validate_path(path)?;
-                Self::Https {
-                    path: path.clone(),
-                    tls: tls::Client::new(tls)?,
-                }
-            }
+            ProbeKind::Http { path } => Self::Http { path: path.clone() },
+            ProbeKind::Https { path, tls } => Self::Https {
+                path: path.clone(),
+                tls: tls::Client::new(tls)?,
+            },
         })
     }
 }
 
-/// The request target must be an origin-form path: the probe always goes to the
-/// backend's own address, so a full URL naming another host makes no sense.
-fn validate_path(path: &str) -> Result<(), HealthError> {
-    let valid = path.starts_with('/')
+/// Whether `path` can be a probe's request target: an origin-form path, since the
+/// probe always goes to the backend's own address and a full URL naming another
+/// host makes no sense. (`crate::config` asks, so a bad path fails `apilb check`.)
+pub fn is_request_path(path: &str) -> bool {
+    path.starts_with('/')
         && path
             .parse::<hyper::http::uri::PathAndQuery>()
-            .is_ok_and(|p| p.as_str() == path);
-    if valid {
-        Ok(())
-    } else {
-        Err(HealthError::InvalidSpec {
-            key: "path",
-            value: path.to_owned(),
-            reason: "must be a URL path starting with '/'",
-        })
-    }
+            .is_ok_and(|p| p.as_str() == path)
 }
 
 /// Runs one probe against `backend`, without a deadline: the caller applies the
@@ -195,10 +181,10 @@ mod tests {
 
     #[test]
     fn paths_must_be_origin_form() {
-        assert!(validate_path("/readyz").is_ok());
-        assert!(validate_path("/readyz?verbose").is_ok());
+        assert!(is_request_path("/readyz"));
+        assert!(is_request_path("/readyz?verbose"));
         for bad in ["readyz", "", "http://x/readyz", "/a b"] {
-            assert!(validate_path(bad).is_err(), "{bad:?} accepted");
+            assert!(!is_request_path(bad), "{bad:?} accepted");
         }
     }
 }

@@ -12,7 +12,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_rustls::TlsConnector;
 
-use super::{HealthError, TlsSpec};
+use super::{HealthError, TlsSpec, Trust};
 
 /// A ready TLS connector plus the name to verify.
 pub(super) struct Client {
@@ -23,21 +23,10 @@ pub(super) struct Client {
 
 impl Client {
     pub(super) fn new(spec: &TlsSpec) -> Result<Self, HealthError> {
-        let server_name = spec
-            .server_name
-            .as_ref()
-            .map(|name| {
-                ServerName::try_from(name.clone()).map_err(|_| HealthError::InvalidSpec {
-                    key: "server_name",
-                    value: name.clone(),
-                    reason: "not a valid DNS name or IP address",
-                })
-            })
-            .transpose()?;
         let config = client_config(spec)?;
         Ok(Self {
             connector: TlsConnector::from(Arc::new(config)),
-            server_name,
+            server_name: spec.server_name.clone(),
         })
     }
 
@@ -68,23 +57,9 @@ fn client_config(spec: &TlsSpec) -> Result<ClientConfig, HealthError> {
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(HealthError::TlsConfig)?;
-    let builder = match (&spec.ca_file, spec.insecure) {
-        (Some(_), true) => {
-            return Err(HealthError::InvalidSpec {
-                key: "insecure",
-                value: "true".into(),
-                reason: "excludes ca_file; set one or the other",
-            });
-        }
-        (None, false) => {
-            return Err(HealthError::InvalidSpec {
-                key: "ca_file",
-                value: "(none)".into(),
-                reason: "https probes need a CA file, or insecure = true",
-            });
-        }
-        (Some(ca), false) => builder.with_root_certificates(load_roots(ca)?),
-        (None, true) => builder
+    let builder = match &spec.trust {
+        Trust::CaFile(ca) => builder.with_root_certificates(load_roots(ca)?),
+        Trust::AnyCertificate => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyServerCert { provider })),
     };

@@ -1,0 +1,53 @@
+//! Which config changes a SIGHUP may apply in place, and which take a restart:
+//! kept beside the config so that a new key's author decides it where the key is
+//! defined.
+
+use std::net::SocketAddr;
+
+use super::{Config, Election};
+
+/// The VIPs that have an election, with it.
+fn elected(c: &Config) -> impl Iterator<Item = (SocketAddr, Election)> + '_ {
+    c.vips
+        .iter()
+        .filter(|v| v.election != Election::Static)
+        .map(|v| (v.addr, v.election))
+}
+
+impl Config {
+    /// The first key whose change from `self` to `new` only a restart can apply,
+    /// or `None` if a reload can apply all of them.
+    pub fn restart_needed(&self, new: &Config) -> Option<&'static str> {
+        let (old, new) = (self, new);
+        if old.instance != new.instance {
+            Some("instance")
+        } else if old.datapath.interfaces != new.datapath.interfaces {
+            Some("datapath.interfaces")
+        } else if old.datapath.xdp_mode != new.datapath.xdp_mode {
+            Some("datapath.xdp_mode")
+        } else if old.datapath.flow_table_size != new.datapath.flow_table_size {
+            Some("datapath.flow_table_size")
+        } else if old.admin_listen != new.admin_listen {
+            Some("admin.listen")
+        } else if old.datapath.nat_ports != new.datapath.nat_ports {
+            // Replies of open flows arrive on the old ports, which the datapath would
+            // no longer recognise, and the new range is reserved only at start.
+            Some("datapath.nat_ports")
+        } else if old.datapath.snat_v4 != new.datapath.snat_v4
+            || old.datapath.snat_v6 != new.datapath.snat_v6
+        {
+            // Likewise: replies of open flows come back to the old address.
+            Some("datapath.snat_ipv4/snat_ipv6")
+        } else if old.election != new.election {
+            Some("election")
+        } else if old.local.enabled != new.local.enabled || old.local.cgroup != new.local.cgroup {
+            // The socket programs are attached, or not, at start.
+            Some("local.enabled/local.cgroup")
+        } else if elected(old).ne(elected(new)) {
+            // Elections run for a fixed set of VIPs; changing it means restarting them.
+            Some("an elected vip (its election, vrid or priority)")
+        } else {
+            None
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Datapath events rare enough to log each second they occur. They are counted in
+//! the kernel, where logging them would cost every packet; the controller reads the
+//! counters once a second and logs what moved, so even a storm of them is one line
+//! per second per counter.
+
+use lb_common::{
+    COUNTER_NAMES, DROP_FLOW_INSERT, DROP_NO_BACKEND, DROP_NO_NAT_PORT, DROP_NO_SNAT_ADDR,
+    PORT_RECLAIMED,
+};
+use tracing::{info, warn};
+
+/// How loud a logged event is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Level {
+    /// Normal operation worth a line: a NAT port of a finished flow reused.
+    Info,
+    /// A new flow was lost.
+    Warn,
+}
+
+/// The logged counters, with their level and what a line about them says.
+const LOGGED: [(u32, Level, &str); 5] = [
+    (
+        DROP_NO_BACKEND,
+        Level::Warn,
+        "new flows dropped by the datapath",
+    ),
+    (
+        DROP_NO_NAT_PORT,
+        Level::Warn,
+        "new flows dropped by the datapath",
+    ),
+    (
+        DROP_NO_SNAT_ADDR,
+        Level::Warn,
+        "new flows dropped by the datapath",
+    ),
+    (
+        DROP_FLOW_INSERT,
+        Level::Warn,
+        "new flows dropped by the datapath",
+    ),
+    (
+        PORT_RECLAIMED,
+        Level::Info,
+        "NAT ports of finished flows were reused",
+    ),
+];
+
+/// The counters at the last reading.
+#[derive(Debug, Default)]
+pub struct EventLog {
+    seen: Vec<u64>,
+}
+
+impl EventLog {
+    /// Log the events counted since the last call (none on the first).
+    pub fn log(&mut self, counters: &[u64]) {
+        for (event, level, message, count) in moved(&self.seen, counters) {
+            match level {
+                Level::Info => info!(event, count, "{message}"),
+                Level::Warn => warn!(event, count, "{message}"),
+            }
+        }
+        self.seen = counters.to_vec();
+    }
+}
+
+/// The logged events that moved between two counter readings, and by how much.
+fn moved(before: &[u64], now: &[u64]) -> Vec<(&'static str, Level, &'static str, u64)> {
+    LOGGED
+        .iter()
+        .filter_map(|&(i, level, message)| {
+            let i = i as usize;
+            let delta = now.get(i)?.saturating_sub(*before.get(i)?);
+            (delta > 0).then_some((COUNTER_NAMES[i], level, message, delta))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_logged_events_that_moved_are_reported_with_their_delta() {
+        let mut before = vec![0u64; lb_common::COUNTER_COUNT as usize];
+        before[DROP_NO_NAT_PORT as usize] = 5;
+        let mut now = before.clone();
+        now[DROP_NO_NAT_PORT as usize] = 12;
+        now[lb_common::REDIRECT as usize] = 1_000; // not a logged event
+        now[PORT_RECLAIMED as usize] = 3;
+        let moved_now: Vec<(&str, Level, u64)> = moved(&before, &now)
+            .into_iter()
+            .map(|(e, l, _, n)| (e, l, n))
+            .collect();
+        assert_eq!(
+            moved_now,
+            vec![
+                ("drop_no_nat_port", Level::Warn, 7),
+                ("port_reclaimed", Level::Info, 3)
+            ]
+        );
+        assert!(moved(&now, &now).is_empty());
+        // The first reading (nothing seen yet) logs nothing.
+        assert!(moved(&[], &now).is_empty());
+    }
+}
