@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
+    admin::{client, table},
     config::Config,
     daemon::{self, RunOptions},
     loader,
@@ -124,8 +125,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            let snapshot = runtime.block_on(lb_userspace::admin::fetch_status(admin))?;
-            print!("{}", lb_userspace::admin::render_status(&snapshot));
+            let snapshot = runtime.block_on(client::fetch_status(admin))?;
+            print!("{}", table::render_status(&snapshot));
         }
         Command::Detach { instance } => {
             let dir = loader::pin_dir(&instance);
