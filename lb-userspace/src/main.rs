@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     admin::{client, table},
     config::Config,
@@ -11,8 +11,10 @@ use lb_userspace::{
     loader,
 };
 
+// `name`: without it clap names the program after the package, `lb-userspace`.
 #[derive(Parser)]
 #[command(
+    name = "apilb",
     version,
     about = "Kernel (XDP) load balancer for the Kubernetes API server"
 )]
@@ -139,7 +141,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 println!("removed {}", p.display());
             }
         }
-        Command::Version => println!("apilb {}", env!("CARGO_PKG_VERSION")),
+        // The same line as `--version`, from the same place.
+        Command::Version => print!("{}", Cli::command().render_version()),
     }
     Ok(())
 }
