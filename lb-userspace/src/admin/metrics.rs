@@ -37,7 +37,9 @@ type Labels = Vec<(&'static str, String)>;
 /// - Per backend, label `backend` (its address): `backend_healthy` 0/1,
 ///   `backend_in_rotation` 0/1, `backend_probe_latency_seconds` (last probe),
 ///   `backend_probes_total`, `backend_transitions_total`,
-///   `backend_probe_failures_total{reason}`, `backend_packets_total`,
+///   `backend_probe_failures_total{reason}`,
+///   `backend_passive_failures_total{kind}` (failures the datapath saw),
+///   `backend_local_connects_total` (node-local mode), `backend_packets_total`,
 ///   `backend_bytes_total`, `backend_new_flows_total`.
 /// - Every datapath counter, as `datapath_packets_total{counter="<name>"}`. The
 ///   outcome counters (`pass_*`, `drop_*`, `tx`, `redirect`) partition the packets
