@@ -3,15 +3,18 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
+    admin::{client, table},
     config::Config,
     daemon::{self, RunOptions},
     loader,
 };
 
+// `name`: without it clap names the program after the package, `lb-userspace`.
 #[derive(Parser)]
 #[command(
+    name = "apilb",
     version,
     about = "Kernel (XDP) load balancer for the Kubernetes API server"
 )]
@@ -124,8 +127,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            let snapshot = runtime.block_on(lb_userspace::admin::fetch_status(admin))?;
-            print!("{}", lb_userspace::admin::render_status(&snapshot));
+            let snapshot = runtime.block_on(client::fetch_status(admin))?;
+            print!("{}", table::render_status(&snapshot));
         }
         Command::Detach { instance } => {
             let dir = loader::pin_dir(&instance);
@@ -138,7 +141,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 println!("removed {}", p.display());
             }
         }
-        Command::Version => println!("apilb {}", env!("CARGO_PKG_VERSION")),
+        // The same line as `--version`, from the same place.
+        Command::Version => print!("{}", Cli::command().render_version()),
     }
     Ok(())
 }

@@ -10,7 +10,11 @@ use std::{
 
 use lb_common::COUNTER_NAMES;
 use lb_userspace::{
-    admin::{self, AdminError},
+    admin::{
+        self, ServerError,
+        client::{self, ClientError},
+        metrics, table,
+    },
     status::{BackendStatus, SharedSnapshot, Snapshot, VipStatus},
 };
 use tokio::{
@@ -116,7 +120,7 @@ struct Server {
     addr: SocketAddr,
     snapshot: SharedSnapshot,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), AdminError>>,
+    task: JoinHandle<Result<(), ServerError>>,
 }
 
 impl Server {
@@ -139,7 +143,7 @@ impl Server {
     }
 
     /// Signals shutdown and waits for `serve` to return.
-    async fn stop(mut self) -> Result<(), AdminError> {
+    async fn stop(mut self) -> Result<(), ServerError> {
         self.stop.take().unwrap().send(()).unwrap();
         (&mut self.task)
             .await
@@ -223,7 +227,7 @@ async fn fetch_status_returns_exactly_the_served_snapshot() {
     bounded(async {
         let snapshot = sample();
         let server = Server::start(snapshot.clone()).await;
-        let fetched = admin::fetch_status(server.addr).await.unwrap();
+        let fetched = client::fetch_status(server.addr).await.unwrap();
         assert_eq!(fetched, snapshot);
 
         let raw = request(server.addr, "GET", "/status").await;
@@ -243,9 +247,9 @@ async fn fetch_status_names_the_address_it_cannot_reach() {
             .unwrap()
             .local_addr()
             .unwrap();
-        let err = admin::fetch_status(addr).await.unwrap_err();
+        let err = client::fetch_status(addr).await.unwrap_err();
         assert!(
-            matches!(err, AdminError::Connect { addr: a, .. } if a == addr),
+            matches!(err, ClientError::Connect { addr: a, .. } if a == addr),
             "{err:?}"
         );
         assert!(err.to_string().contains(&addr.to_string()), "{err}");
@@ -260,10 +264,10 @@ async fn fetch_status_gives_up_after_2s_on_a_silent_endpoint() {
         let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = silent.local_addr().unwrap();
         let started = tokio::time::Instant::now();
-        let err = admin::fetch_status(addr).await.unwrap_err();
+        let err = client::fetch_status(addr).await.unwrap_err();
         let took = started.elapsed();
         assert!(
-            matches!(err, AdminError::Timeout { addr: a, after } if a == addr && after == Duration::from_secs(2)),
+            matches!(err, ClientError::Timeout { addr: a, after } if a == addr && after == Duration::from_secs(2)),
             "{err:?}"
         );
         assert!(
@@ -364,7 +368,7 @@ async fn metrics_carry_the_snapshot_numbers_as_valid_openmetrics_text() {
 
 #[test]
 fn metrics_of_an_empty_snapshot_are_still_valid() {
-    let text = admin::render_metrics(&Snapshot::default()).unwrap();
+    let text = metrics::render_metrics(&Snapshot::default()).unwrap();
     assert_valid_exposition(&text);
     assert!(text.lines().any(|l| l == "apilb_fail_open 0"), "\n{text}");
     assert!(
@@ -516,7 +520,7 @@ async fn shutdown_stops_the_server_and_refuses_new_connections() {
 
 #[test]
 fn render_status_shows_each_backend_with_its_health_and_numbers() {
-    let table = admin::render_status(&sample());
+    let table = table::render_status(&sample());
     let row = |address: &str| -> Vec<&str> {
         let line = table
             .lines()
@@ -584,7 +588,7 @@ fn render_status_shows_each_backend_with_its_health_and_numbers() {
 fn render_status_warns_when_failing_open() {
     let mut snapshot = sample();
     snapshot.fail_open = true;
-    let table = admin::render_status(&snapshot);
+    let table = table::render_status(&snapshot);
     let warning = table.lines().nth(1).unwrap_or_default();
     assert!(warning.starts_with("WARNING: failing open"), "\n{table}");
 }

@@ -55,3 +55,20 @@ fn check_refuses_a_bad_file_with_a_non_zero_exit_naming_key_and_value() {
     let (ok, text) = apilb_check("this is = not toml [");
     assert!(!ok && text.contains("is refused"), "{text}");
 }
+
+#[test]
+fn version_flag_and_verb_both_print_apilb_and_the_version() {
+    let expected = format!("apilb {}\n", env!("CARGO_PKG_VERSION"));
+    for arg in ["--version", "version"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_apilb"))
+            .arg(arg)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "apilb {arg}: {out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            expected,
+            "apilb {arg}"
+        );
+    }
+}

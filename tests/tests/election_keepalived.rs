@@ -1,5 +1,6 @@
-//! apilb and a real keepalived (Debian's 2.2) share one VRRP virtual router, in
-//! seed 004's shape: unicast peers, `advert_int 1`, and for VRRPv2 `auth_type PASS`.
+//! apilb and a real keepalived (Debian's 2.2) share one VRRP virtual router,
+//! configured as the keepalived recipes for kubeadm HA configure it: unicast peers,
+//! `advert_int 1`, and for VRRPv2 `auth_type PASS`.
 //! apilb runs on lb1, keepalived on lb2 with a TCP responder standing in for the
 //! proxy keepalived usually fronts, so a connection to the VIP says which side
 //! served it. Whichever side has the higher priority owns the VIP; killing it

@@ -1,4 +1,4 @@
-//! Node-local mode (issue 7): processes on the LB node itself connect to the VIP,
+//! Node-local mode: processes on the LB node itself connect to the VIP,
 //! and `apilb run` balances their `connect()` calls with its socket programs. The
 //! VIP is on no interface and has no election: only the socket programs make it
 //! reachable. Real processes in the `tests::cluster` topology, echo masters that

@@ -1,11 +1,16 @@
 //! A master dies under 100 new https connections/s, and no client sees it fail:
-//! passive failure detection in the datapath (issue 6), against real stub
-//! apiservers, a real kernel and nftables on the master for the partial failures.
+//! the datapath sees the master fail a client's SYN (a RST, an ICMP unreachable,
+//! or no answer), takes it out and re-steers the client's retransmit to another
+//! master, whether or not a probe has noticed yet; a master that refuses only the
+//! odd SYN stays in. Against real stub apiservers, a real kernel and nftables on
+//! the master for the partial failures.
 //!
 //! In each case the traffic runs before, during and after the failure, and the
 //! test asserts the count of failed connections (0), the streams broken on the
 //! other masters (0), and that each delayed connection waited for no more than its
-//! first SYN retransmit. It prints what it measured for the closing note.
+//! first SYN retransmit. It prints what it measured (failed and delayed
+//! connections, the longest delay, broken streams), so a run shows its margins as
+//! well as its verdict.
 
 use std::{
     collections::BTreeMap,

@@ -1,11 +1,17 @@
-//! Issue 4's scenarios: what kubelets and kubectl notice when something fails,
-//! measured through the real `apilb run` in the `tests::cluster` topology. All but
+//! What kubelets and kubectl notice when the control plane changes under them:
+//! new connections spread evenly over the masters; a master alive but not ready
+//! leaves rotation and rejoins, its streams kept; a controller killed and restarted
+//! fails no connection and breaks no stream; a master added by SIGHUP takes its
+//! share of new connections and moves no stream; kubectl and curl reach the
+//! apiservers through the VIP. Measured through the real `apilb run` in the
+//! `tests::cluster` topology. All but
 //! the spread (3000 plain TCP connections to echo masters, for speed) run TLS stub
 //! apiservers with apilb's default probes (https `/readyz` every 500 ms, rise 2,
 //! fall 2), under 30 watch streams and a new https connection every 20 ms. Each
 //! prints its numbers as one `scenario ...` line. Root.
 //!
-//! A master killed outright is issue 6's, in `passive.rs`.
+//! A master killed outright, or gone silent, is caught by the datapath's passive
+//! detection before any probe: `passive.rs` tests that.
 //!
 //! The scenarios run one at a time (`SERIAL`): they measure time, and two of them
 //! sharing the machine's two CPUs would measure each other.
