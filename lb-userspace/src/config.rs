@@ -203,8 +203,11 @@ impl Default for RawAdmin {
     }
 }
 
+/// `instance` when the config leaves it out; also what `apilb detach` detaches.
+pub const INSTANCE_DEFAULT: &str = "default";
+
 fn default_instance() -> String {
-    "default".to_owned()
+    INSTANCE_DEFAULT.to_owned()
 }
 fn default_mode() -> String {
     "nat".to_owned()

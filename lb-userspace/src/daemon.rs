@@ -45,7 +45,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Controller(#[from] ControllerError),
     #[error(transparent)]
-    Admin(#[from] crate::admin::AdminError),
+    Admin(#[from] crate::admin::ServerError),
     #[error(transparent)]
     Ownership(#[from] crate::ownership::OwnershipError),
     #[error(transparent)]

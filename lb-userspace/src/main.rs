@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     admin::{client, table},
-    config::Config,
+    config::{self, Config},
     daemon::{self, RunOptions},
     loader,
 };
@@ -56,13 +56,13 @@ enum Command {
     /// Show a running apilb's VIPs, backends, health and traffic (from its /status).
     Status {
         /// The admin endpoint (the config's admin.listen).
-        #[arg(long, default_value = "127.0.0.1:9464")]
+        #[arg(long, default_value_t = config::ADMIN_LISTEN_DEFAULT)]
         admin: std::net::SocketAddr,
     },
     /// Detach an instance's datapath and remove its pins.
     Detach {
         /// The instance, as in the config's `instance` key.
-        #[arg(long, default_value = "default")]
+        #[arg(long, default_value = config::INSTANCE_DEFAULT)]
         instance: String,
     },
     /// Print the version.

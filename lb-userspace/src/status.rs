@@ -6,6 +6,7 @@
 //! on, or touches, the datapath.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, RwLock},
     time::{SystemTime, UNIX_EPOCH},
@@ -81,6 +82,17 @@ pub struct BackendStatus {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+}
+
+/// The node's VRRP refusals by reason, for both `/metrics` and the tables. Every
+/// VRRP VIP's state carries them (its socket counts them for all), so they are read
+/// from the first.
+#[must_use]
+pub fn vrrp_rejections(vips: &[VipStatus]) -> Option<BTreeMap<String, u64>> {
+    vips.iter()
+        .filter_map(|v| v.election.as_ref())
+        .find(|e| e.mode == "vrrp")
+        .map(|e| e.rejected.clone())
 }
 
 /// The shared, replace-whole snapshot.

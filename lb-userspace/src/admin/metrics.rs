@@ -10,7 +10,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use super::vrrp_rejections;
+use crate::status::vrrp_rejections;
 use crate::status::{BackendStatus, Snapshot, VipStatus};
 
 /// The `Content-Type` of `/metrics`: what `prometheus-client`'s text encoder emits.

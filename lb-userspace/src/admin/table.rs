@@ -7,8 +7,8 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use super::vrrp_rejections;
 use crate::status::Snapshot;
+use crate::status::vrrp_rejections;
 
 /// The readable table `apilb status` prints: a header, the VIPs, the backends.
 pub fn render_status(snapshot: &Snapshot) -> String {
