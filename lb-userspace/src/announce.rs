@@ -38,7 +38,7 @@ use socket2::Socket;
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
-use frames::{icmpv6_socket, packet_socket, send_gratuitous_arp, send_unsolicited_na};
+use frames::{icmpv6_socket, packet_socket};
 use netlink::{Netlink, local_address};
 
 /// Why an [`Announcer`] could not be made or could not do its job.
@@ -303,12 +303,12 @@ impl Drop for Announcer {
 impl Link {
     /// Send one announcement of `vip`: gratuitous ARP or unsolicited NA.
     fn announce(&self, vip: IpAddr) -> Result<(), AnnounceError> {
-        match vip {
-            IpAddr::V4(v4) => send_gratuitous_arp(&self.packet, self.ifindex, self.mac, v4)
-                .map_err(|e| self.error(vip, VipStep::SendGratuitousArp, e))?,
-            IpAddr::V6(v6) => send_unsolicited_na(&self.icmpv6, self.ifindex, self.mac, v6)
-                .map_err(|e| self.error(vip, VipStep::SendNeighbourAdvertisement, e))?,
-        }
+        let step = match vip {
+            IpAddr::V4(_) => VipStep::SendGratuitousArp,
+            IpAddr::V6(_) => VipStep::SendNeighbourAdvertisement,
+        };
+        frames::announce(&self.packet, &self.icmpv6, self.ifindex, self.mac, vip)
+            .map_err(|e| self.error(vip, step, e))?;
         debug!(interface = %self.interface, %vip, "VIP announced");
         Ok(())
     }

@@ -16,7 +16,7 @@
 
 use std::{
     io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV6},
     os::fd::AsRawFd as _,
 };
 
@@ -34,30 +34,27 @@ const ND_NEIGHBOR_ADVERT: u8 = 136;
 const NA_FLAG_OVERRIDE: u8 = 0x20;
 const ND_OPT_TARGET_LINKADDR: u8 = 2;
 
-/// Send one gratuitous ARP for `vip` from `mac` on `packet` (a [`packet_socket`]
-/// of interface `ifindex`), to broadcast.
-pub(super) fn send_gratuitous_arp(
+/// Send one announcement of `vip` from `mac` out of interface `ifindex`: a gratuitous
+/// ARP to broadcast through `packet` (a [`packet_socket`]), or an unsolicited
+/// neighbour advertisement to all nodes through `icmpv6` (an [`icmpv6_socket`]).
+pub(super) fn announce(
     packet: &Socket,
-    ifindex: u32,
-    mac: [u8; 6],
-    vip: Ipv4Addr,
-) -> io::Result<()> {
-    let frame = gratuitous_arp(mac, vip);
-    let to = link_addr(ifindex, ETH_P_ARP, BROADCAST);
-    packet.send_to(&frame, &to).map(drop)
-}
-
-/// Send one unsolicited neighbour advertisement for `vip` from `mac` on `icmpv6`
-/// (an [`icmpv6_socket`] of interface `ifindex`), to all nodes.
-pub(super) fn send_unsolicited_na(
     icmpv6: &Socket,
     ifindex: u32,
     mac: [u8; 6],
-    vip: Ipv6Addr,
+    vip: IpAddr,
 ) -> io::Result<()> {
-    let message = unsolicited_na(mac, vip);
-    let to = SocketAddrV6::new(ALL_NODES, 0, 0, ifindex);
-    icmpv6.send_to(&message, &to.into()).map(drop)
+    match vip {
+        IpAddr::V4(v4) => {
+            let to = link_addr(ifindex, ETH_P_ARP, BROADCAST);
+            packet.send_to(&gratuitous_arp(mac, v4), &to)?;
+        }
+        IpAddr::V6(v6) => {
+            let to = SocketAddrV6::new(ALL_NODES, 0, 0, ifindex);
+            icmpv6.send_to(&unsolicited_na(mac, v6), &to.into())?;
+        }
+    }
+    Ok(())
 }
 
 /// A gratuitous ARP for `vip` from `mac`: an Ethernet broadcast carrying an ARP
