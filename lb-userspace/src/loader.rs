@@ -1,6 +1,11 @@
-//! Loading, attaching, pinning, adopting and detaching the datapath.
+//! Bringing the datapath up and down: loading, attaching, pinning, adopting and
+//! detaching the programs, bpffs, and the node sysctls the datapath needs.
 //!
-//! A restarted or upgraded `apilb` must not drop a packet. So maps and XDP links are
+//! [`start`] is `apilb run`'s bring-up. [`Programs::load`] splits the loaded object
+//! in two: the programs, kept here, and the maps, handed to [`Datapath`], the map
+//! reader and writer, which is all the rest of apilb needs.
+//!
+//! A restarted or upgraded `apilb` must not drop a packet. So maps and links are
 //! pinned in bpffs, under `/sys/fs/bpf/apilb/<instance>/`:
 //!
 //! - `maps-v<LAYOUT_VERSION>/<MAP>`: every map. A new process reuses them, flows and
@@ -9,8 +14,11 @@
 //! - `link-<interface>`: the XDP link of each interface. A new process swaps its
 //!   program into the existing link atomically (`bpf_link_update`), so the interface
 //!   is never without a program, and the link stays attached when the process exits.
+//! - `sock-<program>`: the socket programs' links (`crate::socklb`).
 //!
 //! `detach` removes the links (which detaches the program) and the pins.
+
+mod xdp_mode;
 
 use std::{
     ffi::CString,
@@ -19,10 +27,10 @@ use std::{
 };
 
 use aya::{
-    EbpfLoader,
+    Ebpf, EbpfLoader,
     maps::Map,
     programs::{
-        CgroupSockAddr, ProgramError, XdpMode,
+        CgroupSockAddr, ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
     },
@@ -33,19 +41,46 @@ use lb_common::{
     MAP_VIP_STATS, MAP_VIPS, PROG_SOCK, PROG_XDP, PROG_XDP_DROP, ReplyState, TrafficStats, VipInfo,
     VipKey,
 };
+use tracing::{error, info, warn};
 
-use crate::datapath::{Datapath, DatapathError, OBJECT};
+use crate::{
+    config::{Config, XdpModeSetting},
+    datapath::{Datapath, DatapathError},
+};
 
-/// The XDP mode an attach ended up in (what `Datapath::attach` returns).
+/// The XDP mode an attach ended up in (what [`Programs::attach`] returns).
 pub use aya::programs::XdpMode as AttachedMode;
+
+/// The compiled lb-ebpf object, embedded at build time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 /// Where bpffs is mounted on every Linux system that has it.
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+/// An error of a link or pin call, whichever library it comes from.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
+    #[error("loading the eBPF object into the kernel failed")]
+    Load(#[source] aya::EbpfError),
+    /// A load failure on a kernel older than apilb needs ([`crate::kernel`]).
+    #[error("{explanation}")]
+    Kernel {
+        explanation: String,
+        #[source]
+        source: Box<LoaderError>,
+    },
+    #[error("the eBPF object has no program named {0}")]
+    MissingProgram(&'static str),
+    #[error("program {program}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
     #[error("mounting bpffs at {path}")]
     Mount {
         path: PathBuf,
@@ -81,7 +116,7 @@ pub enum LoaderError {
     Adopt {
         path: PathBuf,
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: BoxError,
     },
     #[error(
         "pinning the XDP link of {interface} at {path} (kernels before 5.9 cannot pin XDP links)"
@@ -90,7 +125,7 @@ pub enum LoaderError {
         interface: String,
         path: PathBuf,
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: BoxError,
     },
     #[error("writing the sysctl {path}")]
     Sysctl {
@@ -117,6 +152,16 @@ pub enum AttachMode {
     Auto,
     Native,
     Generic,
+}
+
+impl From<XdpModeSetting> for AttachMode {
+    fn from(m: XdpModeSetting) -> Self {
+        match m {
+            XdpModeSetting::Auto => Self::Auto,
+            XdpModeSetting::Native => Self::Native,
+            XdpModeSetting::Generic => Self::Generic,
+        }
+    }
 }
 
 /// What to load.
@@ -146,6 +191,59 @@ pub fn pin_dir(instance: &str) -> PathBuf {
 
 fn maps_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(format!("maps-v{LAYOUT_VERSION}"))
+}
+
+/// `apilb run`'s bring-up: mount bpffs if needed, warn if the node does not
+/// forward, reserve the NAT ports, load (or adopt) the datapath, attach it to each
+/// configured interface and remove the pins the configuration no longer uses.
+pub fn start(config: &Config) -> Result<(Programs, Datapath)> {
+    if ensure_bpffs(Path::new(BPFFS))? {
+        info!(path = BPFFS, "bpffs was not mounted; mounted it");
+    }
+    // Without forwarding the FIB refuses every rewritten packet and so does the
+    // stack: the VIP would be dead. Nodes running Kubernetes have it on; say so
+    // loudly rather than change how the node routes.
+    for (family, path, needed) in [
+        (
+            "IPv4",
+            "/proc/sys/net/ipv4/ip_forward",
+            !config.vips.iter().all(|v| v.addr.is_ipv6()),
+        ),
+        (
+            "IPv6",
+            "/proc/sys/net/ipv6/conf/all/forwarding",
+            config.vips.iter().any(|v| v.addr.is_ipv6()),
+        ),
+    ] {
+        if needed && std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "0") {
+            error!(
+                path,
+                "{family} forwarding is off: the datapath cannot forward to the masters until it is on"
+            );
+        }
+    }
+    let ports = &config.datapath.nat_ports;
+    if reserve_ports(*ports.start(), *ports.end())? {
+        info!(ports = ?ports, "reserved the NAT ports from the node's own sockets (net.ipv4.ip_local_reserved_ports)");
+    }
+    let pin = pin_dir(&config.instance);
+    let adopting = pinned_maps_exist(&pin);
+    let (mut programs, dp) = Programs::load(&LoadOptions {
+        flow_table_size: config.datapath.flow_table_size,
+        pin_dir: Some(pin.clone()),
+    })?;
+    for iface in &config.datapath.interfaces {
+        let mode = programs.attach(iface, config.datapath.xdp_mode.into(), Some(&pin))?;
+        if adopting {
+            info!(interface = %iface, ?mode, pins = %pin.display(), "adopted the pinned datapath: maps and flows kept, program swapped in place");
+        } else {
+            info!(interface = %iface, ?mode, pins = %pin.display(), "XDP attached");
+        }
+    }
+    for stale in remove_stale_pins(&pin, &config.datapath.interfaces)? {
+        info!(pin = %stale.display(), "removed a pin the configuration no longer uses");
+    }
+    Ok((programs, dp))
 }
 
 /// Mount bpffs at `path` unless it is already mounted there (as Cilium does).
@@ -192,9 +290,9 @@ pub fn ensure_bpffs(path: &Path) -> Result<bool> {
 
 /// A load failure, explained by what the running kernel lacks if it is older than
 /// apilb needs.
-fn too_old(e: DatapathError) -> DatapathError {
+fn too_old(e: LoaderError) -> LoaderError {
     match crate::kernel::explain(&crate::kernel::release(), false) {
-        Some(explanation) => DatapathError::Kernel {
+        Some(explanation) => LoaderError::Kernel {
             explanation,
             source: Box::new(e),
         },
@@ -202,10 +300,20 @@ fn too_old(e: DatapathError) -> DatapathError {
     }
 }
 
-impl Datapath {
+/// The datapath's programs, loaded into the kernel, and the links this process
+/// pinned for them.
+pub struct Programs {
+    ebpf: Ebpf,
+    /// Links pinned in bpffs: kept open while this value lives, and left attached
+    /// when it is dropped.
+    pinned_links: Vec<PinnedLink>,
+}
+
+impl Programs {
     /// Load the embedded programs, creating their maps or, with a pin directory,
-    /// reusing the ones pinned there (see the module docs). Not attached anywhere yet.
-    pub fn load(opts: &LoadOptions) -> Result<Self> {
+    /// reusing the ones pinned there (see the module docs). Not attached anywhere
+    /// yet. The maps go to the returned [`Datapath`].
+    pub fn load(opts: &LoadOptions) -> Result<(Self, Datapath)> {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAP_FLOWS, opts.flow_table_size)
@@ -227,24 +335,20 @@ impl Datapath {
         for (name, path) in &pins {
             loader.map_pin_path(name, path);
         }
-        let ebpf = loader
+        let mut ebpf = loader
             .load(OBJECT)
-            .map_err(|e| too_old(DatapathError::Load(e)))?;
-        let mut dp = Self {
-            ebpf,
-            pinned_links: Vec::new(),
-        };
-        // Map names are shared constants; check the object against every one, so a
-        // renamed static in lb-ebpf fails here rather than at first use.
-        for name in ALL_MAPS {
-            dp.map(name)?;
-        }
+            .map_err(|e| too_old(LoaderError::Load(e)))?;
+        let dp = Datapath::take_maps(&mut ebpf)?;
         for (name, path) in &pins {
             check_layout(dp.map(name)?, name, path, opts.flow_table_size)?;
         }
+        let mut programs = Self {
+            ebpf,
+            pinned_links: Vec::new(),
+        };
         for name in [PROG_XDP, PROG_XDP_DROP] {
-            dp.xdp(name)?.load().map_err(|source| {
-                too_old(DatapathError::Program {
+            programs.xdp(name)?.load().map_err(|source| {
+                too_old(LoaderError::Program {
                     program: name,
                     source,
                 })
@@ -253,19 +357,46 @@ impl Datapath {
         // The socket programs of node-local mode, attached only when it is on
         // (`crate::socklb`).
         for name in PROG_SOCK {
-            let prog: &mut CgroupSockAddr = dp
-                .ebpf
-                .program_mut(name)
-                .and_then(|p| p.try_into().ok())
-                .ok_or(DatapathError::MissingProgram(name))?;
-            prog.load().map_err(|source| {
-                too_old(DatapathError::Program {
+            programs.sock(name)?.load().map_err(|source| {
+                too_old(LoaderError::Program {
                     program: name,
                     source,
                 })
             })?;
         }
-        Ok(dp)
+        Ok((programs, dp))
+    }
+
+    /// One of the datapath's XDP programs, by its `lb_common::PROG_*` name.
+    pub fn xdp(&mut self, name: &'static str) -> Result<&mut Xdp> {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(LoaderError::MissingProgram(name))
+    }
+
+    /// One of the node-local socket programs (`lb_common::PROG_SOCK`), by name.
+    pub fn sock(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr> {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(LoaderError::MissingProgram(name))
+    }
+
+    /// Pin `link` at `path` and keep it open while this value lives. A link an
+    /// earlier process pinned there stays attached through its handle until the
+    /// new one is pinned in its place, and is released then.
+    pub fn pin_link(&mut self, link: FdLink, path: &Path) -> Result<(), BoxError> {
+        let old = match PinnedLink::from_pin(path) {
+            Ok(old) => {
+                std::fs::remove_file(path)?;
+                Some(old)
+            }
+            Err(_) => None,
+        };
+        self.pinned_links.push(link.pin(path)?);
+        drop(old);
+        Ok(())
     }
 
     /// Attach the balancer to `interface` (in the calling thread's namespace) and
@@ -278,23 +409,17 @@ impl Datapath {
     /// It sets `net.ipv4.conf.<interface>.accept_local`: packets the datapath hands to
     /// the stack after rewriting (a FIB or neighbour miss, a VLAN tag) carry the
     /// node's own SNAT address as their source, which the stack otherwise drops as
-    /// martian, and with it the chance to resolve the neighbour. And it adds the
-    /// interface to the redirect targets from this same thread, so that the index is
-    /// resolved in the namespace the program is attached in (see
-    /// [`Datapath::add_tx_port`]).
+    /// martian, and with it the chance to resolve the neighbour. The interface
+    /// becomes a redirect target when the controller next applies the config that
+    /// names it (`TX_PORTS`, see `crate::controller`).
     pub fn attach(
         &mut self,
         interface: &str,
         mode: AttachMode,
         pin_dir: Option<&Path>,
     ) -> Result<XdpMode> {
-        let c_name =
-            CString::new(interface).map_err(|_| LoaderError::NoInterface(interface.to_owned()))?;
-        // SAFETY: `c_name` is a valid NUL-terminated string for the call's duration.
-        let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-        if ifindex == 0 {
-            return Err(LoaderError::NoInterface(interface.to_owned()));
-        }
+        let ifindex =
+            ifindex(interface).ok_or_else(|| LoaderError::NoInterface(interface.to_owned()))?;
         let sysctl = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{interface}/accept_local"));
         std::fs::write(&sysctl, "1").map_err(|source| LoaderError::Sysctl {
             path: sysctl,
@@ -302,12 +427,12 @@ impl Datapath {
         })?;
         let link_pin = pin_dir.map(|d| d.join(format!("link-{interface}")));
         let adopted = match &link_pin {
-            Some(path) if path.exists() => match self.adopt(path) {
+            Some(path) if path.exists() => match self.adopt(path, ifindex) {
                 Ok(m) => Some(m),
                 // A link whose interface went away and came back is defunct: drop
                 // its pin and attach afresh rather than refuse to start.
                 Err(e) => {
-                    tracing::warn!(interface, pin = %path.display(), "cannot adopt the pinned link, attaching afresh: {e}");
+                    warn!(interface, pin = %path.display(), "cannot adopt the pinned link, attaching afresh: {e}");
                     std::fs::remove_file(path).map_err(|source| LoaderError::Remove {
                         path: path.clone(),
                         source,
@@ -317,17 +442,16 @@ impl Datapath {
             },
             _ => None,
         };
-        let used = match adopted {
-            Some(m) => m,
-            None => self.attach_new(interface, ifindex, mode, link_pin.as_deref())?,
-        };
-        self.add_tx_port(ifindex)?;
-        Ok(used)
+        match adopted {
+            Some(m) => Ok(m),
+            None => self.attach_new(interface, ifindex, mode, link_pin.as_deref()),
+        }
     }
 
-    /// Swap this program into the pinned link at `path`.
-    fn adopt(&mut self, path: &Path) -> Result<XdpMode> {
-        let adopt_err = |e: Box<dyn std::error::Error + Send + Sync>| LoaderError::Adopt {
+    /// Swap this program into the pinned link at `path`, attached to `ifindex`, and
+    /// return the link's mode, fixed when it was created (`bpf_link_update` keeps it).
+    fn adopt(&mut self, path: &Path, ifindex: u32) -> Result<XdpMode> {
+        let adopt_err = |e: BoxError| LoaderError::Adopt {
             path: path.to_owned(),
             source: e,
         };
@@ -336,8 +460,16 @@ impl Datapath {
         self.xdp(PROG_XDP)?
             .attach_to_link(link)
             .map_err(|e| adopt_err(Box::new(e)))?;
-        // The mode is the link's, fixed when it was created; bpf_link_update keeps it.
-        Ok(XdpMode::Default)
+        // Asked of the interface, which the link does not record. Should netlink not
+        // answer, `Default` says "the link's own mode, unknown" as it did before.
+        Ok(match xdp_mode::attached(ifindex) {
+            Ok(Some(mode)) => mode,
+            Ok(None) => XdpMode::Default,
+            Err(e) => {
+                warn!(ifindex, "cannot read the adopted link's XDP mode: {e}");
+                XdpMode::Default
+            }
+        })
     }
 
     fn attach_new(
@@ -376,18 +508,26 @@ impl Datapath {
             (None, None) => unreachable!("at least one mode is tried"),
         };
         if let Some(path) = pin {
-            let pin_err = |e: Box<dyn std::error::Error + Send + Sync>| LoaderError::PinLink {
+            let pin_err = |e: BoxError| LoaderError::PinLink {
                 interface: interface.to_owned(),
                 path: path.to_owned(),
                 source: e,
             };
             let link = prog.take_link(id).map_err(|e| pin_err(Box::new(e)))?;
             let fd = FdLink::try_from(link).map_err(|e| pin_err(Box::new(e)))?;
-            self.pinned_links
-                .push(fd.pin(path).map_err(|e| pin_err(Box::new(e)))?);
+            self.pin_link(fd, path).map_err(pin_err)?;
         }
         Ok(used)
     }
+}
+
+/// The index of `interface` in the calling thread's network namespace, if it
+/// exists there.
+pub(crate) fn ifindex(interface: &str) -> Option<u32> {
+    let c_name = CString::new(interface).ok()?;
+    // SAFETY: `c_name` is a valid NUL-terminated string for the call's duration.
+    let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    (ifindex != 0).then_some(ifindex)
 }
 
 /// Refuse a pinned map whose sizes differ from what this apilb expects.

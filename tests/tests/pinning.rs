@@ -20,7 +20,7 @@ fn a_pinned_datapath_keeps_an_open_connection_working_across_controller_restarts
     let first = t.balancer(Some(&pins.0));
     let mut watch = Client::connect(&t.client).expect("connect through the first controller");
     let before = watch.ask().expect("answer before the restart");
-    assert!(first.counters().expect("counters").get(FLOW_NEW) == 1);
+    assert!(first.dp.counters().expect("counters").get(FLOW_NEW) == 1);
     // The controller goes away (as on SIGKILL: its descriptors close).
     drop(first);
     assert!(t.lb_has_xdp(), "the pinned link stays attached");
@@ -33,14 +33,14 @@ fn a_pinned_datapath_keeps_an_open_connection_working_across_controller_restarts
     // A new controller adopts the pins: the same maps (the open flow is still there)
     // and its own program swapped into the links.
     let second = t.balancer(Some(&pins.0));
-    let flows = second.flows().expect("flows");
+    let flows = second.dp.flows().expect("flows");
     assert_eq!(
         flows.len(),
         1,
         "the new process sees the flow the old one recorded"
     );
     assert_eq!(
-        second.counters().expect("counters").get(FLOW_NEW),
+        second.dp.counters().expect("counters").get(FLOW_NEW),
         1,
         "and its counters"
     );
@@ -52,7 +52,7 @@ fn a_pinned_datapath_keeps_an_open_connection_working_across_controller_restarts
             .expect("answer on the new connection")
             .contains(&format!(" saw {SNAT}:"))
     );
-    assert_eq!(second.counters().expect("counters").get(FLOW_NEW), 2);
+    assert_eq!(second.dp.counters().expect("counters").get(FLOW_NEW), 2);
     drop((watch, fresh));
     let _ = server.stop();
 

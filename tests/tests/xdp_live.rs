@@ -27,7 +27,8 @@ fn tcp_connections_through_the_attached_datapath_reach_the_master_via_nat() {
             ..Shape::default()
         },
     );
-    let dp = t.balancer(None);
+    let balancer = t.balancer(None);
+    let dp = &balancer.dp;
     let v = t.lb().exec(
         "sysctl",
         &["-n", &format!("net.ipv4.conf.{LB_DEV}.accept_local")],
