@@ -546,7 +546,8 @@ pub(crate) fn map_data(map: &Map) -> &MapData {
         | Map::HashMap(d)
         | Map::LruHashMap(d)
         | Map::PerCpuArray(d)
-        | Map::DevMapHash(d) => d,
+        | Map::DevMapHash(d)
+        | Map::RingBuf(d) => d,
         other => panic!("lb-ebpf defines no map of type {other:?}"),
     }
 }

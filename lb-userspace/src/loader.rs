@@ -36,10 +36,8 @@ use aya::{
     },
 };
 use lb_common::{
-    ALL_MAPS, Backend, DatapathConfig, FlowKey, FlowState, LAYOUT_VERSION, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_MAGLEV, MAP_PORT_CURSOR, MAP_REPLIES,
-    MAP_VIP_STATS, MAP_VIPS, PROG_SOCK, PROG_XDP, PROG_XDP_DROP, ReplyState, TrafficStats, VipInfo,
-    VipKey,
+    LAYOUT_VERSION, MAP_FLOWS, MAP_REPLIES, PROG_SOCK, PROG_XDP, PROG_XDP_DROP,
+    maps::{MAPS, MapSpec},
 };
 use tracing::{error, info, warn};
 
@@ -94,14 +92,14 @@ pub enum LoaderError {
         source: io::Error,
     },
     #[error(
-        "pinned map {path} has key/value/entries {found:?} but this apilb expects {expected:?}; \
-         the layout changed without a LAYOUT_VERSION bump, or flow_table_size changed: \
-         run `apilb detach` to start afresh"
+        "pinned map {path} has type/key/value/entries {found:?} but this apilb expects \
+         {expected:?}; the layout changed without a LAYOUT_VERSION bump, or \
+         flow_table_size changed: run `apilb detach` to start afresh"
     )]
     Layout {
         path: PathBuf,
-        found: (u32, u32, u32),
-        expected: (u32, u32, u32),
+        found: Shape,
+        expected: Shape,
     },
     #[error("interface {0:?} does not exist")]
     NoInterface(String),
@@ -318,29 +316,26 @@ impl Programs {
         loader
             .map_max_entries(MAP_FLOWS, opts.flow_table_size)
             .map_max_entries(MAP_REPLIES, opts.flow_table_size);
-        let pins: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
+        let pins: Vec<(&'static MapSpec, PathBuf)> = match &opts.pin_dir {
             Some(dir) => {
                 let maps = maps_dir(dir);
                 std::fs::create_dir_all(&maps).map_err(|source| LoaderError::PinDir {
                     path: maps.clone(),
                     source,
                 })?;
-                ALL_MAPS
-                    .iter()
-                    .map(|&name| (name, maps.join(name)))
-                    .collect()
+                MAPS.iter().map(|m| (m, maps.join(m.name))).collect()
             }
             None => Vec::new(),
         };
-        for (name, path) in &pins {
-            loader.map_pin_path(name, path);
+        for (spec, path) in &pins {
+            loader.map_pin_path(spec.name, path);
         }
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| too_old(LoaderError::Load(e)))?;
         let dp = Datapath::take_maps(&mut ebpf)?;
-        for (name, path) in &pins {
-            check_layout(dp.map(name)?, name, path, opts.flow_table_size)?;
+        for (spec, path) in &pins {
+            check_layout(dp.map(spec.name)?, spec, path, opts.flow_table_size)?;
         }
         let mut programs = Self {
             ebpf,
@@ -530,45 +525,39 @@ pub(crate) fn ifindex(interface: &str) -> Option<u32> {
     (ifindex != 0).then_some(ifindex)
 }
 
-/// Refuse a pinned map whose sizes differ from what this apilb expects.
-fn check_layout(map: &Map, name: &'static str, path: &Path, flow_table_size: u32) -> Result<()> {
-    let expected = match name {
-        MAP_VIPS => (
-            size_of::<VipKey>(),
-            size_of::<VipInfo>(),
-            lb_common::MAX_VIPS,
-        ),
-        MAP_BACKENDS => (4, size_of::<Backend>(), lb_common::MAX_BACKENDS),
-        MAP_MAGLEV => (4, 4, lb_common::MAGLEV_ENTRIES),
-        MAP_FLOWS => (
-            size_of::<FlowKey>(),
-            size_of::<FlowState>(),
-            flow_table_size,
-        ),
-        MAP_REPLIES => (
-            size_of::<FlowKey>(),
-            size_of::<ReplyState>(),
-            flow_table_size,
-        ),
-        MAP_CONFIG => (4, size_of::<DatapathConfig>(), 1),
-        MAP_COUNTERS => (4, 8, lb_common::COUNTER_COUNT),
-        MAP_VIP_STATS => (4, size_of::<TrafficStats>(), lb_common::MAX_VIPS),
-        MAP_BACKEND_STATS => (4, size_of::<TrafficStats>(), lb_common::MAX_BACKENDS),
-        MAP_PORT_CURSOR => (4, 4, 1),
-        // The devmap's value size and the kernel-private scratch slot are not part of
-        // the shared layout.
-        _ => return Ok(()),
+/// A map's shape as `bpf_map_info` reports it: (`BPF_MAP_TYPE_*`, key size,
+/// value size, entries).
+type Shape = (u32, u32, u32, u32);
+
+/// Refuse a pinned map whose shape differs from its entry in the table of maps
+/// (`lb_common::maps::MAPS`): its type, key size, value size and entries, the flow
+/// tables' entries being `flow_table_size`. Every map is checked, and all of that
+/// but one value size: `SCRATCH`'s, which the table leaves out
+/// (`MapSpec::value_size` is `None`) because it is private to the kernel object; a
+/// pin too small for it fails the verifier at load instead.
+fn check_layout(map: &Map, spec: &MapSpec, path: &Path, flow_table_size: u32) -> Result<()> {
+    let map_err = |source| DatapathError::Map {
+        map: spec.name,
+        source,
     };
-    let expected = (
-        u32::try_from(expected.0).unwrap_or(u32::MAX),
-        u32::try_from(expected.1).unwrap_or(u32::MAX),
-        expected.2,
+    let info = crate::datapath::map_data(map).info().map_err(map_err)?;
+    // aya's `MapType` carries the kernel's numbers, as the table's does.
+    let found: Shape = (
+        info.map_type().map_err(map_err)? as u32,
+        info.key_size(),
+        info.value_size(),
+        info.max_entries(),
     );
-    let data = crate::datapath::map_data(map);
-    let info = data
-        .info()
-        .map_err(|source| DatapathError::Map { map: name, source })?;
-    let found = (info.key_size(), info.value_size(), info.max_entries());
+    let expected: Shape = (
+        spec.map_type as u32,
+        spec.key_size,
+        spec.value_size.unwrap_or(found.2),
+        if spec.flow_table_sized {
+            flow_table_size
+        } else {
+            spec.max_entries
+        },
+    );
     if found == expected {
         Ok(())
     } else {

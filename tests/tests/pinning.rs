@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use lb_common::counters::FLOW_NEW;
+use lb_common::{FlowKey, FlowState, LAYOUT_VERSION, MAP_FLOWS, counters::FLOW_NEW};
+use lb_userspace::loader::{LoadOptions, Programs};
 use tests::{
     cluster::{MASTERS, SNAT, Topology},
     live::{Client, EchoServer, PinDir},
@@ -64,4 +65,36 @@ fn a_pinned_datapath_keeps_an_open_connection_working_across_controller_restarts
     );
     assert!(!pins.0.exists(), "the pin directory is gone");
     assert!(!t.lb_has_xdp(), "detach took the program off the interface");
+}
+
+#[test]
+fn pinned_maps_of_another_shape_are_refused_naming_the_map_and_both_shapes() {
+    let pins = PinDir::new("test-layout");
+    let load = |flow_table_size| {
+        Programs::load(&LoadOptions {
+            flow_table_size,
+            pin_dir: Some(pins.0.clone()),
+        })
+    };
+    drop(load(1024).expect("first load pins the maps"));
+    let again = load(1024).map(drop);
+    assert!(again.is_ok(), "the same shape is reused: {again:?}");
+    let Err(e) = load(2048).map(drop) else {
+        panic!("a FLOWS of another size was reused")
+    };
+    let flows = pins
+        .0
+        .join(format!("maps-v{LAYOUT_VERSION}"))
+        .join(MAP_FLOWS);
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "pinned map {} has type/key/value/entries (9, {key}, {value}, 1024) but this apilb \
+             expects (9, {key}, {value}, 2048); the layout changed without a LAYOUT_VERSION bump, \
+             or flow_table_size changed: run `apilb detach` to start afresh",
+            flows.display(),
+            key = size_of::<FlowKey>(),
+            value = size_of::<FlowState>(),
+        )
+    );
 }
