@@ -1,5 +1,6 @@
 //! `xdp_mode`: native refuses a device without driver XDP, auto falls back to
-//! generic there and says which mode it used. A bridge has no native XDP. Root.
+//! generic there and says which mode it used, and a process that adopts a pinned
+//! link says the mode that link runs in. A bridge has no native XDP. Root.
 
 use lb_userspace::loader::{AttachMode, AttachedMode, LoadOptions, Programs};
 use tests::{live::PinDir, netns::Netns};

@@ -1,7 +1,8 @@
 //! The datapath outlives its controller: maps and links pinned in bpffs keep
 //! traffic flowing while no process holds them, a new process adopts them
 //! (reusing the maps, flows included, and swapping its program into the links),
-//! and `detach` removes it all. Real frames in the `tests::cluster` topology; root.
+//! and `detach` removes it all; pinned maps of another shape are refused, not
+//! reused. Real frames in the `tests::cluster` topology; root.
 
 use std::time::Duration;
 
