@@ -17,6 +17,7 @@
 
 pub mod counters;
 pub mod hash;
+pub mod maps;
 
 pub use counters::*;
 pub use hash::flow_hash;
@@ -27,45 +28,35 @@ pub const AF_INET6: u8 = 10;
 /// The only L4 protocol the balancer handles.
 pub const IPPROTO_TCP: u8 = 6;
 
-// ---- Map names: the `#[map]` statics in lb-ebpf carry exactly these identifiers. ----
-pub const MAP_VIPS: &str = "VIPS";
-pub const MAP_BACKENDS: &str = "BACKENDS";
-pub const MAP_MAGLEV: &str = "MAGLEV";
-pub const MAP_FLOWS: &str = "FLOWS";
-pub const MAP_REPLIES: &str = "REPLIES";
-pub const MAP_CONFIG: &str = "CONFIG";
-pub const MAP_COUNTERS: &str = "COUNTERS";
-pub const MAP_VIP_STATS: &str = "VIP_STATS";
-pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
-pub const MAP_TX_PORTS: &str = "TX_PORTS";
-pub const MAP_PORT_CURSOR: &str = "PORT_CURSOR";
+// ---- Map names, for userspace: each is its map's name in the table of maps (`maps`). ----
+pub const MAP_VIPS: &str = maps::VIPS.name;
+pub const MAP_BACKENDS: &str = maps::BACKENDS.name;
+pub const MAP_MAGLEV: &str = maps::MAGLEV.name;
+pub const MAP_FLOWS: &str = maps::FLOWS.name;
+pub const MAP_REPLIES: &str = maps::REPLIES.name;
+pub const MAP_CONFIG: &str = maps::CONFIG.name;
+pub const MAP_COUNTERS: &str = maps::COUNTERS.name;
+pub const MAP_VIP_STATS: &str = maps::VIP_STATS.name;
+pub const MAP_BACKEND_STATS: &str = maps::BACKEND_STATS.name;
+pub const MAP_TX_PORTS: &str = maps::TX_PORTS.name;
+pub const MAP_PORT_CURSOR: &str = maps::PORT_CURSOR.name;
 /// Kernel-private per-CPU scratch space; userspace never reads or writes it.
-pub const MAP_SCRATCH: &str = "SCRATCH";
-pub const MAP_PASSIVE_STATS: &str = "PASSIVE_STATS";
-pub const MAP_PASSIVE_EVENTS: &str = "PASSIVE_EVENTS";
-pub const MAP_PASSIVE_STATE: &str = "PASSIVE_STATE";
-pub const MAP_SOCK_ORIG: &str = "SOCK_ORIG";
-pub const MAP_LOCAL_STATS: &str = "LOCAL_STATS";
-/// Every map the datapath object defines, for pinning and for the loader's checks.
-pub const ALL_MAPS: [&str; 17] = [
-    MAP_VIPS,
-    MAP_BACKENDS,
-    MAP_MAGLEV,
-    MAP_FLOWS,
-    MAP_REPLIES,
-    MAP_CONFIG,
-    MAP_COUNTERS,
-    MAP_VIP_STATS,
-    MAP_BACKEND_STATS,
-    MAP_TX_PORTS,
-    MAP_PORT_CURSOR,
-    MAP_SCRATCH,
-    MAP_PASSIVE_STATS,
-    MAP_PASSIVE_EVENTS,
-    MAP_PASSIVE_STATE,
-    MAP_SOCK_ORIG,
-    MAP_LOCAL_STATS,
-];
+pub const MAP_SCRATCH: &str = maps::SCRATCH.name;
+pub const MAP_PASSIVE_STATS: &str = maps::PASSIVE_STATS.name;
+pub const MAP_PASSIVE_EVENTS: &str = maps::PASSIVE_EVENTS.name;
+pub const MAP_PASSIVE_STATE: &str = maps::PASSIVE_STATE.name;
+pub const MAP_SOCK_ORIG: &str = maps::SOCK_ORIG.name;
+pub const MAP_LOCAL_STATS: &str = maps::LOCAL_STATS.name;
+/// Every map the datapath object defines, by name, in the order of [`maps::MAPS`].
+pub const ALL_MAPS: [&str; maps::MAPS.len()] = {
+    let mut names = [""; maps::MAPS.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = maps::MAPS[i].name;
+        i += 1;
+    }
+    names
+};
 
 /// Version of the map layout: the types below, the map set and their sizes. Bump
 /// it with any change to them. Pinned maps live in a directory named after it, so
@@ -97,7 +88,8 @@ pub const MAGLEV_SIZE_DEFAULT: u32 = 65_537;
 pub const MAGLEV_SIZE_MAX: u32 = 65_537;
 /// Entries in the `MAGLEV` array: one ring per VIP, VIP `v` at `v * MAGLEV_SIZE_MAX`.
 pub const MAGLEV_ENTRIES: u32 = MAX_VIPS * MAGLEV_SIZE_MAX;
-/// Default size of both LRU flow tables (client side and reply side).
+/// Default size of both LRU flow tables (client side and reply side); the loader
+/// sets the real one (`maps::MapSpec::flow_table_sized`).
 pub const FLOW_TABLE_SIZE: u32 = 131_072;
 /// Interfaces the datapath can redirect to.
 pub const MAX_TX_PORTS: u32 = 64;

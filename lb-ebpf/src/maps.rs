@@ -1,62 +1,62 @@
-//! The datapath's maps. Each static's identifier is its map name and must equal the
-//! `MAP_*` constant in lb-common: the loader opens every map by that constant, so a
-//! mismatch fails loudly at load time.
+//! The datapath's maps, and the helpers that bump its counters.
+//!
+//! Each static is built from its spec in `lb_common::maps` (kind, sizes, entries),
+//! and its identifier is the spec's name: the loader opens every map by that name,
+//! so a mismatch fails loudly at load time.
 
 use aya_ebpf::{
+    bindings::bpf_devmap_val,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    Backend, COUNTER_COUNT, DatapathConfig, FLOW_TABLE_SIZE, FlowKey, FlowState, MAGLEV_ENTRIES,
-    MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, PASSIVE_EVENT_GAP_NS, PASSIVE_EVENTS_BYTES,
-    PASSIVE_KIND_ICMP, PASSIVE_KIND_RST, PassiveEvent, PassiveState, PassiveStats, ReplyState,
-    SockOrig, TrafficStats, VipInfo, VipKey,
+    Backend, DatapathConfig, FlowKey, FlowState, PASSIVE_EVENT_GAP_NS, PASSIVE_KIND_ICMP,
+    PASSIVE_KIND_RST, PassiveEvent, PassiveState, PassiveStats, ReplyState, SockOrig, TrafficStats,
+    VipInfo, VipKey,
+    maps::{self as specs, MapSpec, MapType},
 };
 
 #[map]
-pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
+pub static VIPS: HashMap<VipKey, VipInfo> = hash(&specs::VIPS);
 #[map]
-pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+pub static BACKENDS: Array<Backend> = array(&specs::BACKENDS);
 /// Backend ids, one ring of `MAGLEV_SIZE_MAX` slots per VIP id.
 #[map]
-pub static MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_ENTRIES, 0);
+pub static MAGLEV: Array<u32> = array(&specs::MAGLEV);
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+pub static FLOWS: LruHashMap<FlowKey, FlowState> = lru_hash(&specs::FLOWS);
 #[map]
-pub static REPLIES: LruHashMap<FlowKey, ReplyState> =
-    LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+pub static REPLIES: LruHashMap<FlowKey, ReplyState> = lru_hash(&specs::REPLIES);
 #[map]
-pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+pub static CONFIG: Array<DatapathConfig> = array(&specs::CONFIG);
 #[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+pub static COUNTERS: PerCpuArray<u64> = per_cpu_array(&specs::COUNTERS);
 #[map]
-pub static VIP_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+pub static VIP_STATS: PerCpuArray<TrafficStats> = per_cpu_array(&specs::VIP_STATS);
 #[map]
-pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
-    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static BACKEND_STATS: PerCpuArray<TrafficStats> = per_cpu_array(&specs::BACKEND_STATS);
 /// Per backend id: failures seen on the wire (passive detection).
 #[map]
-pub static PASSIVE_STATS: PerCpuArray<PassiveStats> =
-    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static PASSIVE_STATS: PerCpuArray<PassiveStats> = per_cpu_array(&specs::PASSIVE_STATS);
 /// Passive failures for the controller, at most one per backend per
 /// `PASSIVE_EVENT_GAP_NS`.
 #[map]
-pub static PASSIVE_EVENTS: RingBuf = RingBuf::with_byte_size(PASSIVE_EVENTS_BYTES, 0);
+pub static PASSIVE_EVENTS: RingBuf = ring_buf(&specs::PASSIVE_EVENTS);
 /// Per backend id: failures in a row, and when its last `PassiveEvent` was sent.
 #[map]
-pub static PASSIVE_STATE: Array<PassiveState> = Array::with_max_entries(MAX_BACKENDS, 0);
+pub static PASSIVE_STATE: Array<PassiveState> = array(&specs::PASSIVE_STATE);
 /// Per socket cookie: the address a node-local socket asked for (see `sock`).
 #[map]
-pub static SOCK_ORIG: LruHashMap<u64, SockOrig> = LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+pub static SOCK_ORIG: LruHashMap<u64, SockOrig> = lru_hash(&specs::SOCK_ORIG);
 /// Per backend id: node-local connects sent to it.
 #[map]
-pub static LOCAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static LOCAL_STATS: PerCpuArray<u64> = per_cpu_array(&specs::LOCAL_STATS);
 /// Interfaces (by ifindex) that rewritten packets may be redirected to.
 #[map]
-pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+pub static TX_PORTS: DevMapHash = dev_map_hash(&specs::TX_PORTS);
 /// Per-CPU cursor into the NAT source-port range; userspace staggers the start points.
 #[map]
-pub static PORT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+pub static PORT_CURSOR: PerCpuArray<u32> = per_cpu_array(&specs::PORT_CURSOR);
 
 /// The new-flow path's large temporaries. They live in a per-CPU map because the
 /// 512-byte BPF stack is shared by the whole call chain and the hot path needs most
@@ -75,7 +75,53 @@ pub struct Scratch {
 }
 
 #[map]
-pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: PerCpuArray<Scratch> = per_cpu_array(&specs::SCRATCH);
+
+// Each map is built from its spec in `lb_common::maps`, by the constructor of its
+// kind, which checks at compile time that the spec's type and sizes are those of the
+// static's key and value types: a static and its spec cannot disagree.
+
+/// Whether a map of `map_type` with key `K` and value `V` is what `spec` says.
+/// A spec without a value size (`SCRATCH`) leaves the value unchecked.
+const fn fits<K, V>(spec: &MapSpec, map_type: MapType) -> bool {
+    spec.map_type as u32 == map_type as u32
+        && spec.key_size as usize == size_of::<K>()
+        && match spec.value_size {
+            Some(v) => v as usize == size_of::<V>(),
+            None => true,
+        }
+}
+
+const fn hash<K, V>(spec: &MapSpec) -> HashMap<K, V> {
+    assert!(fits::<K, V>(spec, MapType::Hash));
+    HashMap::with_max_entries(spec.max_entries, 0)
+}
+
+const fn lru_hash<K, V>(spec: &MapSpec) -> LruHashMap<K, V> {
+    assert!(fits::<K, V>(spec, MapType::LruHash));
+    LruHashMap::with_max_entries(spec.max_entries, 0)
+}
+
+const fn array<V>(spec: &MapSpec) -> Array<V> {
+    assert!(fits::<u32, V>(spec, MapType::Array));
+    Array::with_max_entries(spec.max_entries, 0)
+}
+
+const fn per_cpu_array<V>(spec: &MapSpec) -> PerCpuArray<V> {
+    assert!(fits::<u32, V>(spec, MapType::PerCpuArray));
+    PerCpuArray::with_max_entries(spec.max_entries, 0)
+}
+
+const fn dev_map_hash(spec: &MapSpec) -> DevMapHash {
+    assert!(fits::<u32, bpf_devmap_val>(spec, MapType::DevMapHash));
+    DevMapHash::with_max_entries(spec.max_entries, 0)
+}
+
+/// A ring buffer's key and value are empty; its entry count is its size in bytes.
+const fn ring_buf(spec: &MapSpec) -> RingBuf {
+    assert!(fits::<(), ()>(spec, MapType::RingBuf));
+    RingBuf::with_byte_size(spec.max_entries, 0)
+}
 
 /// Add one to a counter from `lb_common::counters`.
 #[inline(always)]

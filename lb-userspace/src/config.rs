@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 use crate::{
     health::{ProbeKind, ProbeSpec, TlsSpec, Trust},
+    loader::AttachMode,
     maglev::is_prime,
     passive::PassiveSettings,
 };
@@ -90,7 +91,7 @@ struct RawConfig {
 struct RawDatapath {
     interfaces: Vec<String>,
     #[serde(default)]
-    xdp_mode: XdpModeSetting,
+    xdp_mode: AttachMode,
     #[serde(default = "default_mode")]
     mode: String,
     snat_ipv4: Option<String>,
@@ -266,17 +267,6 @@ fn default_listen() -> String {
 
 // ---- The validated configuration. ----
 
-/// How to attach XDP.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpModeSetting {
-    /// Native (driver) mode, falling back to generic where the driver lacks it.
-    #[default]
-    Auto,
-    Native,
-    Generic,
-}
-
 /// `health.kind` as written.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -306,7 +296,7 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq)]
 pub struct DatapathSettings {
     pub interfaces: Vec<String>,
-    pub xdp_mode: XdpModeSetting,
+    pub xdp_mode: AttachMode,
     pub snat_v4: Option<Ipv4Addr>,
     pub snat_v6: Option<Ipv6Addr>,
     pub nat_ports: RangeInclusive<u16>,

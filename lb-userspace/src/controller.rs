@@ -5,7 +5,8 @@
 //! ids, and each VIP's Maglev ring. [`Reconciler::apply`] converges the datapath to
 //! it with the fewest writes: only changed entries, only the ring slots that moved,
 //! and flow removal only for backends that are down or gone. The controller is the
-//! only writer of the maps, and this is the only place it writes them.
+//! only writer of the maps, and this is the only place it writes them: the redirect
+//! targets (`TX_PORTS`) included.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -25,12 +26,17 @@ use crate::{
 pub enum ControllerError {
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error("interface {0:?} does not exist in this network namespace")]
+    NoInterface(String),
 }
 
 /// What the maps should hold.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Desired {
     pub node: NodeConfig,
+    /// The interfaces rewritten packets may be redirected out of
+    /// (`datapath.interfaces`, the ones the balancer is attached to).
+    pub tx_interfaces: Vec<String>,
     /// Backend id -> backend.
     pub backends: BTreeMap<u32, BackendSettings>,
     /// Per VIP: the VIP and its Maglev ring (one backend id per slot).
@@ -231,6 +237,7 @@ impl Reconciler {
         };
         Desired {
             node,
+            tx_interfaces: config.datapath.interfaces.clone(),
             backends,
             aliases: aliases(config, &vips),
             vips,
@@ -285,6 +292,16 @@ impl Reconciler {
         let old = self.current.as_ref();
         if old.is_none_or(|o| o.node != desired.node) {
             dp.set_node_config(&desired.node)?;
+        }
+        // The kernel resolves a redirect target's index in the writing thread's
+        // namespace, so the index is looked up here, just before the write: the
+        // daemon reconciles in the namespace it attached the interfaces in.
+        if old.is_none_or(|o| o.tx_interfaces != desired.tx_interfaces) {
+            for name in &desired.tx_interfaces {
+                let ifindex = crate::loader::ifindex(name)
+                    .ok_or_else(|| ControllerError::NoInterface(name.clone()))?;
+                dp.add_tx_port(ifindex)?;
+            }
         }
         // Backends first: one leaving rotation is marked before the rings are
         // rewritten without it, so new flows meanwhile take the fallback.

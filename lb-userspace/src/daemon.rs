@@ -9,12 +9,7 @@
 //! `passive`, the snapshot in `status`, bring-up in `loader`, reload rules in
 //! `config`, the map contents in `controller`.
 
-use std::{
-    collections::HashSet,
-    net::IpAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::HashSet, net::IpAddr, path::PathBuf, time::Duration};
 
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -23,12 +18,12 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, ConfigError, XdpModeSetting},
+    config::{Config, ConfigError},
     controller::{Applied, ControllerError, Reconciler},
     datapath::Datapath,
     events::EventLog,
     health::{HealthError, Probes},
-    loader::{self, AttachMode, LoadOptions, LoaderError},
+    loader::{self, LoaderError},
     ownership::{Owners, Reconcile, Step},
     passive::{self, PassiveKind},
     status::{SharedSnapshot, Snapshot, Sources},
@@ -192,89 +187,6 @@ impl Core {
     }
 }
 
-fn attach_mode(m: XdpModeSetting) -> AttachMode {
-    match m {
-        XdpModeSetting::Auto => AttachMode::Auto,
-        XdpModeSetting::Native => AttachMode::Native,
-        XdpModeSetting::Generic => AttachMode::Generic,
-    }
-}
-
-/// Load (or adopt) and attach the datapath for `config`.
-fn start_datapath(config: &Config) -> Result<Datapath, LoaderError> {
-    if loader::ensure_bpffs(Path::new(loader::BPFFS))? {
-        info!(path = loader::BPFFS, "bpffs was not mounted; mounted it");
-    }
-    // Without forwarding the FIB refuses every rewritten packet and so does the
-    // stack: the VIP would be dead. Nodes running Kubernetes have it on; say so
-    // loudly rather than change how the node routes.
-    for (family, path, needed) in [
-        (
-            "IPv4",
-            "/proc/sys/net/ipv4/ip_forward",
-            !config.vips.iter().all(|v| v.addr.is_ipv6()),
-        ),
-        (
-            "IPv6",
-            "/proc/sys/net/ipv6/conf/all/forwarding",
-            config.vips.iter().any(|v| v.addr.is_ipv6()),
-        ),
-    ] {
-        if needed && std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "0") {
-            error!(
-                path,
-                "{family} forwarding is off: the datapath cannot forward to the masters until it is on"
-            );
-        }
-    }
-    let ports = &config.datapath.nat_ports;
-    if loader::reserve_ports(*ports.start(), *ports.end())? {
-        info!(ports = ?ports, "reserved the NAT ports from the node's own sockets (net.ipv4.ip_local_reserved_ports)");
-    }
-    let pin = loader::pin_dir(&config.instance);
-    let adopting = loader::pinned_maps_exist(&pin);
-    let mut dp = Datapath::load(&LoadOptions {
-        flow_table_size: config.datapath.flow_table_size,
-        pin_dir: Some(pin.clone()),
-    })?;
-    for iface in &config.datapath.interfaces {
-        let mode = dp.attach(iface, attach_mode(config.datapath.xdp_mode), Some(&pin))?;
-        if adopting {
-            info!(interface = %iface, pins = %pin.display(), "adopted the pinned datapath: maps and flows kept, program swapped in place");
-        } else {
-            info!(interface = %iface, ?mode, pins = %pin.display(), "XDP attached");
-        }
-    }
-    for stale in loader::remove_stale_pins(&pin, &config.datapath.interfaces)? {
-        info!(pin = %stale.display(), "removed a pin the configuration no longer uses");
-    }
-    Ok(dp)
-}
-
-/// Attach the socket programs of node-local mode if it is on, or release those
-/// an earlier run left attached if it is off.
-fn start_node_local(
-    config: &Config,
-    dp: &mut Datapath,
-    reconciler: &mut Reconciler,
-) -> Result<(), crate::socklb::SockLbError> {
-    let pin = loader::pin_dir(&config.instance);
-    if !config.local.enabled {
-        for stale in crate::socklb::detach(&pin)? {
-            info!(pin = %stale.display(), "node-local mode is off: released its socket programs");
-        }
-        return Ok(());
-    }
-    let cgroup = match &config.local.cgroup {
-        Some(c) => c.clone(),
-        None => crate::socklb::cgroup_root()?,
-    };
-    crate::socklb::attach(dp, &cgroup, &pin)?;
-    reconciler.set_netns_cookie(crate::socklb::netns_cookie()?);
-    info!(cgroup = %cgroup.display(), "node-local mode: this node's connects to the VIPs are balanced");
-    Ok(())
-}
-
 /// Run until SIGTERM or SIGINT, serving the admin endpoint.
 pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
     let config = Config::load(&opts.config_path)?;
@@ -289,9 +201,9 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
     let admin = tokio::spawn(crate::admin::serve(listener, snapshot.clone(), async {
         let _ = admin_stopped.await;
     }));
-    let mut dp = start_datapath(&config)?;
+    let (mut programs, mut dp) = loader::start(&config)?;
     let mut reconciler = Reconciler::new();
-    start_node_local(&config, &mut dp, &mut reconciler)?;
+    crate::socklb::start(&config, &mut programs, &mut reconciler)?;
     let (passive_tx, mut passive_rx) = mpsc::channel(256);
     let _passive_reader = passive::spawn(dp.take_passive_events()?, passive_tx)
         .map_err(DaemonError::PassiveEvents)?;
@@ -353,6 +265,7 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
         }
     }
     drop(core);
+    drop(programs);
     let _ = stop_admin.send(());
     if let Ok(Err(e)) = admin.await {
         warn!("admin endpoint: {e}");

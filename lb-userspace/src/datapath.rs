@@ -1,10 +1,14 @@
-//! The map writer: the one typed API through which apilb changes the XDP datapath.
+//! The map reader and writer: the one typed API through which apilb reads and
+//! changes the XDP datapath's maps.
 //!
-//! The controller and the tests both go through [`Datapath`]; nothing else opens a
-//! map for writing. It speaks in `SocketAddr`s and ids and converts to the
-//! `lb_common` layouts here, so byte order is handled in exactly one place.
+//! [`Datapath`] holds the maps, taken out of the loaded object by `crate::loader`,
+//! which keeps the programs. The controller (`crate::controller`) is the only code
+//! that writes through it; everything else reads. It speaks in `SocketAddr`s and ids
+//! and converts to the `lb_common` layouts here, so byte order is handled in
+//! exactly one place.
 
 use std::{
+    collections::HashMap as StdHashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::RangeInclusive,
     os::fd::{AsFd as _, AsRawFd as _},
@@ -17,48 +21,27 @@ use aya::{
         Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
         xdp::{DevMapHash, XdpMapError},
     },
-    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp},
     util::nr_cpus,
 };
 use lb_common::{
-    AF_INET, AF_INET6, BACKEND_F_DOWN, BACKEND_F_LOCAL, BACKEND_NONE, Backend, CONFIG_F_PASSIVE,
-    COUNTER_COUNT, DatapathConfig, FLOW_CLOSE_GRACE_DEFAULT_NS, FLOW_IDLE_TIMEOUT_DEFAULT_NS,
-    FlowKey, FlowState, IPPROTO_TCP, MAGLEV_SIZE_MAX, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG,
-    MAP_COUNTERS, MAP_FLOWS, MAP_LOCAL_STATS, MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS,
-    MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS,
-    NEXTHOP_TTL_DEFAULT_NS, PassiveStats, ReplyState, TrafficStats, VIP_F_LOCAL, VIP_F_OWNED,
-    VipInfo, VipKey,
+    AF_INET, AF_INET6, ALL_MAPS, BACKEND_F_DOWN, BACKEND_F_LOCAL, BACKEND_NONE, Backend,
+    CONFIG_F_PASSIVE, COUNTER_COUNT, DatapathConfig, FLOW_CLOSE_GRACE_DEFAULT_NS,
+    FLOW_IDLE_TIMEOUT_DEFAULT_NS, FlowKey, FlowState, IPPROTO_TCP, MAGLEV_SIZE_MAX,
+    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_LOCAL_STATS,
+    MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS, MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS,
+    MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS, NEXTHOP_TTL_DEFAULT_NS, PassiveStats,
+    ReplyState, TrafficStats, VIP_F_LOCAL, VIP_F_OWNED, VipInfo, VipKey,
 };
-
-/// The compiled lb-ebpf object, embedded at build time.
-pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("loading the eBPF object into the kernel failed")]
-    Load(#[source] aya::EbpfError),
-    /// A load failure on a kernel older than apilb needs ([`crate::kernel`]).
-    #[error("{explanation}")]
-    Kernel {
-        explanation: String,
-        #[source]
-        source: Box<DatapathError>,
-    },
     #[error("the eBPF object has no map named {0}")]
     MissingMap(&'static str),
-    #[error("the eBPF object has no XDP program named {0}")]
-    MissingProgram(&'static str),
     #[error("map {map}")]
     Map {
         map: &'static str,
         #[source]
         source: MapError,
-    },
-    #[error("program {program}")]
-    Program {
-        program: &'static str,
-        #[source]
-        source: ProgramError,
     },
     #[error("batch update of map {map} ({count} entries)")]
     Batch {
@@ -78,18 +61,6 @@ pub enum DatapathError {
         ifindex: u32,
         #[source]
         source: XdpMapError,
-    },
-    #[error("attaching XDP to interface {interface}")]
-    Attach {
-        interface: String,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("setting {path} to 1")]
-    Sysctl {
-        path: String,
-        #[source]
-        source: std::io::Error,
     },
     #[error("VIP {0} is not in the datapath")]
     UnknownVip(SocketAddr),
@@ -188,14 +159,6 @@ impl NodeConfig {
     }
 }
 
-/// What `BPF_PROG_TEST_RUN` returned.
-#[derive(Clone, Debug)]
-pub struct TestRunOutput {
-    pub action: u32,
-    pub packet: Vec<u8>,
-    pub duration: Duration,
-}
-
 /// Counter values summed over CPUs, indexed by `lb_common::counters`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Counters(pub [u64; COUNTER_COUNT as usize]);
@@ -207,12 +170,9 @@ impl Counters {
     }
 }
 
-/// The loaded datapath: its programs and maps.
+/// The datapath's maps, by their `lb_common::MAP_*` names.
 pub struct Datapath {
-    pub(crate) ebpf: Ebpf,
-    /// Links pinned in bpffs (see `loader`): kept open while this value lives, and
-    /// left attached when it is dropped.
-    pub(crate) pinned_links: Vec<aya::programs::links::PinnedLink>,
+    maps: StdHashMap<&'static str, Map>,
 }
 
 /// An address as the datapath stores it: wire bytes in `[u32; 4]`, and its family.
@@ -271,22 +231,30 @@ fn check_range(what: &'static str, value: u32, range: RangeInclusive<u32>) -> Re
 }
 
 impl Datapath {
+    /// Take every map of `lb_common::ALL_MAPS` out of the loaded object (its
+    /// programs keep using them). Map names are shared constants; the object is
+    /// checked against every one, so a renamed static in lb-ebpf fails here rather
+    /// than at first use.
+    pub(crate) fn take_maps(ebpf: &mut Ebpf) -> Result<Self> {
+        let maps = ALL_MAPS
+            .iter()
+            .map(|&name| {
+                ebpf.take_map(name)
+                    .map(|m| (name, m))
+                    .ok_or(DatapathError::MissingMap(name))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { maps })
+    }
+
     pub(crate) fn map(&self, name: &'static str) -> Result<&Map> {
-        self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))
+        self.maps.get(name).ok_or(DatapathError::MissingMap(name))
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut Map> {
-        self.ebpf
-            .map_mut(name)
+        self.maps
+            .get_mut(name)
             .ok_or(DatapathError::MissingMap(name))
-    }
-
-    /// One of the datapath's XDP programs, by its `lb_common::PROG_*` name.
-    pub fn xdp(&mut self, name: &'static str) -> Result<&mut Xdp> {
-        self.ebpf
-            .program_mut(name)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(DatapathError::MissingProgram(name))
     }
 
     /// Set the SNAT addresses, the source-port range and the next-hop TTL, and
@@ -340,19 +308,6 @@ impl Datapath {
             .map_err(map_err(MAP_VIPS))
     }
 
-    /// Take or give up ownership of a VIP already in the datapath.
-    pub fn set_owned(&mut self, addr: SocketAddr, owned: bool) -> Result<()> {
-        let mut vips: HashMap<_, VipKey, VipInfo> = self.typed(MAP_VIPS)?;
-        let key = vip_key(addr);
-        let mut info = vips.get(&key, 0).map_err(vip_err(addr))?;
-        info.flags = if owned {
-            info.flags | VIP_F_OWNED
-        } else {
-            info.flags & !VIP_F_OWNED
-        };
-        vips.insert(key, info, 0).map_err(map_err(MAP_VIPS))
-    }
-
     /// Remove a VIP; its traffic then passes to the stack untouched.
     pub fn remove_vip(&mut self, addr: SocketAddr) -> Result<()> {
         let mut vips: HashMap<_, VipKey, VipInfo> = self.typed(MAP_VIPS)?;
@@ -404,8 +359,8 @@ impl Datapath {
     ///
     /// The kernel resolves `ifindex` in the network namespace of the calling
     /// thread, so call this from the namespace the interface lives in: an index from
-    /// another namespace names another device. [`Datapath::attach`] does it for the
-    /// interfaces it attaches to.
+    /// another namespace names another device. The controller does it for the
+    /// configured interfaces, from the namespace the daemon attached them in.
     pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
         let mut ports =
             DevMapHash::try_from(self.map_mut(MAP_TX_PORTS)?).map_err(map_err(MAP_TX_PORTS))?;
@@ -443,8 +398,8 @@ impl Datapath {
     /// its reader owns it; see `crate::passive`).
     pub fn take_passive_events(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
         let map = self
-            .ebpf
-            .take_map(MAP_PASSIVE_EVENTS)
+            .maps
+            .remove(MAP_PASSIVE_EVENTS)
             .ok_or(DatapathError::MissingMap(MAP_PASSIVE_EVENTS))?;
         aya::maps::RingBuf::try_from(map).map_err(map_err(MAP_PASSIVE_EVENTS))
     }
@@ -554,40 +509,6 @@ impl Datapath {
             .collect()
     }
 
-    /// Run `program` once on `packet` through `BPF_PROG_TEST_RUN`, as if received on
-    /// `ingress_ifindex` (an interface in the calling thread's network namespace).
-    pub fn test_run(
-        &mut self,
-        program: &'static str,
-        packet: &[u8],
-        ingress_ifindex: u32,
-    ) -> Result<TestRunOutput> {
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex. The kernel wants data = 0 and data_end = the packet length.
-        let len = u32::try_from(packet.len()).map_err(|_| DatapathError::OutOfRange {
-            what: "test packet length",
-            value: packet.len().to_string(),
-            range: format!("0..={}", u32::MAX),
-        })?;
-        let md: [u32; 6] = [0, len, 0, ingress_ifindex, 0, 0];
-        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let mut out = vec![0u8; packet.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(packet);
-        opts.data_out = Some(&mut out);
-        opts.ctx_in = Some(&ctx);
-        let res = self
-            .xdp(program)?
-            .test_run(opts)
-            .map_err(|source| DatapathError::Program { program, source })?;
-        out.truncate(res.data_size_out as usize);
-        Ok(TestRunOutput {
-            action: res.return_value,
-            packet: out,
-            duration: res.duration,
-        })
-    }
-
     fn typed<'a, T>(&'a mut self, name: &'static str) -> Result<T>
     where
         T: TryFrom<&'a mut Map, Error = MapError>,
@@ -625,7 +546,8 @@ pub(crate) fn map_data(map: &Map) -> &MapData {
         | Map::HashMap(d)
         | Map::LruHashMap(d)
         | Map::PerCpuArray(d)
-        | Map::DevMapHash(d) => d,
+        | Map::DevMapHash(d)
+        | Map::RingBuf(d) => d,
         other => panic!("lb-ebpf defines no map of type {other:?}"),
     }
 }

@@ -13,7 +13,7 @@ pub struct Feature {
     pub name: &'static str,
     /// The first mainline release that has it, (major, minor).
     pub since: (u32, u32),
-    /// The mainline commit that added it (12 hex digits), where one commit did.
+    /// The mainline commit that added it (12 hex digits).
     pub commit: &'static str,
     /// Only node-local mode needs it.
     pub node_local_only: bool,
@@ -24,7 +24,8 @@ pub const FEATURES: [Feature; 4] = [
     Feature {
         name: "the SO_NETNS_COOKIE socket option (node-local mode's namespace filter)",
         since: (5, 14),
-        commit: "",
+        // "net: retrieve netns cookie via getsocketopt"; also in 5.12.18.
+        commit: "e8b9eab99232",
         node_local_only: true,
     },
     Feature {
@@ -89,12 +90,10 @@ pub fn explain(release: &str, node_local: bool) -> Option<String> {
     let list: Vec<String> = lacking
         .iter()
         .map(|f| {
-            let commit = if f.commit.is_empty() {
-                String::new()
-            } else {
-                format!(", commit {}", f.commit)
-            };
-            format!("{} (Linux {}.{}{commit})", f.name, f.since.0, f.since.1)
+            format!(
+                "{} (Linux {}.{}, commit {})",
+                f.name, f.since.0, f.since.1, f.commit
+            )
         })
         .collect();
     Some(format!(
@@ -106,6 +105,18 @@ pub fn explain(release: &str, node_local: bool) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_feature_names_the_commit_that_added_it() {
+        for f in &FEATURES {
+            assert!(
+                f.commit.len() == 12 && f.commit.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{}: {:?}",
+                f.name,
+                f.commit
+            );
+        }
+    }
 
     #[test]
     fn reads_the_version_of_distribution_releases() {
@@ -132,6 +143,11 @@ mod tests {
             .map(|f| f.since)
             .collect();
         assert_eq!(names, [(5, 14)]);
+        let text = explain("5.11.0-49-generic", true).expect("5.11 lacks one");
+        assert!(
+            text.contains("SO_NETNS_COOKIE") && text.contains("e8b9eab99232"),
+            "{text}"
+        );
         // Ubuntu 20.04's 5.4 lacks all of the datapath's.
         let text = explain("5.4.0-150-generic", false).expect("5.4 is too old");
         assert!(

@@ -1,6 +1,11 @@
-//! Loading, attaching, pinning, adopting and detaching the datapath.
+//! Bringing the datapath up and down: loading, attaching, pinning, adopting and
+//! detaching the programs, bpffs, and the node sysctls the datapath needs.
 //!
-//! A restarted or upgraded `apilb` must not drop a packet. So maps and XDP links are
+//! [`start`] is `apilb run`'s bring-up. [`Programs::load`] splits the loaded object
+//! in two: the programs, kept here, and the maps, handed to [`Datapath`], the map
+//! reader and writer, which is all the rest of apilb needs.
+//!
+//! A restarted or upgraded `apilb` must not drop a packet. So maps and links are
 //! pinned in bpffs, under `/sys/fs/bpf/apilb/<instance>/`:
 //!
 //! - `maps-v<LAYOUT_VERSION>/<MAP>`: every map. A new process reuses them, flows and
@@ -9,8 +14,11 @@
 //! - `link-<interface>`: the XDP link of each interface. A new process swaps its
 //!   program into the existing link atomically (`bpf_link_update`), so the interface
 //!   is never without a program, and the link stays attached when the process exits.
+//! - `sock-<program>`: the socket programs' links (`crate::socklb`).
 //!
 //! `detach` removes the links (which detaches the program) and the pins.
+
+mod xdp_mode;
 
 use std::{
     ffi::CString,
@@ -19,33 +27,58 @@ use std::{
 };
 
 use aya::{
-    EbpfLoader,
+    Ebpf, EbpfLoader,
     maps::Map,
     programs::{
-        CgroupSockAddr, ProgramError, XdpMode,
+        CgroupSockAddr, ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
     },
 };
 use lb_common::{
-    ALL_MAPS, Backend, DatapathConfig, FlowKey, FlowState, LAYOUT_VERSION, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_MAGLEV, MAP_PORT_CURSOR, MAP_REPLIES,
-    MAP_VIP_STATS, MAP_VIPS, PROG_SOCK, PROG_XDP, PROG_XDP_DROP, ReplyState, TrafficStats, VipInfo,
-    VipKey,
+    LAYOUT_VERSION, MAP_FLOWS, MAP_REPLIES, PROG_SOCK, PROG_XDP, PROG_XDP_DROP,
+    maps::{MAPS, MapSpec},
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::Config,
+    datapath::{Datapath, DatapathError},
 };
 
-use crate::datapath::{Datapath, DatapathError, OBJECT};
-
-/// The XDP mode an attach ended up in (what `Datapath::attach` returns).
+/// The XDP mode an attach ended up in (what [`Programs::attach`] returns).
 pub use aya::programs::XdpMode as AttachedMode;
+
+/// The compiled lb-ebpf object, embedded at build time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 /// Where bpffs is mounted on every Linux system that has it.
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+/// An error of a link or pin call, whichever library it comes from.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
+    #[error("loading the eBPF object into the kernel failed")]
+    Load(#[source] aya::EbpfError),
+    /// A load failure on a kernel older than apilb needs ([`crate::kernel`]).
+    #[error("{explanation}")]
+    Kernel {
+        explanation: String,
+        #[source]
+        source: Box<LoaderError>,
+    },
+    #[error("the eBPF object has no program named {0}")]
+    MissingProgram(&'static str),
+    #[error("program {program}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
     #[error("mounting bpffs at {path}")]
     Mount {
         path: PathBuf,
@@ -59,14 +92,14 @@ pub enum LoaderError {
         source: io::Error,
     },
     #[error(
-        "pinned map {path} has key/value/entries {found:?} but this apilb expects {expected:?}; \
-         the layout changed without a LAYOUT_VERSION bump, or flow_table_size changed: \
-         run `apilb detach` to start afresh"
+        "pinned map {path} has type/key/value/entries {found:?} but this apilb expects \
+         {expected:?}; the layout changed without a LAYOUT_VERSION bump, or \
+         flow_table_size changed: run `apilb detach` to start afresh"
     )]
     Layout {
         path: PathBuf,
-        found: (u32, u32, u32),
-        expected: (u32, u32, u32),
+        found: Shape,
+        expected: Shape,
     },
     #[error("interface {0:?} does not exist")]
     NoInterface(String),
@@ -81,7 +114,7 @@ pub enum LoaderError {
     Adopt {
         path: PathBuf,
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: BoxError,
     },
     #[error(
         "pinning the XDP link of {interface} at {path} (kernels before 5.9 cannot pin XDP links)"
@@ -90,7 +123,7 @@ pub enum LoaderError {
         interface: String,
         path: PathBuf,
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: BoxError,
     },
     #[error("writing the sysctl {path}")]
     Sysctl {
@@ -110,10 +143,12 @@ pub enum LoaderError {
 
 type Result<T, E = LoaderError> = std::result::Result<T, E>;
 
-/// How to attach XDP (`datapath.xdp_mode`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How to attach XDP: `datapath.xdp_mode`, read straight into this type.
+#[derive(Clone, Copy, Debug, Default, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
 pub enum AttachMode {
-    /// Native, falling back to generic where the driver has no XDP support.
+    /// Native (driver) mode, falling back to generic where the driver lacks it.
+    #[default]
     Auto,
     Native,
     Generic,
@@ -146,6 +181,59 @@ pub fn pin_dir(instance: &str) -> PathBuf {
 
 fn maps_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(format!("maps-v{LAYOUT_VERSION}"))
+}
+
+/// `apilb run`'s bring-up: mount bpffs if needed, warn if the node does not
+/// forward, reserve the NAT ports, load (or adopt) the datapath, attach it to each
+/// configured interface and remove the pins the configuration no longer uses.
+pub fn start(config: &Config) -> Result<(Programs, Datapath)> {
+    if ensure_bpffs(Path::new(BPFFS))? {
+        info!(path = BPFFS, "bpffs was not mounted; mounted it");
+    }
+    // Without forwarding the FIB refuses every rewritten packet and so does the
+    // stack: the VIP would be dead. Nodes running Kubernetes have it on; say so
+    // loudly rather than change how the node routes.
+    for (family, path, needed) in [
+        (
+            "IPv4",
+            "/proc/sys/net/ipv4/ip_forward",
+            !config.vips.iter().all(|v| v.addr.is_ipv6()),
+        ),
+        (
+            "IPv6",
+            "/proc/sys/net/ipv6/conf/all/forwarding",
+            config.vips.iter().any(|v| v.addr.is_ipv6()),
+        ),
+    ] {
+        if needed && std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "0") {
+            error!(
+                path,
+                "{family} forwarding is off: the datapath cannot forward to the masters until it is on"
+            );
+        }
+    }
+    let ports = &config.datapath.nat_ports;
+    if reserve_ports(*ports.start(), *ports.end())? {
+        info!(ports = ?ports, "reserved the NAT ports from the node's own sockets (net.ipv4.ip_local_reserved_ports)");
+    }
+    let pin = pin_dir(&config.instance);
+    let adopting = pinned_maps_exist(&pin);
+    let (mut programs, dp) = Programs::load(&LoadOptions {
+        flow_table_size: config.datapath.flow_table_size,
+        pin_dir: Some(pin.clone()),
+    })?;
+    for iface in &config.datapath.interfaces {
+        let mode = programs.attach(iface, config.datapath.xdp_mode, Some(&pin))?;
+        if adopting {
+            info!(interface = %iface, ?mode, pins = %pin.display(), "adopted the pinned datapath: maps and flows kept, program swapped in place");
+        } else {
+            info!(interface = %iface, ?mode, pins = %pin.display(), "XDP attached");
+        }
+    }
+    for stale in remove_stale_pins(&pin, &config.datapath.interfaces)? {
+        info!(pin = %stale.display(), "removed a pin the configuration no longer uses");
+    }
+    Ok((programs, dp))
 }
 
 /// Mount bpffs at `path` unless it is already mounted there (as Cilium does).
@@ -192,9 +280,9 @@ pub fn ensure_bpffs(path: &Path) -> Result<bool> {
 
 /// A load failure, explained by what the running kernel lacks if it is older than
 /// apilb needs.
-fn too_old(e: DatapathError) -> DatapathError {
+fn too_old(e: LoaderError) -> LoaderError {
     match crate::kernel::explain(&crate::kernel::release(), false) {
-        Some(explanation) => DatapathError::Kernel {
+        Some(explanation) => LoaderError::Kernel {
             explanation,
             source: Box::new(e),
         },
@@ -202,49 +290,52 @@ fn too_old(e: DatapathError) -> DatapathError {
     }
 }
 
-impl Datapath {
+/// The datapath's programs, loaded into the kernel, and the links this process
+/// pinned for them.
+pub struct Programs {
+    ebpf: Ebpf,
+    /// Links pinned in bpffs: kept open while this value lives, and left attached
+    /// when it is dropped.
+    pinned_links: Vec<PinnedLink>,
+}
+
+impl Programs {
     /// Load the embedded programs, creating their maps or, with a pin directory,
-    /// reusing the ones pinned there (see the module docs). Not attached anywhere yet.
-    pub fn load(opts: &LoadOptions) -> Result<Self> {
+    /// reusing the ones pinned there (see the module docs). Not attached anywhere
+    /// yet. The maps go to the returned [`Datapath`].
+    pub fn load(opts: &LoadOptions) -> Result<(Self, Datapath)> {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAP_FLOWS, opts.flow_table_size)
             .map_max_entries(MAP_REPLIES, opts.flow_table_size);
-        let pins: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
+        let pins: Vec<(&'static MapSpec, PathBuf)> = match &opts.pin_dir {
             Some(dir) => {
                 let maps = maps_dir(dir);
                 std::fs::create_dir_all(&maps).map_err(|source| LoaderError::PinDir {
                     path: maps.clone(),
                     source,
                 })?;
-                ALL_MAPS
-                    .iter()
-                    .map(|&name| (name, maps.join(name)))
-                    .collect()
+                MAPS.iter().map(|m| (m, maps.join(m.name))).collect()
             }
             None => Vec::new(),
         };
-        for (name, path) in &pins {
-            loader.map_pin_path(name, path);
+        for (spec, path) in &pins {
+            loader.map_pin_path(spec.name, path);
         }
-        let ebpf = loader
+        let mut ebpf = loader
             .load(OBJECT)
-            .map_err(|e| too_old(DatapathError::Load(e)))?;
-        let mut dp = Self {
+            .map_err(|e| too_old(LoaderError::Load(e)))?;
+        let dp = Datapath::take_maps(&mut ebpf)?;
+        for (spec, path) in &pins {
+            check_layout(dp.map(spec.name)?, spec, path, opts.flow_table_size)?;
+        }
+        let mut programs = Self {
             ebpf,
             pinned_links: Vec::new(),
         };
-        // Map names are shared constants; check the object against every one, so a
-        // renamed static in lb-ebpf fails here rather than at first use.
-        for name in ALL_MAPS {
-            dp.map(name)?;
-        }
-        for (name, path) in &pins {
-            check_layout(dp.map(name)?, name, path, opts.flow_table_size)?;
-        }
         for name in [PROG_XDP, PROG_XDP_DROP] {
-            dp.xdp(name)?.load().map_err(|source| {
-                too_old(DatapathError::Program {
+            programs.xdp(name)?.load().map_err(|source| {
+                too_old(LoaderError::Program {
                     program: name,
                     source,
                 })
@@ -253,19 +344,46 @@ impl Datapath {
         // The socket programs of node-local mode, attached only when it is on
         // (`crate::socklb`).
         for name in PROG_SOCK {
-            let prog: &mut CgroupSockAddr = dp
-                .ebpf
-                .program_mut(name)
-                .and_then(|p| p.try_into().ok())
-                .ok_or(DatapathError::MissingProgram(name))?;
-            prog.load().map_err(|source| {
-                too_old(DatapathError::Program {
+            programs.sock(name)?.load().map_err(|source| {
+                too_old(LoaderError::Program {
                     program: name,
                     source,
                 })
             })?;
         }
-        Ok(dp)
+        Ok((programs, dp))
+    }
+
+    /// One of the datapath's XDP programs, by its `lb_common::PROG_*` name.
+    pub fn xdp(&mut self, name: &'static str) -> Result<&mut Xdp> {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(LoaderError::MissingProgram(name))
+    }
+
+    /// One of the node-local socket programs (`lb_common::PROG_SOCK`), by name.
+    pub fn sock(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr> {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(LoaderError::MissingProgram(name))
+    }
+
+    /// Pin `link` at `path` and keep it open while this value lives. A link an
+    /// earlier process pinned there stays attached through its handle until the
+    /// new one is pinned in its place, and is released then.
+    pub fn pin_link(&mut self, link: FdLink, path: &Path) -> Result<(), BoxError> {
+        let old = match PinnedLink::from_pin(path) {
+            Ok(old) => {
+                std::fs::remove_file(path)?;
+                Some(old)
+            }
+            Err(_) => None,
+        };
+        self.pinned_links.push(link.pin(path)?);
+        drop(old);
+        Ok(())
     }
 
     /// Attach the balancer to `interface` (in the calling thread's namespace) and
@@ -278,23 +396,17 @@ impl Datapath {
     /// It sets `net.ipv4.conf.<interface>.accept_local`: packets the datapath hands to
     /// the stack after rewriting (a FIB or neighbour miss, a VLAN tag) carry the
     /// node's own SNAT address as their source, which the stack otherwise drops as
-    /// martian, and with it the chance to resolve the neighbour. And it adds the
-    /// interface to the redirect targets from this same thread, so that the index is
-    /// resolved in the namespace the program is attached in (see
-    /// [`Datapath::add_tx_port`]).
+    /// martian, and with it the chance to resolve the neighbour. The interface
+    /// becomes a redirect target when the controller next applies the config that
+    /// names it (`TX_PORTS`, see `crate::controller`).
     pub fn attach(
         &mut self,
         interface: &str,
         mode: AttachMode,
         pin_dir: Option<&Path>,
     ) -> Result<XdpMode> {
-        let c_name =
-            CString::new(interface).map_err(|_| LoaderError::NoInterface(interface.to_owned()))?;
-        // SAFETY: `c_name` is a valid NUL-terminated string for the call's duration.
-        let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-        if ifindex == 0 {
-            return Err(LoaderError::NoInterface(interface.to_owned()));
-        }
+        let ifindex =
+            ifindex(interface).ok_or_else(|| LoaderError::NoInterface(interface.to_owned()))?;
         let sysctl = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{interface}/accept_local"));
         std::fs::write(&sysctl, "1").map_err(|source| LoaderError::Sysctl {
             path: sysctl,
@@ -302,12 +414,12 @@ impl Datapath {
         })?;
         let link_pin = pin_dir.map(|d| d.join(format!("link-{interface}")));
         let adopted = match &link_pin {
-            Some(path) if path.exists() => match self.adopt(path) {
+            Some(path) if path.exists() => match self.adopt(path, ifindex) {
                 Ok(m) => Some(m),
                 // A link whose interface went away and came back is defunct: drop
                 // its pin and attach afresh rather than refuse to start.
                 Err(e) => {
-                    tracing::warn!(interface, pin = %path.display(), "cannot adopt the pinned link, attaching afresh: {e}");
+                    warn!(interface, pin = %path.display(), "cannot adopt the pinned link, attaching afresh: {e}");
                     std::fs::remove_file(path).map_err(|source| LoaderError::Remove {
                         path: path.clone(),
                         source,
@@ -317,17 +429,16 @@ impl Datapath {
             },
             _ => None,
         };
-        let used = match adopted {
-            Some(m) => m,
-            None => self.attach_new(interface, ifindex, mode, link_pin.as_deref())?,
-        };
-        self.add_tx_port(ifindex)?;
-        Ok(used)
+        match adopted {
+            Some(m) => Ok(m),
+            None => self.attach_new(interface, ifindex, mode, link_pin.as_deref()),
+        }
     }
 
-    /// Swap this program into the pinned link at `path`.
-    fn adopt(&mut self, path: &Path) -> Result<XdpMode> {
-        let adopt_err = |e: Box<dyn std::error::Error + Send + Sync>| LoaderError::Adopt {
+    /// Swap this program into the pinned link at `path`, attached to `ifindex`, and
+    /// return the link's mode, fixed when it was created (`bpf_link_update` keeps it).
+    fn adopt(&mut self, path: &Path, ifindex: u32) -> Result<XdpMode> {
+        let adopt_err = |e: BoxError| LoaderError::Adopt {
             path: path.to_owned(),
             source: e,
         };
@@ -336,8 +447,16 @@ impl Datapath {
         self.xdp(PROG_XDP)?
             .attach_to_link(link)
             .map_err(|e| adopt_err(Box::new(e)))?;
-        // The mode is the link's, fixed when it was created; bpf_link_update keeps it.
-        Ok(XdpMode::Default)
+        // Asked of the interface, which the link does not record. Should netlink not
+        // answer, `Default` says "the link's own mode, unknown" as it did before.
+        Ok(match xdp_mode::attached(ifindex) {
+            Ok(Some(mode)) => mode,
+            Ok(None) => XdpMode::Default,
+            Err(e) => {
+                warn!(ifindex, "cannot read the adopted link's XDP mode: {e}");
+                XdpMode::Default
+            }
+        })
     }
 
     fn attach_new(
@@ -376,59 +495,61 @@ impl Datapath {
             (None, None) => unreachable!("at least one mode is tried"),
         };
         if let Some(path) = pin {
-            let pin_err = |e: Box<dyn std::error::Error + Send + Sync>| LoaderError::PinLink {
+            let pin_err = |e: BoxError| LoaderError::PinLink {
                 interface: interface.to_owned(),
                 path: path.to_owned(),
                 source: e,
             };
             let link = prog.take_link(id).map_err(|e| pin_err(Box::new(e)))?;
             let fd = FdLink::try_from(link).map_err(|e| pin_err(Box::new(e)))?;
-            self.pinned_links
-                .push(fd.pin(path).map_err(|e| pin_err(Box::new(e)))?);
+            self.pin_link(fd, path).map_err(pin_err)?;
         }
         Ok(used)
     }
 }
 
-/// Refuse a pinned map whose sizes differ from what this apilb expects.
-fn check_layout(map: &Map, name: &'static str, path: &Path, flow_table_size: u32) -> Result<()> {
-    let expected = match name {
-        MAP_VIPS => (
-            size_of::<VipKey>(),
-            size_of::<VipInfo>(),
-            lb_common::MAX_VIPS,
-        ),
-        MAP_BACKENDS => (4, size_of::<Backend>(), lb_common::MAX_BACKENDS),
-        MAP_MAGLEV => (4, 4, lb_common::MAGLEV_ENTRIES),
-        MAP_FLOWS => (
-            size_of::<FlowKey>(),
-            size_of::<FlowState>(),
-            flow_table_size,
-        ),
-        MAP_REPLIES => (
-            size_of::<FlowKey>(),
-            size_of::<ReplyState>(),
-            flow_table_size,
-        ),
-        MAP_CONFIG => (4, size_of::<DatapathConfig>(), 1),
-        MAP_COUNTERS => (4, 8, lb_common::COUNTER_COUNT),
-        MAP_VIP_STATS => (4, size_of::<TrafficStats>(), lb_common::MAX_VIPS),
-        MAP_BACKEND_STATS => (4, size_of::<TrafficStats>(), lb_common::MAX_BACKENDS),
-        MAP_PORT_CURSOR => (4, 4, 1),
-        // The devmap's value size and the kernel-private scratch slot are not part of
-        // the shared layout.
-        _ => return Ok(()),
+/// The index of `interface` in the calling thread's network namespace, if it
+/// exists there.
+pub(crate) fn ifindex(interface: &str) -> Option<u32> {
+    let c_name = CString::new(interface).ok()?;
+    // SAFETY: `c_name` is a valid NUL-terminated string for the call's duration.
+    let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    (ifindex != 0).then_some(ifindex)
+}
+
+/// A map's shape as `bpf_map_info` reports it: (`BPF_MAP_TYPE_*`, key size,
+/// value size, entries).
+type Shape = (u32, u32, u32, u32);
+
+/// Refuse a pinned map whose shape differs from its entry in the table of maps
+/// (`lb_common::maps::MAPS`): its type, key size, value size and entries, the flow
+/// tables' entries being `flow_table_size`. Every map is checked, and all of that
+/// but one value size: `SCRATCH`'s, which the table leaves out
+/// (`MapSpec::value_size` is `None`) because it is private to the kernel object; a
+/// pin too small for it fails the verifier at load instead.
+fn check_layout(map: &Map, spec: &MapSpec, path: &Path, flow_table_size: u32) -> Result<()> {
+    let map_err = |source| DatapathError::Map {
+        map: spec.name,
+        source,
     };
-    let expected = (
-        u32::try_from(expected.0).unwrap_or(u32::MAX),
-        u32::try_from(expected.1).unwrap_or(u32::MAX),
-        expected.2,
+    let info = crate::datapath::map_data(map).info().map_err(map_err)?;
+    // aya's `MapType` carries the kernel's numbers, as the table's does.
+    let found: Shape = (
+        info.map_type().map_err(map_err)? as u32,
+        info.key_size(),
+        info.value_size(),
+        info.max_entries(),
     );
-    let data = crate::datapath::map_data(map);
-    let info = data
-        .info()
-        .map_err(|source| DatapathError::Map { map: name, source })?;
-    let found = (info.key_size(), info.value_size(), info.max_entries());
+    let expected: Shape = (
+        spec.map_type as u32,
+        spec.key_size,
+        spec.value_size.unwrap_or(found.2),
+        if spec.flow_table_sized {
+            flow_table_size
+        } else {
+            spec.max_entries
+        },
+    );
     if found == expected {
         Ok(())
     } else {

@@ -19,13 +19,15 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr,
-    links::{FdLink, PinnedLink},
-};
+use aya::programs::{CgroupAttachMode, links::FdLink};
 use lb_common::PROG_SOCK;
+use tracing::info;
 
-use crate::datapath::Datapath;
+use crate::{
+    config::Config,
+    controller::Reconciler,
+    loader::{self, LoaderError, Programs},
+};
 
 /// Where the cgroup-v2 hierarchy is mounted when the node has no such mount.
 pub const MOUNT_FALLBACK: &str = "/run/apilb/cgroup2";
@@ -46,8 +48,8 @@ pub enum SockLbError {
         #[source]
         source: io::Error,
     },
-    #[error("the datapath has no program {0}")]
-    MissingProgram(&'static str),
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
     #[error("attaching {program} to cgroup {cgroup}")]
     Attach {
         program: &'static str,
@@ -168,9 +170,30 @@ fn link_pin(pin_dir: &Path, program: &str) -> PathBuf {
     pin_dir.join(format!("sock-{program}"))
 }
 
+/// `apilb run`'s node-local bring-up: attach the socket programs if node-local
+/// mode is on, and have the controller balance this namespace's sockets; or
+/// release those an earlier run left attached if it is off.
+pub fn start(config: &Config, programs: &mut Programs, reconciler: &mut Reconciler) -> Result<()> {
+    let pin = loader::pin_dir(&config.instance);
+    if !config.local.enabled {
+        for stale in detach(&pin)? {
+            info!(pin = %stale.display(), "node-local mode is off: released its socket programs");
+        }
+        return Ok(());
+    }
+    let cgroup = match &config.local.cgroup {
+        Some(c) => c.clone(),
+        None => cgroup_root()?,
+    };
+    attach(programs, &cgroup, &pin)?;
+    reconciler.set_netns_cookie(netns_cookie()?);
+    info!(cgroup = %cgroup.display(), "node-local mode: this node's connects to the VIPs are balanced");
+    Ok(())
+}
+
 /// Attach the socket programs to `cgroup`, pin their links under `pin_dir` and
 /// release the links an earlier process pinned there.
-pub fn attach(dp: &mut Datapath, cgroup: &Path, pin_dir: &Path) -> Result<()> {
+pub fn attach(programs: &mut Programs, cgroup: &Path, pin_dir: &Path) -> Result<()> {
     let dir = File::open(cgroup).map_err(|source| SockLbError::Cgroup {
         path: cgroup.to_owned(),
         source,
@@ -181,11 +204,7 @@ pub fn attach(dp: &mut Datapath, cgroup: &Path, pin_dir: &Path) -> Result<()> {
             path: path.clone(),
             source: e,
         };
-        let prog: &mut CgroupSockAddr = dp
-            .ebpf
-            .program_mut(program)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(SockLbError::MissingProgram(program))?;
+        let prog = programs.sock(program)?;
         // A link (the kernel makes one from 5.7) always lets other programs run
         // beside it, and the kernel refuses any flag with it: hence `Single`, which
         // is no flag.
@@ -198,17 +217,7 @@ pub fn attach(dp: &mut Datapath, cgroup: &Path, pin_dir: &Path) -> Result<()> {
             })?;
         let link = prog.take_link(id).map_err(|e| pin_err(Box::new(e)))?;
         let link = FdLink::try_from(link).map_err(|e| pin_err(Box::new(e)))?;
-        // The old link stays attached through this handle until the new one is
-        // pinned in its place.
-        let old = match PinnedLink::from_pin(&path) {
-            Ok(old) => {
-                std::fs::remove_file(&path).map_err(|e| pin_err(Box::new(e)))?;
-                Some(old)
-            }
-            Err(_) => None,
-        };
-        link.pin(&path).map_err(|e| pin_err(Box::new(e)))?;
-        drop(old);
+        programs.pin_link(link, &path).map_err(pin_err)?;
     }
     Ok(())
 }

@@ -18,11 +18,17 @@
 //! name starts with the caller's prefix and is deleted when the topology drops,
 //! which removes every link with it.
 
-use std::path::Path;
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+};
 
 use lb_userspace::{
-    datapath::{BackendEntry, Datapath, NodeConfig, Vip},
-    loader::{AttachMode, LoadOptions},
+    config::Config,
+    controller::Reconciler,
+    datapath::Datapath,
+    health::Health,
+    loader::{AttachMode, LoadOptions, Programs},
 };
 
 use crate::{
@@ -91,7 +97,7 @@ pub struct Topology {
     /// packet. A veth delivers `XDP_TX` frames only to a peer with NAPI on, which
     /// here means an XDP program of its own (switching GRO on, the other documented
     /// way, did not take on kernel 6.18).
-    _peers: Datapath,
+    _peers: (Programs, Datapath),
 }
 
 impl Topology {
@@ -164,7 +170,7 @@ impl Topology {
             })
             .collect();
 
-        let mut peers = Datapath::load(&LoadOptions {
+        let (mut peers, peer_maps) = Programs::load(&LoadOptions {
             flow_table_size: 1024,
             pin_dir: None,
         })
@@ -182,7 +188,7 @@ impl Topology {
             router,
             lbs,
             masters,
-            _peers: peers,
+            _peers: (peers, peer_maps),
         }
     }
 
@@ -193,38 +199,38 @@ impl Topology {
     }
 
     /// Load the balancer (pinned under `pin_dir` if given), attach it to the first
-    /// LB node's `eth0`, and provision VIP:6443 -> master-1 through the map writer.
+    /// LB node's `eth0`, and provision VIP:6443 -> master-1 (up) as `apilb run`
+    /// does, through the controller, in the LB node's namespace.
     #[must_use]
-    pub fn balancer(&self, pin_dir: Option<&Path>) -> Datapath {
-        let mut dp = Datapath::load(&LoadOptions {
+    pub fn balancer(&self, pin_dir: Option<&Path>) -> Balancer {
+        let (mut programs, mut dp) = Programs::load(&LoadOptions {
             flow_table_size: 4096,
             pin_dir: pin_dir.map(Path::to_owned),
         })
         .unwrap_or_else(|e| panic!("{}", chain(&e)));
-        {
-            let _inside = self.lb().enter();
-            dp.attach(LB_DEV, AttachMode::Native, pin_dir)
-                .unwrap_or_else(|e| panic!("{}", chain(&e)));
+        let _inside = self.lb().enter();
+        programs
+            .attach(LB_DEV, AttachMode::Native, pin_dir)
+            .unwrap_or_else(|e| panic!("{}", chain(&e)));
+        let text = format!(
+            "[datapath]\ninterfaces = [\"{LB_DEV}\"]\nsnat_ipv4 = \"{SNAT}\"\n\
+             nat_ports = [40000, 40999]\nmaglev_size = 251\n\
+             [health]\nkind = \"tcp\"\npassive = false\npassive_threshold = 1\n\
+             [[vip]]\naddress = \"{VIP_ADDR}\"\n[[backend]]\naddress = \"{}\"\n",
+            MASTERS[0]
+        );
+        let config = Config::parse(&text, Path::new("balancer.toml"))
+            .unwrap_or_else(|e| panic!("{}", chain(&e)));
+        let mut reconciler = Reconciler::new();
+        let up = HashMap::from([(sa(MASTERS[0]), Health::Ready)]);
+        let desired = reconciler.desired(&config, &up, &HashSet::new());
+        reconciler
+            .apply(&mut dp, desired)
+            .unwrap_or_else(|e| panic!("{}", chain(&e)));
+        Balancer {
+            dp,
+            _programs: programs,
         }
-        dp.set_node_config(&NodeConfig::new(
-            Some(SNAT.parse().expect("v4")),
-            None,
-            40_000..=40_999,
-        ))
-        .expect("node config");
-        dp.set_backend(1, &BackendEntry::remote(sa(MASTERS[0])))
-            .expect("backend");
-        dp.set_vip(&Vip {
-            addr: sa(VIP),
-            id: 0,
-            ring_size: 251,
-            owned: true,
-            local: false,
-        })
-        .expect("vip");
-        let ring: Vec<(u32, u32)> = (0..251).map(|slot| (slot, 1)).collect();
-        dp.write_maglev(0, &ring).expect("ring");
-        dp
     }
 
     /// Whether an XDP program is attached to the first LB node's `eth0`.
@@ -244,6 +250,13 @@ impl Topology {
             .get(i)
             .unwrap_or_else(|| panic!("{addr} is not wired in this topology"))
     }
+}
+
+/// The balancer [`Topology::balancer`] brought up: its maps, and its programs,
+/// attached while this lives (and after, if pinned).
+pub struct Balancer {
+    pub dp: Datapath,
+    _programs: Programs,
 }
 
 /// The addresses of the first `n` masters (at most four), in order.

@@ -2,9 +2,12 @@
 //!
 //! A [`Fixture`] is data: a description, the interface it arrives on, the input
 //! frame, the expected verdict, the expected output frame and the exact counter
-//! movements. A [`Lab`] is the real datapath, loaded into the kernel and provisioned
-//! only through `lb_userspace::datapath` (the production map writer), inside a
-//! namespace whose FIB and neighbour tables make forwarding decisions deterministic.
+//! movements. A [`Lab`] is the real datapath, loaded into the kernel inside a
+//! namespace whose FIB and neighbour tables make forwarding decisions
+//! deterministic, and provisioned as `apilb run` provisions it: a [`LabConfig`]
+//! becomes config text, which `Config::parse` validates, and the controller
+//! (`Reconciler::desired` and `Reconciler::apply`) writes the maps from it, the
+//! backends' health and the VIPs this node owns.
 //!
 //! Lab addresses (documentation ranges, all inside the lab's own namespace):
 //!
@@ -19,15 +22,22 @@
 //! | VIPs | `192.0.2.100:6443`, `192.0.2.101:6443` | `[2001:db8:1::100]:6443` | |
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    fmt::Write as _,
     net::{IpAddr, SocketAddr},
+    ops::RangeInclusive,
+    path::Path,
+    time::Duration,
 };
 
+use aya::programs::{ProgramError, TestRun as _, TestRunOptions, Xdp};
 use lb_common::{COUNTER_COUNT, COUNTER_NAMES, FlowKey, MAGLEV_SIZE_DEFAULT, OUTCOMES, flow_hash};
 use lb_userspace::{
-    datapath::{BackendEntry, Counters, Datapath, NodeConfig, Vip, addr_words},
-    loader::LoadOptions,
-    maglev::{self, WeightedBackend},
+    config::Config,
+    controller::{Desired, Reconciler},
+    datapath::{Counters, Datapath, addr_words},
+    health::Health,
+    loader::{LoadOptions, Programs},
 };
 
 use crate::{
@@ -50,18 +60,84 @@ pub const fn master_mac(n: u8) -> Mac {
     [2, 0, 0, 0, 0x0b, n]
 }
 /// The NAT source-port range the lab configures.
-pub const NAT_PORTS: std::ops::RangeInclusive<u16> = 40_000..=40_999;
+pub const NAT_PORTS: RangeInclusive<u16> = 40_000..=40_999;
 
-/// The lab's node settings. The next-hop TTL is long so that exact counter
-/// assertions never see a cache expiry on a slow machine; the TTL test shortens it.
-#[must_use]
-pub fn lab_config() -> NodeConfig {
-    NodeConfig {
-        snat_v4: Some("198.51.100.1".parse().expect("v4")),
-        snat_v6: Some("2001:db8:2::1".parse().expect("v6")),
-        ports: NAT_PORTS,
-        nexthop_ttl: std::time::Duration::from_mins(1),
-        ..NodeConfig::new(None, None, NAT_PORTS)
+/// What a lab's config says, the part the fixtures vary; [`LabConfig::text`] writes
+/// it out as an `apilb.toml`.
+#[derive(Clone, Debug)]
+pub struct LabConfig {
+    /// VIPs in id order (the controller numbers them from 0 in config order), and
+    /// whether each is elected (VRRP: owned only while [`Lab::set_owned`] says so)
+    /// rather than static (always owned).
+    pub vips: Vec<(SocketAddr, bool)>,
+    /// Backends in id order (numbered from 1 in config order): address, weight,
+    /// and whether it is this node (`local`).
+    pub backends: Vec<(SocketAddr, u32, bool)>,
+    /// Whether the IPv6 SNAT address (`2001:db8:2::1`) is configured, beside the
+    /// IPv4 one (`198.51.100.1`).
+    pub snat_v6: bool,
+    pub nat_ports: RangeInclusive<u16>,
+    pub nexthop_ttl: Duration,
+    pub flow_close_grace: Duration,
+    pub passive: bool,
+}
+
+impl LabConfig {
+    /// Static VIPs over backends of weight 1, with the lab's node settings. The
+    /// next-hop TTL is long so that exact counter assertions never see a cache
+    /// expiry on a slow machine; the TTL test shortens it. Passive detection is
+    /// off (the passive fixtures turn it on), reporting at the first failure.
+    #[must_use]
+    pub fn new(vips: &[SocketAddr], backends: &[SocketAddr]) -> Self {
+        Self {
+            vips: vips.iter().map(|&v| (v, false)).collect(),
+            backends: backends.iter().map(|&b| (b, 1, false)).collect(),
+            snat_v6: true,
+            nat_ports: NAT_PORTS,
+            nexthop_ttl: Duration::from_mins(1),
+            flow_close_grace: Duration::from_nanos(lb_common::FLOW_CLOSE_GRACE_DEFAULT_NS),
+            passive: false,
+        }
+    }
+
+    /// The config text: attached to both lab interfaces, probes by TCP (the lab
+    /// runs no prober: [`Lab::set_health`] stands in for it).
+    #[must_use]
+    pub fn text(&self) -> String {
+        let mut t = format!(
+            "[datapath]\ninterfaces = [\"fx0\", \"fx1\"]\nsnat_ipv4 = \"198.51.100.1\"\n\
+             nat_ports = [{}, {}]\nnexthop_ttl = \"{}ns\"\nflow_close_grace = \"{}ns\"\n",
+            self.nat_ports.start(),
+            self.nat_ports.end(),
+            self.nexthop_ttl.as_nanos(),
+            self.flow_close_grace.as_nanos(),
+        );
+        if self.snat_v6 {
+            t.push_str("snat_ipv6 = \"2001:db8:2::1\"\n");
+        }
+        let _ = write!(
+            t,
+            "[health]\nkind = \"tcp\"\npassive = {}\npassive_threshold = 1\n",
+            self.passive
+        );
+        for (i, (addr, elected)) in self.vips.iter().enumerate() {
+            let _ = write!(
+                t,
+                "[[vip]]\naddress = \"{}\"\nport = {}\n",
+                addr.ip(),
+                addr.port()
+            );
+            if *elected {
+                let _ = writeln!(t, "election = \"vrrp\"\nvrid = {}", i + 1);
+            }
+        }
+        for (addr, weight, local) in &self.backends {
+            let _ = write!(
+                t,
+                "[[backend]]\naddress = \"{addr}\"\nweight = {weight}\nlocal = {local}\n"
+            );
+        }
+        t
     }
 }
 
@@ -89,12 +165,54 @@ pub struct Fixture {
     pub counters: Vec<(u32, u64)>,
 }
 
-/// The datapath loaded into the kernel, inside its own namespace.
+/// What `BPF_PROG_TEST_RUN` returned.
+#[derive(Clone, Debug)]
+pub struct TestRunOutput {
+    pub action: u32,
+    pub packet: Vec<u8>,
+    pub duration: Duration,
+}
+
+/// Run `prog` once on `packet` through `BPF_PROG_TEST_RUN`, as if received on
+/// `ingress_ifindex` (an interface in the calling thread's network namespace).
+pub fn test_run(
+    prog: &mut Xdp,
+    packet: &[u8],
+    ingress_ifindex: u32,
+) -> Result<TestRunOutput, ProgramError> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex. The kernel wants data = 0 and data_end = the packet length.
+    let len = u32::try_from(packet.len()).expect("a test packet is shorter than 4 GiB");
+    let md: [u32; 6] = [0, len, 0, ingress_ifindex, 0, 0];
+    let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut out = vec![0u8; packet.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.data_out = Some(&mut out);
+    opts.ctx_in = Some(&ctx);
+    let res = prog.test_run(opts)?;
+    out.truncate(res.data_size_out as usize);
+    Ok(TestRunOutput {
+        action: res.return_value,
+        packet: out,
+        duration: res.duration,
+    })
+}
+
+/// The datapath loaded into the kernel, inside its own namespace, with the
+/// controller that writes its maps.
 pub struct Lab {
     pub dp: Datapath,
+    pub programs: Programs,
+    /// The controller, as `apilb run` has it.
+    pub reconciler: Reconciler,
+    /// What it was last given: the config, each backend's health, the owned VIPs.
+    setup: Option<LabConfig>,
+    config: Option<Config>,
+    health: HashMap<SocketAddr, Health>,
+    owned: HashSet<IpAddr>,
     fx0: u32,
     fx1: u32,
-    rings: HashMap<u32, Vec<u32>>,
     // Field order is drop order: leave the namespace before deleting it.
     _entered: Entered,
     pub ns: Netns,
@@ -115,8 +233,9 @@ fn pin_to_cpu0() {
 }
 
 impl Lab {
-    /// Build the namespace and load a fresh datapath. The calling thread is pinned to
-    /// CPU 0, so NAT source ports come from CPU 0's cursor: 40000, 40001, ...
+    /// Build the namespace and load a fresh datapath, with nothing configured yet
+    /// ([`Lab::configure`]). The calling thread is pinned to CPU 0, so NAT source
+    /// ports come from CPU 0's cursor: 40000, 40001, ...
     #[must_use]
     pub fn new(prefix: &str) -> Self {
         Self::with_options(
@@ -192,59 +311,115 @@ impl Lab {
             );
         }
         let (fx0, fx1) = (ns.ifindex("fx0"), ns.ifindex("fx1"));
+        // Everything from here on runs in the lab's namespace, as `apilb run` runs
+        // in the node's: the config's interfaces are looked up, and the controller
+        // writes the redirect targets, there.
         let entered = ns.enter();
-        let mut dp = Datapath::load(opts).unwrap_or_else(|e| panic!("{}", chain(&e)));
-        dp.set_node_config(&lab_config())
-            .unwrap_or_else(|e| panic!("{}", chain(&e)));
-        for ifindex in [fx0, fx1] {
-            dp.add_tx_port(ifindex)
-                .unwrap_or_else(|e| panic!("{}", chain(&e)));
-        }
+        let (programs, dp) = Programs::load(opts).unwrap_or_else(|e| panic!("{}", chain(&e)));
         Self {
             dp,
+            programs,
+            reconciler: Reconciler::new(),
+            setup: None,
+            config: None,
+            health: HashMap::new(),
+            owned: HashSet::new(),
             fx0,
             fx1,
-            rings: HashMap::new(),
             _entered: entered,
             ns,
         }
     }
 
-    /// Add VIP `id` at `addr` and give it these backends (id, address).
-    pub fn vip(&mut self, id: u32, addr: SocketAddr, owned: bool, backends: &[(u32, SocketAddr)]) {
-        self.dp
-            .set_vip(&Vip {
-                addr,
-                id,
-                ring_size: MAGLEV_SIZE_DEFAULT,
-                owned,
-                local: false,
-            })
-            .unwrap_or_else(|e| panic!("{}", chain(&e)));
-        self.ring(id, backends);
+    /// [`Lab::new`], configured with `setup`.
+    #[must_use]
+    pub fn with_config(prefix: &str, setup: &LabConfig) -> Self {
+        let mut lab = Self::new(prefix);
+        lab.configure(setup);
+        lab
     }
 
-    /// Point VIP `id`'s Maglev ring at these backends, writing only the changed slots.
-    pub fn ring(&mut self, id: u32, backends: &[(u32, SocketAddr)]) {
-        let weighted: Vec<WeightedBackend> = backends
-            .iter()
-            .map(|&(bid, addr)| {
-                self.dp
-                    .set_backend(bid, &BackendEntry::remote(addr))
-                    .unwrap_or_else(|e| panic!("{}", chain(&e)));
-                WeightedBackend {
-                    key: addr.to_string(),
-                    id: bid,
-                    weight: 1,
-                }
-            })
-            .collect();
-        let table = maglev::build_table(&weighted, MAGLEV_SIZE_DEFAULT);
-        let old = self.rings.remove(&id).unwrap_or_default();
-        self.dp
-            .write_maglev(id, &maglev::delta(&old, &table))
+    /// The config `setup` describes, parsed and validated as `apilb` does it.
+    #[must_use]
+    pub fn parse(setup: &LabConfig) -> Config {
+        Config::parse(&setup.text(), Path::new("lab.toml"))
+            .unwrap_or_else(|e| panic!("{}\n{}", chain(&e), setup.text()))
+    }
+
+    /// Give the controller this config (a reload, after the first) and reconcile.
+    /// Backends new to it start ready; the others keep their health.
+    pub fn configure(&mut self, setup: &LabConfig) {
+        self.setup = Some(setup.clone());
+        self.apply_config(Self::parse(setup));
+    }
+
+    /// Change the last [`LabConfig`] and apply it.
+    pub fn reconfigure(&mut self, change: impl FnOnce(&mut LabConfig)) {
+        let mut setup = self.setup.clone().expect("the lab is configured");
+        change(&mut setup);
+        self.configure(&setup);
+    }
+
+    /// Give the controller `config` as it is, validated or not, and reconcile.
+    pub fn apply_config(&mut self, config: Config) {
+        self.health
+            .retain(|a, _| config.backends.iter().any(|b| b.addr == *a));
+        for b in &config.backends {
+            self.health.entry(b.addr).or_insert(Health::Ready);
+        }
+        self.config = Some(config);
+        self.reconcile();
+    }
+
+    /// What the prober of `backend` would report, and the reconcile it causes.
+    pub fn set_health(&mut self, backend: SocketAddr, health: Health) {
+        self.health.insert(backend, health);
+        self.reconcile();
+    }
+
+    /// Whether this node won the election of the elected VIP at `vip`, and the
+    /// reconcile that follows.
+    pub fn set_owned(&mut self, vip: IpAddr, owned: bool) {
+        if owned {
+            self.owned.insert(vip);
+        } else {
+            self.owned.remove(&vip);
+        }
+        self.reconcile();
+    }
+
+    fn reconcile(&mut self) {
+        let config = self.config.as_ref().expect("the lab is configured");
+        let desired = self.reconciler.desired(config, &self.health, &self.owned);
+        self.reconciler
+            .apply(&mut self.dp, desired)
             .unwrap_or_else(|e| panic!("{}", chain(&e)));
-        self.rings.insert(id, table);
+    }
+
+    /// What the controller last wrote.
+    #[must_use]
+    pub fn desired(&self) -> &Desired {
+        self.reconciler.current().expect("the lab is configured")
+    }
+
+    /// The id the controller gave the backend at `addr`.
+    #[must_use]
+    pub fn backend_id(&self, addr: SocketAddr) -> u32 {
+        *self
+            .desired()
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr == addr)
+            .unwrap_or_else(|| panic!("{addr} is not a configured backend"))
+            .0
+    }
+
+    /// The backend a new flow goes to when its slot names backend `id` and `id` is
+    /// out of rotation: the next in the controller's fallback order.
+    #[must_use]
+    pub fn fallback(&self, id: u32) -> (u32, SocketAddr) {
+        let next = self.desired().entry(id).expect("configured").fallback;
+        (next, self.desired().backends[&next].addr)
     }
 
     /// The backend id VIP `id`'s ring gives a new flow from `client` to `vip`.
@@ -260,7 +435,13 @@ impl Lab {
             family,
             _pad: 0,
         };
-        self.rings[&id][(flow_hash(&key) % MAGLEV_SIZE_DEFAULT) as usize]
+        let (_, ring) = self
+            .desired()
+            .vips
+            .iter()
+            .find(|(v, _)| v.id == id)
+            .unwrap_or_else(|| panic!("no VIP has id {id}"));
+        ring[(flow_hash(&key) % MAGLEV_SIZE_DEFAULT) as usize]
     }
 
     /// The lab interface index for an ingress side.
@@ -272,15 +453,26 @@ impl Lab {
         }
     }
 
+    /// Run the datapath's XDP program `prog` once on `packet`, arriving on `ingress`.
+    pub fn test_run(
+        &mut self,
+        prog: &'static str,
+        packet: &[u8],
+        ingress: Ingress,
+    ) -> TestRunOutput {
+        let ifindex = self.ifindex(ingress);
+        let xdp = self
+            .programs
+            .xdp(prog)
+            .unwrap_or_else(|e| panic!("{}", chain(&e)));
+        test_run(xdp, packet, ifindex).unwrap_or_else(|e| panic!("{prog}: {}", chain(&e)))
+    }
+
     /// Run a fixture and assert verdict, output bytes and counter movements; return
     /// the frame the program produced.
     pub fn run(&mut self, f: &Fixture) -> Vec<u8> {
-        let ifindex = self.ifindex(f.ingress);
         let before = self.counters();
-        let out = self
-            .dp
-            .test_run(lb_common::PROG_XDP, &f.input, ifindex)
-            .unwrap_or_else(|e| panic!("{}: {}", f.desc, chain(&e)));
+        let out = self.test_run(lb_common::PROG_XDP, &f.input, f.ingress);
         let after = self.counters();
         let moved: Vec<(u32, u64)> = (0..COUNTER_COUNT)
             .filter(|&i| after.get(i) != before.get(i))

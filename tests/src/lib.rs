@@ -4,7 +4,8 @@
 //! - [`packets`]: declarative TCP/IP packets, built and checksummed by etherparse
 //!   (independently of the datapath's own checksum code), and a readable dump.
 //! - [`fixture`]: Katran-style packet fixtures run through `BPF_PROG_TEST_RUN`
-//!   against a datapath provisioned through the production map writer.
+//!   against a datapath provisioned as `apilb run` provisions it: a validated
+//!   config, written into the maps by the controller.
 //! - [`cluster`]: a client, a router, LB nodes and masters on an L2 segment, in
 //!   namespaces, for tests that send real frames.
 //! - [`elect`]: two LB nodes running apilb or keepalived for one VIP, and who

@@ -19,8 +19,9 @@ use crate::{
     pki::Pki,
 };
 
-/// The default probes take a dead master out within `fall` intervals plus a
-/// timeout; the target for that is 1.5 s.
+/// How soon the default probes (every 500 ms, fall 2) should take a dead master
+/// out of rotation: `fall` intervals plus a timeout, 1.5 s. The scenarios allow
+/// five times this, for a loaded machine.
 pub const FAILOVER_TARGET: Duration = Duration::from_millis(1500);
 
 pub struct ControlPlane {

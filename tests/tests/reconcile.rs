@@ -27,7 +27,7 @@ const MASTERS: [&str; 3] = [
 
 fn config() -> Config {
     let mut text = String::from(
-        "[datapath]\ninterfaces = [\"lo\"]\nsnat_ipv4 = \"198.51.100.1\"\nnat_ports = [40000, 40999]\n\
+        "[datapath]\ninterfaces = [\"fx0\", \"fx1\"]\nsnat_ipv4 = \"198.51.100.1\"\nnat_ports = [40000, 40999]\n\
          nexthop_ttl = \"1h\"\n[[vip]]\naddress = \"192.0.2.100\"\n[health]\nkind = \"tcp\"\n",
     );
     for m in MASTERS {
@@ -45,10 +45,7 @@ fn healthy(addrs: &[&str]) -> HashMap<SocketAddr, Health> {
 
 /// Run one frame through the program from the client side; return the verdict.
 fn send(lab: &mut Lab, pkt: &Tcp) -> u32 {
-    let ifindex = lab.ifindex(Ingress::ClientSide);
-    lab.dp
-        .test_run(PROG_XDP, &pkt.build(), ifindex)
-        .expect("test run")
+    lab.test_run(PROG_XDP, &pkt.build(), Ingress::ClientSide)
         .action
 }
 

@@ -1,12 +1,13 @@
 //! Packet fixtures for the XDP datapath, run in the real kernel through
 //! `BPF_PROG_TEST_RUN`. Each test loads its own datapath into its own namespace
-//! (see `tests::fixture` for the lab's addresses) and provisions it through the
-//! production map writer. Needs root and BPF, as every machine of this project has.
+//! (see `tests::fixture` for the lab's addresses) and provisions it as `apilb run`
+//! does: a validated config, the backends' health and the owned VIPs, written by
+//! the controller. Needs root and BPF, as every machine of this project has.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use lb_common::{FLOW_F_REFUSED, counters::*};
-use lb_userspace::datapath::BackendEntry;
+use lb_userspace::{datapath::BackendEntry, health::Health};
 use tests::{
     fixture::*,
     packets::{Mac, Tcp, arp_request, icmp_unreachable, udp},
@@ -17,31 +18,51 @@ const VIP6: &str = "[2001:db8:1::100]:6443";
 const CLIENT4: &str = "192.0.2.10:51000";
 const CLIENT6: &str = "[2001:db8:1::10]:51000";
 
+/// The IPv4 masters 1-3 with the ids the controller gives them in [`lab`]'s
+/// config, where they come first.
 fn masters4() -> Vec<(u32, SocketAddr)> {
     (1..=3)
         .map(|n| (n, sa(&format!("198.51.100.1{n}:6443"))))
         .collect()
 }
 
+/// The IPv6 masters 1-3 with their ids in [`lab`]'s config, after the IPv4 ones.
 fn masters6() -> Vec<(u32, SocketAddr)> {
     (1..=3)
-        .map(|n| (10 + n, sa(&format!("[2001:db8:2::1{n}]:6443"))))
+        .map(|n| (3 + n, sa(&format!("[2001:db8:2::1{n}]:6443"))))
         .collect()
 }
 
-/// A lab with VIP 0 (IPv4) and VIP 1 (IPv6), owned, each balancing three masters.
+fn addrs(masters: &[(u32, SocketAddr)]) -> Vec<SocketAddr> {
+    masters.iter().map(|(_, a)| *a).collect()
+}
+
+/// The MAC of the master with id `id` among `masters` (master `n` is the `n`th).
+fn mac_of(masters: &[(u32, SocketAddr)], id: u32) -> Mac {
+    let n = masters
+        .iter()
+        .position(|(b, _)| *b == id)
+        .expect("one of these masters");
+    master_mac(u8::try_from(n + 1).expect("three masters"))
+}
+
+/// VIP 0 (IPv4) and VIP 1 (IPv6), static (owned), each over its three masters.
+fn two_vips() -> LabConfig {
+    LabConfig::new(
+        &[sa(VIP4), sa(VIP6)],
+        &[addrs(&masters4()), addrs(&masters6())].concat(),
+    )
+}
+
+/// A lab configured with [`two_vips`].
 fn lab(prefix: &str) -> Lab {
-    let mut lab = Lab::new(prefix);
-    lab.vip(0, sa(VIP4), true, &masters4());
-    lab.vip(1, sa(VIP6), true, &masters6());
-    lab
+    Lab::with_config(prefix, &two_vips())
 }
 
 /// A lab whose IPv4 VIP balances one master, id 1 (198.51.100.11:6443).
 fn one_master_lab(prefix: &str) -> (Lab, SocketAddr) {
-    let mut lab = Lab::new(prefix);
     let master = sa("198.51.100.11:6443");
-    lab.vip(0, sa(VIP4), true, &[(1, master)]);
+    let lab = Lab::with_config(prefix, &LabConfig::new(&[sa(VIP4)], &[master]));
     (lab, master)
 }
 
@@ -112,7 +133,7 @@ fn picked(
         .iter()
         .find(|(b, _)| *b == id)
         .expect("ring holds a configured master");
-    (id, addr, master_mac((id % 10) as u8))
+    (id, addr, mac_of(masters, id))
 }
 
 #[test]
@@ -197,8 +218,10 @@ fn non_vip_traffic_passes_unchanged() {
 
 #[test]
 fn vip_not_owned_by_this_node_passes_until_ownership_is_taken() {
-    let mut lab = Lab::new("apilb-fx-owned");
-    lab.vip(0, sa(VIP4), false, &masters4());
+    // An elected VIP, whose election this node has not won.
+    let mut elected = LabConfig::new(&[sa(VIP4)], &addrs(&masters4()));
+    elected.vips[0].1 = true;
+    let mut lab = Lab::with_config("apilb-fx-owned", &elected);
     let syn = client_syn(CLIENT4, VIP4);
     lab.run(&unchanged(
         "SYN to a VIP owned elsewhere",
@@ -208,7 +231,7 @@ fn vip_not_owned_by_this_node_passes_until_ownership_is_taken() {
     ));
     assert!(lab.dp.flows().expect("flows").is_empty());
 
-    lab.dp.set_owned(sa(VIP4), true).expect("take ownership");
+    lab.set_owned(sa(VIP4).ip(), true);
     let (_, backend, mac) = picked(&lab, 0, CLIENT4, VIP4, &masters4());
     lab.run(&new_flow_to(
         "the same SYN once this node owns the VIP",
@@ -218,9 +241,7 @@ fn vip_not_owned_by_this_node_passes_until_ownership_is_taken() {
         mac,
     ));
 
-    lab.dp
-        .set_owned(sa(VIP4), false)
-        .expect("give up ownership");
+    lab.set_owned(sa(VIP4).ip(), false);
     let data = syn.clone().data(b"GET /readyz");
     lab.run(&unchanged(
         "established flow after ownership moved away",
@@ -286,9 +307,9 @@ fn established_flow_keeps_its_backend_after_the_ring_changes() {
     let syn = client_syn(CLIENT4, VIP4);
     let (id, backend, mac) = picked(&lab, 0, CLIENT4, VIP4, &masters);
     lab.run(&new_flow_to("SYN", &syn, backend, 40_000, mac));
-    // Take the flow's backend out of the ring: Maglev now sends this tuple elsewhere.
-    let rest: Vec<_> = masters.iter().copied().filter(|(b, _)| *b != id).collect();
-    lab.ring(0, &rest);
+    // Take the flow's backend out of the ring (its probes fail, short of down):
+    // Maglev now sends this tuple elsewhere.
+    lab.set_health(backend, Health::NotReady);
     assert_ne!(
         lab.maglev_pick(0, sa(CLIENT4), sa(VIP4)),
         id,
@@ -472,9 +493,11 @@ fn ipv4_and_ipv6_fragments_pass_untouched() {
 
 #[test]
 fn fib_neighbour_miss_hands_the_rewritten_packet_to_the_stack() {
-    let mut lab = Lab::new("apilb-fx-fibmiss");
     let unresolved = sa("198.51.100.14:6443");
-    lab.vip(0, sa(VIP4), true, &[(4, unresolved)]);
+    let mut lab = Lab::with_config(
+        "apilb-fx-fibmiss",
+        &LabConfig::new(&[sa(VIP4)], &[unresolved]),
+    );
     let syn = client_syn(CLIENT4, VIP4);
     lab.run(&Fixture {
         desc: "SYN to a VIP whose master has no neighbour entry",
@@ -491,9 +514,8 @@ fn fib_neighbour_miss_hands_the_rewritten_packet_to_the_stack() {
 
 #[test]
 fn master_on_the_ingress_link_is_reached_with_xdp_tx() {
-    let mut lab = Lab::new("apilb-fx-tx");
     let one_armed = sa("192.0.2.21:6443");
-    lab.vip(0, sa(VIP4), true, &[(5, one_armed)]);
+    let mut lab = Lab::with_config("apilb-fx-tx", &LabConfig::new(&[sa(VIP4)], &[one_armed]));
     let syn = client_syn(CLIENT4, VIP4);
     lab.run(&Fixture {
         desc: "SYN whose master is out of the interface it came in on",
@@ -511,17 +533,10 @@ fn master_on_the_ingress_link_is_reached_with_xdp_tx() {
 
 #[test]
 fn local_master_gets_the_packet_unmodified_and_the_flow_sticks() {
-    let mut lab = Lab::new("apilb-fx-local");
-    lab.vip(0, sa(VIP4), true, &[(7, sa("192.0.2.1:6443"))]);
-    lab.dp
-        .set_backend(
-            7,
-            &BackendEntry {
-                local: true,
-                ..BackendEntry::remote(sa("192.0.2.1:6443"))
-            },
-        )
-        .expect("mark local");
+    let this_node = sa("192.0.2.1:6443");
+    let mut setup = LabConfig::new(&[sa(VIP4)], &[this_node]);
+    setup.backends[0].2 = true;
+    let mut lab = Lab::with_config("apilb-fx-local", &setup);
     let syn = client_syn(CLIENT4, VIP4);
     lab.run(&Fixture {
         desc: "SYN whose master is this node",
@@ -543,7 +558,7 @@ fn local_master_gets_the_packet_unmodified_and_the_flow_sticks() {
     let flows = lab.dp.flows().expect("flows");
     assert_eq!(
         (flows.len(), flows[0].1.backend_id, flows[0].1.nat_port_be),
-        (1, 7, 0)
+        (1, lab.backend_id(this_node), 0)
     );
     assert!(
         lab.dp.replies().expect("replies").is_empty(),
@@ -553,8 +568,12 @@ fn local_master_gets_the_packet_unmodified_and_the_flow_sticks() {
 
 #[test]
 fn new_flows_are_dropped_with_a_reason_when_they_cannot_be_served() {
-    let mut lab = Lab::new("apilb-fx-drop");
-    lab.vip(0, sa(VIP4), true, &[]);
+    // The IPv4 VIP's only master is drained (weight 0), so its ring is empty; the
+    // IPv6 master is there because a config needs one backend of weight above 0.
+    let master = sa("198.51.100.11:6443");
+    let mut drained = LabConfig::new(&[sa(VIP4)], &[master, masters6()[0].1]);
+    drained.backends[0].1 = 0;
+    let mut lab = Lab::with_config("apilb-fx-drop", &drained);
     let syn = client_syn(CLIENT4, VIP4);
     // A dropped frame comes back from BPF_PROG_TEST_RUN as it went in.
     let dropped = |desc, input: Vec<u8>, counter| Fixture {
@@ -572,14 +591,10 @@ fn new_flows_are_dropped_with_a_reason_when_they_cannot_be_served() {
     ));
 
     // Two NAT ports for one master: the third concurrent flow finds none free.
-    lab.dp
-        .set_node_config(&lb_userspace::datapath::NodeConfig {
-            snat_v6: None,
-            ports: 40_000..=40_001,
-            ..lab_config()
-        })
-        .expect("narrow the NAT range");
-    lab.ring(0, &[(1, sa("198.51.100.11:6443"))]);
+    let mut narrow = LabConfig::new(&[sa(VIP4)], &[master]);
+    narrow.snat_v6 = false;
+    narrow.nat_ports = 40_000..=40_001;
+    lab.configure(&narrow);
     for port in [51_000, 51_001] {
         let s = client_syn(&format!("192.0.2.10:{port}"), VIP4);
         lab.run(&Fixture {
@@ -604,8 +619,18 @@ fn new_flows_are_dropped_with_a_reason_when_they_cannot_be_served() {
         DROP_NO_NAT_PORT,
     ));
 
-    // IPv6 VIP with no IPv6 SNAT address configured.
-    lab.vip(1, sa(VIP6), true, &masters6());
+    // IPv6 VIP with no IPv6 SNAT address configured. Config validation refuses
+    // that, so the config is validated with the address and then loses it: the
+    // datapath's own guard is what this checks.
+    let mut six_vip = narrow.clone();
+    six_vip.vips.push((sa(VIP6), false));
+    six_vip
+        .backends
+        .extend(addrs(&masters6()).iter().map(|&a| (a, 1, false)));
+    six_vip.snat_v6 = true;
+    let mut config = Lab::parse(&six_vip);
+    config.datapath.snat_v6 = None;
+    lab.apply_config(config);
     let six = client_syn(CLIENT6, VIP6).build();
     lab.run(&dropped(
         "IPv6 SYN with no IPv6 SNAT address",
@@ -658,12 +683,7 @@ fn cached_next_hop_is_used_until_it_expires_then_refreshed_from_the_fib() {
     ));
     // Once the TTL has passed (set to 0 rather than waited for), the FIB is asked
     // again and the new MAC used and stored.
-    lab.dp
-        .set_node_config(&lb_userspace::datapath::NodeConfig {
-            nexthop_ttl: std::time::Duration::ZERO,
-            ..lab_config()
-        })
-        .expect("expire next hops");
+    lab.reconfigure(|c| c.nexthop_ttl = Duration::ZERO);
     lab.run(&to_master(
         "after the TTL: the FIB is asked again, the new MAC",
         &data,
@@ -735,14 +755,13 @@ fn only_a_syn_opens_a_flow() {
 #[test]
 fn nat_port_of_a_closed_flow_is_reused_after_its_grace_but_a_live_one_never() {
     let (mut lab, master) = one_master_lab("apilb-fx-ports");
-    let one_port = |close_grace| lb_userspace::datapath::NodeConfig {
-        ports: 40_000..=40_000,
-        flow_close_grace: close_grace,
-        ..lab_config()
+    let one_port = |close_grace| {
+        move |c: &mut LabConfig| {
+            c.nat_ports = 40_000..=40_000;
+            c.flow_close_grace = close_grace;
+        }
     };
-    lab.dp
-        .set_node_config(&one_port(std::time::Duration::from_secs(30)))
-        .expect("one NAT port");
+    lab.reconfigure(one_port(Duration::from_secs(30)));
     let a = client_syn("192.0.2.10:51000", VIP4);
     let b = client_syn("192.0.2.10:51001", VIP4);
     let b_dropped = || Fixture {
@@ -794,9 +813,7 @@ fn nat_port_of_a_closed_flow_is_reused_after_its_grace_but_a_live_one_never() {
     lab.run(&b_dropped());
 
     // With the close grace over, B takes A's port, and A's entry is gone.
-    lab.dp
-        .set_node_config(&one_port(std::time::Duration::ZERO))
-        .expect("no close grace");
+    lab.reconfigure(one_port(Duration::ZERO));
     lab.run(&to_master(
         "flow B reclaims the closed flow's port",
         &b,
@@ -844,13 +861,9 @@ fn half_open_at(
     (client, vip, vip_id): (&str, &str, u32),
     masters: &[(u32, SocketAddr)],
 ) -> HalfOpen {
-    let mut lab = lab(prefix);
-    lab.dp
-        .set_node_config(&lb_userspace::datapath::NodeConfig {
-            passive: on,
-            ..lab_config()
-        })
-        .expect("node config");
+    let mut setup = two_vips();
+    setup.passive = on;
+    let mut lab = Lab::with_config(prefix, &setup);
     let syn = client_syn(client, vip);
     let (id, backend, mac) = picked(&lab, vip_id, client, vip, masters);
     lab.run(&new_flow_to("SYN", &syn, backend, 40_000, mac));
@@ -905,32 +918,18 @@ fn master_rst(on: bool) -> HalfOpen {
     h
 }
 
-/// Give master `id` (at `backend`) another master as its fallback; that one.
-fn with_fallback(lab: &mut Lab, id: u32, backend: SocketAddr) -> (u32, SocketAddr) {
-    let (other, to) = *masters4()
-        .iter()
-        .find(|(b, _)| *b != id)
-        .expect("three masters");
-    lab.dp
-        .set_backend(
-            id,
-            &BackendEntry {
-                fallback: other,
-                ..BackendEntry::remote(backend)
-            },
-        )
-        .expect("fallback");
+/// The master after `id` in the controller's fallback order (by address), which
+/// a SYN balanced away from `id` goes to.
+fn fallback_of(lab: &Lab, id: u32) -> (u32, SocketAddr) {
+    let (other, to) = lab.fallback(id);
+    assert_ne!(other, id, "three masters");
     (other, to)
 }
 
 #[test]
 fn passive_detection_drops_a_rst_to_an_unanswered_syn_and_steers_the_retransmit_away() {
     let HalfOpen {
-        mut lab,
-        syn,
-        id,
-        backend,
-        ..
+        mut lab, syn, id, ..
     } = master_rst(true);
     assert_eq!(lab.dp.passive_stats(id).expect("passive stats").rst, 1);
     let flows = lab.dp.flows().expect("flows");
@@ -942,13 +941,13 @@ fn passive_detection_drops_a_rst_to_an_unanswered_syn_and_steers_the_retransmit_
     );
     // The client's retransmit (the ring still names the master: the controller
     // has not rewritten it yet) goes to the fallback, and counts no second failure.
-    let (other, to) = with_fallback(&mut lab, id, backend);
+    let (other, to) = fallback_of(&lab, id);
     lab.run(&to_master(
         "the SYN again after the RST: a new flow, to the fallback",
         &syn,
         to,
         40_001,
-        master_mac((other % 10) as u8),
+        mac_of(&masters4(), other),
         vec![(FALLBACK, 1), (FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
     ));
     assert_eq!(lab.dp.passive_stats(id).expect("passive stats").rst, 1);
@@ -1018,7 +1017,7 @@ fn passive_detection_balances_afresh_a_syn_sent_again_to_a_silent_master() {
         mac,
         ..
     } = half_open("apilb-fx-psil", true);
-    let (other, to) = with_fallback(&mut lab, id, backend);
+    let (other, to) = fallback_of(&lab, id);
     // At once, the same SYN again is the same flow.
     lab.run(&to_master(
         "the SYN again at once: same flow, same port",
@@ -1037,7 +1036,7 @@ fn passive_detection_balances_afresh_a_syn_sent_again_to_a_silent_master() {
         &syn,
         to,
         40_001,
-        master_mac((other % 10) as u8),
+        mac_of(&masters4(), other),
         vec![
             (PASSIVE_SILENT, 1),
             (FALLBACK, 1),
@@ -1135,23 +1134,22 @@ fn new_flows_whose_slot_names_a_master_out_of_rotation_follow_the_fallback_order
             .find(|s| lab.maglev_pick(0, s.src, sa(VIP4)) == id)
             .expect("a port for every master")
     };
-    // Out of rotation in order: 1 -> 2 -> 3 -> 1, as the controller links them.
+    // The controller links them 1 -> 2 -> 3 -> 1. It marks a master out of
+    // rotation and then rewrites the rings without it, in one `apply`; what new
+    // flows do in between, while a ring slot still names a marked master, is what
+    // this checks. No config, health or election makes the controller stop there,
+    // so the mark is written as `apply` writes it, through the map writer, and the
+    // rings are left alone.
+    assert_eq!(
+        (1..=3).map(|id| lab.fallback(id).0).collect::<Vec<_>>(),
+        [2, 3, 1]
+    );
     let mark = |lab: &mut Lab, id: u32, down: bool| {
-        let (_, addr) = masters[id as usize - 1];
+        let entry = lab.desired().entry(id).expect("configured");
         lab.dp
-            .set_backend(
-                id,
-                &BackendEntry {
-                    down,
-                    fallback: id % 3 + 1,
-                    ..BackendEntry::remote(addr)
-                },
-            )
+            .set_backend(id, &BackendEntry { down, ..entry })
             .expect("backend");
     };
-    for id in 1..=3 {
-        mark(&mut lab, id, false);
-    }
     let mut syns = Vec::new();
     for (out, desc) in [
         (1_u8, "SYN to a slot of master 1, which is out: master 2"),

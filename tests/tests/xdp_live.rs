@@ -2,7 +2,7 @@
 //! veth, in the `tests::cluster` topology. The master's neighbour is unresolved when the first SYN
 //! arrives, so that SYN takes the FIB-miss path: rewritten and handed to the LB's
 //! stack, which must accept a packet whose source is its own SNAT address
-//! (`accept_local`, set by `Datapath::attach`) and resolve the neighbour for the
+//! (`accept_local`, set by `Programs::attach`) and resolve the neighbour for the
 //! packets after it. Needs root.
 
 use std::{collections::HashSet, net::SocketAddr, time::Duration};
@@ -27,7 +27,8 @@ fn tcp_connections_through_the_attached_datapath_reach_the_master_via_nat() {
             ..Shape::default()
         },
     );
-    let dp = t.balancer(None);
+    let balancer = t.balancer(None);
+    let dp = &balancer.dp;
     let v = t.lb().exec(
         "sysctl",
         &["-n", &format!("net.ipv4.conf.{LB_DEV}.accept_local")],

@@ -59,9 +59,13 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             step("checking formatting (cargo fmt --all -- --check)");
             exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
-            step("running the test suite (cargo test: every default member)");
+            step(
+                "running the test suite (cargo test --workspace --exclude lb-ebpf: the default \
+                 members, and the tests crate's root-only namespace tests)",
+            );
             let mut cmd = cargo();
-            cmd.args(["test", "--"]).args(&args);
+            cmd.args(["test", "--workspace", "--exclude", "lb-ebpf", "--"])
+                .args(&args);
             exec(&mut cmd)?;
             if !args.is_empty() {
                 step("test arguments given: skipping vm-test");

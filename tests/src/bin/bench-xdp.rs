@@ -8,11 +8,13 @@
 //! CPU 0 and the lab namespace gives the FIB real, permanent neighbours, so the
 //! forwarding rows include a real `bpf_fib_lookup`.
 
-use lb_common::{FLOW_TABLE_SIZE, PROG_XDP, PROG_XDP_DROP};
-use lb_userspace::{datapath::NodeConfig, loader::LoadOptions};
+use std::time::Duration;
+
+use lb_common::{FLOW_TABLE_SIZE, NEXTHOP_TTL_DEFAULT_NS, PROG_XDP, PROG_XDP_DROP};
+use lb_userspace::loader::LoadOptions;
 use tests::{
     fixture::{
-        CLIENT_MAC, FX0_MAC, FX1_MAC, Ingress, Lab, XDP_DROP, XDP_PASS, XDP_REDIRECT, chain,
+        CLIENT_MAC, FX0_MAC, FX1_MAC, Ingress, Lab, LabConfig, XDP_DROP, XDP_PASS, XDP_REDIRECT,
         master_mac, sa,
     },
     packets::Tcp,
@@ -58,14 +60,10 @@ impl Case {
 
     /// Run the next `PER_ROUND` packets, one syscall each.
     fn round(&mut self, lab: &mut Lab) {
-        let ifindex = lab.ifindex(self.ingress);
         for _ in 0..PER_ROUND {
             let i = self.next % self.packets.len();
             self.next += 1;
-            let out = lab
-                .dp
-                .test_run(self.prog, &self.packets[i], ifindex)
-                .unwrap_or_else(|e| panic!("{}: {}", self.name, chain(&e)));
+            let out = lab.test_run(self.prog, &self.packets[i], self.ingress);
             assert_eq!(
                 out.action,
                 self.action,
@@ -114,24 +112,20 @@ fn main() {
 
 /// Provision the lab with one VIP over three masters and build the five rows.
 fn cases(lab: &mut Lab) -> [Case; 5] {
+    // Ids 1-3, as the controller numbers the backends in config order.
     let masters: Vec<_> = (1..=3)
         .map(|n| (n, sa(&format!("198.51.100.1{n}:6443"))))
         .collect();
-    lab.vip(0, sa(VIP), true, &masters);
-    lab.dp
-        .set_node_config(&NodeConfig::new(
-            Some("198.51.100.1".parse().unwrap()),
-            None,
-            1024..=65_535,
-        ))
-        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+    let addrs: Vec<_> = masters.iter().map(|(_, a)| *a).collect();
+    let mut setup = LabConfig::new(&[sa(VIP)], &addrs);
+    setup.snat_v6 = false;
+    setup.nat_ports = 1024..=65_535;
+    setup.nexthop_ttl = Duration::from_nanos(NEXTHOP_TTL_DEFAULT_NS);
+    lab.configure(&setup);
 
     // One established flow, for the established and reply rows.
     let syn = Tcp::syn(CLIENT_MAC, FX0_MAC, sa("192.0.2.10:50000"), sa(VIP));
-    let first = lab
-        .dp
-        .test_run(PROG_XDP, &syn.build(), lab.ifindex(Ingress::ClientSide))
-        .expect("first syn");
+    let first = lab.test_run(PROG_XDP, &syn.build(), Ingress::ClientSide);
     assert_eq!(first.action, XDP_REDIRECT);
     let flow = lab.dp.flows().expect("flows")[0].1;
     let backend = masters
