@@ -23,9 +23,9 @@ use network_types::{
 };
 
 use crate::{
-    Outcome,
     csum::Delta,
     maps::{SCRATCH, TX_PORTS, count},
+    outcome::Outcome,
     packet::{Parsed, ptr_at},
 };
 
