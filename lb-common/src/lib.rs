@@ -16,6 +16,7 @@
 )]
 
 pub mod counters;
+pub mod csum;
 pub mod hash;
 pub mod maps;
 

@@ -15,7 +15,7 @@ use aya_ebpf::{
     helpers::generated::bpf_fib_lookup as fib_lookup,
     programs::XdpContext,
 };
-use lb_common::{AF_INET, NextHop, counters::*};
+use lb_common::{AF_INET, NextHop, counters::*, csum::Delta};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -23,7 +23,6 @@ use network_types::{
 };
 
 use crate::{
-    csum::Delta,
     maps::{SCRATCH, TX_PORTS, count},
     outcome::Outcome,
     packet::{Parsed, ptr_at},
