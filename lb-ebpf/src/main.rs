@@ -59,12 +59,6 @@ mod programs {
         outcome.action
     }
 
-    /// The benchmark floor: the cheapest possible XDP program.
-    #[xdp]
-    pub fn apilb_xdp_drop(_ctx: XdpContext) -> u32 {
-        aya_ebpf::bindings::xdp_action::XDP_DROP
-    }
-
     #[cgroup_sock_addr(connect4)]
     pub fn apilb_connect4(ctx: SockAddrContext) -> i32 {
         sock::connect(&ctx, AF_INET);

@@ -8,6 +8,8 @@ pub mod controller;
 pub mod daemon;
 pub mod datapath;
 pub mod election;
+#[cfg(feature = "bench")]
+pub mod floor;
 pub mod health;
 pub mod kernel;
 pub mod loader;

@@ -30,8 +30,7 @@ use aya::{
 use lb_common::{
     ALL_MAPS, Backend, DatapathConfig, FlowKey, FlowState, LAYOUT_VERSION, MAP_BACKEND_STATS,
     MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_MAGLEV, MAP_PORT_CURSOR, MAP_REPLIES,
-    MAP_VIP_STATS, MAP_VIPS, PROG_SOCK, PROG_XDP, PROG_XDP_DROP, ReplyState, TrafficStats, VipInfo,
-    VipKey,
+    MAP_VIP_STATS, MAP_VIPS, PROG_SOCK, PROG_XDP, ReplyState, TrafficStats, VipInfo, VipKey,
 };
 
 use crate::datapath::{Datapath, DatapathError, OBJECT};
@@ -242,14 +241,12 @@ impl Datapath {
         for (name, path) in &pins {
             check_layout(dp.map(name)?, name, path, opts.flow_table_size)?;
         }
-        for name in [PROG_XDP, PROG_XDP_DROP] {
-            dp.xdp(name)?.load().map_err(|source| {
-                too_old(DatapathError::Program {
-                    program: name,
-                    source,
-                })
-            })?;
-        }
+        dp.xdp(PROG_XDP)?.load().map_err(|source| {
+            too_old(DatapathError::Program {
+                program: PROG_XDP,
+                source,
+            })
+        })?;
         // The socket programs of node-local mode, attached only when it is on
         // (`crate::socklb`).
         for name in PROG_SOCK {
