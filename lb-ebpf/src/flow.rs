@@ -14,7 +14,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_F_LOCAL, FLOW_F_ANSWERED, FlowKey, FlowState, NextHop, ReplyState, VipInfo,
-    counters::*, flow_hash,
+    counters::{DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR},
+    flow_hash,
 };
 
 use crate::{

@@ -1,5 +1,5 @@
-//! The client -> backend direction: a packet to a VIP this node owns is NATed to its
-//! flow's backend, picked for the flow's SYN and kept for the flow's life.
+//! The client -> backend direction: a packet to a VIP this node owns is sent, under
+//! NAT, to its flow's backend, picked for the flow's SYN and kept for the flow's life.
 //!
 //! Anything that is not for a VIP goes on to `reply`, which knows the other
 //! direction. Established packets cost one `FLOWS` lookup, a rewrite with incremental
@@ -8,7 +8,11 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     BACKEND_NONE, FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_SEEN_GRANULARITY_NS, FlowState,
-    VIP_F_OWNED, VipKey, counters::*,
+    VIP_F_OWNED, VipKey,
+    counters::{
+        DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR, FLOW_NEW, PASS_LOCAL_BACKEND, PASS_MALFORMED,
+        PASS_NO_FLOW, PASS_NOT_OWNED,
+    },
 };
 
 use crate::{

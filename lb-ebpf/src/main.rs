@@ -14,6 +14,14 @@
 //! `connect()` calls with the same rings.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "aya-ebpf's map methods take `impl Borrow`: a key or value passed by value \
+                  is a copy on the 512-byte BPF stack, a borrow is a pointer"
+    )
+)]
 
 #[cfg(target_arch = "bpf")]
 mod flow;
@@ -40,6 +48,10 @@ mod sock;
 
 /// The programs. Their names are lb-common's `PROG_XDP` and `PROG_SOCK`.
 #[cfg(target_arch = "bpf")]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the program macros take the context by value, as the kernel passes it"
+)]
 mod programs {
     use aya_ebpf::{
         macros::{cgroup_sock_addr, xdp},

@@ -14,7 +14,8 @@
 use lb_common::{
     BACKEND_NONE, CONFIG_F_PASSIVE, FLOW_F_ANSWERED, FLOW_F_REFUSED, FlowKey, FlowState,
     PASSIVE_EVENT_GAP_NS, PASSIVE_KIND_ICMP, PASSIVE_KIND_RST, PASSIVE_KIND_SILENT,
-    PASSIVE_SILENT_NS, PassiveEvent, ReplyState, counters::*,
+    PASSIVE_SILENT_NS, PassiveEvent, ReplyState,
+    counters::{DROP_PASSIVE_ICMP, PASS_NOT_VIP, PASSIVE_SILENT},
 };
 
 use crate::{

@@ -14,7 +14,8 @@
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    AF_INET, DatapathConfig, FLOW_F_CLOSING, FlowKey, NextHop, PORT_CLAIM_GRACE_NS, counters::*,
+    AF_INET, DatapathConfig, FLOW_F_CLOSING, FlowKey, NextHop, PORT_CLAIM_GRACE_NS,
+    counters::{DROP_NO_NAT_PORT, PORT_RECLAIMED},
 };
 
 use crate::maps::{FLOWS, PORT_CURSOR, REPLIES, Scratch, count};
@@ -67,6 +68,10 @@ pub fn claim_port(
     // SAFETY: per-CPU slot, only this CPU reads and writes it.
     let start = unsafe { *cursor };
     for i in 0..PORT_TRIES {
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "a port of the range, at most `port_max_host`"
+        )]
         let port_be = ((min + start.wrapping_add(i) % range) as u16).to_be();
         s.reply_key.dport_be = port_be;
         let claimed = REPLIES

@@ -6,7 +6,10 @@
 //! balancer's.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{CONFIG_F_PASSIVE, FLOW_F_ANSWERED, FLOW_F_CLOSING, PASSIVE_KIND_RST, counters::*};
+use lb_common::{
+    CONFIG_F_PASSIVE, FLOW_F_ANSWERED, FLOW_F_CLOSING, PASSIVE_KIND_RST,
+    counters::{DROP_PASSIVE_RST, PASS_MALFORMED, PASS_NOT_VIP, REPLY_HIT},
+};
 
 use crate::{
     flow::{coarse_now, set_flow_flags},

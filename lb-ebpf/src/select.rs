@@ -8,7 +8,8 @@
 //! has the same order, so all LB nodes still agree on where a flow goes.
 
 use lb_common::{
-    BACKEND_F_DOWN, BACKEND_NONE, Backend, FALLBACK_HOPS, MAGLEV_SIZE_MAX, VipInfo, counters::*,
+    BACKEND_F_DOWN, BACKEND_NONE, Backend, FALLBACK_HOPS, MAGLEV_SIZE_MAX, VipInfo,
+    counters::{DROP_NO_BACKEND, FALLBACK},
 };
 
 use crate::maps::{BACKENDS, MAGLEV, count};

@@ -24,7 +24,7 @@ use crate::{
 };
 
 const SOCK_STREAM: u32 = 1;
-/// A cgroup sock_addr program's verdict that lets the call go on.
+/// A cgroup `sock_addr` program's verdict that lets the call go on.
 pub const ALLOW: i32 = 1;
 
 /// Point a TCP connect to a node-local VIP at a backend. Anything else, or a VIP
@@ -49,6 +49,10 @@ pub fn connect(ctx: &SockAddrContext, family: u8) {
         ip6(sa)
     };
     // The port is in network order in the low 16 bits, as in a sockaddr.
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the port is the low 16 bits"
+    )]
     let port_be = sa.user_port as u16;
     let key = VipKey {
         addr_be,
