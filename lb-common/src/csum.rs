@@ -128,6 +128,20 @@ mod tests {
         u64::from(!full(&b, 0))
     }
 
+    /// The TCP checksum after NAT, updated by `addrs` (the addresses' delta) and
+    /// the new `ports`; the segment gets the new ports and a zero checksum field,
+    /// ready for a full recomputation.
+    fn nat_ports(tcp: &mut [u8], addrs: Delta, ports: (u16, u16)) -> u16 {
+        let check = addrs
+            .word16(port(tcp, 0), ports.0)
+            .word16(port(tcp, 2), ports.1)
+            .apply(port(tcp, 16));
+        tcp[0..2].copy_from_slice(&ports.0.to_ne_bytes());
+        tcp[2..4].copy_from_slice(&ports.1.to_ne_bytes());
+        tcp[16..18].copy_from_slice(&[0, 0]);
+        check
+    }
+
     /// NAT of an IPv4 packet, as the XDP program does it: new addresses and ports,
     /// the IPv4 header checksum and the TCP checksum updated by the delta, equal to
     /// both recomputed from scratch, for many random headers.
@@ -152,20 +166,13 @@ mod tests {
                 .word32(u32::from_ne_bytes(src), u32::from_ne_bytes(nsrc))
                 .word32(u32::from_ne_bytes(dst), u32::from_ne_bytes(ndst));
             let ip_check = addrs.apply(u16::from_ne_bytes([ip[10], ip[11]]));
-            let tcp_check = addrs
-                .word16(port(&tcp, 0), ports.0)
-                .word16(port(&tcp, 2), ports.1)
-                .apply(port(&tcp, 16));
+            let tcp_check = nat_ports(&mut tcp, addrs, ports);
 
             ip[12..16].copy_from_slice(&nsrc);
             ip[16..20].copy_from_slice(&ndst);
             ip[10] = 0;
             ip[11] = 0;
             assert_eq!(ip_check, full(&ip, 0), "IPv4 header {ip:02x?}");
-            tcp[0..2].copy_from_slice(&ports.0.to_ne_bytes());
-            tcp[2..4].copy_from_slice(&ports.1.to_ne_bytes());
-            tcp[16] = 0;
-            tcp[17] = 0;
             assert_eq!(
                 tcp_check,
                 full(&tcp, pseudo4(nsrc, ndst, tcp.len())),
@@ -184,17 +191,10 @@ mod tests {
             let (nsrc, ndst): ([u8; 16], [u8; 16]) = (rng.bytes(), rng.bytes());
             let ports = (rng.u16(), rng.u16());
 
-            let tcp_check = Delta::default()
+            let addrs = Delta::default()
                 .addr(&words(&src), &words(&nsrc))
-                .addr(&words(&dst), &words(&ndst))
-                .word16(port(&tcp, 0), ports.0)
-                .word16(port(&tcp, 2), ports.1)
-                .apply(port(&tcp, 16));
-
-            tcp[0..2].copy_from_slice(&ports.0.to_ne_bytes());
-            tcp[2..4].copy_from_slice(&ports.1.to_ne_bytes());
-            tcp[16] = 0;
-            tcp[17] = 0;
+                .addr(&words(&dst), &words(&ndst));
+            let tcp_check = nat_ports(&mut tcp, addrs, ports);
             assert_eq!(
                 tcp_check,
                 full(&tcp, pseudo6(nsrc, ndst, tcp.len())),

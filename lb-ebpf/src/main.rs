@@ -1,7 +1,8 @@
 //! apilb's kernel programs: the XDP balancer, which sends VIP:6443 connections to
 //! healthy masters in NAT mode, and the socket programs of node-local mode.
 //!
-//! This is the crate root: the modules and the programs' entry points. Per packet,
+//! This is the crate root: the modules and the programs' entry points (`runtime`
+//! adds the panic handler and the license). Per packet,
 //! the XDP program parses (`packet`); a client's packet to an owned VIP keeps its
 //! flow's backend or gets one (`ingress`, `select`, `flow`, `ports`), a backend's
 //! reply is turned back to the VIP's (`reply`), and either is rewritten with
@@ -41,6 +42,8 @@ mod passive;
 mod ports;
 #[cfg(target_arch = "bpf")]
 mod reply;
+#[cfg(target_arch = "bpf")]
+mod runtime;
 #[cfg(target_arch = "bpf")]
 mod select;
 #[cfg(target_arch = "bpf")]
@@ -94,21 +97,9 @@ mod programs {
         sock::peer(&ctx, AF_INET6);
         sock::ALLOW
     }
-
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        // SAFETY: the verifier rejects any program with a reachable panic path, so a
-        // program that loads never gets here.
-        unsafe { core::hint::unreachable_unchecked() }
-    }
 }
 
 /// Built for the host only so that workspace-wide commands do not fail; the real
 /// program exists only for `bpfel-unknown-none`.
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
-
-#[cfg(target_arch = "bpf")]
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

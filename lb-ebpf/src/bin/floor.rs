@@ -7,6 +7,10 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+#[cfg(target_arch = "bpf")]
+#[path = "../runtime.rs"]
+mod runtime;
+
 /// The program. Its name is lb-common's `PROG_XDP_DROP`.
 #[cfg(target_arch = "bpf")]
 mod program {
@@ -16,21 +20,9 @@ mod program {
     pub fn apilb_xdp_drop(_ctx: XdpContext) -> u32 {
         xdp_action::XDP_DROP
     }
-
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        // SAFETY: the verifier rejects any program with a reachable panic path, so a
-        // program that loads never gets here.
-        unsafe { core::hint::unreachable_unchecked() }
-    }
 }
 
 /// Built for the host only so that workspace-wide commands do not fail; the real
 /// program exists only for `bpfel-unknown-none`.
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
-
-#[cfg(target_arch = "bpf")]
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
