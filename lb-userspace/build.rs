@@ -1,5 +1,7 @@
 //! Builds lb-ebpf for bpfel-unknown-none so that `apilb` embeds its own datapath and
-//! never reads an object from a path at run time.
+//! never reads an object from a path at run time. aya-build builds every binary of
+//! the package into `OUT_DIR`: the datapath (`lb-ebpf`), and the benchmark floor
+//! (`floor`), which only the `bench` feature embeds.
 //!
 //! The toolchain here is stable (1.95.0, pinned in `rust-toolchain.toml` for its
 //! LLVM 22, the one bpf-linker reads), so `-Z build-std=core` needs `RUSTC_BOOTSTRAP=1`,

@@ -78,6 +78,7 @@ pub const FALLBACK: u32 = 24;
 
 /// Size of the `COUNTERS` array.
 pub const COUNTER_COUNT: u32 = 25;
+const _: () = assert!(OUTCOMES <= COUNTER_COUNT);
 
 /// Metric-friendly names, indexed by counter.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -107,3 +108,69 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "passive_silent",
     "fallback",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every counter by its constant and the name a metric shows it under.
+    const NAMED: [(u32, &str); COUNTER_COUNT as usize] = [
+        (PASS_NOT_IP, "pass_not_ip"),
+        (PASS_NOT_TCP, "pass_not_tcp"),
+        (PASS_FRAGMENT, "pass_fragment"),
+        (PASS_MALFORMED, "pass_malformed"),
+        (PASS_NOT_VIP, "pass_not_vip"),
+        (PASS_NOT_OWNED, "pass_not_owned"),
+        (PASS_LOCAL_BACKEND, "pass_local_backend"),
+        (PASS_VLAN, "pass_vlan"),
+        (PASS_FIB_MISS, "pass_fib_miss"),
+        (PASS_NO_TX_PORT, "pass_no_tx_port"),
+        (DROP_NO_BACKEND, "drop_no_backend"),
+        (DROP_NO_NAT_PORT, "drop_no_nat_port"),
+        (DROP_NO_SNAT_ADDR, "drop_no_snat_addr"),
+        (DROP_FLOW_INSERT, "drop_flow_insert"),
+        (PASS_NO_FLOW, "pass_no_flow"),
+        (TX, "tx"),
+        (REDIRECT, "redirect"),
+        (DROP_PASSIVE_RST, "drop_passive_rst"),
+        (DROP_PASSIVE_ICMP, "drop_passive_icmp"),
+        (FLOW_NEW, "flow_new"),
+        (REPLY_HIT, "reply_hit"),
+        (FIB_LOOKUP, "fib_lookup"),
+        (PORT_RECLAIMED, "port_reclaimed"),
+        (PASSIVE_SILENT, "passive_silent"),
+        (FALLBACK, "fallback"),
+    ];
+
+    #[test]
+    fn each_constant_indexes_its_own_name() {
+        for (index, name) in NAMED {
+            assert_eq!(COUNTER_NAMES[index as usize], name, "counter {index}");
+        }
+    }
+
+    #[test]
+    fn indices_and_names_are_unique_and_cover_the_array() {
+        let mut seen = [false; COUNTER_COUNT as usize];
+        for (index, name) in NAMED {
+            assert!(!seen[index as usize], "index {index} is used twice");
+            seen[index as usize] = true;
+            let same = COUNTER_NAMES.iter().filter(|n| **n == name).count();
+            assert_eq!(same, 1, "{name}");
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
+
+    /// Outcomes (one per packet: a pass or drop reason, TX or redirect) come first,
+    /// so that `0..OUTCOMES` sums to the packet count; events come after.
+    #[test]
+    fn outcomes_come_before_events() {
+        for (index, name) in NAMED {
+            let outcome = name.starts_with("pass_")
+                || name.starts_with("drop_")
+                || name == "tx"
+                || name == "redirect";
+            assert_eq!(index < OUTCOMES, outcome, "{name} at {index}");
+        }
+    }
+}

@@ -16,6 +16,7 @@
 )]
 
 pub mod counters;
+pub mod csum;
 pub mod hash;
 pub mod maps;
 
@@ -66,7 +67,9 @@ pub const LAYOUT_VERSION: u32 = 4;
 
 // ---- Program names (the function names in lb-ebpf). ----
 pub const PROG_XDP: &str = "apilb_xdp";
-/// A program that only returns `XDP_DROP`: the floor `cargo xtask bench xdp` compares with.
+/// A program that only returns `XDP_DROP`: the floor `cargo xtask bench xdp` compares
+/// with. It is alone in an object of its own (lb-ebpf's `floor` binary), which only
+/// lb-userspace's `bench` feature embeds; apilb's datapath has no such program.
 pub const PROG_XDP_DROP: &str = "apilb_xdp_drop";
 /// The node-local balancer's socket programs (cgroup/connect4, connect6,
 /// getpeername4, getpeername6), in that order.

@@ -15,7 +15,13 @@ use aya_ebpf::{
     helpers::generated::bpf_fib_lookup as fib_lookup,
     programs::XdpContext,
 };
-use lb_common::{AF_INET, NextHop, counters::*};
+use lb_common::{
+    AF_INET, NextHop,
+    counters::{
+        FIB_LOOKUP, PASS_FIB_MISS, PASS_MALFORMED, PASS_NO_TX_PORT, PASS_VLAN, REDIRECT, TX,
+    },
+    csum::Delta,
+};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -23,13 +29,24 @@ use network_types::{
 };
 
 use crate::{
-    Outcome,
-    csum::Delta,
     maps::{SCRATCH, TX_PORTS, count},
+    outcome::Outcome,
     packet::{Parsed, ptr_at},
 };
 
+/// The size of a FIB request, as `bpf_fib_lookup` takes it.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "the request is 64 bytes"
+)]
+const FIB_REQUEST_LEN: i32 = size_of::<bpf_fib_lookup>() as i32;
+
 /// The new 4-tuple of a packet.
+#[expect(
+    clippy::struct_field_names,
+    reason = "`_be` says the byte order, as in every shared type"
+)]
 pub struct Tuple {
     pub src_be: [u32; 4],
     pub dst_be: [u32; 4],
@@ -98,9 +115,9 @@ fn fib_next_hop(ctx: &XdpContext, p: &Parsed, t: &Tuple, now: u64, hop: &mut Nex
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return false;
     };
-    // SAFETY: this CPU's scratch slot; only its `fib` field is touched, through
+    // SAFETY: this CPU's scratch slot; only its `fib` field is borrowed, through
     // the raw pointer, as `t` or the caller's flow may point into other fields.
-    let fib = unsafe { &mut *(&raw mut (*scratch).fib) };
+    let fib = unsafe { &mut (*scratch).fib };
     // SAFETY: `bpf_fib_lookup` is plain old data; all-zero is its documented start.
     *fib = unsafe { core::mem::zeroed() };
     fib.family = p.key.family;
@@ -108,7 +125,7 @@ fn fib_next_hop(ctx: &XdpContext, p: &Parsed, t: &Tuple, now: u64, hop: &mut Nex
     fib.sport = t.sport_be;
     fib.dport = t.dport_be;
     fib.__bindgen_anon_1.tot_len = p.ip_len;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.ifindex = ingress_ifindex(ctx);
     if p.key.family == AF_INET {
         fib.__bindgen_anon_2.tos = p.tos;
         fib.__bindgen_anon_3.ipv4_src = t.src_be[0];
@@ -119,14 +136,7 @@ fn fib_next_hop(ctx: &XdpContext, p: &Parsed, t: &Tuple, now: u64, hop: &mut Nex
     }
     // SAFETY: `fib` is a valid, initialised `bpf_fib_lookup` in the scratch slot
     // and the size passed is its size; the context pointer is the program's own.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &raw mut *fib,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), &raw mut *fib, FIB_REQUEST_LEN, 0) };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return false;
     }
@@ -168,7 +178,7 @@ pub fn forward(
         }
         changed = true;
     }
-    let outcome = if hop.ifindex == ctx.ingress_ifindex() as u32 {
+    let outcome = if hop.ifindex == ingress_ifindex(ctx) {
         Outcome {
             action: xdp_action::XDP_TX,
             counter: TX,
@@ -192,4 +202,14 @@ pub fn forward(
     eth.dst_addr = hop.dmac;
     eth.src_addr = hop.smac;
     (outcome, changed)
+}
+
+/// The interface the packet came in on: the kernel's `u32`, which aya widens.
+#[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the kernel's field is a u32; aya widens it to usize"
+)]
+fn ingress_ifindex(ctx: &XdpContext) -> u32 {
+    ctx.ingress_ifindex() as u32
 }

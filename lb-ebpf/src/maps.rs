@@ -10,9 +10,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    Backend, DatapathConfig, FlowKey, FlowState, PASSIVE_EVENT_GAP_NS, PASSIVE_KIND_ICMP,
-    PASSIVE_KIND_RST, PassiveEvent, PassiveState, PassiveStats, ReplyState, SockOrig, TrafficStats,
-    VipInfo, VipKey,
+    Backend, DatapathConfig, FlowKey, FlowState, PassiveState, PassiveStats, ReplyState, SockOrig,
+    TrafficStats, VipInfo, VipKey,
     maps::{self as specs, MapSpec, MapType},
 };
 
@@ -62,13 +61,13 @@ pub static PORT_CURSOR: PerCpuArray<u32> = per_cpu_array(&specs::PORT_CURSOR);
 /// 512-byte BPF stack is shared by the whole call chain and the hot path needs most
 /// of it. XDP runs to completion on one CPU, so one slot per CPU is enough.
 pub struct Scratch {
-    /// A new flow, filled in by `nat::new_flow` and recorded once forwarded.
+    /// A new flow, filled in by `flow::new_flow` and recorded once forwarded.
     pub flow: FlowState,
     pub reply: ReplyState,
     pub reply_key: FlowKey,
     pub flow_key: FlowKey,
     /// The backend a new flow must not get (it just ignored the flow's SYN), or
-    /// `BACKEND_NONE`: an argument of `nat::new_flow`, which has no room for it.
+    /// `BACKEND_NONE`: an argument of `flow::new_flow`, which has no room for it.
     pub avoid: u32,
     /// The FIB request of `forward::fib_next_hop`.
     pub fib: aya_ebpf::bindings::bpf_fib_lookup,
@@ -142,58 +141,5 @@ pub fn account(map: &PerCpuArray<TrafficStats>, index: u32, bytes: u64, new_flow
         s.packets += 1;
         s.bytes += bytes;
         s.new_flows += u64::from(new_flow);
-    }
-}
-
-/// Count a backend's failure on the wire (`PASSIVE_KIND_*`). Once it has failed
-/// `passive_threshold` times in a row, tell the controller, unless it was told
-/// about this backend within `PASSIVE_EVENT_GAP_NS`.
-#[inline(never)]
-pub fn passive_failure(backend_id: u32, kind: u32, now: u64) {
-    if let Some(s) = PASSIVE_STATS.get_ptr_mut(backend_id) {
-        // SAFETY: per-CPU slot, only this CPU writes it (see `count`).
-        let s = unsafe { &mut *s };
-        if kind == PASSIVE_KIND_RST {
-            s.rst += 1;
-        } else if kind == PASSIVE_KIND_ICMP {
-            s.icmp += 1;
-        } else {
-            s.silent += 1;
-        }
-    }
-    let (Some(state), Some(cfg)) = (PASSIVE_STATE.get_ptr_mut(backend_id), CONFIG.get(0)) else {
-        return;
-    };
-    // SAFETY: a valid array slot shared by CPUs. Racing updates can lose a count
-    // or send one extra event; either only shifts the threshold by one.
-    let state = unsafe { &mut *state };
-    state.in_a_row = state.in_a_row.saturating_add(1);
-    if state.in_a_row < cfg.passive_threshold
-        || now.wrapping_sub(state.last_event_ns) < PASSIVE_EVENT_GAP_NS
-    {
-        return;
-    }
-    state.last_event_ns = now;
-    let event = PassiveEvent {
-        backend_id,
-        kind,
-        at_ns: now,
-    };
-    // A full ring loses the event; the count above is kept, and the next one
-    // after the gap wakes the controller.
-    let _ = PASSIVE_EVENTS.output::<PassiveEvent>(&event, 0);
-}
-
-/// The backend answered a SYN: its run of passive failures is over. Written only
-/// when there is a run, so that answered SYNs do not all write a shared line.
-#[inline(always)]
-pub fn passive_answered(backend_id: u32) {
-    if let Some(state) = PASSIVE_STATE.get_ptr_mut(backend_id) {
-        // SAFETY: a valid array slot; a racing failure count may be lost (see
-        // `passive_failure`).
-        let state = unsafe { &mut *state };
-        if state.in_a_row != 0 {
-            state.in_a_row = 0;
-        }
     }
 }

@@ -8,7 +8,10 @@
 //! the balancer sent it. Passive failure detection needs that segment's flow.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{AF_INET, AF_INET6, FlowKey, IPPROTO_TCP, counters::*};
+use lb_common::{
+    AF_INET, AF_INET6, FlowKey, IPPROTO_TCP,
+    counters::{PASS_FRAGMENT, PASS_MALFORMED, PASS_NOT_IP, PASS_NOT_TCP},
+};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -23,11 +26,11 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
-/// ICMPv4 destination unreachable, and its one code that is no refusal: the path
+/// ICMP (IPv4) destination unreachable, and its one code that is no refusal: the path
 /// MTU is smaller ("fragmentation needed"), which the stack must see.
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
-/// ICMPv6 destination unreachable (packet too big is another type).
+/// ICMP (IPv6) destination unreachable (packet too big is another type).
 const ICMPV6_DEST_UNREACH: u8 = 1;
 /// ICMP header ahead of the quoted datagram: type, code, checksum, 4 bytes unused.
 const ICMP_HDR_LEN: usize = 8;
@@ -154,6 +157,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
             key.family = AF_INET6;
             key.src_be = addr6(&h.src_addr);
             key.dst_be = addr6(&h.dst_addr);
+            #[expect(clippy::cast_possible_truncation, reason = "the header is 40 bytes")]
             let len = u16::from_be_bytes(h.payload_len).saturating_add(Ipv6Hdr::LEN as u16);
             (l3 + Ipv6Hdr::LEN, len, h.next_hdr)
         }
@@ -172,9 +176,14 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
         // SAFETY: byte 13 of the 20-byte header `ptr_at` proved present.
         unsafe { *tcp.cast::<u8>().add(13) }
     };
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the TCP header starts at most at byte 78 (see `Parsed`)"
+    )]
+    let (l3, l4) = (l3 as u8, l4 as u8);
     Ok(Parsed {
-        l3: l3 as u8,
-        l4: l4 as u8,
+        l3,
+        l4,
         key,
         vlan,
         ip_len,

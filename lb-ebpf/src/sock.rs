@@ -2,10 +2,11 @@
 //! kubectl) connecting to a VIP never send a packet past the XDP hook, so their
 //! `connect()` is balanced instead, by cgroup programs (Cilium's socket-LB idea).
 //!
-//! `connect4`/`connect6` rewrite a TCP connect to a `VIP_F_LOCAL` address into one
+//! The `connect4`/`connect6` programs (in the crate root) rewrite, through
+//! [`connect`], a TCP connect to a `VIP_F_LOCAL` address into one
 //! to a backend chosen with the same Maglev ring, health and fallback order as XDP
-//! ([`crate::nat::pick`]), and remember the address asked for under the socket's
-//! cookie; `getpeername4`/`getpeername6` report that address again. No packet is
+//! ([`crate::select::pick`]), and remember the address asked for under the socket's
+//! cookie; `getpeername4`/`getpeername6` report that address again ([`peer`]). No packet is
 //! touched afterwards: the socket talks to the master directly. Only sockets of
 //! the network namespace named in `DatapathConfig::netns_cookie` are balanced.
 
@@ -13,48 +14,23 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use lb_common::{AF_INET, AF_INET6, BACKEND_NONE, IPPROTO_TCP, SockOrig, VIP_F_LOCAL, VipKey};
+use lb_common::{AF_INET, BACKEND_NONE, IPPROTO_TCP, SockOrig, VIP_F_LOCAL, VipKey};
 
 use crate::{
     maps::{CONFIG, LOCAL_STATS, SOCK_ORIG, VIPS},
-    nat::pick,
+    select::pick,
 };
 
 const SOCK_STREAM: u32 = 1;
-/// A cgroup sock_addr program's verdict that lets the call go on.
-const ALLOW: i32 = 1;
-
-#[cgroup_sock_addr(connect4)]
-pub fn apilb_connect4(ctx: SockAddrContext) -> i32 {
-    connect(&ctx, AF_INET);
-    ALLOW
-}
-
-#[cgroup_sock_addr(connect6)]
-pub fn apilb_connect6(ctx: SockAddrContext) -> i32 {
-    connect(&ctx, AF_INET6);
-    ALLOW
-}
-
-#[cgroup_sock_addr(getpeername4)]
-pub fn apilb_getpeername4(ctx: SockAddrContext) -> i32 {
-    peer(&ctx, AF_INET);
-    ALLOW
-}
-
-#[cgroup_sock_addr(getpeername6)]
-pub fn apilb_getpeername6(ctx: SockAddrContext) -> i32 {
-    peer(&ctx, AF_INET6);
-    ALLOW
-}
+/// A cgroup `sock_addr` program's verdict that lets the call go on.
+pub const ALLOW: i32 = 1;
 
 /// Point a TCP connect to a node-local VIP at a backend. Anything else, or a VIP
 /// with no backend to give, is left as it was.
 #[inline(always)]
-fn connect(ctx: &SockAddrContext, family: u8) {
+pub fn connect(ctx: &SockAddrContext, family: u8) {
     // SAFETY: the kernel passes a valid `bpf_sock_addr` for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(cfg) = CONFIG.get(0) else {
@@ -73,6 +49,10 @@ fn connect(ctx: &SockAddrContext, family: u8) {
         ip6(sa)
     };
     // The port is in network order in the low 16 bits, as in a sockaddr.
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the port is the low 16 bits"
+    )]
     let port_be = sa.user_port as u16;
     let key = VipKey {
         addr_be,
@@ -120,7 +100,7 @@ fn connect(ctx: &SockAddrContext, family: u8) {
 
 /// Report the address a balanced socket asked for as its peer.
 #[inline(always)]
-fn peer(ctx: &SockAddrContext, family: u8) {
+pub fn peer(ctx: &SockAddrContext, family: u8) {
     // SAFETY: a helper that reads the context it is given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: entries are written whole, once per connect.

@@ -9,6 +9,8 @@ pub mod daemon;
 pub mod datapath;
 pub mod election;
 pub mod events;
+#[cfg(feature = "bench")]
+pub mod floor;
 pub mod health;
 pub mod kernel;
 pub mod loader;

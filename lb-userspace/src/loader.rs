@@ -36,7 +36,7 @@ use aya::{
     },
 };
 use lb_common::{
-    LAYOUT_VERSION, MAP_FLOWS, MAP_REPLIES, PROG_SOCK, PROG_XDP, PROG_XDP_DROP,
+    LAYOUT_VERSION, MAP_FLOWS, MAP_REPLIES, PROG_SOCK, PROG_XDP,
     maps::{MAPS, MapSpec},
 };
 use tracing::{error, info, warn};
@@ -333,14 +333,12 @@ impl Programs {
             ebpf,
             pinned_links: Vec::new(),
         };
-        for name in [PROG_XDP, PROG_XDP_DROP] {
-            programs.xdp(name)?.load().map_err(|source| {
-                too_old(LoaderError::Program {
-                    program: name,
-                    source,
-                })
-            })?;
-        }
+        programs.xdp(PROG_XDP)?.load().map_err(|source| {
+            too_old(LoaderError::Program {
+                program: PROG_XDP,
+                source,
+            })
+        })?;
         // The socket programs of node-local mode, attached only when it is on
         // (`crate::socklb`).
         for name in PROG_SOCK {

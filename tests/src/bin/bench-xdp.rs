@@ -10,12 +10,12 @@
 
 use std::time::Duration;
 
-use lb_common::{FLOW_TABLE_SIZE, NEXTHOP_TTL_DEFAULT_NS, PROG_XDP, PROG_XDP_DROP};
-use lb_userspace::loader::LoadOptions;
+use lb_common::{FLOW_TABLE_SIZE, NEXTHOP_TTL_DEFAULT_NS, PROG_XDP};
+use lb_userspace::{floor::Floor, loader::LoadOptions};
 use tests::{
     fixture::{
         CLIENT_MAC, FX0_MAC, FX1_MAC, Ingress, Lab, LabConfig, XDP_DROP, XDP_PASS, XDP_REDIRECT,
-        master_mac, sa,
+        chain, master_mac, sa, test_run,
     },
     packets::Tcp,
 };
@@ -25,11 +25,19 @@ const PER_ROUND: usize = 2_500;
 const RUNS: usize = ROUNDS * PER_ROUND;
 const VIP: &str = "192.0.2.100:6443";
 
+/// Which program a row runs: the balancer, or the floor, an object of its own that
+/// only this benchmark loads.
+#[derive(Clone, Copy)]
+enum Prog {
+    Balancer,
+    Floor,
+}
+
 /// One benchmark row: which program, on which packets, and the verdict every run
 /// must return (so a row can never silently measure another path).
 struct Case {
     name: &'static str,
-    prog: &'static str,
+    prog: Prog,
     ingress: Ingress,
     packets: Vec<Vec<u8>>,
     action: u32,
@@ -42,7 +50,7 @@ struct Case {
 impl Case {
     fn new(
         name: &'static str,
-        prog: &'static str,
+        prog: Prog,
         ingress: Ingress,
         packets: Vec<Vec<u8>>,
         action: u32,
@@ -59,11 +67,20 @@ impl Case {
     }
 
     /// Run the next `PER_ROUND` packets, one syscall each.
-    fn round(&mut self, lab: &mut Lab) {
+    fn round(&mut self, lab: &mut Lab, floor: &mut Floor) {
         for _ in 0..PER_ROUND {
             let i = self.next % self.packets.len();
             self.next += 1;
-            let out = lab.test_run(self.prog, &self.packets[i], self.ingress);
+            let out = match self.prog {
+                Prog::Balancer => lab.test_run(PROG_XDP, &self.packets[i], self.ingress),
+                Prog::Floor => {
+                    let floor = floor
+                        .program()
+                        .unwrap_or_else(|e| panic!("the floor: {}", chain(&e)));
+                    test_run(floor, &self.packets[i], lab.ifindex(self.ingress))
+                        .unwrap_or_else(|e| panic!("{}: {}", self.name, chain(&e)))
+                }
+            };
             assert_eq!(
                 out.action,
                 self.action,
@@ -95,16 +112,17 @@ fn main() {
             pin_dir: None,
         },
     );
+    let mut floor = Floor::load().unwrap_or_else(|e| panic!("the floor: {}", chain(&e)));
     let mut rows = cases(&mut lab);
     // Warm up, then interleave the rows round by round so that any drift of the
     // machine during the run weighs on every row alike.
     for row in &mut rows {
-        row.round(&mut lab);
+        row.round(&mut lab, &mut floor);
         row.ns.clear();
     }
     for _ in 0..ROUNDS {
         for row in &mut rows {
-            row.round(&mut lab);
+            row.round(&mut lab, &mut floor);
         }
     }
     report(&rows);
@@ -164,35 +182,35 @@ fn cases(lab: &mut Lab) -> [Case; 5] {
     [
         Case::new(
             "XDP_DROP (floor)",
-            PROG_XDP_DROP,
+            Prog::Floor,
             Ingress::ClientSide,
             vec![data.clone()],
             XDP_DROP,
         ),
         Case::new(
             "non-VIP packet",
-            PROG_XDP,
+            Prog::Balancer,
             Ingress::ClientSide,
             vec![non_vip],
             XDP_PASS,
         ),
         Case::new(
             "established flow",
-            PROG_XDP,
+            Prog::Balancer,
             Ingress::ClientSide,
             vec![data],
             XDP_REDIRECT,
         ),
         Case::new(
             "reply (reverse NAT)",
-            PROG_XDP,
+            Prog::Balancer,
             Ingress::MasterSide,
             vec![reply],
             XDP_REDIRECT,
         ),
         Case::new(
             "new flow (SYN)",
-            PROG_XDP,
+            Prog::Balancer,
             Ingress::ClientSide,
             new_flows,
             XDP_REDIRECT,

@@ -1,0 +1,155 @@
+//! The client -> backend direction: a packet to a VIP this node owns is sent, under
+//! NAT, to its flow's backend, picked for the flow's SYN and kept for the flow's life.
+//!
+//! Anything that is not for a VIP goes on to `reply`, which knows the other
+//! direction. Established packets cost one `FLOWS` lookup, a rewrite with incremental
+//! checksums and a cached next hop (`forward`).
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    BACKEND_NONE, FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_SEEN_GRANULARITY_NS, FlowState,
+    VIP_F_OWNED, VipKey,
+    counters::{
+        DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR, FLOW_NEW, PASS_LOCAL_BACKEND, PASS_MALFORMED,
+        PASS_NO_FLOW, PASS_NOT_OWNED,
+    },
+};
+
+use crate::{
+    flow::{coarse_now, new_flow, restore_reply, save_flow},
+    forward::{Tuple, forward, rewrite},
+    maps::{BACKEND_STATS, CONFIG, FLOWS, SCRATCH, VIP_STATS, VIPS, account, count},
+    outcome::Outcome,
+    packet::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
+    passive::forget_failed,
+    ports::snat_addr,
+    reply::to_client,
+};
+
+/// Balance one packet: to its flow's backend if it is a client's packet to an
+/// owned VIP, back to the client if it is a backend's reply, else pass it.
+/// `Ok` and `Err` are both the outcome; `Err` lets `?` end a path early.
+#[inline(always)]
+pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
+    let p = parse(ctx).map_err(Outcome::pass)?;
+    if p.icmp {
+        return to_client(ctx, &p);
+    }
+    let vip_key = VipKey {
+        addr_be: p.key.dst_be,
+        port_be: p.key.dport_be,
+        proto: p.key.proto,
+        family: p.key.family,
+    };
+    // SAFETY: the controller replaces VIP entries whole, so the fields read through
+    // this reference are at worst the previous version's, for this one packet.
+    let Some(vip) = (unsafe { VIPS.get(&vip_key) }) else {
+        return to_client(ctx, &p);
+    };
+    if vip.flags & VIP_F_OWNED == 0 {
+        return Err(Outcome::pass(PASS_NOT_OWNED));
+    }
+    let now = coarse_now();
+    // The flow is found or created here and handed to `to_backend` as a pointer
+    // (into its map entry or, for a new flow, into this CPU's scratch slot), so
+    // that `new_flow` and `to_backend` are sibling calls: the verifier sums the
+    // stack frames of nested calls, and these two would not fit nested.
+    let is_syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let mut found = FLOWS.get_ptr_mut(&p.key);
+    // The client sending its SYN again, refused or unanswered: with passive
+    // detection the flow is forgotten here and the SYN balanced as a new flow
+    // below, away from the backend that failed it.
+    let mut avoid = BACKEND_NONE;
+    if is_syn && let Some(e) = found {
+        avoid = forget_failed(&p.key, e, now);
+        if avoid != BACKEND_NONE {
+            found = None;
+        }
+    }
+    let (entry, is_new) = match found {
+        Some(entry) => {
+            // SAFETY: a valid entry pointer from the map. `flags` and
+            // `last_seen_ns` are written in place, racing at worst with the same
+            // writes from another CPU.
+            let e = unsafe { &mut *entry };
+            if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                e.flags |= FLOW_F_CLOSING;
+            } else if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                // The client reuses the tuple for a new connection.
+                e.flags &= !(FLOW_F_CLOSING | FLOW_F_ANSWERED);
+            }
+            if now.wrapping_sub(e.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS {
+                e.last_seen_ns = now;
+            }
+            (entry, false)
+        }
+        // Only a SYN opens a flow: a stray segment must not take a port.
+        None if !is_syn => {
+            return Err(Outcome::pass(PASS_NO_FLOW));
+        }
+        None => {
+            let scratch = SCRATCH
+                .get_ptr_mut(0)
+                .ok_or(Outcome::drop(DROP_FLOW_INSERT))?;
+            // SAFETY: this CPU's scratch slot; XDP runs to completion on a CPU,
+            // so nothing else uses it meanwhile.
+            let s = unsafe { &mut *scratch };
+            s.avoid = avoid;
+            new_flow(&p.key, vip, now, s).map_err(Outcome::drop)?;
+            (&raw mut s.flow, true)
+        }
+    };
+    let outcome = to_backend(ctx, &p, entry, now);
+    if is_new {
+        // SAFETY: `entry` is this CPU's scratch slot, filled by `new_flow`.
+        let flow = unsafe { &*entry };
+        save_flow(&p.key, flow).map_err(Outcome::drop)?;
+        count(FLOW_NEW);
+    }
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    account(&VIP_STATS, vip.vip_id, bytes, is_new);
+    // SAFETY: as above, or the flow's map entry.
+    account(
+        &BACKEND_STATS,
+        unsafe { (*entry).backend_id },
+        bytes,
+        is_new,
+    );
+    Ok(outcome)
+}
+
+/// A client's packet on a flow: NAT it to the flow's backend and send it on.
+/// A BPF-to-BPF call, like `to_client`, so that each path's stack frame stands
+/// alone on top of `apilb_xdp`'s, within the 512 bytes the verifier allows the
+/// deepest call chain.
+#[inline(never)]
+fn to_backend(ctx: &XdpContext, p: &Parsed, entry: *mut FlowState, now: u64) -> Outcome {
+    // SAFETY: `entry` points into a map entry or the scratch slot, both valid for
+    // the rest of this run. A next hop refreshed in place could be seen
+    // half-written by another CPU only while two CPUs refresh one flow to
+    // different answers at once; the next refresh, within a TTL, mends it.
+    let flow = unsafe { &mut *entry };
+    if flow.nat_port_be == 0 {
+        return Outcome::pass(PASS_LOCAL_BACKEND);
+    }
+    let Some(cfg) = CONFIG.get(0) else {
+        return Outcome::drop(DROP_NO_SNAT_ADDR);
+    };
+    let t = Tuple {
+        src_be: snat_addr(cfg, p.key.family),
+        dst_be: flow.backend_be,
+        sport_be: flow.nat_port_be,
+        dport_be: flow.backend_port_be,
+    };
+    if rewrite(ctx, p, &t).is_err() {
+        return Outcome::pass(PASS_MALFORMED);
+    }
+    let mut hop = flow.next_hop;
+    let (outcome, hop_changed) = forward(ctx, p, &t, &mut hop, cfg.nexthop_ttl_ns, now);
+    if hop_changed {
+        flow.next_hop = hop;
+        // A no-op for a new flow, whose reply entry `new_flow` just wrote.
+        restore_reply(&p.key, flow, now);
+    }
+    outcome
+}
