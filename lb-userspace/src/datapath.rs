@@ -24,13 +24,12 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    AF_INET, AF_INET6, ALL_MAPS, BACKEND_F_DOWN, BACKEND_F_LOCAL, BACKEND_NONE, Backend,
-    CONFIG_F_PASSIVE, COUNTER_COUNT, DatapathConfig, FLOW_CLOSE_GRACE_DEFAULT_NS,
-    FLOW_IDLE_TIMEOUT_DEFAULT_NS, FlowKey, FlowState, IPPROTO_TCP, MAGLEV_SIZE_MAX,
+    AF_INET, AF_INET6, ALL_MAPS, BACKEND_F_DOWN, BACKEND_F_LOCAL, Backend, CONFIG_F_PASSIVE,
+    COUNTER_COUNT, DatapathConfig, FlowKey, FlowState, IPPROTO_TCP, MAGLEV_SIZE_MAX,
     MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_LOCAL_STATS,
     MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS, MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS,
-    MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS, NEXTHOP_TTL_DEFAULT_NS, PassiveStats,
-    ReplyState, TrafficStats, VIP_F_LOCAL, VIP_F_OWNED, VipInfo, VipKey,
+    MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS, PassiveStats, ReplyState, TrafficStats,
+    VIP_F_LOCAL, VIP_F_OWNED, VipInfo, VipKey,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -122,41 +121,6 @@ pub struct BackendEntry {
     pub down: bool,
     /// The next backend id of the fallback order (`BACKEND_NONE`: none).
     pub fallback: u32,
-}
-
-impl BackendEntry {
-    /// A remote backend in rotation, without a fallback.
-    #[must_use]
-    pub fn remote(addr: SocketAddr) -> Self {
-        Self {
-            addr,
-            local: false,
-            down: false,
-            fallback: BACKEND_NONE,
-        }
-    }
-}
-
-impl NodeConfig {
-    /// These addresses and ports, with the default timings.
-    #[must_use]
-    pub fn new(
-        snat_v4: Option<Ipv4Addr>,
-        snat_v6: Option<Ipv6Addr>,
-        ports: RangeInclusive<u16>,
-    ) -> Self {
-        Self {
-            snat_v4,
-            snat_v6,
-            ports,
-            nexthop_ttl: Duration::from_nanos(NEXTHOP_TTL_DEFAULT_NS),
-            flow_close_grace: Duration::from_nanos(FLOW_CLOSE_GRACE_DEFAULT_NS),
-            flow_idle_timeout: Duration::from_nanos(FLOW_IDLE_TIMEOUT_DEFAULT_NS),
-            passive: false,
-            passive_threshold: 1,
-            netns_cookie: 0,
-        }
-    }
 }
 
 /// Counter values summed over CPUs, indexed by `lb_common::counters`.

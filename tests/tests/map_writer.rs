@@ -1,6 +1,8 @@
 //! The map writer refuses bad input with an error naming the field and the value, and
 //! leaves the datapath as it was. Needs root and BPF (it loads the real program).
 
+use std::time::Duration;
+
 use lb_userspace::{
     datapath::{BackendEntry, Datapath, NodeConfig, Vip},
     loader::{LoadOptions, Programs},
@@ -47,14 +49,32 @@ fn out_of_range_ids_ports_and_slots_are_refused_by_name_and_value() {
         "backend id = 256 is out of range (0..=255)"
     );
     assert_eq!(
-        err(dp.set_backend(0, &BackendEntry::remote(sa("198.51.100.11:6443")))),
+        err(dp.set_backend(
+            0,
+            &BackendEntry {
+                addr: sa("198.51.100.11:6443"),
+                local: false,
+                down: false,
+                fallback: lb_common::BACKEND_NONE,
+            }
+        )),
         "backend id = 0 is out of range (1..=255)"
     );
     assert_eq!(
         err(dp.write_maglev(0, &[(1, 1), (65_537, 1)])),
         "Maglev slot = 65537 is out of range (0..=65536)"
     );
-    let nat = |ports| NodeConfig::new(None, None, ports);
+    let nat = |ports| NodeConfig {
+        snat_v4: None,
+        snat_v6: None,
+        ports,
+        nexthop_ttl: Duration::from_secs(1),
+        flow_close_grace: Duration::from_secs(30),
+        flow_idle_timeout: Duration::from_hours(1),
+        passive: false,
+        passive_threshold: 1,
+        netns_cookie: 0,
+    };
     assert_eq!(
         err(dp.set_node_config(&nat(0..=100))),
         "NAT port range start = 0 is out of range (1..=100)"
