@@ -41,23 +41,9 @@ pub const MAP_VIP_STATS: &str = maps::VIP_STATS.name;
 pub const MAP_BACKEND_STATS: &str = maps::BACKEND_STATS.name;
 pub const MAP_TX_PORTS: &str = maps::TX_PORTS.name;
 pub const MAP_PORT_CURSOR: &str = maps::PORT_CURSOR.name;
-/// Kernel-private per-CPU scratch space; userspace never reads or writes it.
-pub const MAP_SCRATCH: &str = maps::SCRATCH.name;
 pub const MAP_PASSIVE_STATS: &str = maps::PASSIVE_STATS.name;
 pub const MAP_PASSIVE_EVENTS: &str = maps::PASSIVE_EVENTS.name;
-pub const MAP_PASSIVE_STATE: &str = maps::PASSIVE_STATE.name;
-pub const MAP_SOCK_ORIG: &str = maps::SOCK_ORIG.name;
 pub const MAP_LOCAL_STATS: &str = maps::LOCAL_STATS.name;
-/// Every map the datapath object defines, by name, in the order of [`maps::MAPS`].
-pub const ALL_MAPS: [&str; maps::MAPS.len()] = {
-    let mut names = [""; maps::MAPS.len()];
-    let mut i = 0;
-    while i < names.len() {
-        names[i] = maps::MAPS[i].name;
-        i += 1;
-    }
-    names
-};
 
 /// Version of the map layout: the types below, the map set and their sizes. Bump
 /// it with any change to them. Pinned maps live in a directory named after it, so

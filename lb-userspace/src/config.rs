@@ -362,11 +362,7 @@ impl Facts for SystemFacts {
     /// Asks the kernel in this process's own network namespace; `/sys/class/net`
     /// would show whichever namespace mounted sysfs.
     fn interface_exists(&self, name: &str) -> bool {
-        let Ok(c_name) = std::ffi::CString::new(name) else {
-            return false;
-        };
-        // SAFETY: `c_name` is a valid NUL-terminated string for the call's duration.
-        unsafe { libc::if_nametoindex(c_name.as_ptr()) != 0 }
+        crate::loader::ifindex(name).is_some()
     }
 
     fn hostname(&self) -> Result<String, String> {

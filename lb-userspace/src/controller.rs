@@ -227,8 +227,7 @@ impl Reconciler {
             nexthop_ttl: d.nexthop_ttl,
             flow_close_grace: d.flow_close_grace,
             flow_idle_timeout: d.flow_idle_timeout,
-            passive: config.passive.enabled,
-            passive_threshold: config.passive.threshold,
+            passive: config.passive,
             netns_cookie: if config.local.enabled {
                 self.netns_cookie
             } else {

@@ -24,7 +24,7 @@ use crate::{
     events::EventLog,
     health::{HealthError, Probes},
     loader::{self, LoaderError},
-    ownership::{Owners, Reconcile, Step},
+    ownership::{Owners, Reconcile, Reconciled, Step},
     passive::{self, PassiveKind},
     status::{SharedSnapshot, Snapshot, Sources},
 };
@@ -79,9 +79,7 @@ struct Core {
 }
 
 impl Reconcile for Core {
-    /// A failed map write is logged and left for the next tick to retry: it must
-    /// not end the daemon and freeze the maps.
-    fn reconcile(&mut self, owned: &HashSet<IpAddr>, why: &str) -> Result<bool, ControllerError> {
+    fn reconcile(&mut self, owned: &HashSet<IpAddr>, why: &str) -> Reconciled {
         let desired = self
             .reconciler
             .desired(&self.config, self.probes.health(), owned);
@@ -92,32 +90,23 @@ impl Reconcile for Core {
                 "no backend is healthy: failing open, every configured backend serves"
             );
         }
-        let applied = match self.reconciler.apply(&mut self.dp, desired) {
-            Ok(a) => a,
-            Err(e) => {
-                self.dirty = true;
-                error!(
-                    why,
-                    "updating the datapath failed (retrying every second): {e}"
-                );
-                return Err(e);
+        let written = self.reconciler.apply(&mut self.dp, desired).map(|applied| {
+            for (backend, flows) in &applied.flows_removed {
+                warn!(%backend, flows, "backend down or removed; its flows were removed so its clients reconnect now");
             }
-        };
-        self.dirty = false;
-        for (backend, flows) in &applied.flows_removed {
-            warn!(%backend, flows, "backend down or removed; its flows were removed so its clients reconnect now");
-        }
-        if applied != Applied::default() {
-            info!(
-                why,
-                backends = applied.backends_written,
-                vips = applied.vips_written,
-                vips_removed = applied.vips_removed,
-                ring_slots = applied.ring_slots_written,
-                "datapath updated"
-            );
-        }
-        Ok(fail_open)
+            if applied != Applied::default() {
+                info!(
+                    why,
+                    backends = applied.backends_written,
+                    vips = applied.vips_written,
+                    vips_removed = applied.vips_removed,
+                    ring_slots = applied.ring_slots_written,
+                    "datapath updated"
+                );
+            }
+        });
+        self.dirty = written.is_err();
+        Reconciled { fail_open, written }
     }
 
     fn dirty(&self) -> bool {
@@ -138,9 +127,9 @@ impl Core {
         }
     }
 
-    /// Load the config again; apply it if it is valid and a reload can apply it
-    /// (`Config::restart_needed`), else change nothing. Returns whether to
-    /// reconcile.
+    /// Load the config again; take it if it is valid and a reload can apply it
+    /// (`Config::restart_needed`), else change nothing. Returns whether it was
+    /// taken, so that the caller reconciles.
     fn reload(&mut self) -> bool {
         let path = self.config_path.display().to_string();
         let applied = Config::load(&self.config_path)
@@ -159,7 +148,6 @@ impl Core {
             Ok(new) => {
                 self.config = new;
                 self.reloads_applied += 1;
-                info!(config = %path, "config reloaded");
                 true
             }
             Err(reason) => {
@@ -237,7 +225,11 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
             Some((id, why)) = passive_rx.recv() => core.passive_failure(id, why),
             _ = hup.recv() => {
                 if core.reload() {
-                    owners.step(Step::Changed("reload".into()), &mut core).await;
+                    let config = opts.config_path.display();
+                    match owners.reconcile(&mut core, "reload") {
+                        Ok(()) => info!(%config, "config reloaded"),
+                        Err(e) => error!(%config, "config reloaded, but updating the datapath failed (retrying every second): {e}"),
+                    }
                 }
             }
             _ = term.recv() => break,

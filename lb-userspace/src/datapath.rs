@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use crate::passive::PassiveSettings;
 use aya::{
     Ebpf,
     maps::{
@@ -24,10 +25,10 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    AF_INET, AF_INET6, ALL_MAPS, BACKEND_F_DOWN, BACKEND_F_LOCAL, Backend, CONFIG_F_PASSIVE,
-    COUNTER_COUNT, DatapathConfig, FlowKey, FlowState, IPPROTO_TCP, MAGLEV_SIZE_MAX,
-    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_LOCAL_STATS,
-    MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS, MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS,
+    AF_INET, AF_INET6, BACKEND_F_DOWN, BACKEND_F_LOCAL, Backend, CONFIG_F_PASSIVE, COUNTER_COUNT,
+    DatapathConfig, FlowKey, FlowState, IPPROTO_TCP, MAGLEV_SIZE_MAX, MAP_BACKEND_STATS,
+    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_LOCAL_STATS, MAP_MAGLEV,
+    MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS, MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS,
     MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS, PassiveStats, ReplyState, TrafficStats,
     VIP_F_LOCAL, VIP_F_OWNED, VipInfo, VipKey,
 };
@@ -98,12 +99,11 @@ pub struct NodeConfig {
     pub flow_close_grace: Duration,
     /// Any flow gives its NAT port up this long after its last packet.
     pub flow_idle_timeout: Duration,
-    /// Passive failure detection: a backend's RST or ICMP unreachable answering a
-    /// SYN it never accepted is dropped and counted (`PASSIVE_STATS`), so that the
-    /// client's SYN retransmit is balanced afresh, away from that backend.
-    pub passive: bool,
-    /// Passive failures in a row that make the datapath report a backend.
-    pub passive_threshold: u32,
+    /// Passive failure detection (`crate::passive`): a backend's RST or ICMP
+    /// unreachable answering a SYN it never accepted is dropped and counted
+    /// (`PASSIVE_STATS`), so that the client's SYN retransmit is balanced afresh,
+    /// away from that backend; `threshold` failures in a row report it.
+    pub passive: PassiveSettings,
     /// The network namespace whose sockets node-local mode balances (its cookie,
     /// `SO_NETNS_COOKIE`); 0: none.
     pub netns_cookie: u64,
@@ -195,14 +195,15 @@ fn check_range(what: &'static str, value: u32, range: RangeInclusive<u32>) -> Re
 }
 
 impl Datapath {
-    /// Take every map of `lb_common::ALL_MAPS` out of the loaded object (its
+    /// Take every map of `lb_common::maps::MAPS` out of the loaded object (its
     /// programs keep using them). Map names are shared constants; the object is
     /// checked against every one, so a renamed static in lb-ebpf fails here rather
     /// than at first use.
     pub(crate) fn take_maps(ebpf: &mut Ebpf) -> Result<Self> {
-        let maps = ALL_MAPS
+        let maps = lb_common::maps::MAPS
             .iter()
-            .map(|&name| {
+            .map(|spec| {
+                let name = spec.name;
                 ebpf.take_map(name)
                     .map(|m| (name, m))
                     .ok_or(DatapathError::MissingMap(name))
@@ -234,8 +235,12 @@ impl Datapath {
             nexthop_ttl_ns: nanos(nat.nexthop_ttl),
             flow_close_grace_ns: nanos(nat.flow_close_grace),
             flow_idle_timeout_ns: nanos(nat.flow_idle_timeout),
-            flags: if nat.passive { CONFIG_F_PASSIVE } else { 0 },
-            passive_threshold: nat.passive_threshold.max(1),
+            flags: if nat.passive.enabled {
+                CONFIG_F_PASSIVE
+            } else {
+                0
+            },
+            passive_threshold: nat.passive.threshold,
             netns_cookie: nat.netns_cookie,
         };
         let mut config: Array<_, DatapathConfig> = self.typed(MAP_CONFIG)?;

@@ -27,7 +27,7 @@ use std::{
 };
 
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     announce::{AnnounceError, Announcer},
@@ -52,13 +52,20 @@ pub enum OwnershipError {
 
 /// What converges the datapath: the daemon's side of a step.
 pub trait Reconcile {
-    /// Converge the maps to the config, health and the `owned` elected VIPs.
-    /// `Ok(fail_open)`: written, and whether no backend is healthy. On an error
-    /// the implementation has logged it, and [`Reconcile::dirty`] holds until a
-    /// reconcile succeeds.
-    fn reconcile(&mut self, owned: &HashSet<IpAddr>, why: &str) -> Result<bool, ControllerError>;
+    /// Converge the maps to the config, health and the `owned` elected VIPs. On an
+    /// error, [`Reconcile::dirty`] holds until a reconcile succeeds.
+    fn reconcile(&mut self, owned: &HashSet<IpAddr>, why: &str) -> Reconciled;
     /// The last reconcile failed, so the datapath may lag behind what is wanted.
     fn dirty(&self) -> bool;
+}
+
+/// What a reconcile found and did.
+#[derive(Debug)]
+pub struct Reconciled {
+    /// No backend is healthy (so every configured one serves): known before the
+    /// maps are written, and true whether or not writing them worked.
+    pub fail_open: bool,
+    pub written: Result<(), ControllerError>,
 }
 
 /// An input of [`Owners::step`].
@@ -152,40 +159,28 @@ impl Owners {
         Ok((owners, events))
     }
 
-    /// No elections at all (what is left after [`Owners::shutdown`]).
-    #[must_use]
-    pub fn none() -> Self {
-        Self {
-            owned: HashSet::new(),
-            announcer: None,
-            vrrp: None,
-            etcd: None,
-            announce_count: 0,
-            announce_interval: Duration::ZERO,
-            unhealthy: watch::channel(false).0,
-            rejections_seen: BTreeMap::new(),
-            pending: HashMap::new(),
-        }
-    }
-
-    /// Reconcile with the VIPs this node owns, then tell the elections whether
-    /// any backend is healthy (VRRP lowers its priority by `track_weight` while
-    /// none is).
+    /// Reconcile with the VIPs this node owns, and tell the elections whether any
+    /// backend is healthy (VRRP lowers its priority by `track_weight` while none
+    /// is), whether or not the maps could be written.
     pub fn reconcile(&self, r: &mut impl Reconcile, why: &str) -> Result<(), ControllerError> {
-        let fail_open = r.reconcile(&self.owned, why)?;
+        let Reconciled { fail_open, written } = r.reconcile(&self.owned, why);
         self.unhealthy.send_if_modified(|v| {
             let changed = *v != fail_open;
             *v = fail_open;
             changed
         });
-        Ok(())
+        written
     }
 
-    /// [`Owners::reconcile`] inside a step: a failure is already logged, and the
-    /// tick retries it while [`Reconcile::dirty`].
+    /// [`Owners::reconcile`] inside a step: a failed map write must not end the
+    /// daemon and freeze the maps, so it is logged and the tick retries it while
+    /// [`Reconcile::dirty`].
     fn reconcile_or_retry(&self, r: &mut impl Reconcile, why: &str) {
         if let Err(e) = self.reconcile(r, why) {
-            debug!(why, "reconcile failed, retried on the next tick: {e}");
+            error!(
+                why,
+                "updating the datapath failed (retrying every second): {e}"
+            );
         }
     }
 

@@ -1,7 +1,8 @@
 //! A snapshot of what the controller knows, published for the admin endpoint.
 //!
-//! The run loop is the only writer: after every reconcile and on a timer it
-//! assembles a snapshot ([`Snapshot::take`]) and replaces the shared one whole. The
+//! The run loop is the only writer: after every input it handles (a health or
+//! election event, a reload, its one-second tick) it assembles a snapshot
+//! ([`Snapshot::take`]) and replaces the shared one whole. The
 //! admin endpoint only reads it, so serving `/status` or `/metrics` never waits
 //! on, or touches, the datapath.
 

@@ -71,8 +71,10 @@ fn out_of_range_ids_ports_and_slots_are_refused_by_name_and_value() {
         nexthop_ttl: Duration::from_secs(1),
         flow_close_grace: Duration::from_secs(30),
         flow_idle_timeout: Duration::from_hours(1),
-        passive: false,
-        passive_threshold: 1,
+        passive: lb_userspace::passive::PassiveSettings {
+            enabled: false,
+            threshold: 1,
+        },
         netns_cookie: 0,
     };
     assert_eq!(

@@ -6,9 +6,9 @@
 //! It serves three read-only routes:
 //!
 //! - `GET /healthz`: `200 ok` while the run loop is alive. The run loop replaces
-//!   the snapshot after every reconcile and on a timer, so a snapshot older than
-//!   [`STALE_AFTER`] means the loop is stuck: that is `503 stale`. Before the first
-//!   snapshot (`taken_at == 0`) it is `503 starting`.
+//!   the snapshot after every input it handles and on a one-second tick, so a
+//!   snapshot older than [`STALE_AFTER`] means the loop is stuck: that is
+//!   `503 stale`. Before the first snapshot (`taken_at == 0`) it is `503 starting`.
 //! - `GET /status`: the snapshot as JSON; [`super::client::fetch_status`] reads it
 //!   back.
 //! - `GET /metrics`: the snapshot in the `OpenMetrics` text format (see

@@ -191,8 +191,9 @@ impl Drop for EtcdElection {
     }
 }
 
-/// Starts one election task per VIP (inside a tokio runtime). Settings and TLS files
-/// are checked here; etcd itself is reached by the tasks, which keep retrying.
+/// Starts one election task per VIP (inside a tokio runtime). The settings come
+/// validated from `crate::config`; the TLS files are loaded here, and etcd itself is
+/// reached by the tasks, which keep retrying.
 pub fn spawn(
     settings: EtcdSettings,
     vips: &[IpAddr],

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use super::{Health, HealthError, HealthEvent, ProbeSpec, Prober, ProberHandle};
 use crate::passive::PassiveKind;
 
+/// One prober per configured backend, and each backend's latest health.
 pub struct Probes {
     prober: Prober,
     spec: ProbeSpec,

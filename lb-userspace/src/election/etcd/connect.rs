@@ -13,7 +13,8 @@ use super::{EtcdError, EtcdSettings, EtcdTls};
 /// The least time an owner releases a VIP before its lease could expire.
 const MIN_GUARD: Duration = Duration::from_millis(500);
 
-/// Settings checked and derived once, shared by the VIP tasks.
+/// What the VIP tasks share, derived once from the validated settings: client
+/// options (with the TLS files loaded) and the lease's timing.
 pub(super) struct Config {
     pub(super) settings: EtcdSettings,
     pub(super) options: ConnectOptions,
