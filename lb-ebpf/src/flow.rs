@@ -7,6 +7,7 @@
 //! tables evict independently, so a live flow puts its reply entry back when it
 //! finds it gone. A client's FIN, RST or fresh SYN marks its flow in `ingress`; the
 //! backend's SYN-ACK, FIN or RST marks it through [`set_flow_flags`], in `reply`.
+#![cfg(target_arch = "bpf")]
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},

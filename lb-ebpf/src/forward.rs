@@ -8,6 +8,7 @@
 //!
 //! A FIB lookup costs about 200 ns, more than the rest of the established path, so
 //! each flow entry caches its answer and re-asks once per `nexthop_ttl_ns`.
+#![cfg(target_arch = "bpf")]
 
 use aya_ebpf::{
     EbpfContext as _,

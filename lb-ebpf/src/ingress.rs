@@ -4,6 +4,7 @@
 //! Anything that is not for a VIP goes on to `reply`, which knows the other
 //! direction. Established packets cost one `FLOWS` lookup, a rewrite with incremental
 //! checksums and a cached next hop (`forward`).
+#![cfg(target_arch = "bpf")]
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{

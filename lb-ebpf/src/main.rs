@@ -24,29 +24,19 @@
     )
 )]
 
-#[cfg(target_arch = "bpf")]
+// Every module is kernel-only (`#![cfg(target_arch = "bpf")]` at its top), so on
+// the host this crate is the empty `main` below.
 mod flow;
-#[cfg(target_arch = "bpf")]
 mod forward;
-#[cfg(target_arch = "bpf")]
 mod ingress;
-#[cfg(target_arch = "bpf")]
 mod maps;
-#[cfg(target_arch = "bpf")]
 mod outcome;
-#[cfg(target_arch = "bpf")]
 mod packet;
-#[cfg(target_arch = "bpf")]
 mod passive;
-#[cfg(target_arch = "bpf")]
 mod ports;
-#[cfg(target_arch = "bpf")]
 mod reply;
-#[cfg(target_arch = "bpf")]
 mod runtime;
-#[cfg(target_arch = "bpf")]
 mod select;
-#[cfg(target_arch = "bpf")]
 mod sock;
 
 /// The programs. Their names are lb-common's `PROG_XDP` and `PROG_SOCK`.

@@ -3,6 +3,7 @@
 //! Each static is built from its spec in `lb_common::maps` (kind, sizes, entries),
 //! and its identifier is the spec's name: the loader opens every map by that name,
 //! so a mismatch fails loudly at load time.
+#![cfg(target_arch = "bpf")]
 
 use aya_ebpf::{
     bindings::bpf_devmap_val,

@@ -2,6 +2,7 @@
 //!
 //! Every path ends in one [`Outcome`]; the program's entry point bumps its counter
 //! and returns its action, so every packet bumps exactly one outcome counter.
+#![cfg(target_arch = "bpf")]
 
 use aya_ebpf::bindings::xdp_action;
 

@@ -6,6 +6,7 @@
 //! Besides TCP, it reads one kind of ICMP: a destination unreachable that quotes a
 //! TCP segment, which is how a backend (or a router on the way) refuses a SYN that
 //! the balancer sent it. Passive failure detection needs that segment's flow.
+#![cfg(target_arch = "bpf")]
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{

@@ -10,6 +10,7 @@
 //! backend (`PASSIVE_STATS`), and a run of them reaching `passive_threshold` is
 //! reported to the controller through `PASSIVE_EVENTS`, which takes the backend
 //! out of rotation for everyone.
+#![cfg(target_arch = "bpf")]
 
 use lb_common::{
     BACKEND_NONE, CONFIG_F_PASSIVE, FLOW_F_ANSWERED, FLOW_F_REFUSED, FlowKey, FlowState,

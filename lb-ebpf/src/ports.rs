@@ -11,6 +11,7 @@
 //! has been idle for `flow_idle_timeout_ns`; and never within `PORT_CLAIM_GRACE_NS`
 //! of the claim, while the claimer is still recording its flow. The old flow entry
 //! is removed at takeover, so a late packet of it cannot reach the new flow.
+#![cfg(target_arch = "bpf")]
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{

@@ -4,6 +4,7 @@
 //!
 //! Everything that matches no reply entry passes untouched: it is not the
 //! balancer's.
+#![cfg(target_arch = "bpf")]
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{

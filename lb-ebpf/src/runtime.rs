@@ -2,6 +2,7 @@
 //! license the kernel reads (GPL-compatible, for the GPL-only helpers). Both objects
 //! this crate builds, the datapath (`main.rs`) and the benchmark floor
 //! (`bin/floor.rs`), include this one file.
+#![cfg(target_arch = "bpf")]
 
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

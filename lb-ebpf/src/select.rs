@@ -6,6 +6,7 @@
 //! (`BACKEND_F_DOWN`: the controller marks it before rewriting the rings) is passed
 //! over along the backends' fallback order to the next one in rotation. Every node
 //! has the same order, so all LB nodes still agree on where a flow goes.
+#![cfg(target_arch = "bpf")]
 
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_NONE, Backend, FALLBACK_HOPS, MAGLEV_SIZE_MAX, VipInfo,

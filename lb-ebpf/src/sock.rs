@@ -9,6 +9,7 @@
 //! cookie; `getpeername4`/`getpeername6` report that address again ([`peer`]). No packet is
 //! touched afterwards: the socket talks to the master directly. Only sockets of
 //! the network namespace named in `DatapathConfig::netns_cookie` are balanced.
+#![cfg(target_arch = "bpf")]
 
 use aya_ebpf::{
     EbpfContext as _,
