@@ -284,9 +284,17 @@ pub struct ReplyState {
     pub claimed_ns: u64,
     /// The flow's `FlowState::ts_off`, taken from the backend's TSecrs.
     pub ts_off: u32,
-    pub _pad: u32,
+    /// `REPLY_F_*` bits.
+    pub flags: u32,
     pub next_hop: NextHop,
 }
+
+/// `ReplyState::flags`: the client's SYN carried timestamps; the backend's TSecrs
+/// are shifted back by `ts_off`.
+pub const REPLY_F_TS: u32 = 1;
+/// `ReplyState::flags`: the backend sent a FIN, so its plain ACKs can move the
+/// flow's state too (the last ACK of a master-first close) and are tracked.
+pub const REPLY_F_TRACK: u32 = 2;
 
 /// One row of `PASSIVE_STATS` (per backend id), per CPU: the backend's failures the
 /// datapath saw on the wire, by kind.

@@ -55,10 +55,11 @@ pub struct Tuple {
     pub dport_be: u16,
 }
 
-/// Rewrite addresses and ports in place, updating the IPv4 and TCP checksums.
+/// Rewrite addresses and ports in place, updating the IPv4 and TCP checksums;
+/// `l4` is what else the caller changed in the segment (its timestamps, `ts`).
 /// `Err` only if the headers `parse` found are no longer there (never, in practice).
 #[inline(always)]
-pub fn rewrite(ctx: &XdpContext, p: &Parsed, t: &Tuple) -> Result<(), ()> {
+pub fn rewrite(ctx: &XdpContext, p: &Parsed, t: &Tuple, l4: Delta) -> Result<(), ()> {
     let k = &p.key;
     let addrs = Delta::default()
         .addr(&k.src_be, &t.src_be)
@@ -85,7 +86,8 @@ pub fn rewrite(ctx: &XdpContext, p: &Parsed, t: &Tuple) -> Result<(), ()> {
     tcp.dest = t.dport_be.to_ne_bytes();
     let delta = addrs
         .word16(k.sport_be, t.sport_be)
-        .word16(k.dport_be, t.dport_be);
+        .word16(k.dport_be, t.dport_be)
+        .and(l4);
     tcp.check = delta.apply(u16::from_ne_bytes(tcp.check)).to_ne_bytes();
     Ok(())
 }
