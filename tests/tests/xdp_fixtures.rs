@@ -629,7 +629,7 @@ fn new_flows_are_dropped_with_a_reason_when_they_cannot_be_served() {
         .extend(addrs(&masters6()).iter().map(|&a| (a, 1, false)));
     six_vip.snat_v6 = true;
     let mut config = Lab::parse(&six_vip);
-    config.datapath.snat_v6 = None;
+    config.datapath.snat_v6 = Vec::new();
     lab.apply_config(config);
     let six = client_syn(CLIENT6, VIP6).build();
     lab.run(&dropped(

@@ -201,16 +201,31 @@ fn nat_port_drops(lb: &Netns) -> u64 {
 
 /// What apilb's default NAT port budget allows, next to the SYNs it dropped.
 fn print_nat_budget(dropped: u64) {
-    let [lo, hi] = lb_userspace::config::NAT_PORTS_DEFAULT;
-    let ports = u32::from(hi - lo) + 1;
-    let grace_s = lb_common::FLOW_CLOSE_GRACE_DEFAULT_NS / 1_000_000_000;
+    use lb_userspace::{capacity, config};
+    // The LB node's namespace keeps Linux's default ephemeral ports, 32768-60999.
+    let range = config::default_nat_ports(32_768).expect("room below 32768");
+    let t = config::TcpTimeouts::default();
+    let c = capacity::nat_capacity(
+        config::range_len(&range),
+        1,
+        lb_common::HALF_OPEN_TABLE_SIZE,
+        &t,
+    );
     println!(
-        "\napilb runs at its defaults: each master has {ports} NAT ports, and a port is \
-         held {grace_s} s after its flow closes, so a master takes {ports} new connections \
-         at once and about {} a second sustained. apilb starts afresh each round, and a \
-         round's {SECONDS} s of new connections stays within that. SYNs dropped for want \
-         of a NAT port, all rounds: {dropped}.",
-        u64::from(ports) / grace_s
+        "\napilb runs at its defaults: each master has {} NAT ports ({}-{}), so it takes \
+         {} new connections at once and, held up, about {:.0} a second when a port comes \
+         back {:?} after its flow closes (client first, RST, or master first with TCP \
+         timestamps), {:.0} when it is held {:?} (master first, no timestamps). apilb \
+         starts afresh each round, and a round's {SECONDS} s of new connections stays \
+         within that. SYNs dropped for want of a NAT port, all rounds: {dropped}.",
+        c.ports,
+        range.start(),
+        range.end(),
+        c.ports,
+        c.rate_after_close.floor(),
+        t.close,
+        c.rate_after_time_wait.floor(),
+        t.time_wait,
     );
 }
 

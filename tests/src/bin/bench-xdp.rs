@@ -109,6 +109,7 @@ fn main() {
         "apilb-bench-xdp",
         &LoadOptions {
             flow_table_size: FLOW_TABLE_SIZE,
+            half_open_table_size: lb_common::HALF_OPEN_TABLE_SIZE,
             pin_dir: None,
         },
     );
