@@ -251,7 +251,10 @@ mod tests {
     #[test]
     fn the_last_ack_must_come_from_the_first_closer() {
         // Client closed first; the backend's ACK of its own FIN is not the last.
-        assert_eq!(run(&[SYN, SYN_ACK, ACK, C_FIN, B_FIN, B_ACK]).0, CT_LAST_ACK);
+        assert_eq!(
+            run(&[SYN, SYN_ACK, ACK, C_FIN, B_FIN, B_ACK]).0,
+            CT_LAST_ACK
+        );
         assert_eq!(run(&[SYN, SYN_ACK, ACK, B_FIN, C_FIN, ACK]).0, CT_LAST_ACK);
         // A FIN sent again by the same side is not the second FIN.
         assert_eq!(run(&[SYN, SYN_ACK, ACK, C_FIN, C_FIN]).0, CT_FIN_WAIT);
@@ -262,7 +265,10 @@ mod tests {
         let (s, f) = run(&[SYN, SYN_ACK, ACK, (FROM_BACKEND, TCP_RST)]);
         assert_eq!(s, CT_CLOSE);
         assert!(reusable(s, f, 2_000, &T, false));
-        assert_eq!(run(&[SYN, SYN_ACK, ACK, (FROM_CLIENT, TCP_RST), SYN]).0, CT_SYN_SENT);
+        assert_eq!(
+            run(&[SYN, SYN_ACK, ACK, (FROM_CLIENT, TCP_RST), SYN]).0,
+            CT_SYN_SENT
+        );
         // A SYN on a live flow goes to the backend and changes nothing here.
         assert_eq!(run(&[SYN, SYN_ACK, ACK, SYN]).0, CT_ESTABLISHED);
         let reopened = run(&[SYN, SYN_ACK, ACK, B_FIN, ACK, C_FIN, B_ACK, SYN]);

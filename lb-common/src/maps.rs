@@ -17,9 +17,9 @@
 
 use crate::{
     Backend, COUNTER_COUNT, DatapathConfig, FLOW_TABLE_SIZE, FlowKey, FlowState,
-    HALF_OPEN_TABLE_SIZE, MAGLEV_ENTRIES,
-    MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, PASSIVE_EVENTS_BYTES, PassiveState, PassiveStats,
-    ReplyState, SockOrig, TrafficStats, VipInfo, VipKey,
+    HALF_OPEN_TABLE_SIZE, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS,
+    PASSIVE_EVENTS_BYTES, PassiveState, PassiveStats, ReplyState, SockOrig, TrafficStats, VipInfo,
+    VipKey,
 };
 
 /// A map's `BPF_MAP_TYPE_*`, with the kernel's (uapi) numbers, as `bpf_map_info`

@@ -23,7 +23,9 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_F_LOCAL, FLOW_F_REFUSED, FLOW_F_TS, FlowKey, FlowState, NextHop, REPLY_F_TRACK,
     REPLY_F_TS, ReplyState, VipInfo,
-    counters::{DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR, FLOW_ESTABLISHED, HALF_OPEN_LOST, REPLY_RESTORED},
+    counters::{
+        DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR, FLOW_ESTABLISHED, HALF_OPEN_LOST, REPLY_RESTORED,
+    },
     ct::{self, CT_SYN_SENT, FROM_BACKEND},
     flow_hash,
 };
@@ -105,7 +107,11 @@ pub fn save_flow(key: &FlowKey, flow: &FlowState) -> Result<(), u32> {
     if flow.nat_port_be != 0
         && let Some(cfg) = CONFIG.get(0)
     {
-        let _ = HALF_REPLIES.remove(reply_key(key, flow, &snat_addr(cfg, key.family, flow.snat_index)));
+        let _ = HALF_REPLIES.remove(reply_key(
+            key,
+            flow,
+            &snat_addr(cfg, key.family, flow.snat_index),
+        ));
     }
     Err(DROP_FLOW_INSERT)
 }
@@ -180,12 +186,23 @@ pub fn restore_reply(key: &FlowKey, flow: &FlowState, now: u64) {
         r.backend_id = flow.backend_id;
         r.claimed_ns = now;
         r.ts_off = flow.ts_off;
-        r.flags = if flow.flags & FLOW_F_TS != 0 { REPLY_F_TS } else { 0 }
-            | if flow.state >= ct::CT_FIN_WAIT { REPLY_F_TRACK } else { 0 };
+        r.flags = if flow.flags & FLOW_F_TS != 0 {
+            REPLY_F_TS
+        } else {
+            0
+        } | if flow.state >= ct::CT_FIN_WAIT {
+            REPLY_F_TRACK
+        } else {
+            0
+        };
         r.next_hop = NextHop::default();
         (*scratch).reply_key = reply_key(key, flow, &snat_addr(cfg, key.family, flow.snat_index));
         if REPLIES
-            .insert(&(*scratch).reply_key, &(*scratch).reply, u64::from(BPF_NOEXIST))
+            .insert(
+                &(*scratch).reply_key,
+                &(*scratch).reply,
+                u64::from(BPF_NOEXIST),
+            )
             .is_ok()
         {
             count(REPLY_RESTORED);
@@ -236,7 +253,11 @@ pub fn update_flow(reply: &ReplyState, rkey: &FlowKey, how: u32, bits: u32) -> u
     #[expect(clippy::cast_possible_truncation, reason = "the low byte: TCP flags")]
     let (state, flags) = ct::next(before, f.flags, FROM_BACKEND, how as u8);
     f.state = state;
-    f.flags = if how & HOW_NO_TS != 0 { flags & !FLOW_F_TS } else { flags };
+    f.flags = if how & HOW_NO_TS != 0 {
+        flags & !FLOW_F_TS
+    } else {
+        flags
+    };
     f.last_seen_ns = coarse_now();
     before
 }

@@ -11,8 +11,8 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     AF_INET, AF_INET6, FlowKey, IPPROTO_TCP,
-    ct::TCP_SYN,
     counters::{PASS_FRAGMENT, PASS_MALFORMED, PASS_NOT_IP, PASS_NOT_TCP},
+    ct::TCP_SYN,
 };
 use network_types::{
     eth::EthHdr,

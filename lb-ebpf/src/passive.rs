@@ -86,7 +86,13 @@ pub fn icmp_refusal(
     if !passive || update_flow(reply, rkey, how | HOW_REFUSAL, 0) != CT_SYN_SENT {
         return Err(Outcome::pass(PASS_NOT_VIP));
     }
-    Ok(refuse(reply, rkey, PASSIVE_KIND_ICMP, DROP_PASSIVE_ICMP, how))
+    Ok(refuse(
+        reply,
+        rkey,
+        PASSIVE_KIND_ICMP,
+        DROP_PASSIVE_ICMP,
+        how,
+    ))
 }
 
 /// A half-open flow its backend refused (`kind`, a `PASSIVE_KIND_*`), already

@@ -20,8 +20,8 @@
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    AF_INET, DatapathConfig, FLOW_F_TS, FlowKey, PORT_CLAIM_GRACE_NS, REPLY_F_TS,
-    ReplyState, SNAT_POOL_MAX,
+    AF_INET, DatapathConfig, FLOW_F_TS, FlowKey, PORT_CLAIM_GRACE_NS, REPLY_F_TS, ReplyState,
+    SNAT_POOL_MAX,
     counters::{
         DROP_NO_NAT_PORT, DROP_NO_SNAT_ADDR, RECLAIM_CLOSED, RECLAIM_HALF_OPEN, RECLAIM_IDLE,
         RECLAIM_ORPHAN,
@@ -179,7 +179,8 @@ fn try_claim(s: &mut Scratch, cfg: &DatapathConfig, now: u64) -> bool {
     let Some(old) = (unsafe { HALF_REPLIES.get(&s.reply_key) }) else {
         return false;
     };
-    if now.wrapping_sub(old.claimed_ns) < PORT_CLAIM_GRACE_NS || !reclaimable(s, old, true, cfg, now)
+    if now.wrapping_sub(old.claimed_ns) < PORT_CLAIM_GRACE_NS
+        || !reclaimable(s, old, true, cfg, now)
     {
         return false;
     }
@@ -225,13 +226,7 @@ fn reclaimable(
         return true;
     }
     let idle_ms = now.wrapping_sub(f.last_seen_ns) / 1_000_000;
-    if !ct::reusable(
-        f.state,
-        f.flags,
-        idle_ms,
-        &cfg.timeouts_ms,
-        s.syn_ts != 0,
-    ) {
+    if !ct::reusable(f.state, f.flags, idle_ms, &cfg.timeouts_ms, s.syn_ts != 0) {
         return false;
     }
     if f.flags & FLOW_F_TS != 0 && f.fin_tsval != 0 {

@@ -86,7 +86,13 @@ pub fn to_client(ctx: &XdpContext, p: &Parsed) -> Result<Outcome, Outcome> {
         // passive detection the client does not see it; its SYN retransmit is
         // balanced afresh, away from this backend.
         if rst && passive && before == CT_SYN_SENT {
-            return Ok(refuse(reply, &p.key, PASSIVE_KIND_RST, DROP_PASSIVE_RST, how));
+            return Ok(refuse(
+                reply,
+                &p.key,
+                PASSIVE_KIND_RST,
+                DROP_PASSIVE_RST,
+                how,
+            ));
         }
     }
     account(

@@ -31,7 +31,10 @@ use std::{
 };
 
 use aya::programs::{ProgramError, TestRun as _, TestRunOptions, Xdp};
-use lb_common::{COUNTER_COUNT, COUNTER_NAMES, FlowKey, MAGLEV_SIZE_DEFAULT, OUTCOMES, flow_hash};
+use lb_common::{
+    COUNTER_COUNT, COUNTER_NAMES, FlowKey, FlowState, MAGLEV_SIZE_DEFAULT, OUTCOMES, ReplyState,
+    flow_hash,
+};
 use lb_userspace::{
     config::{Config, TcpTimeouts},
     controller::{Desired, Reconciler},
@@ -472,6 +475,31 @@ impl Lab {
             .xdp(prog)
             .unwrap_or_else(|e| panic!("{}", chain(&e)));
         test_run(xdp, packet, ifindex).unwrap_or_else(|e| panic!("{prog}: {}", chain(&e)))
+    }
+
+    /// Every flow, established or half-open.
+    pub fn all_flows(&self) -> Vec<(FlowKey, FlowState)> {
+        let mut all = self.dp.flows().unwrap_or_else(|e| panic!("{}", chain(&e)));
+        all.extend(
+            self.dp
+                .half_open_flows()
+                .unwrap_or_else(|e| panic!("{}", chain(&e))),
+        );
+        all
+    }
+
+    /// Every reply entry (NAT port lease), established or half-open.
+    pub fn all_replies(&self) -> Vec<(FlowKey, ReplyState)> {
+        let mut all = self
+            .dp
+            .replies()
+            .unwrap_or_else(|e| panic!("{}", chain(&e)));
+        all.extend(
+            self.dp
+                .half_open_replies()
+                .unwrap_or_else(|e| panic!("{}", chain(&e))),
+        );
+        all
     }
 
     /// Run a fixture and assert verdict, output bytes and counter movements; return
