@@ -55,7 +55,7 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// Default `DatapathConfig::timeouts_ms`, by state; README "Flow lifecycle" says
+/// Default `DatapathConfig::timeouts_ms`, by state; README "NAT flow lifecycle" says
 /// why each is what it is.
 pub const TIMEOUTS_DEFAULT_MS: [u32; CT_STATES] = [
     0,         // CT_NONE: never stored

@@ -217,8 +217,9 @@ pub struct FlowKey {
 
 /// Default of `DatapathConfig::nexthop_ttl_ns`.
 pub const NEXTHOP_TTL_DEFAULT_NS: u64 = 1_000_000_000;
-/// A NAT port claimed this recently is never reclaimed: it covers the gap between
-/// claiming a port and recording its flow, when the flow entry does not exist yet.
+/// A half-open NAT lease claimed this recently is not taken as orphaned when its
+/// flow entry is missing: it covers the gap between claiming a port and recording
+/// its flow.
 pub const PORT_CLAIM_GRACE_NS: u64 = 1_000_000_000;
 /// A flow's `last_seen_ns` is rewritten at most this often, to keep per-packet
 /// writes to shared flow entries rare.

@@ -12,9 +12,9 @@
 //! range from its own cursor, which userspace staggers.
 //!
 //! A lease is taken over only when its flow is over by its TCP state's timeout
-//! (`ct::reusable`), or when the flow is gone; and never within
-//! `PORT_CLAIM_GRACE_NS` of a half-open claim, while the claimer is still recording
-//! its flow. The old flow entry is removed at takeover, so a late packet of it
+//! (`ct::reusable`), or when the flow is gone; but a half-open lease without a
+//! flow not within `PORT_CLAIM_GRACE_NS` of its claim, while its claimer may still
+//! be recording the flow. The old flow entry is removed at takeover, so a late packet of it
 //! cannot reach the new flow.
 #![cfg(target_arch = "bpf")]
 
@@ -179,9 +179,7 @@ fn try_claim(s: &mut Scratch, cfg: &DatapathConfig, now: u64) -> bool {
     let Some(old) = (unsafe { HALF_REPLIES.get(&s.reply_key) }) else {
         return false;
     };
-    if now.wrapping_sub(old.claimed_ns) < PORT_CLAIM_GRACE_NS
-        || !reclaimable(s, old, true, cfg, now)
-    {
+    if !reclaimable(s, old, true, cfg, now) {
         return false;
     }
     set_ts_offset(s, now);
@@ -218,6 +216,11 @@ fn reclaimable(
         }
     };
     let Some(f) = found else {
+        // A half-open lease whose flow is not recorded yet is its claimer's,
+        // still running on another CPU.
+        if half && now.wrapping_sub(old.claimed_ns) < PORT_CLAIM_GRACE_NS {
+            return false;
+        }
         count(RECLAIM_ORPHAN);
         return true;
     };

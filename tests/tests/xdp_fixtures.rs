@@ -796,13 +796,18 @@ fn on_flow(
 /// The master's SYN-ACK to flow `a` (natted to port 40000), then the client's
 /// ACK, which proves the flow; returns that ACK.
 fn handshake(lab: &mut Lab, a: &Tcp, master: SocketAddr) -> Tcp {
+    handshake_on(lab, a, master, 40_000)
+}
+
+/// [`handshake`] for a flow natted to `port`.
+fn handshake_on(lab: &mut Lab, a: &Tcp, master: SocketAddr, port: u16) -> Tcp {
     // The handshake: the master's SYN-ACK, then the client's ACK proves the flow.
     let mut syn_ack = Tcp::syn(master_mac(1), FX1_MAC, master, master);
     syn_ack.ack = Some(a.seq + 1);
     lab.run(&from_master(
         "the master's SYN-ACK",
         master,
-        40_000,
+        port,
         "192.0.2.10:51000",
         syn_ack,
         true,
@@ -813,7 +818,7 @@ fn handshake(lab: &mut Lab, a: &Tcp, master: SocketAddr) -> Tcp {
         "the client's ACK",
         &ack,
         master,
-        40_000,
+        port,
         &[(FLOW_ESTABLISHED, 1)],
     ));
     ack
@@ -1372,4 +1377,80 @@ fn new_flows_whose_slot_names_a_master_out_of_rotation_follow_the_fallback_order
         master_mac(2),
         vec![(FIB_LOOKUP, 1), (REDIRECT, 1)],
     ));
+}
+
+#[test]
+fn a_syn_flood_evicts_no_established_flow_and_holds_ports_only_for_the_half_open_timeout() {
+    let (mut lab, master) = one_master_lab("apilb-fx-flood");
+    let ports = 40_000..=40_511;
+    lab.reconfigure(|c| {
+        c.nat_ports = ports.clone();
+        c.tcp_timeouts.syn_sent = Duration::from_millis(300);
+        c.tcp_timeouts.syn_recv = Duration::from_millis(300);
+    });
+    // One proven flow before the flood.
+    let a = client_syn("192.0.2.10:51000", VIP4);
+    let out = lab.test_run(lb_common::PROG_XDP, &a.build(), Ingress::ClientSide);
+    assert_eq!(out.action, XDP_REDIRECT);
+    let port = u16::from_be(lab.all_flows()[0].1.nat_port_be);
+    let ack = handshake_on(&mut lab, &a, master, port);
+
+    // Spoofed SYNs from 4,096 sources: four times the half-open table (1,024 in
+    // the lab), eight times the ports.
+    let flood = 4_096u32;
+    let (mut natted, mut no_port) = (0, 0);
+    for i in 0..flood {
+        let src = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+        let syn = Tcp::syn(
+            CLIENT_MAC,
+            FX0_MAC,
+            SocketAddr::new(src.into(), 40_000),
+            sa(VIP4),
+        );
+        match lab
+            .test_run(lb_common::PROG_XDP, &syn.build(), Ingress::ClientSide)
+            .action
+        {
+            XDP_REDIRECT => natted += 1,
+            XDP_DROP => no_port += 1,
+            other => panic!("flood SYN {i}: verdict {other}"),
+        }
+    }
+    eprintln!("flood: {natted} SYNs natted, {no_port} dropped for want of a port");
+    assert_eq!(natted + no_port, flood);
+    let half = lab.dp.half_open_flows().expect("half-open flows").len();
+    assert!(
+        half <= 1_024,
+        "the half-open table holds {half}, past its size"
+    );
+    // The established flow is untouched, both ways.
+    let flows = lab.dp.flows().expect("flows");
+    assert_eq!(flows.len(), 1, "the proven flow is still there, alone");
+    lab.run(&on_flow(
+        "the proven flow after the flood",
+        &ack,
+        master,
+        port,
+        &[],
+    ));
+
+    // Right after the flood a new client may find every port held; once the
+    // half-open timeout has passed, it gets one, reclaimed from the flood.
+    std::thread::sleep(Duration::from_millis(400));
+    let legit = client_syn("192.0.2.20:52000", VIP4);
+    let before = lab.dp.counters().expect("counters");
+    let out = lab.test_run(lb_common::PROG_XDP, &legit.build(), Ingress::ClientSide);
+    let after = lab.dp.counters().expect("counters");
+    assert_eq!(
+        out.action, XDP_REDIRECT,
+        "a new client is served after the half-open timeout"
+    );
+    let reclaimed = after.get(RECLAIM_HALF_OPEN) - before.get(RECLAIM_HALF_OPEN)
+        + after.get(RECLAIM_ORPHAN)
+        - before.get(RECLAIM_ORPHAN);
+    let free = lab.all_replies().len() < ports.len();
+    assert!(
+        reclaimed == 1 || free,
+        "its port was a flood flow's ({reclaimed}) or free"
+    );
 }
