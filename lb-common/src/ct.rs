@@ -91,7 +91,10 @@ pub const fn next(state: u8, flags: u32, from: u8, tcp: u8) -> (u8, u32) {
     if syn {
         return if from == FROM_CLIENT && !ack {
             if state == CT_NONE || state == CT_TIME_WAIT || state == CT_CLOSE {
-                (CT_SYN_SENT, flags & !(FLOW_F_BACKEND_FIRST | FLOW_F_TS))
+                // Timestamps stay on: the client's clock carries on from the
+                // old connection's, and so must the offset (a SYN-ACK without
+                // them turns them off).
+                (CT_SYN_SENT, flags & !FLOW_F_BACKEND_FIRST)
             } else {
                 (state, flags)
             }
@@ -273,6 +276,12 @@ mod tests {
         assert_eq!(run(&[SYN, SYN_ACK, ACK, SYN]).0, CT_ESTABLISHED);
         let reopened = run(&[SYN, SYN_ACK, ACK, B_FIN, ACK, C_FIN, B_ACK, SYN]);
         assert_eq!(reopened, (CT_SYN_SENT, 0));
+        let (s, f) = run(&[SYN, SYN_ACK, ACK, B_FIN, ACK, C_FIN, B_ACK]);
+        assert_eq!(
+            next(s, f | FLOW_F_TS, FROM_CLIENT, TCP_SYN).1,
+            FLOW_F_TS,
+            "keeps timestamps"
+        );
     }
 
     #[test]
