@@ -31,9 +31,11 @@ use lb_common::{
 
 use crate::maps::{FLOWS, HALF_FLOWS, HALF_REPLIES, PORT_CURSOR, REPLIES, Scratch, count};
 
-/// Source ports tried at each SNAT address before a new flow is dropped as
-/// `DROP_NO_NAT_PORT`.
-const PORT_TRIES: u32 = 8;
+/// (SNAT address, source port) pairs tried before a new flow is dropped as
+/// `DROP_NO_NAT_PORT`. Each CPU takes ports in turn from its cursor, so the next
+/// one is the one it used longest ago; four tries keep the verifier's walk of
+/// the claim loop within what Linux 5.15 explores.
+const PORT_TRIES: u32 = 4;
 
 /// How many SNAT addresses the pool has for a family. Not clamped to the pool's
 /// size: `snat_addr` masks each index instead, a bound the verifier can see (LLVM
@@ -76,7 +78,7 @@ pub fn is_snat_addr(cfg: &DatapathConfig, family: u8, addr: &[u32; 4]) -> bool {
 
 /// Claim a free source port towards this backend by inserting the reply entry
 /// `s.reply` (whose client side the caller filled in) into `HALF_REPLIES`, trying
-/// the pool's addresses from the one `hash` picks. Fills in `s.flow.nat_port_be`
+/// the pool's addresses in turn from the one `hash` picks. Fills in `s.flow.nat_port_be`
 /// and `s.flow.snat_index`, and the timestamp offset of both entries.
 #[inline(always)]
 pub fn claim_port(
@@ -105,31 +107,27 @@ pub fn claim_port(
     let cursor = PORT_CURSOR.get_ptr_mut(0).ok_or(DROP_NO_NAT_PORT)?;
     // SAFETY: per-CPU slot, only this CPU reads and writes it.
     let start = unsafe { *cursor };
+    // One loop of `PORT_TRIES`, the addresses taking turns from the one the hash
+    // picks: nested loops over addresses and ports would unroll into more states
+    // than older verifiers explore.
     let first = hash % addrs;
-    let mut a = 0;
-    while a < SNAT_POOL_MAX as u32 {
-        if a >= addrs {
-            break;
-        }
-        #[expect(clippy::cast_possible_truncation, reason = "below SNAT_POOL_MAX")]
-        let index = ((first + a) % addrs) as u8;
+    for i in 0..PORT_TRIES {
+        #[expect(clippy::cast_possible_truncation, reason = "masked by `snat_addr`")]
+        let index = ((first + i) % addrs) as u8;
         s.reply_key.dst_be = snat_addr(cfg, key.family, index);
-        for i in 0..PORT_TRIES {
-            #[expect(
-                clippy::cast_possible_truncation,
-                reason = "a port of the range, at most `port_max_host`"
-            )]
-            let port_be = ((min + start.wrapping_add(i) % range) as u16).to_be();
-            s.reply_key.dport_be = port_be;
-            if try_claim(s, cfg, now) {
-                // SAFETY: as above.
-                unsafe { *cursor = start.wrapping_add(i + 1) };
-                s.flow.nat_port_be = port_be;
-                s.flow.snat_index = index;
-                return Ok(());
-            }
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "a port of the range, at most `port_max_host`"
+        )]
+        let port_be = ((min + start.wrapping_add(i) % range) as u16).to_be();
+        s.reply_key.dport_be = port_be;
+        if try_claim(s, cfg, now) {
+            // SAFETY: as above.
+            unsafe { *cursor = start.wrapping_add(i + 1) };
+            s.flow.nat_port_be = port_be;
+            s.flow.snat_index = index;
+            return Ok(());
         }
-        a += 1;
     }
     // SAFETY: as above.
     unsafe { *cursor = start.wrapping_add(PORT_TRIES) };
