@@ -16,6 +16,12 @@
 //! Every response carries `x-apiserver: <name>`, naming the master that served it.
 //! At start it prints one line, `listening on <addr>`, to stderr; with port 0
 //! the address is the one actually bound.
+//!
+//! With `--plain-http` it also answers plain HTTP on the same port, telling the two
+//! apart by the first byte a client sends (a TLS record starts with 22, a request
+//! with a letter). The soak needs thousands of new connections a second through
+//! the VIP, more TLS handshakes than two vCPUs can do, while the load balancer
+//! under test, working on TCP, neither sees nor cares which it carries.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -63,7 +69,13 @@ struct Args {
     /// Directory where `<readyz|livez|healthz>-fail` files make that endpoint fail.
     #[arg(long)]
     control_dir: PathBuf,
+    /// Also serve plain HTTP on the same port (see the module docs).
+    #[arg(long)]
+    plain_http: bool,
 }
+
+/// The first byte of a TLS record carrying a handshake (a `ClientHello`).
+const TLS_HANDSHAKE: u8 = 22;
 
 struct State {
     name: HeaderValue,
@@ -100,11 +112,8 @@ async fn main() -> anyhow::Result<()> {
         let _ = tcp.set_nodelay(true);
         let tls = tls.clone();
         let state = Arc::clone(&state);
+        let plain_http = args.plain_http;
         tokio::spawn(async move {
-            // Failed handshakes (probes without TLS, untrusting clients) are normal here.
-            let Ok(stream) = tls.accept(tcp).await else {
-                return;
-            };
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
                 async move {
@@ -113,9 +122,19 @@ async fn main() -> anyhow::Result<()> {
                     Ok::<_, Infallible>(resp)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let http = hyper::server::conn::http1::Builder::new();
+            if plain_http {
+                let mut first = [0u8; 1];
+                if !matches!(tcp.peek(&mut first).await, Ok(1) if first[0] == TLS_HANDSHAKE) {
+                    let _ = http.serve_connection(TokioIo::new(tcp), service).await;
+                    return;
+                }
+            }
+            // Failed handshakes (probes without TLS, untrusting clients) are normal here.
+            let Ok(stream) = tls.accept(tcp).await else {
+                return;
+            };
+            let _ = http.serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
