@@ -15,6 +15,7 @@ use std::{
     collections::BTreeMap,
     io::ErrorKind,
     net::SocketAddr,
+    sync::atomic::{AtomicU8, Ordering},
     time::{Duration, Instant},
 };
 
@@ -63,8 +64,28 @@ pub enum Failure {
     Wrong(String),
     /// Another I/O error on the connection.
     Io(ErrorKind),
-    /// No complete answer within the exchange's time limit.
-    Timeout,
+    /// No complete answer within the exchange's time limit, stuck at a
+    /// [`Stage`].
+    Timeout(Stage),
+}
+
+/// How far an exchange got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Stage {
+    Connecting,
+    Answering,
+    Closing,
+}
+
+impl Stage {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Stage::Connecting,
+            1 => Stage::Answering,
+            _ => Stage::Closing,
+        }
+    }
 }
 
 impl Failure {
@@ -77,7 +98,9 @@ impl Failure {
             Failure::Short => "short",
             Failure::Wrong(_) => "wrong",
             Failure::Io(_) => "io",
-            Failure::Timeout => "timeout",
+            Failure::Timeout(Stage::Connecting) => "timeout connecting",
+            Failure::Timeout(Stage::Answering) => "timeout answering",
+            Failure::Timeout(Stage::Closing) => "timeout closing",
         }
     }
 }
@@ -90,7 +113,9 @@ impl std::fmt::Display for Failure {
             Failure::Short => f.write_str("EOF before the whole answer"),
             Failure::Wrong(why) => write!(f, "wrong answer: {why}"),
             Failure::Io(k) => write!(f, "i/o: {k}"),
-            Failure::Timeout => f.write_str("timed out"),
+            Failure::Timeout(Stage::Connecting) => f.write_str("timed out connecting"),
+            Failure::Timeout(Stage::Answering) => f.write_str("timed out awaiting the answer"),
+            Failure::Timeout(Stage::Closing) => f.write_str("timed out awaiting the server's FIN"),
         }
     }
 }
@@ -144,9 +169,17 @@ pub async fn exchange(
     expect: &Request,
     limit: Duration,
 ) -> Result<Answer, Failure> {
-    tokio::time::timeout(limit, exchange_unbounded(to, closer, request, expect))
-        .await
-        .unwrap_or(Err(Failure::Timeout))
+    let stage = AtomicU8::new(Stage::Connecting as u8);
+    tokio::time::timeout(
+        limit,
+        exchange_unbounded(to, closer, request, expect, &stage),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(Failure::Timeout(Stage::from_u8(
+            stage.load(Ordering::Relaxed),
+        )))
+    })
 }
 
 async fn exchange_unbounded(
@@ -154,10 +187,12 @@ async fn exchange_unbounded(
     closer: Closer,
     request: &[u8],
     expect: &Request,
+    stage: &AtomicU8,
 ) -> Result<Answer, Failure> {
     let mut conn = TcpStream::connect(to)
         .await
         .map_err(|e| Failure::Connect(e.kind()))?;
+    stage.store(Stage::Answering as u8, Ordering::Relaxed);
     let _ = conn.set_nodelay(true);
     if closer == Closer::Reset {
         conn.set_zero_linger().map_err(|e| Failure::Io(e.kind()))?;
@@ -191,6 +226,7 @@ async fn exchange_unbounded(
         )));
     }
     if closer == Closer::Server {
+        stage.store(Stage::Closing as u8, Ordering::Relaxed);
         let mut rest = [0u8; 64];
         match conn.read(&mut rest).await {
             Ok(0) => {}
