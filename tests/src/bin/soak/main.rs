@@ -200,18 +200,20 @@ impl Soak<'_> {
         let load = Arc::new(Mutex::new(Load::default()));
         let nat_before = NatCounters::read(self.t.lb());
         let transitions_before = transitions(self.t.lb());
-        let started = Instant::now();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, load) = (&stop, &load);
         let (watches, flaps, samples, load_done) = thread::scope(|s| {
-            let _stop = StopOnDrop(&stop);
-            let watches = s.spawn(|| self.watch_streams(&stop, &ready_tx));
+            let _stop = StopOnDrop(stop);
+            let watches = s.spawn(|| self.watch_streams(stop, &ready_tx));
             assert!(
                 ready_rx.recv_timeout(Duration::from_secs(20)).is_ok(),
                 "the watch streams did not open"
             );
-            let sampler = s.spawn(|| self.sample(&stop, &load, started));
-            let flapper = s.spawn(|| self.flap(&stop, started));
-            let load_thread = s.spawn(|| self.connections(&load, started));
+            // The load, the flaps and the samples share one clock, from here.
+            let started = Instant::now();
+            let sampler = s.spawn(move || self.sample(stop, load, started));
+            let flapper = s.spawn(move || self.flap(stop, started));
+            let load_thread = s.spawn(move || self.connections(load, started));
             let load_done = load_thread.join().expect("the load");
             stop.store(true, Ordering::Relaxed);
             (
@@ -225,12 +227,9 @@ impl Soak<'_> {
         let transitions = transitions(self.t.lb())
             .into_iter()
             .zip(transitions_before)
-            .map(|((m, a, n), (_, _, was))| (m, a, n - was))
+            .map(|((m, a, n), (_, _, was))| (m, a, n.saturating_sub(was)))
             .collect();
-        let mut load = Arc::try_unwrap(load).map_or_else(
-            |a| a.lock().expect("lock").clone(),
-            |m| m.into_inner().expect("lock"),
-        );
+        let mut load = load.lock().expect("lock").clone();
         load.took = load_done;
         Outcome {
             run_for: self.run_for,
