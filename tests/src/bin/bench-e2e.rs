@@ -62,6 +62,13 @@
 //! later rounds measured 300 requests/s instead of 10000, SYNs waiting for
 //! their retransmit. With an address of its own, every round measured alike.
 //!
+//! When the client closes first, haproxy and nginx close their connection to the
+//! master first too, so the LB node holds a `TIME_WAIT` for each, at its own
+//! address and an ephemeral port: at Debian's defaults (`tcp_tw_reuse = 2`,
+//! loopback only; 28,232 ports per master, held 60 s) that caps a proxy near
+//! 1,400 new connections a second over three masters, as a NAT's port hold caps
+//! it. The bench leaves the node at its defaults, as a user would find it.
+//!
 //! The client namespace reuses its `TIME_WAIT` ports for new connections
 //! (`tcp_tw_reuse = 1`, as `bench local` does on the LB node): closing first
 //! 10,000 times a second, one client address would otherwise run out of ports
