@@ -41,7 +41,7 @@ use hyper_util::rt::TokioIo;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_rustls::TlsAcceptor;
 
 const VERSION_JSON: &str = r#"{"major":"1","minor":"30","gitVersion":"v1.30.0-apilb-stub","gitCommit":"0000000000000000000000000000000000000000","gitTreeState":"clean","buildDate":"2026-01-01T00:00:00Z","goVersion":"go1.22.0","compiler":"gc","platform":"linux/amd64"}"#;
@@ -90,9 +90,7 @@ async fn main() -> anyhow::Result<()> {
         name: HeaderValue::from_str(&args.name).context("--name is not a valid header value")?,
         control_dir: args.control_dir,
     });
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
+    let listener = listen(args.listen).with_context(|| format!("binding {}", args.listen))?;
     eprintln!(
         "stub-apiserver {}: listening on {}",
         args.name,
@@ -137,6 +135,25 @@ async fn main() -> anyhow::Result<()> {
             let _ = http.serve_connection(TokioIo::new(stream), service).await;
         });
     }
+}
+
+/// A listener on `addr` whose accept queue is as long as the kernel allows
+/// (`net.core.somaxconn`), as Go's `net.Listen`, and so kube-apiserver, asks for;
+/// tokio's `TcpListener::bind` asks for 1024, which a burst of thousands of new
+/// connections a second overflows.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let backlog = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(4096);
+    socket.listen(backlog)
 }
 
 fn server_config(args: &Args) -> anyhow::Result<ServerConfig> {
