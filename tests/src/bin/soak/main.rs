@@ -200,6 +200,7 @@ impl Soak<'_> {
         let load = Arc::new(Mutex::new(Load::default()));
         let nat_before = NatCounters::read(self.t.lb());
         let transitions_before = transitions(self.t.lb());
+        let overflows_before = listen_overflows(self.t);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, load) = (&stop, &load);
         let (watches, flaps, samples, load_done) = thread::scope(|s| {
@@ -224,6 +225,11 @@ impl Soak<'_> {
             )
         });
         let nat = NatCounters::read(self.t.lb()).since(&nat_before);
+        let overflows = listen_overflows(self.t)
+            .iter()
+            .zip(overflows_before)
+            .map(|(n, was)| n.saturating_sub(was))
+            .collect();
         let transitions = transitions(self.t.lb())
             .into_iter()
             .zip(transitions_before)
@@ -240,6 +246,7 @@ impl Soak<'_> {
             samples,
             nat,
             transitions,
+            overflows,
         }
     }
 
@@ -363,6 +370,28 @@ impl Soak<'_> {
             thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Each master's SYNs or handshakes its kernel dropped because the stub's
+/// accept queue was full (`TcpExtListenOverflows` + `TcpExtListenDrops`): a
+/// master too busy to take connections, whatever the LB does.
+fn listen_overflows(t: &Topology) -> Vec<u64> {
+    t.masters
+        .iter()
+        .map(|ns| {
+            let text = ns.exec("cat", &["/proc/net/netstat"]);
+            let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+            let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+                return 0;
+            };
+            names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .filter(|(n, _)| matches!(*n, "ListenOverflows" | "ListenDrops"))
+                .filter_map(|(_, v)| v.parse::<u64>().ok())
+                .sum()
+        })
+        .collect()
 }
 
 /// Every backend's health transitions so far, from apilb's metrics in `lb`:

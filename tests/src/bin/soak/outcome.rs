@@ -22,6 +22,8 @@ pub struct Outcome {
     /// Health transitions of each backend during the run, as apilb counted them:
     /// (master index, address, transitions).
     pub transitions: Vec<(usize, SocketAddr, u64)>,
+    /// Per master, connections its kernel dropped for a full accept queue.
+    pub overflows: Vec<u64>,
 }
 
 impl Outcome {
@@ -205,6 +207,10 @@ impl Outcome {
                 pct(&out),
                 pct(&inn)
             ),
+        );
+        row(
+            "masters' accept queues overflowed (a master too busy, not the LB)",
+            format!("{:?} times", self.overflows),
         );
     }
 
