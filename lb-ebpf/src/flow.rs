@@ -210,6 +210,23 @@ pub fn restore_reply(key: &FlowKey, flow: &FlowState, now: u64) {
     }
 }
 
+/// A client's segment with TCP flags `tcp` on the flow at `entry`: move its state
+/// (`ct::next`) and its last-seen time; return the new state. A call, not
+/// inlined: the state machine's many branches would otherwise each carry the
+/// rest of the packet's path through the verifier.
+#[inline(never)]
+pub fn track_client(entry: *mut FlowState, tcp: u32, now: u64) -> u8 {
+    // SAFETY: a valid entry pointer from the map; the fields written race only
+    // with the same writes from another CPU.
+    let e = unsafe { &mut *entry };
+    #[expect(clippy::cast_possible_truncation, reason = "TCP flags: one byte")]
+    let (state, flags) = ct::next(e.state, e.flags, ct::FROM_CLIENT, tcp as u8);
+    e.state = state;
+    e.flags = flags;
+    e.last_seen_ns = now;
+    state
+}
+
 /// The client-side key of the flow a reply entry belongs to.
 #[inline(always)]
 pub fn flow_key_of(reply: &ReplyState, rkey: &FlowKey) -> FlowKey {

@@ -14,11 +14,11 @@ use lb_common::{
         PASS_NO_FLOW, PASS_NOT_OWNED,
     },
     csum::Delta,
-    ct::{self, CT_ESTABLISHED, CT_LAST_ACK, FROM_CLIENT, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    ct::{self, CT_ESTABLISHED, CT_LAST_ACK, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 use crate::{
-    flow::{coarse_now, new_flow, promote, restore_reply, save_flow},
+    flow::{coarse_now, new_flow, promote, restore_reply, save_flow, track_client},
     forward::{Tuple, forward, rewrite},
     maps::{BACKEND_STATS, CONFIG, FLOWS, HALF_FLOWS, SCRATCH, VIP_STATS, VIPS, account, count},
     outcome::Outcome,
@@ -83,10 +83,7 @@ pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
             // writes from another CPU.
             let e = unsafe { &mut *entry };
             if half || tcp & (TCP_SYN | TCP_FIN | TCP_RST) != 0 || e.state == CT_LAST_ACK {
-                let (state, flags) = ct::next(e.state, e.flags, FROM_CLIENT, tcp);
-                e.state = state;
-                e.flags = flags;
-                e.last_seen_ns = now;
+                let state = track_client(entry, u32::from(tcp), now);
                 if half && state == CT_ESTABLISHED {
                     entry = promote(&p.key, entry).map_err(|()| Outcome::pass(PASS_NO_FLOW))?;
                 }

@@ -149,37 +149,39 @@ fn set_ts_offset(s: &mut Scratch, now: u64) {
 }
 
 /// Take the port under `s.reply_key` if it is free or its lease may be taken over.
+/// One takeover path for both tables, so that each try is one walk for the
+/// verifier.
 #[inline(always)]
 fn try_claim(s: &mut Scratch, cfg: &DatapathConfig, now: u64) -> bool {
     s.ts_floor = 0;
     set_ts_offset(s, now);
-    if HALF_REPLIES
+    let inserted = HALF_REPLIES
         .insert(&s.reply_key, &s.reply, u64::from(BPF_NOEXIST))
-        .is_ok()
-    {
-        // SAFETY: entries are replaced whole, never edited but for their next hop
-        // and flags, so the fields read through this reference are consistent.
-        let Some(old) = (unsafe { REPLIES.get(&s.reply_key) }) else {
-            return true;
-        };
-        if !reclaimable(s, old, false, cfg, now) {
-            let _ = HALF_REPLIES.remove(&s.reply_key);
-            return false;
+        .is_ok();
+    // Ours in the half-open table: free unless an established flow holds it.
+    // Not ours: a half-open flow holds it.
+    // SAFETY: entries are replaced whole, never edited but for their next hop and
+    // flags, so the fields read through this reference are consistent.
+    let old = unsafe {
+        if inserted {
+            REPLIES.get(&s.reply_key)
+        } else {
+            HALF_REPLIES.get(&s.reply_key)
         }
-        let _ = REPLIES.remove(&s.reply_key);
-        // The old flow may have left a timestamp floor: write the lease again.
-        set_ts_offset(s, now);
-        return HALF_REPLIES
-            .insert(&s.reply_key, &s.reply, u64::from(BPF_ANY))
-            .is_ok();
-    }
-    // SAFETY: as above.
-    let Some(old) = (unsafe { HALF_REPLIES.get(&s.reply_key) }) else {
-        return false;
     };
-    if !reclaimable(s, old, true, cfg, now) {
+    let Some(old) = old else {
+        return inserted;
+    };
+    if !reclaimable(s, old, !inserted, cfg, now) {
+        if inserted {
+            let _ = HALF_REPLIES.remove(&s.reply_key);
+        }
         return false;
     }
+    if inserted {
+        let _ = REPLIES.remove(&s.reply_key);
+    }
+    // The old flow may have left a timestamp floor: write the lease again.
     set_ts_offset(s, now);
     HALF_REPLIES
         .insert(&s.reply_key, &s.reply, u64::from(BPF_ANY))
@@ -188,8 +190,10 @@ fn try_claim(s: &mut Scratch, cfg: &DatapathConfig, now: u64) -> bool {
 
 /// Whether the lease `old` (under `s.reply_key`, in the half-open table if
 /// `half`) may be taken over (see the module docs). On yes, its flow entry is
-/// removed and the takeover counted by kind.
-#[inline(always)]
+/// removed and the takeover counted by kind. A call, not inlined: the verifier
+/// then walks its branches once per try, not the rest of the claim once per
+/// branch.
+#[inline(never)]
 fn reclaimable(
     s: &mut Scratch,
     old: &ReplyState,
@@ -233,13 +237,14 @@ fn reclaimable(
     if f.flags & FLOW_F_TS != 0 && f.fin_tsval != 0 {
         s.ts_floor = f.fin_tsval.wrapping_add(1);
     }
-    count(if ct::half_open(f.state) {
+    let kind = if ct::half_open(f.state) {
         RECLAIM_HALF_OPEN
     } else if f.state == CT_ESTABLISHED {
         RECLAIM_IDLE
     } else {
         RECLAIM_CLOSED
-    });
+    };
+    count(kind);
     let _ = if half {
         HALF_FLOWS.remove(&s.flow_key)
     } else {
