@@ -14,7 +14,10 @@ use lb_common::{
         PASS_NO_FLOW, PASS_NOT_OWNED,
     },
     csum::Delta,
-    ct::{self, CT_ESTABLISHED, CT_LAST_ACK, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    ct::{
+        self, CT_CLOSE, CT_ESTABLISHED, CT_LAST_ACK, CT_TIME_WAIT, TCP_ACK, TCP_FIN, TCP_RST,
+        TCP_SYN,
+    },
 };
 
 use crate::{
@@ -72,7 +75,20 @@ pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
     let mut avoid = BACKEND_NONE;
     if is_syn && let Some(e) = found {
         avoid = forget_failed(&p.key, e, now, u32::from(half));
+        // A client reusing the 4-tuple of a connection that is over opens a new
+        // connection: it is balanced afresh (the old backend may be out of
+        // rotation by now), as IPVS's `conn_reuse_mode` does. The old lease is
+        // left for a claimer to take as orphaned.
+        // SAFETY: a valid entry pointer from the map.
+        let state = unsafe { (*e).state };
         if avoid != BACKEND_NONE {
+            found = None;
+        } else if state == CT_TIME_WAIT || state == CT_CLOSE {
+            let _ = if half {
+                HALF_FLOWS.remove(&p.key)
+            } else {
+                FLOWS.remove(&p.key)
+            };
             found = None;
         }
     }
