@@ -77,9 +77,11 @@ pub const fn half_open(state: u8) -> bool {
 
 /// The state (and `FLOW_F_*` flags) after a segment with `tcp` flags from `from`.
 ///
-/// A SYN on a flow that is over opens it again (the client reusing its 4-tuple);
-/// a SYN on a live flow changes nothing and goes to the backend, whose answer (a
-/// challenge ACK, RFC 5961) is the endpoints' business. A RST closes any flow.
+/// A SYN on a flow that is over opens it again (the client reusing its 4-tuple;
+/// the XDP program balances such a SYN as a new flow instead, but the machine
+/// stays total); a SYN on a live flow changes nothing and goes to the backend,
+/// whose answer (a challenge ACK, RFC 5961) is the endpoints' business. A RST
+/// closes any flow.
 #[inline(always)]
 #[must_use]
 pub const fn next(state: u8, flags: u32, from: u8, tcp: u8) -> (u8, u32) {
