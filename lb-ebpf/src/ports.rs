@@ -18,7 +18,7 @@
 //! cannot reach the new flow.
 #![cfg(target_arch = "bpf")]
 
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
     AF_INET, DatapathConfig, FLOW_F_TS, FlowKey, PORT_CLAIM_GRACE_NS, REPLY_F_TS, ReplyState,
     SNAT_POOL_MAX,
@@ -33,9 +33,9 @@ use crate::maps::{FLOWS, HALF_FLOWS, HALF_REPLIES, PORT_CURSOR, REPLIES, Scratch
 
 /// (SNAT address, source port) pairs tried before a new flow is dropped as
 /// `DROP_NO_NAT_PORT`. Each CPU takes ports in turn from its cursor, so the next
-/// one is the one it used longest ago; four tries keep the verifier's walk of
-/// the claim loop within what Linux 5.15 explores.
-const PORT_TRIES: u32 = 4;
+/// one is the one it used longest ago, unless the other CPU's cursor has just
+/// been there.
+const PORT_TRIES: u32 = 8;
 
 /// How many SNAT addresses the pool has for a family. Not clamped to the pool's
 /// size: `snat_addr` masks each index instead, a bound the verifier can see (LLVM
@@ -181,11 +181,27 @@ fn try_claim(s: &mut Scratch, cfg: &DatapathConfig, now: u64) -> bool {
     if inserted {
         let _ = REPLIES.remove(&s.reply_key);
     }
-    // The old flow may have left a timestamp floor: write the lease again.
+    // The lease, ours now, is written in place: the old flow may have left a
+    // timestamp floor. Not by a second insert, which in an LRU map takes a fresh
+    // node even for a key it holds and can fail for want of one.
     set_ts_offset(s, now);
-    HALF_REPLIES
-        .insert(&s.reply_key, &s.reply, u64::from(BPF_ANY))
-        .is_ok()
+    let Some(lease) = HALF_REPLIES.get_ptr_mut(&s.reply_key) else {
+        return false;
+    };
+    // SAFETY: a valid entry pointer; its old flow is gone, and a reader on another
+    // CPU may see the new lease half-written only for that flow's late packets.
+    unsafe {
+        (*lease).client_be = s.reply.client_be;
+        (*lease).vip_be = s.reply.vip_be;
+        (*lease).client_port_be = s.reply.client_port_be;
+        (*lease).vip_port_be = s.reply.vip_port_be;
+        (*lease).backend_id = s.reply.backend_id;
+        (*lease).claimed_ns = s.reply.claimed_ns;
+        (*lease).ts_off = s.reply.ts_off;
+        (*lease).flags = s.reply.flags;
+        (*lease).next_hop.ifindex = 0;
+    }
+    true
 }
 
 /// Whether the lease `old` (under `s.reply_key`, in the half-open table if
