@@ -231,6 +231,32 @@ pub fn track_client(entry: *mut FlowState, tcp: u32, now: u64) -> u8 {
     state
 }
 
+/// Forget the flow at `entry` (client's key `key`; in the half-open tables if
+/// `half` is 1) and release its NAT port: a client reusing the 4-tuple of a
+/// connection that is over. A call, not inlined: the reply key would otherwise
+/// sit on the hot path's stack.
+#[inline(never)]
+pub fn forget(key: &FlowKey, entry: *const FlowState, half: u32) {
+    let Some(cfg) = CONFIG.get(0) else {
+        return;
+    };
+    // SAFETY: a valid entry pointer from the map, read before the entry is removed.
+    let f = unsafe { &*entry };
+    if f.nat_port_be != 0 {
+        let rkey = reply_key(key, f, &snat_addr(cfg, key.family, f.snat_index));
+        let _ = if half != 0 {
+            HALF_REPLIES.remove(&rkey)
+        } else {
+            REPLIES.remove(&rkey)
+        };
+    }
+    let _ = if half != 0 {
+        HALF_FLOWS.remove(key)
+    } else {
+        FLOWS.remove(key)
+    };
+}
+
 /// The client-side key of the flow a reply entry belongs to.
 #[inline(always)]
 pub fn flow_key_of(reply: &ReplyState, rkey: &FlowKey) -> FlowKey {

@@ -21,7 +21,7 @@ use lb_common::{
 };
 
 use crate::{
-    flow::{coarse_now, new_flow, promote, restore_reply, save_flow, track_client},
+    flow::{coarse_now, forget, new_flow, promote, restore_reply, save_flow, track_client},
     forward::{Tuple, forward, rewrite},
     maps::{BACKEND_STATS, CONFIG, FLOWS, HALF_FLOWS, SCRATCH, VIP_STATS, VIPS, account, count},
     outcome::Outcome,
@@ -77,18 +77,14 @@ pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
         avoid = forget_failed(&p.key, e, now, u32::from(half));
         // A client reusing the 4-tuple of a connection that is over opens a new
         // connection: it is balanced afresh (the old backend may be out of
-        // rotation by now), as IPVS's `conn_reuse_mode` does. The old lease is
-        // left for a claimer to take as orphaned.
+        // rotation by now), as IPVS's `conn_reuse_mode` does, and the old one's
+        // port is released.
         // SAFETY: a valid entry pointer from the map.
         let state = unsafe { (*e).state };
         if avoid != BACKEND_NONE {
             found = None;
         } else if state == CT_TIME_WAIT || state == CT_CLOSE {
-            let _ = if half {
-                HALF_FLOWS.remove(&p.key)
-            } else {
-                FLOWS.remove(&p.key)
-            };
+            forget(&p.key, e, u32::from(half));
             found = None;
         }
     }
