@@ -64,8 +64,9 @@ pub const REPLY_HIT: u32 = 20;
 /// Event: the FIB was asked for a next hop (new flow, cached one expired, or a
 /// packet larger than the path has carried so far).
 pub const FIB_LOOKUP: u32 = 21;
-/// Event: a NAT port held by a closed or idle flow was reclaimed for a new one.
-pub const PORT_RECLAIMED: u32 = 22;
+/// Event: a NAT port held by a half-open flow, silent for its state's timeout
+/// (`ct`), was given to a new flow.
+pub const RECLAIM_HALF_OPEN: u32 = 22;
 /// Event: a client sent a SYN again on a flow its backend never answered (passive
 /// detection): the flow was forgotten and the SYN balanced as a new flow, away
 /// from that backend. (A SYN sent again after a refusal is balanced the same way,
@@ -76,8 +77,28 @@ pub const PASSIVE_SILENT: u32 = 23;
 /// the fallback order instead.
 pub const FALLBACK: u32 = 24;
 
+/// Event: a NAT port held by an established flow idle for its timeout was given
+/// to a new flow.
+pub const RECLAIM_IDLE: u32 = 25;
+/// Event: a NAT port held by a closing or closed flow (a FIN or RST went by)
+/// whose state's timeout had passed was given to a new flow.
+pub const RECLAIM_CLOSED: u32 = 26;
+/// Event: a NAT port whose lease had lost its flow (evicted, or replaced by
+/// another flow of the same client tuple) was given to a new flow.
+pub const RECLAIM_ORPHAN: u32 = 27;
+/// Event: a half-open flow's handshake completed (the client acknowledged the
+/// backend's SYN-ACK): it moved to the established tables.
+pub const FLOW_ESTABLISHED: u32 = 28;
+/// Event: a handshake completed on a half-open flow whose port lease had been
+/// evicted (a flood of half-open flows filled their table); the segment passed
+/// to the stack, which resets it, and the client connects again.
+pub const HALF_OPEN_LOST: u32 = 29;
+/// Event: an established flow's reply entry had been evicted from its table and
+/// was put back.
+pub const REPLY_RESTORED: u32 = 30;
+
 /// Size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 25;
+pub const COUNTER_COUNT: u32 = 31;
 const _: () = assert!(OUTCOMES <= COUNTER_COUNT);
 
 /// Metric-friendly names, indexed by counter.
@@ -104,9 +125,15 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "flow_new",
     "reply_hit",
     "fib_lookup",
-    "port_reclaimed",
+    "reclaim_half_open",
     "passive_silent",
     "fallback",
+    "reclaim_idle",
+    "reclaim_closed",
+    "reclaim_orphan",
+    "flow_established",
+    "half_open_lost",
+    "reply_restored",
 ];
 
 #[cfg(test)]
@@ -137,9 +164,15 @@ mod tests {
         (FLOW_NEW, "flow_new"),
         (REPLY_HIT, "reply_hit"),
         (FIB_LOOKUP, "fib_lookup"),
-        (PORT_RECLAIMED, "port_reclaimed"),
+        (RECLAIM_HALF_OPEN, "reclaim_half_open"),
         (PASSIVE_SILENT, "passive_silent"),
         (FALLBACK, "fallback"),
+        (RECLAIM_IDLE, "reclaim_idle"),
+        (RECLAIM_CLOSED, "reclaim_closed"),
+        (RECLAIM_ORPHAN, "reclaim_orphan"),
+        (FLOW_ESTABLISHED, "flow_established"),
+        (HALF_OPEN_LOST, "half_open_lost"),
+        (REPLY_RESTORED, "reply_restored"),
     ];
 
     #[test]

@@ -31,6 +31,12 @@ impl Delta {
             .word32(old[3], new[3])
     }
 
+    /// Both deltas: the changes of two places covered by one checksum.
+    #[inline(always)]
+    pub fn and(self, other: Self) -> Self {
+        Self(self.0 + other.0)
+    }
+
     /// Apply the delta to a checksum field read from memory; the result goes back
     /// into memory as is.
     #[inline(always)]

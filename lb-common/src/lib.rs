@@ -17,10 +17,12 @@
 
 pub mod counters;
 pub mod csum;
+pub mod ct;
 pub mod hash;
 pub mod maps;
 
 pub use counters::*;
+pub use ct::{FLOW_F_BACKEND_FIRST, FLOW_F_TS};
 pub use hash::flow_hash;
 
 /// `family` values (Linux `AF_*`).
@@ -35,6 +37,8 @@ pub const MAP_BACKENDS: &str = maps::BACKENDS.name;
 pub const MAP_MAGLEV: &str = maps::MAGLEV.name;
 pub const MAP_FLOWS: &str = maps::FLOWS.name;
 pub const MAP_REPLIES: &str = maps::REPLIES.name;
+pub const MAP_HALF_FLOWS: &str = maps::HALF_FLOWS.name;
+pub const MAP_HALF_REPLIES: &str = maps::HALF_REPLIES.name;
 pub const MAP_CONFIG: &str = maps::CONFIG.name;
 pub const MAP_COUNTERS: &str = maps::COUNTERS.name;
 pub const MAP_VIP_STATS: &str = maps::VIP_STATS.name;
@@ -49,7 +53,7 @@ pub const MAP_LOCAL_STATS: &str = maps::LOCAL_STATS.name;
 /// it with any change to them. Pinned maps live in a directory named after it, so
 /// an upgraded apilb with another layout starts with fresh maps instead of reading
 /// old ones with new types.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 // ---- Program names (the function names in lb-ebpf). ----
 pub const PROG_XDP: &str = "apilb_xdp";
@@ -77,9 +81,15 @@ pub const MAGLEV_SIZE_DEFAULT: u32 = 65_537;
 pub const MAGLEV_SIZE_MAX: u32 = 65_537;
 /// Entries in the `MAGLEV` array: one ring per VIP, VIP `v` at `v * MAGLEV_SIZE_MAX`.
 pub const MAGLEV_ENTRIES: u32 = MAX_VIPS * MAGLEV_SIZE_MAX;
-/// Default size of both LRU flow tables (client side and reply side); the loader
-/// sets the real one (`maps::MapSpec::flow_table_sized`).
+/// Default size of both LRU tables of established flows (client side and reply
+/// side); the loader sets the real one (`maps::MapSpec::sized_by`).
 pub const FLOW_TABLE_SIZE: u32 = 131_072;
+/// Default size of both LRU tables of half-open flows, kept apart so that a flood
+/// of SYNs evicts only other half-open flows, never an established one.
+pub const HALF_OPEN_TABLE_SIZE: u32 = 32_768;
+/// SNAT addresses per family: a new flow takes its address from the pool by its
+/// hash, and a port of the range at that address.
+pub const SNAT_POOL_MAX: usize = 4;
 /// Interfaces the datapath can redirect to.
 pub const MAX_TX_PORTS: u32 = 64;
 
@@ -104,13 +114,7 @@ pub const BACKEND_F_LOCAL: u32 = 1;
 /// sets it before it rewrites the rings without the backend, so a new flow whose
 /// slot still names it follows `fallback_id` to one in rotation instead.
 pub const BACKEND_F_DOWN: u32 = 2;
-/// `FlowState::flags`: a FIN or RST was seen in either direction; the flow's NAT
-/// port may be reused `flow_close_grace_ns` after its last packet.
-pub const FLOW_F_CLOSING: u32 = 1;
-/// The backend answered the flow's SYN (a SYN-ACK went by): the connection is
-/// established, and a RST from the backend now reaches the client as it must.
-pub const FLOW_F_ANSWERED: u32 = 2;
-/// The backend refused the flow's SYN (a RST or an ICMP unreachable; passive
+/// `FlowState::flags`: the backend refused the flow's SYN (a RST or an ICMP unreachable; passive
 /// detection): its NAT port is released, and the client's SYN retransmit is
 /// balanced as a new flow, away from that backend.
 pub const FLOW_F_REFUSED: u32 = 4;
@@ -165,21 +169,26 @@ pub struct Backend {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DatapathConfig {
-    /// Source address for IPv6 flows under NAT (all zero: no IPv6 VIP can be served).
-    pub snat_v6_be: [u32; 4],
-    /// Source address for IPv4 flows under NAT (zero: no IPv4 VIP can be served).
-    pub snat_v4_be: u32,
-    /// Inclusive range of source ports the datapath allocates, in host order.
+    /// Source addresses for IPv6 flows under NAT; the first `snat_v6_count` count.
+    pub snat_v6_be: [[u32; 4]; SNAT_POOL_MAX],
+    /// Source addresses for IPv4 flows under NAT; the first `snat_v4_count` count.
+    pub snat_v4_be: [u32; SNAT_POOL_MAX],
+    /// How many of `snat_v4_be` are set (0: no IPv4 VIP can be served).
+    pub snat_v4_count: u8,
+    /// How many of `snat_v6_be` are set (0: no IPv6 VIP can be served).
+    pub snat_v6_count: u8,
+    pub _pad: u16,
+    /// Inclusive range of source ports the datapath allocates at each SNAT address,
+    /// in host order.
     pub port_min_host: u16,
     pub port_max_host: u16,
     /// How long a flow trusts its cached next hop before asking the FIB again; it
     /// bounds how long a flow keeps using a neighbour's old MAC or an old route.
     /// 0 asks the FIB for every packet.
     pub nexthop_ttl_ns: u64,
-    /// A closing flow's NAT port may be reused this long after its last packet.
-    pub flow_close_grace_ns: u64,
-    /// Any flow's NAT port may be reused this long after its last packet.
-    pub flow_idle_timeout_ns: u64,
+    /// By TCP state (`ct::CT_*`): how long after its last packet a flow holds its
+    /// NAT port (see `ct::reusable`).
+    pub timeouts_ms: [u32; ct::CT_STATES],
     /// `CONFIG_F_*` bits.
     pub flags: u32,
     /// Passive failures in a row (no SYN-ACK from the backend in between) that make
@@ -208,12 +217,9 @@ pub struct FlowKey {
 
 /// Default of `DatapathConfig::nexthop_ttl_ns`.
 pub const NEXTHOP_TTL_DEFAULT_NS: u64 = 1_000_000_000;
-/// Default of `DatapathConfig::flow_close_grace_ns`.
-pub const FLOW_CLOSE_GRACE_DEFAULT_NS: u64 = 30_000_000_000;
-/// Default of `DatapathConfig::flow_idle_timeout_ns`.
-pub const FLOW_IDLE_TIMEOUT_DEFAULT_NS: u64 = 3_600_000_000_000;
-/// A NAT port claimed this recently is never reclaimed: it covers the gap between
-/// claiming a port and recording its flow, when the flow entry does not exist yet.
+/// A half-open NAT lease claimed this recently is not taken as orphaned when its
+/// flow entry is missing: it covers the gap between claiming a port and recording
+/// its flow.
 pub const PORT_CLAIM_GRACE_NS: u64 = 1_000_000_000;
 /// A flow's `last_seen_ns` is rewritten at most this often, to keep per-packet
 /// writes to shared flow entries rare.
@@ -236,9 +242,9 @@ pub struct NextHop {
     pub checked_ns: u64,
 }
 
-/// Value of `FLOWS`: everything the established path needs to rewrite and forward a
-/// packet, so that it costs one lookup and a flow keeps its backend whatever Maglev
-/// says later.
+/// Value of `FLOWS` and `HALF_FLOWS`: everything the established path needs to
+/// rewrite and forward a packet, so that it costs one lookup and a flow keeps its
+/// backend whatever Maglev says later; and the flow's TCP state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowState {
@@ -250,13 +256,23 @@ pub struct FlowState {
     pub backend_id: u32,
     /// `FLOW_F_*` bits.
     pub flags: u32,
-    pub _pad: u32,
-    /// Coarse time of the flow's last client packet, to `FLOW_SEEN_GRANULARITY_NS`.
+    /// TCP state, a `ct::CT_*`.
+    pub state: u8,
+    /// Index of the flow's SNAT address in its family's pool.
+    pub snat_index: u8,
+    pub _pad: u16,
+    /// Added to the client's TSvals, taken from the backend's TSecrs (`FLOW_F_TS`).
+    pub ts_off: u32,
+    /// The last TSval the client's FIN carried, as the backend saw it: the floor
+    /// for the next flow on this port (`ct::ts_offset`).
+    pub fin_tsval: u32,
+    /// Coarse time of the flow's last packet, to `FLOW_SEEN_GRANULARITY_NS`.
     pub last_seen_ns: u64,
     pub next_hop: NextHop,
 }
 
-/// Value of `REPLIES`: how to turn a backend's reply back into the VIP's.
+/// Value of `REPLIES` and `HALF_REPLIES`: how to turn a backend's reply back into
+/// the VIP's. The entry is also the lease on its NAT port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReplyState {
@@ -267,8 +283,19 @@ pub struct ReplyState {
     pub backend_id: u32,
     /// Coarse time the NAT port was claimed (see `PORT_CLAIM_GRACE_NS`).
     pub claimed_ns: u64,
+    /// The flow's `FlowState::ts_off`, taken from the backend's TSecrs.
+    pub ts_off: u32,
+    /// `REPLY_F_*` bits.
+    pub flags: u32,
     pub next_hop: NextHop,
 }
+
+/// `ReplyState::flags`: the client's SYN carried timestamps; the backend's TSecrs
+/// are shifted back by `ts_off`.
+pub const REPLY_F_TS: u32 = 1;
+/// `ReplyState::flags`: the backend sent a FIN, so its plain ACKs can move the
+/// flow's state too (the last ACK of a master-first close) and are tracked.
+pub const REPLY_F_TRACK: u32 = 2;
 
 /// One row of `PASSIVE_STATS` (per backend id), per CPU: the backend's failures the
 /// datapath saw on the wire, by kind.
@@ -345,15 +372,15 @@ const _: () = {
     assert!(size_of::<VipKey>() == 20);
     assert!(size_of::<VipInfo>() == 16);
     assert!(size_of::<Backend>() == 32);
-    assert!(size_of::<DatapathConfig>() == 64);
+    assert!(size_of::<DatapathConfig>() == 144);
     assert!(size_of::<SockOrig>() == 20);
     assert!(size_of::<PassiveStats>() == 24);
     assert!(size_of::<PassiveState>() == 16);
     assert!(size_of::<PassiveEvent>() == 16);
     assert!(size_of::<FlowKey>() == 40);
     assert!(size_of::<NextHop>() == 32);
-    assert!(size_of::<FlowState>() == 72);
-    assert!(size_of::<ReplyState>() == 80);
+    assert!(size_of::<FlowState>() == 80);
+    assert!(size_of::<ReplyState>() == 88);
     assert!(size_of::<TrafficStats>() == 24);
     assert!(MAGLEV_SIZE_DEFAULT <= MAGLEV_SIZE_MAX);
 };

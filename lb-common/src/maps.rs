@@ -16,9 +16,10 @@
 //! private to the kernel object, so only its type, key size and entry count are.
 
 use crate::{
-    Backend, COUNTER_COUNT, DatapathConfig, FLOW_TABLE_SIZE, FlowKey, FlowState, MAGLEV_ENTRIES,
-    MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, PASSIVE_EVENTS_BYTES, PassiveState, PassiveStats,
-    ReplyState, SockOrig, TrafficStats, VipInfo, VipKey,
+    Backend, COUNTER_COUNT, DatapathConfig, FLOW_TABLE_SIZE, FlowKey, FlowState,
+    HALF_OPEN_TABLE_SIZE, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS,
+    PASSIVE_EVENTS_BYTES, PassiveState, PassiveStats, ReplyState, SockOrig, TrafficStats, VipInfo,
+    VipKey,
 };
 
 /// A map's `BPF_MAP_TYPE_*`, with the kernel's (uapi) numbers, as `bpf_map_info`
@@ -46,9 +47,19 @@ pub struct MapSpec {
     pub value_size: Option<u32>,
     /// The entry count the object is built with; for a ring buffer, its bytes.
     pub max_entries: u32,
-    /// The loader replaces `max_entries` with `LoadOptions::flow_table_size`, so
-    /// the map's real entry count is that (`FLOWS`, `REPLIES`).
-    pub flow_table_sized: bool,
+    /// Whether the loader replaces `max_entries` with a configured size.
+    pub sized_by: Sizing,
+}
+
+/// Where a map's real entry count comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sizing {
+    /// `MapSpec::max_entries`, as built.
+    Fixed,
+    /// `LoadOptions::flow_table_size` (`FLOWS`, `REPLIES`).
+    FlowTable,
+    /// `LoadOptions::half_open_table_size` (`HALF_FLOWS`, `HALF_REPLIES`).
+    HalfOpenTable,
 }
 
 /// Value size of a devmap: the kernel's `struct bpf_devmap_val`, an interface index
@@ -78,7 +89,7 @@ const fn spec(
         key_size,
         value_size: Some(value_size),
         max_entries,
-        flow_table_sized: false,
+        sized_by: Sizing::Fixed,
     }
 }
 
@@ -100,9 +111,10 @@ pub const BACKENDS: MapSpec = spec(
 );
 /// Backend ids, one ring of `MAGLEV_SIZE_MAX` slots per VIP id.
 pub const MAGLEV: MapSpec = spec("MAGLEV", MapType::Array, 4, 4, MAGLEV_ENTRIES);
-/// Client flow (client -> VIP) -> its backend, NAT port and next hop.
+/// Established client flow (client -> VIP) -> its backend, NAT port, TCP state
+/// and next hop.
 pub const FLOWS: MapSpec = MapSpec {
-    flow_table_sized: true,
+    sized_by: Sizing::FlowTable,
     ..spec(
         "FLOWS",
         MapType::LruHash,
@@ -111,16 +123,39 @@ pub const FLOWS: MapSpec = MapSpec {
         FLOW_TABLE_SIZE,
     )
 };
-/// Backend's reply (backend -> SNAT address:port) -> the client and VIP to restore;
-/// the lease on a NAT port.
+/// An established flow's reply (backend -> SNAT address:port) -> the client and
+/// VIP to restore; the lease on a NAT port.
 pub const REPLIES: MapSpec = MapSpec {
-    flow_table_sized: true,
+    sized_by: Sizing::FlowTable,
     ..spec(
         "REPLIES",
         MapType::LruHash,
         size::<FlowKey>(),
         size::<ReplyState>(),
         FLOW_TABLE_SIZE,
+    )
+};
+/// As `FLOWS`, for flows whose handshake is not complete: a SYN flood evicts only
+/// these.
+pub const HALF_FLOWS: MapSpec = MapSpec {
+    sized_by: Sizing::HalfOpenTable,
+    ..spec(
+        "HALF_FLOWS",
+        MapType::LruHash,
+        size::<FlowKey>(),
+        size::<FlowState>(),
+        HALF_OPEN_TABLE_SIZE,
+    )
+};
+/// As `REPLIES`, for flows whose handshake is not complete.
+pub const HALF_REPLIES: MapSpec = MapSpec {
+    sized_by: Sizing::HalfOpenTable,
+    ..spec(
+        "HALF_REPLIES",
+        MapType::LruHash,
+        size::<FlowKey>(),
+        size::<ReplyState>(),
+        HALF_OPEN_TABLE_SIZE,
     )
 };
 /// The one node-wide `DatapathConfig`.
@@ -196,12 +231,14 @@ pub const SOCK_ORIG: MapSpec = spec(
 pub const LOCAL_STATS: MapSpec = spec("LOCAL_STATS", MapType::PerCpuArray, 4, 8, MAX_BACKENDS);
 
 /// Every map the datapath object defines, for pinning and for the loader's checks.
-pub const MAPS: [MapSpec; 17] = [
+pub const MAPS: [MapSpec; 19] = [
     VIPS,
     BACKENDS,
     MAGLEV,
     FLOWS,
     REPLIES,
+    HALF_FLOWS,
+    HALF_REPLIES,
     CONFIG,
     COUNTERS,
     VIP_STATS,
@@ -242,7 +279,14 @@ mod tests {
     #[test]
     fn only_the_flow_tables_are_resized_at_load() {
         for m in MAPS {
-            assert_eq!(m.flow_table_sized, m == FLOWS || m == REPLIES, "{}", m.name);
+            let expected = if m == FLOWS || m == REPLIES {
+                Sizing::FlowTable
+            } else if m == HALF_FLOWS || m == HALF_REPLIES {
+                Sizing::HalfOpenTable
+            } else {
+                Sizing::Fixed
+            };
+            assert_eq!(m.sized_by, expected, "{}", m.name);
         }
     }
 
@@ -277,11 +321,11 @@ mod tests {
             eat(&m.key_size.to_le_bytes());
             eat(&m.value_size.unwrap_or(u32::MAX).to_le_bytes());
             eat(&m.max_entries.to_le_bytes());
-            eat(&[u8::from(m.flow_table_sized)]);
+            eat(&[m.sized_by as u8]);
         }
         assert_eq!(
             (LAYOUT_VERSION, h),
-            (4, 0x519a_aaa1_7a17_8ae4),
+            (5, 0x3db7_b796_fb28_2815),
             "bump LAYOUT_VERSION, then the fingerprint"
         );
     }

@@ -1,12 +1,19 @@
-//! A flow's life under NAT: recorded when its SYN is balanced, marked as TCP goes
-//! (answered, closing), its reply entry kept in step, until its port is reclaimed.
+//! A flow's life under NAT: recorded half-open when its SYN is balanced, proven
+//! when its handshake completes, tracked through its close (`ct`), until its port
+//! is reclaimed.
 //!
-//! A new flow gets two entries: `FLOWS` (client -> VIP, so later packets keep their
-//! backend whatever Maglev says) and `REPLIES` (backend -> SNAT address:port, to undo
-//! the NAT on the way back; also the NAT port's lease, see `ports`). The two LRU
-//! tables evict independently, so a live flow puts its reply entry back when it
-//! finds it gone. A client's FIN, RST or fresh SYN marks its flow in `ingress`; the
-//! backend's SYN-ACK, FIN or RST marks it through [`set_flow_flags`], in `reply`.
+//! A flow has two entries: one by the client's key (client -> VIP, so later
+//! packets keep their backend whatever Maglev says) and one by the backend's reply
+//! (backend -> SNAT address:port, to undo the NAT on the way back; also the NAT
+//! port's lease, see `ports`). Until the client acknowledges the backend's SYN-ACK
+//! both live in the half-open tables (`HALF_FLOWS`, `HALF_REPLIES`); then
+//! [`promote`] moves them to `FLOWS` and `REPLIES`. The tables are LRU, so a flood
+//! of SYNs that never complete evicts only other half-open flows, never a proven
+//! one. Tables evict independently, so a live flow puts its reply entry back when
+//! it finds it gone ([`restore_reply`]).
+//!
+//! The client's SYN, FIN and RST (and the last ACK of a close) move the state in
+//! `ingress`; the backend's in `reply`, through [`update_flow`].
 #![cfg(target_arch = "bpf")]
 
 use aya_ebpf::{
@@ -14,16 +21,30 @@ use aya_ebpf::{
     helpers::generated::bpf_ktime_get_coarse_ns,
 };
 use lb_common::{
-    BACKEND_F_LOCAL, FLOW_F_ANSWERED, FlowKey, FlowState, NextHop, ReplyState, VipInfo,
-    counters::{DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR},
+    BACKEND_F_LOCAL, FLOW_F_REFUSED, FLOW_F_TS, FlowKey, FlowState, NextHop, REPLY_F_TRACK,
+    REPLY_F_TS, ReplyState, VipInfo,
+    counters::{
+        DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR, FLOW_ESTABLISHED, HALF_OPEN_LOST, REPLY_RESTORED,
+    },
+    ct::{self, CT_SYN_SENT, FROM_BACKEND},
     flow_hash,
 };
 
 use crate::{
-    maps::{CONFIG, FLOWS, REPLIES, SCRATCH, Scratch},
+    maps::{CONFIG, FLOWS, HALF_FLOWS, HALF_REPLIES, REPLIES, SCRATCH, Scratch, count},
     ports::{claim_port, snat_addr},
     select::pick,
 };
+
+/// [`update_flow`]'s `how`, besides the segment's TCP flags in its low byte: the
+/// reply entry is in the half-open table.
+pub const HOW_HALF: u32 = 0x100;
+/// The segment is a SYN-ACK without timestamps: the connection uses none.
+pub const HOW_NO_TS: u32 = 0x200;
+/// Passive detection is on, and the segment refuses the flow's SYN (a RST, an ICMP
+/// unreachable): if the SYN is unanswered, mark the flow refused instead of
+/// moving its state.
+pub const HOW_REFUSAL: u32 = 0x400;
 
 /// The coarse monotonic clock: jiffy resolution, a fraction of the fine clock's
 /// cost, which is all flow ageing and next-hop expiry need.
@@ -35,56 +56,119 @@ pub fn coarse_now() -> u64 {
 
 /// Choose a backend for a new flow through the VIP's Maglev ring (and the fallback
 /// order, past one out of rotation or `s.avoid`) and claim a source port (recording
-/// the reply entry), filling in `s.flow`. The caller records the flow itself with
+/// the lease), filling in `s.flow`. The caller records the flow itself with
 /// [`save_flow`] once forwarding has filled in its next hop. `Err` is the drop
 /// counter.
 ///
 /// Not inlined: this is the cold path, and as a BPF-to-BPF call its stack frame does
 /// not add to the hot path's. BPF calls take at most five arguments (the result
-/// is one), hence the config read here and the backend to avoid in the scratch.
+/// is one), hence the config read here and the rest in the scratch.
 #[inline(never)]
 pub fn new_flow(key: &FlowKey, vip: &VipInfo, now: u64, s: &mut Scratch) -> Result<(), u32> {
     let cfg = CONFIG.get(0).ok_or(DROP_NO_SNAT_ADDR)?;
-    let snat = snat_addr(cfg, key.family);
-    let (backend_id, backend) = pick(vip, flow_hash(key), key.family, s.avoid)?;
+    let hash = flow_hash(key);
+    let (backend_id, backend) = pick(vip, hash, key.family, s.avoid)?;
     s.flow = FlowState {
         backend_be: backend.addr_be,
         backend_port_be: backend.port_be,
         nat_port_be: 0,
         backend_id,
         flags: 0,
+        state: CT_SYN_SENT,
+        snat_index: 0,
         _pad: 0,
+        ts_off: 0,
+        fin_tsval: 0,
         last_seen_ns: now,
         next_hop: NextHop::default(),
     };
-    if backend.flags & BACKEND_F_LOCAL == 0 {
-        if snat == [0; 4] {
-            return Err(DROP_NO_SNAT_ADDR);
-        }
-        s.flow.nat_port_be = claim_port(key, &snat, cfg, now, s)?;
+    if backend.flags & BACKEND_F_LOCAL != 0 {
+        return Ok(());
     }
-    Ok(())
+    // Fields are written in place: a whole `ReplyState` value would sit on the stack.
+    s.reply.client_be = key.src_be;
+    s.reply.vip_be = key.dst_be;
+    s.reply.client_port_be = key.sport_be;
+    s.reply.vip_port_be = key.dport_be;
+    s.reply.backend_id = backend_id;
+    s.reply.claimed_ns = now;
+    s.reply.ts_off = 0;
+    s.reply.flags = 0;
+    s.reply.next_hop = NextHop::default();
+    claim_port(key, hash, cfg, now, s)
 }
 
-/// Record a new flow; on failure, release its NAT port.
+/// Record a new flow in the half-open table; on failure, release its NAT port.
 #[inline(always)]
 pub fn save_flow(key: &FlowKey, flow: &FlowState) -> Result<(), u32> {
-    if FLOWS.insert(key, flow, u64::from(BPF_ANY)).is_ok() {
+    if HALF_FLOWS.insert(key, flow, u64::from(BPF_ANY)).is_ok() {
         return Ok(());
     }
     if flow.nat_port_be != 0
         && let Some(cfg) = CONFIG.get(0)
     {
-        let _ = REPLIES.remove(reply_key(key, flow, &snat_addr(cfg, key.family)));
+        let _ = HALF_REPLIES.remove(reply_key(
+            key,
+            flow,
+            &snat_addr(cfg, key.family, flow.snat_index),
+        ));
     }
     Err(DROP_FLOW_INSERT)
 }
 
-/// Put back a live flow's reply entry if the LRU evicted it (the two tables evict
-/// independently). Called when the flow refreshes its next hop, so a lost entry is
-/// restored within one next-hop TTL. A call, not inlined, building its entry in the
-/// scratch slot's reply fields (which `new_flow` is done with by now): it runs once
-/// per TTL, and the entry would otherwise sit on the hot path's stack.
+/// The client acknowledged the backend's SYN-ACK: move the half-open flow at
+/// `half` (client's key `key`) and its lease to the established tables, and return
+/// its new entry. The lease goes first, so that a claimer always finds the port
+/// taken in one table or the other. `Err` if its lease was evicted meanwhile (a
+/// flood filled the half-open tables): the flow is forgotten, and the segment
+/// passes to the stack, which resets it.
+#[inline(never)]
+pub fn promote(key: &FlowKey, half: *mut FlowState) -> Result<*mut FlowState, ()> {
+    let (Some(cfg), Some(scratch)) = (CONFIG.get(0), SCRATCH.get_ptr_mut(0)) else {
+        return Err(());
+    };
+    // SAFETY: a valid entry pointer from `HALF_FLOWS`, read before it is removed.
+    let flow = unsafe { &*half };
+    // SAFETY: this CPU's scratch slot; only its `reply_key` is written, through the
+    // raw pointer.
+    let rkey = unsafe { &mut (*scratch).reply_key };
+    *rkey = reply_key(key, flow, &snat_addr(cfg, key.family, flow.snat_index));
+    let ours = if flow.nat_port_be == 0 {
+        true
+    } else {
+        // SAFETY: entries are replaced whole; a stale read only fails the match.
+        match unsafe { HALF_REPLIES.get(&*rkey) } {
+            Some(r) if r.client_be == key.src_be && r.client_port_be == key.sport_be => {
+                REPLIES.insert(&*rkey, r, u64::from(BPF_ANY)).is_ok()
+            }
+            _ => false,
+        }
+    };
+    let moved = ours && FLOWS.insert(key, flow, u64::from(BPF_ANY)).is_ok();
+    if flow.nat_port_be != 0 && ours {
+        // Moved: the half-open lease goes. Not moved: the copy just made goes, and
+        // the half-open lease is left for a claimer to find orphaned.
+        let _ = if moved {
+            HALF_REPLIES.remove(&*rkey)
+        } else {
+            REPLIES.remove(&*rkey)
+        };
+    }
+    let _ = HALF_FLOWS.remove(key);
+    if !moved {
+        count(HALF_OPEN_LOST);
+        return Err(());
+    }
+    count(FLOW_ESTABLISHED);
+    FLOWS.get_ptr_mut(key).ok_or(())
+}
+
+/// Put back an established flow's reply entry if the LRU evicted it (the two
+/// tables evict independently). Called when the flow refreshes its next hop, so a
+/// lost entry is restored within one next-hop TTL. A call, not inlined, building
+/// its entry in the scratch slot's reply fields (which `new_flow` is done with by
+/// now): it runs once per TTL, and the entry would otherwise sit on the hot path's
+/// stack.
 #[inline(never)]
 pub fn restore_reply(key: &FlowKey, flow: &FlowState, now: u64) {
     let (Some(cfg), Some(scratch)) = (CONFIG.get(0), SCRATCH.get_ptr_mut(0)) else {
@@ -94,17 +178,86 @@ pub fn restore_reply(key: &FlowKey, flow: &FlowState, now: u64) {
     // the raw pointer: `flow` may point at the slot's `flow` field, which must not
     // be covered by a `&mut` to the whole slot.
     unsafe {
-        (*scratch).reply_key = reply_key(key, flow, &snat_addr(cfg, key.family));
-        (*scratch).reply = reply_state(key, flow.backend_id, now);
-        let _ = REPLIES.insert(
-            &(*scratch).reply_key,
-            &(*scratch).reply,
-            u64::from(BPF_NOEXIST),
-        );
+        let r = &mut (*scratch).reply;
+        r.client_be = key.src_be;
+        r.vip_be = key.dst_be;
+        r.client_port_be = key.sport_be;
+        r.vip_port_be = key.dport_be;
+        r.backend_id = flow.backend_id;
+        r.claimed_ns = now;
+        r.ts_off = flow.ts_off;
+        r.flags = if flow.flags & FLOW_F_TS != 0 {
+            REPLY_F_TS
+        } else {
+            0
+        } | if flow.state >= ct::CT_FIN_WAIT {
+            REPLY_F_TRACK
+        } else {
+            0
+        };
+        // No next hop cached (`ifindex` 0). Not a whole `NextHop::default()`:
+        // LLVM makes that a `memset` call, a fourth frame under main, the
+        // outbound path and this, which 5.15 and 6.1 sum past 512 bytes.
+        r.next_hop.ifindex = 0;
+        r.next_hop.checked_ns = 0;
+        (*scratch).reply_key = reply_key(key, flow, &snat_addr(cfg, key.family, flow.snat_index));
+        if REPLIES
+            .insert(
+                &(*scratch).reply_key,
+                &(*scratch).reply,
+                u64::from(BPF_NOEXIST),
+            )
+            .is_ok()
+        {
+            count(REPLY_RESTORED);
+        }
     }
 }
 
-/// The `FLOWS` key of the flow a reply entry belongs to.
+/// A client's segment with TCP flags `tcp` on the flow at `entry`: move its state
+/// (`ct::next`) and its last-seen time; return the new state. A call, not
+/// inlined: the state machine's many branches would otherwise each carry the
+/// rest of the packet's path through the verifier.
+#[inline(never)]
+pub fn track_client(entry: *mut FlowState, tcp: u32, now: u64) -> u8 {
+    // SAFETY: a valid entry pointer from the map; the fields written race only
+    // with the same writes from another CPU.
+    let e = unsafe { &mut *entry };
+    #[expect(clippy::cast_possible_truncation, reason = "TCP flags: one byte")]
+    let (state, flags) = ct::next(e.state, e.flags, ct::FROM_CLIENT, tcp as u8);
+    e.state = state;
+    e.flags = flags;
+    e.last_seen_ns = now;
+    state
+}
+
+/// Forget the flow at `entry` (client's key `key`; in the half-open tables if
+/// `half` is 1) and release its NAT port: a client reusing the 4-tuple of a
+/// connection that is over. A call, not inlined: the reply key would otherwise
+/// sit on the hot path's stack.
+#[inline(never)]
+pub fn forget(key: &FlowKey, entry: *const FlowState, half: u32) {
+    let Some(cfg) = CONFIG.get(0) else {
+        return;
+    };
+    // SAFETY: a valid entry pointer from the map, read before the entry is removed.
+    let f = unsafe { &*entry };
+    if f.nat_port_be != 0 {
+        let rkey = reply_key(key, f, &snat_addr(cfg, key.family, f.snat_index));
+        let _ = if half != 0 {
+            HALF_REPLIES.remove(&rkey)
+        } else {
+            REPLIES.remove(&rkey)
+        };
+    }
+    let _ = if half != 0 {
+        HALF_FLOWS.remove(key)
+    } else {
+        FLOWS.remove(key)
+    };
+}
+
+/// The client-side key of the flow a reply entry belongs to.
 #[inline(always)]
 pub fn flow_key_of(reply: &ReplyState, rkey: &FlowKey) -> FlowKey {
     FlowKey {
@@ -118,24 +271,45 @@ pub fn flow_key_of(reply: &ReplyState, rkey: &FlowKey) -> FlowKey {
     }
 }
 
-/// Set `bits` (`FLOW_F_*`) on the flow a reply entry belongs to, and return its
-/// flags after: a SYN-ACK marks it answered, a FIN or RST closing. A call, not
-/// inlined: only those segments need it, and the flow key would otherwise sit on
-/// the reply path's stack. A flow that is gone (evicted) reads as answered:
-/// there is nothing left to re-steer.
+/// A backend's segment on the flow of `reply` (its key `rkey`): move the flow's
+/// TCP state by the segment's flags (`how`'s low byte, and `HOW_*`) and set
+/// `bits` (`FLOW_F_*`). Returns the state before. A call, not inlined: only the
+/// segments that can change a state need it, and the flow key would otherwise
+/// sit on the reply path's stack. A flow that is gone (evicted) reads as
+/// established: there is nothing left to re-steer.
 #[inline(never)]
-pub fn set_flow_flags(reply: &ReplyState, rkey: &FlowKey, bits: u32) -> u32 {
-    let Some(f) = FLOWS.get_ptr_mut(flow_key_of(reply, rkey)) else {
-        return bits | FLOW_F_ANSWERED;
+pub fn update_flow(reply: &ReplyState, rkey: &FlowKey, how: u32, bits: u32) -> u8 {
+    let fkey = flow_key_of(reply, rkey);
+    let found = if how & HOW_HALF != 0 {
+        HALF_FLOWS.get_ptr_mut(&fkey)
+    } else {
+        FLOWS.get_ptr_mut(&fkey)
     };
-    // SAFETY: a valid entry pointer from the map; setting flag bits races only with
-    // identical writes or with a whole-entry replacement, either harmless.
+    let Some(f) = found else {
+        return ct::CT_ESTABLISHED;
+    };
+    // SAFETY: a valid entry pointer from the map; the fields written race only with
+    // the same writes from another CPU, or a whole-entry replacement.
     let f = unsafe { &mut *f };
+    let before = f.state;
     f.flags |= bits;
-    f.flags
+    if how & HOW_REFUSAL != 0 && before == CT_SYN_SENT {
+        f.flags |= FLOW_F_REFUSED;
+        return before;
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "the low byte: TCP flags")]
+    let (state, flags) = ct::next(before, f.flags, FROM_BACKEND, how as u8);
+    f.state = state;
+    f.flags = if how & HOW_NO_TS != 0 {
+        flags & !FLOW_F_TS
+    } else {
+        flags
+    };
+    f.last_seen_ns = coarse_now();
+    before
 }
 
-/// The `REPLIES` key under which the backend's answers to `flow` arrive.
+/// The reply-table key under which the backend's answers to `flow` arrive.
 #[inline(always)]
 pub fn reply_key(key: &FlowKey, flow: &FlowState, snat: &[u32; 4]) -> FlowKey {
     FlowKey {
@@ -146,18 +320,5 @@ pub fn reply_key(key: &FlowKey, flow: &FlowState, snat: &[u32; 4]) -> FlowKey {
         proto: key.proto,
         family: key.family,
         _pad: 0,
-    }
-}
-
-#[inline(always)]
-fn reply_state(key: &FlowKey, backend_id: u32, now: u64) -> ReplyState {
-    ReplyState {
-        client_be: key.src_be,
-        vip_be: key.dst_be,
-        client_port_be: key.sport_be,
-        vip_port_be: key.dport_be,
-        backend_id,
-        claimed_ns: now,
-        next_hop: NextHop::default(),
     }
 }

@@ -8,23 +8,28 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    BACKEND_NONE, FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_SEEN_GRANULARITY_NS, FlowState,
-    VIP_F_OWNED, VipKey,
+    BACKEND_NONE, FLOW_F_TS, FLOW_SEEN_GRANULARITY_NS, FlowState, VIP_F_OWNED, VipKey,
     counters::{
         DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR, FLOW_NEW, PASS_LOCAL_BACKEND, PASS_MALFORMED,
         PASS_NO_FLOW, PASS_NOT_OWNED,
     },
+    csum::Delta,
+    ct::{
+        self, CT_CLOSE, CT_ESTABLISHED, CT_LAST_ACK, CT_TIME_WAIT, TCP_ACK, TCP_FIN, TCP_RST,
+        TCP_SYN,
+    },
 };
 
 use crate::{
-    flow::{coarse_now, new_flow, restore_reply, save_flow},
+    flow::{coarse_now, forget, new_flow, promote, restore_reply, save_flow, track_client},
     forward::{Tuple, forward, rewrite},
-    maps::{BACKEND_STATS, CONFIG, FLOWS, SCRATCH, VIP_STATS, VIPS, account, count},
+    maps::{BACKEND_STATS, CONFIG, FLOWS, HALF_FLOWS, SCRATCH, VIP_STATS, VIPS, account, count},
     outcome::Outcome,
-    packet::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
+    packet::{Parsed, parse},
     passive::forget_failed,
     ports::snat_addr,
     reply::to_client,
+    ts::{shift_tsval, syn_tsval},
 };
 
 /// Balance one packet: to its flow's backend if it is a client's packet to an
@@ -55,31 +60,46 @@ pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
     // (into its map entry or, for a new flow, into this CPU's scratch slot), so
     // that `new_flow` and `to_backend` are sibling calls: the verifier sums the
     // stack frames of nested calls, and these two would not fit nested.
-    let is_syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let tcp = p.tcp_flags;
+    let is_syn = tcp & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // Established flows first: the hot path is one lookup.
+    let mut half = false;
     let mut found = FLOWS.get_ptr_mut(&p.key);
+    if found.is_none() {
+        found = HALF_FLOWS.get_ptr_mut(&p.key);
+        half = found.is_some();
+    }
     // The client sending its SYN again, refused or unanswered: with passive
     // detection the flow is forgotten here and the SYN balanced as a new flow
     // below, away from the backend that failed it.
     let mut avoid = BACKEND_NONE;
     if is_syn && let Some(e) = found {
-        avoid = forget_failed(&p.key, e, now);
+        avoid = forget_failed(&p.key, e, now, u32::from(half));
+        // A client reusing the 4-tuple of a connection that is over opens a new
+        // connection: it is balanced afresh (the old backend may be out of
+        // rotation by now), as IPVS's `conn_reuse_mode` does, and the old one's
+        // port is released.
+        // SAFETY: a valid entry pointer from the map.
+        let state = unsafe { (*e).state };
         if avoid != BACKEND_NONE {
+            found = None;
+        } else if state == CT_TIME_WAIT || state == CT_CLOSE {
+            forget(&p.key, e, u32::from(half));
             found = None;
         }
     }
     let (entry, is_new) = match found {
-        Some(entry) => {
-            // SAFETY: a valid entry pointer from the map. `flags` and
+        Some(mut entry) => {
+            // SAFETY: a valid entry pointer from the map. `state`, `flags` and
             // `last_seen_ns` are written in place, racing at worst with the same
             // writes from another CPU.
             let e = unsafe { &mut *entry };
-            if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-                e.flags |= FLOW_F_CLOSING;
-            } else if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-                // The client reuses the tuple for a new connection.
-                e.flags &= !(FLOW_F_CLOSING | FLOW_F_ANSWERED);
-            }
-            if now.wrapping_sub(e.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS {
+            if half || tcp & (TCP_SYN | TCP_FIN | TCP_RST) != 0 || e.state == CT_LAST_ACK {
+                let state = track_client(entry, u32::from(tcp), now);
+                if half && state == CT_ESTABLISHED {
+                    entry = promote(&p.key, entry).map_err(|()| Outcome::pass(PASS_NO_FLOW))?;
+                }
+            } else if now.wrapping_sub(e.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS {
                 e.last_seen_ns = now;
             }
             (entry, false)
@@ -96,6 +116,9 @@ pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
             // so nothing else uses it meanwhile.
             let s = unsafe { &mut *scratch };
             s.avoid = avoid;
+            let tsval = syn_tsval(ctx, &p);
+            s.syn_ts = u32::from(tsval.is_some());
+            s.syn_tsval = tsval.unwrap_or(0);
             new_flow(&p.key, vip, now, s).map_err(Outcome::drop)?;
             (&raw mut s.flow, true)
         }
@@ -119,7 +142,9 @@ pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
     Ok(outcome)
 }
 
-/// A client's packet on a flow: NAT it to the flow's backend and send it on.
+/// A client's packet on a flow: NAT it to the flow's backend (its TSval shifted
+/// to the port's clock, `ts`) and send it on. A hop refresh also restores an
+/// established flow's reply entry, if it was evicted.
 /// A BPF-to-BPF call, like `to_client`, so that each path's stack frame stands
 /// alone on top of `apilb_xdp`'s, within the 512 bytes the verifier allows the
 /// deepest call chain.
@@ -136,21 +161,32 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, entry: *mut FlowState, now: u64) -> 
     let Some(cfg) = CONFIG.get(0) else {
         return Outcome::drop(DROP_NO_SNAT_ADDR);
     };
+    let mut l4 = Delta::default();
+    if flow.flags & FLOW_F_TS != 0
+        && let Some((delta, sent)) = shift_tsval(ctx, p, flow.ts_off)
+    {
+        l4 = delta;
+        if p.tcp_flags & TCP_FIN != 0 {
+            flow.fin_tsval = sent;
+        }
+    }
     let t = Tuple {
-        src_be: snat_addr(cfg, p.key.family),
+        src_be: snat_addr(cfg, p.key.family, flow.snat_index),
         dst_be: flow.backend_be,
         sport_be: flow.nat_port_be,
         dport_be: flow.backend_port_be,
     };
-    if rewrite(ctx, p, &t).is_err() {
+    if rewrite(ctx, p, &t, l4).is_err() {
         return Outcome::pass(PASS_MALFORMED);
     }
     let mut hop = flow.next_hop;
     let (outcome, hop_changed) = forward(ctx, p, &t, &mut hop, cfg.nexthop_ttl_ns, now);
     if hop_changed {
         flow.next_hop = hop;
-        // A no-op for a new flow, whose reply entry `new_flow` just wrote.
-        restore_reply(&p.key, flow, now);
+        // Not for a half-open flow (new ones included): its lease is elsewhere.
+        if !ct::half_open(flow.state) {
+            restore_reply(&p.key, flow, now);
+        }
     }
     outcome
 }

@@ -27,6 +27,11 @@ pub static MAGLEV: Array<u32> = array(&specs::MAGLEV);
 pub static FLOWS: LruHashMap<FlowKey, FlowState> = lru_hash(&specs::FLOWS);
 #[map]
 pub static REPLIES: LruHashMap<FlowKey, ReplyState> = lru_hash(&specs::REPLIES);
+/// `FLOWS` and `REPLIES` for flows whose handshake is not complete (see `flow`).
+#[map]
+pub static HALF_FLOWS: LruHashMap<FlowKey, FlowState> = lru_hash(&specs::HALF_FLOWS);
+#[map]
+pub static HALF_REPLIES: LruHashMap<FlowKey, ReplyState> = lru_hash(&specs::HALF_REPLIES);
 #[map]
 pub static CONFIG: Array<DatapathConfig> = array(&specs::CONFIG);
 #[map]
@@ -70,6 +75,12 @@ pub struct Scratch {
     /// The backend a new flow must not get (it just ignored the flow's SYN), or
     /// `BACKEND_NONE`: an argument of `flow::new_flow`, which has no room for it.
     pub avoid: u32,
+    /// A new flow's SYN carried timestamps (1) or not (0), and its TSval (host
+    /// order): for `ports::claim_port`, which reuses ports by them.
+    pub syn_ts: u32,
+    pub syn_tsval: u32,
+    /// The TSval floor a reclaimed port's previous flow leaves (`ct::ts_offset`).
+    pub ts_floor: u32,
     /// The FIB request of `forward::fib_next_hop`.
     pub fib: aya_ebpf::bindings::bpf_fib_lookup,
 }

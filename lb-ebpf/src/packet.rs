@@ -12,6 +12,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{
     AF_INET, AF_INET6, FlowKey, IPPROTO_TCP,
     counters::{PASS_FRAGMENT, PASS_MALFORMED, PASS_NOT_IP, PASS_NOT_TCP},
+    ct::TCP_SYN,
 };
 use network_types::{
     eth::EthHdr,
@@ -37,11 +38,16 @@ const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMP_HDR_LEN: usize = 8;
 /// IPv4 `frags` field: the MF bit and the 13-bit offset, in host order.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
-/// TCP flag bits (byte 13 of the header).
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+/// TCP option kinds and lengths (RFC 9293, RFC 7323, RFC 2018).
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_MSS: u8 = 2;
+const TCPOLEN_MSS: u8 = 4;
+const TCPOPT_WINDOW: u8 = 3;
+const TCPOLEN_WINDOW: u8 = 3;
+const TCPOPT_SACK_PERM: u8 = 4;
+const TCPOLEN_SACK_PERM: u8 = 2;
+const TCPOPT_TIMESTAMP: u8 = 8;
+const TCPOLEN_TIMESTAMP: u8 = 10;
 
 /// A pointer to a `T` at `offset` bytes into the packet, or `Err` if the packet is
 /// too short. Callers must still only dereference it while the packet is unchanged
@@ -238,4 +244,77 @@ fn quoted_tcp(ctx: &XdpContext, l4: usize, key: &mut FlowKey) -> Result<(), u32>
     key.sport_be = u16::from_ne_bytes([d0, d1]);
     key.dport_be = u16::from_ne_bytes([s0, s1]);
     Ok(())
+}
+
+/// Where the segment's TSval sits (its TSecr follows), as an offset into the
+/// packet; `None` if it carries no timestamp option where stacks put it.
+///
+/// The option is looked for at fixed places, not by walking the options: a walk's
+/// variable offsets multiply the verifier's states past its limit. After the SYN
+/// every stack opens the options with `NOP NOP TS` (RFC 7323 appendix A); a SYN or
+/// SYN-ACK puts it after `MSS, SACK-permitted` or `MSS, NOP, NOP` (Linux), or
+/// after `MSS, NOP, window scale` and two more bytes (the BSDs, macOS). A segment
+/// with it elsewhere reads as without: its flow is then treated as one without
+/// timestamps, which is only slower to reuse its port (`ct::reusable`).
+/// Always inlined: it reads the packet (see [`parse`]).
+#[inline(always)]
+pub fn tsval_at(ctx: &XdpContext, p: &Parsed) -> Option<usize> {
+    let l4 = usize::from(p.l4);
+    let head: *const [u8; 4] = ptr_at(ctx, l4 + 12).ok()?;
+    // SAFETY: `ptr_at` proved bytes 12..16 of the TCP header present.
+    let doff = usize::from(unsafe { (*head)[0] } >> 4) * 4;
+    if doff < 32 {
+        return None;
+    }
+    let first = word(ctx, l4 + 20)?;
+    if first == [TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, TCPOLEN_TIMESTAMP] {
+        return Some(l4 + 24);
+    }
+    if p.tcp_flags & TCP_SYN == 0 || first[..2] != [TCPOPT_MSS, TCPOLEN_MSS] {
+        return None;
+    }
+    let second = word(ctx, l4 + 24)?;
+    if doff >= 36 && pads_timestamp(second) {
+        return Some(l4 + 28);
+    }
+    if doff >= 40
+        && second[..3] == [TCPOPT_NOP, TCPOPT_WINDOW, TCPOLEN_WINDOW]
+        && pads_timestamp(word(ctx, l4 + 28)?)
+    {
+        return Some(l4 + 32);
+    }
+    None
+}
+
+/// Four option bytes that end with a timestamp option's kind and length, after
+/// two NOPs or a SACK-permitted option.
+#[inline(always)]
+fn pads_timestamp(w: [u8; 4]) -> bool {
+    (w[..2] == [TCPOPT_NOP, TCPOPT_NOP] || w[..2] == [TCPOPT_SACK_PERM, TCPOLEN_SACK_PERM])
+        && w[2..] == [TCPOPT_TIMESTAMP, TCPOLEN_TIMESTAMP]
+}
+
+/// Four bytes of the packet at `at`.
+#[inline(always)]
+fn word(ctx: &XdpContext, at: usize) -> Option<[u8; 4]> {
+    let w: *const [u8; 4] = ptr_at(ctx, at).ok()?;
+    // SAFETY: `ptr_at` proved the four bytes present.
+    Some(unsafe { *w })
+}
+
+/// Read the 32-bit field at `at` (a TSval or TSecr) as it sits in memory.
+#[inline(always)]
+pub fn read_u32(ctx: &XdpContext, at: usize) -> Option<u32> {
+    let field: *const [u8; 4] = ptr_at(ctx, at).ok()?;
+    // SAFETY: `ptr_at` proved the four bytes present.
+    Some(u32::from_ne_bytes(unsafe { *field }))
+}
+
+/// Write a 32-bit field at `at`, given as it goes into memory.
+#[inline(always)]
+pub fn write_u32(ctx: &XdpContext, at: usize, value: u32) -> Option<()> {
+    let field: *mut [u8; 4] = ptr_at(ctx, at).ok()?;
+    // SAFETY: `ptr_at` proved the four bytes present; the packet is writable in XDP.
+    unsafe { *field = value.to_ne_bytes() };
+    Some(())
 }

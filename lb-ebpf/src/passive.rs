@@ -1,7 +1,7 @@
 //! Passive failure detection in the kernel: a backend that refuses or ignores the
 //! SYNs the balancer sends it is seen on the wire, long before a health probe would.
 //!
-//! Three signs, each only for a SYN the backend never answered (`FLOW_F_ANSWERED`):
+//! Three signs, each only for a SYN the backend never answered (`CT_SYN_SENT`):
 //! a RST (nothing listens there), an ICMP destination unreachable, and silence until
 //! the client sends its SYN again. With passive detection on (`CONFIG_F_PASSIVE`)
 //! the refusal is dropped, so the client does not see it, and the flow is marked
@@ -13,26 +13,31 @@
 #![cfg(target_arch = "bpf")]
 
 use lb_common::{
-    BACKEND_NONE, CONFIG_F_PASSIVE, FLOW_F_ANSWERED, FLOW_F_REFUSED, FlowKey, FlowState,
-    PASSIVE_EVENT_GAP_NS, PASSIVE_KIND_ICMP, PASSIVE_KIND_RST, PASSIVE_KIND_SILENT,
-    PASSIVE_SILENT_NS, PassiveEvent, ReplyState,
+    BACKEND_NONE, CONFIG_F_PASSIVE, FLOW_F_REFUSED, FlowKey, FlowState, PASSIVE_EVENT_GAP_NS,
+    PASSIVE_KIND_ICMP, PASSIVE_KIND_RST, PASSIVE_KIND_SILENT, PASSIVE_SILENT_NS, PassiveEvent,
+    ReplyState,
     counters::{DROP_PASSIVE_ICMP, PASS_NOT_VIP, PASSIVE_SILENT},
+    ct::CT_SYN_SENT,
 };
 
 use crate::{
-    flow::{coarse_now, reply_key, set_flow_flags},
-    maps::{CONFIG, FLOWS, PASSIVE_EVENTS, PASSIVE_STATE, PASSIVE_STATS, REPLIES, count},
+    flow::{HOW_HALF, HOW_REFUSAL, coarse_now, reply_key, update_flow},
+    maps::{
+        CONFIG, FLOWS, HALF_FLOWS, HALF_REPLIES, PASSIVE_EVENTS, PASSIVE_STATE, PASSIVE_STATS,
+        REPLIES, count,
+    },
     outcome::Outcome,
     ports::snat_addr,
 };
 
-/// With passive detection on, whether the flow at `entry` (client's key `key`),
-/// now seeing its client's SYN again, failed: refused by its backend, or never
-/// answered for `PASSIVE_SILENT_NS` or more (which counts against the backend and
-/// is reported). If so the flow is forgotten and the backend's id returned, for
-/// the new flow to avoid; else [`BACKEND_NONE`].
+/// With passive detection on, whether the flow at `entry` (client's key `key`; in
+/// the half-open tables if `half` is 1), now seeing its client's SYN again,
+/// failed: refused by its backend, or never answered for `PASSIVE_SILENT_NS` or
+/// more (which counts against the backend and is reported). If so the flow is
+/// forgotten and the backend's id returned, for the new flow to avoid; else
+/// [`BACKEND_NONE`].
 #[inline(never)]
-pub fn forget_failed(key: &FlowKey, entry: *mut FlowState, now: u64) -> u32 {
+pub fn forget_failed(key: &FlowKey, entry: *mut FlowState, now: u64, half: u32) -> u32 {
     let Some(cfg) = CONFIG.get(0) else {
         return BACKEND_NONE;
     };
@@ -40,7 +45,7 @@ pub fn forget_failed(key: &FlowKey, entry: *mut FlowState, now: u64) -> u32 {
     let f = unsafe { &*entry };
     let refused = f.flags & FLOW_F_REFUSED != 0;
     if cfg.flags & CONFIG_F_PASSIVE == 0
-        || f.flags & FLOW_F_ANSWERED != 0
+        || f.state != CT_SYN_SENT
         || f.nat_port_be == 0
         || (!refused && now.wrapping_sub(f.last_seen_ns) < PASSIVE_SILENT_NS)
     {
@@ -52,37 +57,59 @@ pub fn forget_failed(key: &FlowKey, entry: *mut FlowState, now: u64) -> u32 {
     if !refused {
         passive_failure(failed, PASSIVE_KIND_SILENT, now);
         count(PASSIVE_SILENT);
-        let _ = REPLIES.remove(reply_key(key, f, &snat_addr(cfg, key.family)));
+        let rkey = reply_key(key, f, &snat_addr(cfg, key.family, f.snat_index));
+        let _ = if half != 0 {
+            HALF_REPLIES.remove(&rkey)
+        } else {
+            REPLIES.remove(&rkey)
+        };
     }
-    let _ = FLOWS.remove(key);
+    let _ = if half != 0 {
+        HALF_FLOWS.remove(key)
+    } else {
+        FLOWS.remove(key)
+    };
     failed
 }
 
-/// An ICMP destination unreachable about the flow of `reply` (whose `REPLIES` key is
-/// `rkey`): the backend's host, or a router before it, refused a segment of this
-/// flow. Only a SYN's refusal is acted on, with passive detection on (`passive`);
-/// the stack may have the rest.
+/// An ICMP destination unreachable about the flow of `reply` (whose reply-table key
+/// is `rkey`; `how` may say `HOW_HALF`): the backend's host, or a router before
+/// it, refused a segment of this flow. Only a SYN's refusal is acted on, with
+/// passive detection on (`passive`); the stack may have the rest.
 #[inline(always)]
-pub fn icmp_refusal(reply: &ReplyState, rkey: &FlowKey, passive: bool) -> Result<Outcome, Outcome> {
-    let answered = set_flow_flags(reply, rkey, 0) & FLOW_F_ANSWERED != 0;
-    if !passive || answered {
+pub fn icmp_refusal(
+    reply: &ReplyState,
+    rkey: &FlowKey,
+    passive: bool,
+    how: u32,
+) -> Result<Outcome, Outcome> {
+    if !passive || update_flow(reply, rkey, how | HOW_REFUSAL, 0) != CT_SYN_SENT {
         return Err(Outcome::pass(PASS_NOT_VIP));
     }
-    Ok(refuse(reply, rkey, PASSIVE_KIND_ICMP, DROP_PASSIVE_ICMP))
+    Ok(refuse(
+        reply,
+        rkey,
+        PASSIVE_KIND_ICMP,
+        DROP_PASSIVE_ICMP,
+        how,
+    ))
 }
 
-/// A half-open flow its backend refused (`kind`, a `PASSIVE_KIND_*`): count it
-/// against the backend, mark the flow refused and release its NAT port (the reply
-/// entry), so that the client's SYN retransmit finds it and is balanced afresh, away
+/// A half-open flow its backend refused (`kind`, a `PASSIVE_KIND_*`), already
+/// marked refused (`FLOW_F_REFUSED`, by `update_flow`): count it against the
+/// backend and release its NAT port (the reply entry, in the table `how` says), so
+/// that the client's SYN retransmit finds the flow and is balanced afresh, away
 /// from that backend, by [`forget_failed`]. The refusal is dropped, counted as
-/// `drop`. Inlined: as a call of its own, calling `set_flow_flags`, it would make
-/// the reply path four calls deep, whose frames the 6.1 verifier sums past the
-/// 512-byte stack.
+/// `drop`. Inlined: as a call of its own it would make the reply path four calls
+/// deep, whose frames the 6.1 verifier sums past the 512-byte stack.
 #[inline(always)]
-pub fn refuse(reply: &ReplyState, rkey: &FlowKey, kind: u32, drop: u32) -> Outcome {
+pub fn refuse(reply: &ReplyState, rkey: &FlowKey, kind: u32, drop: u32, how: u32) -> Outcome {
     passive_failure(reply.backend_id, kind, coarse_now());
-    set_flow_flags(reply, rkey, FLOW_F_REFUSED);
-    let _ = REPLIES.remove(rkey);
+    let _ = if how & HOW_HALF != 0 {
+        HALF_REPLIES.remove(rkey)
+    } else {
+        REPLIES.remove(rkey)
+    };
     Outcome::drop(drop)
 }
 

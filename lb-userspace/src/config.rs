@@ -15,7 +15,10 @@ use std::{
     time::Duration,
 };
 
-use lb_common::{MAGLEV_SIZE_DEFAULT, MAGLEV_SIZE_MAX, MAX_BACKENDS, MAX_VIPS};
+use lb_common::{
+    FLOW_TABLE_SIZE, HALF_OPEN_TABLE_SIZE, MAGLEV_SIZE_DEFAULT, MAGLEV_SIZE_MAX, MAX_BACKENDS,
+    MAX_VIPS,
+};
 use serde::Deserialize;
 
 use crate::{
@@ -27,10 +30,12 @@ use crate::{
 
 mod election;
 mod local;
+mod nat;
 mod reload;
 
 pub use election::{Election, ElectionSettings, VrrpSettings};
 pub use local::LocalSettings;
+pub use nat::{NAT_PORTS_FLOOR, NAT_PORTS_MIN_DEFAULT, TcpTimeouts, default_nat_ports, range_len};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -94,20 +99,25 @@ struct RawDatapath {
     xdp_mode: AttachMode,
     #[serde(default = "default_mode")]
     mode: String,
-    snat_ipv4: Option<String>,
-    snat_ipv6: Option<String>,
-    #[serde(default = "default_nat_ports")]
-    nat_ports: Vec<i64>,
+    snat_ipv4: Option<nat::RawAddrs>,
+    snat_ipv6: Option<nat::RawAddrs>,
+    /// Unset: from the node's ephemeral port range (`nat::nat_ports`).
+    nat_ports: Option<Vec<i64>>,
     #[serde(default = "default_maglev_size")]
     maglev_size: i64,
     #[serde(default = "default_flow_table_size")]
     flow_table_size: i64,
+    /// Unset: `HALF_OPEN_TABLE_SIZE`, or `flow_table_size` if that is smaller.
+    half_open_table_size: Option<i64>,
     #[serde(default = "default_nexthop_ttl", with = "humantime_serde")]
     nexthop_ttl: Duration,
-    #[serde(default = "default_close_grace", with = "humantime_serde")]
-    flow_close_grace: Duration,
-    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
-    flow_idle_timeout: Duration,
+    #[serde(default)]
+    tcp_timeouts: TcpTimeouts,
+    #[serde(default = "default_expected_connection_rate")]
+    expected_connection_rate: i64,
+    /// Replaced by `tcp_timeouts`; read only to refuse them by name.
+    flow_close_grace: Option<toml::Value>,
+    flow_idle_timeout: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,26 +223,21 @@ fn default_instance() -> String {
 fn default_mode() -> String {
     "nat".to_owned()
 }
-/// `datapath.nat_ports` when the config leaves it out: 10,000 ports.
-pub const NAT_PORTS_DEFAULT: [u16; 2] = [20_000, 29_999];
+/// `datapath.expected_connection_rate` when the config leaves it out: new
+/// connections a second, the whole node.
+pub const EXPECTED_CONNECTION_RATE_DEFAULT: u32 = 1000;
 
-fn default_nat_ports() -> Vec<i64> {
-    NAT_PORTS_DEFAULT.map(i64::from).to_vec()
+fn default_expected_connection_rate() -> i64 {
+    i64::from(EXPECTED_CONNECTION_RATE_DEFAULT)
 }
 fn default_maglev_size() -> i64 {
     i64::from(MAGLEV_SIZE_DEFAULT)
 }
 fn default_flow_table_size() -> i64 {
-    i64::from(lb_common::FLOW_TABLE_SIZE)
+    i64::from(FLOW_TABLE_SIZE)
 }
 fn default_nexthop_ttl() -> Duration {
     Duration::from_nanos(lb_common::NEXTHOP_TTL_DEFAULT_NS)
-}
-fn default_close_grace() -> Duration {
-    Duration::from_nanos(lb_common::FLOW_CLOSE_GRACE_DEFAULT_NS)
-}
-fn default_idle_timeout() -> Duration {
-    Duration::from_nanos(lb_common::FLOW_IDLE_TIMEOUT_DEFAULT_NS)
 }
 fn default_port() -> i64 {
     6443
@@ -297,14 +302,20 @@ pub struct Config {
 pub struct DatapathSettings {
     pub interfaces: Vec<String>,
     pub xdp_mode: AttachMode,
-    pub snat_v4: Option<Ipv4Addr>,
-    pub snat_v6: Option<Ipv6Addr>,
+    /// The SNAT pools, at most `SNAT_POOL_MAX` addresses each; empty: none.
+    pub snat_v4: Vec<Ipv4Addr>,
+    pub snat_v6: Vec<Ipv6Addr>,
+    /// NAT source ports, at each SNAT address.
     pub nat_ports: RangeInclusive<u16>,
     pub maglev_size: u32,
     pub flow_table_size: u32,
+    /// Entries in each table of half-open flows; at most `flow_table_size`.
+    pub half_open_table_size: u32,
     pub nexthop_ttl: Duration,
-    pub flow_close_grace: Duration,
-    pub flow_idle_timeout: Duration,
+    pub tcp_timeouts: TcpTimeouts,
+    /// New connections a second the whole node should take, for `apilb check`'s
+    /// capacity warning (`crate::capacity`).
+    pub expected_connection_rate: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -345,6 +356,19 @@ impl Config {
         })?;
         validate(raw, &SystemFacts)
     }
+
+    /// What `apilb check` warns of in a valid config, about the node it runs on: a
+    /// NAT port range that overlaps the node's ephemeral ports.
+    #[must_use]
+    pub fn node_warnings(&self) -> Vec<String> {
+        self.node_warnings_on(&SystemFacts)
+    }
+
+    fn node_warnings_on(&self, facts: &dyn Facts) -> Vec<String> {
+        nat::ephemeral_overlap(&self.datapath.nat_ports, facts)
+            .into_iter()
+            .collect()
+    }
 }
 
 /// What validation needs to know about the machine; a trait so unit tests can say
@@ -354,6 +378,9 @@ trait Facts {
     /// This node's hostname (the default `election.etcd.node`), or why there is
     /// none.
     fn hostname(&self) -> Result<String, String>;
+    /// `net.ipv4.ip_local_port_range` (the default `datapath.nat_ports` lies below
+    /// it), or why it cannot be read.
+    fn ip_local_port_range(&self) -> Result<(u16, u16), String>;
 }
 
 struct SystemFacts;
@@ -372,6 +399,22 @@ impl Facts for SystemFacts {
         match name.trim() {
             "" => Err(format!("is empty in {path}")),
             name => Ok(name.to_owned()),
+        }
+    }
+
+    /// Read in this process's own network namespace, where the range is kept.
+    fn ip_local_port_range(&self) -> Result<(u16, u16), String> {
+        let path = "/proc/sys/net/ipv4/ip_local_port_range";
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot be read from {path}: {e}"))?;
+        let ports: Vec<u16> = text
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map_err(|_| format!("is not two ports in {path}: {:?}", text.trim()))?;
+        match ports[..] {
+            [lo, hi] if lo <= hi => Ok((lo, hi)),
+            _ => Err(format!("is not two ports in {path}: {:?}", text.trim())),
         }
     }
 }
@@ -560,8 +603,12 @@ fn validate_datapath(
             "only \"nat\" is supported",
         ));
     }
+    nat::replaced_keys(
+        raw.flow_close_grace.as_ref(),
+        raw.flow_idle_timeout.as_ref(),
+    )?;
     let (snat_v4, snat_v6) = snat_addresses(&raw, vips, backends)?;
-    let nat_ports = nat_port_range(&raw.nat_ports)?;
+    let nat_ports = nat::nat_ports(raw.nat_ports.as_deref(), facts)?;
     let maglev_size = u32::try_from(raw.maglev_size)
         .ok()
         .filter(|&m| is_prime(m) && m <= MAGLEV_SIZE_MAX)
@@ -583,14 +630,36 @@ fn validate_datapath(
             ),
         ));
     }
-    let flow_table_size = u32::try_from(raw.flow_table_size)
+    let table_size = |key: &str, value: i64| {
+        u32::try_from(value)
+            .ok()
+            .filter(|&n| (1024..=1 << 24).contains(&n))
+            .ok_or_else(|| invalid(key, value, "must be 1024-16777216"))
+    };
+    let flow_table_size = table_size("datapath.flow_table_size", raw.flow_table_size)?;
+    let half_open_table_size = match raw.half_open_table_size {
+        None => HALF_OPEN_TABLE_SIZE.min(flow_table_size),
+        Some(n) => {
+            let n = table_size("datapath.half_open_table_size", n)?;
+            if n > flow_table_size {
+                return Err(invalid(
+                    "datapath.half_open_table_size",
+                    n,
+                    format!("must not exceed datapath.flow_table_size ({flow_table_size})"),
+                ));
+            }
+            n
+        }
+    };
+    let tcp_timeouts = nat::validate_tcp_timeouts(raw.tcp_timeouts)?;
+    let expected_connection_rate = u32::try_from(raw.expected_connection_rate)
         .ok()
-        .filter(|&n| (1024..=1 << 24).contains(&n))
+        .filter(|&n| n >= 1)
         .ok_or_else(|| {
             invalid(
-                "datapath.flow_table_size",
-                raw.flow_table_size,
-                "must be 1024-16777216",
+                "datapath.expected_connection_rate",
+                raw.expected_connection_rate,
+                "must be 1 or more new connections a second",
             )
         })?;
     Ok(DatapathSettings {
@@ -601,9 +670,10 @@ fn validate_datapath(
         nat_ports,
         maglev_size,
         flow_table_size,
+        half_open_table_size,
         nexthop_ttl: raw.nexthop_ttl,
-        flow_close_grace: raw.flow_close_grace,
-        flow_idle_timeout: raw.flow_idle_timeout,
+        tcp_timeouts,
+        expected_connection_rate,
     })
 }
 
@@ -621,25 +691,27 @@ fn optional_ip<T: std::str::FromStr>(
         .transpose()
 }
 
-/// The NAT source addresses; each family that a VIP uses must have one, and a
+/// The NAT source pools; each family that a VIP uses must have an address, and a
 /// backend.
 fn snat_addresses(
     raw: &RawDatapath,
     vips: &[VipSettings],
     backends: &[BackendSettings],
-) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), ConfigError> {
-    let v4: Option<Ipv4Addr> = optional_ip("datapath.snat_ipv4", raw.snat_ipv4.as_deref(), "IPv4")?;
-    let v6: Option<Ipv6Addr> = optional_ip("datapath.snat_ipv6", raw.snat_ipv6.as_deref(), "IPv6")?;
+) -> Result<(Vec<Ipv4Addr>, Vec<Ipv6Addr>), ConfigError> {
+    let v4: Vec<Ipv4Addr> =
+        nat::snat_pool("datapath.snat_ipv4", raw.snat_ipv4.as_ref(), "IPv4", vips)?;
+    let v6: Vec<Ipv6Addr> =
+        nat::snat_pool("datapath.snat_ipv6", raw.snat_ipv6.as_ref(), "IPv6", vips)?;
     for (i, v) in vips.iter().enumerate() {
         let missing = match v.addr.ip() {
-            IpAddr::V4(_) if v4.is_none() => Some("datapath.snat_ipv4"),
-            IpAddr::V6(_) if v6.is_none() => Some("datapath.snat_ipv6"),
+            IpAddr::V4(_) if v4.is_empty() => Some(("datapath.snat_ipv4", &raw.snat_ipv4)),
+            IpAddr::V6(_) if v6.is_empty() => Some(("datapath.snat_ipv6", &raw.snat_ipv6)),
             _ => None,
         };
-        if let Some(key) = missing {
+        if let Some((key, written)) = missing {
             return Err(invalid(
                 key,
-                "(unset)",
+                if written.is_some() { "[]" } else { "(unset)" },
                 format!(
                     "vip[{i}] {} needs a NAT source address of its family",
                     v.addr
@@ -658,29 +730,6 @@ fn snat_addresses(
         }
     }
     Ok((v4, v6))
-}
-
-/// `nat_ports = [lowest, highest]`.
-fn nat_port_range(raw: &[i64]) -> Result<RangeInclusive<u16>, ConfigError> {
-    let [lo, hi] = raw[..] else {
-        return Err(invalid(
-            "datapath.nat_ports",
-            format!("{raw:?}"),
-            "write [lowest, highest]",
-        ));
-    };
-    let (lo, hi) = (
-        port("datapath.nat_ports[0]", lo)?,
-        port("datapath.nat_ports[1]", hi)?,
-    );
-    if lo > hi {
-        return Err(invalid(
-            "datapath.nat_ports",
-            format!("[{lo}, {hi}]"),
-            "write [lowest, highest]",
-        ));
-    }
-    Ok(lo..=hi)
 }
 
 /// The https settings: files readable, certificate and key together, a valid
@@ -849,6 +898,10 @@ mod tests {
         fn hostname(&self) -> Result<String, String> {
             Ok("node-a".to_owned())
         }
+        /// Linux's default.
+        fn ip_local_port_range(&self) -> Result<(u16, u16), String> {
+            Ok((32_768, 60_999))
+        }
     }
 
     /// A machine whose hostname cannot be read.
@@ -859,6 +912,9 @@ mod tests {
         }
         fn hostname(&self) -> Result<String, String> {
             Err("cannot be read from /proc/sys/kernel/hostname: denied".to_owned())
+        }
+        fn ip_local_port_range(&self) -> Result<(u16, u16), String> {
+            FakeFacts.ip_local_port_range()
         }
     }
 
@@ -963,8 +1019,21 @@ mod tests {
         let c = check(GOOD).expect("valid");
         assert_eq!(c.vips[0].addr, "192.168.19.200:6443".parse().unwrap());
         assert_eq!((c.backends.len(), c.backends[1].weight), (2, 2));
-        assert_eq!(c.datapath.maglev_size, 65_537);
-        assert_eq!(c.datapath.nat_ports, 20_000..=29_999);
+        let d = &c.datapath;
+        assert_eq!(d.maglev_size, 65_537);
+        assert_eq!(d.snat_v4, vec![Ipv4Addr::new(192, 168, 19, 159)]);
+        assert!(d.snat_v6.is_empty());
+        // Below the fake node's ephemeral range, 32768-60999.
+        assert_eq!(d.nat_ports, 1024..=32_767);
+        assert_eq!(
+            (d.flow_table_size, d.half_open_table_size),
+            (131_072, 32_768)
+        );
+        assert_eq!(
+            d.tcp_timeouts.by_state_ms(),
+            lb_common::ct::TIMEOUTS_DEFAULT_MS
+        );
+        assert_eq!(d.expected_connection_rate, 1000);
         assert_eq!(
             (
                 c.health.interval,
@@ -1390,5 +1459,318 @@ mod tests {
             old.restart_needed(&vrrp),
             Some("an elected vip (its election, vrid or priority)")
         );
+    }
+
+    /// A node whose `ip_local_port_range` is `range` (or cannot be read).
+    struct PortRange(Result<(u16, u16), &'static str>);
+    impl Facts for PortRange {
+        fn interface_exists(&self, name: &str) -> bool {
+            FakeFacts.interface_exists(name)
+        }
+        fn hostname(&self) -> Result<String, String> {
+            FakeFacts.hostname()
+        }
+        fn ip_local_port_range(&self) -> Result<(u16, u16), String> {
+            self.0.map_err(str::to_owned)
+        }
+    }
+
+    /// `GOOD` with `[datapath.tcp_timeouts]` holding `body`.
+    fn with_timeouts(body: &str) -> String {
+        format!("{GOOD}\n[datapath.tcp_timeouts]\n{body}\n")
+    }
+
+    #[test]
+    fn a_snat_key_takes_one_address_or_a_pool_of_up_to_four() {
+        let c = check(&GOOD.replacen(
+            "snat_ipv4 = \"192.168.19.159\"",
+            "snat_ipv4 = [\"192.168.19.159\", \"192.168.19.158\"]\n\
+             snat_ipv6 = [\"fd00::1\", \"fd00::2\", \"fd00::3\", \"fd00::4\"]",
+            1,
+        ))
+        .expect("valid pools");
+        assert_eq!(
+            c.datapath.snat_v4,
+            vec![
+                Ipv4Addr::new(192, 168, 19, 159),
+                Ipv4Addr::new(192, 168, 19, 158)
+            ]
+        );
+        assert_eq!(c.datapath.snat_v6.len(), 4);
+        assert_eq!(
+            c.datapath.snat_v6[3],
+            "fd00::4".parse::<Ipv6Addr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_snat_pools_are_refused_by_entry_and_value() {
+        let snat = "snat_ipv4 = \"192.168.19.159\"";
+        for (to, want) in [
+            (
+                "snat_ipv4 = [\"10.0.0.1\", \"10.0.0.2\", \"10.0.0.3\", \"10.0.0.4\", \"10.0.0.5\"]",
+                "datapath.snat_ipv4 = [\"10.0.0.1\", \"10.0.0.2\", \"10.0.0.3\", \"10.0.0.4\", \
+                 \"10.0.0.5\"]: at most 4 addresses",
+            ),
+            (
+                "snat_ipv4 = [\"10.0.0.1\", \"10.0.0.1\"]",
+                "datapath.snat_ipv4[1] = \"10.0.0.1\": listed twice",
+            ),
+            (
+                "snat_ipv4 = [\"10.0.0.1\", \"fd00::1\"]",
+                "datapath.snat_ipv4[1] = \"fd00::1\": not an IPv4 address",
+            ),
+            (
+                "snat_ipv4 = \"10.0.0.1\"\nsnat_ipv6 = [\"10.0.0.2\"]",
+                "datapath.snat_ipv6[0] = \"10.0.0.2\": not an IPv6 address",
+            ),
+            (
+                "snat_ipv4 = \"192.168.19.200\"",
+                "datapath.snat_ipv4 = \"192.168.19.200\": is the address of vip[0]",
+            ),
+            (
+                "snat_ipv4 = [\"10.0.0.1\", \"0.0.0.0\"]",
+                "datapath.snat_ipv4[1] = \"0.0.0.0\": must be a unicast address",
+            ),
+            (
+                "snat_ipv4 = \"10.0.0.1\"\nsnat_ipv6 = \"ff02::1\"",
+                "datapath.snat_ipv6 = \"ff02::1\": must be a unicast address",
+            ),
+            (
+                "snat_ipv4 = []",
+                "datapath.snat_ipv4 = []: vip[0] 192.168.19.200:6443 needs a NAT source \
+                 address of its family",
+            ),
+        ] {
+            let msg = check(&GOOD.replacen(snat, to, 1))
+                .expect_err(to)
+                .to_string();
+            assert!(msg.starts_with(want), "{to}: {msg}");
+        }
+        refused(
+            snat,
+            "snat_ipv4 = 5",
+            &["snat_ipv4", "an address, or a list of up to 4 addresses"],
+        );
+    }
+
+    #[test]
+    fn nat_ports_default_to_what_lies_below_the_nodes_ephemeral_range() {
+        let on = |range| check_on(GOOD, &PortRange(range)).map(|c| c.datapath.nat_ports);
+        assert_eq!(on(Ok((32_768, 60_999))).unwrap(), 1024..=32_767);
+        assert_eq!(on(Ok((10_000, 20_000))).unwrap(), 1024..=9_999);
+        // 1024 ports is the least the default may hold.
+        assert_eq!(on(Ok((2048, 60_999))).unwrap(), 1024..=2047);
+        for (range, ports) in [((2047, 60_999), 1023), ((1024, 65_535), 0), ((1, 2), 0)] {
+            let msg = on(Ok(range)).expect_err("too few").to_string();
+            assert_eq!(
+                msg,
+                format!(
+                    "datapath.nat_ports = (unset): the default, 1024 up to below \
+                     net.ipv4.ip_local_port_range ({}-{}), would hold {ports} ports, fewer \
+                     than 1024: set datapath.nat_ports explicitly",
+                    range.0, range.1
+                )
+            );
+        }
+        let msg = on(Err(
+            "cannot be read from /proc/sys/net/ipv4/ip_local_port_range: denied",
+        ))
+        .expect_err("unreadable")
+        .to_string();
+        assert!(
+            msg.starts_with("datapath.nat_ports = (unset): defaults to 1024 up to below")
+                && msg.contains("denied")
+                && msg.ends_with("set datapath.nat_ports explicitly"),
+            "{msg}"
+        );
+        // An explicit range needs nothing of the node.
+        let explicit = GOOD.replacen("[datapath]", "[datapath]\nnat_ports = [1500, 1600]", 1);
+        let c = check_on(&explicit, &PortRange(Err("denied"))).expect("explicit");
+        assert_eq!(c.datapath.nat_ports, 1500..=1600);
+    }
+
+    #[test]
+    fn nat_ports_in_the_ephemeral_range_are_accepted_with_a_warning() {
+        let ports = |range: &str| {
+            check(&GOOD.replacen("[datapath]", &format!("[datapath]\nnat_ports = {range}"), 1))
+                .expect("accepted")
+        };
+        let warnings = ports("[30000, 40999]").node_warnings_on(&FakeFacts);
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].starts_with(
+                "datapath.nat_ports = [30000, 40999] overlaps net.ipv4.ip_local_port_range \
+                 (32768-60999) in 32768-40999: the node's own connections"
+            ),
+            "{warnings:?}"
+        );
+        assert!(
+            ports("[20000, 32767]")
+                .node_warnings_on(&FakeFacts)
+                .is_empty()
+        );
+        assert!(check(GOOD).unwrap().node_warnings_on(&FakeFacts).is_empty());
+        refused(
+            "[datapath]",
+            "[datapath]\nnat_ports = [40000]",
+            &["datapath.nat_ports = [40000]: write [lowest, highest]"],
+        );
+    }
+
+    #[test]
+    fn the_half_open_table_is_checked_like_the_flow_table_and_no_larger() {
+        let c = check(&GOOD.replacen("[datapath]", "[datapath]\nflow_table_size = 4096", 1))
+            .expect("valid");
+        assert_eq!(
+            c.datapath.half_open_table_size, 4096,
+            "by default no larger than the flow table"
+        );
+        let c = check(&GOOD.replacen("[datapath]", "[datapath]\nhalf_open_table_size = 1024", 1))
+            .expect("valid");
+        assert_eq!(c.datapath.half_open_table_size, 1024);
+        refused(
+            "[datapath]",
+            "[datapath]\nhalf_open_table_size = 1000",
+            &["datapath.half_open_table_size = 1000: must be 1024-16777216"],
+        );
+        refused(
+            "[datapath]",
+            "[datapath]\nhalf_open_table_size = 262144",
+            &["datapath.half_open_table_size = 262144: must not exceed \
+                 datapath.flow_table_size (131072)"],
+        );
+    }
+
+    #[test]
+    fn tcp_timeouts_are_read_by_state() {
+        let c = check(&with_timeouts(
+            "syn_sent = \"3s\"\nsyn_recv = \"4s\"\nestablished = \"2h\"\nfin_wait = \"30s\"\n\
+             last_ack = \"5s\"\ntime_wait = \"61s\"\nclose = \"500ms\"",
+        ))
+        .expect("valid");
+        let t = c.datapath.tcp_timeouts;
+        assert_eq!(
+            (t.syn_sent, t.close),
+            (Duration::from_secs(3), Duration::from_millis(500))
+        );
+        assert_eq!(
+            t.by_state_ms(),
+            [0, 3_000, 4_000, 7_200_000, 30_000, 5_000, 61_000, 500]
+        );
+        // A key left out keeps its default.
+        let c = check(&with_timeouts("close = \"1s\"")).expect("valid");
+        let mut want = lb_common::ct::TIMEOUTS_DEFAULT_MS;
+        want[lb_common::ct::CT_CLOSE as usize] = 1_000;
+        assert_eq!(c.datapath.tcp_timeouts.by_state_ms(), want);
+    }
+
+    #[test]
+    fn bad_tcp_timeouts_are_refused_by_key_and_value() {
+        for (body, want) in [
+            (
+                "syn_sent = \"0s\"",
+                "datapath.tcp_timeouts.syn_sent = 0ns: must be whole milliseconds, 1ms to \
+                 4294967295ms",
+            ),
+            (
+                "fin_wait = \"1500us\"",
+                "datapath.tcp_timeouts.fin_wait = 1.5ms: must be whole milliseconds",
+            ),
+            (
+                "established = \"50days\"",
+                "datapath.tcp_timeouts.established = 4320000s: must be whole milliseconds",
+            ),
+            (
+                "close = \"70s\"",
+                "datapath.tcp_timeouts.close = 70s: must not exceed \
+                 datapath.tcp_timeouts.time_wait (65s)",
+            ),
+            (
+                "time_wait = \"1s\"",
+                "datapath.tcp_timeouts.close = 2s: must not exceed \
+                 datapath.tcp_timeouts.time_wait (1s)",
+            ),
+        ] {
+            let msg = check(&with_timeouts(body)).expect_err(body).to_string();
+            assert!(msg.starts_with(want), "{body}: {msg}");
+        }
+        let msg = check(&with_timeouts("timewait = \"60s\""))
+            .expect_err("unknown key")
+            .to_string();
+        assert!(
+            msg.contains("unknown field") && msg.contains("timewait"),
+            "{msg}"
+        );
+        let msg = check(&with_timeouts("close = \"soon\""))
+            .expect_err("not a duration")
+            .to_string();
+        assert!(msg.contains("close") && msg.contains("soon"), "{msg}");
+    }
+
+    #[test]
+    fn the_replaced_keys_are_refused_naming_their_replacement() {
+        refused(
+            "[datapath]",
+            "[datapath]\nflow_close_grace = \"30s\"",
+            &["datapath.flow_close_grace = \"30s\": replaced by datapath.tcp_timeouts.close"],
+        );
+        refused(
+            "[datapath]",
+            "[datapath]\nflow_idle_timeout = \"1h\"",
+            &["datapath.flow_idle_timeout = \"1h\": replaced by \
+                 datapath.tcp_timeouts.established"],
+        );
+    }
+
+    #[test]
+    fn the_expected_connection_rate_is_a_positive_rate() {
+        let c = check(&GOOD.replacen(
+            "[datapath]",
+            "[datapath]\nexpected_connection_rate = 5000",
+            1,
+        ))
+        .expect("valid");
+        assert_eq!(c.datapath.expected_connection_rate, 5000);
+        for bad in ["0", "-1", "4294967296"] {
+            refused(
+                "[datapath]",
+                &format!("[datapath]\nexpected_connection_rate = {bad}"),
+                &[&format!(
+                    "datapath.expected_connection_rate = {bad}: must be 1 or more"
+                )],
+            );
+        }
+    }
+
+    #[test]
+    fn nat_pools_ports_and_table_sizes_take_a_restart_and_timeouts_apply_live() {
+        let old = check(GOOD).expect("valid");
+        let with = |from: &str, to: &str| check(&GOOD.replacen(from, to, 1)).expect("valid");
+        let snat = "snat_ipv4 = \"192.168.19.159\"";
+        assert_eq!(
+            old.restart_needed(&with(
+                snat,
+                "snat_ipv4 = [\"192.168.19.159\", \"192.168.19.158\"]"
+            )),
+            Some("datapath.snat_ipv4/snat_ipv6")
+        );
+        assert_eq!(
+            old.restart_needed(&with(
+                "[datapath]",
+                "[datapath]\nhalf_open_table_size = 4096"
+            )),
+            Some("datapath.half_open_table_size")
+        );
+        assert_eq!(
+            old.restart_needed(&with("[datapath]", "[datapath]\nflow_table_size = 262144")),
+            Some("datapath.flow_table_size")
+        );
+        let timeouts =
+            check(&with_timeouts("established = \"30m\"\nclose = \"1s\"")).expect("valid");
+        assert_eq!(old.restart_needed(&timeouts), None);
+        assert_ne!(old.datapath.tcp_timeouts, timeouts.datapath.tcp_timeouts);
+        let rate = with("[datapath]", "[datapath]\nexpected_connection_rate = 9000");
+        assert_eq!(old.restart_needed(&rate), None);
     }
 }

@@ -221,12 +221,11 @@ impl Reconciler {
             .collect();
         let d = &config.datapath;
         let node = NodeConfig {
-            snat_v4: d.snat_v4,
-            snat_v6: d.snat_v6,
+            snat_v4: d.snat_v4.clone(),
+            snat_v6: d.snat_v6.clone(),
             ports: d.nat_ports.clone(),
             nexthop_ttl: d.nexthop_ttl,
-            flow_close_grace: d.flow_close_grace,
-            flow_idle_timeout: d.flow_idle_timeout,
+            tcp_timeouts: d.tcp_timeouts,
             passive: config.passive,
             netns_cookie: if config.local.enabled {
                 self.netns_cookie

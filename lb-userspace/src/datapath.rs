@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use crate::passive::PassiveSettings;
+use crate::{config::TcpTimeouts, passive::PassiveSettings};
 use aya::{
     Ebpf,
     maps::{
@@ -27,10 +27,10 @@ use aya::{
 use lb_common::{
     AF_INET, AF_INET6, BACKEND_F_DOWN, BACKEND_F_LOCAL, Backend, CONFIG_F_PASSIVE, COUNTER_COUNT,
     DatapathConfig, FlowKey, FlowState, IPPROTO_TCP, MAGLEV_SIZE_MAX, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_LOCAL_STATS, MAP_MAGLEV,
-    MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS, MAP_PORT_CURSOR, MAP_REPLIES, MAP_TX_PORTS,
-    MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS, PassiveStats, ReplyState, TrafficStats,
-    VIP_F_LOCAL, VIP_F_OWNED, VipInfo, VipKey,
+    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_HALF_FLOWS, MAP_HALF_REPLIES,
+    MAP_LOCAL_STATS, MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS, MAP_PORT_CURSOR,
+    MAP_REPLIES, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS, PassiveStats,
+    ReplyState, SNAT_POOL_MAX, TrafficStats, VIP_F_LOCAL, VIP_F_OWNED, VipInfo, VipKey,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -86,19 +86,17 @@ pub struct Vip {
 /// Node-wide datapath settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeConfig {
-    /// Source addresses for NAT, per family; a VIP of a family without one drops
-    /// new flows (`DROP_NO_SNAT_ADDR`).
-    pub snat_v4: Option<Ipv4Addr>,
-    pub snat_v6: Option<Ipv6Addr>,
-    /// Source ports the datapath allocates; keep it outside `ip_local_port_range`.
+    /// Source address pools for NAT, per family, at most [`SNAT_POOL_MAX`] each; a
+    /// VIP of a family without one drops new flows (`DROP_NO_SNAT_ADDR`).
+    pub snat_v4: Vec<Ipv4Addr>,
+    pub snat_v6: Vec<Ipv6Addr>,
+    /// Source ports the datapath allocates at each SNAT address; keep it outside
+    /// `ip_local_port_range`.
     pub ports: RangeInclusive<u16>,
     /// How long a flow reuses its cached next hop before asking the FIB again.
     pub nexthop_ttl: Duration,
-    /// A flow that saw a FIN or RST gives its NAT port up this long after its last
-    /// packet.
-    pub flow_close_grace: Duration,
-    /// Any flow gives its NAT port up this long after its last packet.
-    pub flow_idle_timeout: Duration,
+    /// How long after its last packet a flow in each TCP state holds its NAT port.
+    pub tcp_timeouts: TcpTimeouts,
     /// Passive failure detection (`crate::passive`): a backend's RST or ICMP
     /// unreachable answering a SYN it never accepted is dropped and counted
     /// (`PASSIVE_STATS`), so that the client's SYN retransmit is balanced afresh,
@@ -222,19 +220,30 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap(name))
     }
 
-    /// Set the SNAT addresses, the source-port range and the next-hop TTL, and
-    /// stagger each CPU's port cursor so that CPUs start claiming ports far apart.
+    /// Set the SNAT pools, the source-port range, the next-hop TTL and the TCP
+    /// timeouts, and stagger each CPU's port cursor so that CPUs start claiming
+    /// ports far apart.
     pub fn set_node_config(&mut self, nat: &NodeConfig) -> Result<()> {
         let (min, max) = (*nat.ports.start(), *nat.ports.end());
         check_range("NAT port range start", u32::from(min), 1..=u32::from(max))?;
+        let mut snat_v4_be = [0; SNAT_POOL_MAX];
+        let snat_v4_count = pool("IPv4 SNAT addresses", &nat.snat_v4, &mut snat_v4_be, |a| {
+            u32::from_ne_bytes(a.octets())
+        })?;
+        let mut snat_v6_be = [[0; 4]; SNAT_POOL_MAX];
+        let snat_v6_count = pool("IPv6 SNAT addresses", &nat.snat_v6, &mut snat_v6_be, |a| {
+            addr_words(IpAddr::V6(*a)).0
+        })?;
         let cfg = DatapathConfig {
-            snat_v6_be: nat.snat_v6.map_or([0; 4], |a| addr_words(a.into()).0),
-            snat_v4_be: nat.snat_v4.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+            snat_v6_be,
+            snat_v4_be,
+            snat_v4_count,
+            snat_v6_count,
+            _pad: 0,
             port_min_host: min,
             port_max_host: max,
             nexthop_ttl_ns: nanos(nat.nexthop_ttl),
-            flow_close_grace_ns: nanos(nat.flow_close_grace),
-            flow_idle_timeout_ns: nanos(nat.flow_idle_timeout),
+            timeouts_ms: nat.tcp_timeouts.by_state_ms(),
             flags: if nat.passive.enabled {
                 CONFIG_F_PASSIVE
             } else {
@@ -406,59 +415,85 @@ impl Datapath {
             }))
     }
 
-    /// Every recorded client flow (client -> VIP) and its state.
+    /// Every established client flow (client -> VIP) and its state.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowState)>> {
-        let map: HashMap<_, FlowKey, FlowState> =
-            HashMap::try_from(self.map(MAP_FLOWS)?).map_err(map_err(MAP_FLOWS))?;
-        map.iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(MAP_FLOWS))
+        self.entries(MAP_FLOWS)
     }
 
-    /// Every reply entry (backend -> SNAT address:port) and the flow it restores.
+    /// Every established flow's reply entry (backend -> SNAT address:port) and the
+    /// flow it restores.
     pub fn replies(&self) -> Result<Vec<(FlowKey, ReplyState)>> {
-        let map: HashMap<_, FlowKey, ReplyState> =
-            HashMap::try_from(self.map(MAP_REPLIES)?).map_err(map_err(MAP_REPLIES))?;
-        map.iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(MAP_REPLIES))
+        self.entries(MAP_REPLIES)
     }
 
-    /// Remove every flow (both directions) to the backend at `addr`, so that its
-    /// clients' next segments find no flow: the stack answers them with a RST and
-    /// they reconnect through the ring, instead of waiting out a dead master's TCP
-    /// timeout. Matched by address, which flows record, not by id, which can move
-    /// between configurations. Returns how many client flows it removed.
+    /// Every half-open client flow (its handshake not complete) and its state.
+    pub fn half_open_flows(&self) -> Result<Vec<(FlowKey, FlowState)>> {
+        self.entries(MAP_HALF_FLOWS)
+    }
+
+    /// Every half-open flow's reply entry.
+    pub fn half_open_replies(&self) -> Result<Vec<(FlowKey, ReplyState)>> {
+        self.entries(MAP_HALF_REPLIES)
+    }
+
+    /// Every entry of the flow table `name`.
+    fn entries<V: aya::Pod>(&self, name: &'static str) -> Result<Vec<(FlowKey, V)>> {
+        let map: HashMap<_, FlowKey, V> =
+            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        map.iter().collect::<Result<_, _>>().map_err(map_err(name))
+    }
+
+    /// Remove every flow (both directions, established and half-open) to the
+    /// backend at `addr`, so that its clients' next segments find no flow: the
+    /// stack answers them with a RST and they reconnect through the ring, instead
+    /// of waiting out a dead master's TCP timeout. Matched by address, which flows
+    /// record, not by id, which can move between configurations. Returns how many
+    /// client flows it removed.
     pub fn remove_flows_to(&mut self, addr: SocketAddr) -> Result<usize> {
+        let mut removed = 0;
+        for (flows, replies) in [(MAP_FLOWS, MAP_REPLIES), (MAP_HALF_FLOWS, MAP_HALF_REPLIES)] {
+            removed += self.remove_from(flows, replies, addr)?;
+        }
+        Ok(removed)
+    }
+
+    /// `remove_flows_to` on one pair of tables.
+    fn remove_from(
+        &mut self,
+        flows_map: &'static str,
+        replies_map: &'static str,
+        addr: SocketAddr,
+    ) -> Result<usize> {
         let (addr_be, _) = addr_words(addr.ip());
         let port_be = addr.port().to_be();
         let doomed: Vec<FlowKey> = self
-            .flows()?
+            .entries::<FlowState>(flows_map)?
             .into_iter()
             .filter(|(_, f)| f.backend_be == addr_be && f.backend_port_be == port_be)
             .map(|(k, _)| k)
             .collect();
-        let mut flows: HashMap<_, FlowKey, FlowState> = self.typed(MAP_FLOWS)?;
+        let mut flows: HashMap<_, FlowKey, FlowState> = self.typed(flows_map)?;
         // A flow the LRU evicted meanwhile is already gone: not an error.
         let removed = doomed.iter().filter(|k| flows.remove(k).is_ok()).count();
         let doomed: Vec<FlowKey> = self
-            .replies()?
+            .entries::<ReplyState>(replies_map)?
             .into_iter()
             .filter(|(k, _)| k.src_be == addr_be && k.sport_be == port_be)
             .map(|(k, _)| k)
             .collect();
-        let mut replies: HashMap<_, FlowKey, ReplyState> = self.typed(MAP_REPLIES)?;
+        let mut replies: HashMap<_, FlowKey, ReplyState> = self.typed(replies_map)?;
         for k in &doomed {
             let _ = replies.remove(k);
         }
         Ok(removed)
     }
 
-    /// The backends that client flows currently go to.
+    /// The backends that client flows, established or half-open, currently go to.
     pub fn flow_backends(&self) -> Result<Vec<SocketAddr>> {
         let mut out: Vec<SocketAddr> = self
             .flows()?
             .iter()
+            .chain(self.half_open_flows()?.iter())
             .map(|(k, f)| flow_backend(k, f))
             .collect();
         out.sort_unstable();
@@ -484,6 +519,26 @@ impl Datapath {
     {
         T::try_from(self.map_mut(name)?).map_err(map_err(name))
     }
+}
+
+/// Fill `slots` with `addrs`, as the datapath stores them, and return their count.
+fn pool<A, W: Copy>(
+    what: &'static str,
+    addrs: &[A],
+    slots: &mut [W; SNAT_POOL_MAX],
+    word: impl Fn(&A) -> W,
+) -> Result<u8> {
+    if addrs.len() > SNAT_POOL_MAX {
+        return Err(DatapathError::OutOfRange {
+            what,
+            value: addrs.len().to_string(),
+            range: format!("0..={SNAT_POOL_MAX}"),
+        });
+    }
+    for (slot, a) in slots.iter_mut().zip(addrs) {
+        *slot = word(a);
+    }
+    Ok(u8::try_from(addrs.len()).expect("SNAT_POOL_MAX fits u8"))
 }
 
 fn nanos(d: Duration) -> u64 {

@@ -5,21 +5,21 @@
 
 use lb_common::{
     COUNTER_NAMES, DROP_FLOW_INSERT, DROP_NO_BACKEND, DROP_NO_NAT_PORT, DROP_NO_SNAT_ADDR,
-    PORT_RECLAIMED,
+    HALF_OPEN_LOST, REPLY_RESTORED,
 };
 use tracing::{info, warn};
 
 /// How loud a logged event is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Level {
-    /// Normal operation worth a line: a NAT port of a finished flow reused.
+    /// Worth a line, and no connection lost: an evicted reply entry put back.
     Info,
     /// A new flow was lost.
     Warn,
 }
 
 /// The logged counters, with their level and what a line about them says.
-const LOGGED: [(u32, Level, &str); 5] = [
+const LOGGED: [(u32, Level, &str); 6] = [
     (
         DROP_NO_BACKEND,
         Level::Warn,
@@ -41,9 +41,14 @@ const LOGGED: [(u32, Level, &str); 5] = [
         "new flows dropped by the datapath",
     ),
     (
-        PORT_RECLAIMED,
+        HALF_OPEN_LOST,
+        Level::Warn,
+        "handshakes lost: their half-open flows were evicted (a SYN flood, or half_open_table_size too small)",
+    ),
+    (
+        REPLY_RESTORED,
         Level::Info,
-        "NAT ports of finished flows were reused",
+        "established flows' reply entries were evicted and put back (flow_table_size too small?)",
     ),
 ];
 
@@ -89,7 +94,7 @@ mod tests {
         let mut now = before.clone();
         now[DROP_NO_NAT_PORT as usize] = 12;
         now[lb_common::REDIRECT as usize] = 1_000; // not a logged event
-        now[PORT_RECLAIMED as usize] = 3;
+        now[REPLY_RESTORED as usize] = 3;
         let moved_now: Vec<(&str, Level, u64)> = moved(&before, &now)
             .into_iter()
             .map(|(e, l, _, n)| (e, l, n))
@@ -98,7 +103,7 @@ mod tests {
             moved_now,
             vec![
                 ("drop_no_nat_port", Level::Warn, 7),
-                ("port_reclaimed", Level::Info, 3)
+                ("reply_restored", Level::Info, 3)
             ]
         );
         assert!(moved(&now, &now).is_empty());

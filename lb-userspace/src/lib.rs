@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod announce;
+pub mod capacity;
 pub mod config;
 pub mod controller;
 pub mod daemon;

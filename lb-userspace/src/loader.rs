@@ -36,8 +36,8 @@ use aya::{
     },
 };
 use lb_common::{
-    LAYOUT_VERSION, MAP_FLOWS, MAP_REPLIES, PROG_SOCK, PROG_XDP,
-    maps::{MAPS, MapSpec},
+    LAYOUT_VERSION, MAP_FLOWS, PROG_SOCK, PROG_XDP,
+    maps::{MAPS, MapSpec, Sizing},
 };
 use tracing::{error, info, warn};
 
@@ -93,13 +93,15 @@ pub enum LoaderError {
     },
     #[error(
         "pinned map {path} has type/key/value/entries {found:?} but this apilb expects \
-         {expected:?}; the layout changed without a LAYOUT_VERSION bump, or \
-         flow_table_size changed: run `apilb detach` to start afresh"
+         {expected:?}; the layout changed without a LAYOUT_VERSION bump{resized}: run \
+         `apilb detach` to start afresh"
     )]
     Layout {
         path: PathBuf,
         found: Shape,
         expected: Shape,
+        /// ", or <key> changed" for a map the config sizes, else empty.
+        resized: &'static str,
     },
     #[error("interface {0:?} does not exist")]
     NoInterface(String),
@@ -157,8 +159,11 @@ pub enum AttachMode {
 /// What to load.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Entries in each LRU flow table (`FLOWS` and `REPLIES`).
+    /// Entries in each LRU table of established flows (`FLOWS` and `REPLIES`).
     pub flow_table_size: u32,
+    /// Entries in each LRU table of half-open flows (`HALF_FLOWS` and
+    /// `HALF_REPLIES`).
+    pub half_open_table_size: u32,
     /// Pin maps and links here (`pin_dir(instance)`); `None` keeps everything private
     /// to this process, detached when it ends (tests, benchmarks).
     pub pin_dir: Option<PathBuf>,
@@ -168,7 +173,20 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             flow_table_size: lb_common::FLOW_TABLE_SIZE,
+            half_open_table_size: lb_common::HALF_OPEN_TABLE_SIZE,
             pin_dir: None,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// The entries map `spec` is created with (`MapSpec::sized_by`).
+    #[must_use]
+    pub fn entries(&self, spec: &MapSpec) -> u32 {
+        match spec.sized_by {
+            Sizing::Fixed => spec.max_entries,
+            Sizing::FlowTable => self.flow_table_size,
+            Sizing::HalfOpenTable => self.half_open_table_size,
         }
     }
 }
@@ -220,6 +238,7 @@ pub fn start(config: &Config) -> Result<(Programs, Datapath)> {
     let adopting = pinned_maps_exist(&pin);
     let (mut programs, dp) = Programs::load(&LoadOptions {
         flow_table_size: config.datapath.flow_table_size,
+        half_open_table_size: config.datapath.half_open_table_size,
         pin_dir: Some(pin.clone()),
     })?;
     for iface in &config.datapath.interfaces {
@@ -305,9 +324,9 @@ impl Programs {
     /// yet. The maps go to the returned [`Datapath`].
     pub fn load(opts: &LoadOptions) -> Result<(Self, Datapath)> {
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(MAP_FLOWS, opts.flow_table_size)
-            .map_max_entries(MAP_REPLIES, opts.flow_table_size);
+        for spec in MAPS.iter().filter(|m| m.sized_by != Sizing::Fixed) {
+            loader.map_max_entries(spec.name, opts.entries(spec));
+        }
         let pins: Vec<(&'static MapSpec, PathBuf)> = match &opts.pin_dir {
             Some(dir) => {
                 let maps = maps_dir(dir);
@@ -327,7 +346,7 @@ impl Programs {
             .map_err(|e| too_old(LoaderError::Load(e)))?;
         let dp = Datapath::take_maps(&mut ebpf)?;
         for (spec, path) in &pins {
-            check_layout(dp.map(spec.name)?, spec, path, opts.flow_table_size)?;
+            check_layout(dp.map(spec.name)?, spec, path, opts)?;
         }
         let mut programs = Self {
             ebpf,
@@ -521,11 +540,11 @@ type Shape = (u32, u32, u32, u32);
 
 /// Refuse a pinned map whose shape differs from its entry in the table of maps
 /// (`lb_common::maps::MAPS`): its type, key size, value size and entries, the flow
-/// tables' entries being `flow_table_size`. Every map is checked, and all of that
-/// but one value size: `SCRATCH`'s, which the table leaves out
-/// (`MapSpec::value_size` is `None`) because it is private to the kernel object; a
-/// pin too small for it fails the verifier at load instead.
-fn check_layout(map: &Map, spec: &MapSpec, path: &Path, flow_table_size: u32) -> Result<()> {
+/// tables' entries being the configured sizes (`LoadOptions::entries`). Every map
+/// is checked, and all of that but one value size: `SCRATCH`'s, which the table
+/// leaves out (`MapSpec::value_size` is `None`) because it is private to the kernel
+/// object; a pin too small for it fails the verifier at load instead.
+fn check_layout(map: &Map, spec: &MapSpec, path: &Path, opts: &LoadOptions) -> Result<()> {
     let map_err = |source| DatapathError::Map {
         map: spec.name,
         source,
@@ -542,11 +561,7 @@ fn check_layout(map: &Map, spec: &MapSpec, path: &Path, flow_table_size: u32) ->
         spec.map_type as u32,
         spec.key_size,
         spec.value_size.unwrap_or(found.2),
-        if spec.flow_table_sized {
-            flow_table_size
-        } else {
-            spec.max_entries
-        },
+        opts.entries(spec),
     );
     if found == expected {
         Ok(())
@@ -555,6 +570,11 @@ fn check_layout(map: &Map, spec: &MapSpec, path: &Path, flow_table_size: u32) ->
             path: path.to_owned(),
             found,
             expected,
+            resized: match spec.sized_by {
+                Sizing::Fixed => "",
+                Sizing::FlowTable => ", or flow_table_size changed",
+                Sizing::HalfOpenTable => ", or half_open_table_size changed",
+            },
         })
     }
 }

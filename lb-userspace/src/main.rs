@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     admin::{client, table},
+    capacity,
     config::{self, Config},
     daemon::{self, RunOptions},
     loader,
@@ -121,6 +122,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                 c.health.kind.name(),
                 c.health.interval,
             );
+            let capacity = capacity::report(&c);
+            for line in &capacity.lines {
+                println!("{line}");
+            }
+            for warning in c.node_warnings().iter().chain(&capacity.warnings) {
+                println!("warning: {warning}");
+            }
         }
         Command::Status { admin } => {
             let runtime = tokio::runtime::Builder::new_current_thread()

@@ -45,6 +45,39 @@ fn check_accepts_a_valid_file_with_exit_0() {
 }
 
 #[test]
+fn check_prints_the_nat_capacity_and_warns_when_it_falls_short() {
+    let one_master = VALID.replace("[datapath]", "[datapath]\nnat_ports = [1024, 32767]");
+    let (ok, text) = apilb_check(&one_master);
+    assert!(ok, "a warning is no refusal: {text}");
+    for line in [
+        "NAT capacity, IPv4: 1 SNAT address(es) x 31744 ports (1024-32767) = 31744 NAT ports \
+         per master, 1 master(s) taking new flows",
+        "per master: at most 31744 flows open at once",
+        "per master, held up: 15872 new connections/s when ports come back after \
+         tcp_timeouts.close (2s)",
+        "per master, held up: 488 new connections/s when ports come back after \
+         tcp_timeouts.time_wait (65s)",
+        "SYN flood: holds at most 31744 NAT ports of a master (half_open_table_size 32768)",
+        "node, held up: 15872 new connections/s with TCP timestamps, 488 without \
+         (datapath.expected_connection_rate 1000)",
+        "warning: datapath.expected_connection_rate = 1000: the node takes 488 new \
+         connections/s held up",
+    ] {
+        assert!(text.contains(line), "{line:?} not in:\n{text}");
+    }
+    let (ok, text) = apilb_check(&one_master.replace(
+        "snat_ipv4 = \"127.0.0.1\"",
+        "snat_ipv4 = [\"127.0.0.1\", \"127.0.0.3\", \"127.0.0.4\"]\nexpected_connection_rate = 1400",
+    ));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("3 SNAT address(es) x 31744 ports (1024-32767) = 95232 NAT ports")
+            && !text.contains("warning: datapath.expected_connection_rate"),
+        "three addresses carry 1465 a second: {text}"
+    );
+}
+
+#[test]
 fn check_refuses_a_bad_file_with_a_non_zero_exit_naming_key_and_value() {
     let (ok, text) = apilb_check(&VALID.replace("\"127.0.0.2:6443\"", "\"127.0.0.2:0\""));
     assert!(!ok, "{text}");

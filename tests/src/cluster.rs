@@ -172,6 +172,7 @@ impl Topology {
 
         let (mut peers, peer_maps) = Programs::load(&LoadOptions {
             flow_table_size: 1024,
+            half_open_table_size: 1024,
             pin_dir: None,
         })
         .unwrap_or_else(|e| panic!("{}", chain(&e)));
@@ -205,6 +206,7 @@ impl Topology {
     pub fn balancer(&self, pin_dir: Option<&Path>) -> Balancer {
         let (mut programs, mut dp) = Programs::load(&LoadOptions {
             flow_table_size: 4096,
+            half_open_table_size: 1024,
             pin_dir: pin_dir.map(Path::to_owned),
         })
         .unwrap_or_else(|e| panic!("{}", chain(&e)));

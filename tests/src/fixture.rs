@@ -31,9 +31,12 @@ use std::{
 };
 
 use aya::programs::{ProgramError, TestRun as _, TestRunOptions, Xdp};
-use lb_common::{COUNTER_COUNT, COUNTER_NAMES, FlowKey, MAGLEV_SIZE_DEFAULT, OUTCOMES, flow_hash};
+use lb_common::{
+    COUNTER_COUNT, COUNTER_NAMES, FlowKey, FlowState, MAGLEV_SIZE_DEFAULT, OUTCOMES, ReplyState,
+    flow_hash,
+};
 use lb_userspace::{
-    config::Config,
+    config::{Config, TcpTimeouts},
     controller::{Desired, Reconciler},
     datapath::{Counters, Datapath, addr_words},
     health::Health,
@@ -78,7 +81,9 @@ pub struct LabConfig {
     pub snat_v6: bool,
     pub nat_ports: RangeInclusive<u16>,
     pub nexthop_ttl: Duration,
-    pub flow_close_grace: Duration,
+    /// `[datapath.tcp_timeouts]`, every key written out; apilb's defaults unless a
+    /// fixture changes them.
+    pub tcp_timeouts: TcpTimeouts,
     pub passive: bool,
 }
 
@@ -95,7 +100,7 @@ impl LabConfig {
             snat_v6: true,
             nat_ports: NAT_PORTS,
             nexthop_ttl: Duration::from_mins(1),
-            flow_close_grace: Duration::from_nanos(lb_common::FLOW_CLOSE_GRACE_DEFAULT_NS),
+            tcp_timeouts: TcpTimeouts::default(),
             passive: false,
         }
     }
@@ -106,14 +111,17 @@ impl LabConfig {
     pub fn text(&self) -> String {
         let mut t = format!(
             "[datapath]\ninterfaces = [\"fx0\", \"fx1\"]\nsnat_ipv4 = \"198.51.100.1\"\n\
-             nat_ports = [{}, {}]\nnexthop_ttl = \"{}ns\"\nflow_close_grace = \"{}ns\"\n",
+             nat_ports = [{}, {}]\nnexthop_ttl = \"{}ns\"\n",
             self.nat_ports.start(),
             self.nat_ports.end(),
             self.nexthop_ttl.as_nanos(),
-            self.flow_close_grace.as_nanos(),
         );
         if self.snat_v6 {
             t.push_str("snat_ipv6 = \"2001:db8:2::1\"\n");
+        }
+        t.push_str("[datapath.tcp_timeouts]\n");
+        for (key, _, timeout) in self.tcp_timeouts.by_key() {
+            let _ = writeln!(t, "{key} = \"{}ms\"", timeout.as_millis());
         }
         let _ = write!(
             t,
@@ -242,6 +250,7 @@ impl Lab {
             prefix,
             &LoadOptions {
                 flow_table_size: 4096,
+                half_open_table_size: 1024,
                 pin_dir: None,
             },
         )
@@ -466,6 +475,31 @@ impl Lab {
             .xdp(prog)
             .unwrap_or_else(|e| panic!("{}", chain(&e)));
         test_run(xdp, packet, ifindex).unwrap_or_else(|e| panic!("{prog}: {}", chain(&e)))
+    }
+
+    /// Every flow, established or half-open.
+    pub fn all_flows(&self) -> Vec<(FlowKey, FlowState)> {
+        let mut all = self.dp.flows().unwrap_or_else(|e| panic!("{}", chain(&e)));
+        all.extend(
+            self.dp
+                .half_open_flows()
+                .unwrap_or_else(|e| panic!("{}", chain(&e))),
+        );
+        all
+    }
+
+    /// Every reply entry (NAT port lease), established or half-open.
+    pub fn all_replies(&self) -> Vec<(FlowKey, ReplyState)> {
+        let mut all = self
+            .dp
+            .replies()
+            .unwrap_or_else(|e| panic!("{}", chain(&e)));
+        all.extend(
+            self.dp
+                .half_open_replies()
+                .unwrap_or_else(|e| panic!("{}", chain(&e))),
+        );
+        all
     }
 
     /// Run a fixture and assert verdict, output bytes and counter movements; return

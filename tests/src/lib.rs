@@ -16,12 +16,19 @@
 //! - [`traffic`]: new https connections and watch streams through the VIP, recorded
 //!   per master, for the scenarios and the demo.
 //! - [`pki`]: a CA and certificates for the stub apiservers.
+//! - [`natstate`]: apilb's NAT counters by name and its flow tables' occupancy,
+//!   for datapaths before and after per-state timeouts alike.
+//! - [`oneshot`]: one HTTP request per connection, the side that closes first
+//!   chosen, checked to the last byte: the benchmarks' client-first load and the
+//!   soak's.
 
 pub mod cluster;
 pub mod elect;
 pub mod fixture;
 pub mod live;
+pub mod natstate;
 pub mod netns;
+pub mod oneshot;
 pub mod packets;
 pub mod pki;
 pub mod plane;

@@ -40,6 +40,8 @@ pub struct Tcp {
     pub more_fragments: bool,
     pub fragment_offset: u16,
     pub ttl: u8,
+    /// TCP options, raw (a multiple of 4 bytes, at most 40); see [`Tcp::timestamps`].
+    pub tcp_options: Vec<u8>,
     pub payload: Vec<u8>,
 }
 
@@ -62,8 +64,38 @@ impl Tcp {
             more_fragments: false,
             fragment_offset: 0,
             ttl: 64,
+            tcp_options: Vec::new(),
             payload: Vec::new(),
         }
+    }
+
+    /// The same segment with a timestamp option (TSval, TSecr), laid out as Linux
+    /// sends it: after MSS and SACK-permitted on a SYN, after two NOPs otherwise.
+    #[must_use]
+    pub fn timestamps(mut self, tsval: u32, tsecr: u32) -> Self {
+        let mut o = if self.syn {
+            vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10]
+        } else {
+            vec![1, 1, 8, 10]
+        };
+        o.extend_from_slice(&tsval.to_be_bytes());
+        o.extend_from_slice(&tsecr.to_be_bytes());
+        if self.syn {
+            o.extend_from_slice(&[1, 3, 3, 7]);
+        }
+        self.tcp_options = o;
+        self
+    }
+
+    /// The segment's (TSval, TSecr), if it carries them where [`Tcp::timestamps`]
+    /// puts them; read from a built frame at the TCP header offset `l4`.
+    #[must_use]
+    pub fn timestamps_in(frame: &[u8], l4: usize) -> Option<(u32, u32)> {
+        let doff = usize::from(frame.get(l4 + 12)? >> 4) * 4;
+        let opts = frame.get(l4 + 20..l4 + doff)?;
+        let at = opts.windows(2).position(|w| w == [8, 10])?;
+        let word = |i: usize| u32::from_be_bytes(opts[i..i + 4].try_into().expect("4 bytes"));
+        Some((word(at + 2), word(at + 6)))
     }
 
     /// The same segment as an established-flow data packet.
@@ -95,6 +127,8 @@ impl Tcp {
     #[must_use]
     pub fn build(&self) -> Vec<u8> {
         let mut tcp = TcpHeader::new(self.src.port(), self.dst.port(), self.seq, 64_240);
+        tcp.set_options_raw(&self.tcp_options)
+            .expect("tcp options: a multiple of 4 bytes, at most 40");
         tcp.syn = self.syn;
         tcp.rst = self.rst;
         tcp.fin = self.fin;

@@ -12,6 +12,7 @@ fn auto_falls_back_to_generic_where_native_is_unsupported_and_reports_it() {
     ns.ip(&["link", "set", "br0", "up"]);
     let (mut programs, _maps) = Programs::load(&LoadOptions {
         flow_table_size: 1024,
+        half_open_table_size: 1024,
         pin_dir: None,
     })
     .expect("load");
@@ -46,6 +47,7 @@ fn a_process_adopting_a_pinned_link_reports_the_mode_the_link_runs_in() {
     let load = || {
         Programs::load(&LoadOptions {
             flow_table_size: 1024,
+            half_open_table_size: 1024,
             pin_dir: Some(pins.0.clone()),
         })
         .expect("load")

@@ -12,6 +12,7 @@ use tests::fixture::sa;
 fn load() -> Datapath {
     Programs::load(&LoadOptions {
         flow_table_size: 1024,
+        half_open_table_size: 1024,
         pin_dir: None,
     })
     .expect("load datapath")
@@ -65,12 +66,11 @@ fn out_of_range_ids_ports_and_slots_are_refused_by_name_and_value() {
         "Maglev slot = 65537 is out of range (0..=65536)"
     );
     let nat = |ports| NodeConfig {
-        snat_v4: None,
-        snat_v6: None,
+        snat_v4: Vec::new(),
+        snat_v6: Vec::new(),
         ports,
         nexthop_ttl: Duration::from_secs(1),
-        flow_close_grace: Duration::from_secs(30),
-        flow_idle_timeout: Duration::from_hours(1),
+        tcp_timeouts: lb_userspace::config::TcpTimeouts::default(),
         passive: lb_userspace::passive::PassiveSettings {
             enabled: false,
             threshold: 1,

@@ -74,6 +74,7 @@ fn pinned_maps_of_another_shape_are_refused_naming_the_map_and_both_shapes() {
     let load = |flow_table_size| {
         Programs::load(&LoadOptions {
             flow_table_size,
+            half_open_table_size: 1024,
             pin_dir: Some(pins.0.clone()),
         })
     };

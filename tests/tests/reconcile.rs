@@ -60,7 +60,7 @@ fn flows_on_two_masters(lab: &mut Lab) -> Vec<(u32, Tcp)> {
             sa("192.0.2.100:6443"),
         );
         assert_eq!(send(lab, &syn), XDP_REDIRECT);
-        let flows = lab.dp.flows().expect("flows");
+        let flows = lab.all_flows();
         let id = flows
             .iter()
             .find(|(k, _)| u16::from_be(k.sport_be) == port)
@@ -106,9 +106,7 @@ fn a_dead_backend_leaves_the_ring_with_its_flows_and_no_other_flow_is_touched() 
     };
     let dead_addr = all.backends[dead_id].addr;
     let flows_on_dead = lab
-        .dp
-        .flows()
-        .expect("flows")
+        .all_flows()
         .iter()
         .filter(|(_, f)| f.backend_id == *dead_id)
         .count();
@@ -152,9 +150,7 @@ fn a_dead_backend_leaves_the_ring_with_its_flows_and_no_other_flow_is_touched() 
         (1, 0)
     );
     let survivor = lab
-        .dp
-        .flows()
-        .expect("flows")
+        .all_flows()
         .into_iter()
         .find(|(k, _)| k.sport_be == live_flow.src.port().to_be());
     assert_eq!(survivor.expect("live flow").1.backend_id, *live_id);

@@ -6,7 +6,11 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use lb_common::{FLOW_F_REFUSED, counters::*};
+use lb_common::{
+    FLOW_F_BACKEND_FIRST, FLOW_F_REFUSED, FLOW_F_TS,
+    counters::*,
+    ct::{CT_ESTABLISHED, CT_SYN_SENT, CT_TIME_WAIT},
+};
 use lb_userspace::{datapath::BackendEntry, health::Health};
 use tests::{
     fixture::*,
@@ -210,10 +214,7 @@ fn non_vip_traffic_passes_unchanged() {
     ] {
         lab.run(&f);
     }
-    assert!(
-        lab.dp.flows().expect("flows").is_empty(),
-        "non-VIP traffic created flows"
-    );
+    assert!(lab.all_flows().is_empty(), "non-VIP traffic created flows");
 }
 
 #[test]
@@ -229,7 +230,7 @@ fn vip_not_owned_by_this_node_passes_until_ownership_is_taken() {
         syn.build(),
         PASS_NOT_OWNED,
     ));
-    assert!(lab.dp.flows().expect("flows").is_empty());
+    assert!(lab.all_flows().is_empty());
 
     lab.set_owned(sa(VIP4).ip(), true);
     let (_, backend, mac) = picked(&lab, 0, CLIENT4, VIP4, &masters4());
@@ -276,13 +277,13 @@ fn syn_is_natted_to_the_maglev_pick(
         (true, true),
         "rewritten packet has valid checksums"
     );
-    let flows = lab.dp.flows().expect("flows");
+    let flows = lab.all_flows();
     assert_eq!(flows.len(), 1);
     assert_eq!(
         (flows[0].1.backend_id, u16::from_be(flows[0].1.nat_port_be)),
         (id, 40_000)
     );
-    assert_eq!(lab.dp.replies().expect("replies").len(), 1);
+    assert_eq!(lab.all_replies().len(), 1);
     let v = lab.dp.vip_stats(vip_id).expect("vip stats");
     let b = lab.dp.backend_stats(id).expect("backend stats");
     let len = syn.build().len() as u64;
@@ -423,7 +424,7 @@ fn packets_truncated_at_each_layer_pass_with_no_byte_changed() {
             PASS_MALFORMED,
         ));
     }
-    assert!(lab.dp.flows().expect("flows").is_empty());
+    assert!(lab.all_flows().is_empty());
 }
 
 #[test]
@@ -488,7 +489,7 @@ fn ipv4_and_ipv6_fragments_pass_untouched() {
             PASS_FRAGMENT,
         ));
     }
-    assert!(lab.dp.flows().expect("flows").is_empty());
+    assert!(lab.all_flows().is_empty());
 }
 
 #[test]
@@ -555,13 +556,13 @@ fn local_master_gets_the_packet_unmodified_and_the_flow_sticks() {
         verdict: XDP_PASS,
         counters: vec![(PASS_LOCAL_BACKEND, 1)],
     });
-    let flows = lab.dp.flows().expect("flows");
+    let flows = lab.all_flows();
     assert_eq!(
         (flows.len(), flows[0].1.backend_id, flows[0].1.nat_port_be),
         (1, lab.backend_id(this_node), 0)
     );
     assert!(
-        lab.dp.replies().expect("replies").is_empty(),
+        lab.all_replies().is_empty(),
         "a local flow needs no NAT entry"
     );
 }
@@ -629,7 +630,7 @@ fn new_flows_are_dropped_with_a_reason_when_they_cannot_be_served() {
         .extend(addrs(&masters6()).iter().map(|&a| (a, 1, false)));
     six_vip.snat_v6 = true;
     let mut config = Lab::parse(&six_vip);
-    config.datapath.snat_v6 = None;
+    config.datapath.snat_v6 = Vec::new();
     lab.apply_config(config);
     let six = client_syn(CLIENT6, VIP6).build();
     lab.run(&dropped(
@@ -692,7 +693,7 @@ fn cached_next_hop_is_used_until_it_expires_then_refreshed_from_the_fib() {
         new_mac,
         vec![(FIB_LOOKUP, 1), (REDIRECT, 1)],
     ));
-    let flows = lab.dp.flows().expect("flows");
+    let flows = lab.all_flows();
     assert_eq!(
         flows[0].1.next_hop.dmac, new_mac,
         "the refreshed hop is stored in the flow entry"
@@ -742,30 +743,131 @@ fn only_a_syn_opens_a_flow() {
             PASS_NO_FLOW,
         ));
     }
-    assert!(
-        lab.dp.flows().expect("flows").is_empty(),
-        "no stray segment took a flow"
-    );
-    assert!(
-        lab.dp.replies().expect("replies").is_empty(),
-        "no stray segment took a port"
-    );
+    assert!(lab.all_flows().is_empty(), "no stray segment took a flow");
+    assert!(lab.all_replies().is_empty(), "no stray segment took a port");
+}
+
+/// A master's segment to the client `client` on the flow natted to `port`, and what
+/// the client receives.
+fn from_master(
+    desc: &'static str,
+    master: SocketAddr,
+    port: u16,
+    client: &str,
+    seg: Tcp,
+    first: bool,
+) -> Fixture {
+    let mut m = seg
+        .via(master_mac(1), FX1_MAC)
+        .between(master, sa("198.51.100.1:0"));
+    m.dst.set_port(port);
+    Fixture {
+        desc,
+        ingress: Ingress::MasterSide,
+        input: m.build(),
+        verdict: XDP_REDIRECT,
+        output: m
+            .clone()
+            .via(FX0_MAC, CLIENT_MAC)
+            .between(sa(VIP4), sa(client))
+            .build(),
+        counters: if first {
+            vec![(REPLY_HIT, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)]
+        } else {
+            vec![(REPLY_HIT, 1), (REDIRECT, 1)]
+        },
+    }
+}
+
+/// A client's segment on its established flow natted to `port`: forwarded with the
+/// cached next hop.
+fn on_flow(
+    desc: &'static str,
+    seg: &Tcp,
+    master: SocketAddr,
+    port: u16,
+    extra: &[(u32, u64)],
+) -> Fixture {
+    let mut counters = vec![(REDIRECT, 1)];
+    counters.extend_from_slice(extra);
+    to_master(desc, seg, master, port, master_mac(1), counters)
+}
+
+/// The master's SYN-ACK to flow `a` (natted to port 40000), then the client's
+/// ACK, which proves the flow; returns that ACK.
+fn handshake(lab: &mut Lab, a: &Tcp, master: SocketAddr) -> Tcp {
+    handshake_on(lab, a, master, 40_000)
+}
+
+/// [`handshake`] for a flow natted to `port`.
+fn handshake_on(lab: &mut Lab, a: &Tcp, master: SocketAddr, port: u16) -> Tcp {
+    // The handshake: the master's SYN-ACK, then the client's ACK proves the flow.
+    let mut syn_ack = Tcp::syn(master_mac(1), FX1_MAC, master, master);
+    syn_ack.ack = Some(a.seq + 1);
+    lab.run(&from_master(
+        "the master's SYN-ACK",
+        master,
+        port,
+        "192.0.2.10:51000",
+        syn_ack,
+        true,
+    ));
+    let mut ack = a.clone().data(b"");
+    ack.ack = Some(0x1000_0001);
+    lab.run(&on_flow(
+        "the client's ACK",
+        &ack,
+        master,
+        port,
+        &[(FLOW_ESTABLISHED, 1)],
+    ));
+    ack
+}
+
+/// Close flow `a` (natted to port 40000, its last client segment `ack`) client
+/// first: its FIN, the master's FIN, its last ACK.
+fn close_client_first(lab: &mut Lab, a: &Tcp, ack: &Tcp, master: SocketAddr) {
+    let mut fin = ack.clone();
+    fin.fin = true;
+    lab.run(&on_flow("the client's FIN", &fin, master, 40_000, &[]));
+    let mut master_fin = Tcp::syn(master_mac(1), FX1_MAC, master, master);
+    master_fin.syn = false;
+    master_fin.fin = true;
+    master_fin.ack = Some(a.seq + 2);
+    lab.run(&from_master(
+        "the master's FIN",
+        master,
+        40_000,
+        "192.0.2.10:51000",
+        master_fin,
+        false,
+    ));
+    let mut last = ack.clone();
+    last.seq += 1;
+    last.ack = Some(0x1000_0002);
+    lab.run(&on_flow(
+        "the client's last ACK",
+        &last,
+        master,
+        40_000,
+        &[],
+    ));
 }
 
 #[test]
-fn nat_port_of_a_closed_flow_is_reused_after_its_grace_but_a_live_one_never() {
+fn a_port_is_held_through_the_handshake_and_the_close_then_given_back_after_the_grace() {
     let (mut lab, master) = one_master_lab("apilb-fx-ports");
-    let one_port = |close_grace| {
+    let one_port = |close_ms: u64| {
         move |c: &mut LabConfig| {
             c.nat_ports = 40_000..=40_000;
-            c.flow_close_grace = close_grace;
+            c.tcp_timeouts.close = Duration::from_millis(close_ms);
         }
     };
-    lab.reconfigure(one_port(Duration::from_secs(30)));
+    lab.reconfigure(one_port(60_000));
     let a = client_syn("192.0.2.10:51000", VIP4);
     let b = client_syn("192.0.2.10:51001", VIP4);
-    let b_dropped = || Fixture {
-        desc: "a second flow while the only port is held by a live flow",
+    let b_dropped = |desc| Fixture {
+        desc,
         ingress: Ingress::ClientSide,
         input: b.build(),
         verdict: XDP_DROP,
@@ -779,50 +881,64 @@ fn nat_port_of_a_closed_flow_is_reused_after_its_grace_but_a_live_one_never() {
         40_000,
         master_mac(1),
     ));
-    lab.run(&b_dropped());
-    // Past the claim grace, a live flow's port is still not taken.
-    std::thread::sleep(
-        std::time::Duration::from_nanos(lb_common::PORT_CLAIM_GRACE_NS)
-            + std::time::Duration::from_millis(100),
+    let half = lab.dp.half_open_flows().expect("half-open flows");
+    assert_eq!(
+        (half.len(), half[0].1.state),
+        (1, CT_SYN_SENT),
+        "A is half-open"
     );
-    lab.run(&b_dropped());
+    assert!(
+        lab.dp.flows().expect("flows").is_empty(),
+        "and not established"
+    );
+    lab.run(&b_dropped("a second flow while A's SYN is unanswered"));
 
-    // The master closes A (FIN on the reply path): A is now closing.
-    let mut fin = Tcp::syn(master_mac(1), FX1_MAC, master, sa("198.51.100.1:40000"));
-    fin.syn = false;
-    fin.fin = true;
-    fin.ack = Some(a.seq + 1);
-    lab.run(&Fixture {
-        desc: "the master's FIN to flow A",
-        ingress: Ingress::MasterSide,
-        input: fin.build(),
-        verdict: XDP_REDIRECT,
-        output: fin
-            .clone()
-            .via(FX0_MAC, CLIENT_MAC)
-            .between(sa(VIP4), sa("192.0.2.10:51000"))
-            .build(),
-        counters: vec![(REPLY_HIT, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
-    });
+    let ack = handshake(&mut lab, &a, master);
     let flows = lab.dp.flows().expect("flows");
     assert_eq!(
-        flows[0].1.flags & lb_common::FLOW_F_CLOSING,
-        lb_common::FLOW_F_CLOSING,
-        "A is marked closing"
+        (flows.len(), flows[0].1.state),
+        (1, CT_ESTABLISHED),
+        "A is established"
     );
-    lab.run(&b_dropped());
+    assert!(
+        lab.dp.half_open_flows().expect("half-open").is_empty(),
+        "and left the half-open table"
+    );
+    assert_eq!(
+        lab.dp.replies().expect("replies").len(),
+        1,
+        "its lease moved with it"
+    );
+    assert!(
+        lab.dp
+            .half_open_replies()
+            .expect("half-open replies")
+            .is_empty()
+    );
+    lab.run(&b_dropped("a second flow while A is established"));
 
-    // With the close grace over, B takes A's port, and A's entry is gone.
-    lab.reconfigure(one_port(Duration::ZERO));
+    close_client_first(&mut lab, &a, &ack, master);
+    let flows = lab.dp.flows().expect("flows");
+    assert_eq!(flows[0].1.state, CT_TIME_WAIT, "A is over");
+    assert_eq!(
+        flows[0].1.flags & FLOW_F_BACKEND_FIRST,
+        0,
+        "and the client closed first"
+    );
+    lab.run(&b_dropped("a second flow within the close grace"));
+
+    // Past the grace (shortened here), B takes A's port, and A's entry is gone.
+    lab.reconfigure(one_port(1));
+    std::thread::sleep(Duration::from_millis(20));
     lab.run(&to_master(
-        "flow B reclaims the closed flow's port",
+        "flow B reclaims the finished flow's port",
         &b,
         master,
         40_000,
         master_mac(1),
         vec![
             (FLOW_NEW, 1),
-            (PORT_RECLAIMED, 1),
+            (RECLAIM_CLOSED, 1),
             (FIB_LOOKUP, 1),
             (REDIRECT, 1),
         ],
@@ -834,9 +950,93 @@ fn nat_port_of_a_closed_flow_is_reused_after_its_grace_but_a_live_one_never() {
         late.build(),
         PASS_NO_FLOW,
     ));
-    let flows = lab.dp.flows().expect("flows");
-    assert_eq!(flows.len(), 1, "only B is left");
-    assert_eq!(u16::from_be(flows[0].0.sport_be), 51_001);
+    assert!(lab.dp.flows().expect("flows").is_empty(), "A is gone");
+    let half = lab.dp.half_open_flows().expect("half-open flows");
+    assert_eq!(half.len(), 1, "only B is left");
+    assert_eq!(u16::from_be(half[0].0.sport_be), 51_001);
+}
+
+/// The datapath's timestamp clock, `bpf_ktime_get_coarse_ns` in ms, as
+/// userspace reads it (`CLOCK_MONOTONIC_COARSE`), truncated as TCP's is.
+fn coarse_clock_ms() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a valid, writable timespec.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) },
+        0
+    );
+    let ms = u64::try_from(ts.tv_sec).expect("seconds") * 1_000
+        + u64::try_from(ts.tv_nsec).expect("nanoseconds") / 1_000_000;
+    lb_common::ct::ts_clock(ms * 1_000_000)
+}
+
+#[test]
+fn timestamps_are_shifted_to_the_ports_clock_and_back_with_valid_checksums() {
+    let (mut lab, master) = one_master_lab("apilb-fx-ts");
+    let client = "192.0.2.10:51000";
+    let syn = client_syn(client, VIP4).timestamps(7_000_000, 0);
+    let out = lab.test_run(lb_common::PROG_XDP, &syn.build(), Ingress::ClientSide);
+    assert_eq!(out.action, XDP_REDIRECT);
+    assert_eq!(
+        checksums_valid(&out.packet),
+        (true, true),
+        "the SYN's checksums"
+    );
+    let l4 = 14 + 20;
+    let (sent, _) = Tcp::timestamps_in(&out.packet, l4).expect("the SYN keeps its timestamps");
+    let flow = lab.dp.half_open_flows().expect("half-open")[0].1;
+    assert_eq!(
+        flow.flags & FLOW_F_TS,
+        FLOW_F_TS,
+        "the flow uses timestamps"
+    );
+    assert_eq!(
+        sent,
+        7_000_000u32.wrapping_add(flow.ts_off),
+        "TSval shifted by the flow's offset"
+    );
+    // The port's clock: the datapath's milliseconds, not the client's.
+    let clock = coarse_clock_ms();
+    assert!(
+        sent.abs_diff(clock) < 5_000,
+        "TSval {sent} is the port's clock {clock}"
+    );
+    let port = u16::from_be(flow.nat_port_be);
+
+    // The master echoes the shifted value; the client gets its own back.
+    let mut syn_ack = Tcp::syn(master_mac(1), FX1_MAC, master, master).timestamps(99, sent);
+    syn_ack.ack = Some(syn.seq + 1);
+    syn_ack.dst = SocketAddr::new(sa("198.51.100.1:0").ip(), port);
+    let back = lab.test_run(lb_common::PROG_XDP, &syn_ack.build(), Ingress::MasterSide);
+    assert_eq!(back.action, XDP_REDIRECT);
+    assert_eq!(
+        checksums_valid(&back.packet),
+        (true, true),
+        "the SYN-ACK's checksums"
+    );
+    assert_eq!(
+        Tcp::timestamps_in(&back.packet, l4),
+        Some((99, 7_000_000)),
+        "TSecr shifted back"
+    );
+
+    // Data segments carry NOP NOP TS: shifted alike.
+    let mut ack = syn.clone().data(b"hello");
+    ack.ack = Some(syn_ack.seq + 1);
+    let ack = ack.timestamps(7_000_010, 99);
+    let out = lab.test_run(lb_common::PROG_XDP, &ack.build(), Ingress::ClientSide);
+    assert_eq!(
+        checksums_valid(&out.packet),
+        (true, true),
+        "the ACK's checksums"
+    );
+    assert_eq!(
+        Tcp::timestamps_in(&out.packet, l4),
+        Some((sent.wrapping_add(10), 99))
+    );
 }
 
 /// A lab with passive detection `on` or off and one half-open IPv4 flow: the
@@ -932,13 +1132,10 @@ fn passive_detection_drops_a_rst_to_an_unanswered_syn_and_steers_the_retransmit_
         mut lab, syn, id, ..
     } = master_rst(true);
     assert_eq!(lab.dp.passive_stats(id).expect("passive stats").rst, 1);
-    let flows = lab.dp.flows().expect("flows");
+    let flows = lab.all_flows();
     assert_eq!(flows.len(), 1);
     assert_eq!(flows[0].1.flags & FLOW_F_REFUSED, FLOW_F_REFUSED);
-    assert!(
-        lab.dp.replies().expect("replies").is_empty(),
-        "its NAT port is free"
-    );
+    assert!(lab.all_replies().is_empty(), "its NAT port is free");
     // The client's retransmit (the ring still names the master: the controller
     // has not rewritten it yet) goes to the fallback, and counts no second failure.
     let (other, to) = fallback_of(&lab, id);
@@ -951,11 +1148,11 @@ fn passive_detection_drops_a_rst_to_an_unanswered_syn_and_steers_the_retransmit_
         vec![(FALLBACK, 1), (FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
     ));
     assert_eq!(lab.dp.passive_stats(id).expect("passive stats").rst, 1);
-    assert_eq!(lab.dp.flows().expect("flows").len(), 1, "only the new flow");
+    assert_eq!(lab.all_flows().len(), 1, "only the new flow");
     // With detection off the RST goes through and nothing is counted.
     let h = master_rst(false);
     assert_eq!(h.lab.dp.passive_stats(h.id).expect("passive stats").rst, 0);
-    assert_eq!(h.lab.dp.flows().expect("flows").len(), 1);
+    assert_eq!(h.lab.all_flows().len(), 1);
 }
 
 #[test]
@@ -1000,11 +1197,7 @@ fn a_rst_after_the_syn_ack_reaches_the_client_even_with_passive_detection() {
         counters: vec![(REPLY_HIT, 1), (REDIRECT, 1)],
     });
     assert_eq!(lab.dp.passive_stats(id).expect("passive stats").rst, 0);
-    assert_eq!(
-        lab.dp.flows().expect("flows").len(),
-        1,
-        "the flow stays (closing)"
-    );
+    assert_eq!(lab.all_flows().len(), 1, "the flow stays (closing)");
 }
 
 #[test]
@@ -1047,8 +1240,8 @@ fn passive_detection_balances_afresh_a_syn_sent_again_to_a_silent_master() {
     ));
     let p = lab.dp.passive_stats(id).expect("passive stats");
     assert_eq!((p.silent, p.rst), (1, 0));
-    assert_eq!(lab.dp.flows().expect("flows").len(), 1, "only the new flow");
-    assert_eq!(lab.dp.replies().expect("replies").len(), 1);
+    assert_eq!(lab.all_flows().len(), 1, "only the new flow");
+    assert_eq!(lab.all_replies().len(), 1);
 }
 
 #[test]
@@ -1069,7 +1262,7 @@ fn passive_detection_drops_an_icmp_unreachable_for_a_syn_but_not_one_about_the_m
         mtu,
         PASS_NOT_TCP,
     ));
-    assert_eq!(lab.dp.flows().expect("flows").len(), 1, "the flow stays");
+    assert_eq!(lab.all_flows().len(), 1, "the flow stays");
     let refused = icmp_unreachable(mac, FX1_MAC, backend.ip(), &sent, false);
     lab.run(&Fixture {
         desc: "ICMP port unreachable for the SYN: dropped, flow refused",
@@ -1081,11 +1274,8 @@ fn passive_detection_drops_an_icmp_unreachable_for_a_syn_but_not_one_about_the_m
     });
     let p = lab.dp.passive_stats(id).expect("passive stats");
     assert_eq!((p.icmp, p.rst, p.silent), (1, 0, 0));
-    assert_eq!(
-        lab.dp.flows().expect("flows")[0].1.flags & FLOW_F_REFUSED,
-        FLOW_F_REFUSED
-    );
-    assert!(lab.dp.replies().expect("replies").is_empty());
+    assert_eq!(lab.all_flows()[0].1.flags & FLOW_F_REFUSED, FLOW_F_REFUSED);
+    assert!(lab.all_replies().is_empty());
     lab.run(&unchanged(
         "the same ICMP again, about no flow now: passed",
         Ingress::MasterSide,
@@ -1120,7 +1310,7 @@ fn passive_detection_reads_an_icmpv6_unreachable_for_a_syn() {
         counters: vec![(REPLY_HIT, 1), (DROP_PASSIVE_ICMP, 1)],
     });
     assert_eq!(lab.dp.passive_stats(id).expect("passive stats").icmp, 1);
-    assert!(lab.dp.replies().expect("replies").is_empty());
+    assert!(lab.all_replies().is_empty());
 }
 
 #[test]
@@ -1187,4 +1377,80 @@ fn new_flows_whose_slot_names_a_master_out_of_rotation_follow_the_fallback_order
         master_mac(2),
         vec![(FIB_LOOKUP, 1), (REDIRECT, 1)],
     ));
+}
+
+#[test]
+fn a_syn_flood_evicts_no_established_flow_and_holds_ports_only_for_the_half_open_timeout() {
+    let (mut lab, master) = one_master_lab("apilb-fx-flood");
+    let ports = 40_000..=40_511;
+    lab.reconfigure(|c| {
+        c.nat_ports = ports.clone();
+        c.tcp_timeouts.syn_sent = Duration::from_millis(300);
+        c.tcp_timeouts.syn_recv = Duration::from_millis(300);
+    });
+    // One proven flow before the flood.
+    let a = client_syn("192.0.2.10:51000", VIP4);
+    let out = lab.test_run(lb_common::PROG_XDP, &a.build(), Ingress::ClientSide);
+    assert_eq!(out.action, XDP_REDIRECT);
+    let port = u16::from_be(lab.all_flows()[0].1.nat_port_be);
+    let ack = handshake_on(&mut lab, &a, master, port);
+
+    // Spoofed SYNs from 4,096 sources: four times the half-open table (1,024 in
+    // the lab), eight times the ports.
+    let flood = 4_096u32;
+    let (mut natted, mut no_port) = (0, 0);
+    for i in 0..flood {
+        let src = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+        let syn = Tcp::syn(
+            CLIENT_MAC,
+            FX0_MAC,
+            SocketAddr::new(src.into(), 40_000),
+            sa(VIP4),
+        );
+        match lab
+            .test_run(lb_common::PROG_XDP, &syn.build(), Ingress::ClientSide)
+            .action
+        {
+            XDP_REDIRECT => natted += 1,
+            XDP_DROP => no_port += 1,
+            other => panic!("flood SYN {i}: verdict {other}"),
+        }
+    }
+    eprintln!("flood: {natted} SYNs natted, {no_port} dropped for want of a port");
+    assert_eq!(natted + no_port, flood);
+    let half = lab.dp.half_open_flows().expect("half-open flows").len();
+    assert!(
+        half <= 1_024,
+        "the half-open table holds {half}, past its size"
+    );
+    // The established flow is untouched, both ways.
+    let flows = lab.dp.flows().expect("flows");
+    assert_eq!(flows.len(), 1, "the proven flow is still there, alone");
+    lab.run(&on_flow(
+        "the proven flow after the flood",
+        &ack,
+        master,
+        port,
+        &[],
+    ));
+
+    // Right after the flood a new client may find every port held; once the
+    // half-open timeout has passed, it gets one, reclaimed from the flood.
+    std::thread::sleep(Duration::from_millis(400));
+    let legit = client_syn("192.0.2.20:52000", VIP4);
+    let before = lab.dp.counters().expect("counters");
+    let out = lab.test_run(lb_common::PROG_XDP, &legit.build(), Ingress::ClientSide);
+    let after = lab.dp.counters().expect("counters");
+    assert_eq!(
+        out.action, XDP_REDIRECT,
+        "a new client is served after the half-open timeout"
+    );
+    let reclaimed = after.get(RECLAIM_HALF_OPEN) - before.get(RECLAIM_HALF_OPEN)
+        + after.get(RECLAIM_ORPHAN)
+        - before.get(RECLAIM_ORPHAN);
+    let free = lab.all_replies().len() < ports.len();
+    assert!(
+        reclaimed == 1 || free,
+        "its port was a flood flow's ({reclaimed}) or free"
+    );
 }

@@ -23,8 +23,11 @@ use crate::{cargo, exec, step};
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Part {
     /// HTTP through every path (direct, iptables DNAT, haproxy, nginx stream,
-    /// apilb XDP, apilb socket-LB) measured by wrk: keep-alive and a new connection
-    /// per request, requests/s, p99 and the LB's CPU per 10k requests.
+    /// apilb XDP, apilb socket-LB) at steady state, apilb running throughout:
+    /// keep-alive and a new connection per request with the server closing first
+    /// (wrk), and with the client closing first (oneshot-load); requests/s, p99,
+    /// the LB's CPU per 10k requests, apilb's dropped SYNs and reclaimed NAT ports,
+    /// and its new-connection rate against iptables DNAT. About 25 minutes.
     E2e,
     /// VIP failover time between two LB nodes: apilb VRRP and keepalived at 100 ms
     /// and at 1 s adverts, apilb etcd; 4 trials each. Then (`bench-masters`) what
@@ -145,8 +148,15 @@ fn root() -> anyhow::Result<PathBuf> {
 }
 
 fn build_apilb_and_stub() -> anyhow::Result<()> {
-    step("building apilb and the stub apiserver (release), which the benchmarks run");
-    for (package, bin) in [("lb-userspace", "apilb"), ("tests", "stub-apiserver")] {
+    step(
+        "building apilb, the stub apiserver and oneshot-load (release), which the \
+         benchmarks run",
+    );
+    for (package, bin) in [
+        ("lb-userspace", "apilb"),
+        ("tests", "stub-apiserver"),
+        ("tests", "oneshot-load"),
+    ] {
         exec(cargo().args(["build", "--quiet", "--release", "-p", package, "--bin", bin]))?;
     }
     Ok(())

@@ -6,6 +6,7 @@
 
 mod bench;
 mod setup;
+mod soak;
 mod vm;
 
 use std::process::Command;
@@ -26,11 +27,12 @@ enum Task {
     /// bpf-linker, Debian's kubectl), skipping what is already there.
     Setup,
     /// Run `setup`, check formatting, then every test: unit tests, packet fixtures
-    /// in the kernel, the namespace scenarios, and then `vm-test` (the fixtures and
-    /// the smoke test on Debian's and Ubuntu's kernels in qemu). Needs root.
+    /// in the kernel, the namespace scenarios, then `vm-test` (the fixtures and
+    /// the smoke test on Debian's and Ubuntu's kernels in qemu), then a one-minute
+    /// `soak`. Needs root.
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter;
-        /// with any, `vm-test` is skipped.
+        /// with any, `vm-test` and the soak are skipped.
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -43,6 +45,16 @@ enum Task {
         /// One part; without, the whole suite, which also writes BENCHMARKS.md.
         #[arg(value_enum)]
         part: Option<bench::Part>,
+    },
+    /// apilb under 5,000 new connections a second (client-first, server-first
+    /// and RST closes; IPv4 and IPv6), 30 watch streams and a master flapping
+    /// every 20 s, for N minutes; asserts no failed connection or stream, no SYN
+    /// dropped for want of a NAT port, bounded flow tables and flat RSS. Needs
+    /// root.
+    Soak {
+        /// How long the connection load runs.
+        #[arg(long, default_value_t = 10)]
+        minutes: u32,
     },
     /// Build static binaries, boot other kernels in qemu (by default Debian 12's
     /// 6.1 and 6.12, Ubuntu's 5.15 and 6.8) and run the packet fixtures and the
@@ -68,11 +80,13 @@ fn main() -> anyhow::Result<()> {
                 .args(&args);
             exec(&mut cmd)?;
             if !args.is_empty() {
-                step("test arguments given: skipping vm-test");
+                step("test arguments given: skipping vm-test and the soak");
                 return Ok(());
             }
             step("running the suite on other kernels (cargo xtask vm-test)");
-            vm::run(&vm::Args::default())
+            vm::run(&vm::Args::default())?;
+            step("soaking for a minute (cargo xtask soak --minutes 1)");
+            soak::run(1)
         }
         Task::Demo => {
             setup::run()?;
@@ -97,6 +111,10 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { part } => {
             setup::run()?;
             bench::run(part)
+        }
+        Task::Soak { minutes } => {
+            setup::run()?;
+            soak::run(minutes)
         }
         Task::VmTest(args) => {
             setup::run()?;

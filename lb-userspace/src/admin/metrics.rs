@@ -44,8 +44,8 @@ type Labels = Vec<(&'static str, String)>;
 /// - Every datapath counter, as `datapath_packets_total{counter="<name>"}`. The
 ///   outcome counters (`pass_*`, `drop_*`, `tx`, `redirect`) partition the packets
 ///   the program saw, so their sum is its packet count; the event counters
-///   (`flow_new`, `reply_hit`, `fib_lookup`, `port_reclaimed`) count packets on
-///   which that event happened and overlap the outcomes.
+///   (`flow_new`, `reply_hit`, `reclaim_*`, ...) count packets on which that
+///   event happened and overlap the outcomes.
 pub fn render_metrics(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
     encode_metrics(snapshot.clone())
 }
@@ -76,8 +76,8 @@ impl Collector for SnapshotCollector {
             e,
             "datapath_packets",
             "Datapath counters, summed over CPUs: outcomes (pass_*, drop_*, tx, redirect) \
-             partition the packets seen; events (flow_new, reply_hit, fib_lookup, \
-             port_reclaimed) count packets on which they happened",
+             partition the packets seen; events (flow_new, reply_hit, reclaim_*, ...) \
+             count packets on which they happened",
             None,
             s.counters
                 .iter()

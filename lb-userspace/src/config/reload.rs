@@ -1,6 +1,9 @@
 //! Which config changes a SIGHUP may apply in place, and which take a restart:
 //! kept beside the config so that a new key's author decides it where the key is
-//! defined.
+//! defined. What is not named here applies in place: among others the TCP
+//! timeouts (`datapath.tcp_timeouts`), which the controller writes to `CONFIG`
+//! with the rest of the node's settings, and `datapath.expected_connection_rate`,
+//! which only `apilb check` reads.
 
 use std::net::SocketAddr;
 
@@ -26,7 +29,10 @@ impl Config {
         } else if old.datapath.xdp_mode != new.datapath.xdp_mode {
             Some("datapath.xdp_mode")
         } else if old.datapath.flow_table_size != new.datapath.flow_table_size {
+            // Map sizes are fixed when the maps are created.
             Some("datapath.flow_table_size")
+        } else if old.datapath.half_open_table_size != new.datapath.half_open_table_size {
+            Some("datapath.half_open_table_size")
         } else if old.admin_listen != new.admin_listen {
             Some("admin.listen")
         } else if old.datapath.nat_ports != new.datapath.nat_ports {
@@ -37,6 +43,7 @@ impl Config {
             || old.datapath.snat_v6 != new.datapath.snat_v6
         {
             // Likewise: replies of open flows come back to the old address.
+            // A pool that shrinks or reorders would also move flows' `snat_index`.
             Some("datapath.snat_ipv4/snat_ipv6")
         } else if old.election != new.election {
             Some("election")

@@ -190,7 +190,13 @@ fn main() {
     let rt = serve_masters(&t);
     let (pins, dir) = (PinDir::new(PREFIX), TempDir::new(PREFIX));
     let config = dir.0.join("apilb.toml");
-    let text = apilb_config(&pins.instance(), "", "kind = \"tcp\"") + "[local]\nenabled = true\n";
+    // The default NAT ports lie below the ephemeral range, which `wide` leaves no
+    // room below: name them, as before that default.
+    let text = apilb_config(
+        &pins.instance(),
+        "nat_ports = [20000, 29999]",
+        "kind = \"tcp\"",
+    ) + "[local]\nenabled = true\n";
     std::fs::write(&config, text).expect("apilb config");
     let apilb = Apilb::start(lb, &config, &dir.0.join("apilb.log"));
     let status = || lb.exec("curl", &["-s", "http://127.0.0.1:9464/status"]);

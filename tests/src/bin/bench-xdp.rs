@@ -109,6 +109,7 @@ fn main() {
         "apilb-bench-xdp",
         &LoadOptions {
             flow_table_size: FLOW_TABLE_SIZE,
+            half_open_table_size: lb_common::HALF_OPEN_TABLE_SIZE,
             pin_dir: None,
         },
     );
@@ -129,7 +130,7 @@ fn main() {
 }
 
 /// Provision the lab with one VIP over three masters and build the five rows.
-fn cases(lab: &mut Lab) -> [Case; 5] {
+fn cases(lab: &mut Lab) -> [Case; 7] {
     // Ids 1-3, as the controller numbers the backends in config order.
     let masters: Vec<_> = (1..=3)
         .map(|n| (n, sa(&format!("198.51.100.1{n}:6443"))))
@@ -141,29 +142,11 @@ fn cases(lab: &mut Lab) -> [Case; 5] {
     setup.nexthop_ttl = Duration::from_nanos(NEXTHOP_TTL_DEFAULT_NS);
     lab.configure(&setup);
 
-    // One established flow, for the established and reply rows.
-    let syn = Tcp::syn(CLIENT_MAC, FX0_MAC, sa("192.0.2.10:50000"), sa(VIP));
-    let first = lab.test_run(PROG_XDP, &syn.build(), Ingress::ClientSide);
-    assert_eq!(first.action, XDP_REDIRECT);
-    let flow = lab.dp.flows().expect("flows")[0].1;
-    let backend = masters
-        .iter()
-        .find(|(id, _)| *id == flow.backend_id)
-        .expect("backend")
-        .1;
-    let data = syn
-        .clone()
-        .data(b"GET /api/v1/namespaces/default/pods?watch=1 HTTP/1.1\r\n")
-        .build();
-    let nat = sa(&format!("198.51.100.1:{}", u16::from_be(flow.nat_port_be)));
-    let mut reply = Tcp::syn(
-        master_mac(u8::try_from(flow.backend_id).expect("lab backend ids are small")),
-        FX1_MAC,
-        backend,
-        nat,
-    );
-    reply.ack = Some(syn.seq + 1);
-    let reply = reply.data(&[0x42; 64]).build();
+    // Two established flows (handshake done), for the established and reply
+    // rows: one without TCP timestamps, one with them, which the datapath
+    // rewrites both ways.
+    let (data, reply) = established(lab, &masters, 50_000, false);
+    let (data_ts, reply_ts) = established(lab, &masters, 50_002, true);
 
     let non_vip = Tcp::syn(
         CLIENT_MAC,
@@ -209,6 +192,20 @@ fn cases(lab: &mut Lab) -> [Case; 5] {
             XDP_REDIRECT,
         ),
         Case::new(
+            "established flow, timestamps",
+            Prog::Balancer,
+            Ingress::ClientSide,
+            vec![data_ts],
+            XDP_REDIRECT,
+        ),
+        Case::new(
+            "reply, timestamps",
+            Prog::Balancer,
+            Ingress::MasterSide,
+            vec![reply_ts],
+            XDP_REDIRECT,
+        ),
+        Case::new(
             "new flow (SYN)",
             Prog::Balancer,
             Ingress::ClientSide,
@@ -216,6 +213,69 @@ fn cases(lab: &mut Lab) -> [Case; 5] {
             XDP_REDIRECT,
         ),
     ]
+}
+
+/// Open a flow from client port `port` through its handshake (SYN, the master's
+/// SYN-ACK, the client's ACK), with or without timestamps, and return a data
+/// segment of it from the client and one from its master.
+fn established(
+    lab: &mut Lab,
+    masters: &[(u32, std::net::SocketAddr)],
+    port: u16,
+    ts: bool,
+) -> (Vec<u8>, Vec<u8>) {
+    let stamp = |t: Tcp, val: u32, ecr: u32| if ts { t.timestamps(val, ecr) } else { t };
+    let syn = Tcp::syn(
+        CLIENT_MAC,
+        FX0_MAC,
+        sa(&format!("192.0.2.10:{port}")),
+        sa(VIP),
+    );
+    let first = lab.test_run(
+        PROG_XDP,
+        &stamp(syn.clone(), 1_000, 0).build(),
+        Ingress::ClientSide,
+    );
+    assert_eq!(first.action, XDP_REDIRECT);
+    let flow = lab
+        .all_flows()
+        .into_iter()
+        .find(|(k, _)| u16::from_be(k.sport_be) == port)
+        .expect("the new flow")
+        .1;
+    let backend = masters
+        .iter()
+        .find(|(id, _)| *id == flow.backend_id)
+        .expect("backend")
+        .1;
+    let nat = sa(&format!("198.51.100.1:{}", u16::from_be(flow.nat_port_be)));
+    let mac = master_mac(u8::try_from(flow.backend_id).expect("lab backend ids are small"));
+    let mut syn_ack = Tcp::syn(mac, FX1_MAC, backend, nat);
+    syn_ack.ack = Some(syn.seq + 1);
+    let syn_ack = stamp(syn_ack, 500, 1_000);
+    let out = lab.test_run(PROG_XDP, &syn_ack.build(), Ingress::MasterSide);
+    assert_eq!(out.action, XDP_REDIRECT);
+    let ack = stamp(syn.clone().data(b""), 1_001, 500);
+    let out = lab.test_run(PROG_XDP, &ack.build(), Ingress::ClientSide);
+    assert_eq!(out.action, XDP_REDIRECT);
+    assert!(
+        lab.dp
+            .flows()
+            .expect("flows")
+            .iter()
+            .any(|(k, _)| u16::from_be(k.sport_be) == port),
+        "the flow is established"
+    );
+    let data = stamp(
+        syn.clone()
+            .data(b"GET /api/v1/namespaces/default/pods?watch=1 HTTP/1.1\r\n"),
+        1_002,
+        500,
+    );
+    let mut reply = Tcp::syn(mac, FX1_MAC, backend, nat);
+    reply.ack = Some(syn.seq + 1);
+    let reply = stamp(reply.data(&[0x42; 64]), 501, 1_002);
+    (data.build(), reply.build())
 }
 
 fn report(rows: &[Case]) {

@@ -16,6 +16,12 @@
 //! Every response carries `x-apiserver: <name>`, naming the master that served it.
 //! At start it prints one line, `listening on <addr>`, to stderr; with port 0
 //! the address is the one actually bound.
+//!
+//! With `--plain-http` it also answers plain HTTP on the same port, telling the two
+//! apart by the first byte a client sends (a TLS record starts with 22, a request
+//! with a letter). The soak needs thousands of new connections a second through
+//! the VIP, more TLS handshakes than two vCPUs can do, while the load balancer
+//! under test, working on TCP, neither sees nor cares which it carries.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,7 +41,7 @@ use hyper_util::rt::TokioIo;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_rustls::TlsAcceptor;
 
 const VERSION_JSON: &str = r#"{"major":"1","minor":"30","gitVersion":"v1.30.0-apilb-stub","gitCommit":"0000000000000000000000000000000000000000","gitTreeState":"clean","buildDate":"2026-01-01T00:00:00Z","goVersion":"go1.22.0","compiler":"gc","platform":"linux/amd64"}"#;
@@ -63,7 +69,13 @@ struct Args {
     /// Directory where `<readyz|livez|healthz>-fail` files make that endpoint fail.
     #[arg(long)]
     control_dir: PathBuf,
+    /// Also serve plain HTTP on the same port (see the module docs).
+    #[arg(long)]
+    plain_http: bool,
 }
+
+/// The first byte of a TLS record carrying a handshake (a `ClientHello`).
+const TLS_HANDSHAKE: u8 = 22;
 
 struct State {
     name: HeaderValue,
@@ -78,9 +90,7 @@ async fn main() -> anyhow::Result<()> {
         name: HeaderValue::from_str(&args.name).context("--name is not a valid header value")?,
         control_dir: args.control_dir,
     });
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
+    let listener = listen(args.listen).with_context(|| format!("binding {}", args.listen))?;
     eprintln!(
         "stub-apiserver {}: listening on {}",
         args.name,
@@ -100,11 +110,8 @@ async fn main() -> anyhow::Result<()> {
         let _ = tcp.set_nodelay(true);
         let tls = tls.clone();
         let state = Arc::clone(&state);
+        let plain_http = args.plain_http;
         tokio::spawn(async move {
-            // Failed handshakes (probes without TLS, untrusting clients) are normal here.
-            let Ok(stream) = tls.accept(tcp).await else {
-                return;
-            };
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
                 async move {
@@ -113,11 +120,40 @@ async fn main() -> anyhow::Result<()> {
                     Ok::<_, Infallible>(resp)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let http = hyper::server::conn::http1::Builder::new();
+            if plain_http {
+                let mut first = [0u8; 1];
+                if !matches!(tcp.peek(&mut first).await, Ok(1) if first[0] == TLS_HANDSHAKE) {
+                    let _ = http.serve_connection(TokioIo::new(tcp), service).await;
+                    return;
+                }
+            }
+            // Failed handshakes (probes without TLS, untrusting clients) are normal here.
+            let Ok(stream) = tls.accept(tcp).await else {
+                return;
+            };
+            let _ = http.serve_connection(TokioIo::new(stream), service).await;
         });
     }
+}
+
+/// A listener on `addr` whose accept queue is as long as the kernel allows
+/// (`net.core.somaxconn`), as Go's `net.Listen`, and so kube-apiserver, asks for;
+/// tokio's `TcpListener::bind` asks for 1024, which a burst of thousands of new
+/// connections a second overflows.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let backlog = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(4096);
+    socket.listen(backlog)
 }
 
 fn server_config(args: &Args) -> anyhow::Result<ServerConfig> {

@@ -1,0 +1,314 @@
+//! TCP state of a flow under NAT, and when its NAT port may be given to another.
+//!
+//! The datapath follows each flow's TCP handshake and close as the kernel's
+//! conntrack does (`nf_conntrack_proto_tcp.c`), in a coarser machine that only
+//! answers what a NAT port's lease needs: is the flow proven (both directions
+//! seen), and once it ends, does the master hold `TIME_WAIT` on the 4-tuple?
+//! Both functions are pure, so host tests hold every transition; the XDP program
+//! calls them on the segments that can change a state (SYN, FIN, RST, and the ACK
+//! that completes a handshake or a close), never on a plain established segment.
+//!
+//! A port comes back as soon as reuse is safe (see [`reusable`]):
+//! - a half-open flow after `timeouts_ms[CT_SYN_SENT | CT_SYN_RECV]` without a packet;
+//! - after a RST or a client-first close, the master holds no `TIME_WAIT`: after
+//!   `timeouts_ms[CT_CLOSE]`, a grace for segments still in flight;
+//! - after a master-first close the master holds `TIME_WAIT` (60 s on Linux). A new
+//!   SYN with timestamps passes it (RFC 6191; Linux `tcp_timewait_state_process`)
+//!   because the datapath keeps each port's timestamps monotonic (`FlowState::
+//!   ts_off`), so such a port too comes back after `timeouts_ms[CT_CLOSE]`; for a
+//!   SYN without timestamps, or a flow that had none, it is held for
+//!   `timeouts_ms[CT_TIME_WAIT]`.
+
+/// `FlowState::state`: no segment tracked yet (never stored).
+pub const CT_NONE: u8 = 0;
+/// The client's SYN went to the backend.
+pub const CT_SYN_SENT: u8 = 1;
+/// The backend answered with a SYN-ACK.
+pub const CT_SYN_RECV: u8 = 2;
+/// The client acknowledged the SYN-ACK: both directions are proven.
+pub const CT_ESTABLISHED: u8 = 3;
+/// One side sent a FIN (`FLOW_F_BACKEND_FIRST` says which).
+pub const CT_FIN_WAIT: u8 = 4;
+/// Both sides sent a FIN; the first closer has not acknowledged the second yet.
+pub const CT_LAST_ACK: u8 = 5;
+/// The first closer acknowledged the second FIN: the connection is over.
+pub const CT_TIME_WAIT: u8 = 6;
+/// A RST from either side.
+pub const CT_CLOSE: u8 = 7;
+/// Entries of `DatapathConfig::timeouts_ms`, one per state.
+pub const CT_STATES: usize = 8;
+
+/// Which side sent a segment.
+pub const FROM_CLIENT: u8 = 0;
+pub const FROM_BACKEND: u8 = 1;
+
+/// `FlowState::flags`: the backend sent the first FIN (a master-first close, after
+/// which the master holds `TIME_WAIT`).
+pub const FLOW_F_BACKEND_FIRST: u32 = 8;
+/// `FlowState::flags`: the client's SYN and the backend's SYN-ACK both carried
+/// timestamps, so the connection uses them and the datapath rewrites them.
+pub const FLOW_F_TS: u32 = 16;
+
+/// TCP flag bits as in byte 13 of the header.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Default `DatapathConfig::timeouts_ms`, by state; README "NAT flow lifecycle" says
+/// why each is what it is.
+pub const TIMEOUTS_DEFAULT_MS: [u32; CT_STATES] = [
+    0,         // CT_NONE: never stored
+    5_000,     // CT_SYN_SENT
+    5_000,     // CT_SYN_RECV
+    3_600_000, // CT_ESTABLISHED
+    60_000,    // CT_FIN_WAIT
+    10_000,    // CT_LAST_ACK
+    65_000,    // CT_TIME_WAIT: the master's 60 s, and a margin
+    2_000,     // CT_CLOSE
+];
+
+/// Whether a state is one of the handshake's: the flow is not proven yet.
+#[inline(always)]
+#[must_use]
+pub const fn half_open(state: u8) -> bool {
+    state == CT_SYN_SENT || state == CT_SYN_RECV
+}
+
+/// The state (and `FLOW_F_*` flags) after a segment with `tcp` flags from `from`.
+///
+/// A SYN on a flow that is over opens it again (the client reusing its 4-tuple;
+/// the XDP program balances such a SYN as a new flow instead, but the machine
+/// stays total); a SYN on a live flow changes nothing and goes to the backend,
+/// whose answer (a challenge ACK, RFC 5961) is the endpoints' business. A RST
+/// closes any flow.
+#[inline(always)]
+#[must_use]
+pub const fn next(state: u8, flags: u32, from: u8, tcp: u8) -> (u8, u32) {
+    if tcp & TCP_RST != 0 {
+        return (CT_CLOSE, flags);
+    }
+    let syn = tcp & TCP_SYN != 0;
+    let ack = tcp & TCP_ACK != 0;
+    if syn {
+        return if from == FROM_CLIENT && !ack {
+            if state == CT_NONE || state == CT_TIME_WAIT || state == CT_CLOSE {
+                // Timestamps stay on: the client's clock carries on from the
+                // old connection's, and so must the offset (a SYN-ACK without
+                // them turns them off).
+                (CT_SYN_SENT, flags & !FLOW_F_BACKEND_FIRST)
+            } else {
+                (state, flags)
+            }
+        } else if from == FROM_BACKEND && ack && half_open(state) {
+            (CT_SYN_RECV, flags)
+        } else {
+            (state, flags)
+        };
+    }
+    if tcp & TCP_FIN != 0 {
+        return match state {
+            CT_SYN_RECV | CT_ESTABLISHED => {
+                let first = if from == FROM_BACKEND {
+                    FLOW_F_BACKEND_FIRST
+                } else {
+                    0
+                };
+                (CT_FIN_WAIT, flags | first)
+            }
+            CT_FIN_WAIT => {
+                // A FIN from the side that did not close first is the second.
+                let backend_first = flags & FLOW_F_BACKEND_FIRST != 0;
+                if backend_first == (from == FROM_CLIENT) {
+                    (CT_LAST_ACK, flags)
+                } else {
+                    (state, flags)
+                }
+            }
+            _ => (state, flags),
+        };
+    }
+    if ack {
+        if state == CT_SYN_RECV && from == FROM_CLIENT {
+            return (CT_ESTABLISHED, flags);
+        }
+        // The last ACK comes from the first closer, acknowledging the second FIN.
+        let backend_first = flags & FLOW_F_BACKEND_FIRST != 0;
+        if state == CT_LAST_ACK && backend_first == (from == FROM_BACKEND) {
+            return (CT_TIME_WAIT, flags);
+        }
+    }
+    (state, flags)
+}
+
+/// Whether a flow in `state` with `flags`, `idle_ms` after its last packet, may
+/// give its NAT port to a new flow whose SYN carries timestamps (`claimant_ts`).
+#[inline(always)]
+#[must_use]
+pub const fn reusable(
+    state: u8,
+    flags: u32,
+    idle_ms: u64,
+    timeouts_ms: &[u32; CT_STATES],
+    claimant_ts: bool,
+) -> bool {
+    let s = if state as usize >= CT_STATES {
+        CT_CLOSE
+    } else {
+        state
+    };
+    let timeout = if s == CT_TIME_WAIT
+        && (flags & FLOW_F_BACKEND_FIRST == 0 || (flags & FLOW_F_TS != 0 && claimant_ts))
+    {
+        timeouts_ms[CT_CLOSE as usize]
+    } else {
+        timeouts_ms[s as usize]
+    };
+    idle_ms >= timeout as u64
+}
+
+/// The timestamp clock a port's TSvals are kept on: milliseconds of the
+/// datapath's coarse monotonic clock (RFC 7323 asks for 1 ms to 1 s a tick).
+#[inline(always)]
+#[must_use]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "TCP timestamps are 32 bits and wrap"
+)]
+pub const fn ts_clock(now_ns: u64) -> u32 {
+    (now_ns / 1_000_000) as u32
+}
+
+/// The offset a new flow adds to its client's TSvals (and takes from the
+/// backend's TSecrs): its SYN then leaves at `max(clock, floor)`, where `floor`
+/// is one past the last TSval the port's previous flow sent (0: none known). Every
+/// TSval the backend sees on a port is thereby later than the last one, as
+/// `TIME_WAIT` demands of a new SYN, so long as a client's clock ticks no faster
+/// than the datapath's.
+#[inline(always)]
+#[must_use]
+pub const fn ts_offset(client_tsval: u32, clock: u32, floor: u32) -> u32 {
+    // Serial-number comparison (RFC 1982): `floor` is later if the difference,
+    // read as signed, is positive.
+    #[expect(clippy::cast_possible_wrap, reason = "serial-number arithmetic")]
+    let base = if (floor.wrapping_sub(clock) as i32) > 0 {
+        floor
+    } else {
+        clock
+    };
+    base.wrapping_sub(client_tsval)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: [u32; CT_STATES] = TIMEOUTS_DEFAULT_MS;
+
+    fn run(segments: &[(u8, u8)]) -> (u8, u32) {
+        let (mut s, mut f) = (CT_NONE, 0);
+        for &(from, tcp) in segments {
+            (s, f) = next(s, f, from, tcp);
+        }
+        (s, f)
+    }
+
+    const SYN: (u8, u8) = (FROM_CLIENT, TCP_SYN);
+    const SYN_ACK: (u8, u8) = (FROM_BACKEND, TCP_SYN | TCP_ACK);
+    const ACK: (u8, u8) = (FROM_CLIENT, TCP_ACK);
+    const B_ACK: (u8, u8) = (FROM_BACKEND, TCP_ACK);
+    const C_FIN: (u8, u8) = (FROM_CLIENT, TCP_FIN | TCP_ACK);
+    const B_FIN: (u8, u8) = (FROM_BACKEND, TCP_FIN | TCP_ACK);
+
+    #[test]
+    fn handshake_is_proven_only_by_the_clients_ack() {
+        assert_eq!(run(&[SYN]).0, CT_SYN_SENT);
+        assert_eq!(run(&[SYN, SYN]).0, CT_SYN_SENT);
+        assert_eq!(run(&[SYN, SYN_ACK]).0, CT_SYN_RECV);
+        assert_eq!(run(&[SYN, SYN_ACK, ACK]).0, CT_ESTABLISHED);
+        // A client's ACK before any SYN-ACK proves nothing.
+        assert_eq!(run(&[SYN, ACK]).0, CT_SYN_SENT);
+        // Nor does the backend's own ACK.
+        assert_eq!(run(&[SYN, SYN_ACK, B_ACK]).0, CT_SYN_RECV);
+    }
+
+    #[test]
+    fn client_first_close_ends_without_the_masters_time_wait() {
+        let (s, f) = run(&[SYN, SYN_ACK, ACK, C_FIN, B_ACK, B_FIN, ACK]);
+        assert_eq!((s, f & FLOW_F_BACKEND_FIRST), (CT_TIME_WAIT, 0));
+        assert!(!reusable(s, f, 1_999, &T, false));
+        assert!(reusable(s, f, 2_000, &T, false));
+    }
+
+    #[test]
+    fn master_first_close_holds_the_port_unless_timestamps_carry_it() {
+        let (s, f) = run(&[SYN, SYN_ACK, ACK, B_FIN, ACK, C_FIN, B_ACK]);
+        assert_eq!(s, CT_TIME_WAIT);
+        assert_eq!(f & FLOW_F_BACKEND_FIRST, FLOW_F_BACKEND_FIRST);
+        assert!(!reusable(s, f, 64_999, &T, false));
+        assert!(reusable(s, f, 65_000, &T, false));
+        // Timestamps on both: the old flow's and the claimant's.
+        assert!(!reusable(s, f | FLOW_F_TS, 10_000, &T, false));
+        assert!(!reusable(s, f, 10_000, &T, true));
+        assert!(reusable(s, f | FLOW_F_TS, 2_000, &T, true));
+    }
+
+    #[test]
+    fn the_last_ack_must_come_from_the_first_closer() {
+        // Client closed first; the backend's ACK of its own FIN is not the last.
+        assert_eq!(
+            run(&[SYN, SYN_ACK, ACK, C_FIN, B_FIN, B_ACK]).0,
+            CT_LAST_ACK
+        );
+        assert_eq!(run(&[SYN, SYN_ACK, ACK, B_FIN, C_FIN, ACK]).0, CT_LAST_ACK);
+        // A FIN sent again by the same side is not the second FIN.
+        assert_eq!(run(&[SYN, SYN_ACK, ACK, C_FIN, C_FIN]).0, CT_FIN_WAIT);
+    }
+
+    #[test]
+    fn rst_closes_and_a_syn_reopens_only_a_finished_flow() {
+        let (s, f) = run(&[SYN, SYN_ACK, ACK, (FROM_BACKEND, TCP_RST)]);
+        assert_eq!(s, CT_CLOSE);
+        assert!(reusable(s, f, 2_000, &T, false));
+        assert_eq!(
+            run(&[SYN, SYN_ACK, ACK, (FROM_CLIENT, TCP_RST), SYN]).0,
+            CT_SYN_SENT
+        );
+        // A SYN on a live flow goes to the backend and changes nothing here.
+        assert_eq!(run(&[SYN, SYN_ACK, ACK, SYN]).0, CT_ESTABLISHED);
+        let reopened = run(&[SYN, SYN_ACK, ACK, B_FIN, ACK, C_FIN, B_ACK, SYN]);
+        assert_eq!(reopened, (CT_SYN_SENT, 0));
+        let (s, f) = run(&[SYN, SYN_ACK, ACK, B_FIN, ACK, C_FIN, B_ACK]);
+        assert_eq!(
+            next(s, f | FLOW_F_TS, FROM_CLIENT, TCP_SYN).1,
+            FLOW_F_TS,
+            "keeps timestamps"
+        );
+    }
+
+    #[test]
+    fn each_state_holds_its_port_for_its_timeout() {
+        for (state, timeout) in T.iter().enumerate().skip(1) {
+            // (`TIME_WAIT` holds its own timeout only after a master-first close.)
+            let (s, f) = (u8::try_from(state).unwrap(), FLOW_F_BACKEND_FIRST);
+            assert!(!reusable(s, f, u64::from(*timeout) - 1, &T, false), "{s}");
+            assert!(reusable(s, f, u64::from(*timeout), &T, false), "{s}");
+        }
+        assert!(reusable(CT_SYN_SENT, 0, 5_000, &T, true));
+        assert!(!reusable(CT_ESTABLISHED, FLOW_F_TS, 5_000, &T, true));
+    }
+
+    #[test]
+    fn a_ports_timestamps_only_move_forward() {
+        // No floor: the SYN leaves at the clock.
+        let off = ts_offset(123_456, 1_000, 0);
+        assert_eq!(123_456u32.wrapping_add(off), 1_000);
+        // The previous flow's clock ran ahead of ours: start past it.
+        let off = ts_offset(5, 1_000, 9_000);
+        assert_eq!(5u32.wrapping_add(off), 9_000);
+        // Across the 32-bit wrap, "later" is serial-number order.
+        let off = ts_offset(7, 10, u32::MAX - 3);
+        assert_eq!(7u32.wrapping_add(off), 10);
+        assert_eq!(ts_clock(2_500_000_000), 2_500);
+    }
+}

@@ -1,0 +1,34 @@
+//! `cargo xtask soak [--minutes N]`: apilb under a bounded load of new
+//! connections (5,000 a second, three ways of closing, IPv4 and IPv6), long
+//! watch streams and a flapping master, asserted at the end. The scenario is
+//! `tests/src/bin/soak.rs`, release-built like the benchmarks, since the load
+//! needs an optimised client to reach its rate on two vCPUs.
+
+use crate::{cargo, exec, step};
+
+/// Build apilb, the stub apiserver and the soak (release), then run the soak for
+/// `minutes`.
+pub fn run(minutes: u32) -> anyhow::Result<()> {
+    step("building apilb, the stub apiserver and the soak (release)");
+    for (package, bin) in [
+        ("lb-userspace", "apilb"),
+        ("tests", "stub-apiserver"),
+        ("tests", "soak"),
+    ] {
+        exec(cargo().args(["build", "--quiet", "--release", "-p", package, "--bin", bin]))?;
+    }
+    step(&format!("running the soak for {minutes} min"));
+    let minutes = minutes.to_string();
+    exec(cargo().args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "tests",
+        "--bin",
+        "soak",
+        "--",
+        "--minutes",
+        &minutes,
+    ]))
+}
