@@ -225,9 +225,14 @@ pub fn track_client(entry: *mut FlowState, tcp: u32, now: u64) -> u8 {
     let e = unsafe { &mut *entry };
     #[expect(clippy::cast_possible_truncation, reason = "TCP flags: one byte")]
     let (state, flags) = ct::next(e.state, e.flags, ct::FROM_CLIENT, tcp as u8);
+    // A half-open flow's clock restarts only when its state moves or its client
+    // sends the SYN again: a forged segment that proves nothing (an ACK before
+    // any SYN-ACK) must not keep a spoofed SYN's port held past its timeout.
+    if state != e.state || !ct::half_open(state) || tcp & u32::from(ct::TCP_SYN) != 0 {
+        e.last_seen_ns = now;
+    }
     e.state = state;
     e.flags = flags;
-    e.last_seen_ns = now;
     state
 }
 
@@ -305,7 +310,11 @@ pub fn update_flow(reply: &ReplyState, rkey: &FlowKey, how: u32, bits: u32) -> u
     } else {
         flags
     };
-    f.last_seen_ns = coarse_now();
+    // An ICMP error (no TCP flags) is no sign of life: forged ones must not keep
+    // a flow's port held.
+    if how & 0xff != 0 {
+        f.last_seen_ns = coarse_now();
+    }
     before
 }
 

@@ -21,13 +21,12 @@ use lb_common::{
 };
 
 use crate::{
-    flow::{HOW_HALF, HOW_REFUSAL, coarse_now, reply_key, update_flow},
+    flow::{HOW_HALF, HOW_REFUSAL, coarse_now, forget, update_flow},
     maps::{
         CONFIG, FLOWS, HALF_FLOWS, HALF_REPLIES, PASSIVE_EVENTS, PASSIVE_STATE, PASSIVE_STATS,
         REPLIES, count,
     },
     outcome::Outcome,
-    ports::snat_addr,
 };
 
 /// With passive detection on, whether the flow at `entry` (client's key `key`; in
@@ -54,21 +53,17 @@ pub fn forget_failed(key: &FlowKey, entry: *mut FlowState, now: u64, half: u32) 
     let failed = f.backend_id;
     // A refused flow's port was released when it was refused, and may be another
     // flow's by now; a silent flow's is still its own.
-    if !refused {
+    if refused {
+        let _ = if half != 0 {
+            HALF_FLOWS.remove(key)
+        } else {
+            FLOWS.remove(key)
+        };
+    } else {
         passive_failure(failed, PASSIVE_KIND_SILENT, now);
         count(PASSIVE_SILENT);
-        let rkey = reply_key(key, f, &snat_addr(cfg, key.family, f.snat_index));
-        let _ = if half != 0 {
-            HALF_REPLIES.remove(&rkey)
-        } else {
-            REPLIES.remove(&rkey)
-        };
+        forget(key, entry, half);
     }
-    let _ = if half != 0 {
-        HALF_FLOWS.remove(key)
-    } else {
-        FLOWS.remove(key)
-    };
     failed
 }
 
