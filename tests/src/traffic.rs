@@ -279,7 +279,9 @@ impl Drop for Traffic {
     }
 }
 
-fn connector(ca: &Path) -> TlsConnector {
+/// A TLS client that trusts the test CA in `ca`.
+#[must_use]
+pub fn connector(ca: &Path) -> TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).expect("CA file") {
         roots.add(cert.expect("CA PEM")).expect("CA certificate");
@@ -366,7 +368,17 @@ async fn request(
     connector: &TlsConnector,
     path: &str,
 ) -> Result<(String, hyper::Response<Incoming>), String> {
-    let vip: SocketAddr = sa(VIP);
+    request_to(connector, sa(VIP), path).await
+}
+
+/// `GET path` to `vip` over TLS on a new connection: the master that answered
+/// (its `x-apiserver` header), and the response (whose body may still be
+/// streaming).
+pub async fn request_to(
+    connector: &TlsConnector,
+    vip: SocketAddr,
+    path: &str,
+) -> Result<(String, hyper::Response<Incoming>), String> {
     let tcp = TcpStream::connect(vip)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -379,7 +391,7 @@ async fn request(
         .map_err(|e| format!("http: {e}"))?;
     tokio::spawn(conn);
     let req = Request::get(path)
-        .header(HOST, VIP)
+        .header(HOST, vip.to_string())
         .body(Empty::<Bytes>::new())
         .expect("request");
     let resp = send

@@ -91,13 +91,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => {
             setup::run()?;
             step("building apilb, the stub apiserver and the demo (release)");
-            for (package, bin) in [
-                ("lb-userspace", "apilb"),
-                ("tests", "stub-apiserver"),
-                ("tests", "demo"),
-            ] {
-                exec(cargo().args(["build", "--quiet", "--release", "-p", package, "--bin", bin]))?;
-            }
+            build_with_apilb("demo")?;
             exec(cargo().args([
                 "run",
                 "--quiet",
@@ -155,6 +149,19 @@ pub fn cargo() -> Command {
 }
 
 /// Run a command, failing with its name if it does not succeed.
+/// Build (release) apilb, the stub apiserver and the tests crate's binary `bin`,
+/// which runs them: the demo and the soak.
+pub fn build_with_apilb(bin: &str) -> anyhow::Result<()> {
+    for (package, bin) in [
+        ("lb-userspace", "apilb"),
+        ("tests", "stub-apiserver"),
+        ("tests", bin),
+    ] {
+        exec(cargo().args(["build", "--quiet", "--release", "-p", package, "--bin", bin]))?;
+    }
+    Ok(())
+}
+
 pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd
         .status()

@@ -4,19 +4,13 @@
 //! `tests/src/bin/soak.rs`, release-built like the benchmarks, since the load
 //! needs an optimised client to reach its rate on two vCPUs.
 
-use crate::{cargo, exec, step};
+use crate::{build_with_apilb, cargo, exec, step};
 
 /// Build apilb, the stub apiserver and the soak (release), then run the soak for
 /// `minutes`.
 pub fn run(minutes: u32) -> anyhow::Result<()> {
     step("building apilb, the stub apiserver and the soak (release)");
-    for (package, bin) in [
-        ("lb-userspace", "apilb"),
-        ("tests", "stub-apiserver"),
-        ("tests", "soak"),
-    ] {
-        exec(cargo().args(["build", "--quiet", "--release", "-p", package, "--bin", bin]))?;
-    }
+    build_with_apilb("soak")?;
     step(&format!("running the soak for {minutes} min"));
     let minutes = minutes.to_string();
     exec(cargo().args([

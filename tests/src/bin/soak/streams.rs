@@ -3,16 +3,13 @@
 
 use std::{
     net::SocketAddr,
-    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use http_body_util::{BodyExt as _, Empty};
-use hyper::{Request as HttpRequest, body::Bytes, header::HOST};
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
-use tests::oneshot::EXCHANGE_LIMIT;
+use http_body_util::BodyExt as _;
+pub use tests::traffic::connector;
+use tests::{oneshot::EXCHANGE_LIMIT, traffic::request_to};
 use tokio_rustls::TlsConnector;
 
 /// A watch stream silent this long is broken (the stub sends an event every
@@ -96,48 +93,7 @@ async fn open_watch(
     connector: &TlsConnector,
     to: SocketAddr,
 ) -> Result<(String, hyper::body::Incoming), String> {
-    let tcp = tokio::net::TcpStream::connect(to)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let tls = connector
-        .connect(ServerName::IpAddress(to.ip().into()), tcp)
-        .await
-        .map_err(|e| format!("tls: {e}"))?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(|e| format!("http: {e}"))?;
-    tokio::spawn(conn);
-    let req = HttpRequest::get("/api/v1/namespaces/default/pods?watch=1")
-        .header(HOST, to.to_string())
-        .body(Empty::<Bytes>::new())
-        .expect("request");
-    let resp = send
-        .send_request(req)
-        .await
-        .map_err(|e| format!("request: {e}"))?;
-    if !resp.status().is_success() {
-        return Err(format!("http status {}", resp.status()));
-    }
-    let master = resp
-        .headers()
-        .get("x-apiserver")
-        .and_then(|v| v.to_str().ok())
-        .ok_or("no x-apiserver header")?
-        .to_owned();
+    let (master, resp) =
+        request_to(connector, to, "/api/v1/namespaces/default/pods?watch=1").await?;
     Ok((master, resp.into_body()))
-}
-
-pub fn connector(ca: &Path) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).expect("CA file") {
-        roots.add(cert.expect("CA PEM")).expect("CA certificate");
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("TLS versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    TlsConnector::from(Arc::new(config))
 }
