@@ -1454,3 +1454,35 @@ fn a_syn_flood_evicts_no_established_flow_and_holds_ports_only_for_the_half_open
         "its port was a flood flow's ({reclaimed}) or free"
     );
 }
+
+#[test]
+fn forged_acks_on_a_half_open_flow_do_not_keep_its_port() {
+    let (mut lab, _master) = one_master_lab("apilb-fx-forged");
+    lab.reconfigure(|c| {
+        c.nat_ports = 40_000..=40_000;
+        c.tcp_timeouts.syn_sent = Duration::from_millis(300);
+    });
+    let spoofed = client_syn("203.0.113.7:41000", VIP4);
+    let out = lab.test_run(lb_common::PROG_XDP, &spoofed.build(), Ingress::ClientSide);
+    assert_eq!(
+        out.action, XDP_REDIRECT,
+        "the spoofed SYN takes the only port"
+    );
+    // Its sender keeps sending ACKs that prove nothing (no SYN-ACK came back).
+    let ack = spoofed.clone().data(b"");
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(100));
+        lab.test_run(lb_common::PROG_XDP, &ack.build(), Ingress::ClientSide);
+    }
+    // 600 ms after the SYN, past its 300 ms timeout, a real client gets the port.
+    let before = lab.dp.counters().expect("counters");
+    let real = client_syn("192.0.2.10:51000", VIP4);
+    let out = lab.test_run(lb_common::PROG_XDP, &real.build(), Ingress::ClientSide);
+    let after = lab.dp.counters().expect("counters");
+    assert_eq!(out.action, XDP_REDIRECT, "the real client is served");
+    assert_eq!(
+        after.get(RECLAIM_HALF_OPEN) - before.get(RECLAIM_HALF_OPEN),
+        1,
+        "it took the spoofed flow's port"
+    );
+}
