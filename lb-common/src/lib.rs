@@ -53,7 +53,7 @@ pub const MAP_LOCAL_STATS: &str = maps::LOCAL_STATS.name;
 /// it with any change to them. Pinned maps live in a directory named after it, so
 /// an upgraded apilb with another layout starts with fresh maps instead of reading
 /// old ones with new types.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 // ---- Program names (the function names in lb-ebpf). ----
 pub const PROG_XDP: &str = "apilb_xdp";

@@ -186,8 +186,9 @@ pub const TX_PORTS: MapSpec = spec(
     DEVMAP_VALUE_SIZE,
     MAX_TX_PORTS,
 );
-/// Per CPU: the cursor into the NAT source-port range.
-pub const PORT_CURSOR: MapSpec = spec("PORT_CURSOR", MapType::PerCpuArray, 4, 4, 1);
+/// Per backend id, shared by every CPU: the cursor into the NAT source-port range
+/// towards that backend (`lb-ebpf`'s `ports`).
+pub const PORT_CURSOR: MapSpec = spec("PORT_CURSOR", MapType::Array, 4, 4, MAX_BACKENDS);
 /// Per CPU: the kernel's scratch space (lb-ebpf's `Scratch`); userspace never reads
 /// or writes it. Its value size is the object's: a reused pin too small for it
 /// fails the verifier at load, which checks every access against the map's size.
@@ -325,7 +326,7 @@ mod tests {
         }
         assert_eq!(
             (LAYOUT_VERSION, h),
-            (5, 0x3db7_b796_fb28_2815),
+            (6, 0xa41b_e413_0f92_2643),
             "bump LAYOUT_VERSION, then the fingerprint"
         );
     }

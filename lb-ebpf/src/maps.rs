@@ -59,9 +59,9 @@ pub static LOCAL_STATS: PerCpuArray<u64> = per_cpu_array(&specs::LOCAL_STATS);
 /// Interfaces (by ifindex) that rewritten packets may be redirected to.
 #[map]
 pub static TX_PORTS: DevMapHash = dev_map_hash(&specs::TX_PORTS);
-/// Per-CPU cursor into the NAT source-port range; userspace staggers the start points.
+/// Per backend id: the cursor into the NAT source-port range (`ports::claim_port`).
 #[map]
-pub static PORT_CURSOR: PerCpuArray<u32> = per_cpu_array(&specs::PORT_CURSOR);
+pub static PORT_CURSOR: Array<u32> = array(&specs::PORT_CURSOR);
 
 /// The new-flow path's large temporaries. They live in a per-CPU map because the
 /// 512-byte BPF stack is shared by the whole call chain and the hot path needs most

@@ -8,8 +8,11 @@
 //! `HALF_REPLIES` with `BPF_NOEXIST`, which makes the port ours atomically, even
 //! against other CPUs; it must then not be an established flow's, in `REPLIES`
 //! (an established flow's entry moves there before it leaves `HALF_REPLIES`, see
-//! `flow::promote`, so one of the two lookups always sees it). Each CPU walks the
-//! range from its own cursor, which userspace staggers.
+//! `flow::promote`, so one of the two lookups always sees it). Each backend's
+//! ports are taken in turn from one cursor that every CPU shares, so the next
+//! port towards a backend is the one its oldest flow left. (Per-CPU cursors, which
+//! this replaced, drifted into each other's recent ports and dropped a few SYNs
+//! in 100,000 for want of a port while most ports were free.)
 //!
 //! A lease is taken over only when its flow is over by its TCP state's timeout
 //! (`ct::reusable`), or when the flow is gone; but a half-open lease without a
@@ -32,9 +35,8 @@ use lb_common::{
 use crate::maps::{FLOWS, HALF_FLOWS, HALF_REPLIES, PORT_CURSOR, REPLIES, Scratch, count};
 
 /// (SNAT address, source port) pairs tried before a new flow is dropped as
-/// `DROP_NO_NAT_PORT`. Each CPU takes ports in turn from its cursor, so the next
-/// one is the one it used longest ago, unless the other CPU's cursor has just
-/// been there.
+/// `DROP_NO_NAT_PORT`: a run of this many ports still held means the range is
+/// full at the rate it is used (see the README's capacity maths).
 const PORT_TRIES: u32 = 8;
 
 /// How many SNAT addresses the pool has for a family. Not clamped to the pool's
@@ -104,8 +106,12 @@ pub fn claim_port(
     s.reply_key.proto = key.proto;
     s.reply_key.family = key.family;
     s.reply_key._pad = 0;
-    let cursor = PORT_CURSOR.get_ptr_mut(0).ok_or(DROP_NO_NAT_PORT)?;
-    // SAFETY: per-CPU slot, only this CPU reads and writes it.
+    let cursor = PORT_CURSOR
+        .get_ptr_mut(s.flow.backend_id)
+        .ok_or(DROP_NO_NAT_PORT)?;
+    // SAFETY: a valid array slot, shared by CPUs. Not atomic (the BPF target's
+    // generic CPU has no fetching atomics): two CPUs that read it together try
+    // the same ports, and `BPF_NOEXIST` gives each port to one of them.
     let start = unsafe { *cursor };
     // One loop of `PORT_TRIES`, the addresses taking turns from the one the hash
     // picks: nested loops over addresses and ports would unroll into more states

@@ -19,18 +19,17 @@ use crate::{config::TcpTimeouts, passive::PassiveSettings};
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        Array, HashMap, Map, MapData, MapError, PerCpuArray,
         xdp::{DevMapHash, XdpMapError},
     },
-    util::nr_cpus,
 };
 use lb_common::{
     AF_INET, AF_INET6, BACKEND_F_DOWN, BACKEND_F_LOCAL, Backend, CONFIG_F_PASSIVE, COUNTER_COUNT,
     DatapathConfig, FlowKey, FlowState, IPPROTO_TCP, MAGLEV_SIZE_MAX, MAP_BACKEND_STATS,
     MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_HALF_FLOWS, MAP_HALF_REPLIES,
-    MAP_LOCAL_STATS, MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS, MAP_PORT_CURSOR,
-    MAP_REPLIES, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS, PassiveStats,
-    ReplyState, SNAT_POOL_MAX, TrafficStats, VIP_F_LOCAL, VIP_F_OWNED, VipInfo, VipKey,
+    MAP_LOCAL_STATS, MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS, MAP_REPLIES, MAP_TX_PORTS,
+    MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS, PassiveStats, ReplyState, SNAT_POOL_MAX,
+    TrafficStats, VIP_F_LOCAL, VIP_F_OWNED, VipInfo, VipKey,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -221,8 +220,7 @@ impl Datapath {
     }
 
     /// Set the SNAT pools, the source-port range, the next-hop TTL and the TCP
-    /// timeouts, and stagger each CPU's port cursor so that CPUs start claiming
-    /// ports far apart.
+    /// timeouts.
     pub fn set_node_config(&mut self, nat: &NodeConfig) -> Result<()> {
         let (min, max) = (*nat.ports.start(), *nat.ports.end());
         check_range("NAT port range start", u32::from(min), 1..=u32::from(max))?;
@@ -253,14 +251,7 @@ impl Datapath {
             netns_cookie: nat.netns_cookie,
         };
         let mut config: Array<_, DatapathConfig> = self.typed(MAP_CONFIG)?;
-        config.set(0, cfg, 0).map_err(map_err(MAP_CONFIG))?;
-        let cpus = nr_cpus().map_or(1, |n| u32::try_from(n.max(1)).unwrap_or(u32::MAX));
-        let range = u32::from(max - min) + 1;
-        let starts: Vec<u32> = (0..cpus).map(|cpu| cpu * (range / cpus)).collect();
-        let values = PerCpuValues::try_from(starts)
-            .map_err(|e| map_err(MAP_PORT_CURSOR)(MapError::from(e)))?;
-        let mut cursor: PerCpuArray<_, u32> = self.typed(MAP_PORT_CURSOR)?;
-        cursor.set(0, values, 0).map_err(map_err(MAP_PORT_CURSOR))
+        config.set(0, cfg, 0).map_err(map_err(MAP_CONFIG))
     }
 
     /// Add or replace a VIP.

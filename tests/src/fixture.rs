@@ -242,8 +242,8 @@ fn pin_to_cpu0() {
 
 impl Lab {
     /// Build the namespace and load a fresh datapath, with nothing configured yet
-    /// ([`Lab::configure`]). The calling thread is pinned to CPU 0, so NAT source
-    /// ports come from CPU 0's cursor: 40000, 40001, ...
+    /// ([`Lab::configure`]). Each master's NAT source ports come from its own
+    /// cursor: 40000, 40001, ...
     #[must_use]
     pub fn new(prefix: &str) -> Self {
         Self::with_options(
