@@ -29,6 +29,11 @@ pub enum Part {
     /// the LB's CPU per 10k requests, apilb's dropped SYNs and reclaimed NAT ports,
     /// and its new-connection rate against iptables DNAT. About 25 minutes.
     E2e,
+    /// The soak (`cargo xtask soak`) at its full length: 10 minutes of 5,000 new
+    /// connections a second (client, server and RST closes, IPv4 and IPv6), 30
+    /// watch streams and a master flapping every 20 s; failures, port drops, flow
+    /// table peaks and apilb's RSS. About 12 minutes.
+    Soak,
     /// VIP failover time between two LB nodes: apilb VRRP and keepalived at 100 ms
     /// and at 1 s adverts, apilb etcd; 4 trials each. Then (`bench-masters`) what
     /// clients see when a master's apiserver is killed or its host goes silent,
@@ -51,8 +56,9 @@ pub enum Part {
 
 impl Part {
     /// The whole suite, in the order `BENCHMARKS.md` shows it.
-    const ALL: [Part; 6] = [
+    const ALL: [Part; 7] = [
         Part::E2e,
+        Part::Soak,
         Part::Failover,
         Part::Xdp,
         Part::Maglev,
@@ -63,6 +69,7 @@ impl Part {
     fn name(self) -> &'static str {
         match self {
             Part::E2e => "e2e",
+            Part::Soak => "soak",
             Part::Failover => "failover",
             Part::Xdp => "xdp",
             Part::Maglev => "maglev",
@@ -74,6 +81,7 @@ impl Part {
     fn title(self) -> &'static str {
         match self {
             Part::E2e => "End to end: requests through each path",
+            Part::Soak => "Soak: ten minutes of churn",
             Part::Failover => "Failover: a VIP moving, a master dying",
             Part::Xdp => "The XDP program, ns per packet",
             Part::Maglev => "Maglev table builds",
@@ -85,6 +93,7 @@ impl Part {
     fn bins(self) -> &'static [&'static str] {
         match self {
             Part::E2e => &["bench-e2e"],
+            Part::Soak => &["soak"],
             Part::Failover => &["bench-failover", "bench-masters"],
             Part::Xdp => &["bench-xdp"],
             Part::Maglev => &["bench-maglev"],
