@@ -4,10 +4,13 @@
 //! one; a probe must end before the next one starts), so the rules are read, and
 //! tested, together rather than spread over each section's validation, which
 //! calls in here.
+//!
+//! Values that are legal but cost something are not refused: `apilb check` prints
+//! them from [`Config::timeout_warnings`].
 
 use std::time::Duration;
 
-use super::{ConfigError, TcpTimeouts, invalid};
+use super::{Config, ConfigError, TcpTimeouts, invalid};
 use crate::election::etcd::MIN_LEASE_TTL;
 
 /// A duration as a config file may write it: `1m 5s`, `100ms`, `50days`. Days are
@@ -264,6 +267,45 @@ pub(super) fn etcd(lease_ttl: Duration, dial_timeout: Duration) -> Result<(), Co
         "an owner that reconnects must learn whether it still holds its lease before \
          the lease runs out",
     )
+}
+
+/// Linux's `TIME_WAIT` (`TCP_TIMEWAIT_LEN`), fixed: what `time_wait` stands for.
+const LINUX_TIME_WAIT: Duration = Duration::from_mins(1);
+/// Linux's initial RTO: a client sends its SYN again this long after the first.
+const SYN_RETRANSMIT: Duration = Duration::from_secs(1);
+
+impl Config {
+    /// What `apilb check` warns of in the timeouts of a valid config: values that
+    /// may be right for some masters and clients but cost something with Linux's.
+    #[must_use]
+    pub fn timeout_warnings(&self) -> Vec<String> {
+        let t = &self.datapath.tcp_timeouts;
+        let mut out = Vec::new();
+        if t.time_wait < LINUX_TIME_WAIT {
+            out.push(format!(
+                "datapath.tcp_timeouts.time_wait = {}: shorter than a Linux master's \
+                 TIME_WAIT ({}, fixed): after the master closes first, the NAT port's next \
+                 flow can meet it, and a client without TCP timestamps has its SYN answered \
+                 with the old connection's ACK and waits for a retransmit (README \"NAT flow \
+                 lifecycle\")",
+                shown(t.time_wait),
+                shown(LINUX_TIME_WAIT),
+            ));
+        }
+        if self.passive.enabled && t.syn_sent <= SYN_RETRANSMIT {
+            out.push(format!(
+                "datapath.tcp_timeouts.syn_sent = {} with health.passive = true: a client \
+                 sends its SYN again {} after the first (Linux's initial RTO), when the \
+                 flow's NAT port may have gone to another flow and its entry with it; the \
+                 retransmit then opens a new flow, possibly to the same master, and a \
+                 silent master goes unnoticed. Above {} the retransmit finds its flow",
+                shown(t.syn_sent),
+                shown(SYN_RETRANSMIT),
+                shown(SYN_RETRANSMIT),
+            ));
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -555,6 +597,44 @@ mod tests {
         assert_eq!(
             (e.lease_ttl, e.dial_timeout),
             (Duration::from_secs(2), Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn a_short_time_wait_and_a_short_syn_sent_are_warned_of_not_refused() {
+        let warnings = |body: &str| {
+            check(&with_timeouts(body))
+                .expect("a warning is no refusal")
+                .timeout_warnings()
+        };
+        assert!(warnings("").is_empty(), "{:?}", warnings(""));
+        assert!(warnings("time_wait = \"60s\"\nsyn_sent = \"1001ms\"").is_empty());
+        let w = warnings("time_wait = \"30s\"");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "datapath.tcp_timeouts.time_wait = 30s: shorter than a Linux master's \
+                 TIME_WAIT (1m, fixed)"
+            ),
+            "{w:?}"
+        );
+        let w = warnings("syn_sent = \"1s\"");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "datapath.tcp_timeouts.syn_sent = 1s with health.passive = true: a client \
+                 sends its SYN again 1s after the first"
+            ),
+            "{w:?}"
+        );
+        // Without passive detection nothing waits for the retransmit.
+        let passive_off = GOOD.replacen(KIND, &format!("{KIND}\npassive = false"), 1);
+        let c = check(&(passive_off + "[datapath.tcp_timeouts]\nsyn_sent = \"300ms\"\n"))
+            .expect("valid");
+        assert!(
+            c.timeout_warnings().is_empty(),
+            "{:?}",
+            c.timeout_warnings()
         );
     }
 }
