@@ -28,7 +28,7 @@ const MASTERS: [&str; 3] = [
 fn config() -> Config {
     let mut text = String::from(
         "[datapath]\ninterfaces = [\"fx0\", \"fx1\"]\nsnat_ipv4 = \"198.51.100.1\"\nnat_ports = [40000, 40999]\n\
-         nexthop_ttl = \"1h\"\n[[vip]]\naddress = \"192.0.2.100\"\n[health]\nkind = \"tcp\"\n",
+         nexthop_ttl = \"1m\"\n[[vip]]\naddress = \"192.0.2.100\"\n[health]\nkind = \"tcp\"\n",
     );
     for m in MASTERS {
         text.push_str("[[backend]]\naddress = \"");

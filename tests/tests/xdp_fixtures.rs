@@ -927,9 +927,10 @@ fn a_port_is_held_through_the_handshake_and_the_close_then_given_back_after_the_
     );
     lab.run(&b_dropped("a second flow within the close grace"));
 
-    // Past the grace (shortened here), B takes A's port, and A's entry is gone.
-    lab.reconfigure(one_port(1));
-    std::thread::sleep(Duration::from_millis(20));
+    // Past the grace (shortened here to close's floor), B takes A's port, and A's
+    // entry is gone.
+    lab.reconfigure(one_port(100));
+    std::thread::sleep(Duration::from_millis(150));
     lab.run(&to_master(
         "flow B reclaims the finished flow's port",
         &b,
