@@ -32,6 +32,7 @@ mod election;
 mod local;
 mod nat;
 mod reload;
+mod timeouts;
 
 pub use election::{Election, ElectionSettings, VrrpSettings};
 pub use local::LocalSettings;
@@ -651,7 +652,8 @@ fn validate_datapath(
             n
         }
     };
-    let tcp_timeouts = nat::validate_tcp_timeouts(raw.tcp_timeouts)?;
+    let nexthop_ttl = timeouts::nexthop_ttl(raw.nexthop_ttl)?;
+    let tcp_timeouts = timeouts::tcp_timeouts(raw.tcp_timeouts)?;
     let expected_connection_rate = u32::try_from(raw.expected_connection_rate)
         .ok()
         .filter(|&n| n >= 1)
@@ -671,7 +673,7 @@ fn validate_datapath(
         maglev_size,
         flow_table_size,
         half_open_table_size,
-        nexthop_ttl: raw.nexthop_ttl,
+        nexthop_ttl,
         tcp_timeouts,
         expected_connection_rate,
     })
@@ -802,24 +804,7 @@ fn validate_tls(raw: &RawHealth) -> Result<TlsSpec, ConfigError> {
 }
 
 fn validate_health(raw: RawHealth) -> Result<(ProbeSpec, PassiveSettings), ConfigError> {
-    let ms = |d: Duration| format!("{}ms", d.as_millis());
-    if raw.interval.is_zero() {
-        return Err(invalid(
-            "health.interval",
-            ms(raw.interval),
-            "must be more than 0",
-        ));
-    }
-    if raw.timeout.is_zero() || raw.timeout >= raw.interval {
-        return Err(invalid(
-            "health.timeout",
-            ms(raw.timeout),
-            format!(
-                "must be more than 0 and less than health.interval ({})",
-                ms(raw.interval)
-            ),
-        ));
-    }
+    timeouts::probe(raw.interval, raw.timeout)?;
     let count = |key: &str, v: i64| {
         u32::try_from(v)
             .ok()
@@ -918,7 +903,7 @@ mod tests {
         }
     }
 
-    const GOOD: &str = r#"
+    pub(super) const GOOD: &str = r#"
         [datapath]
         interfaces = ["eth0"]
         snat_ipv4 = "192.168.19.159"
@@ -933,7 +918,7 @@ mod tests {
         kind = "tcp"
     "#;
 
-    fn check(text: &str) -> Result<Config, ConfigError> {
+    pub(super) fn check(text: &str) -> Result<Config, ConfigError> {
         check_on(text, &FakeFacts)
     }
 
@@ -946,7 +931,7 @@ mod tests {
     }
 
     /// `GOOD` with its VIP elected through etcd, `[election.etcd]` holding `etcd`.
-    fn with_etcd(etcd: &str) -> String {
+    pub(super) fn with_etcd(etcd: &str) -> String {
         GOOD.replacen(
             "address = \"192.168.19.200\"",
             "address = \"192.168.19.200\"\nelection = \"etcd\"",
@@ -957,7 +942,7 @@ mod tests {
 
     /// `GOOD` with `from` replaced by `to`, which must be refused with a message
     /// containing every one of `want`.
-    fn refused(from: &str, to: &str, want: &[&str]) {
+    pub(super) fn refused(from: &str, to: &str, want: &[&str]) {
         assert!(GOOD.contains(from), "test setup: {from:?} not in GOOD");
         let msg = check(&GOOD.replacen(from, to, 1))
             .expect_err("must be refused")
@@ -1135,23 +1120,6 @@ mod tests {
         );
         // One drained backend among live ones is fine.
         check(&GOOD.replacen("weight = 2", "weight = 0", 1)).expect("one drained backend");
-    }
-
-    #[test]
-    fn a_timeout_not_below_the_interval_is_refused() {
-        refused(
-            "kind = \"tcp\"",
-            "kind = \"tcp\"\ninterval = \"500ms\"\ntimeout = \"500ms\"",
-            &[
-                "health.timeout = 500ms",
-                "less than health.interval (500ms)",
-            ],
-        );
-        refused(
-            "kind = \"tcp\"",
-            "kind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"1s\"",
-            &["health.timeout = 1000ms"],
-        );
     }
 
     #[test]
@@ -1476,7 +1444,7 @@ mod tests {
     }
 
     /// `GOOD` with `[datapath.tcp_timeouts]` holding `body`.
-    fn with_timeouts(body: &str) -> String {
+    pub(super) fn with_timeouts(body: &str) -> String {
         format!("{GOOD}\n[datapath.tcp_timeouts]\n{body}\n")
     }
 
@@ -1663,49 +1631,6 @@ mod tests {
         let mut want = lb_common::ct::TIMEOUTS_DEFAULT_MS;
         want[lb_common::ct::CT_CLOSE as usize] = 1_000;
         assert_eq!(c.datapath.tcp_timeouts.by_state_ms(), want);
-    }
-
-    #[test]
-    fn bad_tcp_timeouts_are_refused_by_key_and_value() {
-        for (body, want) in [
-            (
-                "syn_sent = \"0s\"",
-                "datapath.tcp_timeouts.syn_sent = 0ns: must be whole milliseconds, 1ms to \
-                 4294967295ms",
-            ),
-            (
-                "fin_wait = \"1500us\"",
-                "datapath.tcp_timeouts.fin_wait = 1.5ms: must be whole milliseconds",
-            ),
-            (
-                "established = \"50days\"",
-                "datapath.tcp_timeouts.established = 4320000s: must be whole milliseconds",
-            ),
-            (
-                "close = \"70s\"",
-                "datapath.tcp_timeouts.close = 70s: must not exceed \
-                 datapath.tcp_timeouts.time_wait (65s)",
-            ),
-            (
-                "time_wait = \"1s\"",
-                "datapath.tcp_timeouts.close = 2s: must not exceed \
-                 datapath.tcp_timeouts.time_wait (1s)",
-            ),
-        ] {
-            let msg = check(&with_timeouts(body)).expect_err(body).to_string();
-            assert!(msg.starts_with(want), "{body}: {msg}");
-        }
-        let msg = check(&with_timeouts("timewait = \"60s\""))
-            .expect_err("unknown key")
-            .to_string();
-        assert!(
-            msg.contains("unknown field") && msg.contains("timewait"),
-            "{msg}"
-        );
-        let msg = check(&with_timeouts("close = \"soon\""))
-            .expect_err("not a duration")
-            .to_string();
-        assert!(msg.contains("close") && msg.contains("soon"), "{msg}");
     }
 
     #[test]

@@ -126,7 +126,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             for line in &capacity.lines {
                 println!("{line}");
             }
-            for warning in c.node_warnings().iter().chain(&capacity.warnings) {
+            let warnings = c.node_warnings().into_iter().chain(c.timeout_warnings());
+            for warning in warnings.chain(capacity.warnings) {
                 println!("warning: {warning}");
             }
         }

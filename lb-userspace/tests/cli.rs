@@ -78,6 +78,29 @@ fn check_prints_the_nat_capacity_and_warns_when_it_falls_short() {
 }
 
 #[test]
+fn check_warns_of_timeouts_that_cost_something_and_refuses_those_below_a_floor() {
+    let (ok, text) = apilb_check(&format!(
+        "{VALID}[datapath.tcp_timeouts]\ntime_wait = \"30s\"\nsyn_sent = \"1s\"\n"
+    ));
+    assert!(ok, "a warning is no refusal: {text}");
+    for line in [
+        "warning: datapath.tcp_timeouts.time_wait = 30s: shorter than a Linux master's \
+         TIME_WAIT (1m, fixed)",
+        "warning: datapath.tcp_timeouts.syn_sent = 1s with health.passive = true",
+    ] {
+        assert!(text.contains(line), "{line:?} not in:\n{text}");
+    }
+    let (ok, text) = apilb_check(&format!(
+        "{VALID}[datapath.tcp_timeouts]\nestablished = \"30s\"\n"
+    ));
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("datapath.tcp_timeouts.established = 30s: must be at least 1m: "),
+        "{text}"
+    );
+}
+
+#[test]
 fn check_refuses_a_bad_file_with_a_non_zero_exit_naming_key_and_value() {
     let (ok, text) = apilb_check(&VALID.replace("\"127.0.0.2:6443\"", "\"127.0.0.2:0\""));
     assert!(!ok, "{text}");

@@ -244,13 +244,7 @@ pub(super) fn validate(
                 "must be 1-100",
             )
         })?;
-    if raw.announce_interval > Duration::from_secs(10) {
-        return Err(invalid(
-            "election.announce_interval",
-            format!("{:?}", raw.announce_interval),
-            "must be at most 10s",
-        ));
-    }
+    let announce_interval = super::timeouts::announce_interval(raw.announce_interval)?;
     // An elected VIP's address is added and removed by its election, so no other
     // [[vip]] (another port, another election) may share it.
     for (i, &(addr, e)) in vips.iter().enumerate() {
@@ -293,7 +287,7 @@ pub(super) fn validate(
     Ok(ElectionSettings {
         interface,
         announce_count,
-        announce_interval: raw.announce_interval,
+        announce_interval,
         vrrp,
         etcd,
     })
@@ -315,30 +309,14 @@ fn validate_vrrp(raw: RawVrrp, vips: &[(SocketAddr, u8)]) -> Result<VrrpSettings
         3 => 3,
         v => return Err(invalid("election.vrrp.version", v, "must be 2 or 3")),
     };
-    let interval = raw.advert_interval;
-    let key = "election.vrrp.advert_interval";
-    if version == 2 {
-        if interval.subsec_nanos() != 0 || !(1..=255).contains(&interval.as_secs()) {
-            return Err(invalid(
-                key,
-                format!("{interval:?}"),
-                "VRRPv2 adverts are 1-255 whole seconds",
-            ));
-        }
-        if let Some((addr, _)) = vips.iter().find(|(a, _)| a.is_ipv6()) {
-            return Err(invalid(
-                "election.vrrp.version",
-                2,
-                format!("VRRPv2 is IPv4 only; VIP {} needs version 3", addr.ip()),
-            ));
-        }
-    } else if !interval.as_nanos().is_multiple_of(10_000_000)
-        || !(Duration::from_millis(10)..=Duration::from_millis(40_950)).contains(&interval)
+    let interval = super::timeouts::advert_interval(version, raw.advert_interval)?;
+    if version == 2
+        && let Some((addr, _)) = vips.iter().find(|(a, _)| a.is_ipv6())
     {
         return Err(invalid(
-            key,
-            format!("{interval:?}"),
-            "VRRPv3 adverts are 10ms-40.95s in whole centiseconds",
+            "election.vrrp.version",
+            2,
+            format!("VRRPv2 is IPv4 only; VIP {} needs version 3", addr.ip()),
         ));
     }
     if let Some(pass) = &raw.auth_pass {
@@ -403,13 +381,7 @@ fn validate_etcd(raw: RawEtcd, facts: &dyn Facts) -> Result<EtcdSettings, Config
             "name at least one etcd endpoint",
         ));
     }
-    if raw.lease_ttl < etcd::MIN_LEASE_TTL {
-        return Err(invalid(
-            "election.etcd.lease_ttl",
-            format!("{:?}", raw.lease_ttl),
-            "must be at least 2s (etcd rounds shorter leases up)",
-        ));
-    }
+    super::timeouts::etcd(raw.lease_ttl, raw.dial_timeout)?;
     if !raw.prefix.starts_with('/') {
         return Err(invalid(
             "election.etcd.prefix",

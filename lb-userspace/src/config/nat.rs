@@ -289,32 +289,6 @@ impl TcpTimeouts {
     }
 }
 
-/// Every timeout 1 ms to `u32::MAX` ms in whole milliseconds (the datapath keeps
-/// milliseconds in 32 bits), and `close` no longer than `time_wait`.
-pub(super) fn validate_tcp_timeouts(t: TcpTimeouts) -> Result<TcpTimeouts, ConfigError> {
-    let max = Duration::from_millis(u64::from(u32::MAX));
-    for (name, _, d) in t.by_key() {
-        if d < Duration::from_millis(1) || d > max || d.subsec_nanos() % 1_000_000 != 0 {
-            return Err(invalid(
-                format!("datapath.tcp_timeouts.{name}"),
-                format!("{d:?}"),
-                format!("must be whole milliseconds, 1ms to {}ms", u32::MAX),
-            ));
-        }
-    }
-    if t.close > t.time_wait {
-        return Err(invalid(
-            "datapath.tcp_timeouts.close",
-            format!("{:?}", t.close),
-            format!(
-                "must not exceed datapath.tcp_timeouts.time_wait ({:?})",
-                t.time_wait
-            ),
-        ));
-    }
-    Ok(t)
-}
-
 /// The replaced keys `flow_close_grace` and `flow_idle_timeout`: refused, naming
 /// what took their place, rather than silently ignored or unknown.
 pub(super) fn replaced_keys(
