@@ -39,10 +39,10 @@ use crate::{
 #[inline(always)]
 pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
     let p = parse(ctx).map_err(Outcome::pass)?;
-    if p.icmp == ICMP_TOO_BIG {
-        return Ok(too_big(ctx, &p));
-    }
     if p.icmp != 0 {
+        if p.icmp == ICMP_TOO_BIG {
+            return Ok(too_big(ctx, &p));
+        }
         return to_client(ctx, &p);
     }
     let vip_key = VipKey {
