@@ -26,8 +26,8 @@ use tracing::warn;
 pub struct PassiveSettings {
     /// Whether the datapath drops a refusal of an unanswered SYN and reports it.
     pub enabled: bool,
-    /// Passive failures in a row (no SYN-ACK between) that make the controller probe a backend at once
-    /// (1-1000).
+    /// Passive failures in a row (no SYN-ACK between) that make the controller
+    /// probe a backend at once (1-1000).
     pub threshold: u32,
 }
 
