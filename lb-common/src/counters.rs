@@ -53,52 +53,64 @@ pub const DROP_PASSIVE_RST: u32 = 17;
 /// RST.
 pub const DROP_PASSIVE_ICMP: u32 = 18;
 
+/// A RST or ICMP error about a SYN its backend never answered that does not
+/// match that SYN (a RST that does not acknowledge it, an ICMP error quoting
+/// another sequence number): forged or stale, dropped, the flow left as it was.
+/// (The client's stack would drop such a RST too.)
+pub const DROP_UNPROVEN_REFUSAL: u32 = 19;
 /// Number of outcome counters: indices `0..OUTCOMES` sum to the packet count.
-pub const OUTCOMES: u32 = 19;
+pub const OUTCOMES: u32 = 20;
 
 /// Event: a new flow was recorded. (Packets on existing flows are not counted here:
 /// they are the VIP's packets minus its new flows, from `VIP_STATS`.)
-pub const FLOW_NEW: u32 = 19;
+pub const FLOW_NEW: u32 = 20;
 /// Event: a backend's reply matched a flow under NAT.
-pub const REPLY_HIT: u32 = 20;
+pub const REPLY_HIT: u32 = 21;
 /// Event: the FIB was asked for a next hop (new flow, cached one expired, or a
 /// packet larger than the path has carried so far).
-pub const FIB_LOOKUP: u32 = 21;
+pub const FIB_LOOKUP: u32 = 22;
 /// Event: a NAT port held by a half-open flow, silent for its state's timeout
 /// (`ct`), was given to a new flow.
-pub const RECLAIM_HALF_OPEN: u32 = 22;
+pub const RECLAIM_HALF_OPEN: u32 = 23;
 /// Event: a client sent a SYN again on a flow its backend never answered (passive
 /// detection): the flow was forgotten and the SYN balanced as a new flow, away
 /// from that backend. (A SYN sent again after a refusal is balanced the same way,
 /// and counted as the refusal.)
-pub const PASSIVE_SILENT: u32 = 23;
+pub const PASSIVE_SILENT: u32 = 24;
 /// Event: a new flow's Maglev slot named a backend out of rotation (or the one
 /// that just left its SYN unanswered), and the flow went to the next one along
 /// the fallback order instead.
-pub const FALLBACK: u32 = 24;
+pub const FALLBACK: u32 = 25;
 
 /// Event: a NAT port held by an established flow idle for its timeout was given
 /// to a new flow.
-pub const RECLAIM_IDLE: u32 = 25;
+pub const RECLAIM_IDLE: u32 = 26;
 /// Event: a NAT port held by a closing or closed flow (a FIN or RST went by)
 /// whose state's timeout had passed was given to a new flow.
-pub const RECLAIM_CLOSED: u32 = 26;
+pub const RECLAIM_CLOSED: u32 = 27;
 /// Event: a NAT port whose lease had lost its flow (evicted, or replaced by
 /// another flow of the same client tuple) was given to a new flow.
-pub const RECLAIM_ORPHAN: u32 = 27;
+pub const RECLAIM_ORPHAN: u32 = 28;
 /// Event: a half-open flow's handshake completed (the client acknowledged the
 /// backend's SYN-ACK): it moved to the established tables.
-pub const FLOW_ESTABLISHED: u32 = 28;
+pub const FLOW_ESTABLISHED: u32 = 29;
 /// Event: a handshake completed on a half-open flow whose port lease had been
 /// evicted (a flood of half-open flows filled their table); the segment passed
 /// to the stack, which resets it, and the client connects again.
-pub const HALF_OPEN_LOST: u32 = 29;
+pub const HALF_OPEN_LOST: u32 = 30;
 /// Event: an established flow's reply entry had been evicted from its table and
 /// was put back.
-pub const REPLY_RESTORED: u32 = 30;
+pub const REPLY_RESTORED: u32 = 31;
 
+/// Event: a RST on an answered flow whose sequence number was not near the one
+/// the flow last recorded (`ct::near`): passed on for the endpoint to judge, and
+/// the flow kept its state, so that a forged RST cannot free its port.
+pub const RST_UNPROVEN: u32 = 32;
+/// Event: an ICMP fragmentation needed or packet too big about a flow under NAT
+/// was translated back to the flow's client (`toobig`).
+pub const ICMP_TOO_BIG_TRANSLATED: u32 = 33;
 /// Size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 31;
+pub const COUNTER_COUNT: u32 = 34;
 const _: () = assert!(OUTCOMES <= COUNTER_COUNT);
 
 /// Metric-friendly names, indexed by counter.
@@ -122,6 +134,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "redirect",
     "drop_passive_rst",
     "drop_passive_icmp",
+    "drop_unproven_refusal",
     "flow_new",
     "reply_hit",
     "fib_lookup",
@@ -134,6 +147,8 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "flow_established",
     "half_open_lost",
     "reply_restored",
+    "rst_unproven",
+    "icmp_too_big_translated",
 ];
 
 #[cfg(test)]
@@ -161,6 +176,7 @@ mod tests {
         (REDIRECT, "redirect"),
         (DROP_PASSIVE_RST, "drop_passive_rst"),
         (DROP_PASSIVE_ICMP, "drop_passive_icmp"),
+        (DROP_UNPROVEN_REFUSAL, "drop_unproven_refusal"),
         (FLOW_NEW, "flow_new"),
         (REPLY_HIT, "reply_hit"),
         (FIB_LOOKUP, "fib_lookup"),
@@ -173,6 +189,8 @@ mod tests {
         (FLOW_ESTABLISHED, "flow_established"),
         (HALF_OPEN_LOST, "half_open_lost"),
         (REPLY_RESTORED, "reply_restored"),
+        (RST_UNPROVEN, "rst_unproven"),
+        (ICMP_TOO_BIG_TRANSLATED, "icmp_too_big_translated"),
     ];
 
     #[test]

@@ -18,6 +18,15 @@
 //!   ts_off`), so such a port too comes back after `timeouts_ms[CT_CLOSE]`; for a
 //!   SYN without timestamps, or a flow that had none, it is held for
 //!   `timeouts_ms[CT_TIME_WAIT]`.
+//!
+//! A RST ends a flow only if it could be real. Anyone can send one with a flow's
+//! 4-tuple, and a forged RST that moved an idle watch to `CT_CLOSE` would give its
+//! port to a new flow two seconds later while both ends still use it. So a RST
+//! from either side must carry a sequence number [`near`] the one the other side
+//! expects, as the flow last recorded it (`FlowState::seq`, `ack`: refreshed with
+//! its last-seen time); one that is not goes on to the endpoint, which judges it
+//! exactly (RFC 5961), and the flow keeps its state. A refusal of an unanswered
+//! SYN must match that SYN exactly ([`refuses_syn`]).
 
 /// `FlowState::state`: no segment tracked yet (never stored).
 pub const CT_NONE: u8 = 0;
@@ -139,6 +148,50 @@ pub const fn next(state: u8, flags: u32, from: u8, tcp: u8) -> (u8, u32) {
         }
     }
     (state, flags)
+}
+
+/// How far, either way, a RST's sequence number may be from the one recorded for
+/// its flow. The record is at most `FLOW_SEEN_GRANULARITY_NS` old; a window of
+/// 64 KiB covers an idle or slow flow, which is what a watch is, and gives a
+/// blind forger one chance in 32,768 per RST. A real RST outside it (a flow that
+/// moved more than that since its record) only keeps its port held until the
+/// flow's idle timeout, or until the controller removes the flows of its master.
+pub const RST_SEQ_WINDOW: u32 = 65_536;
+
+/// Whether sequence number `seq` is within [`RST_SEQ_WINDOW`] of `recorded`, in
+/// sequence space (both host order).
+#[inline(always)]
+#[must_use]
+pub const fn near(seq: u32, recorded: u32) -> bool {
+    seq.wrapping_sub(recorded).wrapping_add(RST_SEQ_WINDOW) <= 2 * RST_SEQ_WINDOW
+}
+
+/// How far forward a client segment may move its flow's recorded sequence or
+/// acknowledgement number in one step (`advance`): 1 GiB, more than a flow moves
+/// between two records (`FLOW_SEEN_GRANULARITY_NS`), so that a real flow's record
+/// follows it, while a forged segment behind the record moves nothing.
+pub const SEQ_ADVANCE_MAX: u32 = 1 << 30;
+
+/// The record `recorded` after a segment carrying `seen`: `seen` if it is ahead
+/// by less than [`SEQ_ADVANCE_MAX`], else unchanged.
+#[inline(always)]
+#[must_use]
+pub const fn advance(recorded: u32, seen: u32) -> u32 {
+    if seen.wrapping_sub(recorded) < SEQ_ADVANCE_MAX {
+        seen
+    } else {
+        recorded
+    }
+}
+
+/// Whether a backend's RST (TCP flags `tcp`, acknowledgement number `ack`) refuses
+/// the SYN whose sequence number was `isn`: it must acknowledge exactly that SYN,
+/// as the client's stack itself requires (RFC 9293 3.10.7.3). An ICMP error about
+/// the SYN must quote `isn` itself.
+#[inline(always)]
+#[must_use]
+pub const fn refuses_syn(tcp: u8, ack: u32, isn: u32) -> bool {
+    tcp & TCP_ACK != 0 && ack == isn.wrapping_add(1)
 }
 
 /// Whether a flow in `state` with `flags`, `idle_ms` after its last packet, may
@@ -310,5 +363,41 @@ mod tests {
         let off = ts_offset(7, 10, u32::MAX - 3);
         assert_eq!(7u32.wrapping_add(off), 10);
         assert_eq!(ts_clock(2_500_000_000), 2_500);
+    }
+
+    #[test]
+    fn a_rst_must_be_near_the_recorded_sequence_number() {
+        for recorded in [0, 1000, u32::MAX - 10] {
+            for delta in [0_u32, 1, 1460, RST_SEQ_WINDOW] {
+                assert!(near(recorded.wrapping_add(delta), recorded), "+{delta}");
+                assert!(near(recorded.wrapping_sub(delta), recorded), "-{delta}");
+            }
+            for delta in [RST_SEQ_WINDOW + 1, 1 << 20, 1 << 31] {
+                assert!(!near(recorded.wrapping_add(delta), recorded), "+{delta}");
+                assert!(!near(recorded.wrapping_sub(delta), recorded), "-{delta}");
+            }
+        }
+        // A blind forger's odds: the window over the sequence space.
+        let hits = (0..1_u64 << 16)
+            .filter(|i| near((i * 65_537) as u32, 12_345))
+            .count();
+        assert!(hits <= 4, "{hits} of 65,536 spread guesses landed");
+    }
+
+    #[test]
+    fn only_a_rst_acknowledging_the_syn_refuses_it() {
+        assert!(refuses_syn(TCP_RST | TCP_ACK, 101, 100));
+        assert!(refuses_syn(TCP_RST | TCP_ACK, 0, u32::MAX), "wraps");
+        assert!(!refuses_syn(TCP_RST, 101, 100), "no ACK");
+        assert!(!refuses_syn(TCP_RST | TCP_ACK, 100, 100));
+        assert!(!refuses_syn(TCP_RST | TCP_ACK, 7, 100));
+    }
+
+    #[test]
+    fn the_record_only_moves_forward_and_not_too_far() {
+        assert_eq!(advance(100, 1_000), 1_000);
+        assert_eq!(advance(u32::MAX - 5, 10), 10, "wraps");
+        assert_eq!(advance(1_000, 100), 1_000, "behind");
+        assert_eq!(advance(0, SEQ_ADVANCE_MAX), 0, "too far");
     }
 }

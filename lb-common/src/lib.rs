@@ -53,7 +53,7 @@ pub const MAP_LOCAL_STATS: &str = maps::LOCAL_STATS.name;
 /// it with any change to them. Pinned maps live in a directory named after it, so
 /// an upgraded apilb with another layout starts with fresh maps instead of reading
 /// old ones with new types.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 // ---- Program names (the function names in lb-ebpf). ----
 pub const PROG_XDP: &str = "apilb_xdp";
@@ -268,6 +268,14 @@ pub struct FlowState {
     pub fin_tsval: u32,
     /// Coarse time of the flow's last packet, to `FLOW_SEEN_GRANULARITY_NS`.
     pub last_seen_ns: u64,
+    /// The client's sequence number, host order, as last recorded: its SYN's
+    /// (the ISN) while the backend has not answered, then refreshed with
+    /// `last_seen_ns`. A RST from the client must be near it (`ct::near`), and a
+    /// refusal of the SYN must match it.
+    pub seq: u32,
+    /// The client's acknowledgement number, host order, recorded with `seq`: where
+    /// the backend's own RST must be (`ct::near`).
+    pub ack: u32,
     pub next_hop: NextHop,
 }
 
@@ -379,7 +387,7 @@ const _: () = {
     assert!(size_of::<PassiveEvent>() == 16);
     assert!(size_of::<FlowKey>() == 40);
     assert!(size_of::<NextHop>() == 32);
-    assert!(size_of::<FlowState>() == 80);
+    assert!(size_of::<FlowState>() == 88);
     assert!(size_of::<ReplyState>() == 88);
     assert!(size_of::<TrafficStats>() == 24);
     assert!(MAGLEV_SIZE_DEFAULT <= MAGLEV_SIZE_MAX);

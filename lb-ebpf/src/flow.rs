@@ -25,6 +25,7 @@ use lb_common::{
     REPLY_F_TS, ReplyState, VipInfo,
     counters::{
         DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR, FLOW_ESTABLISHED, HALF_OPEN_LOST, REPLY_RESTORED,
+        RST_UNPROVEN,
     },
     ct::{self, CT_SYN_SENT, FROM_BACKEND},
     flow_hash,
@@ -80,6 +81,8 @@ pub fn new_flow(key: &FlowKey, vip: &VipInfo, now: u64, s: &mut Scratch) -> Resu
         ts_off: 0,
         fin_tsval: 0,
         last_seen_ns: now,
+        seq: s.syn_seq,
+        ack: 0,
         next_hop: NextHop::default(),
     };
     if backend.flags & BACKEND_F_LOCAL != 0 {
@@ -214,15 +217,26 @@ pub fn restore_reply(key: &FlowKey, flow: &FlowState, now: u64) {
     }
 }
 
-/// A client's segment with TCP flags `tcp` on the flow at `entry`: move its state
-/// (`ct::next`) and its last-seen time; return the new state. A call, not
-/// inlined: the state machine's many branches would otherwise each carry the
-/// rest of the packet's path through the verifier.
+/// A client's segment with TCP flags `tcp` and sequence and acknowledgement
+/// numbers `seq_ack` (`packet::seq_ack`) on the flow at `entry`: move its state
+/// (`ct::next`), its last-seen time and its record of both numbers; return the
+/// new state. A RST not near the recorded sequence number moves nothing (see
+/// `ct`). A call, not inlined: the state machine's many branches would otherwise
+/// each carry the rest of the packet's path through the verifier.
 #[inline(never)]
-pub fn track_client(entry: *mut FlowState, tcp: u32, now: u64) -> u8 {
+pub fn track_client(entry: *mut FlowState, tcp: u32, now: u64, seq_ack: u64) -> u8 {
     // SAFETY: a valid entry pointer from the map; the fields written race only
     // with the same writes from another CPU.
     let e = unsafe { &mut *entry };
+    #[expect(clippy::cast_possible_truncation, reason = "the high half")]
+    let seq = (seq_ack >> 32) as u32;
+    if tcp & u32::from(ct::TCP_RST) != 0 && !ct::near(seq, e.seq) {
+        count(RST_UNPROVEN);
+        return e.state;
+    }
+    if tcp & u32::from(ct::TCP_SYN | ct::TCP_RST) == 0 {
+        record(e, seq_ack);
+    }
     #[expect(clippy::cast_possible_truncation, reason = "TCP flags: one byte")]
     let (state, flags) = ct::next(e.state, e.flags, ct::FROM_CLIENT, tcp as u8);
     // A half-open flow's clock restarts only when its state moves or its client
@@ -234,6 +248,17 @@ pub fn track_client(entry: *mut FlowState, tcp: u32, now: u64) -> u8 {
     e.state = state;
     e.flags = flags;
     state
+}
+
+/// Record a client segment's sequence and acknowledgement numbers (`seq_ack`) in
+/// its flow, each only if it moved forward by less than `ct::SEQ_ADVANCE_MAX`
+/// (a forged segment far off does not move the record).
+#[inline(always)]
+pub fn record(e: &mut FlowState, seq_ack: u64) {
+    #[expect(clippy::cast_possible_truncation, reason = "the two halves")]
+    let (seq, ack) = ((seq_ack >> 32) as u32, seq_ack as u32);
+    e.seq = ct::advance(e.seq, seq);
+    e.ack = ct::advance(e.ack, ack);
 }
 
 /// Forget the flow at `entry` (client's key `key`; in the half-open tables if
@@ -277,13 +302,17 @@ pub fn flow_key_of(reply: &ReplyState, rkey: &FlowKey) -> FlowKey {
 }
 
 /// A backend's segment on the flow of `reply` (its key `rkey`): move the flow's
-/// TCP state by the segment's flags (`how`'s low byte, and `HOW_*`) and set
-/// `bits` (`FLOW_F_*`). Returns the state before. A call, not inlined: only the
+/// TCP state by the segment's flags (`how`'s low byte, and `HOW_*`). `seq_ack` is the segment's sequence and acknowledgement
+/// numbers (`packet::seq_ack`), or for an ICMP error (no flags) the quoted
+/// segment's sequence number in its high half. Returns the state before, or
+/// `CT_NONE` for a refusal of an unanswered SYN that does not match it (see
+/// `ct::refuses_syn`), which moves nothing; a RST not near where the client
+/// expects it (`ct::near`) moves nothing either. A call, not inlined: only the
 /// segments that can change a state need it, and the flow key would otherwise
 /// sit on the reply path's stack. A flow that is gone (evicted) reads as
 /// established: there is nothing left to re-steer.
 #[inline(never)]
-pub fn update_flow(reply: &ReplyState, rkey: &FlowKey, how: u32, bits: u32) -> u8 {
+pub fn update_flow(reply: &ReplyState, rkey: &FlowKey, how: u32, seq_ack: u64) -> u8 {
     let fkey = flow_key_of(reply, rkey);
     let found = if how & HOW_HALF != 0 {
         HALF_FLOWS.get_ptr_mut(&fkey)
@@ -297,13 +326,32 @@ pub fn update_flow(reply: &ReplyState, rkey: &FlowKey, how: u32, bits: u32) -> u
     // the same writes from another CPU, or a whole-entry replacement.
     let f = unsafe { &mut *f };
     let before = f.state;
-    f.flags |= bits;
-    if how & HOW_REFUSAL != 0 && before == CT_SYN_SENT {
-        f.flags |= FLOW_F_REFUSED;
+    #[expect(clippy::cast_possible_truncation, reason = "the low byte: TCP flags")]
+    let tcp = how as u8;
+    #[expect(clippy::cast_possible_truncation, reason = "the two halves")]
+    let (seq, ack) = ((seq_ack >> 32) as u32, seq_ack as u32);
+    if before == CT_SYN_SENT && (how & HOW_REFUSAL != 0 || tcp & ct::TCP_RST != 0) {
+        let genuine = if tcp == 0 {
+            seq == f.seq
+        } else {
+            ct::refuses_syn(tcp, ack, f.seq)
+        };
+        if !genuine {
+            return ct::CT_NONE;
+        }
+        if how & HOW_REFUSAL != 0 {
+            f.flags |= FLOW_F_REFUSED;
+            return before;
+        }
+    } else if tcp & ct::TCP_RST != 0 && !ct::near(seq, f.ack) {
+        count(RST_UNPROVEN);
         return before;
     }
-    #[expect(clippy::cast_possible_truncation, reason = "the low byte: TCP flags")]
-    let (state, flags) = ct::next(before, f.flags, FROM_BACKEND, how as u8);
+    if tcp & (ct::TCP_SYN | ct::TCP_ACK) == ct::TCP_SYN | ct::TCP_ACK && ct::half_open(before) {
+        // The backend's ISN: the client acknowledges from here on.
+        f.ack = seq.wrapping_add(1);
+    }
+    let (state, flags) = ct::next(before, f.flags, FROM_BACKEND, tcp);
     f.state = state;
     f.flags = if how & HOW_NO_TS != 0 {
         flags & !FLOW_F_TS

@@ -21,14 +21,17 @@ use lb_common::{
 };
 
 use crate::{
-    flow::{coarse_now, forget, new_flow, promote, restore_reply, save_flow, track_client},
+    flow::{
+        coarse_now, forget, new_flow, promote, record, restore_reply, save_flow, track_client,
+    },
     forward::{Tuple, forward, rewrite},
     maps::{BACKEND_STATS, CONFIG, FLOWS, HALF_FLOWS, SCRATCH, VIP_STATS, VIPS, account, count},
     outcome::Outcome,
-    packet::{Parsed, parse},
+    packet::{ICMP_TOO_BIG, Parsed, parse, seq_ack},
     passive::forget_failed,
     ports::snat_addr,
     reply::to_client,
+    toobig::too_big,
     ts::{shift_tsval, syn_tsval},
 };
 
@@ -38,7 +41,10 @@ use crate::{
 #[inline(always)]
 pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
     let p = parse(ctx).map_err(Outcome::pass)?;
-    if p.icmp {
+    if p.icmp == ICMP_TOO_BIG {
+        return Ok(too_big(ctx, &p));
+    }
+    if p.icmp != 0 {
         return to_client(ctx, &p);
     }
     let vip_key = VipKey {
@@ -74,7 +80,9 @@ pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
     // below, away from the backend that failed it.
     let mut avoid = BACKEND_NONE;
     if is_syn && let Some(e) = found {
-        avoid = forget_failed(&p.key, e, now, u32::from(half));
+        #[expect(clippy::cast_possible_truncation, reason = "the high half")]
+        let seq = (seq_ack(ctx, &p) >> 32) as u32;
+        avoid = forget_failed(&p.key, e, now, u32::from(half), seq);
         // A client reusing the 4-tuple of a connection that is over opens a new
         // connection: it is balanced afresh (the old backend may be out of
         // rotation by now), as IPVS's `conn_reuse_mode` does, and the old one's
@@ -95,12 +103,13 @@ pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
             // writes from another CPU.
             let e = unsafe { &mut *entry };
             if half || tcp & (TCP_SYN | TCP_FIN | TCP_RST) != 0 || e.state == CT_LAST_ACK {
-                let state = track_client(entry, u32::from(tcp), now);
+                let state = track_client(entry, u32::from(tcp), now, seq_ack(ctx, &p));
                 if half && state == CT_ESTABLISHED {
                     entry = promote(&p.key, entry).map_err(|()| Outcome::pass(PASS_NO_FLOW))?;
                 }
             } else if now.wrapping_sub(e.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS {
                 e.last_seen_ns = now;
+                record(e, seq_ack(ctx, &p));
             }
             (entry, false)
         }
@@ -119,6 +128,9 @@ pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
             let tsval = syn_tsval(ctx, &p);
             s.syn_ts = u32::from(tsval.is_some());
             s.syn_tsval = tsval.unwrap_or(0);
+            #[expect(clippy::cast_possible_truncation, reason = "the high half")]
+            let syn_seq = (seq_ack(ctx, &p) >> 32) as u32;
+            s.syn_seq = syn_seq;
             new_flow(&p.key, vip, now, s).map_err(Outcome::drop)?;
             (&raw mut s.flow, true)
         }

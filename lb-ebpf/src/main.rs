@@ -38,6 +38,7 @@ mod reply;
 mod runtime;
 mod select;
 mod sock;
+mod toobig;
 mod ts;
 
 /// The programs. Their names are lb-common's `PROG_XDP` and `PROG_SOCK`.

@@ -79,6 +79,8 @@ pub struct Scratch {
     /// order): for `ports::claim_port`, which reuses ports by them.
     pub syn_ts: u32,
     pub syn_tsval: u32,
+    /// A new flow's SYN's sequence number (host order), its `FlowState::seq`.
+    pub syn_seq: u32,
     /// The TSval floor a reclaimed port's previous flow leaves (`ct::ts_offset`).
     pub ts_floor: u32,
     /// The FIB request of `forward::fib_next_hop`.

@@ -29,13 +29,20 @@ const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 /// ICMP (IPv4) destination unreachable, and its one code that is no refusal: the path
-/// MTU is smaller ("fragmentation needed"), which the stack must see.
+/// MTU is smaller ("fragmentation needed"), which the client must see.
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 /// ICMP (IPv6) destination unreachable (packet too big is another type).
 const ICMPV6_DEST_UNREACH: u8 = 1;
-/// ICMP header ahead of the quoted datagram: type, code, checksum, 4 bytes unused.
-const ICMP_HDR_LEN: usize = 8;
+/// ICMP header ahead of the quoted datagram: type, code, checksum, 4 bytes unused
+/// (or the next hop's MTU).
+pub const ICMP_HDR_LEN: usize = 8;
+/// ICMPv6 packet too big.
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+/// [`Parsed::icmp`]: a destination unreachable (a refusal).
+pub const ICMP_UNREACH: u8 = 1;
+/// [`Parsed::icmp`]: fragmentation needed (IPv4) or packet too big (IPv6).
+pub const ICMP_TOO_BIG: u8 = 2;
 /// IPv4 `frags` field: the MF bit and the 13-bit offset, in host order.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
 /// TCP option kinds and lengths (RFC 9293, RFC 7323, RFC 2018).
@@ -84,11 +91,12 @@ pub struct Parsed {
     pub tos: u8,
     /// TCP flags byte (`TCP_*` bits); 0 for an ICMP error.
     pub tcp_flags: u8,
-    /// An ICMP destination unreachable about a TCP segment the balancer may have
-    /// sent: `key` is that segment's flow turned around, the way the backend's
-    /// answer would arrive (backend -> SNAT address), so it finds the `REPLIES`
-    /// entry. Never rewritten or forwarded by the balancer.
-    pub icmp: bool,
+    /// An ICMP error about a TCP segment the balancer may have sent (`ICMP_*`; 0
+    /// for TCP): `key` is that segment's flow turned around, the way the
+    /// backend's answer would arrive (backend -> SNAT address), so it finds the
+    /// reply entry. A destination unreachable is passive detection's, never
+    /// forwarded; a packet too big is translated back to the client (`toobig`).
+    pub icmp: u8,
 }
 
 #[inline(always)]
@@ -170,9 +178,9 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
         }
         _ => return Err(PASS_NOT_IP),
     };
-    let icmp = proto != IPPROTO_TCP;
-    let tcp_flags = if icmp {
-        quoted_tcp(ctx, l4, &mut key)?;
+    let mut icmp = 0;
+    let tcp_flags = if proto != IPPROTO_TCP {
+        icmp = quoted_tcp(ctx, l4, &mut key)?;
         0
     } else {
         let tcp: *mut TcpHdr = ptr_at(ctx, l4).map_err(|()| PASS_MALFORMED)?;
@@ -201,17 +209,22 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
 }
 
 /// Read the ICMP message at `l4` (the outer header's family in `key.family`): if
-/// it is a destination unreachable quoting a TCP segment of that family, set `key`
-/// to the segment's flow turned around (see [`Parsed::icmp`]); else `PASS_NOT_TCP`.
+/// it is a destination unreachable or a packet too big quoting a TCP segment of
+/// that family, set `key` to the segment's flow turned around and return which
+/// (see [`Parsed::icmp`]); else `PASS_NOT_TCP`.
 #[inline(always)]
-fn quoted_tcp(ctx: &XdpContext, l4: usize, key: &mut FlowKey) -> Result<(), u32> {
+fn quoted_tcp(ctx: &XdpContext, l4: usize, key: &mut FlowKey) -> Result<u8, u32> {
     let head: *const [u8; 2] = ptr_at(ctx, l4).map_err(|()| PASS_MALFORMED)?;
     // SAFETY: `ptr_at` proved the ICMP type and code lie inside the packet.
     let [kind, code] = unsafe { *head };
     let inner = l4 + ICMP_HDR_LEN;
+    let mut which = ICMP_UNREACH;
     let ports_at = if key.family == AF_INET {
-        if kind != ICMP_DEST_UNREACH || code == ICMP_FRAG_NEEDED {
+        if kind != ICMP_DEST_UNREACH {
             return Err(PASS_NOT_TCP);
+        }
+        if code == ICMP_FRAG_NEEDED {
+            which = ICMP_TOO_BIG;
         }
         let ip: *const Ipv4Hdr = ptr_at(ctx, inner).map_err(|()| PASS_MALFORMED)?;
         // SAFETY: `ptr_at` proved the quoted IPv4 header lies inside the packet.
@@ -224,7 +237,9 @@ fn quoted_tcp(ctx: &XdpContext, l4: usize, key: &mut FlowKey) -> Result<(), u32>
         key.dst_be = [u32::from_ne_bytes(h.src_addr), 0, 0, 0];
         inner + ihl
     } else {
-        if kind != ICMPV6_DEST_UNREACH {
+        if kind == ICMPV6_PACKET_TOO_BIG {
+            which = ICMP_TOO_BIG;
+        } else if kind != ICMPV6_DEST_UNREACH {
             return Err(PASS_NOT_TCP);
         }
         let ip: *const Ipv6Hdr = ptr_at(ctx, inner).map_err(|()| PASS_MALFORMED)?;
@@ -243,7 +258,37 @@ fn quoted_tcp(ctx: &XdpContext, l4: usize, key: &mut FlowKey) -> Result<(), u32>
     let [s0, s1, d0, d1] = unsafe { *ports };
     key.sport_be = u16::from_ne_bytes([d0, d1]);
     key.dport_be = u16::from_ne_bytes([s0, s1]);
-    Ok(())
+    Ok(which)
+}
+
+/// The segment's sequence and acknowledgement numbers (host order), as one value:
+/// sequence number high, acknowledgement low (0 if unreadable, which `parse`
+/// rules out). One value, so that it passes as one argument of a BPF call.
+#[inline(always)]
+pub fn seq_ack(ctx: &XdpContext, p: &Parsed) -> u64 {
+    let Ok(field) = ptr_at::<[u8; 8]>(ctx, usize::from(p.l4) + 4) else {
+        return 0;
+    };
+    // SAFETY: `ptr_at` proved bytes 4..12 of the TCP header present.
+    u64::from_be_bytes(unsafe { *field })
+}
+
+/// The sequence number of the segment an ICMP error quotes (host order), which
+/// `parse` found to be TCP (see [`Parsed::icmp`]); `None` if the quote is too
+/// short to hold it.
+#[inline(always)]
+pub fn quoted_seq(ctx: &XdpContext, p: &Parsed) -> Option<u32> {
+    let inner = usize::from(p.l4) + ICMP_HDR_LEN;
+    let ihl = if p.key.family == AF_INET {
+        let vihl: *const u8 = ptr_at(ctx, inner).ok()?;
+        // SAFETY: `ptr_at` proved the byte present.
+        usize::from(unsafe { *vihl } & 0x0f) * 4
+    } else {
+        Ipv6Hdr::LEN
+    };
+    let seq: *const [u8; 4] = ptr_at(ctx, inner + ihl + 4).ok()?;
+    // SAFETY: `ptr_at` proved the four bytes present.
+    Some(u32::from_be_bytes(unsafe { *seq }))
 }
 
 /// Where the segment's TSval sits (its TSecr follows), as an offset into the

@@ -2,22 +2,26 @@
 //! SYNs the balancer sends it is seen on the wire, long before a health probe would.
 //!
 //! Three signs, each only for a SYN the backend never answered (`CT_SYN_SENT`):
-//! a RST (nothing listens there), an ICMP destination unreachable, and silence until
-//! the client sends its SYN again. With passive detection on (`CONFIG_F_PASSIVE`)
-//! the refusal is dropped, so the client does not see it, and the flow is marked
-//! refused and its NAT port released; the client's SYN retransmit then forgets the
-//! flow and is balanced afresh, away from that backend. Every failure is counted per
-//! backend (`PASSIVE_STATS`), and a run of them reaching `passive_threshold` is
-//! reported to the controller through `PASSIVE_EVENTS`, which takes the backend
-//! out of rotation for everyone.
+//! a RST that acknowledges that SYN (nothing listens there), an ICMP destination
+//! unreachable quoting it, and silence until the client sends the same SYN again.
+//! With passive detection on (`CONFIG_F_PASSIVE`) the refusal is dropped, so the
+//! client does not see it, and the flow is marked refused and its NAT port
+//! released; the client's SYN retransmit then forgets the flow and is balanced
+//! afresh, away from that backend. That much is per flow. Every failure is counted
+//! per backend (`PASSIVE_STATS`), and a run of them reaching `passive_threshold`
+//! is reported to the controller through `PASSIVE_EVENTS` as a hint: the
+//! controller probes the backend at once, and only a failed probe takes it out
+//! for everyone. The wire cannot tell a dead backend from a lost, corrupted or
+//! forged SYN; a probe can.
 #![cfg(target_arch = "bpf")]
 
+use aya_ebpf::programs::XdpContext;
 use lb_common::{
     BACKEND_NONE, CONFIG_F_PASSIVE, FLOW_F_REFUSED, FlowKey, FlowState, PASSIVE_EVENT_GAP_NS,
     PASSIVE_KIND_ICMP, PASSIVE_KIND_RST, PASSIVE_KIND_SILENT, PASSIVE_SILENT_NS, PassiveEvent,
     ReplyState,
-    counters::{DROP_PASSIVE_ICMP, PASS_NOT_VIP, PASSIVE_SILENT},
-    ct::CT_SYN_SENT,
+    counters::{DROP_PASSIVE_ICMP, DROP_UNPROVEN_REFUSAL, PASS_NOT_VIP, PASSIVE_SILENT},
+    ct::{CT_NONE, CT_SYN_SENT},
 };
 
 use crate::{
@@ -27,16 +31,18 @@ use crate::{
         REPLIES, count,
     },
     outcome::Outcome,
+    packet::{Parsed, quoted_seq},
 };
 
 /// With passive detection on, whether the flow at `entry` (client's key `key`; in
-/// the half-open tables if `half` is 1), now seeing its client's SYN again,
-/// failed: refused by its backend, or never answered for `PASSIVE_SILENT_NS` or
-/// more (which counts against the backend and is reported). If so the flow is
+/// the half-open tables if `half` is 1), now seeing its client's SYN (sequence
+/// number `seq`) again, failed: refused by its backend, or never answered for
+/// `PASSIVE_SILENT_NS` or more (which counts against the backend and is
+/// reported; only for the same SYN sent again, not another). If so the flow is
 /// forgotten and the backend's id returned, for the new flow to avoid; else
 /// [`BACKEND_NONE`].
 #[inline(never)]
-pub fn forget_failed(key: &FlowKey, entry: *mut FlowState, now: u64, half: u32) -> u32 {
+pub fn forget_failed(key: &FlowKey, entry: *mut FlowState, now: u64, half: u32, seq: u32) -> u32 {
     let Some(cfg) = CONFIG.get(0) else {
         return BACKEND_NONE;
     };
@@ -46,7 +52,7 @@ pub fn forget_failed(key: &FlowKey, entry: *mut FlowState, now: u64, half: u32) 
     if cfg.flags & CONFIG_F_PASSIVE == 0
         || f.state != CT_SYN_SENT
         || f.nat_port_be == 0
-        || (!refused && now.wrapping_sub(f.last_seen_ns) < PASSIVE_SILENT_NS)
+        || (!refused && (now.wrapping_sub(f.last_seen_ns) < PASSIVE_SILENT_NS || seq != f.seq))
     {
         return BACKEND_NONE;
     }
@@ -67,27 +73,35 @@ pub fn forget_failed(key: &FlowKey, entry: *mut FlowState, now: u64, half: u32) 
     failed
 }
 
-/// An ICMP destination unreachable about the flow of `reply` (whose reply-table key
-/// is `rkey`; `how` may say `HOW_HALF`): the backend's host, or a router before
-/// it, refused a segment of this flow. Only a SYN's refusal is acted on, with
-/// passive detection on (`passive`); the stack may have the rest.
+/// An ICMP destination unreachable `p` about the flow of `reply` (`how` may say
+/// `HOW_HALF`): the backend's host, or a router before it, refused a segment of
+/// this flow. Only the refusal of a SYN the backend never answered is acted on,
+/// with passive detection on (`passive`), and only if it quotes that SYN's
+/// sequence number; one that quotes another is dropped. The stack may have the
+/// rest.
 #[inline(always)]
 pub fn icmp_refusal(
+    ctx: &XdpContext,
+    p: &Parsed,
     reply: &ReplyState,
-    rkey: &FlowKey,
     passive: bool,
     how: u32,
 ) -> Result<Outcome, Outcome> {
-    if !passive || update_flow(reply, rkey, how | HOW_REFUSAL, 0) != CT_SYN_SENT {
+    if !passive || how & HOW_HALF == 0 {
         return Err(Outcome::pass(PASS_NOT_VIP));
     }
-    Ok(refuse(
-        reply,
-        rkey,
-        PASSIVE_KIND_ICMP,
-        DROP_PASSIVE_ICMP,
-        how,
-    ))
+    let seq = quoted_seq(ctx, p).ok_or(Outcome::pass(PASS_NOT_VIP))?;
+    match update_flow(reply, &p.key, how | HOW_REFUSAL, u64::from(seq) << 32) {
+        CT_SYN_SENT => Ok(refuse(
+            reply,
+            &p.key,
+            PASSIVE_KIND_ICMP,
+            DROP_PASSIVE_ICMP,
+            how,
+        )),
+        CT_NONE => Err(Outcome::drop(DROP_UNPROVEN_REFUSAL)),
+        _ => Err(Outcome::pass(PASS_NOT_VIP)),
+    }
 }
 
 /// A half-open flow its backend refused (`kind`, a `PASSIVE_KIND_*`), already

@@ -9,9 +9,9 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     CONFIG_F_PASSIVE, PASSIVE_KIND_RST, REPLY_F_TRACK, REPLY_F_TS,
-    counters::{DROP_PASSIVE_RST, PASS_MALFORMED, PASS_NOT_VIP, REPLY_HIT},
+    counters::{DROP_PASSIVE_RST, DROP_UNPROVEN_REFUSAL, PASS_MALFORMED, PASS_NOT_VIP, REPLY_HIT},
     csum::Delta,
-    ct::{CT_SYN_SENT, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    ct::{CT_NONE, CT_SYN_SENT, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 use crate::{
@@ -19,7 +19,7 @@ use crate::{
     forward::{Tuple, forward, rewrite},
     maps::{BACKEND_STATS, CONFIG, HALF_REPLIES, REPLIES, account, count},
     outcome::Outcome,
-    packet::{Parsed, tsval_at},
+    packet::{Parsed, seq_ack, tsval_at},
     passive::{icmp_refusal, passive_answered, refuse},
     ports::is_snat_addr,
     ts::shift_tsecr,
@@ -60,8 +60,8 @@ pub fn to_client(ctx: &XdpContext, p: &Parsed) -> Result<Outcome, Outcome> {
     let reply = unsafe { &mut *entry };
     count(REPLY_HIT);
     let passive = cfg.flags & CONFIG_F_PASSIVE != 0;
-    if p.icmp {
-        return icmp_refusal(reply, &p.key, passive, how);
+    if p.icmp != 0 {
+        return icmp_refusal(ctx, p, reply, passive, how);
     }
     let tcp = p.tcp_flags;
     // Only segments that can move the flow's state look it up: SYN-ACK, FIN, RST,
@@ -78,7 +78,10 @@ pub fn to_client(ctx: &XdpContext, p: &Parsed) -> Result<Outcome, Outcome> {
         if rst && passive {
             how |= HOW_REFUSAL;
         }
-        let before = update_flow(reply, &p.key, how | u32::from(tcp), 0);
+        let before = update_flow(reply, &p.key, how | u32::from(tcp), seq_ack(ctx, p));
+        if before == CT_NONE {
+            return Ok(Outcome::drop(DROP_UNPROVEN_REFUSAL));
+        }
         if syn_ack {
             passive_answered(reply.backend_id);
         }

@@ -1,7 +1,7 @@
 //! The reconcile step: config and health in, map contents out.
 //!
-//! [`Reconciler::desired`] is a pure function of the config and each backend's
-//! [`Health`] and the VIPs this node owns: which backends and VIPs exist, under which
+//! [`Reconciler::desired`] is a function of the config, each backend's [`Health`]
+//! (and since when it is down), the VIPs this node owns and the time: which backends and VIPs exist, under which
 //! ids, and each VIP's Maglev ring. [`Reconciler::apply`] converges the datapath to
 //! it with the fewest writes: only changed entries, only the ring slots that moved,
 //! and flow removal only for backends that are down or gone. The controller is the
@@ -11,6 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
+    time::Instant,
 };
 
 use lb_common::BACKEND_NONE;
@@ -98,6 +99,9 @@ pub struct Reconciler {
     current: Option<Desired>,
     /// The node's network namespace, for node-local mode (see `NodeConfig`).
     netns_cookie: u64,
+    /// When each configured backend that is down went down (see
+    /// [`Reconciler::desired`] on its flows).
+    down_since: HashMap<SocketAddr, Instant>,
 }
 
 /// The node-local aliases: each address stands for the first VIP of its family.
@@ -148,7 +152,23 @@ impl Reconciler {
         health: &HashMap<SocketAddr, Health>,
         owned: &HashSet<IpAddr>,
     ) -> Desired {
+        self.desired_at(config, health, owned, Instant::now())
+    }
+
+    /// [`Reconciler::desired`] at time `now`.
+    pub fn desired_at(
+        &mut self,
+        config: &Config,
+        health: &HashMap<SocketAddr, Health>,
+        owned: &HashSet<IpAddr>,
+        now: Instant,
+    ) -> Desired {
         let is = |addr: &SocketAddr, h: Health| health.get(addr) == Some(&h);
+        let down = |addr: &SocketAddr| !matches!(health.get(addr), Some(Health::Ready | Health::NotReady));
+        self.down_since.retain(|a, _| down(a) && config.backends.iter().any(|b| b.addr == *a));
+        for b in config.backends.iter().filter(|b| down(&b.addr)) {
+            self.down_since.entry(b.addr).or_insert(now);
+        }
         let addrs: Vec<SocketAddr> = config.backends.iter().map(|b| b.addr).collect();
         assign_ids(&mut self.backend_ids, &addrs, 1);
         let vip_addrs: Vec<SocketAddr> = config.vips.iter().map(|v| v.addr).collect();
@@ -209,13 +229,30 @@ impl Reconciler {
             .collect();
         // Flows are kept to every configured backend that still answers, ready or
         // not, drained (weight 0) or not, and to every backend in rotation (which,
-        // failing open, includes down ones). Only a down master loses its flows.
+        // failing open, includes down ones). Only a down master loses its flows,
+        // and only once the LB node has shown that it can still reach a master:
+        // it has been down for `fall + 1` probe intervals, by when an outage on
+        // this node's side would have taken every master down, and another master
+        // of its family is ready. So while every master is failing, none loses a
+        // flow, not even the first to fail.
+        let settle = config.health.interval * (config.health.fall + 1);
+        let family_ready = |v4: bool| {
+            config
+                .backends
+                .iter()
+                .any(|b| b.addr.is_ipv4() == v4 && is(&b.addr, Health::Ready))
+        };
         let keep_flows = config
             .backends
             .iter()
             .filter(|b| {
-                health.get(&b.addr).is_some_and(|&h| h != Health::Down)
+                !down(&b.addr)
                     || in_rotation.contains(&self.backend_ids[&b.addr])
+                    || self
+                        .down_since
+                        .get(&b.addr)
+                        .is_none_or(|&t| now.duration_since(t) < settle)
+                    || !family_ready(b.addr.is_ipv4())
             })
             .map(|b| b.addr)
             .collect();
@@ -244,6 +281,22 @@ impl Reconciler {
             keep_flows,
             fail_open,
         }
+    }
+
+    /// Whether a down backend out of rotation keeps flows that a later reconcile
+    /// may remove (see [`Reconciler::desired`]): the daemon then reconciles every
+    /// tick. Not while failing open, when every backend is in rotation.
+    #[must_use]
+    pub fn removal_pending(&self) -> bool {
+        self.current.as_ref().is_some_and(|c| {
+            self.down_since.keys().any(|a| {
+                c.keep_flows.contains(a)
+                    && self
+                        .backend_ids
+                        .get(a)
+                        .is_some_and(|id| !c.in_rotation.contains(id))
+            })
+        })
     }
 
     /// Each backend id -> the next of its family by address, wrapping around.
@@ -365,7 +418,7 @@ impl Reconciler {
 
 #[cfg(test)]
 mod tests {
-    use std::{fmt::Write as _, path::Path};
+    use std::{fmt::Write as _, path::Path, time::Duration};
 
     use super::*;
 
@@ -487,11 +540,64 @@ mod tests {
             d.keep_flows.contains(&B.parse().unwrap()),
             "but its open flows stay"
         );
-        let d = r.desired(&config(&[(A, 1), (B, 0)]), &healthy(&[A]), &HashSet::new());
+        let t0 = Instant::now();
+        let cfg = config(&[(A, 1), (B, 0)]);
+        let d = r.desired_at(&cfg, &healthy(&[A]), &HashSet::new(), t0);
+        assert!(
+            d.keep_flows.contains(&B.parse().unwrap()),
+            "down, but only just"
+        );
+        let d = r.desired_at(&cfg, &healthy(&[A]), &HashSet::new(), t0 + SETTLED);
         assert!(
             !d.keep_flows.contains(&B.parse().unwrap()),
-            "until it fails its probes"
+            "until it has been down while another master is ready"
         );
+    }
+
+    /// Longer than `fall + 1` intervals of [`config`]'s probes (500 ms, fall 2).
+    const SETTLED: Duration = Duration::from_secs(2);
+
+    #[test]
+    fn while_every_master_is_failing_none_loses_its_flows() {
+        let mut r = Reconciler::new();
+        let cfg = config(&[(A, 1), (B, 1), (C, 1)]);
+        let all = [A, B, C].map(|a| a.parse::<SocketAddr>().unwrap());
+        let t0 = Instant::now();
+        // An outage on the LB's side: A's probes fail first, then B's, then C's,
+        // as their schedules fall.
+        let d = r.desired_at(&cfg, &healthy(&[B, C]), &HashSet::new(), t0);
+        assert!(d.keep_flows.contains(&all[0]), "A just went down");
+        let d = r.desired_at(
+            &cfg,
+            &healthy(&[C]),
+            &HashSet::new(),
+            t0 + Duration::from_millis(700),
+        );
+        assert!(d.keep_flows.contains(&all[0]) && d.keep_flows.contains(&all[1]));
+        for later in [SETTLED, SETTLED * 10] {
+            let d = r.desired_at(&cfg, &healthy(&[]), &HashSet::new(), t0 + later);
+            assert!(d.fail_open);
+            assert!(all.iter().all(|a| d.keep_flows.contains(a)), "{later:?}");
+        }
+        // The outage ends: B and C pass again, A is still down (its own fault
+        // now, or its probes are slower to rise) and, once it has been down for
+        // the settling time with another master ready, loses its flows.
+        let back = t0 + SETTLED * 11;
+        let d = r.desired_at(&cfg, &healthy(&[B, C]), &HashSet::new(), back);
+        assert!(!d.keep_flows.contains(&all[0]));
+        assert!(d.keep_flows.contains(&all[1]) && d.keep_flows.contains(&all[2]));
+    }
+
+    #[test]
+    fn a_down_master_alone_loses_its_flows_once_settled() {
+        let mut r = Reconciler::new();
+        let cfg = config(&[(A, 1), (B, 1)]);
+        let a: SocketAddr = A.parse().unwrap();
+        let t0 = Instant::now();
+        let d = r.desired_at(&cfg, &healthy(&[B]), &HashSet::new(), t0);
+        assert!(d.keep_flows.contains(&a));
+        let d = r.desired_at(&cfg, &healthy(&[B]), &HashSet::new(), t0 + SETTLED);
+        assert!(!d.keep_flows.contains(&a));
     }
 
     #[test]
@@ -504,7 +610,10 @@ mod tests {
         assert_eq!(d.in_rotation, BTreeSet::from([1]));
         assert!(d.keep_flows.contains(&B.parse().unwrap()));
         health.insert(B.parse().unwrap(), Health::Down);
-        let d = r.desired(&cfg, &health, &HashSet::new());
+        let t0 = Instant::now();
+        let d = r.desired_at(&cfg, &health, &HashSet::new(), t0);
+        assert!(d.keep_flows.contains(&B.parse().unwrap()), "down just now");
+        let d = r.desired_at(&cfg, &health, &HashSet::new(), t0 + SETTLED);
         assert!(!d.keep_flows.contains(&B.parse().unwrap()));
     }
 

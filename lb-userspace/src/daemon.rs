@@ -5,7 +5,7 @@
 //! place maps are written, through [`Owners`], which orders it with the VIP
 //! addresses. SIGTERM and SIGINT end it, leaving the pinned datapath running
 //! (unless `detach_on_exit`), so that a restart or upgrade loses nothing. Each
-//! concern lives in its own module: probes in `health`, the passive policy in
+//! concern lives in its own module: probes in `health`, passive events in
 //! `passive`, the snapshot in `status`, bring-up in `loader`, reload rules in
 //! `config`, the map contents in `controller`.
 
@@ -69,7 +69,6 @@ struct Core {
     dp: Datapath,
     reconciler: Reconciler,
     probes: Probes,
-    passive: passive::Policy,
     events: EventLog,
     snapshot: SharedSnapshot,
     reloads_applied: u64,
@@ -115,7 +114,8 @@ impl Reconcile for Core {
 }
 
 impl Core {
-    /// The datapath saw backend `id` fail clients' connections (see `passive`).
+    /// The datapath saw backend `id` fail clients' connections (see `passive`): a
+    /// hint, which its prober confirms or refutes.
     fn passive_failure(&mut self, id: u32, why: PassiveKind) {
         let backend = self
             .reconciler
@@ -123,7 +123,7 @@ impl Core {
             .and_then(|c| c.backends.get(&id))
             .map(|b| b.addr);
         if let Some(backend) = backend {
-            self.passive.failed(backend, why, &self.probes);
+            self.probes.confirm(backend, why);
         }
     }
 
@@ -204,7 +204,6 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
         dp,
         reconciler,
         probes,
-        passive: passive::Policy::default(),
         events: EventLog::default(),
         snapshot,
         reloads_applied: 0,
@@ -236,6 +235,11 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
             _ = int.recv() => break,
             _ = tick.tick() => {
                 owners.step(Step::Tick, &mut core).await;
+                // A down master's flows go once the LB has shown it still reaches
+                // another (see `controller`), which only time can show.
+                if core.reconciler.removal_pending() {
+                    let _ = owners.reconcile(&mut core, "down backend settled");
+                }
                 if let Ok(c) = core.dp.counters() {
                     core.events.log(&c.0);
                 }

@@ -5,7 +5,7 @@
 
 use lb_common::{
     COUNTER_NAMES, DROP_FLOW_INSERT, DROP_NO_BACKEND, DROP_NO_NAT_PORT, DROP_NO_SNAT_ADDR,
-    HALF_OPEN_LOST, REPLY_RESTORED,
+    DROP_UNPROVEN_REFUSAL, HALF_OPEN_LOST, REPLY_RESTORED, RST_UNPROVEN,
 };
 use tracing::{info, warn};
 
@@ -19,7 +19,7 @@ enum Level {
 }
 
 /// The logged counters, with their level and what a line about them says.
-const LOGGED: [(u32, Level, &str); 6] = [
+const LOGGED: [(u32, Level, &str); 8] = [
     (
         DROP_NO_BACKEND,
         Level::Warn,
@@ -49,6 +49,16 @@ const LOGGED: [(u32, Level, &str); 6] = [
         REPLY_RESTORED,
         Level::Info,
         "established flows' reply entries were evicted and put back (flow_table_size too small?)",
+    ),
+    (
+        RST_UNPROVEN,
+        Level::Info,
+        "RSTs far from where their flow is passed on without ending it (forged, or a fast flow's)",
+    ),
+    (
+        DROP_UNPROVEN_REFUSAL,
+        Level::Info,
+        "refusals that do not match the SYN they claim to refuse dropped (forged or stale)",
     ),
 ];
 

@@ -63,11 +63,19 @@
 //! - **Success.** `tcp`: the connect completes. `http`/`https`: the response status
 //!   is 2xx.
 //! - **Not ready versus down.** A backend that fails its probes but still answers
-//!   them with an HTTP status is [`Health::NotReady`]: an apiserver shutting down
-//!   gracefully fails `/readyz` while it finishes the requests and watches it has.
-//!   It becomes [`Health::Down`] after `fall` consecutive probes that get no answer
-//!   at all (refused, timed out, TLS or I/O failure), and each such change is an
-//!   event too. A down backend stays down until `rise` probes pass.
+//!   them is [`Health::NotReady`]: an apiserver shutting down gracefully fails
+//!   `/readyz` while it finishes the requests and watches it has, and an expired
+//!   certificate, a stale CA or a broken TLS session says nothing about the
+//!   connections the master already serves. It becomes [`Health::Down`] only after
+//!   `fall` consecutive probes that get no answer at all (refused, timed out, or
+//!   unreachable before the connection opened), and each such change is an event
+//!   too. A down backend stays down until `rise` probes pass.
+//! - **Hints.** The datapath's passive signals are hints, never verdicts: a hint
+//!   ([`ProberHandle::confirm`]) makes a ready backend's prober probe at once (but
+//!   no sooner than [`HINT_GAP`] after its last probe, so that forged signals
+//!   cannot turn it into a flood of probes), and only a failed probe takes the
+//!   backend out, then without waiting for `fall`. A passing probe refutes the
+//!   hint; both outcomes are counted.
 
 mod probe;
 mod probes;
@@ -185,11 +193,12 @@ pub enum ProbeResult {
     Tls(String),
     /// The server answered with this non-2xx status.
     HttpStatus(u16),
-    /// Any other I/O or protocol failure.
+    /// The connection failed before the backend accepted it, other than refused or
+    /// timed out: unreachable, no route.
     Io(String),
-    /// Not a probe: the datapath saw the backend fail a client's connection (see
-    /// `crate::passive`), and the controller marked it down at once.
-    Passive(PassiveKind),
+    /// The backend accepted the connection, then it broke: reset, closed early, an
+    /// HTTP protocol error.
+    Broken(String),
 }
 
 impl ProbeResult {
@@ -197,9 +206,10 @@ impl ProbeResult {
         matches!(self, Self::Ok)
     }
 
-    /// Whether the backend answered at all, passing or not.
+    /// Whether the backend answered at all, passing or not: anything but no
+    /// connection.
     pub fn answered(&self) -> bool {
-        matches!(self, Self::Ok | Self::HttpStatus(_))
+        !matches!(self, Self::Timeout | Self::Refused | Self::Io(_))
     }
 }
 
@@ -212,7 +222,7 @@ impl fmt::Display for ProbeResult {
             Self::Tls(e) => write!(f, "tls: {e}"),
             Self::HttpStatus(s) => write!(f, "http status {s}"),
             Self::Io(e) => write!(f, "io: {e}"),
-            Self::Passive(kind) => write!(f, "passive: {kind}"),
+            Self::Broken(e) => write!(f, "broken: {e}"),
         }
     }
 }
@@ -225,8 +235,7 @@ pub struct FailureCounts {
     pub tls: u64,
     pub http_status: u64,
     pub io: u64,
-    /// Passive failures the controller acted on (see [`ProberHandle::mark_down`]).
-    pub passive: u64,
+    pub broken: u64,
 }
 
 impl FailureCounts {
@@ -238,13 +247,13 @@ impl FailureCounts {
             ProbeResult::Tls(_) => self.tls += 1,
             ProbeResult::HttpStatus(_) => self.http_status += 1,
             ProbeResult::Io(_) => self.io += 1,
-            ProbeResult::Passive(_) => self.passive += 1,
+            ProbeResult::Broken(_) => self.broken += 1,
         }
     }
 
     /// All failed probes.
     pub fn total(&self) -> u64 {
-        self.timeout + self.refused + self.tls + self.http_status + self.io + self.passive
+        self.timeout + self.refused + self.tls + self.http_status + self.io + self.broken
     }
 }
 
@@ -269,6 +278,16 @@ pub struct HealthEvent {
     pub transitions: u64,
     /// Failed probes so far, by reason.
     pub failures: FailureCounts,
+    /// Passive hints (see [`ProberHandle::confirm`]) that a probe confirmed, which
+    /// took the backend out, and that a passing probe refuted.
+    pub hints: HintCounts,
+}
+
+/// The outcomes of passive hints, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HintCounts {
+    pub confirmed: u64,
+    pub refuted: u64,
 }
 
 impl HealthEvent {
@@ -370,6 +389,7 @@ impl Prober {
             probes: 0,
             transitions: 0,
             failures: FailureCounts::default(),
+            hints: HintCounts::default(),
         });
         let (mark, marks) = mpsc::channel(1);
         let task = tokio::spawn(run(
@@ -392,10 +412,11 @@ pub struct ProberHandle {
 }
 
 impl ProberHandle {
-    /// A passive failure: take a ready backend out at once, as if `fall` probes
-    /// had failed but it still answered (not ready: its flows stay). It comes back
-    /// after `rise` passing probes; probes that get no answer make it down.
-    pub fn mark_down(&self, why: PassiveKind) {
+    /// A passive hint (`why`): if the backend is ready, probe it now, or
+    /// [`HINT_GAP`] after its last probe started, whichever is later. A failed
+    /// probe takes it out at once (not ready, or down if it got no answer); a
+    /// passing one changes nothing. Hints that come while one waits are one hint.
+    pub fn confirm(&self, why: PassiveKind) {
         let _ = self.mark.try_send(why);
     }
 
@@ -449,6 +470,11 @@ impl RiseFall {
     }
 }
 
+/// The least time between a probe's start and a probe that a passive hint brings
+/// forward (or the interval, if shorter): at most ten hint-driven probes a second
+/// per backend, however many signals, forged or not, the datapath reports.
+pub const HINT_GAP: Duration = Duration::from_millis(100);
+
 /// `interval` scaled by a factor uniform in `[1 - jitter, 1 + jitter]`.
 fn jittered(interval: Duration, jitter: f64) -> Duration {
     if jitter == 0.0 {
@@ -475,34 +501,51 @@ async fn run(
     if spec.jitter > 0.0 {
         next += spec.interval.mul_f64(fastrand::f64());
     }
+    let mut last_started: Option<Instant> = None;
+    let mut hint: Option<PassiveKind> = None;
     loop {
+        // A hint brings the next probe forward, to no sooner than `HINT_GAP` after
+        // the last one started.
+        let due = match (hint, last_started) {
+            (Some(_), Some(last)) => next.min(last + HINT_GAP.min(spec.interval)),
+            (Some(_), None) => Instant::now(),
+            (None, _) => next,
+        };
         tokio::select! {
-            () = tokio::time::sleep_until(next) => {}
+            () = tokio::time::sleep_until(due) => {}
             Some(kind) = marks.recv() => {
-                if !report.healthy {
-                    continue;
-                }
-                state = RiseFall::new(spec.rise, spec.fall, false);
-                report.healthy = false;
-                report.reason = ProbeResult::Passive(kind);
-                report.failures.count(&report.reason);
-                report.transitions += 1;
-                warn!(%backend, state = %report.health(), reason = %report.reason,
-                    transitions = report.transitions, "backend health changed");
-                latest.send_replace(report.clone());
-                if events.send(report.clone()).await.is_err() {
-                    return;
+                // Only a backend in rotation has anything to confirm.
+                if report.healthy {
+                    hint = Some(kind);
                 }
                 continue;
             }
         }
         let started = Instant::now();
+        last_started = Some(started);
         next = started + jittered(spec.interval, spec.jitter);
         let result =
             match tokio::time::timeout(spec.timeout, probe::run(&inner.target, backend)).await {
                 Ok(result) => result,
                 Err(_elapsed) => ProbeResult::Timeout,
             };
+        if let Some(why) = hint.take()
+            && report.healthy
+        {
+            if result.is_ok() {
+                report.hints.refuted += 1;
+                debug!(%backend, "passive hint refuted by a passing probe: {why}");
+            } else {
+                // Confirmed: out now, not after `fall` probes; down at once if the
+                // probe got no answer.
+                report.hints.confirmed += 1;
+                info!(%backend, reason = %result, "passive hint confirmed by a failed probe: {why}");
+                state = RiseFall::new(spec.rise, spec.fall, false);
+                if !result.answered() {
+                    answering = RiseFall::new(1, spec.fall, false);
+                }
+            }
+        }
         report.latency = started.elapsed();
         report.probes += 1;
         report.failures.count(&result);
@@ -570,6 +613,25 @@ mod tests {
             Some(false),
             "third consecutive failure: down"
         );
+    }
+
+    #[test]
+    fn only_no_connection_at_all_is_no_answer() {
+        for silent in [
+            ProbeResult::Timeout,
+            ProbeResult::Refused,
+            ProbeResult::Io("no route to host".into()),
+        ] {
+            assert!(!silent.answered(), "{silent}");
+        }
+        for answered in [
+            ProbeResult::Ok,
+            ProbeResult::HttpStatus(500),
+            ProbeResult::Tls("certificate expired".into()),
+            ProbeResult::Broken("connection reset by peer".into()),
+        ] {
+            assert!(answered.answered(), "{answered}");
+        }
     }
 
     #[test]

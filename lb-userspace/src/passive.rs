@@ -2,22 +2,25 @@
 //! connection on the wire (a RST or an ICMP unreachable answering a SYN it never
 //! accepted), or left a SYN unanswered until the client sent it again (a silent
 //! host). Probes notice a dead apiserver only after `fall` intervals; the datapath
-//! sees the first refused SYN, so this module reads its events within milliseconds
-//! and decides ([`Policy`]) whether the backend leaves rotation at once.
+//! sees the first refused SYN, so this module reads its events within milliseconds.
+//!
+//! An event is a hint, not a verdict: the wire cannot tell a dead master from a
+//! SYN that was lost, carried a bad checksum, or was forged, so the daemon asks the
+//! backend's prober to probe at once (`health::ProberHandle::confirm`), and only a
+//! failed probe takes the backend out.
 //!
 //! The datapath (`lb-ebpf/src/passive.rs`) sends an event once a backend has failed
 //! `passive_threshold` times in a row, at most one per backend per
 //! `PASSIVE_EVENT_GAP_NS`; the counts by kind are in `PASSIVE_STATS` (see
 //! `/metrics`).
 
-use std::{collections::HashMap, fmt, net::SocketAddr, time::Duration};
+use std::fmt;
 
 use aya::maps::{MapData, RingBuf};
 use lb_common::{PASSIVE_KIND_ICMP, PASSIVE_KIND_RST, PASSIVE_KIND_SILENT, PassiveEvent};
-use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle, time::Instant};
+use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 use tracing::warn;
 
-use crate::health::{Health, Probes};
 
 /// `health.passive` and `health.passive_threshold`, validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,43 +118,6 @@ fn decode(bytes: &[u8]) -> Option<(u32, PassiveKind)> {
     let id = u32::from_ne_bytes(bytes[..4].try_into().ok()?);
     let kind = u32::from_ne_bytes(bytes[4..8].try_into().ok()?);
     Some((id, PassiveKind::from_raw(kind)?))
-}
-
-/// A backend that passive failures took out less than this long ago, and that
-/// its probes have brought back since, is flapping: its passive failures are
-/// ignored (and logged once) until the window ends.
-const FLAP_WINDOW: Duration = Duration::from_secs(10);
-
-/// What the controller does with a passive failure: take a ready backend out of
-/// rotation now (its probes bring it back after `rise` passes), unless it is
-/// flapping.
-#[derive(Debug, Default)]
-pub struct Policy {
-    /// When a passive failure last took each backend out, and whether its
-    /// flapping was logged since.
-    marked: HashMap<SocketAddr, (Instant, bool)>,
-}
-
-impl Policy {
-    /// The datapath saw `backend` fail `passive_threshold` clients' connections in
-    /// a row, `why` the last.
-    pub fn failed(&mut self, backend: SocketAddr, why: PassiveKind, probes: &Probes) {
-        if probes.health().get(&backend) != Some(&Health::Ready) {
-            return;
-        }
-        if let Some((at, logged)) = self.marked.get_mut(&backend)
-            && at.elapsed() < FLAP_WINDOW
-        {
-            if !*logged {
-                *logged = true;
-                warn!(%backend, "backend flapping: {why} while its probes pass; passive failures ignored for {}s", FLAP_WINDOW.as_secs());
-            }
-            return;
-        }
-        self.marked.insert(backend, (Instant::now(), false));
-        warn!(%backend, "passive failure: {why}; taking it out now");
-        probes.mark_down(backend, why);
-    }
 }
 
 #[cfg(test)]

@@ -71,9 +71,12 @@ pub struct BackendStatus {
     pub probe_latency_seconds: f64,
     pub probes: u64,
     pub transitions: u64,
-    /// Failed probes by reason: `timeout`, `refused`, `tls`, `http_status`, `io`,
-    /// and `passive` (times a passive failure took it out).
+    /// Failed probes by reason: `timeout`, `refused`, `tls`, `http_status`, `io`
+    /// (before the connection opened), `broken` (after).
     pub failures: Vec<(String, u64)>,
+    /// The datapath's passive hints by outcome: `confirmed` by a failed probe,
+    /// which took it out, or `refuted` by a passing one.
+    pub passive_hints: Vec<(String, u64)>,
     /// Failures the datapath saw on the wire, by kind: `rst`, `icmp`, `silent`
     /// (see `crate::passive`).
     pub passive_failures: Vec<(String, u64)>,
@@ -212,7 +215,13 @@ fn backend_status(
                 ("tls".to_owned(), f.tls),
                 ("http_status".to_owned(), f.http_status),
                 ("io".to_owned(), f.io),
-                ("passive".to_owned(), f.passive),
+                ("broken".to_owned(), f.broken),
+            ]
+        }),
+        passive_hints: last.as_ref().map_or_else(Vec::new, |e| {
+            vec![
+                ("confirmed".to_owned(), e.hints.confirmed),
+                ("refuted".to_owned(), e.hints.refuted),
             ]
         }),
         passive_failures: [

@@ -474,8 +474,9 @@ async fn certificate_from_another_ca_is_a_tls_failure() {
         server.addr,
     );
 
-    let down = next_event(&mut rx, "down").await;
-    assert!(!down.healthy);
+    let down = next_event(&mut rx, "out of rotation").await;
+    // A TLS failure is an answer: not ready, its connections kept; never down.
+    assert_eq!(down.health(), Health::NotReady);
     assert_tls_failure(&down, "invalid peer certificate");
     assert_eq!((down.probes, down.failures.tls), (2, 2));
     assert_eq!(

@@ -6,6 +6,8 @@
 //! - [`fixture`]: Katran-style packet fixtures run through `BPF_PROG_TEST_RUN`
 //!   against a datapath provisioned as `apilb run` provisions it: a validated
 //!   config, written into the maps by the controller.
+//! - [`flowfx`]: the fixtures' flows: the lab's masters and clients, and each
+//!   segment of a flow's life as the datapath must rewrite it.
 //! - [`cluster`]: a client, a router, LB nodes and masters on an L2 segment, in
 //!   namespaces, for tests that send real frames.
 //! - [`elect`]: two LB nodes running apilb or keepalived for one VIP, and who
@@ -25,6 +27,7 @@
 pub mod cluster;
 pub mod elect;
 pub mod fixture;
+pub mod flowfx;
 pub mod live;
 pub mod natstate;
 pub mod netns;

@@ -215,21 +215,22 @@ pub fn udp(eth_src: Mac, eth_dst: Mac, src: SocketAddr, dst: SocketAddr) -> Vec<
 
 /// An ICMP destination unreachable from `from` about `segment` (a frame built by
 /// [`Tcp::build`], its IP datagram quoted whole), sent to the segment's source:
-/// port unreachable, or with `frag_needed` (IPv4 only) fragmentation needed.
+/// port unreachable, or with `too_big` fragmentation needed (IPv4) or packet too
+/// big (IPv6), both for an MTU of 1400.
 #[must_use]
 pub fn icmp_unreachable(
     eth_src: Mac,
     eth_dst: Mac,
     from: IpAddr,
     segment: &Tcp,
-    frag_needed: bool,
+    too_big: bool,
 ) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(eth_src, eth_dst);
     let quoted = &segment.build()[14..];
     let mut out = Vec::new();
     match (from, segment.src.ip()) {
         (IpAddr::V4(f), IpAddr::V4(to)) => {
-            let code = if frag_needed {
+            let code = if too_big {
                 icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 }
             } else {
                 icmpv4::DestUnreachableHeader::Port
@@ -240,9 +241,11 @@ pub fn icmp_unreachable(
         }
         (IpAddr::V6(f), IpAddr::V6(to)) => b
             .ipv6(f.octets(), to.octets(), 64)
-            .icmpv6(Icmpv6Type::DestinationUnreachable(
-                icmpv6::DestUnreachableCode::Port,
-            ))
+            .icmpv6(if too_big {
+                Icmpv6Type::PacketTooBig { mtu: 1400 }
+            } else {
+                Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port)
+            })
             .write(&mut out, quoted),
         _ => panic!("mixed address families"),
     }

@@ -1,8 +1,8 @@
 //! A master dies under 100 new https connections/s, and no client sees it fail:
 //! the datapath sees the master fail a client's SYN (a RST, an ICMP unreachable,
-//! or no answer), takes it out and re-steers the client's retransmit to another
-//! master, whether or not a probe has noticed yet; a master that refuses only the
-//! odd SYN stays in. Against real stub apiservers, a real kernel and nftables on
+//! or no answer) and re-steers the client's retransmit to another master, and
+//! the probe that this hint triggers takes the master out at once; a master that
+//! refuses only the odd SYN stays in, because its probes pass. Against real stub apiservers, a real kernel and nftables on
 //! the master for the partial failures.
 //!
 //! In each case the traffic runs before, during and after the failure, and the
@@ -134,11 +134,21 @@ fn nft(p: &ControlPlane, rules: &str) {
 
 /// The victim's passive failures of `kind` in `/metrics` (republished every second).
 fn passive_failures(p: &ControlPlane, kind: &str) -> u64 {
+    victim_series(p, "passive_failures", "kind", kind)
+}
+
+/// The victim's passive hints that a probe showed `outcome` (`confirmed`,
+/// `refuted`).
+fn passive_hints(p: &ControlPlane, outcome: &str) -> u64 {
+    victim_series(p, "passive_hints", "outcome", outcome)
+}
+
+/// `apilb_backend_<name>_total{backend=VICTIM,<label>=<value>}` in `/metrics`.
+fn victim_series(p: &ControlPlane, name: &str, label: &str, value: &str) -> u64 {
     thread::sleep(Duration::from_millis(1100));
     let metrics = tests::live::metrics(p.t.lb());
-    let series = format!(
-        "apilb_backend_passive_failures_total{{backend=\"{VICTIM_ADDR}\",kind=\"{kind}\"}} "
-    );
+    let series =
+        format!("apilb_backend_{name}_total{{backend=\"{VICTIM_ADDR}\",{label}=\"{value}\"}} ");
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(&series)?.parse().ok())
@@ -219,15 +229,15 @@ fn a_firewall_rejecting_a_masters_syns_with_icmp_fails_no_connection() {
 }
 
 #[test]
-fn a_master_refusing_one_syn_in_ten_stays_in_with_a_threshold_of_three() {
+fn a_master_refusing_one_syn_in_ten_stays_in_on_its_probes_word() {
     let _serial = serial();
-    let mut p = ControlPlane::start_with("apilb-pstray", Shape::default(), "passive_threshold = 3");
-    // Every tenth client SYN to the apiserver is refused, so never three in a row.
-    // Only the clients' (from apilb's NAT ports, 1024-32767 by default): were
-    // apilb's own probes counted too, the tenth SYN could fall on two probes in a
-    // row as the rates beat against each other, and the probes take the master
-    // out, which is not what this tests.
-    let seen = under_load(&mut p, "one SYN in ten refused, threshold 3", |p| {
+    // A threshold of 1: every refused SYN is a hint to the controller, and the
+    // probe each one triggers decides. Before hints, one refusal took the master
+    // out.
+    let mut p = ControlPlane::start_with("apilb-pstray", Shape::default(), "passive_threshold = 1");
+    // Every tenth client SYN to the apiserver is refused. Only the clients' (from
+    // apilb's NAT ports, 1024-32767 by default), not apilb's probes.
+    let seen = under_load(&mut p, "one SYN in ten refused, threshold 1", |p| {
         nft(
             p,
             "add table inet apilbt; \
@@ -238,6 +248,7 @@ fn a_master_refusing_one_syn_in_ten_stays_in_with_a_threshold_of_three() {
     });
     no_client_failed(&p, &seen);
     let refused = passive_failures(&p, "rst");
+    let (confirmed, refuted) = (passive_hints(&p, "confirmed"), passive_hints(&p, "refuted"));
     // The last second of the load, counted from the last attempt started: the
     // record is taken only once attempts in flight settle, which can take a SYN
     // retransmit's second, with nothing started meanwhile.
@@ -245,15 +256,22 @@ fn a_master_refusing_one_syn_in_ten_stays_in_with_a_threshold_of_three() {
     let tail = last
         .and_then(|l| l.checked_sub(Duration::from_secs(1)))
         .expect("attempts were made");
-    eprintln!("passive stray RSTs: {refused} refused, the master never taken out");
+    eprintln!(
+        "passive stray RSTs: {refused} refused, {refuted} hints refuted by a probe, \
+         {confirmed} confirmed; the master never taken out"
+    );
     assert!(refused >= 5, "{refused} RSTs");
+    assert!(refuted >= 1, "the hints were probed");
+    assert_eq!(confirmed, 0, "no probe failed");
     assert!(
         seen.record.last_served_by(VICTIM_NAME, tail).is_some(),
         "the master still serves at the end"
     );
+    let log = p.apilb.log_text();
     assert!(
-        !p.apilb.log_text().contains("passive failure:"),
-        "no passive failure took it out:\n{}",
-        p.apilb.log_text()
+        !log
+            .lines()
+            .any(|l| l.contains("backend health changed") && l.contains(VICTIM_ADDR)),
+        "the master never changed state:\n{log}"
     );
 }

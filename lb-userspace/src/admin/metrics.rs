@@ -39,6 +39,7 @@ type Labels = Vec<(&'static str, String)>;
 ///   `backend_probes_total`, `backend_transitions_total`,
 ///   `backend_probe_failures_total{reason}`,
 ///   `backend_passive_failures_total{kind}` (failures the datapath saw),
+///   `backend_passive_hints_total{outcome}` (what probing on them showed),
 ///   `backend_local_connects_total` (node-local mode), `backend_packets_total`,
 ///   `backend_bytes_total`, `backend_new_flows_total`.
 /// - Every datapath counter, as `datapath_packets_total{counter="<name>"}`. The
@@ -255,6 +256,21 @@ fn encode_backends(e: &mut DescriptorEncoder, backends: &[BackendStatus]) -> std
             b.passive_failures.iter().map(|(kind, n)| {
                 let mut labels = backend(b);
                 labels.push(("kind", kind.clone()));
+                (labels, *n)
+            })
+        }),
+    )?;
+    counters(
+        e,
+        "backend_passive_hints",
+        "Passive failures reported to the controller, by what the probe they \
+         triggered showed: confirmed (the probe failed; the backend left rotation) \
+         or refuted (it passed)",
+        None,
+        backends.iter().flat_map(|b| {
+            b.passive_hints.iter().map(|(outcome, n)| {
+                let mut labels = backend(b);
+                labels.push(("outcome", outcome.clone()));
                 (labels, *n)
             })
         }),

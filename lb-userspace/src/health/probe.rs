@@ -57,9 +57,9 @@ pub(super) async fn run(target: &Target, backend: SocketAddr) -> ProbeResult {
     };
     // Requests are one small write; don't let Nagle delay them.
     if let Err(e) = tcp.set_nodelay(true) {
-        return classify(&e);
+        return accepted(classify(&e));
     }
-    match target {
+    accepted(match target {
         Target::Tcp => ProbeResult::Ok,
         Target::Http { path } => get(tcp, path, &backend.to_string()).await,
         Target::Https { path, tls } => {
@@ -68,6 +68,15 @@ pub(super) async fn run(target: &Target, backend: SocketAddr) -> ProbeResult {
                 Err(e) => classify(&e),
             }
         }
+    })
+}
+
+/// The result of a probe whose connection the backend accepted: an I/O failure
+/// after that is an answer of sorts (see [`ProbeResult::Broken`]), not silence.
+fn accepted(result: ProbeResult) -> ProbeResult {
+    match result {
+        ProbeResult::Io(e) => ProbeResult::Broken(e),
+        r => r,
     }
 }
 

@@ -99,10 +99,10 @@ impl Probes {
         self.handles.get(&backend).map(ProberHandle::latest)
     }
 
-    /// Take a ready `backend` out at once (see [`ProberHandle::mark_down`]).
-    pub fn mark_down(&self, backend: SocketAddr, why: PassiveKind) {
+    /// A passive hint about `backend`: probe it now (see [`ProberHandle::confirm`]).
+    pub fn confirm(&self, backend: SocketAddr, why: PassiveKind) {
         if let Some(h) = self.handles.get(&backend) {
-            h.mark_down(why);
+            h.confirm(why);
         }
     }
 }
