@@ -58,7 +58,7 @@ enum Task {
         minutes: u32,
     },
     /// The XDP program against its reference model: N random and mutated
-    /// frames (10^6 by default) through BPF_PROG_TEST_RUN, each checked for
+    /// frames (10^6 by default) through `BPF_PROG_TEST_RUN`, each checked for
     /// verdict, output bytes, checksums, counters and flow tables; a summary
     /// table at the end. Needs root.
     Fuzz {

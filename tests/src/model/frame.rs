@@ -6,7 +6,7 @@
 //! What the datapath's parse reads (and so what the model must read alike):
 //! Ethernet, one 802.1Q or 802.1ad tag, IPv4 (version 4, IHL of at least 5, a
 //! total length of at least the header, neither MF nor an offset; options are
-//! skipped by IHL and never read) or IPv6 (version 6; TCP or ICMPv6 directly,
+//! skipped by `IHL` and never read) or IPv6 (version 6; TCP or `ICMPv6` directly,
 //! fragment header = fragment, any other = not TCP), then 20 bytes of TCP, or an
 //! ICMP error quoting a TCP segment of the same family (its type, the quoted IP
 //! header, and the quoted ports). Lengths are checked against the frame only;

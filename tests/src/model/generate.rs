@@ -250,6 +250,12 @@ impl Generator {
     }
 
     /// A segment on a client tuple's flow, as its state calls for or not.
+    #[expect(
+        clippy::too_many_lines,
+        clippy::many_single_char_names,
+        reason = "one arm per segment a state calls for, each one line; c, v, k, t as in \
+                  the fixtures"
+    )]
     fn conversation(&mut self, m: &Model) -> Frame {
         let c = self.client();
         let v = self.vip_for(c);
@@ -391,6 +397,10 @@ impl Generator {
 
     /// A tuple visited about every second or two: its SYN, then the same SYN
     /// again (with passive detection, a master that stayed silent for 500 ms).
+    #[expect(
+        clippy::many_single_char_names,
+        reason = "c, v, k, t as in the fixtures"
+    )]
     fn slow(&mut self, m: &Model) -> Frame {
         let v6 = self.pct(30);
         let port = 52_000 + self.rng.u16(0..4);
@@ -634,6 +644,7 @@ impl Generator {
     }
 
     /// One to three mutations.
+    #[expect(clippy::too_many_lines, reason = "one arm per kind of mutation")]
     fn mutate(&mut self, f: &mut Frame) {
         f.mutated = true;
         for _ in 0..self.rng.u32(1..=3) {

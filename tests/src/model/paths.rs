@@ -7,7 +7,13 @@ use lb_common::{
     AF_INET, BACKEND_F_DOWN, BACKEND_F_LOCAL, BACKEND_NONE, FALLBACK_HOPS, FLOW_F_REFUSED,
     FLOW_F_TS, FLOW_SEEN_GRANULARITY_NS, FlowKey, FlowState, MAGLEV_SIZE_MAX, NextHop,
     PASSIVE_SILENT_NS, PORT_CLAIM_GRACE_NS, REPLY_F_TRACK, REPLY_F_TS, ReplyState, VipKey,
-    counters::*,
+    counters::{
+        DROP_NO_BACKEND, DROP_NO_NAT_PORT, DROP_NO_SNAT_ADDR, DROP_PASSIVE_ICMP, DROP_PASSIVE_RST,
+        DROP_UNPROVEN_REFUSAL, FALLBACK, FIB_LOOKUP, FLOW_ESTABLISHED, FLOW_NEW, HALF_OPEN_LOST,
+        ICMP_TOO_BIG_TRANSLATED, PASS_FIB_MISS, PASS_LOCAL_BACKEND, PASS_NO_FLOW, PASS_NO_TX_PORT,
+        PASS_NOT_OWNED, PASS_NOT_VIP, PASS_VLAN, PASSIVE_SILENT, RECLAIM_CLOSED, RECLAIM_HALF_OPEN,
+        RECLAIM_IDLE, RECLAIM_ORPHAN, REDIRECT, REPLY_HIT, REPLY_RESTORED, RST_UNPROVEN, TX,
+    },
     ct::{
         self, CT_CLOSE, CT_ESTABLISHED, CT_LAST_ACK, CT_NONE, CT_SYN_SENT, CT_TIME_WAIT,
         FROM_BACKEND, FROM_CLIENT, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
@@ -788,6 +794,10 @@ fn refuse(tx: &mut Tx, r: &ReplyState, rk: &FlowKey, half: Half, kind: usize, c:
 
 /// An ICMP fragmentation needed or packet too big about a flow under NAT, turned
 /// into one from the VIP to the client about the segment as the client sent it.
+#[expect(
+    clippy::many_single_char_names,
+    reason = "the frame, the parse, the lease, the tuple: named as everywhere in this file"
+)]
 fn too_big(tx: &mut Tx, f: &mut [u8], p: &Parsed, ingress: u32) -> Outcome {
     if !is_snat(tx, p.key.family, &p.key.dst_be) {
         return pass(PASS_NOT_VIP);

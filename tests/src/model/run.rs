@@ -410,11 +410,11 @@ impl<'a> Round<'a> {
             }
             self.window.push((at, frame, chosen));
             sum.frames += 1;
-            if sum.frames % self.s.counter_every == 0 {
+            if sum.frames.is_multiple_of(self.s.counter_every) {
                 self.check_counters(at)?;
                 sum.counter_checks += 1;
             }
-            if sum.frames % self.s.state_every == 0 {
+            if sum.frames.is_multiple_of(self.s.state_every) {
                 self.check_tables(None).map_err(|e| self.fail(at, &e))?;
                 sum.table_checks += 1;
             }
@@ -422,7 +422,11 @@ impl<'a> Round<'a> {
                 && !self.finding_reported
             {
                 self.finding_reported = true;
-                sum.findings.push(self.fail(at, e).0);
+                sum.findings.push(self.fail(at, e).0.replacen(
+                    "datapath and model disagree",
+                    "a first-principles check failed (the model agrees with the datapath)",
+                    1,
+                ));
             }
         }
         self.check_counters(sum.frames)?;
@@ -780,7 +784,10 @@ fn trace(at: u64, frame: &Frame, p: &Prediction, port: u16) {
 /// A frame as hex, for reproducers.
 #[must_use]
 pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    b.iter().fold(String::new(), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
 }
 
 /// The frame for `Ingress`, for readers of a reproducer.
