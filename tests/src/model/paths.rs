@@ -134,7 +134,7 @@ pub fn balance(tx: &mut Tx, f: &mut [u8], ingress: u32) -> Outcome {
             }
         }
     };
-    let out = to_backend(tx, f, &p, &key, &mut flow, ingress);
+    let out = to_backend(tx, f, &p, &key, &mut flow, ingress, table);
     tx.set_flow(table, key, Some(flow));
     if is_new {
         tx.count(FLOW_NEW);
@@ -185,9 +185,10 @@ fn snat_addr(tx: &Tx, family: u8, index: u8) -> [u32; 4] {
         .unwrap_or_default()
 }
 
-/// Forget a flow and its lease.
+/// Forget a flow and its lease (a refused flow has given its lease back: the
+/// port may be another flow's by now).
 fn forget(tx: &mut Tx, key: &FlowKey, f: &FlowState, half: Half) {
-    if f.nat_port_be != 0 {
+    if f.nat_port_be != 0 && f.flags & FLOW_F_REFUSED == 0 {
         let rk = reply_key(tx, key, f);
         tx.set_reply(half, rk, None);
     }
@@ -477,7 +478,8 @@ fn reclaimable(
     Some(floor)
 }
 
-/// A client's packet on `flow`: NAT to its backend, timestamps shifted, sent on.
+/// A client's packet on `flow` (in the half-open table if `half`): NAT to its
+/// backend, timestamps shifted, sent on.
 fn to_backend(
     tx: &mut Tx,
     f: &mut [u8],
@@ -485,6 +487,7 @@ fn to_backend(
     key: &FlowKey,
     flow: &mut FlowState,
     ingress: u32,
+    half: Half,
 ) -> Outcome {
     if flow.nat_port_be == 0 {
         return pass(PASS_LOCAL_BACKEND);
@@ -511,7 +514,8 @@ fn to_backend(
     let (out, changed) = forward(tx, f, p, &t, &mut hop, ingress);
     if changed {
         flow.next_hop = hop;
-        if !ct::half_open(flow.state) {
+        // Only a flow of the established table has its lease there to restore.
+        if !ct::half_open(flow.state) && !half {
             restore_reply(tx, key, flow);
         }
     }

@@ -42,7 +42,7 @@ use super::{
     generate::{Frame, Generator, VIP6, VIPS4},
 };
 use crate::{
-    fixture::{Ingress, Lab, LabConfig, sa},
+    fixture::{Lab, LabConfig, sa},
     flowfx::{addrs, masters4, masters6},
     packets::describe,
 };
@@ -652,7 +652,8 @@ impl<'a> Round<'a> {
 
 /// First principles, on the kernel's tables alone: every NAT port a flow or a
 /// lease holds is at a pool address, within the configured range, and no port
-/// is held by two flows that are not over (a refused flow gave its port back).
+/// is held by two flows that are not over (a refused flow gave its port back),
+/// nor leased in both tables.
 fn ports_held_once(
     flows: &[(Half, Vec<(FlowKey, lb_common::FlowState)>); 2],
     replies: &[(Half, Vec<(FlowKey, lb_common::ReplyState)>); 2],
@@ -677,6 +678,14 @@ fn ports_held_once(
                     "flows {other:?} and {k:?} hold one NAT port: {f:?}"
                 ));
             }
+        }
+    }
+    for k in &replies[1].1 {
+        if replies[0].1.iter().any(|(e, _)| *e == k.0) {
+            return Err(format!(
+                "lease {:?} is in both the established and the half-open table",
+                k.0
+            ));
         }
     }
     for (_, entries) in replies {
@@ -788,13 +797,4 @@ pub fn hex(b: &[u8]) -> String {
         let _ = write!(s, "{x:02x}");
         s
     })
-}
-
-/// The frame for `Ingress`, for readers of a reproducer.
-#[must_use]
-pub fn side(i: Ingress) -> &'static str {
-    match i {
-        Ingress::ClientSide => "client side (fx0)",
-        Ingress::MasterSide => "master side (fx1)",
-    }
 }
