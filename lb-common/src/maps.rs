@@ -326,7 +326,7 @@ mod tests {
         }
         assert_eq!(
             (LAYOUT_VERSION, h),
-            (6, 0xa41b_e413_0f92_2643),
+            (7, 0x596d_e1da_e76e_2e40),
             "bump LAYOUT_VERSION, then the fingerprint"
         );
     }

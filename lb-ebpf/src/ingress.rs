@@ -21,9 +21,7 @@ use lb_common::{
 };
 
 use crate::{
-    flow::{
-        coarse_now, forget, new_flow, promote, record, restore_reply, save_flow, track_client,
-    },
+    flow::{coarse_now, forget, new_flow, promote, record, restore_reply, save_flow, track_client},
     forward::{Tuple, forward, rewrite},
     maps::{BACKEND_STATS, CONFIG, FLOWS, HALF_FLOWS, SCRATCH, VIP_STATS, VIPS, account, count},
     outcome::Outcome,

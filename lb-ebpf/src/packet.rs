@@ -280,9 +280,11 @@ pub fn seq_ack(ctx: &XdpContext, p: &Parsed) -> u64 {
 pub fn quoted_seq(ctx: &XdpContext, p: &Parsed) -> Option<u32> {
     let inner = usize::from(p.l4) + ICMP_HDR_LEN;
     let ihl = if p.key.family == AF_INET {
-        let vihl: *const u8 = ptr_at(ctx, inner).ok()?;
-        // SAFETY: `ptr_at` proved the byte present.
-        usize::from(unsafe { *vihl } & 0x0f) * 4
+        // Four bytes, not one: LLVM turns a one-byte bounds check into a
+        // comparison the verifier cannot use.
+        let head: *const [u8; 4] = ptr_at(ctx, inner).ok()?;
+        // SAFETY: `ptr_at` proved the bytes present.
+        usize::from(unsafe { (*head)[0] } & 0x0f) * 4
     } else {
         Ipv6Hdr::LEN
     };

@@ -98,9 +98,11 @@ fn translate4(ctx: &XdpContext, p: &Parsed, reply: &ReplyState) -> Option<()> {
     let quote = swap(ctx, inner + 12, &reply.client_be[..1], Delta::default())?;
     let quote = swap(ctx, inner + 16, &reply.vip_be[..1], quote)?;
     fix(ctx, inner + 10, quote)?;
-    let vihl = ptr_at::<u8>(ctx, inner).ok()?;
-    // SAFETY: `ptr_at` proved the byte inside the packet.
-    let ihl = usize::from(unsafe { *vihl } & 0x0f) * 4;
+    // Four bytes, not one: LLVM turns a one-byte bounds check into a comparison
+    // the verifier cannot use.
+    let head = ptr_at::<[u8; 4]>(ctx, inner).ok()?;
+    // SAFETY: `ptr_at` proved the bytes inside the packet.
+    let ihl = usize::from(unsafe { (*head)[0] } & 0x0f) * 4;
     let icmp = quoted_tcp(ctx, inner + ihl, reply, quote)?;
     fix(ctx, usize::from(p.l4) + 2, icmp)
 }

@@ -104,6 +104,11 @@ pub struct Reconciler {
     down_since: HashMap<SocketAddr, Instant>,
 }
 
+/// Whether `addr` is down: so probed, or not probed at all.
+fn is_down(health: &HashMap<SocketAddr, Health>, addr: &SocketAddr) -> bool {
+    !matches!(health.get(addr), Some(Health::Ready | Health::NotReady))
+}
+
 /// The node-local aliases: each address stands for the first VIP of its family.
 fn aliases(config: &Config, vips: &[(Vip, Vec<u32>)]) -> Vec<Vip> {
     config
@@ -164,8 +169,10 @@ impl Reconciler {
         now: Instant,
     ) -> Desired {
         let is = |addr: &SocketAddr, h: Health| health.get(addr) == Some(&h);
-        let down = |addr: &SocketAddr| !matches!(health.get(addr), Some(Health::Ready | Health::NotReady));
-        self.down_since.retain(|a, _| down(a) && config.backends.iter().any(|b| b.addr == *a));
+        let down =
+            |addr: &SocketAddr| !matches!(health.get(addr), Some(Health::Ready | Health::NotReady));
+        self.down_since
+            .retain(|a, _| down(a) && config.backends.iter().any(|b| b.addr == *a));
         for b in config.backends.iter().filter(|b| down(&b.addr)) {
             self.down_since.entry(b.addr).or_insert(now);
         }
@@ -227,35 +234,7 @@ impl Reconciler {
                 )
             })
             .collect();
-        // Flows are kept to every configured backend that still answers, ready or
-        // not, drained (weight 0) or not, and to every backend in rotation (which,
-        // failing open, includes down ones). Only a down master loses its flows,
-        // and only once the LB node has shown that it can still reach a master:
-        // it has been down for `fall + 1` probe intervals, by when an outage on
-        // this node's side would have taken every master down, and another master
-        // of its family is ready. So while every master is failing, none loses a
-        // flow, not even the first to fail.
-        let settle = config.health.interval * (config.health.fall + 1);
-        let family_ready = |v4: bool| {
-            config
-                .backends
-                .iter()
-                .any(|b| b.addr.is_ipv4() == v4 && is(&b.addr, Health::Ready))
-        };
-        let keep_flows = config
-            .backends
-            .iter()
-            .filter(|b| {
-                !down(&b.addr)
-                    || in_rotation.contains(&self.backend_ids[&b.addr])
-                    || self
-                        .down_since
-                        .get(&b.addr)
-                        .is_none_or(|&t| now.duration_since(t) < settle)
-                    || !family_ready(b.addr.is_ipv4())
-            })
-            .map(|b| b.addr)
-            .collect();
+        let keep_flows = self.keep_flows(config, health, &in_rotation, now);
         let d = &config.datapath;
         let node = NodeConfig {
             snat_v4: d.snat_v4.clone(),
@@ -281,6 +260,47 @@ impl Reconciler {
             keep_flows,
             fail_open,
         }
+    }
+
+    /// The backends whose flows stay (see the comment inside), given each one's
+    /// health, the ids in rotation, and the time.
+    fn keep_flows(
+        &self,
+        config: &Config,
+        health: &HashMap<SocketAddr, Health>,
+        in_rotation: &BTreeSet<u32>,
+        now: Instant,
+    ) -> BTreeSet<SocketAddr> {
+        let down = |addr: &SocketAddr| is_down(health, addr);
+        // Flows are kept to every configured backend that still answers, ready or
+        // not, drained (weight 0) or not, and to every backend in rotation (which,
+        // failing open, includes down ones). Only a down master loses its flows,
+        // and only once the LB node has shown that it can still reach a master:
+        // it has been down for `fall + 1` probe intervals, by when an outage on
+        // this node's side would have taken every master down, and another master
+        // of its family is ready. So while every master is failing, none loses a
+        // flow, not even the first to fail.
+        let settle = config.health.interval * (config.health.fall + 1);
+        let family_ready = |v4: bool| {
+            config
+                .backends
+                .iter()
+                .any(|b| b.addr.is_ipv4() == v4 && health.get(&b.addr) == Some(&Health::Ready))
+        };
+        config
+            .backends
+            .iter()
+            .filter(|b| {
+                !down(&b.addr)
+                    || in_rotation.contains(&self.backend_ids[&b.addr])
+                    || self
+                        .down_since
+                        .get(&b.addr)
+                        .is_none_or(|&t| now.duration_since(t) < settle)
+                    || !family_ready(b.addr.is_ipv4())
+            })
+            .map(|b| b.addr)
+            .collect()
     }
 
     /// Whether a down backend out of rotation keeps flows that a later reconcile

@@ -21,7 +21,6 @@ use lb_common::{PASSIVE_KIND_ICMP, PASSIVE_KIND_RST, PASSIVE_KIND_SILENT, Passiv
 use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 use tracing::warn;
 
-
 /// `health.passive` and `health.passive_threshold`, validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PassiveSettings {

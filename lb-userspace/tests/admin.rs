@@ -74,6 +74,7 @@ fn sample() -> Snapshot {
                 transitions: 1,
                 failures: vec![("timeout".to_owned(), 0), ("refused".to_owned(), 0)],
                 passive_failures: vec![("rst".to_owned(), 0)],
+                passive_hints: vec![("confirmed".to_owned(), 0), ("refuted".to_owned(), 3)],
                 local_connects: 9,
                 packets: 4000,
                 bytes: 1_258_291,
@@ -92,6 +93,7 @@ fn sample() -> Snapshot {
                 transitions: 2,
                 failures: vec![("timeout".to_owned(), 3), ("refused".to_owned(), 1)],
                 passive_failures: vec![("rst".to_owned(), 2), ("silent".to_owned(), 1)],
+                passive_hints: vec![("confirmed".to_owned(), 1), ("refuted".to_owned(), 0)],
                 local_connects: 0,
                 packets: 0,
                 bytes: 0,
@@ -314,6 +316,12 @@ async fn metrics_carry_the_snapshot_numbers_as_valid_openmetrics_text() {
             format!(
                 r#"apilb_backend_passive_failures_total{{backend="{UNHEALTHY}",kind="silent"}} 1"#
             ),
+            format!(
+                r#"apilb_backend_passive_hints_total{{backend="{HEALTHY}",outcome="refuted"}} 3"#
+            ),
+            format!(
+                r#"apilb_backend_passive_hints_total{{backend="{UNHEALTHY}",outcome="confirmed"}} 1"#
+            ),
             format!(r#"apilb_backend_bytes_total{{backend="{HEALTHY}"}} 1258291"#),
             format!(r#"apilb_backend_local_connects_total{{backend="{HEALTHY}"}} 9"#),
             format!(r#"apilb_vip_owned{{vip="{VIP}"}} 1"#),
@@ -356,10 +364,11 @@ async fn metrics_carry_the_snapshot_numbers_as_valid_openmetrics_text() {
         let samples = lines.iter().filter(|l| !l.starts_with('#')).count();
         // build, timestamp, fail_open, 2 reloads; 4 per VIP plus 3 for its election
         // (state, transitions, one rejection reason); 9 per backend plus 4 failure
-        // reasons and 3 passive failure kinds; one per datapath counter.
+        // reasons, 3 passive failure kinds and 4 passive hint outcomes; one per
+        // datapath counter.
         assert_eq!(
             samples,
-            5 + 4 + 3 + 2 * 9 + 4 + 3 + COUNTER_NAMES.len(),
+            5 + 4 + 3 + 2 * 9 + 4 + 3 + 4 + COUNTER_NAMES.len(),
             "every series"
         );
     })

@@ -101,7 +101,13 @@ pub fn to_master(
 }
 
 /// The first SYN of a flow, under NAT to `backend`: a new flow, a FIB lookup, a redirect.
-pub fn new_flow_to(desc: &'static str, syn: &Tcp, backend: SocketAddr, port: u16, mac: Mac) -> Fixture {
+pub fn new_flow_to(
+    desc: &'static str,
+    syn: &Tcp,
+    backend: SocketAddr,
+    port: u16,
+    mac: Mac,
+) -> Fixture {
     to_master(
         desc,
         syn,
@@ -283,6 +289,20 @@ pub fn half_open_at(
     }
 }
 
+impl HalfOpen {
+    /// A RST from the master to the SNAT side, acknowledging `ack` (the SYN's
+    /// sequence number plus one refuses that SYN).
+    #[must_use]
+    pub fn rst(&self, ack: u32) -> Tcp {
+        let mut rst = Tcp::syn(self.mac, FX1_MAC, self.backend, self.snat);
+        rst.syn = false;
+        rst.rst = true;
+        rst.ack = Some(ack);
+        rst.seq = 0;
+        rst
+    }
+}
+
 /// A master's RST answering the SYN it was sent (nothing listens there), with
 /// passive detection `on` or off.
 pub fn master_rst(on: bool) -> HalfOpen {
@@ -292,11 +312,7 @@ pub fn master_rst(on: bool) -> HalfOpen {
         "apilb-fx-prst0"
     };
     let mut h = half_open(prefix, on);
-    let mut rst = Tcp::syn(h.mac, FX1_MAC, h.backend, h.snat);
-    rst.syn = false;
-    rst.rst = true;
-    rst.ack = Some(h.syn.seq + 1);
-    rst.seq = 0;
+    let rst = h.rst(h.syn.seq + 1);
     if on {
         h.lab.run(&Fixture {
             desc: "RST from a master that never answered the SYN: dropped, flow refused",
@@ -330,4 +346,3 @@ pub fn fallback_of(lab: &Lab, id: u32) -> (u32, SocketAddr) {
     assert_ne!(other, id, "three masters");
     (other, to)
 }
-

@@ -248,7 +248,8 @@ fn a_master_refusing_one_syn_in_ten_stays_in_on_its_probes_word() {
     });
     no_client_failed(&p, &seen);
     let refused = passive_failures(&p, "rst");
-    let (confirmed, refuted) = (passive_hints(&p, "confirmed"), passive_hints(&p, "refuted"));
+    let (hints_confirmed, hints_refuted) =
+        (passive_hints(&p, "confirmed"), passive_hints(&p, "refuted"));
     // The last second of the load, counted from the last attempt started: the
     // record is taken only once attempts in flight settle, which can take a SYN
     // retransmit's second, with nothing started meanwhile.
@@ -257,20 +258,19 @@ fn a_master_refusing_one_syn_in_ten_stays_in_on_its_probes_word() {
         .and_then(|l| l.checked_sub(Duration::from_secs(1)))
         .expect("attempts were made");
     eprintln!(
-        "passive stray RSTs: {refused} refused, {refuted} hints refuted by a probe, \
-         {confirmed} confirmed; the master never taken out"
+        "passive stray RSTs: {refused} refused, {hints_refuted} hints refuted by a probe, \
+         {hints_confirmed} confirmed; the master never taken out"
     );
     assert!(refused >= 5, "{refused} RSTs");
-    assert!(refuted >= 1, "the hints were probed");
-    assert_eq!(confirmed, 0, "no probe failed");
+    assert!(hints_refuted >= 1, "the hints were probed");
+    assert_eq!(hints_confirmed, 0, "no probe failed");
     assert!(
         seen.record.last_served_by(VICTIM_NAME, tail).is_some(),
         "the master still serves at the end"
     );
     let log = p.apilb.log_text();
     assert!(
-        !log
-            .lines()
+        !log.lines()
             .any(|l| l.contains("backend health changed") && l.contains(VICTIM_ADDR)),
         "the master never changed state:\n{log}"
     );

@@ -6,6 +6,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
     path::Path,
+    time::{Duration, Instant},
 };
 
 use lb_common::{PROG_XDP, counters::*};
@@ -119,7 +120,10 @@ fn a_dead_backend_leaves_the_ring_with_its_flows_and_no_other_flow_is_touched() 
         .collect();
     let after = r.desired(&cfg, &healthy(&survivors), &HashSet::new());
     let applied = r.apply(&mut lab.dp, after.clone()).expect("apply");
-    assert_eq!(applied.flows_removed, vec![(dead_addr, flows_on_dead)]);
+    assert!(
+        applied.flows_removed.is_empty(),
+        "down only just: its flows wait until it has been down a while with others ready"
+    );
     // Maglev moves the dead master's slots and a sliver of the others' (0.1% here).
     let others_moved = applied.ring_slots_written - slots_of_dead;
     assert!(
@@ -129,6 +133,17 @@ fn a_dead_backend_leaves_the_ring_with_its_flows_and_no_other_flow_is_touched() 
     // Only the dead master's entry changes: it is marked out of rotation.
     assert_eq!((applied.backends_written, applied.vips_written), (1, 0));
     assert!(after.vips[0].1.iter().all(|b| b != dead_id));
+    // Down for `fall + 1` probe intervals (1.5 s here) while the others are ready:
+    // its flows go.
+    let settled = r.desired_at(
+        &cfg,
+        &healthy(&survivors),
+        &HashSet::new(),
+        Instant::now() + Duration::from_secs(2),
+    );
+    let removed = r.apply(&mut lab.dp, settled).expect("apply");
+    assert_eq!(removed.flows_removed, vec![(dead_addr, flows_on_dead)]);
+    assert_eq!(removed.ring_slots_written, 0, "the ring was already rewritten");
 
     let before = lab.dp.counters().expect("counters");
     assert_eq!(

@@ -111,19 +111,16 @@ fn a_clients_rst_near_its_sequence_number_ends_the_flow() {
 fn a_refusal_that_does_not_match_the_syn_is_dropped_and_the_flow_kept() {
     for on in [true, false] {
         let prefix = if on { "apilb-tr-ref" } else { "apilb-tr-ref0" };
+        let h = half_open(prefix, on);
+        let rst = h.rst(h.syn.seq.wrapping_add(7));
         let HalfOpen {
             mut lab,
             syn,
             id,
             backend,
             mac,
-            snat,
-        } = half_open(prefix, on);
-        let mut rst = Tcp::syn(mac, FX1_MAC, backend, snat);
-        rst.syn = false;
-        rst.rst = true;
-        rst.seq = 0;
-        rst.ack = Some(syn.seq.wrapping_add(7));
+            ..
+        } = h;
         lab.run(&Fixture {
             desc: "a RST that does not acknowledge the SYN: dropped, flow kept",
             ingress: Ingress::MasterSide,
@@ -225,11 +222,7 @@ fn too_big_is_translated(
         input: icmp_unreachable(mac, FX1_MAC, router, &sent, true),
         verdict: XDP_REDIRECT,
         output: icmp_unreachable(FX0_MAC, CLIENT_MAC, sa(vip).ip(), &big, true),
-        counters: vec![
-            (ICMP_TOO_BIG_TRANSLATED, 1),
-            (FIB_LOOKUP, 1),
-            (REDIRECT, 1),
-        ],
+        counters: vec![(ICMP_TOO_BIG_TRANSLATED, 1), (FIB_LOOKUP, 1), (REDIRECT, 1)],
     });
     // The expected frame is etherparse's own, checksums computed from scratch;
     // the quoted segment's TCP checksum is checked on its own as well.

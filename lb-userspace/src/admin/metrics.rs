@@ -190,6 +190,32 @@ fn encode_vips(e: &mut DescriptorEncoder, vips: &[VipStatus]) -> std::fmt::Resul
     )
 }
 
+/// A counter per backend and per value of `label`, from the `(value, count)`
+/// pairs `pairs` gives for each backend.
+fn by_label(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    backends: &[BackendStatus],
+    pairs: impl Fn(&BackendStatus) -> &Vec<(String, u64)>,
+) -> std::fmt::Result {
+    counters(
+        e,
+        name,
+        help,
+        None,
+        backends.iter().flat_map(|b| {
+            pairs(b).iter().map(move |(value, n)| {
+                (
+                    vec![("backend", b.address.to_string()), (label, value.clone())],
+                    *n,
+                )
+            })
+        }),
+    )
+}
+
 /// Per backend, labelled `backend` (its address): health, probes and traffic.
 fn encode_backends(e: &mut DescriptorEncoder, backends: &[BackendStatus]) -> std::fmt::Result {
     let backend = |b: &BackendStatus| vec![("backend", b.address.to_string())];
@@ -233,47 +259,32 @@ fn encode_backends(e: &mut DescriptorEncoder, backends: &[BackendStatus]) -> std
         None,
         backends.iter().map(|b| (backend(b), b.transitions)),
     )?;
-    counters(
+    by_label(
         e,
         "backend_probe_failures",
         "Failed health probes, by reason",
-        None,
-        backends.iter().flat_map(|b| {
-            b.failures.iter().map(|(reason, n)| {
-                let mut labels = backend(b);
-                labels.push(("reason", reason.clone()));
-                (labels, *n)
-            })
-        }),
+        "reason",
+        backends,
+        |b| &b.failures,
     )?;
-    counters(
+    by_label(
         e,
         "backend_passive_failures",
         "Clients' connections the backend failed on the wire, as the datapath saw: \
          a RST or an ICMP unreachable for a SYN, or a SYN left unanswered",
-        None,
-        backends.iter().flat_map(|b| {
-            b.passive_failures.iter().map(|(kind, n)| {
-                let mut labels = backend(b);
-                labels.push(("kind", kind.clone()));
-                (labels, *n)
-            })
-        }),
+        "kind",
+        backends,
+        |b| &b.passive_failures,
     )?;
-    counters(
+    by_label(
         e,
         "backend_passive_hints",
         "Passive failures reported to the controller, by what the probe they \
          triggered showed: confirmed (the probe failed; the backend left rotation) \
          or refuted (it passed)",
-        None,
-        backends.iter().flat_map(|b| {
-            b.passive_hints.iter().map(|(outcome, n)| {
-                let mut labels = backend(b);
-                labels.push(("outcome", outcome.clone()));
-                (labels, *n)
-            })
-        }),
+        "outcome",
+        backends,
+        |b| &b.passive_hints,
     )?;
     counters(
         e,
