@@ -1,6 +1,6 @@
 //! The XDP datapath fuzzed against its reference model (`tests::model`): 300,000
-//! random and mutated frames (10-30 s here in a debug build), seeded from the fixtures' frames, through
-//! `BPF_PROG_TEST_RUN`, each held against the model (verdict, output bytes,
+//! random and mutated frames (10-30 s here in a debug build), seeded from the
+//! fixtures' frames, through `BPF_PROG_TEST_RUN`, each held against the model (verdict, output bytes,
 //! checksums, counters, and the flow tables entry by entry). `cargo xtask fuzz`
 //! runs the long version (10^6 frames). `APILB_FUZZ_SEED` replays a run;
 //! `APILB_FUZZ_FRAMES` changes its length. Needs root and BPF.
