@@ -143,7 +143,10 @@ fn a_dead_backend_leaves_the_ring_with_its_flows_and_no_other_flow_is_touched() 
     );
     let removed = r.apply(&mut lab.dp, settled).expect("apply");
     assert_eq!(removed.flows_removed, vec![(dead_addr, flows_on_dead)]);
-    assert_eq!(removed.ring_slots_written, 0, "the ring was already rewritten");
+    assert_eq!(
+        removed.ring_slots_written, 0,
+        "the ring was already rewritten"
+    );
 
     let before = lab.dp.counters().expect("counters");
     assert_eq!(
