@@ -93,7 +93,7 @@ fn refused_then_reset(prefix: &str, rst_payload: usize) -> (Lab, Tcp, Tcp) {
 /// lease for X's old port into `REPLIES`. Y's master's SYN-ACK then matches
 /// that lease before Y's own (in `HALF_REPLIES`) and is rewritten to X.
 #[test]
-#[ignore = "datapath bug the fuzzer found: restore_reply for a refused half-open flow"]
+
 fn a_refused_flow_reset_by_its_client_does_not_take_back_its_port_for_replies() {
     let (mut lab, _x, y) = refused_then_reset("apilb-fz-b1", 8);
     let master = sa("198.51.100.11:6443");
@@ -123,7 +123,7 @@ fn a_refused_flow_reset_by_its_client_does_not_take_back_its_port_for_replies() 
 /// removes the lease under X's old port from `HALF_REPLIES`: Y's lease. X's
 /// new flow then finds the port free and takes it while Y holds it too.
 #[test]
-#[ignore = "datapath bug the fuzzer found: forget removes the lease of the port's new flow"]
+
 fn a_refused_flow_reset_and_reopened_leaves_the_ports_new_flow_its_lease() {
     let (mut lab, x, _y) = refused_then_reset("apilb-fz-b2", 0);
     lab.run(&Fixture {
@@ -144,7 +144,7 @@ fn a_refused_flow_reset_and_reopened_leaves_the_ports_new_flow_its_lease() {
 /// the next flow, that copy still takes the port's replies, ahead of the new
 /// flow's own lease.
 #[test]
-#[ignore = "datapath bug the fuzzer found: restore_reply for a half-open flow reset by its client"]
+
 fn a_flow_reset_before_its_handshake_leaves_no_lease_behind_for_the_ports_next_flow() {
     let master = sa("198.51.100.11:6443");
     let mut setup = LabConfig::new(&[sa(VIP4)], &[master]);
