@@ -272,7 +272,9 @@ pub fn forget(key: &FlowKey, entry: *const FlowState, half: u32) {
     };
     // SAFETY: a valid entry pointer from the map, read before the entry is removed.
     let f = unsafe { &*entry };
-    if f.nat_port_be != 0 {
+    // A refused flow gave its port back when it was refused: the lease under it
+    // may be another flow's by now.
+    if f.nat_port_be != 0 && f.flags & FLOW_F_REFUSED == 0 {
         let rkey = reply_key(key, f, &snat_addr(cfg, key.family, f.snat_index));
         let _ = if half != 0 {
             HALF_REPLIES.remove(&rkey)

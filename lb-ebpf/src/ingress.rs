@@ -193,8 +193,10 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, entry: *mut FlowState, now: u64) -> 
     let (outcome, hop_changed) = forward(ctx, p, &t, &mut hop, cfg.nexthop_ttl_ns, now);
     if hop_changed {
         flow.next_hop = hop;
-        // Not for a half-open flow (new ones included): its lease is elsewhere.
-        if !ct::half_open(flow.state) {
+        // Only for a flow of the established table: a half-open one's lease is in
+        // the half-open table, and one that ended before its handshake (a client
+        // RST) is still there, with no lease of its own in `REPLIES` to restore.
+        if !ct::half_open(flow.state) && FLOWS.get_ptr_mut(&p.key) == Some(entry) {
             restore_reply(&p.key, flow, now);
         }
     }

@@ -18,6 +18,8 @@
 //! - [`traffic`]: new https connections and watch streams through the VIP, recorded
 //!   per master, for the scenarios and the demo.
 //! - [`pki`]: a CA and certificates for the stub apiservers.
+//! - [`model`]: a reference model of the XDP datapath, and the fuzzer that holds
+//!   the kernel's program against it frame by frame (`cargo xtask fuzz`).
 //! - [`natstate`]: apilb's NAT counters by name and its flow tables' occupancy,
 //!   for datapaths before and after per-state timeouts alike.
 //! - [`oneshot`]: one HTTP request per connection, the side that closes first
@@ -29,6 +31,7 @@ pub mod elect;
 pub mod fixture;
 pub mod flowfx;
 pub mod live;
+pub mod model;
 pub mod natstate;
 pub mod netns;
 pub mod oneshot;

@@ -5,6 +5,7 @@
 //! bpf-linker, which `setup` is what installs.
 
 mod bench;
+mod fuzz;
 mod setup;
 mod soak;
 mod vm;
@@ -55,6 +56,18 @@ enum Task {
         /// How long the connection load runs.
         #[arg(long, default_value_t = 10)]
         minutes: u32,
+    },
+    /// The XDP program against its reference model: N random and mutated
+    /// frames (10^6 by default) through `BPF_PROG_TEST_RUN`, each checked for
+    /// verdict, output bytes, checksums, counters and flow tables; a summary
+    /// table at the end. Needs root.
+    Fuzz {
+        /// How many frames.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// The generator's seed, to replay a run (default: drawn at random).
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Build static binaries, boot other kernels in qemu (by default Debian 12's
     /// 6.1 and 6.12, Ubuntu's 5.15 and 6.8) and run the packet fixtures and the
@@ -109,6 +122,10 @@ fn main() -> anyhow::Result<()> {
         Task::Soak { minutes } => {
             setup::run()?;
             soak::run(minutes)
+        }
+        Task::Fuzz { frames, seed } => {
+            setup::run()?;
+            fuzz::run(frames, seed)
         }
         Task::VmTest(args) => {
             setup::run()?;
