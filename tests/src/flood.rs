@@ -354,6 +354,24 @@ fn snat(port: u16) -> SocketAddr {
     SocketAddr::new(SNAT.parse().expect("SNAT address"), port)
 }
 
+/// The kernel's counter `group` `field` from `/proc/net/snmp` or `/proc/net/netstat` in `ns`, e.g.
+/// `Tcp` `InCsumErrors`: what an endpoint of the attack did with its frames.
+pub fn kernel_counter(ns: &Netns, group: &str, field: &str) -> u64 {
+    let text = ns.exec("cat", &["/proc/net/snmp", "/proc/net/netstat"]);
+    let head = format!("{group}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&head));
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if let Some(i) = names.split_whitespace().position(|f| f == field) {
+            return values
+                .split_whitespace()
+                .nth(i)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{group} {field} in {values:?}"));
+        }
+    }
+    panic!("no {group} {field} in\n{text}")
+}
+
 /// Spoil the TCP checksum of `frame` (an untagged IPv4 frame): a receiver drops
 /// it, and a NAT that updates checksums incrementally keeps it spoiled.
 pub fn spoil_tcp_checksum(frame: &mut [u8]) {

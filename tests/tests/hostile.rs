@@ -52,7 +52,7 @@ use lb_common::COUNTER_NAMES;
 use tests::{
     cluster::{MASTERS, Shape, VIP},
     fixture::sa,
-    flood::{Attacker, Rng, Sent, spoil_tcp_checksum},
+    flood::{Attacker, Rng, Sent, kernel_counter, spoil_tcp_checksum},
     live::{master_name, metric_sum, metrics},
     natstate::{TableCount, flow_tables},
     netns::Netns,
@@ -319,27 +319,12 @@ fn nobody_noticed(p: &ControlPlane, seen: &Seen) {
     }
 }
 
-/// `group`'s `field` from `/proc/net/snmp` or `/proc/net/netstat` in `ns`, e.g.
-/// `Tcp` `InCsumErrors`.
-fn snmp(ns: &Netns, group: &str, field: &str) -> u64 {
-    let text = ns.exec("cat", &["/proc/net/snmp", "/proc/net/netstat"]);
-    let head = format!("{group}:");
-    let mut lines = text.lines().filter(|l| l.starts_with(&head));
-    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
-        if let Some(i) = names.split_whitespace().position(|f| f == field) {
-            return values
-                .split_whitespace()
-                .nth(i)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{group} {field} in {values:?}"));
-        }
-    }
-    panic!("no {group} {field} in\n{text}")
-}
-
-/// [`snmp`] on every master.
+/// [`kernel_counter`] on every master.
 fn on_masters(p: &ControlPlane, group: &str, field: &str) -> Vec<u64> {
-    p.t.masters.iter().map(|m| snmp(m, group, field)).collect()
+    p.t.masters
+        .iter()
+        .map(|m| kernel_counter(m, group, field))
+        .collect()
 }
 
 fn moved_by(after: &[u64], before: &[u64]) -> Vec<u64> {

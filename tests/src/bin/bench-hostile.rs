@@ -40,9 +40,8 @@ use std::{
 
 use tests::{
     cluster::{Shape, Topology},
-    flood::{Attacker, Rng, Sent},
+    flood::{Attacker, Rng, Sent, kernel_counter},
     natstate::{NatCounters, flow_tables},
-    netns::Netns,
     plane::ControlPlane,
     proxies::{Proxy, ProxyPlane},
     report::median,
@@ -146,25 +145,11 @@ impl Plane {
                 };
                 format!(
                     "{conntrack}{} SYN cookies sent by the LB node",
-                    syncookies(lb)
+                    kernel_counter(lb, "TcpExt", "SyncookiesSent")
                 )
             }
         }
     }
-}
-
-/// `TcpExt: SyncookiesSent` in `ns`.
-fn syncookies(ns: &Netns) -> u64 {
-    let text = ns.exec("cat", &["/proc/net/netstat"]);
-    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
-        return 0;
-    };
-    names
-        .split_whitespace()
-        .position(|n| n == "SyncookiesSent")
-        .and_then(|i| values.split_whitespace().nth(i)?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Busy CPU time of the whole machine so far, in seconds.
