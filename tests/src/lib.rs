@@ -25,10 +25,12 @@
 //! - [`oneshot`]: one HTTP request per connection, the side that closes first
 //!   chosen, checked to the last byte: the benchmarks' client-first load and the
 //!   soak's.
+//! - [`flood`]: an attacker on the segment flooding the LB node with raw frames.
 
 pub mod cluster;
 pub mod elect;
 pub mod fixture;
+pub mod flood;
 pub mod flowfx;
 pub mod live;
 pub mod model;
