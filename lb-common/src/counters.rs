@@ -109,8 +109,12 @@ pub const RST_UNPROVEN: u32 = 32;
 /// Event: an ICMP fragmentation needed or packet too big about a flow under NAT
 /// was translated back to the flow's client (`toobig`).
 pub const ICMP_TOO_BIG_TRANSLATED: u32 = 33;
+/// Event: a FIN on an answered flow that is not near where its flow is (`ct::
+/// fin_proven`): passed on for the endpoint to judge, and the flow kept its
+/// state, so that a forged FIN cannot shorten its port's hold.
+pub const FIN_UNPROVEN: u32 = 34;
 /// Size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 34;
+pub const COUNTER_COUNT: u32 = 35;
 const _: () = assert!(OUTCOMES <= COUNTER_COUNT);
 
 /// Metric-friendly names, indexed by counter.
@@ -149,6 +153,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "reply_restored",
     "rst_unproven",
     "icmp_too_big_translated",
+    "fin_unproven",
 ];
 
 #[cfg(test)]
@@ -191,6 +196,7 @@ mod tests {
         (REPLY_RESTORED, "reply_restored"),
         (RST_UNPROVEN, "rst_unproven"),
         (ICMP_TOO_BIG_TRANSLATED, "icmp_too_big_translated"),
+        (FIN_UNPROVEN, "fin_unproven"),
     ];
 
     #[test]

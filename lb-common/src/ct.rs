@@ -26,7 +26,14 @@
 //! expects, as the flow last recorded it (`FlowState::seq`, `ack`: refreshed with
 //! its last-seen time); one that is not goes on to the endpoint, which judges it
 //! exactly (RFC 5961), and the flow keeps its state. A refusal of an unanswered
-//! SYN must match that SYN exactly ([`refuses_syn`]).
+//! SYN must match that SYN exactly ([`refuses_syn`]). A FIN is held to the same
+//! standard ([`fin_proven`]): one forged from the client's 4-tuple would otherwise
+//! move a watch to `CT_FIN_WAIT`, whose shorter timeout frees its port while the
+//! watch is idle, and two (one each way) and an ACK would free it at once.
+//!
+//! So that a real RST or FIN passes, the record follows its flow closely: it is
+//! refreshed at least every `FLOW_SEEN_GRANULARITY_NS`, and whenever the client's
+//! sequence or acknowledgement number has moved [`RECORD_STRIDE`] past it.
 
 /// `FlowState::state`: no segment tracked yet (never stored).
 pub const CT_NONE: u8 = 0;
@@ -150,12 +157,31 @@ pub const fn next(state: u8, flags: u32, from: u8, tcp: u8) -> (u8, u32) {
     (state, flags)
 }
 
-/// How far, either way, a RST's sequence number may be from the one recorded for
-/// its flow. The record is at most `FLOW_SEEN_GRANULARITY_NS` old; a window of
-/// 64 KiB covers an idle or slow flow, which is what a watch is, and gives a
-/// blind forger one chance in 32,768 per RST. A real RST outside it (a flow that
-/// moved more than that since its record) only keeps its port held until the
-/// flow's idle timeout, or until the controller removes the flows of its master.
+/// The state a flow recorded as `state` is in, given whether each side's FIN was
+/// seen (`FlowState::client_fin`, `backend_fin`). The two directions of a flow
+/// run on different CPUs, and each moves the state by reading and writing it:
+/// the two FINs of a simultaneous close, passing at once, can each move
+/// `CT_ESTABLISHED` to `CT_FIN_WAIT` and lose the other's move, which would hold
+/// the port for `CT_FIN_WAIT`'s timeout. Each side also records its FIN in a byte
+/// of its own, which no race loses; a flow in `CT_FIN_WAIT` with both is in
+/// `CT_LAST_ACK`.
+#[inline(always)]
+#[must_use]
+pub const fn settled(state: u8, client_fin: u8, backend_fin: u8) -> u8 {
+    if state == CT_FIN_WAIT && client_fin != 0 && backend_fin != 0 {
+        CT_LAST_ACK
+    } else {
+        state
+    }
+}
+
+/// How far, either way, a RST's (or FIN's) sequence number may be from the one
+/// recorded for its flow. The record trails the client by at most
+/// [`RECORD_STRIDE`] and a segment; a window of 64 KiB covers that with room to
+/// spare and gives a blind forger one chance in 32,768 per segment. A real RST
+/// outside it (the backend's, with more than the window in flight towards the
+/// client) only keeps its port held until the flow's idle timeout, or until the
+/// controller removes the flows of its master.
 pub const RST_SEQ_WINDOW: u32 = 65_536;
 
 /// Whether sequence number `seq` is within [`RST_SEQ_WINDOW`] of `recorded`, in
@@ -166,10 +192,46 @@ pub const fn near(seq: u32, recorded: u32) -> bool {
     seq.wrapping_sub(recorded).wrapping_add(RST_SEQ_WINDOW) <= 2 * RST_SEQ_WINDOW
 }
 
+/// How far a client's sequence or acknowledgement number may run ahead of its
+/// flow's record before a segment refreshes it: 16 KiB, a few segments. The
+/// record then stays within this plus one segment of where the client is, well
+/// inside [`RST_SEQ_WINDOW`], however fast the flow moves; a bulk flow writes its
+/// entry once every dozen or so full-sized segments.
+pub const RECORD_STRIDE: u32 = 16 * 1024;
+
+/// Whether a client segment's sequence and acknowledgement numbers (`seq`, `ack`)
+/// have moved far enough past the record (`recorded_seq`, `recorded_ack`) to
+/// refresh it (`RECORD_STRIDE`). A segment behind the record reads as far ahead
+/// here, and `advance` then leaves the record as it is.
+#[inline(always)]
+#[must_use]
+pub const fn record_stale(seq: u32, ack: u32, recorded_seq: u32, recorded_ack: u32) -> bool {
+    seq.wrapping_sub(recorded_seq) >= RECORD_STRIDE
+        || ack.wrapping_sub(recorded_ack) >= RECORD_STRIDE
+}
+
+/// Whether a FIN from `from`, with TCP flags `tcp` and sequence and
+/// acknowledgement numbers `seq`, `ack`, could be real, given the client's
+/// sequence number as its flow last recorded it (`recorded_seq`). The client's
+/// FIN must carry a sequence number [`near`] it; the backend's must acknowledge
+/// near it, since the backend acknowledges what the client sent (its own
+/// sequence number is known here only through the client's acknowledgements,
+/// which lag it by whatever is in flight). A forged FIN moves nothing and goes
+/// on to the endpoint, which judges it against its window.
+#[inline(always)]
+#[must_use]
+pub const fn fin_proven(from: u8, tcp: u8, seq: u32, ack: u32, recorded_seq: u32) -> bool {
+    if from == FROM_CLIENT {
+        near(seq, recorded_seq)
+    } else {
+        tcp & TCP_ACK != 0 && near(ack, recorded_seq)
+    }
+}
+
 /// How far forward a client segment may move its flow's recorded sequence or
-/// acknowledgement number in one step (`advance`): 1 GiB, more than a flow moves
-/// between two records (`FLOW_SEEN_GRANULARITY_NS`), so that a real flow's record
-/// follows it, while a forged segment behind the record moves nothing.
+/// acknowledgement number in one step (`advance`): 1 GiB, far more than a flow
+/// moves between two records, so that a real flow's record follows it, while a
+/// forged segment behind the record moves nothing.
 pub const SEQ_ADVANCE_MAX: u32 = 1 << 30;
 
 /// The record `recorded` after a segment carrying `seen`: `seen` if it is ahead
@@ -391,6 +453,60 @@ mod tests {
         assert!(!refuses_syn(TCP_RST, 101, 100), "no ACK");
         assert!(!refuses_syn(TCP_RST | TCP_ACK, 100, 100));
         assert!(!refuses_syn(TCP_RST | TCP_ACK, 7, 100));
+    }
+
+    #[test]
+    fn both_fins_seen_settle_a_raced_close() {
+        // Both FINs moved ESTABLISHED at once; one move was lost.
+        let (s, f) = run(&[SYN, SYN_ACK, ACK, C_FIN]);
+        assert_eq!(settled(s, 1, 1), CT_LAST_ACK);
+        assert!(reusable(settled(s, 1, 1), f, 10_000, &T, false));
+        assert_eq!(settled(s, 1, 0), CT_FIN_WAIT);
+        assert_eq!(settled(CT_TIME_WAIT, 1, 1), CT_TIME_WAIT);
+    }
+
+    #[test]
+    fn a_fin_must_be_near_the_clients_recorded_sequence_number() {
+        let rec = 5_000;
+        assert!(fin_proven(
+            FROM_CLIENT,
+            TCP_FIN | TCP_ACK,
+            rec + 300,
+            0,
+            rec
+        ));
+        assert!(!fin_proven(
+            FROM_CLIENT,
+            TCP_FIN | TCP_ACK,
+            rec + (1 << 20),
+            0,
+            rec
+        ));
+        // The backend's FIN is judged by what it acknowledges.
+        assert!(fin_proven(FROM_BACKEND, TCP_FIN | TCP_ACK, 7, rec + 1, rec));
+        assert!(!fin_proven(
+            FROM_BACKEND,
+            TCP_FIN | TCP_ACK,
+            7,
+            rec ^ (1 << 30),
+            rec
+        ));
+        assert!(
+            !fin_proven(FROM_BACKEND, TCP_FIN, 7, rec + 1, rec),
+            "no ACK"
+        );
+    }
+
+    #[test]
+    fn the_record_is_refreshed_every_stride() {
+        assert!(!record_stale(100 + RECORD_STRIDE - 1, 50, 100, 50));
+        assert!(record_stale(100 + RECORD_STRIDE, 50, 100, 50));
+        assert!(record_stale(100, 50 + RECORD_STRIDE, 100, 50));
+        assert!(record_stale(u32::MAX, 50, 100, 50), "behind reads as stale");
+        assert!(
+            RECORD_STRIDE + 9_000 < RST_SEQ_WINDOW,
+            "a jumbo segment past the stride"
+        );
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub const MAP_LOCAL_STATS: &str = maps::LOCAL_STATS.name;
 /// it with any change to them. Pinned maps live in a directory named after it, so
 /// an upgraded apilb with another layout starts with fresh maps instead of reading
 /// old ones with new types.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 // ---- Program names (the function names in lb-ebpf). ----
 pub const PROG_XDP: &str = "apilb_xdp";
@@ -260,7 +260,11 @@ pub struct FlowState {
     pub state: u8,
     /// Index of the flow's SNAT address in its family's pool.
     pub snat_index: u8,
-    pub _pad: u16,
+    /// 1 once the client's FIN was seen (`ct::fin_proven`); written by the client
+    /// direction only, so that no race with the backend's loses it (`ct::settled`).
+    pub client_fin: u8,
+    /// 1 once the backend's FIN was seen; written by the backend direction only.
+    pub backend_fin: u8,
     /// Added to the client's TSvals, taken from the backend's TSecrs (`FLOW_F_TS`).
     pub ts_off: u32,
     /// The last TSval the client's FIN carried, as the backend saw it: the floor

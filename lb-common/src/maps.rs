@@ -326,7 +326,7 @@ mod tests {
         }
         assert_eq!(
             (LAYOUT_VERSION, h),
-            (7, 0x596d_e1da_e76e_2e40),
+            (8, 0x453c_2bd9_f7cc_dcb7),
             "bump LAYOUT_VERSION, then the fingerprint"
         );
     }

@@ -24,8 +24,8 @@ use lb_common::{
     BACKEND_F_LOCAL, FLOW_F_REFUSED, FLOW_F_TS, FlowKey, FlowState, NextHop, REPLY_F_TRACK,
     REPLY_F_TS, ReplyState, VipInfo,
     counters::{
-        DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR, FLOW_ESTABLISHED, HALF_OPEN_LOST, REPLY_RESTORED,
-        RST_UNPROVEN,
+        DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR, FIN_UNPROVEN, FLOW_ESTABLISHED, HALF_OPEN_LOST,
+        REPLY_RESTORED, RST_UNPROVEN,
     },
     ct::{self, CT_SYN_SENT, FROM_BACKEND},
     flow_hash,
@@ -77,7 +77,8 @@ pub fn new_flow(key: &FlowKey, vip: &VipInfo, now: u64, s: &mut Scratch) -> Resu
         flags: 0,
         state: CT_SYN_SENT,
         snat_index: 0,
-        _pad: 0,
+        client_fin: 0,
+        backend_fin: 0,
         ts_off: 0,
         fin_tsval: 0,
         last_seen_ns: now,
@@ -220,19 +221,28 @@ pub fn restore_reply(key: &FlowKey, flow: &FlowState, now: u64) {
 /// A client's segment with TCP flags `tcp` and sequence and acknowledgement
 /// numbers `seq_ack` (`packet::seq_ack`) on the flow at `entry`: move its state
 /// (`ct::next`), its last-seen time and its record of both numbers; return the
-/// new state. A RST not near the recorded sequence number moves nothing (see
-/// `ct`). A call, not inlined: the state machine's many branches would otherwise
-/// each carry the rest of the packet's path through the verifier.
+/// new state. A RST or FIN not near the recorded sequence number moves nothing,
+/// the record included (see `ct`). A call, not inlined: the state machine's many
+/// branches would otherwise each carry the rest of the packet's path through the
+/// verifier.
 #[inline(never)]
 pub fn track_client(entry: *mut FlowState, tcp: u32, now: u64, seq_ack: u64) -> u8 {
     // SAFETY: a valid entry pointer from the map; the fields written race only
-    // with the same writes from another CPU.
+    // with the same writes from another CPU, or the backend direction's
+    // (`ct::settled`).
     let e = unsafe { &mut *entry };
     #[expect(clippy::cast_possible_truncation, reason = "the high half")]
     let seq = (seq_ack >> 32) as u32;
     if tcp & u32::from(ct::TCP_RST) != 0 && !ct::near(seq, e.seq) {
         count(RST_UNPROVEN);
         return e.state;
+    }
+    if tcp & u32::from(ct::TCP_FIN) != 0 {
+        if !ct::fin_proven(ct::FROM_CLIENT, 0, seq, 0, e.seq) {
+            count(FIN_UNPROVEN);
+            return e.state;
+        }
+        e.client_fin = 1;
     }
     if tcp & u32::from(ct::TCP_SYN | ct::TCP_RST) == 0 {
         record(e, seq_ack);
@@ -309,12 +319,14 @@ pub fn flow_key_of(reply: &ReplyState, rkey: &FlowKey) -> FlowKey {
 /// segment's sequence number in its high half. Returns the state before, or
 /// `CT_NONE` for a refusal of an unanswered SYN that does not match it (see
 /// `ct::refuses_syn`), which moves nothing; a RST not near where the client
-/// expects it (`ct::near`) moves nothing either. A call, not inlined: only the
+/// expects it (`ct::near`), or a FIN that does not acknowledge near where the
+/// client is (`ct::fin_proven`), moves nothing either. A proven FIN marks the
+/// reply entry for tracking its ACKs (`REPLY_F_TRACK`). A call, not inlined: only the
 /// segments that can change a state need it, and the flow key would otherwise
 /// sit on the reply path's stack. A flow that is gone (evicted) reads as
 /// established: there is nothing left to re-steer.
 #[inline(never)]
-pub fn update_flow(reply: &ReplyState, rkey: &FlowKey, how: u32, seq_ack: u64) -> u8 {
+pub fn update_flow(reply: &mut ReplyState, rkey: &FlowKey, how: u32, seq_ack: u64) -> u8 {
     let fkey = flow_key_of(reply, rkey);
     let found = if how & HOW_HALF != 0 {
         HALF_FLOWS.get_ptr_mut(&fkey)
@@ -348,6 +360,13 @@ pub fn update_flow(reply: &ReplyState, rkey: &FlowKey, how: u32, seq_ack: u64) -
     } else if tcp & ct::TCP_RST != 0 && !ct::near(seq, f.ack) {
         count(RST_UNPROVEN);
         return before;
+    } else if tcp & ct::TCP_FIN != 0 {
+        if !ct::fin_proven(FROM_BACKEND, tcp, seq, ack, f.seq) {
+            count(FIN_UNPROVEN);
+            return before;
+        }
+        f.backend_fin = 1;
+        reply.flags |= REPLY_F_TRACK;
     }
     if tcp & (ct::TCP_SYN | ct::TCP_ACK) == ct::TCP_SYN | ct::TCP_ACK && ct::half_open(before) {
         // The backend's ISN: the client acknowledges from here on.

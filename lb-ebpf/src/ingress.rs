@@ -105,9 +105,18 @@ pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
                 if half && state == CT_ESTABLISHED {
                     entry = promote(&p.key, entry).map_err(|()| Outcome::pass(PASS_NO_FLOW))?;
                 }
-            } else if now.wrapping_sub(e.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS {
-                e.last_seen_ns = now;
-                record(e, seq_ack(ctx, &p));
+            } else {
+                // The record follows the flow every second, and within a stride
+                // (`ct::record_stale`), so that its own RST or FIN is near it.
+                let sa = seq_ack(ctx, &p);
+                #[expect(clippy::cast_possible_truncation, reason = "the two halves")]
+                let (seq, ack) = ((sa >> 32) as u32, sa as u32);
+                if now.wrapping_sub(e.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS
+                    || ct::record_stale(seq, ack, e.seq, e.ack)
+                {
+                    e.last_seen_ns = now;
+                    record(e, sa);
+                }
             }
             (entry, false)
         }

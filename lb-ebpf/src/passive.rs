@@ -83,7 +83,7 @@ pub fn forget_failed(key: &FlowKey, entry: *mut FlowState, now: u64, half: u32, 
 pub fn icmp_refusal(
     ctx: &XdpContext,
     p: &Parsed,
-    reply: &ReplyState,
+    reply: &mut ReplyState,
     passive: bool,
     how: u32,
 ) -> Result<Outcome, Outcome> {

@@ -253,7 +253,8 @@ fn reclaimable(
         return true;
     }
     let idle_ms = now.wrapping_sub(f.last_seen_ns) / 1_000_000;
-    if !ct::reusable(f.state, f.flags, idle_ms, &cfg.timeouts_ms, s.syn_ts != 0) {
+    let state = ct::settled(f.state, f.client_fin, f.backend_fin);
+    if !ct::reusable(state, f.flags, idle_ms, &cfg.timeouts_ms, s.syn_ts != 0) {
         return false;
     }
     if f.flags & FLOW_F_TS != 0 && f.fin_tsval != 0 {

@@ -65,11 +65,9 @@ pub fn to_client(ctx: &XdpContext, p: &Parsed) -> Result<Outcome, Outcome> {
     }
     let tcp = p.tcp_flags;
     // Only segments that can move the flow's state look it up: SYN-ACK, FIN, RST,
-    // and, once the backend has sent its FIN, its ACKs (the last ACK of a close).
+    // and, once the backend has sent its FIN (`update_flow` marks it), its ACKs
+    // (the last ACK of a close).
     if tcp & (TCP_SYN | TCP_FIN | TCP_RST) != 0 || reply.flags & REPLY_F_TRACK != 0 {
-        if tcp & TCP_FIN != 0 {
-            reply.flags |= REPLY_F_TRACK;
-        }
         let syn_ack = tcp & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
         if syn_ack && tsval_at(ctx, p).is_none() {
             how |= HOW_NO_TS;

@@ -5,7 +5,7 @@
 
 use lb_common::{
     COUNTER_NAMES, DROP_FLOW_INSERT, DROP_NO_BACKEND, DROP_NO_NAT_PORT, DROP_NO_SNAT_ADDR,
-    DROP_UNPROVEN_REFUSAL, HALF_OPEN_LOST, REPLY_RESTORED, RST_UNPROVEN,
+    DROP_UNPROVEN_REFUSAL, FIN_UNPROVEN, HALF_OPEN_LOST, REPLY_RESTORED, RST_UNPROVEN,
 };
 use tracing::{info, warn};
 
@@ -19,7 +19,7 @@ enum Level {
 }
 
 /// The logged counters, with their level and what a line about them says.
-const LOGGED: [(u32, Level, &str); 8] = [
+const LOGGED: [(u32, Level, &str); 9] = [
     (
         DROP_NO_BACKEND,
         Level::Warn,
@@ -54,6 +54,11 @@ const LOGGED: [(u32, Level, &str); 8] = [
         RST_UNPROVEN,
         Level::Info,
         "RSTs far from where their flow is passed on without ending it (forged, or a fast flow's)",
+    ),
+    (
+        FIN_UNPROVEN,
+        Level::Info,
+        "FINs far from where their flow's client is passed on without closing it (forged)",
     ),
     (
         DROP_UNPROVEN_REFUSAL,

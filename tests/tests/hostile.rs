@@ -33,9 +33,8 @@
 //!   nftables rule on the master): retransmits, no failure;
 //! - f. with the streams' 4-tuples known, as in d, their close forged: FINs with
 //!   random numbers from the client's side and from every master to every NAT
-//!   port, then a SYN on each tuple. Ignored for now: it breaks every stream,
-//!   because the datapath moves a flow's state on a FIN whatever its sequence
-//!   number (`cargo test -p tests --test hostile -- --ignored` shows it).
+//!   port, then a SYN on each tuple: a FIN moves a flow only near where its
+//!   client is (`ct::fin_proven`), so the flows stay established.
 //!
 //! The cases run one at a time (`SERIAL`): they load the machine's two CPUs, and
 //! two at once would measure each other.
@@ -553,8 +552,6 @@ fn two_percent_loss_to_one_master_fails_no_client_and_keeps_it_in() {
 /// these segments (none is in their windows); the datapath must not act on
 /// them either.
 #[test]
-#[ignore = "fails: a FIN moves a flow's state whatever its sequence number, so all 30 \
-            streams break (lb-ebpf flow.rs track_client and update_flow check only RSTs)"]
 fn forged_fins_on_the_streams_tuples_end_no_flow() {
     let _serial = serial();
     let p = ControlPlane::start("apilb-hx-fin", Shape::default());
@@ -599,4 +596,9 @@ fn forged_fins_on_the_streams_tuples_end_no_flow() {
     });
     assert_eq!(found, STREAMS, "the streams' client ports");
     nobody_noticed(&p, &seen);
+    assert!(
+        seen.moved("fin_unproven") >= STREAMS as u64,
+        "forged FINs on the streams' flows were told apart: {}",
+        seen.moved("fin_unproven")
+    );
 }

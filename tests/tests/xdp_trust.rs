@@ -4,6 +4,7 @@
 //! `xdp_fixtures`.
 //!
 //! - A RST ends a flow only near where the other side is (`ct::near`).
+//! - A FIN closes a flow only near where the client is (`ct::fin_proven`).
 //! - A refusal of an unanswered SYN must match that SYN (`ct::refuses_syn`).
 //! - A SYN on an answered flow goes to its master and moves nothing.
 //! - An ICMP packet too big about a flow reaches its client, translated.
@@ -13,7 +14,7 @@ use std::{net::SocketAddr, time::Duration};
 use lb_common::{
     FLOW_F_REFUSED,
     counters::*,
-    ct::{CT_CLOSE, CT_ESTABLISHED, CT_SYN_SENT},
+    ct::{CT_CLOSE, CT_ESTABLISHED, CT_FIN_WAIT, CT_LAST_ACK, CT_SYN_SENT},
 };
 use tests::{
     fixture::*,
@@ -94,6 +95,96 @@ fn a_rst_far_from_where_the_flow_is_moves_nothing_and_one_near_ends_it() {
         false,
     ));
     assert_eq!(state(&lab), CT_CLOSE);
+}
+
+#[test]
+fn a_fin_far_from_where_the_client_is_moves_nothing_and_one_near_closes() {
+    let (mut lab, master, syn, ack) = established("apilb-tr-fin");
+    // Blind forgeries, one each way: to their endpoints, flow unchanged.
+    let mut client_fin = ack.clone();
+    client_fin.fin = true;
+    client_fin.seq = syn.seq.wrapping_add(0x4000_0000);
+    lab.run(&on_flow(
+        "a FIN from the client's side far from its sequence number: to the \
+         master, flow unchanged",
+        &client_fin,
+        master,
+        40_000,
+        &[(FIN_UNPROVEN, 1)],
+    ));
+    let master_fin = |ack: u32| {
+        let mut fin = Tcp::syn(master_mac(1), FX1_MAC, master, master);
+        fin.syn = false;
+        fin.fin = true;
+        fin.seq = 0x1000_0001;
+        fin.ack = Some(ack);
+        fin
+    };
+    let mut forged = from_master(
+        "a FIN from the master's side acknowledging far from the client: to the \
+         client, flow unchanged",
+        master,
+        40_000,
+        CLIENT4,
+        master_fin(syn.seq.wrapping_add(0x8000_0000)),
+        false,
+    );
+    forged.counters.push((FIN_UNPROVEN, 1));
+    lab.run(&forged);
+    assert_eq!(state(&lab), CT_ESTABLISHED);
+    let f = lab.all_flows()[0].1;
+    assert_eq!((f.client_fin, f.backend_fin), (0, 0));
+    assert_eq!(f.seq, ack.seq, "a forged FIN does not move the record");
+    // The master's real FIN acknowledges what the client sent, then the
+    // client's real FIN: both move the flow, and each side's byte records it.
+    lab.run(&from_master(
+        "the master's FIN",
+        master,
+        40_000,
+        CLIENT4,
+        master_fin(ack.seq),
+        false,
+    ));
+    assert_eq!(state(&lab), CT_FIN_WAIT);
+    let mut fin = ack.clone();
+    fin.fin = true;
+    lab.run(&on_flow("the client's FIN", &fin, master, 40_000, &[]));
+    assert_eq!(state(&lab), CT_LAST_ACK);
+    let f = lab.all_flows()[0].1;
+    assert_eq!((f.client_fin, f.backend_fin), (1, 1));
+}
+
+#[test]
+fn a_bulk_flows_record_follows_it_by_the_stride() {
+    let (mut lab, master, _syn, ack) = established("apilb-tr-stride");
+    // 100 full segments in well under a second: the record must keep up, or
+    // the flow's own FIN would read as forged.
+    let mut seg = ack.clone().data(&[0x42; 1400]);
+    seg.seq = ack.seq;
+    seg.ack = ack.ack;
+    for _ in 0..100 {
+        let out = lab.test_run(lb_common::PROG_XDP, &seg.build(), Ingress::ClientSide);
+        assert_eq!(out.action, XDP_REDIRECT, "a data segment to the master");
+        seg.seq = seg.seq.wrapping_add(1400);
+    }
+    let recorded = lab.all_flows()[0].1.seq;
+    let behind = seg.seq.wrapping_sub(recorded);
+    assert!(
+        behind <= lb_common::ct::RECORD_STRIDE + 1400,
+        "the record trails the client by {behind} bytes"
+    );
+    let mut fin = seg.clone().data(b"");
+    fin.seq = seg.seq;
+    fin.ack = ack.ack;
+    fin.fin = true;
+    lab.run(&on_flow(
+        "the client's FIN after 140 kB",
+        &fin,
+        master,
+        40_000,
+        &[],
+    ));
+    assert_eq!(state(&lab), CT_FIN_WAIT);
 }
 
 #[test]

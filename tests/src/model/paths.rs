@@ -9,10 +9,11 @@ use lb_common::{
     PASSIVE_SILENT_NS, PORT_CLAIM_GRACE_NS, REPLY_F_TRACK, REPLY_F_TS, ReplyState, VipKey,
     counters::{
         DROP_NO_BACKEND, DROP_NO_NAT_PORT, DROP_NO_SNAT_ADDR, DROP_PASSIVE_ICMP, DROP_PASSIVE_RST,
-        DROP_UNPROVEN_REFUSAL, FALLBACK, FIB_LOOKUP, FLOW_ESTABLISHED, FLOW_NEW, HALF_OPEN_LOST,
-        ICMP_TOO_BIG_TRANSLATED, PASS_FIB_MISS, PASS_LOCAL_BACKEND, PASS_NO_FLOW, PASS_NO_TX_PORT,
-        PASS_NOT_OWNED, PASS_NOT_VIP, PASS_VLAN, PASSIVE_SILENT, RECLAIM_CLOSED, RECLAIM_HALF_OPEN,
-        RECLAIM_IDLE, RECLAIM_ORPHAN, REDIRECT, REPLY_HIT, REPLY_RESTORED, RST_UNPROVEN, TX,
+        DROP_UNPROVEN_REFUSAL, FALLBACK, FIB_LOOKUP, FIN_UNPROVEN, FLOW_ESTABLISHED, FLOW_NEW,
+        HALF_OPEN_LOST, ICMP_TOO_BIG_TRANSLATED, PASS_FIB_MISS, PASS_LOCAL_BACKEND, PASS_NO_FLOW,
+        PASS_NO_TX_PORT, PASS_NOT_OWNED, PASS_NOT_VIP, PASS_VLAN, PASSIVE_SILENT, RECLAIM_CLOSED,
+        RECLAIM_HALF_OPEN, RECLAIM_IDLE, RECLAIM_ORPHAN, REDIRECT, REPLY_HIT, REPLY_RESTORED,
+        RST_UNPROVEN, TX,
     },
     ct::{
         self, CT_CLOSE, CT_ESTABLISHED, CT_LAST_ACK, CT_NONE, CT_SYN_SENT, CT_TIME_WAIT,
@@ -114,7 +115,9 @@ pub fn balance(tx: &mut Tx, f: &mut [u8], ingress: u32) -> Outcome {
                     }
                     table = false;
                 }
-            } else if now.wrapping_sub(e.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS {
+            } else if now.wrapping_sub(e.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS
+                || ct::record_stale(seq, ack, e.seq, e.ack)
+            {
                 tx.timed = true;
                 e.last_seen_ns = now;
                 e.seq = ct::advance(e.seq, seq);
@@ -200,6 +203,13 @@ fn track_client(tx: &mut Tx, e: &mut FlowState, tcp: u8, seq: u32, ack: u32) -> 
     if tcp & TCP_RST != 0 && !ct::near(seq, e.seq) {
         tx.count(RST_UNPROVEN);
         return e.state;
+    }
+    if tcp & TCP_FIN != 0 {
+        if !ct::fin_proven(FROM_CLIENT, tcp, seq, ack, e.seq) {
+            tx.count(FIN_UNPROVEN);
+            return e.state;
+        }
+        e.client_fin = 1;
     }
     if tcp & (TCP_SYN | TCP_RST) == 0 {
         e.seq = ct::advance(e.seq, seq);
@@ -454,7 +464,7 @@ fn reclaimable(
     }
     let idle_ms = tx.now().wrapping_sub(f.last_seen_ns) / 1_000_000;
     if !ct::reusable(
-        f.state,
+        ct::settled(f.state, f.client_fin, f.backend_fin),
         f.flags,
         idle_ms,
         &tx.m.cfg.timeouts_ms,
@@ -660,7 +670,7 @@ fn to_client(tx: &mut Tx, f: &mut [u8], p: &Parsed, ingress: u32) -> Outcome {
         let Some(seq) = quoted_seq(f, p) else {
             return pass(PASS_NOT_VIP);
         };
-        return match update_flow(tx, &r, &key, half, 0, false, true, (seq, 0)) {
+        return match update_flow(tx, &mut r, &key, half, 0, false, true, (seq, 0)) {
             CT_SYN_SENT => refuse(tx, &r, &key, half, 2, DROP_PASSIVE_ICMP),
             CT_NONE => drop(DROP_UNPROVEN_REFUSAL),
             _ => pass(PASS_NOT_VIP),
@@ -668,16 +678,12 @@ fn to_client(tx: &mut Tx, f: &mut [u8], p: &Parsed, ingress: u32) -> Outcome {
     }
     let tcp = p.flags;
     if tcp & (TCP_SYN | TCP_FIN | TCP_RST) != 0 || r.flags & REPLY_F_TRACK != 0 {
-        if tcp & TCP_FIN != 0 {
-            r.flags |= REPLY_F_TRACK;
-            tx.set_reply(half, key, Some(r));
-        }
         let syn_ack = tcp & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
         let no_ts = syn_ack && tsval_at(f, p).is_none();
         let rst = tcp & TCP_RST != 0;
         let before = update_flow(
             tx,
-            &r,
+            &mut r,
             &key,
             half,
             tcp,
@@ -736,7 +742,7 @@ fn quoted_seq(f: &[u8], p: &Parsed) -> Option<u32> {
 )]
 fn update_flow(
     tx: &mut Tx,
-    r: &ReplyState,
+    r: &mut ReplyState,
     rk: &FlowKey,
     half: Half,
     tcp: u8,
@@ -774,6 +780,14 @@ fn update_flow(
     } else if tcp & TCP_RST != 0 && !ct::near(seq, fl.ack) {
         tx.count(RST_UNPROVEN);
         return before;
+    } else if tcp & TCP_FIN != 0 {
+        if !ct::fin_proven(FROM_BACKEND, tcp, seq, ack, fl.seq) {
+            tx.count(FIN_UNPROVEN);
+            return before;
+        }
+        fl.backend_fin = 1;
+        r.flags |= REPLY_F_TRACK;
+        tx.set_reply(half, *rk, Some(*r));
     }
     if tcp & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK && ct::half_open(before) {
         fl.ack = seq.wrapping_add(1);
