@@ -15,6 +15,10 @@
 //! `connect()` calls with the same rings.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// `ports::advance` adds to a shared cursor atomically; `core::sync::atomic` has no
+// atomic types on the BPF target, whose generic CPU has only the non-fetching add.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 #![cfg_attr(
     target_arch = "bpf",
     expect(
