@@ -97,9 +97,13 @@ impl Watch {
     /// time, now included.
     #[must_use]
     pub fn broken(&self, now: Instant) -> bool {
-        self.ended.is_some()
-            || self.max_gap > WATCH_GAP
-            || now.duration_since(self.last_event) > WATCH_GAP
+        self.broken_after(now, WATCH_GAP)
+    }
+
+    /// [`Watch::broken`] with another silence limit.
+    #[must_use]
+    pub fn broken_after(&self, now: Instant, gap: Duration) -> bool {
+        self.ended.is_some() || self.max_gap > gap || now.duration_since(self.last_event) > gap
     }
 }
 
@@ -183,8 +187,18 @@ impl Record {
     /// them (`?` for one that never got a response).
     #[must_use]
     pub fn broken_watches(&self) -> BTreeMap<String, usize> {
+        self.broken_watches_after(WATCH_GAP)
+    }
+
+    /// [`Record::broken_watches`] with another silence limit.
+    #[must_use]
+    pub fn broken_watches_after(&self, gap: Duration) -> BTreeMap<String, usize> {
         let mut by = BTreeMap::new();
-        for w in self.watches.iter().filter(|w| w.broken(self.taken)) {
+        for w in self
+            .watches
+            .iter()
+            .filter(|w| w.broken_after(self.taken, gap))
+        {
             *by.entry(w.master.clone().unwrap_or_else(|| "?".into()))
                 .or_insert(0) += 1;
         }

@@ -69,6 +69,14 @@ const AFTER: Duration = Duration::from_secs(3);
 /// A connection that needed its first SYN retransmit (1 s on Linux) took about
 /// a second; one that needed the second, 3 s.
 const ONE_RETRANSMIT: Duration = Duration::from_millis(2500);
+/// A stream silent this long is broken here, where the suite's other tests
+/// allow 1 s (`traffic::WATCH_GAP`). The attacker shares the machine's two vCPUs
+/// with the masters: while it sends 100,000 frames a second, it and the
+/// kernel's work for them can starve a stub apiserver's event loop for the
+/// flood's whole second (a stream paused 1.0005 s once, and went on). A stream
+/// whose flow the datapath lost stays silent until TCP gives up, or is reset:
+/// either is still caught.
+const STREAM_GAP: Duration = Duration::from_secs(3);
 /// No flood runs longer than this, whatever its count.
 const FLOOD_LIMIT: Duration = Duration::from_secs(15);
 
@@ -231,16 +239,27 @@ fn under_attack<T>(
         .map(|t| format!("{} {}/{}", t.name, t.entries, t.size))
         .collect();
     eprintln!(
-        "hostile {case}: {what}, {:.2} s\n  streams: {} found, {} broken {:?} (by master {:?})\n  \
+        "hostile {case}: {what}, {:.2} s\n  streams: {} found, {} broken {:?} (by master {:?}), \
+         the longest silence {:.2} s\n  \
          new connections during the attack: {ok}/{total} succeeded ({pct:.1} %); after it: \
          {ok_after}/{total_after} within {:.1} s (slowest {:.2} s)\n  masters: {} health \
          changes, {} transitions, passive hints {} refuted, {} confirmed\n  datapath \
          counters moved: {}\n  flow tables: {}",
         (end - start).as_secs_f64(),
         streams.len(),
-        seen.record.broken_watches().values().sum::<usize>(),
-        seen.record.broken_watches(),
+        seen.record
+            .broken_watches_after(STREAM_GAP)
+            .values()
+            .sum::<usize>(),
+        seen.record.broken_watches_after(STREAM_GAP),
         seen.record.watches_per_master(),
+        seen.record
+            .watches
+            .iter()
+            .map(|w| w.max_gap)
+            .max()
+            .unwrap_or_default()
+            .as_secs_f64(),
         ONE_RETRANSMIT.as_secs_f64(),
         slowest.as_secs_f64(),
         seen.health_changes.len(),
@@ -258,12 +277,12 @@ fn nobody_noticed(p: &ControlPlane, seen: &Seen) {
     let r = &seen.record;
     assert_eq!(r.watches.len(), STREAMS);
     assert!(
-        r.broken_watches().is_empty(),
+        r.broken_watches_after(STREAM_GAP).is_empty(),
         "watch streams broke: {:?}\n{:?}",
-        r.broken_watches(),
+        r.broken_watches_after(STREAM_GAP),
         r.watches
             .iter()
-            .filter(|w| w.broken(r.taken))
+            .filter(|w| w.broken_after(r.taken, STREAM_GAP))
             .collect::<Vec<_>>()
     );
     let (ok, total) = seen.during();
