@@ -199,15 +199,19 @@ pub const fn near(seq: u32, recorded: u32) -> bool {
 /// entry once every dozen or so full-sized segments.
 pub const RECORD_STRIDE: u32 = 16 * 1024;
 
-/// Whether a client segment's sequence and acknowledgement numbers (`seq`, `ack`)
-/// have moved far enough past the record (`recorded_seq`, `recorded_ack`) to
-/// refresh it (`RECORD_STRIDE`). A segment behind the record reads as far ahead
-/// here, and `advance` then leaves the record as it is.
+/// Whether a client segment's sequence or acknowledgement number (`seq`, `ack`)
+/// would move the record (`recorded_seq`, `recorded_ack`) forward by at least
+/// [`RECORD_STRIDE`] (and so by less than [`SEQ_ADVANCE_MAX`]). A segment behind
+/// the record, or one `advance` would not follow, is not: a record that cannot
+/// move must not cost a write per packet.
 #[inline(always)]
 #[must_use]
 pub const fn record_stale(seq: u32, ack: u32, recorded_seq: u32, recorded_ack: u32) -> bool {
-    seq.wrapping_sub(recorded_seq) >= RECORD_STRIDE
-        || ack.wrapping_sub(recorded_ack) >= RECORD_STRIDE
+    let (ds, da) = (
+        seq.wrapping_sub(recorded_seq),
+        ack.wrapping_sub(recorded_ack),
+    );
+    (ds >= RECORD_STRIDE && ds < SEQ_ADVANCE_MAX) || (da >= RECORD_STRIDE && da < SEQ_ADVANCE_MAX)
 }
 
 /// Whether a FIN from `from`, with TCP flags `tcp` and sequence and
@@ -502,7 +506,11 @@ mod tests {
         assert!(!record_stale(100 + RECORD_STRIDE - 1, 50, 100, 50));
         assert!(record_stale(100 + RECORD_STRIDE, 50, 100, 50));
         assert!(record_stale(100, 50 + RECORD_STRIDE, 100, 50));
-        assert!(record_stale(u32::MAX, 50, 100, 50), "behind reads as stale");
+        assert!(!record_stale(50, 50, 100, 50), "behind");
+        assert!(
+            !record_stale(100 + SEQ_ADVANCE_MAX, 50, 100, 50),
+            "too far to follow"
+        );
         assert!(
             RECORD_STRIDE + 9_000 < RST_SEQ_WINDOW,
             "a jumbo segment past the stride"
