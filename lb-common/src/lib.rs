@@ -221,6 +221,23 @@ pub const NEXTHOP_TTL_DEFAULT_NS: u64 = 1_000_000_000;
 /// flow entry is missing: it covers the gap between claiming a port and recording
 /// its flow.
 pub const PORT_CLAIM_GRACE_NS: u64 = 1_000_000_000;
+
+/// Ports a new flow tries, from its master's port cursor, before it is dropped
+/// for want of one (`DROP_NO_NAT_PORT`).
+pub const PORT_TRIES: u32 = 8;
+
+/// How far past the cursor try `i` (below [`PORT_TRIES`]) looks: the next four
+/// ports, then 16, 64, 256 and 1,024 on. Long-lived flows hold runs of
+/// consecutive ports (watches opened together, when the LB or its clients
+/// start), which the cursor meets again on every lap; eight tries in a row
+/// would fail on a run of eight and drop a SYN each lap, a run of thousands
+/// hundreds. The far tries jump such a run, and the cursor follows the port
+/// taken, so the run costs one claim a lap, not a SYN.
+#[inline(always)]
+#[must_use]
+pub const fn port_try_offset(i: u32) -> u32 {
+    if i < 4 { i } else { 1 << (2 * i - 4) }
+}
 /// A flow's `last_seen_ns` is rewritten at most this often, to keep per-packet
 /// writes to shared flow entries rare.
 pub const FLOW_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;

@@ -25,21 +25,17 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
-    AF_INET, DatapathConfig, FLOW_F_TS, FlowKey, PORT_CLAIM_GRACE_NS, REPLY_F_TS, ReplyState,
-    SNAT_POOL_MAX,
+    AF_INET, DatapathConfig, FLOW_F_TS, FlowKey, PORT_CLAIM_GRACE_NS, PORT_TRIES, REPLY_F_TS,
+    ReplyState, SNAT_POOL_MAX,
     counters::{
         DROP_NO_NAT_PORT, DROP_NO_SNAT_ADDR, RECLAIM_CLOSED, RECLAIM_HALF_OPEN, RECLAIM_IDLE,
         RECLAIM_ORPHAN,
     },
     ct::{self, CT_ESTABLISHED},
+    port_try_offset,
 };
 
 use crate::maps::{FLOWS, HALF_FLOWS, HALF_REPLIES, PORT_CURSOR, REPLIES, Scratch, count};
-
-/// (SNAT address, source port) pairs tried before a new flow is dropped as
-/// `DROP_NO_NAT_PORT`: a run of this many ports still held means the range is
-/// full at the rate it is used (see the README's capacity maths).
-const PORT_TRIES: u32 = 8;
 
 /// How many SNAT addresses the pool has for a family. Not clamped to the pool's
 /// size: `snat_addr` masks each index instead, a bound the verifier can see (LLVM
@@ -124,20 +120,21 @@ pub fn claim_port(
         #[expect(clippy::cast_possible_truncation, reason = "masked by `snat_addr`")]
         let index = ((first + i) % addrs) as u8;
         s.reply_key.dst_be = snat_addr(cfg, key.family, index);
+        let off = port_try_offset(i);
         #[expect(
             clippy::cast_possible_truncation,
             reason = "a port of the range, at most `port_max_host`"
         )]
-        let port_be = ((min + start.wrapping_add(i) % range) as u16).to_be();
+        let port_be = ((min + start.wrapping_add(off) % range) as u16).to_be();
         s.reply_key.dport_be = port_be;
         if try_claim(s, cfg, now) {
-            advance(cursor, i + 1);
+            advance(cursor, off + 1);
             s.flow.nat_port_be = port_be;
             s.flow.snat_index = index;
             return Ok(());
         }
     }
-    advance(cursor, PORT_TRIES);
+    advance(cursor, port_try_offset(PORT_TRIES - 1) + 1);
     Err(DROP_NO_NAT_PORT)
 }
 
@@ -146,9 +143,7 @@ pub fn claim_port(
 /// what the claim read plus `tried`: a claim on one CPU that stalls (a vCPU the
 /// hypervisor descheduled) while the other CPU claims on would then move the
 /// cursor back onto ports just claimed, and the next claims would find a run of
-/// live flows there. That run, eight ports long, dropped a few SYNs in 10^6 for
-/// want of a port in the soak, all eight ports held by flows active within the
-/// second.
+/// live flows there.
 #[inline(always)]
 fn advance(cursor: *mut u32, tried: u32) {
     // SAFETY: `cursor` is a valid, aligned array slot; every write to it is

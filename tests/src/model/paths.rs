@@ -6,7 +6,8 @@
 use lb_common::{
     AF_INET, BACKEND_F_DOWN, BACKEND_F_LOCAL, BACKEND_NONE, FALLBACK_HOPS, FLOW_F_REFUSED,
     FLOW_F_TS, FLOW_SEEN_GRANULARITY_NS, FlowKey, FlowState, MAGLEV_SIZE_MAX, NextHop,
-    PASSIVE_SILENT_NS, PORT_CLAIM_GRACE_NS, REPLY_F_TRACK, REPLY_F_TS, ReplyState, VipKey,
+    PASSIVE_SILENT_NS, PORT_CLAIM_GRACE_NS, PORT_TRIES, REPLY_F_TRACK, REPLY_F_TS, ReplyState,
+    VipKey,
     counters::{
         DROP_NO_BACKEND, DROP_NO_NAT_PORT, DROP_NO_SNAT_ADDR, DROP_PASSIVE_ICMP, DROP_PASSIVE_RST,
         DROP_UNPROVEN_REFUSAL, FALLBACK, FIB_LOOKUP, FIN_UNPROVEN, FLOW_ESTABLISHED, FLOW_NEW,
@@ -19,7 +20,7 @@ use lb_common::{
         self, CT_CLOSE, CT_ESTABLISHED, CT_LAST_ACK, CT_NONE, CT_SYN_SENT, CT_TIME_WAIT,
         FROM_BACKEND, FROM_CLIENT, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
-    flow_hash,
+    flow_hash, port_try_offset,
 };
 
 use super::{
@@ -365,19 +366,23 @@ fn claim_port(
     };
     let start = tx.cursor(fl.backend_id);
     let first = hash % addrs;
-    for i in 0..8 {
+    for i in 0..PORT_TRIES {
         let index = u8::try_from((first + i) % addrs).expect("small");
         rk.dst_be = snat_addr(tx, key.family, index);
-        let port = u16::try_from(min + start.wrapping_add(i) % range).expect("a port");
+        let off = port_try_offset(i);
+        let port = u16::try_from(min + start.wrapping_add(off) % range).expect("a port");
         rk.dport_be = port.to_be();
         if try_claim(tx, &rk, fl, reply, tsval) {
-            tx.set_cursor(fl.backend_id, start.wrapping_add(i + 1));
+            tx.set_cursor(fl.backend_id, start.wrapping_add(off + 1));
             fl.nat_port_be = port.to_be();
             fl.snat_index = index;
             return Ok(());
         }
     }
-    tx.set_cursor(fl.backend_id, start.wrapping_add(8));
+    tx.set_cursor(
+        fl.backend_id,
+        start.wrapping_add(port_try_offset(PORT_TRIES - 1) + 1),
+    );
     Err(DROP_NO_NAT_PORT)
 }
 
