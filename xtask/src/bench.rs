@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::ValueEnum;
 
-use crate::{cargo, exec, step};
+use crate::{cargo, exec, step, tests_bin};
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Part {
@@ -184,8 +184,7 @@ fn build_apilb_and_stub() -> anyhow::Result<()> {
 /// Run a benchmark binary (release), showing its stdout as it comes; return it.
 fn run_bin(bin: &str) -> anyhow::Result<String> {
     step(&format!("running {bin} (release build)"));
-    let mut child = cargo()
-        .args(["run", "--quiet", "--release", "-p", "tests", "--bin", bin])
+    let mut child = tests_bin(bin)
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {bin}"))?;

@@ -3,35 +3,16 @@
 //! frames by default. Release-built, as the benchmarks are: the model and the
 //! generator must not dominate the kernel's time per frame.
 
-use crate::{cargo, exec, step};
+use crate::{exec, step, tests_bin};
 
 /// Build the fuzzer (release) and run it.
 pub fn run(frames: u64, seed: Option<u64>) -> anyhow::Result<()> {
-    step("building the fuzzer (release)");
-    exec(cargo().args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "tests",
-        "--bin",
-        "fuzz",
-    ]))?;
-    step(&format!("fuzzing the XDP program with {frames} frames"));
+    step(&format!(
+        "building the fuzzer (release), then fuzzing the XDP program with {frames} frames"
+    ));
     let frames = frames.to_string();
-    let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--quiet",
-        "--release",
-        "-p",
-        "tests",
-        "--bin",
-        "fuzz",
-        "--",
-        "--frames",
-        &frames,
-    ]);
+    let mut cmd = tests_bin("fuzz");
+    cmd.args(["--", "--frames", &frames]);
     if let Some(seed) = seed {
         cmd.args(["--seed", &seed.to_string()]);
     }

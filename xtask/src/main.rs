@@ -105,15 +105,7 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             step("building apilb, the stub apiserver and the demo (release)");
             build_with_apilb("demo")?;
-            exec(cargo().args([
-                "run",
-                "--quiet",
-                "--release",
-                "-p",
-                "tests",
-                "--bin",
-                "demo",
-            ]))
+            exec(&mut tests_bin("demo"))
         }
         Task::Bench { part } => {
             setup::run()?;
@@ -165,7 +157,6 @@ pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-/// Run a command, failing with its name if it does not succeed.
 /// Build (release) apilb, the stub apiserver and the tests crate's binary `bin`,
 /// which runs them: the demo and the soak.
 pub fn build_with_apilb(bin: &str) -> anyhow::Result<()> {
@@ -179,6 +170,15 @@ pub fn build_with_apilb(bin: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cargo run` of the tests crate's binary `bin`, release-built as the benchmarks
+/// are; the caller adds `--` and its arguments.
+pub fn tests_bin(bin: &str) -> Command {
+    let mut cmd = cargo();
+    cmd.args(["run", "--quiet", "--release", "-p", "tests", "--bin", bin]);
+    cmd
+}
+
+/// Run a command, failing with its name if it does not succeed.
 pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd
         .status()

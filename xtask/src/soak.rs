@@ -4,7 +4,7 @@
 //! `tests/src/bin/soak.rs`, release-built like the benchmarks, since the load
 //! needs an optimised client to reach its rate on two vCPUs.
 
-use crate::{build_with_apilb, cargo, exec, step};
+use crate::{build_with_apilb, exec, step, tests_bin};
 
 /// Build apilb, the stub apiserver and the soak (release), then run the soak for
 /// `minutes`.
@@ -13,16 +13,5 @@ pub fn run(minutes: u32) -> anyhow::Result<()> {
     build_with_apilb("soak")?;
     step(&format!("running the soak for {minutes} min"));
     let minutes = minutes.to_string();
-    exec(cargo().args([
-        "run",
-        "--quiet",
-        "--release",
-        "-p",
-        "tests",
-        "--bin",
-        "soak",
-        "--",
-        "--minutes",
-        &minutes,
-    ]))
+    exec(tests_bin("soak").args(["--", "--minutes", &minutes]))
 }
