@@ -71,11 +71,15 @@
 //!   unreachable before the connection opened), and each such change is an event
 //!   too. A down backend stays down until `rise` probes pass.
 //! - **Hints.** The datapath's passive signals are hints, never verdicts: a hint
-//!   ([`ProberHandle::confirm`]) makes a ready backend's prober probe at once (but
-//!   no sooner than [`HINT_GAP`] after its last probe, so that forged signals
-//!   cannot turn it into a flood of probes), and only a failed probe takes the
-//!   backend out, then without waiting for `fall`. A passing probe refutes the
-//!   hint; both outcomes are counted.
+//!   ([`ProberHandle::confirm`]) makes a ready backend's prober probe at once, and
+//!   again each time a probe fails, until one passes (the hint is refuted) or
+//!   `fall` have failed in a row (confirmed: the backend leaves rotation). Hinted
+//!   probes start no sooner than [`HINT_GAP`] after the last one, so forged signals
+//!   cannot turn them into a flood. A hint only hurries the verdict that probes
+//!   reach anyway: one probe failed by a lossy link cannot take a master out.
+//! - **Lost SYNs.** A probe whose handshake is not done after a third of `timeout`
+//!   races a second connection against the first, since a lost SYN or SYN-ACK is
+//!   resent only after the kernel's initial RTO (1 s), past the probe's budget.
 
 mod probe;
 mod probes;
@@ -524,28 +528,15 @@ async fn run(
         let started = Instant::now();
         last_started = Some(started);
         next = started + jittered(spec.interval, spec.jitter);
-        let result =
-            match tokio::time::timeout(spec.timeout, probe::run(&inner.target, backend)).await {
-                Ok(result) => result,
-                Err(_elapsed) => ProbeResult::Timeout,
-            };
-        if let Some(why) = hint.take()
-            && report.healthy
+        let result = match tokio::time::timeout(
+            spec.timeout,
+            probe::run(&inner.target, backend, spec.timeout / 3),
+        )
+        .await
         {
-            if result.is_ok() {
-                report.hints.refuted += 1;
-                debug!(%backend, "passive hint refuted by a passing probe: {why}");
-            } else {
-                // Confirmed: out now, not after `fall` probes; down at once if the
-                // probe got no answer.
-                report.hints.confirmed += 1;
-                info!(%backend, reason = %result, "passive hint confirmed by a failed probe: {why}");
-                state = RiseFall::new(spec.rise, spec.fall, false);
-                if !result.answered() {
-                    answering = RiseFall::new(1, spec.fall, false);
-                }
-            }
-        }
+            Ok(result) => result,
+            Err(_elapsed) => ProbeResult::Timeout,
+        };
         report.latency = started.elapsed();
         report.probes += 1;
         report.failures.count(&result);
@@ -553,6 +544,18 @@ async fn run(
         state.observe(result.is_ok());
         answering.observe(result.answered());
         report.healthy = state.healthy;
+        if let Some(why) = hint.take() {
+            if result.is_ok() {
+                report.hints.refuted += 1;
+                debug!(%backend, "passive hint refuted by a passing probe: {why}");
+            } else if !state.healthy {
+                report.hints.confirmed += 1;
+                info!(%backend, reason = %result, "passive hint confirmed by {} failed probes in a row: {why}", spec.fall);
+            } else {
+                // Failed, but not yet `fall` times: probe again soon.
+                hint = Some(why);
+            }
+        }
         if report.healthy && !answering.healthy {
             // Ready again after being down: answering, with no silent streak.
             answering = RiseFall::new(1, spec.fall, true);

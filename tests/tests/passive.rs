@@ -1,9 +1,10 @@
 //! A master dies under 100 new https connections/s, and no client sees it fail:
 //! the datapath sees the master fail a client's SYN (a RST, an ICMP unreachable,
 //! or no answer) and re-steers the client's retransmit to another master, and
-//! the probe that this hint triggers takes the master out at once; a master that
-//! refuses only the odd SYN stays in, because its probes pass. Against real stub apiservers, a real kernel and nftables on
-//! the master for the partial failures.
+//! the probes that this hint hurries take the master out within `fall` of them; a
+//! master that refuses only the odd SYN stays in, because its probes pass. Against
+//! real stub apiservers, a real kernel and nftables on the master for the partial
+//! failures.
 //!
 //! In each case the traffic runs before, during and after the failure, and the
 //! test asserts the count of failed connections (0), the streams broken on the

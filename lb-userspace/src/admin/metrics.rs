@@ -280,8 +280,8 @@ fn encode_backends(e: &mut DescriptorEncoder, backends: &[BackendStatus]) -> std
         e,
         "backend_passive_hints",
         "Passive failures reported to the controller, by what the probe they \
-         triggered showed: confirmed (the probe failed; the backend left rotation) \
-         or refuted (it passed)",
+         triggered showed: confirmed (`fall` probes failed in a row; the backend left rotation) \
+         or refuted (a probe passed)",
         "outcome",
         backends,
         |b| &b.passive_hints,

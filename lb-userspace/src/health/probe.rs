@@ -5,6 +5,7 @@ use std::error::Error;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
@@ -49,9 +50,10 @@ pub fn is_request_path(path: &str) -> bool {
 }
 
 /// Runs one probe against `backend`, without a deadline: the caller applies the
-/// timeout around the whole of it.
-pub(super) async fn run(target: &Target, backend: SocketAddr) -> ProbeResult {
-    let tcp = match TcpStream::connect(backend).await {
+/// timeout around the whole of it. A handshake not done after `resend` gets a
+/// second connection racing it (see [`connect`]).
+pub(super) async fn run(target: &Target, backend: SocketAddr, resend: Duration) -> ProbeResult {
+    let tcp = match connect(backend, resend).await {
         Ok(tcp) => tcp,
         Err(e) => return classify(&e),
     };
@@ -69,6 +71,25 @@ pub(super) async fn run(target: &Target, backend: SocketAddr) -> ProbeResult {
             }
         }
     })
+}
+
+/// Connects to `backend`; if the handshake is not done after `resend`, a second
+/// connection races the first and whichever finishes first (connected or
+/// refused) decides. The kernel resends a lost SYN, or a SYN whose SYN-ACK was
+/// lost, only after its initial RTO of 1 s, past a probe's budget: without the
+/// race one lost packet on a lossy link would fail the probe. The loser is
+/// dropped, so its socket closes.
+async fn connect(backend: SocketAddr, resend: Duration) -> io::Result<TcpStream> {
+    let mut first = pin!(TcpStream::connect(backend));
+    tokio::select! {
+        done = &mut first => return done,
+        () = tokio::time::sleep(resend) => {}
+    }
+    let second = pin!(TcpStream::connect(backend));
+    tokio::select! {
+        done = first => done,
+        done = second => done,
+    }
 }
 
 /// The result of a probe whose connection the backend accepted: an I/O failure
