@@ -87,8 +87,10 @@ pub struct Applied {
     pub vips_written: usize,
     pub vips_removed: usize,
     pub ring_slots_written: usize,
-    /// Backends that are down or gone, and the client flows removed with them.
-    pub flows_removed: Vec<(SocketAddr, usize)>,
+    /// The backends whose flows may stay, when that set changed: flows to any
+    /// other (down or gone) are to be removed, by `crate::reaper` off the daemon
+    /// loop, since dumping the flow tables takes longer than a release may wait.
+    pub keep_flows: Option<BTreeSet<SocketAddr>>,
 }
 
 /// Keeps ids stable across reconciles and remembers what the maps hold.
@@ -416,20 +418,11 @@ impl Reconciler {
             }
         }
         // Flows to backends that are neither answering nor in rotation (dead, or no
-        // longer configured) are removed, so their clients reconnect now rather than
-        // after a TCP timeout. Matched by address, not id: ids can move between
+        // longer configured) are to be removed, so their clients reconnect now rather
+        // than after a TCP timeout. Matched by address, not id: ids can move between
         // configurations. Flows to every other backend are never touched.
-        let was_kept: Option<&BTreeSet<SocketAddr>> = old.map(|o| &o.keep_flows);
-        let doomed: Vec<SocketAddr> = match was_kept {
-            Some(k) => k.difference(&desired.keep_flows).copied().collect(),
-            None => dp
-                .flow_backends()?
-                .into_iter()
-                .filter(|a| !desired.keep_flows.contains(a))
-                .collect(),
-        };
-        for addr in doomed {
-            out.flows_removed.push((addr, dp.remove_flows_to(addr)?));
+        if old.is_none_or(|o| o.keep_flows != desired.keep_flows) {
+            out.keep_flows = Some(desired.keep_flows.clone());
         }
         self.current = Some(desired);
         Ok(out)

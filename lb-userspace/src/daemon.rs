@@ -26,6 +26,7 @@ use crate::{
     loader::{self, LoaderError},
     ownership::{Owners, Reconcile, Reconciled, Step},
     passive::{self, PassiveKind},
+    reaper::Reaper,
     status::{SharedSnapshot, Snapshot, Sources},
 };
 
@@ -47,6 +48,8 @@ pub enum DaemonError {
     Datapath(#[from] crate::datapath::DatapathError),
     #[error(transparent)]
     SockLb(#[from] crate::socklb::SockLbError),
+    #[error("starting the thread that removes down backends' flows")]
+    Reaper(#[source] std::io::Error),
     #[error("reading passive failure events from the datapath")]
     PassiveEvents(#[source] std::io::Error),
     #[error("installing the {0} handler")]
@@ -68,6 +71,8 @@ struct Core {
     config_path: PathBuf,
     dp: Datapath,
     reconciler: Reconciler,
+    /// Removes down backends' flows off this loop.
+    reaper: Reaper,
     probes: Probes,
     events: EventLog,
     snapshot: SharedSnapshot,
@@ -89,21 +94,24 @@ impl Reconcile for Core {
                 "no backend is healthy: failing open, every configured backend serves"
             );
         }
-        let written = self.reconciler.apply(&mut self.dp, desired).map(|applied| {
-            for (backend, flows) in &applied.flows_removed {
-                warn!(%backend, flows, "backend down or removed; its flows were removed so its clients reconnect now");
-            }
-            if applied != Applied::default() {
-                info!(
-                    why,
-                    backends = applied.backends_written,
-                    vips = applied.vips_written,
-                    vips_removed = applied.vips_removed,
-                    ring_slots = applied.ring_slots_written,
-                    "datapath updated"
-                );
-            }
-        });
+        let written = self
+            .reconciler
+            .apply(&mut self.dp, desired)
+            .map(|mut applied| {
+                if let Some(keep) = applied.keep_flows.take() {
+                    self.reaper.keep_only(keep);
+                }
+                if applied != Applied::default() {
+                    info!(
+                        why,
+                        backends = applied.backends_written,
+                        vips = applied.vips_written,
+                        vips_removed = applied.vips_removed,
+                        ring_slots = applied.ring_slots_written,
+                        "datapath updated"
+                    );
+                }
+            });
         self.dirty = written.is_err();
         Reconciled { fail_open, written }
     }
@@ -195,6 +203,7 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
     let (passive_tx, mut passive_rx) = mpsc::channel(256);
     let _passive_reader = passive::spawn(dp.take_passive_events()?, passive_tx)
         .map_err(DaemonError::PassiveEvents)?;
+    let reaper = Reaper::spawn(dp.flow_tables()?).map_err(DaemonError::Reaper)?;
     let (health_tx, mut health_rx) = mpsc::channel(256);
     let probes = Probes::start(&config.health, config.backend_addrs(), health_tx)?;
     let (mut owners, mut owner_rx) = Owners::start(&config).await?;
@@ -203,6 +212,7 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
         config_path: opts.config_path.clone(),
         dp,
         reconciler,
+        reaper,
         probes,
         events: EventLog::default(),
         snapshot,

@@ -8,7 +8,7 @@
 //! exactly one place.
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{BTreeMap, HashMap as StdHashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::RangeInclusive,
     os::fd::{AsFd as _, AsRawFd as _},
@@ -54,6 +54,12 @@ pub enum DatapathError {
         what: &'static str,
         value: String,
         range: String,
+    },
+    #[error("duplicating the handle of map {map}")]
+    Dup {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("adding interface index {ifindex} to the TX ports")]
     TxPort {
@@ -434,62 +440,67 @@ impl Datapath {
         map.iter().collect::<Result<_, _>>().map_err(map_err(name))
     }
 
-    /// Remove every flow (both directions, established and half-open) to the
-    /// backend at `addr`, so that its clients' next segments find no flow: the
-    /// stack answers them with a RST and they reconnect through the ring, instead
-    /// of waiting out a dead master's TCP timeout. Matched by address, which flows
-    /// record, not by id, which can move between configurations. Returns how many
-    /// client flows it removed.
-    pub fn remove_flows_to(&mut self, addr: SocketAddr) -> Result<usize> {
-        let mut removed = 0;
-        for (flows, replies) in [(MAP_FLOWS, MAP_REPLIES), (MAP_HALF_FLOWS, MAP_HALF_REPLIES)] {
-            removed += self.remove_from(flows, replies, addr)?;
+    /// Handles of their own on the flow tables, and on nothing else: for a thread
+    /// that removes flows (`crate::reaper`) while this one goes on.
+    pub fn flow_tables(&self) -> Result<Self> {
+        let mut maps = StdHashMap::new();
+        for name in [MAP_FLOWS, MAP_REPLIES, MAP_HALF_FLOWS, MAP_HALF_REPLIES] {
+            let Map::LruHashMap(data) = self.map(name)? else {
+                return Err(DatapathError::MissingMap(name));
+            };
+            let fd = data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| DatapathError::Dup { map: name, source })?;
+            let data = MapData::from_fd(fd).map_err(map_err(name))?;
+            maps.insert(name, Map::LruHashMap(data));
         }
-        Ok(removed)
+        Ok(Self { maps })
     }
 
-    /// `remove_flows_to` on one pair of tables.
-    fn remove_from(
+    /// Remove every flow (both directions, established and half-open) to a
+    /// backend for which `doomed` holds when its entry is removed, so that its
+    /// clients' next segments find no flow: the stack answers them with a RST and
+    /// they reconnect through the ring, instead of waiting out a dead master's TCP
+    /// timeout. Matched by address, which flows record, not by id, which can move
+    /// between configurations. Returns how many client flows it removed, by
+    /// backend.
+    pub fn remove_flows(
         &mut self,
-        flows_map: &'static str,
-        replies_map: &'static str,
-        addr: SocketAddr,
-    ) -> Result<usize> {
-        let (addr_be, _) = addr_words(addr.ip());
-        let port_be = addr.port().to_be();
-        let doomed: Vec<FlowKey> = self
-            .entries::<FlowState>(flows_map)?
-            .into_iter()
-            .filter(|(_, f)| f.backend_be == addr_be && f.backend_port_be == port_be)
-            .map(|(k, _)| k)
-            .collect();
-        let mut flows: HashMap<_, FlowKey, FlowState> = self.typed(flows_map)?;
-        // A flow the LRU evicted meanwhile is already gone: not an error.
-        let removed = doomed.iter().filter(|k| flows.remove(k).is_ok()).count();
-        let doomed: Vec<FlowKey> = self
-            .entries::<ReplyState>(replies_map)?
-            .into_iter()
-            .filter(|(k, _)| k.src_be == addr_be && k.sport_be == port_be)
-            .map(|(k, _)| k)
-            .collect();
-        let mut replies: HashMap<_, FlowKey, ReplyState> = self.typed(replies_map)?;
-        for k in &doomed {
-            let _ = replies.remove(k);
+        doomed: impl Fn(SocketAddr) -> bool,
+    ) -> Result<BTreeMap<SocketAddr, usize>> {
+        let mut removed = BTreeMap::new();
+        for (flows_map, replies_map) in
+            [(MAP_FLOWS, MAP_REPLIES), (MAP_HALF_FLOWS, MAP_HALF_REPLIES)]
+        {
+            let listed: Vec<(FlowKey, SocketAddr)> = self
+                .entries::<FlowState>(flows_map)?
+                .iter()
+                .map(|(k, f)| (*k, flow_backend(k, f)))
+                .filter(|(_, b)| doomed(*b))
+                .collect();
+            let mut flows: HashMap<_, FlowKey, FlowState> = self.typed(flows_map)?;
+            for (k, backend) in listed {
+                // A flow the LRU evicted meanwhile is already gone: not an error.
+                if doomed(backend) && flows.remove(&k).is_ok() {
+                    *removed.entry(backend).or_insert(0) += 1;
+                }
+            }
+            let listed: Vec<(FlowKey, SocketAddr)> = self
+                .entries::<ReplyState>(replies_map)?
+                .iter()
+                .map(|(k, _)| (*k, socket_addr(&k.src_be, k.family, k.sport_be)))
+                .filter(|(_, b)| doomed(*b))
+                .collect();
+            let mut replies: HashMap<_, FlowKey, ReplyState> = self.typed(replies_map)?;
+            for (k, backend) in listed {
+                if doomed(backend) {
+                    let _ = replies.remove(&k);
+                }
+            }
         }
         Ok(removed)
-    }
-
-    /// The backends that client flows, established or half-open, currently go to.
-    pub fn flow_backends(&self) -> Result<Vec<SocketAddr>> {
-        let mut out: Vec<SocketAddr> = self
-            .flows()?
-            .iter()
-            .chain(self.half_open_flows()?.iter())
-            .map(|(k, f)| flow_backend(k, f))
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        Ok(out)
     }
 
     /// The VIPs in the datapath.

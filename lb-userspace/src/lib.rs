@@ -18,5 +18,6 @@ pub mod loader;
 pub mod maglev;
 pub mod ownership;
 pub mod passive;
+pub mod reaper;
 pub mod socklb;
 pub mod status;
