@@ -274,59 +274,122 @@ impl Drop for Keepalived {
 /// from the LB nodes (`route_to_etcd`), so cutting a node off is one route.
 pub const ETCD_ADDR: &str = "203.0.113.1";
 
-/// A single-member etcd (Debian's etcd-server) in the router namespace, listening
-/// on [`ETCD_ADDR`]:2379, with its data under `dir`; killed on drop.
-pub struct Etcd(pub Spawned);
+/// etcd (Debian's etcd-server) in the router namespace: member `i` listens for
+/// clients on [`ETCD_ADDR`]`:2379 + 10 i` and for peers on loopback, with its data
+/// under `dir`; every member is killed on drop.
+pub struct Etcd {
+    members: Vec<Spawned>,
+    args: Vec<Vec<String>>,
+}
 
 impl Etcd {
+    /// A single member.
     #[must_use]
     pub fn start(t: &Topology, dir: &Path) -> Self {
+        Self::cluster(t, dir, 1)
+    }
+
+    /// A cluster of `n` members, each taking clients once started.
+    #[must_use]
+    pub fn cluster(t: &Topology, dir: &Path, n: usize) -> Self {
         t.router
             .ip(&["addr", "add", &format!("{ETCD_ADDR}/32"), "dev", "lo"]);
         for lb in &t.lbs {
             lb.ip(&["route", "add", ETCD_ADDR, "via", "198.51.100.1"]);
         }
-        let url = format!("http://{ETCD_ADDR}:2379");
-        let data = dir.join("etcd-data").display().to_string();
-        let args = [
-            "--name",
-            "apilb",
-            "--data-dir",
-            &data,
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-            "--listen-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-advertise-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-cluster",
-            "apilb=http://127.0.0.1:2380",
-        ];
-        let etcd = Self(Spawned::start(&t.router, Path::new("/usr/bin/etcd"), &args));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let addr: SocketAddr = format!("{ETCD_ADDR}:2379").parse().expect("addr");
-        loop {
-            let up = {
-                let _inside = t.lbs[0].enter();
-                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-            };
-            if up {
-                return etcd;
-            }
-            assert!(Instant::now() < deadline, "etcd did not start");
-            thread::sleep(Duration::from_millis(100));
+        let peer = |i: usize| format!("http://127.0.0.1:{}", 2380 + 10 * i);
+        let initial: Vec<String> = (0..n).map(|i| format!("m{i}={}", peer(i))).collect();
+        let args: Vec<Vec<String>> = (0..n)
+            .map(|i| {
+                let url = format!("http://{ETCD_ADDR}:{}", etcd_port(i));
+                let data = dir.join(format!("etcd-data-{i}")).display().to_string();
+                [
+                    "--name",
+                    &format!("m{i}"),
+                    "--data-dir",
+                    &data,
+                    "--listen-client-urls",
+                    &url,
+                    "--advertise-client-urls",
+                    &url,
+                    "--listen-peer-urls",
+                    &peer(i),
+                    "--initial-advertise-peer-urls",
+                    &peer(i),
+                    "--initial-cluster",
+                    &initial.join(","),
+                ]
+                .map(str::to_owned)
+                .to_vec()
+            })
+            .collect();
+        let mut etcd = Self {
+            members: Vec::new(),
+            args,
+        };
+        for i in 0..n {
+            let member = etcd.spawn(t, i);
+            etcd.members.push(member);
         }
+        for i in 0..n {
+            wait_up(t, i);
+        }
+        etcd
+    }
+
+    /// Stop member `i` as kubelet stops a static pod (SIGTERM: a leader hands its
+    /// leadership over first) and start it again on its data; returns once it
+    /// takes clients.
+    pub fn restart(&mut self, t: &Topology, i: usize) {
+        let pid = libc::pid_t::try_from(self.members[i].0.id()).expect("pid");
+        // SAFETY: signalling a child this struct spawned and has not reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let _ = self.members[i].0.wait();
+        self.members[i] = self.spawn(t, i);
+        wait_up(t, i);
+    }
+
+    fn spawn(&self, t: &Topology, i: usize) -> Spawned {
+        let args: Vec<&str> = self.args[i].iter().map(String::as_str).collect();
+        Spawned::start(&t.router, Path::new("/usr/bin/etcd"), &args)
     }
 }
 
-/// The `[election.etcd]` tables for node `node` (named `lb<node+1>`).
+/// Member `i`'s client port.
+fn etcd_port(i: usize) -> usize {
+    2379 + 10 * i
+}
+
+/// Wait until member `i` accepts connections from an LB node.
+fn wait_up(t: &Topology, i: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr: SocketAddr = format!("{ETCD_ADDR}:{}", etcd_port(i))
+        .parse()
+        .expect("addr");
+    loop {
+        let up = {
+            let _inside = t.lbs[0].enter();
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        };
+        if up {
+            return;
+        }
+        assert!(Instant::now() < deadline, "etcd member {i} did not start");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The `[election.etcd]` tables for node `node` (named `lb<node+1>`), naming the
+/// first `members` members of an [`Etcd`] cluster.
 #[must_use]
-pub fn etcd_election(node: usize, lease_ttl: &str) -> String {
+pub fn etcd_election(node: usize, lease_ttl: &str, members: usize) -> String {
+    let endpoints: Vec<String> = (0..members)
+        .map(|i| format!("\"http://{ETCD_ADDR}:{}\"", etcd_port(i)))
+        .collect();
     format!(
-        "[election.etcd]\nendpoints = [\"http://{ETCD_ADDR}:2379\"]\nlease_ttl = \"{lease_ttl}\"\n\
+        "[election.etcd]\nendpoints = [{}]\nlease_ttl = \"{lease_ttl}\"\n\
          node = \"lb{}\"\ndial_timeout = \"1s\"\n",
+        endpoints.join(", "),
         node + 1
     )
 }

@@ -26,7 +26,10 @@
 //!    lease expired or was revoked), and every `lease_ttl` or so anyway, so a lost
 //!    watch cannot stall it;
 //! 4. an owner gives the VIP up when the key is deleted or rewritten under it, when
-//!    the session fails (`"cut off"`), or at its release deadline (below);
+//!    etcd says its lease is gone, or at its release deadline (below), and at no
+//!    other time: a broken keepalive stream (a restarted member, a dropped
+//!    connection) is reopened on the same lease while the VIP stays, since the
+//!    lease provably outlives the break until that deadline;
 //! 5. after a failed session the task reconnects with a new client, revokes the old
 //!    lease if it still can (so the other node need not wait for it to expire), and
 //!    starts again with a fresh lease.

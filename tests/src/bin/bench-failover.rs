@@ -176,7 +176,7 @@ fn etcd() -> Vec<f64> {
     let prefix = "apilb-bfo-etcd";
     let (t, dir) = two_lb_nodes(prefix);
     let _etcd = Etcd::start(&t, &dir.0);
-    let election = |i| etcd_election(i, "3s");
+    let election = |i| etcd_election(i, "3s", 1);
     let vip = |_| format!("address = \"{VIP_ADDR}\"\nelection = \"etcd\"");
     let mut sides = apilb_pair(&t, &dir.0, prefix, &election, &vip);
     // Keepalives go every third of the lease.

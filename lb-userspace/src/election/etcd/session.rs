@@ -2,8 +2,9 @@
 //! of its own, and a watch on the VIP's key.
 //!
 //! The keepalive task keeps the session's `floor`, the instant before which the lease
-//! cannot expire on the server, and [`release_at`] derives from it the owner's release
-//! deadline: the two halves of the safety argument in [`super`] that live in code.
+//! cannot expire on the server, reopening its stream on the same lease when it
+//! breaks; [`release_at`] derives from the floor the owner's release deadline: the
+//! two halves of the safety argument in [`super`] that live in code.
 
 use std::{collections::VecDeque, net::IpAddr, time::Duration};
 
@@ -13,7 +14,7 @@ use tokio::{
     task::JoinHandle,
     time::{Instant, MissedTickBehavior},
 };
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use super::{EtcdError, connect::Config};
 
@@ -79,8 +80,9 @@ impl Session {
         floor = floor.max(sent + granted);
         let (floor_tx, floor_rx) = watch::channel(floor);
         let keepalive = tokio::spawn(keep_alive(
-            keeper,
-            stream,
+            client.clone(),
+            (keeper, stream),
+            granted,
             config.keepalive_every,
             floor_tx,
             config.endpoints.clone(),
@@ -144,55 +146,134 @@ fn positive_secs(ttl: i64) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
-/// Renews the lease every `every` and raises `floor` to (send instant + TTL) at each
-/// positive answer. etcd answers each request once and in order on the stream, so
-/// answers pair with send instants first in, first out. Returns why it stopped.
+/// Keeps the lease alive: renews it every `every` and raises `floor` to (send
+/// instant + TTL) at each positive answer. etcd answers each request once and in
+/// order on the stream, so answers pair with send instants first in, first out.
+///
+/// A broken stream (the member restarted, a connection dropped, a request timed
+/// out) is reopened on the same lease, with backoff, because the lease outlives
+/// it on the server: the owner keeps the VIP meanwhile, and gives it up only at
+/// its release deadline if no renewal comes by then. Only etcd saying the lease
+/// is gone ends the task, with why.
 async fn keep_alive(
-    mut keeper: LeaseKeeper,
-    mut stream: LeaseKeepAliveStream,
+    mut client: Client,
+    opened: (LeaseKeeper, LeaseKeepAliveStream),
+    granted: Duration,
     every: Duration,
     floor: watch::Sender<Instant>,
     endpoints: String,
 ) -> EtcdError {
+    let lease = opened.0.id();
+    let (mut keeper, mut stream) = opened;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match renew(keeper, stream, every, &floor, &endpoints).await {
+            Renewal::Expired(error) => return error,
+            Renewal::Broken(error) => {
+                warn!(lease = format!("{lease:x}"), %error, "etcd lease keepalive broke; reopening it on the same lease (the VIP stays while the lease is provably valid)");
+            }
+        }
+        (keeper, stream) = loop {
+            let sent = Instant::now();
+            match tokio::time::timeout(every, client.lease_keep_alive(lease)).await {
+                Ok(Ok(open)) => {
+                    raise(&floor, sent + granted);
+                    info!(
+                        lease = format!("{lease:x}"),
+                        "etcd lease keepalive reopened"
+                    );
+                    backoff = Duration::from_millis(100);
+                    break open;
+                }
+                Ok(Err(etcd_client::Error::LeaseKeepAliveError(why)))
+                    if why == "lease not found" =>
+                {
+                    return EtcdError::Session {
+                        endpoints,
+                        what: format!("lease {lease:x} expired on the server"),
+                    };
+                }
+                Ok(Err(error)) => {
+                    debug!(lease = format!("{lease:x}"), %error, "etcd lease keepalive: reopening failed; retrying");
+                }
+                Err(_) => {
+                    debug!(
+                        lease = format!("{lease:x}"),
+                        "etcd lease keepalive: reopening got no answer; retrying"
+                    );
+                }
+            }
+            tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
+            backoff = (backoff * 2).min(every);
+        };
+    }
+}
+
+/// Why [`renew`] stopped.
+enum Renewal {
+    /// etcd says the lease is gone.
+    Expired(EtcdError),
+    /// The stream broke; the lease may well be alive.
+    Broken(EtcdError),
+}
+
+/// Raises `floor` to `to`, if later.
+fn raise(floor: &watch::Sender<Instant>, to: Instant) {
+    floor.send_if_modified(|f| {
+        let raised = to > *f;
+        if raised {
+            *f = to;
+        }
+        raised
+    });
+}
+
+/// Renews the lease on one stream until it breaks or etcd says the lease is gone.
+async fn renew(
+    mut keeper: LeaseKeeper,
+    mut stream: LeaseKeepAliveStream,
+    every: Duration,
+    floor: &watch::Sender<Instant>,
+    endpoints: &str,
+) -> Renewal {
     let lease = keeper.id();
-    let mut sent = VecDeque::new();
+    let mut sent: VecDeque<Instant> = VecDeque::new();
     let mut tick = tokio::time::interval_at(Instant::now() + every, every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let request_error = |source| EtcdError::Request {
-        endpoints: endpoints.clone(),
+        endpoints: endpoints.to_owned(),
         op: "lease keepalive",
         source,
     };
     let session_error = |what: String| EtcdError::Session {
-        endpoints: endpoints.clone(),
+        endpoints: endpoints.to_owned(),
         what,
     };
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                // A renewal unanswered for a whole period: this member cannot renew
+                // (it lost its leader, or the connection is half dead); another may.
+                if let Some(oldest) = sent.front().filter(|t| t.elapsed() >= every) {
+                    return Renewal::Broken(session_error(format!("a keepalive unanswered for {:?}", oldest.elapsed())));
+                }
                 sent.push_back(Instant::now());
                 match tokio::time::timeout(every, keeper.keep_alive()).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(source)) => return request_error(source),
-                    Err(_) => return EtcdError::Timeout { endpoints: endpoints.clone(), op: "lease keepalive send", after: every },
+                    Ok(Err(source)) => return Renewal::Broken(request_error(source)),
+                    Err(_) => return Renewal::Broken(EtcdError::Timeout { endpoints: endpoints.to_owned(), op: "lease keepalive send", after: every }),
                 }
             }
             msg = stream.message() => match msg {
                 Ok(Some(resp)) => {
                     let Some(at) = sent.pop_front() else { continue };
                     let Some(ttl) = positive_secs(resp.ttl()) else {
-                        return session_error(format!("lease {lease:x} expired on the server"));
+                        return Renewal::Expired(session_error(format!("lease {lease:x} expired on the server")));
                     };
-                    floor.send_if_modified(|f| {
-                        let raised = at + ttl > *f;
-                        if raised {
-                            *f = at + ttl;
-                        }
-                        raised
-                    });
+                    raise(floor, at + ttl);
                 }
-                Ok(None) => return session_error("keepalive stream closed by the server".into()),
-                Err(source) => return request_error(source),
+                Ok(None) => return Renewal::Broken(session_error("keepalive stream closed by the server".into())),
+                Err(source) => return Renewal::Broken(request_error(source)),
             }
         }
     }
