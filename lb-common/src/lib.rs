@@ -53,7 +53,7 @@ pub const MAP_LOCAL_STATS: &str = maps::LOCAL_STATS.name;
 /// it with any change to them. Pinned maps live in a directory named after it, so
 /// an upgraded apilb with another layout starts with fresh maps instead of reading
 /// old ones with new types.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 // ---- Program names (the function names in lb-ebpf). ----
 pub const PROG_XDP: &str = "apilb_xdp";
@@ -197,6 +197,13 @@ pub struct DatapathConfig {
     /// Node-local mode balances only sockets of this network namespace (the node's,
     /// where apilb runs); 0 balances none.
     pub netns_cookie: u64,
+    /// Inclusive range of ports, within `port_min_host..=port_max_host`, from which
+    /// this node claims ports for new flows (its slice, `datapath.nat_slice`), in
+    /// host order. Replies are recognised on the whole range: a node that takes a
+    /// VIP over must translate the flows another node opened on its slice.
+    pub claim_min_host: u16,
+    pub claim_max_host: u16,
+    pub _pad2: u32,
 }
 
 /// Key of both LRU flow tables.
@@ -401,7 +408,7 @@ const _: () = {
     assert!(size_of::<VipKey>() == 20);
     assert!(size_of::<VipInfo>() == 16);
     assert!(size_of::<Backend>() == 32);
-    assert!(size_of::<DatapathConfig>() == 144);
+    assert!(size_of::<DatapathConfig>() == 152);
     assert!(size_of::<SockOrig>() == 20);
     assert!(size_of::<PassiveStats>() == 24);
     assert!(size_of::<PassiveState>() == 16);

@@ -326,7 +326,7 @@ mod tests {
         }
         assert_eq!(
             (LAYOUT_VERSION, h),
-            (8, 0x453c_2bd9_f7cc_dcb7),
+            (9, 0xfcc6_b3ef_bc5f_612f),
             "bump LAYOUT_VERSION, then the fingerprint"
         );
     }

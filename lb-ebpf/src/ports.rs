@@ -92,7 +92,9 @@ pub fn claim_port(
     if addrs == 0 {
         return Err(DROP_NO_SNAT_ADDR);
     }
-    let (min, max) = (u32::from(cfg.port_min_host), u32::from(cfg.port_max_host));
+    // This node's slice of the range: two nodes that both think they own a VIP
+    // (a preemption, a split brain) never give out the same port.
+    let (min, max) = (u32::from(cfg.claim_min_host), u32::from(cfg.claim_max_host));
     if min == 0 || max < min {
         return Err(DROP_NO_NAT_PORT);
     }
@@ -123,7 +125,7 @@ pub fn claim_port(
         let off = port_try_offset(i);
         #[expect(
             clippy::cast_possible_truncation,
-            reason = "a port of the range, at most `port_max_host`"
+            reason = "a port of the range, at most `claim_max_host`"
         )]
         let port_be = ((min + start.wrapping_add(off) % range) as u16).to_be();
         s.reply_key.dport_be = port_be;

@@ -5,10 +5,10 @@
 //!
 //! Every flow to a master takes one (SNAT address, port) pair, its NAT port, from
 //! the SYN until its state's timeout has passed after its last packet
-//! (`lb_common::ct::reusable`), so a master has P = ports in `nat_ports` x SNAT
-//! addresses of its family: at most P flows open at once, and, held up, P / hold
-//! new connections a second, where hold is how long a closed flow keeps its port
-//! (README "NAT flow lifecycle"). Pure arithmetic on the config, so that it can
+//! (`lb_common::ct::reusable`), so a master has P = ports in this node's slice of
+//! `nat_ports` x SNAT addresses of its family: at most P flows open at once, and,
+//! held up, P / hold new connections a second, where hold is how long a closed
+//! flow keeps its port (README "NAT flow lifecycle"). Pure arithmetic on the config, so that it can
 //! be tested and printed anywhere.
 
 use std::time::Duration;
@@ -73,7 +73,7 @@ pub struct Report {
 pub fn report(config: &Config) -> Report {
     let d = &config.datapath;
     let t = &d.tcp_timeouts;
-    let range_ports = range_len(&d.nat_ports);
+    let range_ports = range_len(&d.nat_slice.of(&d.nat_ports));
     let mut out = Report::default();
     // The whole node, held up: without timestamps (the worst case), and with.
     let (mut node_worst, mut node_ts) = (0.0, 0.0);
@@ -103,8 +103,8 @@ pub fn report(config: &Config) -> Report {
             format!(
                 "NAT capacity, {family}: {addresses} SNAT address(es) x {range_ports} ports \
                  ({}-{}) = {} NAT ports per master, {masters} master(s) taking new flows",
-                d.nat_ports.start(),
-                d.nat_ports.end(),
+                d.nat_slice.of(&d.nat_ports).start(),
+                d.nat_slice.of(&d.nat_ports).end(),
                 c.ports,
             ),
             format!("  per master: at most {} flows open at once", c.ports),

@@ -36,7 +36,9 @@ mod timeouts;
 
 pub use election::{Election, ElectionSettings, VrrpSettings};
 pub use local::LocalSettings;
-pub use nat::{NAT_PORTS_FLOOR, NAT_PORTS_MIN_DEFAULT, TcpTimeouts, default_nat_ports, range_len};
+pub use nat::{
+    NAT_PORTS_FLOOR, NAT_PORTS_MIN_DEFAULT, NatSlice, TcpTimeouts, default_nat_ports, range_len,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -104,6 +106,8 @@ struct RawDatapath {
     snat_ipv6: Option<nat::RawAddrs>,
     /// Unset: from the node's ephemeral port range (`nat::nat_ports`).
     nat_ports: Option<Vec<i64>>,
+    /// `[index, count]`; unset: the whole range (`nat::nat_slice`).
+    nat_slice: Option<Vec<i64>>,
     #[serde(default = "default_maglev_size")]
     maglev_size: i64,
     #[serde(default = "default_flow_table_size")]
@@ -308,6 +312,8 @@ pub struct DatapathSettings {
     pub snat_v6: Vec<Ipv6Addr>,
     /// NAT source ports, at each SNAT address.
     pub nat_ports: RangeInclusive<u16>,
+    /// The slice of `nat_ports` this node claims new flows' ports from.
+    pub nat_slice: NatSlice,
     pub maglev_size: u32,
     pub flow_table_size: u32,
     /// Entries in each table of half-open flows; at most `flow_table_size`.
@@ -610,6 +616,7 @@ fn validate_datapath(
     )?;
     let (snat_v4, snat_v6) = snat_addresses(&raw, vips, backends)?;
     let nat_ports = nat::nat_ports(raw.nat_ports.as_deref(), facts)?;
+    let nat_slice = nat::nat_slice(raw.nat_slice.as_deref(), &nat_ports)?;
     let maglev_size = u32::try_from(raw.maglev_size)
         .ok()
         .filter(|&m| is_prime(m) && m <= MAGLEV_SIZE_MAX)
@@ -670,6 +677,7 @@ fn validate_datapath(
         snat_v4,
         snat_v6,
         nat_ports,
+        nat_slice,
         maglev_size,
         flow_table_size,
         half_open_table_size,
@@ -1556,6 +1564,59 @@ mod tests {
         let explicit = GOOD.replacen("[datapath]", "[datapath]\nnat_ports = [1500, 1600]", 1);
         let c = check_on(&explicit, &PortRange(Err("denied"))).expect("explicit");
         assert_eq!(c.datapath.nat_ports, 1500..=1600);
+    }
+
+    #[test]
+    fn a_nat_slice_is_a_contiguous_part_of_the_range_and_bad_ones_are_named() {
+        let with = |slice: &str| {
+            check(&GOOD.replacen(
+                "[datapath]",
+                &format!("[datapath]\nnat_ports = [1024, 32767]\nnat_slice = {slice}"),
+                1,
+            ))
+        };
+        let d = check(GOOD).expect("default").datapath;
+        assert_eq!(
+            d.nat_slice.of(&d.nat_ports),
+            d.nat_ports,
+            "unset: the whole range"
+        );
+        let halves: Vec<_> = ["[0, 2]", "[1, 2]"]
+            .iter()
+            .map(|s| {
+                let d = with(s).expect(s).datapath;
+                d.nat_slice.of(&d.nat_ports)
+            })
+            .collect();
+        assert_eq!(halves, [1024..=16_895, 16_896..=32_767]);
+        // Three slices tile the range with nothing left over or shared.
+        let thirds: Vec<_> = (0..3)
+            .map(|i| NatSlice { index: i, count: 3 }.of(&(1024..=32_767)))
+            .collect();
+        assert_eq!(thirds, [1024..=11_604, 11_605..=22_185, 22_186..=32_767]);
+        for (slice, expected) in [
+            (
+                "[2, 2]",
+                "datapath.nat_slice = [2, 2]: index must be 0-1 (below count)",
+            ),
+            ("[0, 0]", "datapath.nat_slice = [0, 0]: count must be 1-64"),
+            ("[0]", "datapath.nat_slice = [0]: write [index, count]"),
+            ("[-1, 2]", "datapath.nat_slice = [-1, 2]: index must be 0-1"),
+        ] {
+            let e = with(slice).expect_err(slice).to_string();
+            assert!(e.starts_with(expected), "{slice}: {e}");
+        }
+        let narrow = check(&GOOD.replacen(
+            "[datapath]",
+            "[datapath]\nnat_ports = [2000, 2100]\nnat_slice = [0, 2]",
+            1,
+        ))
+        .expect_err("slices too small")
+        .to_string();
+        assert!(
+            narrow.contains("each of 2 slices of datapath.nat_ports [2000, 2100] would hold 50 ports, fewer than 64"),
+            "{narrow}"
+        );
     }
 
     #[test]

@@ -242,6 +242,7 @@ impl Reconciler {
             snat_v4: d.snat_v4.clone(),
             snat_v6: d.snat_v6.clone(),
             ports: d.nat_ports.clone(),
+            claim: d.nat_slice.of(&d.nat_ports),
             nexthop_ttl: d.nexthop_ttl,
             tcp_timeouts: d.tcp_timeouts,
             passive: config.passive,

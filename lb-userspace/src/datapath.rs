@@ -98,6 +98,9 @@ pub struct NodeConfig {
     /// Source ports the datapath allocates at each SNAT address; keep it outside
     /// `ip_local_port_range`.
     pub ports: RangeInclusive<u16>,
+    /// The part of `ports` this node claims new flows' ports from (its slice,
+    /// `datapath.nat_slice`); replies are recognised on all of `ports`.
+    pub claim: RangeInclusive<u16>,
     /// How long a flow reuses its cached next hop before asking the FIB again.
     pub nexthop_ttl: Duration,
     /// How long after its last packet a flow in each TCP state holds its NAT port.
@@ -230,6 +233,17 @@ impl Datapath {
     pub fn set_node_config(&mut self, nat: &NodeConfig) -> Result<()> {
         let (min, max) = (*nat.ports.start(), *nat.ports.end());
         check_range("NAT port range start", u32::from(min), 1..=u32::from(max))?;
+        let (claim_min, claim_max) = (*nat.claim.start(), *nat.claim.end());
+        check_range(
+            "NAT slice start",
+            u32::from(claim_min),
+            u32::from(min)..=u32::from(claim_max),
+        )?;
+        check_range(
+            "NAT slice end",
+            u32::from(claim_max),
+            u32::from(claim_min)..=u32::from(max),
+        )?;
         let mut snat_v4_be = [0; SNAT_POOL_MAX];
         let snat_v4_count = pool("IPv4 SNAT addresses", &nat.snat_v4, &mut snat_v4_be, |a| {
             u32::from_ne_bytes(a.octets())
@@ -255,6 +269,9 @@ impl Datapath {
             },
             passive_threshold: nat.passive.threshold,
             netns_cookie: nat.netns_cookie,
+            claim_min_host: claim_min,
+            claim_max_host: claim_max,
+            _pad2: 0,
         };
         let mut config: Array<_, DatapathConfig> = self.typed(MAP_CONFIG)?;
         config.set(0, cfg, 0).map_err(map_err(MAP_CONFIG))

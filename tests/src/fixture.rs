@@ -80,6 +80,8 @@ pub struct LabConfig {
     /// IPv4 one (`198.51.100.1`).
     pub snat_v6: bool,
     pub nat_ports: RangeInclusive<u16>,
+    /// `datapath.nat_slice` as `(index, count)`: `(0, 1)` is the whole range.
+    pub nat_slice: (u16, u16),
     pub nexthop_ttl: Duration,
     /// `[datapath.tcp_timeouts]`, every key written out; apilb's defaults unless a
     /// fixture changes them.
@@ -99,6 +101,7 @@ impl LabConfig {
             backends: backends.iter().map(|&b| (b, 1, false)).collect(),
             snat_v6: true,
             nat_ports: NAT_PORTS,
+            nat_slice: (0, 1),
             nexthop_ttl: Duration::from_mins(1),
             tcp_timeouts: TcpTimeouts::default(),
             passive: false,
@@ -111,9 +114,11 @@ impl LabConfig {
     pub fn text(&self) -> String {
         let mut t = format!(
             "[datapath]\ninterfaces = [\"fx0\", \"fx1\"]\nsnat_ipv4 = \"198.51.100.1\"\n\
-             nat_ports = [{}, {}]\nnexthop_ttl = \"{}ns\"\n",
+             nat_ports = [{}, {}]\nnat_slice = [{}, {}]\nnexthop_ttl = \"{}ns\"\n",
             self.nat_ports.start(),
             self.nat_ports.end(),
+            self.nat_slice.0,
+            self.nat_slice.1,
             self.nexthop_ttl.as_nanos(),
         );
         if self.snat_v6 {

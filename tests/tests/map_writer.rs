@@ -65,9 +65,10 @@ fn out_of_range_ids_ports_and_slots_are_refused_by_name_and_value() {
         err(dp.write_maglev(0, &[(1, 1), (65_537, 1)])),
         "Maglev slot = 65537 is out of range (0..=65536)"
     );
-    let nat = |ports| NodeConfig {
+    let nat = |ports: std::ops::RangeInclusive<u16>| NodeConfig {
         snat_v4: Vec::new(),
         snat_v6: Vec::new(),
+        claim: ports.clone(),
         ports,
         nexthop_ttl: Duration::from_secs(1),
         tcp_timeouts: lb_userspace::config::TcpTimeouts::default(),

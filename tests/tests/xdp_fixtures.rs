@@ -1058,6 +1058,64 @@ fn new_flows_whose_slot_names_a_master_out_of_rotation_follow_the_fallback_order
     ));
 }
 
+/// A SYN to `VIP4` from each of `count` sources (10.0.0.0 on): how many were
+/// natted and how many dropped for want of a port.
+fn syns_from_many(lab: &mut Lab, count: u32) -> (u32, u32) {
+    let (mut natted, mut no_port) = (0, 0);
+    for i in 0..count {
+        let src = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+        let syn = Tcp::syn(
+            CLIENT_MAC,
+            FX0_MAC,
+            SocketAddr::new(src.into(), 40_000),
+            sa(VIP4),
+        );
+        match lab
+            .test_run(lb_common::PROG_XDP, &syn.build(), Ingress::ClientSide)
+            .action
+        {
+            XDP_REDIRECT => natted += 1,
+            XDP_DROP => no_port += 1,
+            other => panic!("SYN {i}: verdict {other}"),
+        }
+    }
+    (natted, no_port)
+}
+
+#[test]
+fn a_node_claims_ports_only_from_its_slice_of_the_range() {
+    let (mut lab, _master) = one_master_lab("apilb-fx-slice");
+    // Slice 1 of 2 of 256 ports: 40,128-40,255.
+    lab.reconfigure(|c| {
+        c.nat_ports = 40_000..=40_255;
+        c.nat_slice = (1, 2);
+    });
+    let (natted, no_port) = syns_from_many(&mut lab, 200);
+    let ports: std::collections::BTreeSet<u16> = lab
+        .dp
+        .half_open_flows()
+        .expect("half-open flows")
+        .iter()
+        .map(|(_, f)| u16::from_be(f.nat_port_be))
+        .collect();
+    eprintln!(
+        "slice 1 of 2: {natted} SYNs natted on {} ports ({:?}..={:?}), {no_port} dropped",
+        ports.len(),
+        ports.first(),
+        ports.last()
+    );
+    assert_eq!(
+        (natted, no_port),
+        (128, 72),
+        "the slice's 128 ports, no more"
+    );
+    assert_eq!(
+        ports,
+        (40_128..=40_255).collect(),
+        "every port of the slice, once"
+    );
+}
+
 #[test]
 fn a_syn_flood_evicts_no_established_flow_and_holds_ports_only_for_the_half_open_timeout() {
     let (mut lab, master) = one_master_lab("apilb-fx-flood");
@@ -1077,24 +1135,7 @@ fn a_syn_flood_evicts_no_established_flow_and_holds_ports_only_for_the_half_open
     // Spoofed SYNs from 4,096 sources: four times the half-open table (1,024 in
     // the lab), eight times the ports.
     let flood = 4_096u32;
-    let (mut natted, mut no_port) = (0, 0);
-    for i in 0..flood {
-        let src = std::net::Ipv4Addr::from(0x0a00_0000 + i);
-        let syn = Tcp::syn(
-            CLIENT_MAC,
-            FX0_MAC,
-            SocketAddr::new(src.into(), 40_000),
-            sa(VIP4),
-        );
-        match lab
-            .test_run(lb_common::PROG_XDP, &syn.build(), Ingress::ClientSide)
-            .action
-        {
-            XDP_REDIRECT => natted += 1,
-            XDP_DROP => no_port += 1,
-            other => panic!("flood SYN {i}: verdict {other}"),
-        }
-    }
+    let (natted, no_port) = syns_from_many(&mut lab, flood);
     eprintln!("flood: {natted} SYNs natted, {no_port} dropped for want of a port");
     assert_eq!(natted + no_port, flood);
     let half = lab.dp.half_open_flows().expect("half-open flows").len();

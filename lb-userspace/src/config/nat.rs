@@ -192,6 +192,75 @@ pub(super) fn nat_ports(
     Ok(lo..=hi)
 }
 
+/// The most slices `datapath.nat_slice` may cut the range into.
+pub const NAT_SLICES_MAX: u16 = 64;
+/// The fewest ports a slice may hold.
+pub const NAT_SLICE_MIN_PORTS: u32 = 64;
+
+/// Which part of `nat_ports` a node claims new flows' ports from: slice `index`
+/// of `count` equal, contiguous slices. Every LB node of a VIP takes a slice of
+/// its own, so that two nodes that both believe they own it (a preemption, a
+/// split brain) never give one master two clients on one `(SNAT address, port)`.
+/// Every node recognises replies on the whole range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatSlice {
+    pub index: u16,
+    pub count: u16,
+}
+
+impl Default for NatSlice {
+    fn default() -> Self {
+        Self { index: 0, count: 1 }
+    }
+}
+
+impl NatSlice {
+    /// This slice of `ports`.
+    #[must_use]
+    pub fn of(self, ports: &RangeInclusive<u16>) -> RangeInclusive<u16> {
+        let (lo, n) = (u32::from(*ports.start()), range_len(ports));
+        let (i, count) = (u32::from(self.index), u32::from(self.count.max(1)));
+        let at = |k: u32| lo + k * n / count;
+        let first = u16::try_from(at(i)).unwrap_or(u16::MAX);
+        let last = u16::try_from(at(i + 1) - 1).unwrap_or(u16::MAX);
+        first..=last
+    }
+}
+
+/// `nat_slice = [index, count]`, or the whole range.
+pub(super) fn nat_slice(
+    raw: Option<&[i64]>,
+    ports: &RangeInclusive<u16>,
+) -> Result<NatSlice, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(NatSlice::default());
+    };
+    let bad = |why: String| invalid("datapath.nat_slice", format!("{raw:?}"), why);
+    let [index, count] = raw[..] else {
+        return Err(bad(
+            "write [index, count], e.g. [0, 2] on one node and [1, 2] on the other".into(),
+        ));
+    };
+    let count = u16::try_from(count)
+        .ok()
+        .filter(|c| (1..=NAT_SLICES_MAX).contains(c))
+        .ok_or_else(|| bad(format!("count must be 1-{NAT_SLICES_MAX}")))?;
+    let index = u16::try_from(index)
+        .ok()
+        .filter(|i| *i < count)
+        .ok_or_else(|| bad(format!("index must be 0-{} (below count)", count - 1)))?;
+    let per = range_len(ports) / u32::from(count);
+    if count > 1 && per < NAT_SLICE_MIN_PORTS {
+        return Err(bad(format!(
+            "each of {count} slices of datapath.nat_ports [{}, {}] would hold {per} ports, \
+             fewer than {NAT_SLICE_MIN_PORTS}",
+            ports.start(),
+            ports.end()
+        )));
+    }
+    Ok(NatSlice { index, count })
+}
+
 /// A warning if `nat_ports` overlaps the node's ephemeral ports (accepted: `apilb
 /// run` reserves the NAT ports, but connections the node opened before, or opens
 /// where the reservation does not reach, could share a 4-tuple with a NAT flow).

@@ -39,6 +39,9 @@ impl Config {
             // Replies of open flows arrive on the old ports, which the datapath would
             // no longer recognise, and the new range is reserved only at start.
             Some("datapath.nat_ports")
+        } else if old.datapath.nat_slice != new.datapath.nat_slice {
+            // The ports of open flows may lie outside the new slice.
+            Some("datapath.nat_slice")
         } else if old.datapath.snat_v4 != new.datapath.snat_v4
             || old.datapath.snat_v6 != new.datapath.snat_v6
         {
