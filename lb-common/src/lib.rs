@@ -53,7 +53,7 @@ pub const MAP_LOCAL_STATS: &str = maps::LOCAL_STATS.name;
 /// it with any change to them. Pinned maps live in a directory named after it, so
 /// an upgraded apilb with another layout starts with fresh maps instead of reading
 /// old ones with new types.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 
 // ---- Program names (the function names in lb-ebpf). ----
 pub const PROG_XDP: &str = "apilb_xdp";
@@ -87,9 +87,11 @@ pub const FLOW_TABLE_SIZE: u32 = 131_072;
 /// Default size of both LRU tables of half-open flows, kept apart so that a flood
 /// of SYNs evicts only other half-open flows, never an established one.
 pub const HALF_OPEN_TABLE_SIZE: u32 = 32_768;
-/// SNAT addresses per family: a new flow takes its address from the pool by its
-/// hash, and a port of the range at that address.
-pub const SNAT_POOL_MAX: usize = 4;
+/// SNAT addresses per family (a power of two: indexes are masked): the node's own
+/// and those of VIPs that are their own flows' source. A new flow takes its
+/// address by its hash from its VIP's run of the pool (`VipInfo::snat_first`),
+/// and a port of the range at that address.
+pub const SNAT_POOL_MAX: usize = 8;
 /// Interfaces the datapath can redirect to.
 pub const MAX_TX_PORTS: u32 = 64;
 
@@ -145,7 +147,12 @@ pub struct VipInfo {
     pub flags: u32,
     /// M for this VIP: a prime no larger than [`MAGLEV_SIZE_MAX`].
     pub ring_size: u32,
-    pub _pad: u32,
+    /// The run of the SNAT pool of the VIP's family its new flows take their
+    /// source address from: `snat_count` addresses from index `snat_first`. No
+    /// address (`snat_count` 0): new flows are dropped (`DROP_NO_SNAT_ADDR`).
+    pub snat_first: u8,
+    pub snat_count: u8,
+    pub _pad: u16,
 }
 
 /// Value of the `BACKENDS` array, indexed by backend id.
@@ -408,7 +415,7 @@ const _: () = {
     assert!(size_of::<VipKey>() == 20);
     assert!(size_of::<VipInfo>() == 16);
     assert!(size_of::<Backend>() == 32);
-    assert!(size_of::<DatapathConfig>() == 152);
+    assert!(size_of::<DatapathConfig>() == 232);
     assert!(size_of::<SockOrig>() == 20);
     assert!(size_of::<PassiveStats>() == 24);
     assert!(size_of::<PassiveState>() == 16);

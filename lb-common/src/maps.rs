@@ -326,7 +326,7 @@ mod tests {
         }
         assert_eq!(
             (LAYOUT_VERSION, h),
-            (9, 0xfcc6_b3ef_bc5f_612f),
+            (10, 0x860a_ec2e_7bc0_93ff),
             "bump LAYOUT_VERSION, then the fingerprint"
         );
     }

@@ -99,7 +99,7 @@ pub fn new_flow(key: &FlowKey, vip: &VipInfo, now: u64, s: &mut Scratch) -> Resu
     s.reply.ts_off = 0;
     s.reply.flags = 0;
     s.reply.next_hop = NextHop::default();
-    claim_port(key, hash, cfg, now, s)
+    claim_port(key, vip, hash, cfg, now, s)
 }
 
 /// Record a new flow in the half-open table; on failure, release its NAT port.

@@ -26,7 +26,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
     AF_INET, DatapathConfig, FLOW_F_TS, FlowKey, PORT_CLAIM_GRACE_NS, PORT_TRIES, REPLY_F_TS,
-    ReplyState, SNAT_POOL_MAX,
+    ReplyState, SNAT_POOL_MAX, VipInfo,
     counters::{
         DROP_NO_NAT_PORT, DROP_NO_SNAT_ADDR, RECLAIM_CLOSED, RECLAIM_HALF_OPEN, RECLAIM_IDLE,
         RECLAIM_ORPHAN,
@@ -83,12 +83,14 @@ pub fn is_snat_addr(cfg: &DatapathConfig, family: u8, addr: &[u32; 4]) -> bool {
 #[inline(always)]
 pub fn claim_port(
     key: &FlowKey,
+    vip: &VipInfo,
     hash: u32,
     cfg: &DatapathConfig,
     now: u64,
     s: &mut Scratch,
 ) -> Result<(), u32> {
-    let addrs = snat_count(cfg, key.family);
+    // The VIP's run of the pool: the node's addresses, or the VIP's own.
+    let (base, addrs) = (u32::from(vip.snat_first), u32::from(vip.snat_count));
     if addrs == 0 {
         return Err(DROP_NO_SNAT_ADDR);
     }
@@ -120,7 +122,7 @@ pub fn claim_port(
     let first = hash % addrs;
     for i in 0..PORT_TRIES {
         #[expect(clippy::cast_possible_truncation, reason = "masked by `snat_addr`")]
-        let index = ((first + i) % addrs) as u8;
+        let index = (base + (first + i) % addrs) as u8;
         s.reply_key.dst_be = snat_addr(cfg, key.family, index);
         let off = port_try_offset(i);
         #[expect(
@@ -129,7 +131,9 @@ pub fn claim_port(
         )]
         let port_be = ((min + start.wrapping_add(off) % range) as u16).to_be();
         s.reply_key.dport_be = port_be;
-        if try_claim(s, cfg, now) {
+        // Never the VIP's own port: at a VIP that is its flows' source, a master's
+        // reply to it would be taken for a client's packet to the VIP.
+        if port_be != key.dport_be && try_claim(s, cfg, now) {
             advance(cursor, off + 1);
             s.flow.nat_port_be = port_be;
             s.flow.snat_index = index;

@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use crate::config::{Config, TcpTimeouts, range_len};
+use crate::config::{Config, TcpTimeouts, VipSnat, range_len};
 
 /// One master's NAT capacity through one family's SNAT pool.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -68,6 +68,22 @@ pub struct Report {
     pub warnings: Vec<String>,
 }
 
+/// The SNAT addresses a family's flows to one master spread over, its worst
+/// VIP's (one for a VIP that is its flows' source, else the node's `node`), and
+/// whether more node addresses would raise that.
+fn sources(config: &Config, v4: bool, node: usize) -> (usize, bool) {
+    let family = || config.vips.iter().filter(move |v| v.addr.is_ipv4() == v4);
+    let worst = family()
+        .map(|v| match v.snat {
+            VipSnat::Vip => 1,
+            VipSnat::Node => node,
+        })
+        .min()
+        .unwrap_or(node);
+    let more = node < crate::config::NODE_SNAT_MAX && family().all(|v| v.snat == VipSnat::Node);
+    (worst, more)
+}
+
 /// The NAT capacity of `config`, per family that a VIP uses, and for the node.
 #[must_use]
 pub fn report(config: &Config) -> Report {
@@ -91,12 +107,13 @@ pub fn report(config: &Config) -> Report {
             .iter()
             .filter(|b| b.addr.is_ipv4() == v4 && b.weight > 0)
             .count();
+        let (addresses, more_node_addresses) = sources(config, v4, addresses);
         let addresses = u32::try_from(addresses).unwrap_or(u32::MAX);
         let c = nat_capacity(range_ports, addresses, d.half_open_table_size, t);
         let n = masters as f64;
         node_worst += n * c.rate_after_time_wait;
         node_ts += n * c.rate_after_close;
-        if (addresses as usize) < lb_common::SNAT_POOL_MAX {
+        if more_node_addresses {
             knobs.push(key);
         }
         out.lines.extend([
@@ -143,7 +160,7 @@ pub fn report(config: &Config) -> Report {
             format!(
                 "more SNAT addresses ({}, up to {}), ",
                 knobs.join(", "),
-                lb_common::SNAT_POOL_MAX
+                crate::config::NODE_SNAT_MAX
             )
         };
         out.warnings.push(format!(

@@ -37,7 +37,8 @@ mod timeouts;
 pub use election::{Election, ElectionSettings, VrrpSettings};
 pub use local::LocalSettings;
 pub use nat::{
-    NAT_PORTS_FLOOR, NAT_PORTS_MIN_DEFAULT, NatSlice, TcpTimeouts, default_nat_ports, range_len,
+    NAT_PORTS_FLOOR, NAT_PORTS_MIN_DEFAULT, NODE_SNAT_MAX, NatSlice, TcpTimeouts,
+    default_nat_ports, range_len,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +136,8 @@ struct RawVip {
     election: String,
     vrid: Option<i64>,
     priority: Option<i64>,
+    /// `"vip"` or `"node"`; unset: `"vip"` for elected VIPs, `"node"` for static.
+    snat: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -329,6 +332,20 @@ pub struct DatapathSettings {
 pub struct VipSettings {
     pub addr: SocketAddr,
     pub election: Election,
+    /// The source address of its flows towards the masters.
+    pub snat: VipSnat,
+}
+
+/// Where a VIP's flows come from, as the masters see them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VipSnat {
+    /// The VIP's own address, which moves with the VIP, so that the masters'
+    /// replies follow it to a node that takes it over (flow sync). The default
+    /// for an elected VIP.
+    Vip,
+    /// This node's `datapath.snat_ipv4`/`snat_ipv6` pool. The default for a
+    /// static VIP, which several nodes may hold at once.
+    Node,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -576,7 +593,22 @@ fn validate_vips(raw: &[RawVip]) -> Result<Vec<VipSettings>, ConfigError> {
             ));
         }
         let election = election::vip_election(i, &v.election, v.vrid, v.priority)?;
-        out.push(VipSettings { addr, election });
+        let snat = match (v.snat.as_deref(), &election) {
+            (None, Election::Static) | (Some("node"), _) => VipSnat::Node,
+            (None | Some("vip"), _) => VipSnat::Vip,
+            (Some(other), _) => {
+                return Err(invalid(
+                    format!("vip[{i}].snat"),
+                    format!("{other:?}"),
+                    "must be \"vip\" (the VIP's own address) or \"node\" (datapath.snat_ipv4/snat_ipv6)",
+                ));
+            }
+        };
+        out.push(VipSettings {
+            addr,
+            election,
+            snat,
+        });
     }
     Ok(out)
 }
@@ -617,6 +649,7 @@ fn validate_datapath(
     let (snat_v4, snat_v6) = snat_addresses(&raw, vips, backends)?;
     let nat_ports = nat::nat_ports(raw.nat_ports.as_deref(), facts)?;
     let nat_slice = nat::nat_slice(raw.nat_slice.as_deref(), &nat_ports)?;
+    nat::vip_sources(vips, snat_v4.len(), snat_v6.len(), &nat_ports)?;
     let maglev_size = u32::try_from(raw.maglev_size)
         .ok()
         .filter(|&m| is_prime(m) && m <= MAGLEV_SIZE_MAX)
@@ -714,6 +747,7 @@ fn snat_addresses(
         nat::snat_pool("datapath.snat_ipv6", raw.snat_ipv6.as_ref(), "IPv6", vips)?;
     for (i, v) in vips.iter().enumerate() {
         let missing = match v.addr.ip() {
+            _ if v.snat == VipSnat::Vip => None,
             IpAddr::V4(_) if v4.is_empty() => Some(("datapath.snat_ipv4", &raw.snat_ipv4)),
             IpAddr::V6(_) if v6.is_empty() => Some(("datapath.snat_ipv6", &raw.snat_ipv6)),
             _ => None,
@@ -723,7 +757,7 @@ fn snat_addresses(
                 key,
                 if written.is_some() { "[]" } else { "(unset)" },
                 format!(
-                    "vip[{i}] {} needs a NAT source address of its family",
+                    "vip[{i}] {} has snat = \"node\" and needs a NAT source address of its family",
                     v.addr
                 ),
             ));
@@ -1514,7 +1548,7 @@ mod tests {
             ),
             (
                 "snat_ipv4 = []",
-                "datapath.snat_ipv4 = []: vip[0] 192.168.19.200:6443 needs a NAT source \
+                "datapath.snat_ipv4 = []: vip[0] 192.168.19.200:6443 has snat = \"node\" and needs a NAT source \
                  address of its family",
             ),
         ] {

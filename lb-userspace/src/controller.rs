@@ -10,14 +10,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Instant,
 };
 
 use lb_common::BACKEND_NONE;
 
 use crate::{
-    config::{BackendSettings, Config, Election},
+    config::{BackendSettings, Config, Election, VipSnat},
     datapath::{BackendEntry, Datapath, DatapathError, NodeConfig, Vip},
     health::Health,
     maglev::{self, WeightedBackend},
@@ -111,6 +111,46 @@ fn is_down(health: &HashMap<SocketAddr, Health>, addr: &SocketAddr) -> bool {
     !matches!(health.get(addr), Some(Health::Ready | Health::NotReady))
 }
 
+/// The datapath's SNAT pools and each VIP's run of its family's pool.
+struct SnatPools {
+    v4: Vec<Ipv4Addr>,
+    v6: Vec<Ipv6Addr>,
+    runs: HashMap<SocketAddr, (u8, u8)>,
+}
+
+impl SnatPools {
+    /// The node's own addresses first, then the address of each VIP that is its
+    /// flows' source (`snat = "vip"`), once per address. `crate::config` has
+    /// checked that they fit the pool.
+    fn of(config: &Config) -> Self {
+        fn run<A: PartialEq + Copy>(pool: &mut Vec<A>, a: A) -> (u8, u8) {
+            let at = pool.iter().position(|p| *p == a).unwrap_or_else(|| {
+                pool.push(a);
+                pool.len() - 1
+            });
+            (u8::try_from(at).unwrap_or(u8::MAX), 1)
+        }
+        let d = &config.datapath;
+        let node = |n: usize| (0, u8::try_from(n).unwrap_or(0));
+        let (mut v4, mut v6) = (d.snat_v4.clone(), d.snat_v6.clone());
+        let (node_v4, node_v6) = (node(v4.len()), node(v6.len()));
+        let runs = config
+            .vips
+            .iter()
+            .map(|v| {
+                let run = match (v.snat, v.addr.ip()) {
+                    (VipSnat::Node, IpAddr::V4(_)) => node_v4,
+                    (VipSnat::Node, IpAddr::V6(_)) => node_v6,
+                    (VipSnat::Vip, IpAddr::V4(a)) => run(&mut v4, a),
+                    (VipSnat::Vip, IpAddr::V6(a)) => run(&mut v6, a),
+                };
+                (v.addr, run)
+            })
+            .collect();
+        Self { v4, v6, runs }
+    }
+}
+
 /// The node-local aliases: each address stands for the first VIP of its family.
 fn aliases(config: &Config, vips: &[(Vip, Vec<u32>)]) -> Vec<Vip> {
     config
@@ -187,6 +227,7 @@ impl Reconciler {
             .iter()
             .map(|b| (self.backend_ids[&b.addr], *b))
             .collect();
+        let pools = SnatPools::of(config);
         let mut in_rotation = BTreeSet::new();
         let mut fail_open = false;
         let vips: Vec<(Vip, Vec<u32>)> = config
@@ -229,6 +270,7 @@ impl Reconciler {
                     ring_size: config.datapath.maglev_size,
                     owned: v.election == Election::Static || owned.contains(&v.addr.ip()),
                     local: config.local.enabled,
+                    snat: pools.runs.get(&v.addr).copied().unwrap_or_default(),
                 };
                 (
                     vip,
@@ -239,8 +281,8 @@ impl Reconciler {
         let keep_flows = self.keep_flows(config, health, &in_rotation, now);
         let d = &config.datapath;
         let node = NodeConfig {
-            snat_v4: d.snat_v4.clone(),
-            snat_v6: d.snat_v6.clone(),
+            snat_v4: pools.v4,
+            snat_v6: pools.v6,
             ports: d.nat_ports.clone(),
             claim: d.nat_slice.of(&d.nat_ports),
             nexthop_ttl: d.nexthop_ttl,

@@ -86,13 +86,18 @@ pub struct Vip {
     /// Whether the node's own processes connecting to it are balanced (node-local
     /// mode, `crate::socklb`).
     pub local: bool,
+    /// `(first, count)`: the run of its family's SNAT pool (`NodeConfig`) that its
+    /// new flows take their source address from.
+    pub snat: (u8, u8),
 }
 
 /// Node-wide datapath settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeConfig {
-    /// Source address pools for NAT, per family, at most [`SNAT_POOL_MAX`] each; a
-    /// VIP of a family without one drops new flows (`DROP_NO_SNAT_ADDR`).
+    /// Source address pools for NAT, per family, at most [`SNAT_POOL_MAX`] each: the
+    /// node's addresses, then those of VIPs that are their own flows' source
+    /// (each VIP names its run, [`Vip::snat`]). Replies are recognised at all of
+    /// them.
     pub snat_v4: Vec<Ipv4Addr>,
     pub snat_v6: Vec<Ipv6Addr>,
     /// Source ports the datapath allocates at each SNAT address; keep it outside
@@ -281,6 +286,9 @@ impl Datapath {
     pub fn set_vip(&mut self, vip: &Vip) -> Result<()> {
         check_range("VIP id", vip.id, 0..=MAX_VIPS - 1)?;
         check_range("Maglev ring size", vip.ring_size, 2..=MAGLEV_SIZE_MAX)?;
+        let (first, count) = (u32::from(vip.snat.0), u32::from(vip.snat.1));
+        let pool = u32::try_from(SNAT_POOL_MAX).unwrap_or(u32::MAX);
+        check_range("VIP SNAT run end", first + count, 0..=pool)?;
         if !crate::maglev::is_prime(vip.ring_size) {
             return Err(DatapathError::OutOfRange {
                 what: "Maglev ring size",
@@ -293,6 +301,8 @@ impl Datapath {
             flags: if vip.owned { VIP_F_OWNED } else { 0 }
                 | if vip.local { VIP_F_LOCAL } else { 0 },
             ring_size: vip.ring_size,
+            snat_first: vip.snat.0,
+            snat_count: vip.snat.1,
             _pad: 0,
         };
         let mut vips: HashMap<_, VipKey, VipInfo> = self.typed(MAP_VIPS)?;

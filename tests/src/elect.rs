@@ -40,14 +40,15 @@ pub struct VrrpVip<'a> {
     pub priority: u8,
 }
 
-/// `apilb run`'s config for LB node `node`: its own address as SNAT, TCP probes of
+/// `apilb run`'s config for LB node `node`: its own address as SNAT, slice `node`
+/// of 2 of the NAT ports, TCP probes of
 /// the three masters every 100 ms, and `vips` (each `[[vip]]` body) with
 /// `election` as the `[election]` tables.
 #[must_use]
 pub fn node_config(node: usize, instance: &str, vips: &[String], election: &str) -> String {
     let mut text = format!(
         "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"{LB_DEV}\"]\nsnat_ipv4 = \"{}\"\n\
-         nat_ports = [40000, 40999]\nmaglev_size = 1009\n",
+         nat_ports = [40000, 40999]\nnat_slice = [{node}, 2]\nmaglev_size = 1009\n",
         lb_addr(node)
     );
     for v in vips {
@@ -169,7 +170,7 @@ pub fn holds(ns: &Netns, vip: &str) -> bool {
 }
 
 /// Which LB node served one new connection to `vip:6443` from the client: the
-/// node whose SNAT address the master saw (0-based), `Some(usize::MAX)` for a
+/// node whose SNAT address, or slice of NAT ports at the VIP, the master saw (0-based), `Some(usize::MAX)` for a
 /// stand-in responder on a node ("master 0.0.0.0:6443 ..."), `None` on failure.
 #[must_use]
 pub fn served_by(client: &Netns, vip: &str) -> Option<usize> {
@@ -186,8 +187,13 @@ pub fn served_by(client: &Netns, vip: &str) -> Option<usize> {
     if words.get(1) == Some(&"0.0.0.0:6443") {
         return Some(usize::MAX);
     }
-    let peer_ip = words.get(3)?.rsplit_once(':')?.0;
-    (0..2).find(|&i| lb_addr(i) == peer_ip)
+    let (peer_ip, peer_port) = words.get(3)?.rsplit_once(':')?;
+    // A node's own address (`snat = "node"`), or the VIP itself, from the node's
+    // slice of the NAT ports (`node_config`: 40000-40499 for lb1, the rest lb2).
+    (0..2).find(|&i| lb_addr(i) == peer_ip).or_else(|| {
+        let port: u16 = peer_port.parse().ok()?;
+        (peer_ip.trim_matches(['[', ']']) == vip).then_some(usize::from(port >= 40_500))
+    })
 }
 
 /// Poll `served_by` every 20 ms until it answers `want`, at most `limit`; how long

@@ -32,10 +32,18 @@ fn out_of_range_ids_ports_and_slots_are_refused_by_name_and_value() {
         ring_size,
         owned: true,
         local: false,
+        snat: (0, 1),
     };
     assert_eq!(
         err(dp.set_vip(&vip(16, 65_537))),
         "VIP id = 16 is out of range (0..=15)"
+    );
+    assert_eq!(
+        err(dp.set_vip(&Vip {
+            snat: (6, 3),
+            ..vip(0, 65_537)
+        })),
+        "VIP SNAT run end = 9 is out of range (0..=8)"
     );
     assert_eq!(
         err(dp.set_vip(&vip(0, 65_539))),
@@ -110,6 +118,7 @@ fn unknown_vips_are_named() {
         ring_size: 251,
         owned: false,
         local: false,
+        snat: (2, 1),
     })
     .expect("add vip");
     dp.remove_vip(sa("192.0.2.7:6443"))

@@ -112,13 +112,21 @@ fn vip_not_owned_by_this_node_passes_until_ownership_is_taken() {
 
     lab.set_owned(sa(VIP4).ip(), true);
     let (_, backend, mac) = picked(&lab, 0, CLIENT4, VIP4, &masters4());
-    lab.run(&new_flow_to(
-        "the same SYN once this node owns the VIP",
+    // An elected VIP is its own flows' source (`snat = "vip"`), so that the
+    // master's replies follow it to whichever node holds it.
+    let mut fx = new_flow_to(
+        "the same SYN once this node owns the VIP, from the VIP itself",
         &syn,
         backend,
         40_000,
         mac,
-    ));
+    );
+    fx.output = syn
+        .clone()
+        .via(FX1_MAC, mac)
+        .between(SocketAddr::new(sa(VIP4).ip(), 40_000), backend)
+        .build();
+    lab.run(&fx);
 
     lab.set_owned(sa(VIP4).ip(), false);
     let data = syn.clone().data(b"GET /readyz");
@@ -1056,6 +1064,29 @@ fn new_flows_whose_slot_names_a_master_out_of_rotation_follow_the_fallback_order
         master_mac(2),
         vec![(FIB_LOOKUP, 1), (REDIRECT, 1)],
     ));
+}
+
+#[test]
+fn a_vip_that_is_its_flows_source_never_gives_out_its_own_port() {
+    let master = sa("198.51.100.11:6443");
+    let mut c = LabConfig::new(&[sa(VIP4)], &[master]);
+    c.vips[0].1 = true;
+    // 6443, the VIP's port, and 6444: only 6444 may be a source port at the VIP.
+    c.nat_ports = 6443..=6444;
+    let mut lab = Lab::with_config("apilb-fx-vipport", &c);
+    lab.set_owned(sa(VIP4).ip(), true);
+    let (natted, no_port) = syns_from_many(&mut lab, 3);
+    let ports: Vec<(u32, u16)> = lab
+        .dp
+        .half_open_flows()
+        .expect("half-open flows")
+        .iter()
+        .map(|(_, f)| (f.snat_index.into(), u16::from_be(f.nat_port_be)))
+        .collect();
+    eprintln!("VIP as source, ports 6443-6444: {natted} natted {ports:?}, {no_port} dropped");
+    assert_eq!((natted, no_port), (1, 2));
+    // Index 1: the node's address first (198.51.100.1), then the VIP.
+    assert_eq!(ports, [(1, 6444)]);
 }
 
 /// A SYN to `VIP4` from each of `count` sources (10.0.0.0 on): how many were

@@ -17,7 +17,7 @@ use std::{
 use lb_common::{SNAT_POOL_MAX, ct};
 use serde::{Deserialize, Deserializer, de};
 
-use super::{ConfigError, Facts, VipSettings, invalid, port};
+use super::{ConfigError, Facts, VipSettings, VipSnat, invalid, port};
 
 /// `datapath.snat_ipv4` / `snat_ipv6` as written: one address, or a list of them.
 #[derive(Debug, Default)]
@@ -36,7 +36,7 @@ impl<'de> Deserialize<'de> for RawAddrs {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 write!(
                     f,
-                    "an address, or a list of up to {SNAT_POOL_MAX} addresses"
+                    "an address, or a list of up to {NODE_SNAT_MAX} addresses"
                 )
             }
 
@@ -59,7 +59,7 @@ impl<'de> Deserialize<'de> for RawAddrs {
     }
 }
 
-/// One family's SNAT pool: at most `SNAT_POOL_MAX` distinct unicast addresses of
+/// One family's SNAT pool: at most `NODE_SNAT_MAX` distinct unicast addresses of
 /// that family, none of them a VIP's. Unset or `[]` is an empty pool.
 pub(super) fn snat_pool<T>(
     key: &str,
@@ -73,11 +73,11 @@ where
     let Some(raw) = raw else {
         return Ok(Vec::new());
     };
-    if raw.addrs.len() > SNAT_POOL_MAX {
+    if raw.addrs.len() > NODE_SNAT_MAX {
         return Err(invalid(
             key,
             format!("{:?}", raw.addrs),
-            format!("at most {SNAT_POOL_MAX} addresses"),
+            format!("at most {NODE_SNAT_MAX} addresses"),
         ));
     }
     let mut pool: Vec<T> = Vec::with_capacity(raw.addrs.len());
@@ -190,6 +190,67 @@ pub(super) fn nat_ports(
         ));
     }
     Ok(lo..=hi)
+}
+
+/// The most addresses `datapath.snat_ipv4` or `snat_ipv6` may list; the rest of
+/// the datapath's pool of `SNAT_POOL_MAX` is for VIPs with `snat = "vip"`.
+pub const NODE_SNAT_MAX: usize = 4;
+
+/// Checks what `snat = "vip"` needs: room in the datapath's pool for the node's
+/// addresses and every such VIP address of a family, and no other VIP on such an
+/// address whose port lies in `nat_ports` (a master's reply to that port would be
+/// taken for a client's packet to that VIP; a VIP's own port is never claimed).
+pub(super) fn vip_sources(
+    vips: &[VipSettings],
+    node_v4: usize,
+    node_v6: usize,
+    nat_ports: &RangeInclusive<u16>,
+) -> Result<(), ConfigError> {
+    for (v4, node, key) in [
+        (true, node_v4, "datapath.snat_ipv4"),
+        (false, node_v6, "datapath.snat_ipv6"),
+    ] {
+        let mut addrs: Vec<IpAddr> = vips
+            .iter()
+            .filter(|v| v.snat == VipSnat::Vip && v.addr.is_ipv4() == v4)
+            .map(|v| v.addr.ip())
+            .collect();
+        addrs.sort_unstable();
+        addrs.dedup();
+        if node + addrs.len() > SNAT_POOL_MAX {
+            return Err(invalid(
+                key,
+                format!("{node} address(es)"),
+                format!(
+                    "with {} VIP address(es) of snat = \"vip\", more than the {SNAT_POOL_MAX} NAT \
+                     source addresses a family can have",
+                    addrs.len()
+                ),
+            ));
+        }
+    }
+    for (i, v) in vips.iter().enumerate() {
+        if v.snat != VipSnat::Vip {
+            continue;
+        }
+        if let Some((j, other)) = vips.iter().enumerate().find(|(j, o)| {
+            *j != i && o.addr.ip() == v.addr.ip() && nat_ports.contains(&o.addr.port())
+        }) {
+            return Err(invalid(
+                format!("vip[{j}].port"),
+                other.addr.port(),
+                format!(
+                    "lies in datapath.nat_ports [{}, {}], and vip[{i}] {} takes its flows' \
+                     source ports there (snat = \"vip\"): move the port out of the range, \
+                     or set vip[{i}].snat = \"node\"",
+                    nat_ports.start(),
+                    nat_ports.end(),
+                    v.addr
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The most slices `datapath.nat_slice` may cut the range into.

@@ -48,6 +48,8 @@ pub struct VipEntry {
     pub owned: bool,
     /// Its Maglev ring, shared: the model is cloned to try alternatives.
     pub ring: Arc<Vec<u32>>,
+    /// `(first, count)`: its run of its family's SNAT pool.
+    pub snat: (u8, u8),
 }
 
 /// A backend as the `BACKENDS` array holds it.
@@ -67,6 +69,8 @@ pub struct Cfg {
     pub snat6: Vec<[u32; 4]>,
     pub port_min: u16,
     pub port_max: u16,
+    /// This node's slice of the range, where it claims.
+    pub claim: std::ops::RangeInclusive<u16>,
     pub ttl_ns: u64,
     pub timeouts_ms: [u32; ct::CT_STATES],
     pub passive: bool,
@@ -244,6 +248,7 @@ impl Model {
                     id: v.id,
                     owned: v.owned,
                     ring: Arc::new(ring.clone()),
+                    snat: v.snat,
                 },
             );
         }
@@ -269,6 +274,7 @@ impl Model {
             snat6: snat(node.snat_v6.iter().map(|&a| a.into()).collect()),
             port_min: *node.ports.start(),
             port_max: *node.ports.end(),
+            claim: node.claim.clone(),
             ttl_ns: u64::try_from(node.nexthop_ttl.as_nanos()).unwrap_or(u64::MAX),
             timeouts_ms: node.tcp_timeouts.by_state_ms(),
             passive: node.passive.enabled,

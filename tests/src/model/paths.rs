@@ -289,7 +289,7 @@ fn new_flow(
         claimed_ns: now,
         ..ReplyState::default()
     };
-    claim_port(tx, key, hash, &mut fl, &mut reply, tsval)?;
+    claim_port(tx, key, vip.snat, hash, &mut fl, &mut reply, tsval)?;
     Ok(fl)
 }
 
@@ -338,21 +338,24 @@ fn pick(
     Ok((id, b))
 }
 
-/// Claim a NAT port towards the flow's backend: the pool's addresses in turn
-/// from the hash's, the ports in turn from the backend's cursor, eight tries.
+/// Claim a NAT port towards the flow's backend: the VIP's run of the pool in
+/// turn from the hash's address, the ports of the node's slice in turn from the
+/// backend's cursor (never the VIP's own port), eight tries.
 fn claim_port(
     tx: &mut Tx,
     key: &FlowKey,
+    (base, count): (u8, u8),
     hash: u32,
     fl: &mut FlowState,
     reply: &mut ReplyState,
     tsval: Option<u32>,
 ) -> Result<(), u32> {
-    let addrs = u32::try_from(tx.m.snat(key.family).len()).expect("small");
+    let addrs = u32::from(count);
     if addrs == 0 {
         return Err(DROP_NO_SNAT_ADDR);
     }
-    let (min, max) = (u32::from(tx.m.cfg.port_min), u32::from(tx.m.cfg.port_max));
+    let claim = tx.m.cfg.claim.clone();
+    let (min, max) = (u32::from(*claim.start()), u32::from(*claim.end()));
     if min == 0 || max < min {
         return Err(DROP_NO_NAT_PORT);
     }
@@ -367,12 +370,12 @@ fn claim_port(
     let start = tx.cursor(fl.backend_id);
     let first = hash % addrs;
     for i in 0..PORT_TRIES {
-        let index = u8::try_from((first + i) % addrs).expect("small");
+        let index = u8::try_from(u32::from(base) + (first + i) % addrs).expect("small");
         rk.dst_be = snat_addr(tx, key.family, index);
         let off = port_try_offset(i);
         let port = u16::try_from(min + start.wrapping_add(off) % range).expect("a port");
         rk.dport_be = port.to_be();
-        if try_claim(tx, &rk, fl, reply, tsval) {
+        if rk.dport_be != key.dport_be && try_claim(tx, &rk, fl, reply, tsval) {
             tx.set_cursor(fl.backend_id, start.wrapping_add(off + 1));
             fl.nat_port_be = port.to_be();
             fl.snat_index = index;
