@@ -20,3 +20,4 @@ pub mod ownership;
 pub mod passive;
 pub mod socklb;
 pub mod status;
+pub mod sync;
