@@ -21,3 +21,4 @@ pub mod passive;
 pub mod reaper;
 pub mod socklb;
 pub mod status;
+pub mod sync;
