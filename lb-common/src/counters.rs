@@ -113,8 +113,11 @@ pub const ICMP_TOO_BIG_TRANSLATED: u32 = 33;
 /// fin_proven`): passed on for the endpoint to judge, and the flow kept its
 /// state, so that a forged FIN cannot shorten its port's hold.
 pub const FIN_UNPROVEN: u32 = 34;
+/// Event: a synced flow's event found `SYNC_EVENTS` full and was lost; the
+/// controller's next bulk resync repairs what its peers miss.
+pub const SYNC_EVENT_LOST: u32 = 35;
 /// Size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 35;
+pub const COUNTER_COUNT: u32 = 36;
 const _: () = assert!(OUTCOMES <= COUNTER_COUNT);
 
 /// Metric-friendly names, indexed by counter.
@@ -154,6 +157,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "rst_unproven",
     "icmp_too_big_translated",
     "fin_unproven",
+    "sync_event_lost",
 ];
 
 #[cfg(test)]
@@ -197,6 +201,7 @@ mod tests {
         (RST_UNPROVEN, "rst_unproven"),
         (ICMP_TOO_BIG_TRANSLATED, "icmp_too_big_translated"),
         (FIN_UNPROVEN, "fin_unproven"),
+        (SYNC_EVENT_LOST, "sync_event_lost"),
     ];
 
     #[test]

@@ -64,6 +64,9 @@ pub const FLOW_F_BACKEND_FIRST: u32 = 8;
 /// `FlowState::flags`: the client's SYN and the backend's SYN-ACK both carried
 /// timestamps, so the connection uses them and the datapath rewrites them.
 pub const FLOW_F_TS: u32 = 16;
+/// `FlowState::flags`: the flow's VIP syncs (`VIP_F_SYNC`): its establishment and
+/// end are exported to `SYNC_EVENTS`.
+pub const FLOW_F_SYNC: u32 = 32;
 
 /// TCP flag bits as in byte 13 of the header.
 pub const TCP_FIN: u8 = 0x01;

@@ -47,13 +47,14 @@ pub const MAP_TX_PORTS: &str = maps::TX_PORTS.name;
 pub const MAP_PORT_CURSOR: &str = maps::PORT_CURSOR.name;
 pub const MAP_PASSIVE_STATS: &str = maps::PASSIVE_STATS.name;
 pub const MAP_PASSIVE_EVENTS: &str = maps::PASSIVE_EVENTS.name;
+pub const MAP_SYNC_EVENTS: &str = maps::SYNC_EVENTS.name;
 pub const MAP_LOCAL_STATS: &str = maps::LOCAL_STATS.name;
 
 /// Version of the map layout: the types below, the map set and their sizes. Bump
 /// it with any change to them. Pinned maps live in a directory named after it, so
 /// an upgraded apilb with another layout starts with fresh maps instead of reading
 /// old ones with new types.
-pub const LAYOUT_VERSION: u32 = 10;
+pub const LAYOUT_VERSION: u32 = 11;
 
 // ---- Program names (the function names in lb-ebpf). ----
 pub const PROG_XDP: &str = "apilb_xdp";
@@ -109,6 +110,10 @@ pub const VIP_F_OWNED: u32 = 1;
 /// address (`127.0.0.1:6443`) is a `VIPS` entry with only this flag, sharing its
 /// VIP's id and ring.
 pub const VIP_F_LOCAL: u32 = 2;
+/// `VipInfo::flags`: the VIP's flows are exported to the flow-sync peers: a new
+/// flow takes `ct::FLOW_F_SYNC`, and its establishment and end go to
+/// `SYNC_EVENTS`.
+pub const VIP_F_SYNC: u32 = 4;
 /// `Backend::flags`: the backend is this node; deliver the packet untouched to the
 /// local stack, which holds the VIP (topology 2, masters running apilb).
 pub const BACKEND_F_LOCAL: u32 = 1;
@@ -366,6 +371,43 @@ pub struct PassiveState {
 
 /// Size of the `PASSIVE_EVENTS` ring buffer (a power of two of pages).
 pub const PASSIVE_EVENTS_BYTES: u32 = 64 * 1024;
+/// Bytes of the `SYNC_EVENTS` ring buffer: at 10,000 new flows a second, two
+/// events of 104 bytes (with the ring's header) each, half a second of slack for
+/// a reader that stalls.
+pub const SYNC_EVENTS_BYTES: u32 = 1 << 20;
+
+/// `SyncEvent::kind`: the flow was promoted to the established table.
+pub const SYNC_EV_ESTABLISHED: u8 = 1;
+/// `SyncEvent::kind`: the flow reached `TIME_WAIT` or `CLOSE`.
+pub const SYNC_EV_CLOSED: u8 = 2;
+
+/// A record of `SYNC_EVENTS`: a synced flow's life moved on (`SYNC_EV_*`); the
+/// controller sends it to its flow-sync peers. Written in place in the ring, never
+/// built on the BPF stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncEvent {
+    pub kind: u8,
+    /// The flow's `ct::CT_*` state.
+    pub state: u8,
+    /// Index of its source address in this node's SNAT pool of its family.
+    pub snat_index: u8,
+    pub _pad0: u8,
+    /// `FlowState::flags`.
+    pub flags: u32,
+    /// Client to VIP, as the client's packets arrive.
+    pub key: FlowKey,
+    pub backend_be: [u32; 4],
+    pub backend_port_be: u16,
+    pub nat_port_be: u16,
+    pub ts_off: u32,
+    pub fin_tsval: u32,
+    pub seq: u32,
+    pub ack: u32,
+    pub _pad1: u32,
+    /// Coarse monotonic time of the event.
+    pub at_ns: u64,
+}
 /// At most one `PassiveEvent` per backend this often: the controller reads the
 /// exact counts from `PASSIVE_STATS`, so a storm wakes it, not floods it.
 pub const PASSIVE_EVENT_GAP_NS: u64 = 10_000_000;
@@ -416,6 +458,7 @@ const _: () = {
     assert!(size_of::<VipInfo>() == 16);
     assert!(size_of::<Backend>() == 32);
     assert!(size_of::<DatapathConfig>() == 232);
+    assert!(size_of::<SyncEvent>() == 96);
     assert!(size_of::<SockOrig>() == 20);
     assert!(size_of::<PassiveStats>() == 24);
     assert!(size_of::<PassiveState>() == 16);
@@ -458,4 +501,18 @@ mod pod {
     unsafe impl aya::Pod for super::PassiveState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockOrig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SyncEvent {}
+
+    impl super::SyncEvent {
+        /// The event a `SYNC_EVENTS` record holds, if the record is whole.
+        #[must_use]
+        pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+            (bytes.len() >= size_of::<Self>()).then(|| {
+                // SAFETY: at least `size_of::<Self>()` bytes, read unaligned, and
+                // every bit pattern is a valid `SyncEvent` (see above).
+                unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) }
+            })
+        }
+    }
 }

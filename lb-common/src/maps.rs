@@ -18,8 +18,8 @@
 use crate::{
     Backend, COUNTER_COUNT, DatapathConfig, FLOW_TABLE_SIZE, FlowKey, FlowState,
     HALF_OPEN_TABLE_SIZE, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS,
-    PASSIVE_EVENTS_BYTES, PassiveState, PassiveStats, ReplyState, SockOrig, TrafficStats, VipInfo,
-    VipKey,
+    PASSIVE_EVENTS_BYTES, PassiveState, PassiveStats, ReplyState, SYNC_EVENTS_BYTES, SockOrig,
+    TrafficStats, VipInfo, VipKey,
 };
 
 /// A map's `BPF_MAP_TYPE_*`, with the kernel's (uapi) numbers, as `bpf_map_info`
@@ -212,6 +212,9 @@ pub const PASSIVE_EVENTS: MapSpec = spec(
     0,
     PASSIVE_EVENTS_BYTES,
 );
+/// Synced flows' events for the controller to send to its peers: a ring buffer
+/// of `SYNC_EVENTS_BYTES`.
+pub const SYNC_EVENTS: MapSpec = spec("SYNC_EVENTS", MapType::RingBuf, 0, 0, SYNC_EVENTS_BYTES);
 /// Per backend id: failures in a row, and when its last event was sent.
 pub const PASSIVE_STATE: MapSpec = spec(
     "PASSIVE_STATE",
@@ -232,7 +235,7 @@ pub const SOCK_ORIG: MapSpec = spec(
 pub const LOCAL_STATS: MapSpec = spec("LOCAL_STATS", MapType::PerCpuArray, 4, 8, MAX_BACKENDS);
 
 /// Every map the datapath object defines, for pinning and for the loader's checks.
-pub const MAPS: [MapSpec; 19] = [
+pub const MAPS: [MapSpec; 20] = [
     VIPS,
     BACKENDS,
     MAGLEV,
@@ -250,6 +253,7 @@ pub const MAPS: [MapSpec; 19] = [
     PASSIVE_STATS,
     PASSIVE_EVENTS,
     PASSIVE_STATE,
+    SYNC_EVENTS,
     SOCK_ORIG,
     LOCAL_STATS,
 ];
@@ -326,7 +330,7 @@ mod tests {
         }
         assert_eq!(
             (LAYOUT_VERSION, h),
-            (10, 0x860a_ec2e_7bc0_93ff),
+            (11, 0x5038_8140_7d07_f04c),
             "bump LAYOUT_VERSION, then the fingerprint"
         );
     }

@@ -22,12 +22,12 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_F_LOCAL, FLOW_F_REFUSED, FLOW_F_TS, FlowKey, FlowState, NextHop, REPLY_F_TRACK,
-    REPLY_F_TS, ReplyState, VipInfo,
+    REPLY_F_TS, ReplyState, SYNC_EV_CLOSED, SYNC_EV_ESTABLISHED, VIP_F_SYNC, VipInfo,
     counters::{
         DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR, FIN_UNPROVEN, FLOW_ESTABLISHED, HALF_OPEN_LOST,
         REPLY_RESTORED, RST_UNPROVEN,
     },
-    ct::{self, CT_SYN_SENT, FROM_BACKEND},
+    ct::{self, CT_SYN_SENT, FLOW_F_SYNC, FROM_BACKEND},
     flow_hash,
 };
 
@@ -35,6 +35,7 @@ use crate::{
     maps::{CONFIG, FLOWS, HALF_FLOWS, HALF_REPLIES, REPLIES, SCRATCH, Scratch, count},
     ports::{claim_port, snat_addr},
     select::pick,
+    sync,
 };
 
 /// [`update_flow`]'s `how`, besides the segment's TCP flags in its low byte: the
@@ -88,6 +89,9 @@ pub fn new_flow(key: &FlowKey, vip: &VipInfo, now: u64, s: &mut Scratch) -> Resu
     };
     if backend.flags & BACKEND_F_LOCAL != 0 {
         return Ok(());
+    }
+    if vip.flags & VIP_F_SYNC != 0 {
+        s.flow.flags = FLOW_F_SYNC;
     }
     // Fields are written in place: a whole `ReplyState` value would sit on the stack.
     s.reply.client_be = key.src_be;
@@ -164,7 +168,11 @@ pub fn promote(key: &FlowKey, half: *mut FlowState) -> Result<*mut FlowState, ()
         return Err(());
     }
     count(FLOW_ESTABLISHED);
-    FLOWS.get_ptr_mut(key).ok_or(())
+    let entry = FLOWS.get_ptr_mut(key).ok_or(())?;
+    if flow.flags & FLOW_F_SYNC != 0 {
+        sync::emit(u32::from(SYNC_EV_ESTABLISHED), key, entry);
+    }
+    Ok(entry)
 }
 
 /// Put back an established flow's reply entry if the LRU evicted it (the two
@@ -226,7 +234,7 @@ pub fn restore_reply(key: &FlowKey, flow: &FlowState, now: u64) {
 /// branches would otherwise each carry the rest of the packet's path through the
 /// verifier.
 #[inline(never)]
-pub fn track_client(entry: *mut FlowState, tcp: u32, now: u64, seq_ack: u64) -> u8 {
+pub fn track_client(key: &FlowKey, entry: *mut FlowState, tcp: u32, now: u64, seq_ack: u64) -> u8 {
     // SAFETY: a valid entry pointer from the map; the fields written race only
     // with the same writes from another CPU, or the backend direction's
     // (`ct::settled`).
@@ -255,8 +263,12 @@ pub fn track_client(entry: *mut FlowState, tcp: u32, now: u64, seq_ack: u64) -> 
     if state != e.state || !ct::half_open(state) || tcp & u32::from(ct::TCP_SYN) != 0 {
         e.last_seen_ns = now;
     }
+    let ends = sync::ends(e.state, state, flags);
     e.state = state;
     e.flags = flags;
+    if ends {
+        sync::emit(u32::from(SYNC_EV_CLOSED), key, entry);
+    }
     state
 }
 
@@ -379,6 +391,9 @@ pub fn update_flow(reply: &mut ReplyState, rkey: &FlowKey, how: u32, seq_ack: u6
     } else {
         flags
     };
+    if sync::ends(before, state, flags) {
+        sync::emit(u32::from(SYNC_EV_CLOSED), &fkey, f);
+    }
     // An ICMP error (no TCP flags) is no sign of life: forged ones must not keep
     // a flow's port held.
     if how & 0xff != 0 {

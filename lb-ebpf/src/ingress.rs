@@ -101,7 +101,7 @@ pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
             // writes from another CPU.
             let e = unsafe { &mut *entry };
             if half || tcp & (TCP_SYN | TCP_FIN | TCP_RST) != 0 || e.state == CT_LAST_ACK {
-                let state = track_client(entry, u32::from(tcp), now, seq_ack(ctx, &p));
+                let state = track_client(&p.key, entry, u32::from(tcp), now, seq_ack(ctx, &p));
                 if half && state == CT_ESTABLISHED {
                     entry = promote(&p.key, entry).map_err(|()| Outcome::pass(PASS_NO_FLOW))?;
                 }

@@ -42,6 +42,7 @@ mod reply;
 mod runtime;
 mod select;
 mod sock;
+mod sync;
 mod toobig;
 mod ts;
 

@@ -47,6 +47,9 @@ pub static PASSIVE_STATS: PerCpuArray<PassiveStats> = per_cpu_array(&specs::PASS
 /// `PASSIVE_EVENT_GAP_NS`.
 #[map]
 pub static PASSIVE_EVENTS: RingBuf = ring_buf(&specs::PASSIVE_EVENTS);
+/// Synced flows' establishment and end, for the controller's peers (see `sync`).
+#[map]
+pub static SYNC_EVENTS: RingBuf = ring_buf(&specs::SYNC_EVENTS);
 /// Per backend id: failures in a row, and when its last `PassiveEvent` was sent.
 #[map]
 pub static PASSIVE_STATE: Array<PassiveState> = array(&specs::PASSIVE_STATE);

@@ -271,6 +271,7 @@ impl Reconciler {
                     owned: v.election == Election::Static || owned.contains(&v.addr.ip()),
                     local: config.local.enabled,
                     snat: pools.runs.get(&v.addr).copied().unwrap_or_default(),
+                    sync: false,
                 };
                 (
                     vip,

@@ -27,9 +27,9 @@ use lb_common::{
     AF_INET, AF_INET6, BACKEND_F_DOWN, BACKEND_F_LOCAL, Backend, CONFIG_F_PASSIVE, COUNTER_COUNT,
     DatapathConfig, FlowKey, FlowState, IPPROTO_TCP, MAGLEV_SIZE_MAX, MAP_BACKEND_STATS,
     MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_HALF_FLOWS, MAP_HALF_REPLIES,
-    MAP_LOCAL_STATS, MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS, MAP_REPLIES, MAP_TX_PORTS,
-    MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS, PassiveStats, ReplyState, SNAT_POOL_MAX,
-    TrafficStats, VIP_F_LOCAL, VIP_F_OWNED, VipInfo, VipKey,
+    MAP_LOCAL_STATS, MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS, MAP_REPLIES,
+    MAP_SYNC_EVENTS, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS, PassiveStats,
+    ReplyState, SNAT_POOL_MAX, TrafficStats, VIP_F_LOCAL, VIP_F_OWNED, VIP_F_SYNC, VipInfo, VipKey,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +89,8 @@ pub struct Vip {
     /// `(first, count)`: the run of its family's SNAT pool (`NodeConfig`) that its
     /// new flows take their source address from.
     pub snat: (u8, u8),
+    /// Its flows are exported for flow sync (`SYNC_EVENTS`).
+    pub sync: bool,
 }
 
 /// Node-wide datapath settings.
@@ -299,7 +301,8 @@ impl Datapath {
         let info = VipInfo {
             vip_id: vip.id,
             flags: if vip.owned { VIP_F_OWNED } else { 0 }
-                | if vip.local { VIP_F_LOCAL } else { 0 },
+                | if vip.local { VIP_F_LOCAL } else { 0 }
+                | if vip.sync { VIP_F_SYNC } else { 0 },
             ring_size: vip.ring_size,
             snat_first: vip.snat.0,
             snat_count: vip.snat.1,
@@ -404,6 +407,15 @@ impl Datapath {
             .remove(MAP_PASSIVE_EVENTS)
             .ok_or(DatapathError::MissingMap(MAP_PASSIVE_EVENTS))?;
         aya::maps::RingBuf::try_from(map).map_err(map_err(MAP_PASSIVE_EVENTS))
+    }
+
+    /// The synced flows' event ring (`SYNC_EVENTS`), taken out for its reader.
+    pub fn take_sync_events(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        let map = self
+            .maps
+            .remove(MAP_SYNC_EVENTS)
+            .ok_or(DatapathError::MissingMap(MAP_SYNC_EVENTS))?;
+        aya::maps::RingBuf::try_from(map).map_err(map_err(MAP_SYNC_EVENTS))
     }
 
     /// Node-local connects sent to backend `id`, summed over CPUs.

@@ -33,6 +33,7 @@ fn out_of_range_ids_ports_and_slots_are_refused_by_name_and_value() {
         owned: true,
         local: false,
         snat: (0, 1),
+        sync: false,
     };
     assert_eq!(
         err(dp.set_vip(&vip(16, 65_537))),
@@ -119,6 +120,7 @@ fn unknown_vips_are_named() {
         owned: false,
         local: false,
         snat: (2, 1),
+        sync: false,
     })
     .expect("add vip");
     dp.remove_vip(sa("192.0.2.7:6443"))

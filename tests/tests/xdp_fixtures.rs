@@ -1089,6 +1089,83 @@ fn a_vip_that_is_its_flows_source_never_gives_out_its_own_port() {
     assert_eq!(ports, [(1, 6444)]);
 }
 
+#[test]
+fn a_synced_flow_is_exported_when_established_and_when_closed_and_no_sooner() {
+    let (mut lab, master) = one_master_lab("apilb-fx-syncev");
+    lab.reconfigure(|c| c.nat_ports = 40_000..=40_000);
+    let mut events = lab.dp.take_sync_events().expect("the sync ring");
+    let mut drain = || {
+        let mut out = Vec::new();
+        while let Some(item) = events.next() {
+            out.push(lb_common::SyncEvent::from_bytes(&item).expect("a whole event"));
+        }
+        out
+    };
+    // The controller sets `VIP_F_SYNC` once flow sync is configured; here the
+    // VIP is written with it directly (id 0, the lab's ring, the node's address).
+    lab.dp
+        .set_vip(&lb_userspace::datapath::Vip {
+            addr: sa(VIP4),
+            id: 0,
+            ring_size: 65_537,
+            owned: true,
+            local: false,
+            snat: (0, 1),
+            sync: true,
+        })
+        .expect("VIP with sync");
+    let a = client_syn("192.0.2.10:51000", VIP4);
+    lab.run(&new_flow_to(
+        "a synced flow's SYN",
+        &a,
+        master,
+        40_000,
+        master_mac(1),
+    ));
+    assert_eq!(drain(), [], "a half-open flow is not exported");
+    let ack = handshake_on(&mut lab, &a, master, 40_000);
+    let established = drain();
+    assert_eq!(established.len(), 1, "{established:?}");
+    let e = established[0];
+    let flow = lab.dp.flows().expect("flows")[0];
+    assert_eq!(
+        (
+            e.kind,
+            e.state,
+            e.key,
+            e.backend_be,
+            e.nat_port_be,
+            e.seq,
+            e.ack
+        ),
+        (
+            lb_common::SYNC_EV_ESTABLISHED,
+            CT_ESTABLISHED,
+            flow.0,
+            flow.1.backend_be,
+            40_000u16.to_be(),
+            flow.1.seq,
+            flow.1.ack
+        )
+    );
+    assert_ne!(e.flags & lb_common::ct::FLOW_F_SYNC, 0);
+    // Data on the established flow exports nothing.
+    for _ in 0..3 {
+        let data = ack.clone().data(b"GET /").build();
+        let out = lab.test_run(lb_common::PROG_XDP, &data, Ingress::ClientSide);
+        assert_eq!(out.action, XDP_REDIRECT);
+    }
+    assert_eq!(drain(), []);
+    close_client_first(&mut lab, &a, &ack, master);
+    let closed = drain();
+    assert_eq!(
+        closed.iter().map(|e| (e.kind, e.state)).collect::<Vec<_>>(),
+        [(lb_common::SYNC_EV_CLOSED, CT_TIME_WAIT)],
+        "one event at the end, none for the FINs before it"
+    );
+    assert_eq!(lab.dp.counters().expect("counters").get(SYNC_EVENT_LOST), 0);
+}
+
 /// A SYN to `VIP4` from each of `count` sources (10.0.0.0 on): how many were
 /// natted and how many dropped for want of a port.
 fn syns_from_many(lab: &mut Lab, count: u32) -> (u32, u32) {

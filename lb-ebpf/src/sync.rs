@@ -1,0 +1,70 @@
+//! Flow sync, the datapath's half: a synced flow's establishment and end are
+//! written to `SYNC_EVENTS` for the controller to send to its peers, so that a
+//! node taking the VIP over already holds the flow.
+//!
+//! Only three cold points of a flow's life pay for it (the ACK that promotes it,
+//! the segment that moves it to `TIME_WAIT` or `CLOSE`), and only on VIPs that
+//! sync (`VIP_F_SYNC`, copied into the flow as `FLOW_F_SYNC`): an established
+//! flow's packets cost nothing more. Half-open flows are never exported: state is
+//! earned, and a SYN flood must not become sync traffic.
+#![cfg(target_arch = "bpf")]
+
+use lb_common::{
+    FlowKey, FlowState, SyncEvent,
+    counters::SYNC_EVENT_LOST,
+    ct::{CT_CLOSE, CT_TIME_WAIT, FLOW_F_SYNC},
+};
+
+use crate::{
+    flow::coarse_now,
+    maps::{SYNC_EVENTS, count},
+};
+
+/// Whether a flow moving from `before` to `state` with `flags` ends, for its
+/// peers: a synced flow reaching `TIME_WAIT` or `CLOSE` from another state.
+#[inline(always)]
+pub fn ends(before: u8, state: u8, flags: u32) -> bool {
+    flags & FLOW_F_SYNC != 0
+        && state != before
+        && (state == CT_TIME_WAIT || state == CT_CLOSE)
+        && before != CT_TIME_WAIT
+        && before != CT_CLOSE
+}
+
+/// Write event `kind` (`SYNC_EV_*`) about the flow `key` (client to VIP) at
+/// `flow` into the ring, in place; a full ring counts `SYNC_EVENT_LOST`. A call,
+/// not inlined: its callers are cold paths, and its writes would otherwise widen
+/// theirs.
+#[inline(never)]
+pub fn emit(kind: u32, key: &FlowKey, flow: *const FlowState) {
+    let Some(mut slot) = SYNC_EVENTS.reserve::<SyncEvent>(0) else {
+        count(SYNC_EVENT_LOST);
+        return;
+    };
+    let e = slot.as_mut_ptr();
+    // SAFETY: `e` is a reserved ring slot of a whole `SyncEvent`, written field by
+    // field before it is submitted; `flow` is a valid entry pointer from a flow
+    // table, read as it is (a racing update gives a mix of two states of one
+    // flow, which the next event or a bulk resync corrects).
+    unsafe {
+        let f = &*flow;
+        #[expect(clippy::cast_possible_truncation, reason = "SYNC_EV_* fit a byte")]
+        let kind = kind as u8;
+        (*e).kind = kind;
+        (*e).state = f.state;
+        (*e).snat_index = f.snat_index;
+        (*e)._pad0 = 0;
+        (*e).flags = f.flags;
+        (*e).key = *key;
+        (*e).backend_be = f.backend_be;
+        (*e).backend_port_be = f.backend_port_be;
+        (*e).nat_port_be = f.nat_port_be;
+        (*e).ts_off = f.ts_off;
+        (*e).fin_tsval = f.fin_tsval;
+        (*e).seq = f.seq;
+        (*e).ack = f.ack;
+        (*e)._pad1 = 0;
+        (*e).at_ns = coarse_now();
+    }
+    slot.submit(0);
+}
