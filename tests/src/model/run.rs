@@ -13,8 +13,9 @@
 //!
 //! Time: the datapath reads the coarse monotonic clock, which userspace reads as
 //! `CLOCK_MONOTONIC_COARSE`. It is read before and after each frame; when it
-//! ticked in between and the clock mattered, the model answers for both readings
-//! and the kernel's output (or, failing that, its tables) says which was right.
+//! ticked in between and the clock mattered, the model answers for every value
+//! the clock took (a vCPU held up mid-frame sees more than one tick) and the
+//! kernel's output (or, failing that, its tables) says which was right.
 //!
 //! Rounds: each runs on a fresh lab with its own settings (passive detection on
 //! and off; four NAT ports with the shortest timeouts, for port reuse).
@@ -236,6 +237,18 @@ fn rounds() -> Vec<(&'static str, LabConfig, Vec<&'static str>)> {
     ]
 }
 
+/// How far `CLOCK_MONOTONIC_COARSE` moves at a tick (a jiffy), in ns.
+fn coarse_resolution_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a valid, writable timespec.
+    let rc = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    assert_eq!(rc, 0, "clock_getres");
+    u64::try_from(ts.tv_nsec).expect("nanoseconds")
+}
+
 /// `CLOCK_MONOTONIC_COARSE` in ns: the datapath's `bpf_ktime_get_coarse_ns`.
 fn coarse_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -376,17 +389,35 @@ impl<'a> Round<'a> {
             let mut applied = false;
             let chosen = if ticked {
                 sum.clock_ticks += 1;
-                let b = self.model.step(&frame.bytes, ifindex, t1);
-                match (same(&a), same(&b)) {
-                    (true, false) => a,
-                    (false, true) => b,
-                    (true, true) if a.changes == b.changes && a.counters == b.counters => a,
-                    (true, true) => {
-                        applied = true;
-                        self.by_tables(at, &frame, a, b, (t0, t1))?
+                // Every value the coarse clock took from t0 to t1: a vCPU held up
+                // mid-frame can see it tick more than once.
+                let mut matching: Vec<Prediction> = Vec::new();
+                if same(&a) {
+                    matching.push(a.clone());
+                }
+                // The ticks in between, spread evenly: a tick is a jiffy, give or
+                // take the nanosecond the timekeeper's adjustment adds to some.
+                let ticks =
+                    ((t1 - t0 + coarse_resolution_ns() / 2) / coarse_resolution_ns().max(1)).max(1);
+                for k in 1..=ticks {
+                    let then = t0 + (t1 - t0) * k / ticks;
+                    let guess = self.model.step(&frame.bytes, ifindex, then);
+                    if same(&guess)
+                        && !matching
+                            .iter()
+                            .any(|m| m.changes == guess.changes && m.counters == guess.counters)
+                    {
+                        matching.push(guess);
                     }
-                    (false, false) => {
+                }
+                match matching.len() {
+                    0 => {
                         return Err(self.frame_mismatch(at, &frame, &a, out.action, &out.packet));
+                    }
+                    1 => matching.remove(0),
+                    _ => {
+                        applied = true;
+                        self.by_tables(at, &frame, matching, (t0, t1))?
                     }
                 }
             } else if same(&a) {
@@ -447,12 +478,11 @@ impl<'a> Round<'a> {
         &mut self,
         at: u64,
         frame: &Frame,
-        a: Prediction,
-        b: Prediction,
+        candidates: Vec<Prediction>,
         window: (u64, u64),
     ) -> Result<Prediction, Mismatch> {
         let saved = self.model.clone();
-        for p in [a, b] {
+        for p in candidates {
             self.model.apply(&p.changes);
             if self.check_tables(Some(window)).is_ok() {
                 return Ok(p);
