@@ -635,6 +635,13 @@ impl Message {
         }
     }
 
+    /// [`WireError`] if [`SessionCodec::seal`] would refuse this message (too many
+    /// entries, mixed address families), so that a queue can refuse it up front
+    /// instead of the sender finding out later.
+    pub fn check(&self) -> Result<(), WireError> {
+        self.count().map(drop)
+    }
+
     /// The header's count, once the message is known to fit a frame.
     fn count(&self) -> Result<u16, WireError> {
         let (kind, count, max) = match self {
