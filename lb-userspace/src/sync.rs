@@ -8,4 +8,6 @@
 //! first, because whoever can write flows can steer traffic.
 
 pub mod key;
+#[cfg(test)]
+mod testing;
 pub mod wire;

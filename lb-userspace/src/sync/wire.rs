@@ -1034,23 +1034,7 @@ mod tests {
     use tokio_util::codec::{Decoder, Encoder};
 
     use super::*;
-
-    fn key(byte: u8) -> Key {
-        Key::from_bytes(&[byte; 32])
-    }
-
-    fn name(s: &str) -> NodeName {
-        NodeName::new(s).unwrap()
-    }
-
-    fn config(slice: u16) -> Hello {
-        Hello {
-            slice,
-            slices: 2,
-            nat_ports: 1024..=32_767,
-            config_digest: [0xd1; 32],
-        }
-    }
+    use crate::sync::testing::{hello as config, key, name};
 
     /// A completed handshake under `k` between listener lb1 and dialer lb2: the
     /// listener's codec, then the dialer's.
