@@ -127,6 +127,12 @@ impl FrameWriter {
         written
     }
 
+    /// Writes `bytes` as they are: a test's broken frame.
+    #[cfg(test)]
+    pub(super) async fn write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.io.write_all(bytes).await
+    }
+
     /// Writes every pushed frame and then the end of stream (FIN): the peer reads
     /// all of it and then sees the connection close.
     pub(super) async fn finish(&mut self) -> io::Result<()> {
