@@ -8,4 +8,7 @@
 //! first, because whoever can write flows can steer traffic.
 
 pub mod key;
+pub mod links;
+#[cfg(test)]
+mod testing;
 pub mod wire;

@@ -635,6 +635,13 @@ impl Message {
         }
     }
 
+    /// [`WireError`] if [`SessionCodec::seal`] would refuse this message (too many
+    /// entries, mixed address families), so that a queue can refuse it up front
+    /// instead of the sender finding out later.
+    pub fn check(&self) -> Result<(), WireError> {
+        self.count().map(drop)
+    }
+
     /// The header's count, once the message is known to fit a frame.
     fn count(&self) -> Result<u16, WireError> {
         let (kind, count, max) = match self {
@@ -1027,23 +1034,7 @@ mod tests {
     use tokio_util::codec::{Decoder, Encoder};
 
     use super::*;
-
-    fn key(byte: u8) -> Key {
-        Key::from_bytes(&[byte; 32])
-    }
-
-    fn name(s: &str) -> NodeName {
-        NodeName::new(s).unwrap()
-    }
-
-    fn config(slice: u16) -> Hello {
-        Hello {
-            slice,
-            slices: 2,
-            nat_ports: 1024..=32_767,
-            config_digest: [0xd1; 32],
-        }
-    }
+    use crate::sync::testing::{hello as config, key, name};
 
     /// A completed handshake under `k` between listener lb1 and dialer lb2: the
     /// listener's codec, then the dialer's.
