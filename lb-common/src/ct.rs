@@ -67,6 +67,10 @@ pub const FLOW_F_TS: u32 = 16;
 /// `FlowState::flags`: the flow's VIP syncs (`VIP_F_SYNC`): its establishment and
 /// end are exported to `SYNC_EVENTS`.
 pub const FLOW_F_SYNC: u32 = 32;
+/// `FlowState::flags`: a peer synced the flow here (`sync::install`); its record of
+/// the client's sequence numbers may be far behind, so the first plain segment
+/// here adopts them outright (`flow::record`), and the flag goes.
+pub const FLOW_F_FROM_PEER: u32 = 64;
 
 /// TCP flag bits as in byte 13 of the header.
 pub const TCP_FIN: u8 = 0x01;

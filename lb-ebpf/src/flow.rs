@@ -27,7 +27,7 @@ use lb_common::{
         DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR, FIN_UNPROVEN, FLOW_ESTABLISHED, HALF_OPEN_LOST,
         REPLY_RESTORED, RST_UNPROVEN,
     },
-    ct::{self, CT_SYN_SENT, FLOW_F_SYNC, FROM_BACKEND},
+    ct::{self, CT_SYN_SENT, FLOW_F_FROM_PEER, FLOW_F_SYNC, FROM_BACKEND},
     flow_hash,
 };
 
@@ -279,6 +279,15 @@ pub fn track_client(key: &FlowKey, entry: *mut FlowState, tcp: u32, now: u64, se
 pub fn record(e: &mut FlowState, seq_ack: u64) {
     #[expect(clippy::cast_possible_truncation, reason = "the two halves")]
     let (seq, ack) = ((seq_ack >> 32) as u32, seq_ack as u32);
+    if e.flags & FLOW_F_FROM_PEER != 0 {
+        // A peer's record dates from the flow's establishment, perhaps gigabytes
+        // back, past what `ct::advance` moves: this segment, its first here,
+        // re-anchors it.
+        e.seq = seq;
+        e.ack = ack;
+        e.flags &= !FLOW_F_FROM_PEER;
+        return;
+    }
     e.seq = ct::advance(e.seq, seq);
     e.ack = ct::advance(e.ack, ack);
 }

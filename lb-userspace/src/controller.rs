@@ -349,6 +349,26 @@ impl Reconciler {
             .collect()
     }
 
+    /// What flow sync translates records with: the pools, the backend ids (as the
+    /// last [`Reconciler::desired`] assigned them), the VIPs that sync (elected,
+    /// their own flows' source).
+    #[must_use]
+    pub fn sync_view(&self, config: &Config) -> crate::sync::install::View {
+        let pools = SnatPools::of(config);
+        crate::sync::install::View {
+            snat_v4: pools.v4,
+            snat_v6: pools.v6,
+            backend_ids: self.backend_ids.iter().map(|(a, i)| (*a, *i)).collect(),
+            vips: config
+                .vips
+                .iter()
+                .filter(|v| v.election != Election::Static && v.snat == VipSnat::Vip)
+                .map(|v| v.addr)
+                .collect(),
+            nat_ports: config.datapath.nat_ports.clone(),
+        }
+    }
+
     /// Whether a down backend out of rotation keeps flows that a later reconcile
     /// may remove (see [`Reconciler::desired`]): the daemon then reconciles every
     /// tick. Not while failing open, when every backend is in rotation.

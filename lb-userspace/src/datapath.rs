@@ -30,6 +30,7 @@ use lb_common::{
     MAP_LOCAL_STATS, MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS, MAP_REPLIES,
     MAP_SYNC_EVENTS, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS, PassiveStats,
     ReplyState, SNAT_POOL_MAX, TrafficStats, VIP_F_LOCAL, VIP_F_OWNED, VIP_F_SYNC, VipInfo, VipKey,
+    ct::{CT_TIME_WAIT, FLOW_F_FROM_PEER},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +167,8 @@ pub fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
 }
 
 /// The address stored as `addr_words` stores it, back as a `SocketAddr`.
-fn socket_addr(addr_be: &[u32; 4], family: u8, port_be: u16) -> SocketAddr {
+#[must_use]
+pub fn socket_addr(addr_be: &[u32; 4], family: u8, port_be: u16) -> SocketAddr {
     let bytes: Vec<u8> = addr_be.iter().flat_map(|w| w.to_ne_bytes()).collect();
     let ip = if family == AF_INET {
         IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
@@ -540,6 +542,32 @@ impl Datapath {
             }
         }
         Ok(removed)
+    }
+
+    /// Write a flow a peer synced (`crate::sync::install::entries_of`): the reply
+    /// entry first, as the datapath promotes, then the client's. `false`, writing
+    /// nothing, if a live flow of this node's own holds the client's tuple.
+    pub fn install_peer_flow(
+        &mut self,
+        key: &FlowKey,
+        flow: &FlowState,
+        rkey: &FlowKey,
+        reply: &ReplyState,
+    ) -> Result<bool> {
+        let flows: HashMap<_, FlowKey, FlowState> = self.typed(MAP_FLOWS)?;
+        if let Ok(old) = flows.get(key, 0)
+            && old.flags & FLOW_F_FROM_PEER == 0
+            && old.state < CT_TIME_WAIT
+        {
+            return Ok(false);
+        }
+        let mut replies: HashMap<_, FlowKey, ReplyState> = self.typed(MAP_REPLIES)?;
+        replies
+            .insert(rkey, reply, 0)
+            .map_err(map_err(MAP_REPLIES))?;
+        let mut flows: HashMap<_, FlowKey, FlowState> = self.typed(MAP_FLOWS)?;
+        flows.insert(key, flow, 0).map_err(map_err(MAP_FLOWS))?;
+        Ok(true)
     }
 
     /// The VIPs in the datapath.

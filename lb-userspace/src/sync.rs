@@ -7,6 +7,7 @@
 //! owned here. Anything that arrives is authenticated with the cluster's sync key
 //! first, because whoever can write flows can steer traffic.
 
+pub mod install;
 pub mod key;
 pub mod links;
 #[cfg(test)]

@@ -360,6 +360,13 @@ impl Lab {
             .unwrap_or_else(|e| panic!("{}\n{}", chain(&e), setup.text()))
     }
 
+    /// What flow sync translates records with, for this lab's config.
+    #[must_use]
+    pub fn sync_view(&self) -> lb_userspace::sync::install::View {
+        let config = self.config.as_ref().expect("the lab is configured");
+        self.reconciler.sync_view(config)
+    }
+
     /// Give the controller this config (a reload, after the first) and reconcile.
     /// Backends new to it start ready; the others keep their health.
     pub fn configure(&mut self, setup: &LabConfig) {
