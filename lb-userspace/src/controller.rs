@@ -365,6 +365,13 @@ impl Reconciler {
                 .filter(|v| v.election != Election::Static && v.snat == VipSnat::Vip)
                 .map(|v| v.addr)
                 .collect(),
+            owned: self
+                .current
+                .iter()
+                .flat_map(|c| c.vips.iter())
+                .filter(|(v, _)| v.owned)
+                .map(|(v, _)| v.addr.ip())
+                .collect(),
             nat_ports: config.datapath.nat_ports.clone(),
         }
     }

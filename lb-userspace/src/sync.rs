@@ -10,6 +10,7 @@
 pub mod install;
 pub mod key;
 pub mod links;
+pub mod node;
 #[cfg(test)]
 mod testing;
 pub mod wire;

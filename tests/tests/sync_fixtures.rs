@@ -4,7 +4,11 @@
 //! unused), and carried by that peer, same master, same NAT port, same source,
 //! the moment it owns the VIP. Root and BPF, as the other fixtures.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::PermissionsExt as _,
+    time::{Duration, Instant},
+};
 
 use lb_common::{
     PROG_XDP, SyncEvent,
@@ -12,7 +16,13 @@ use lb_common::{
 };
 use lb_userspace::{
     datapath::Vip,
-    sync::install::{entries_of, record_of},
+    sync::{
+        install::{entries_of, record_of},
+        key::read_key,
+        links::{LinksConfig, PeerConfig},
+        node::SyncNode,
+        wire::{Hello, NodeName},
+    },
 };
 use tests::{
     fixture::*,
@@ -108,13 +118,10 @@ fn a_flow_synced_to_a_peer_is_carried_there_once_the_peer_owns_the_vip() {
     assert_eq!(carried.seq, data.seq);
 }
 
-/// The VIP's owner, with a flow from `CLIENT4` established through it on a VIP
-/// that syncs: the owner, the client's ACK, the flow's NAT port, and the event
-/// the datapath exported for it.
-fn owner_with_a_synced_flow(cfg: &LabConfig) -> (Lab, Tcp, u16, SyncEvent) {
-    let (master, vip) = (sa(MASTER), sa(VIP4).ip());
-    let mut owner = Lab::with_config("apilb-fx-sya", cfg);
-    owner.set_owned(vip, true);
+/// A lab that owns the elected `VIP4` and exports its flows (`VIP_F_SYNC`).
+fn owner_lab(prefix: &str, cfg: &LabConfig) -> Lab {
+    let mut owner = Lab::with_config(prefix, cfg);
+    owner.set_owned(sa(VIP4).ip(), true);
     // The controller sets `VIP_F_SYNC` once `[sync]` is configured; here it is
     // written directly: VIP id 0, the lab's ring, the VIP its own source (index 1
     // of the pool, after the node's address).
@@ -130,10 +137,15 @@ fn owner_with_a_synced_flow(cfg: &LabConfig) -> (Lab, Tcp, u16, SyncEvent) {
             sync: true,
         })
         .expect("VIP with sync");
-    let mut events = owner.dp.take_sync_events().expect("the sync ring");
-    // The handshake: SYN, the master's SYN-ACK to VIP:port, ACK.
+    owner
+}
+
+/// A flow from `client` through the owner to `MASTER`, established (SYN, the
+/// master's SYN-ACK to VIP:port, ACK): the client's ACK and the flow's NAT port.
+fn establish(owner: &mut Lab, client: &str) -> (Tcp, u16) {
+    let (master, vip) = (sa(MASTER), sa(VIP4).ip());
+    let syn = client_syn(client, VIP4);
     let mut run = |seg: &Tcp, ingress| owner.test_run(PROG_XDP, &seg.build(), ingress).action;
-    let syn = client_syn(CLIENT4, VIP4);
     assert_eq!(run(&syn, Ingress::ClientSide), XDP_REDIRECT);
     let half = owner.dp.half_open_flows().expect("half-open");
     let port = u16::from_be(half[0].1.nat_port_be);
@@ -144,6 +156,15 @@ fn owner_with_a_synced_flow(cfg: &LabConfig) -> (Lab, Tcp, u16, SyncEvent) {
     let mut ack = syn.clone().data(b"");
     ack.ack = Some(0x1000_0001);
     assert_eq!(run(&ack, Ingress::ClientSide), XDP_REDIRECT);
+    (ack, port)
+}
+
+/// The VIP's owner, with a flow from `CLIENT4` established through it: the owner,
+/// the client's ACK, the flow's NAT port, and the event the datapath exported.
+fn owner_with_a_synced_flow(cfg: &LabConfig) -> (Lab, Tcp, u16, SyncEvent) {
+    let mut owner = owner_lab("apilb-fx-sya", cfg);
+    let mut events = owner.dp.take_sync_events().expect("the sync ring");
+    let (ack, port) = establish(&mut owner, CLIENT4);
     let event = events
         .next()
         .map(|item| SyncEvent::from_bytes(&item).expect("whole"));
@@ -153,4 +174,123 @@ fn owner_with_a_synced_flow(cfg: &LabConfig) -> (Lab, Tcp, u16, SyncEvent) {
         port,
         event.expect("the established flow's event"),
     )
+}
+
+/// Two sync nodes on loopback, each on its own real datapath, with a real key
+/// file: a flow the owner had before its node started reaches the peer in the
+/// bulk the peer asks for when it connects, and a flow made after reaches it
+/// live; both are then carried by the peer once it owns the VIP.
+#[test]
+fn two_sync_nodes_hand_the_peer_every_flow_by_bulk_and_live() {
+    let master = sa(MASTER);
+    let mut cfg = LabConfig::new(&[sa(VIP4)], &[master]);
+    cfg.vips[0].1 = true;
+    let mut owner = owner_lab("apilb-fx-syn1", &cfg);
+    let mut peer = Lab::with_config("apilb-fx-syn2", &cfg);
+    let dir = tests::live::TempDir::new("apilb-fx-synkey");
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+    };
+    let (a_addr, b_addr) = (free(), free());
+    let links =
+        |me, at, other, there, slice| links_config(&dir, &cfg, (me, at), (other, there), slice);
+
+    // Flow A exists before the owner's node starts: its event is drained
+    // unsent, so only a bulk can carry it.
+    let mut events = owner.dp.take_sync_events().expect("ring");
+    let (ack_a, port_a) = establish(&mut owner, CLIENT4);
+    while events.next().is_some() {}
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _guard = rt.enter();
+    let a = SyncNode::start(
+        links("lb1", a_addr, "lb2", b_addr, 0),
+        owner.dp.flow_tables().expect("tables"),
+        events,
+        owner.sync_view(),
+    )
+    .expect("owner's node");
+    let b = SyncNode::start(
+        links("lb2", b_addr, "lb1", a_addr, 1),
+        peer.dp.flow_tables().expect("tables"),
+        peer.dp.take_sync_events().expect("ring"),
+        peer.sync_view(),
+    )
+    .expect("peer's node");
+    let installed = |n: u64| {
+        let until = Instant::now() + Duration::from_secs(10);
+        while b.stats().installed < n && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        b.stats()
+    };
+    let after_bulk = installed(1);
+    assert_eq!(
+        (after_bulk.installed, after_bulk.bulks_received),
+        (1, 1),
+        "{after_bulk:?}"
+    );
+    // Flow B, made now, goes live.
+    let (ack_b, port_b) = establish(&mut owner, "192.0.2.10:51001");
+    let after_live = installed(2);
+    assert_eq!(after_live.installed, 2, "{after_live:?}");
+    assert!(after_live.rejected.is_empty(), "{after_live:?}");
+    assert_eq!(
+        (
+            a.stats().bulks_sent,
+            a.stats().bulk_records_sent,
+            a.stats().exported
+        ),
+        (1, 1, 1)
+    );
+
+    // The peer takes the VIP over and carries both.
+    peer.set_owned(sa(VIP4).ip(), true);
+    for (ack, port) in [(ack_a, port_a), (ack_b, port_b)] {
+        let data = ack.clone().data(b"GET /readyz");
+        let out = peer.test_run(PROG_XDP, &data.build(), Ingress::ClientSide);
+        let at_vip = SocketAddr::new(sa(VIP4).ip(), port);
+        let natted = data
+            .clone()
+            .via(FX1_MAC, master_mac(1))
+            .between(at_vip, master);
+        assert_eq!((out.action, out.packet), (XDP_REDIRECT, natted.build()));
+    }
+    assert_eq!(
+        peer.dp
+            .counters()
+            .expect("c")
+            .get(lb_common::counters::FLOW_NEW),
+        0
+    );
+    rt.block_on(async {
+        b.stop().await;
+        a.stop().await;
+    });
+}
+
+/// Node `me` at `at` with one peer, slice `slice` of 2, the key in `dir`.
+fn links_config(
+    dir: &tests::live::TempDir,
+    cfg: &LabConfig,
+    (me, at): (&str, SocketAddr),
+    (other, there): (&str, SocketAddr),
+    slice: u16,
+) -> LinksConfig {
+    let key_path = dir.0.join("sync.key");
+    std::fs::write(&key_path, [7u8; 32]).expect("key");
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("mode");
+    let hello = Hello {
+        slice,
+        slices: 2,
+        nat_ports: cfg.nat_ports.clone(),
+        config_digest: [0; 32],
+    };
+    let peers = vec![PeerConfig {
+        name: NodeName::new(other).expect("name"),
+        addr: there,
+    }];
+    let key = read_key(&key_path).expect("key file");
+    LinksConfig::new(NodeName::new(me).expect("name"), at, peers, key, hello)
 }

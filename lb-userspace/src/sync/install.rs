@@ -35,6 +35,8 @@ pub struct View {
     pub snat_v6: Vec<Ipv6Addr>,
     pub backend_ids: HashMap<SocketAddr, u32>,
     pub vips: HashSet<SocketAddr>,
+    /// The VIP addresses this node owns: their flows are what a bulk sends.
+    pub owned: HashSet<IpAddr>,
     pub nat_ports: RangeInclusive<u16>,
 }
 
@@ -97,6 +99,35 @@ pub fn record_of(ev: &SyncEvent, view: &View, now_ns: u64) -> Option<FlowRecord>
         ack: ev.ack,
         age_ms: u32::try_from(age_ms).unwrap_or(u32::MAX),
     })
+}
+
+/// An established flow of this node's tables as its peers are told it in a
+/// bulk; `None` if its SNAT index is not in the pool.
+#[must_use]
+pub fn record_of_flow(
+    key: &FlowKey,
+    f: &FlowState,
+    view: &View,
+    now_ns: u64,
+) -> Option<FlowRecord> {
+    let event = SyncEvent {
+        kind: SYNC_EV_ESTABLISHED,
+        state: f.state,
+        snat_index: f.snat_index,
+        _pad0: 0,
+        flags: f.flags,
+        key: *key,
+        backend_be: f.backend_be,
+        backend_port_be: f.backend_port_be,
+        nat_port_be: f.nat_port_be,
+        ts_off: f.ts_off,
+        fin_tsval: f.fin_tsval,
+        seq: f.seq,
+        ack: f.ack,
+        _pad1: 0,
+        at_ns: f.last_seen_ns,
+    };
+    record_of(&event, view, now_ns)
 }
 
 /// A peer's flow as this node's entries: the client's key and flow, the reply

@@ -1,0 +1,323 @@
+//! The sync node: one thread, with a runtime of its own, between this node's
+//! datapath and its peers, so that nothing of sync can delay the daemon loop
+//! (which must act on an election's release in time).
+//!
+//! - Out: the datapath's `SYNC_EVENTS` become records, sent to every peer as
+//!   they come (one FLOWS frame per drain); a peer asking (`BULK_REQUEST`, at each
+//!   session it opens) gets every synced flow of the VIPs this node owns, in
+//!   chunks, then `BULK_END`. A peer whose export queue overflowed gets one unasked.
+//! - In: a peer's records are installed parked ([`super::install`]); at each
+//!   session this node's import side opens it asks the peer for a bulk.
+//!
+//! The daemon hands it the translation [`View`] after every reconcile and reads
+//! its [`NodeStats`] and the links' status for `/status` and `/metrics`.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, PoisonError},
+    thread,
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use lb_common::{SyncEvent, ct::FLOW_F_SYNC};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, oneshot, watch},
+};
+use tracing::{debug, info, warn};
+
+use super::{
+    install::{View, entries_of, record_of, record_of_flow},
+    links::{Inbound, Link, Links, LinksConfig, LinksStatus},
+    wire::{FlowRecord, MAX_RECORDS, Message},
+};
+use crate::datapath::Datapath;
+
+/// What the node counts, beside the links' own counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Peers' records installed here.
+    pub installed: u64,
+    /// Peers' records not installed, by `InstallReject::as_str`.
+    pub rejected: BTreeMap<&'static str, u64>,
+    /// Datapath events sent on.
+    pub exported: u64,
+    /// Bulks sent, and their records.
+    pub bulks_sent: u64,
+    pub bulk_records_sent: u64,
+    /// Bulks received to their end.
+    pub bulks_received: u64,
+}
+
+/// What the daemon keeps of the running node.
+pub struct SyncNode {
+    view: watch::Sender<Arc<View>>,
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    stats: Mutex<NodeStats>,
+    links: Mutex<Option<LinksStatus>>,
+}
+
+enum Command {
+    Flush(Duration, oneshot::Sender<bool>),
+    Stop(oneshot::Sender<()>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("starting the sync thread")]
+    Thread(#[source] std::io::Error),
+}
+
+impl SyncNode {
+    /// Starts the thread: links per `links`, this node's flow tables `tables`
+    /// (`Datapath::flow_tables`), its event ring `events`, translating with `view`.
+    pub fn start(
+        links: LinksConfig,
+        tables: Datapath,
+        events: RingBuf<MapData>,
+        view: View,
+    ) -> Result<Self, NodeError> {
+        let (view_tx, view_rx) = watch::channel(Arc::new(view));
+        let shared = Arc::new(Shared::default());
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let worker = Arc::clone(&shared);
+        let thread = thread::Builder::new()
+            .name("apilb-sync".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        warn!("flow sync: no runtime: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(run(links, tables, events, view_rx, worker, command_rx));
+            })
+            .map_err(NodeError::Thread)?;
+        Ok(Self {
+            view: view_tx,
+            shared,
+            commands,
+            thread: Some(thread),
+        })
+    }
+
+    /// The translation the records use from now on.
+    pub fn set_view(&self, view: View) {
+        self.view.send_replace(Arc::new(view));
+    }
+
+    #[must_use]
+    pub fn stats(&self) -> NodeStats {
+        self.shared
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The links' status as of the last second.
+    #[must_use]
+    pub fn links(&self) -> Option<LinksStatus> {
+        self.shared
+            .links
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits until every peer has acknowledged what was sent, at most `timeout`.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Flush(timeout, tx)).is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Says goodbye to the peers and stops the thread.
+    pub async fn stop(mut self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Stop(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in ns: the datapath's clock.
+fn coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+async fn run(
+    cfg: LinksConfig,
+    mut tables: Datapath,
+    events: RingBuf<MapData>,
+    view: watch::Receiver<Arc<View>>,
+    shared: Arc<Shared>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) {
+    let (mut links, mut inbound) = match Links::start(cfg) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("flow sync: not started: {e}");
+            return;
+        }
+    };
+    // SAFETY: the ring buffer owns its map descriptor, which stays open and the
+    // same until the AsyncFd (which owns the ring buffer) drops.
+    let mut ring = match unsafe { AsyncFd::register(events) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("flow sync: the event ring: {}", e.into_parts().1);
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let count = |f: &dyn Fn(&mut NodeStats)| {
+        f(&mut shared.stats.lock().unwrap_or_else(PoisonError::into_inner));
+    };
+    loop {
+        tokio::select! {
+            ready = ring.readable_mut() => {
+                let Ok(mut guard) = ready else { warn!("flow sync: the event ring failed"); return };
+                let v = Arc::clone(&view.borrow());
+                let now = coarse_ns();
+                let mut records = Vec::new();
+                while let Some(item) = guard.get_inner_mut().next() {
+                    if let Some(r) = SyncEvent::from_bytes(&item).and_then(|e| record_of(&e, &v, now)) {
+                        records.push(r);
+                    }
+                }
+                guard.clear_ready();
+                let n = records.len() as u64;
+                for chunk in records.chunks(MAX_RECORDS) {
+                    let _ = links.broadcast(Message::Flows(chunk.to_vec()));
+                }
+                count(&|s| s.exported += n);
+            }
+            Some(event) = inbound.recv() => {
+                let v = Arc::clone(&view.borrow());
+                match event {
+                    Inbound::Message { peer, message: Message::Flows(records) | Message::BulkChunk(records) } => {
+                        install(&mut tables, &records, &v, &shared);
+                        debug!(%peer, records = records.len(), "flow sync: records installed");
+                    }
+                    Inbound::Message { peer, message: Message::BulkRequest(vips) } => {
+                        let sent = bulk(&links, &peer, &mut tables, &v, &vips);
+                        count(&|s| { s.bulks_sent += 1; s.bulk_records_sent += sent; });
+                    }
+                    Inbound::Message { peer, message: Message::BulkEnd { count: n, .. } } => {
+                        info!(%peer, records = n, "flow sync: bulk received");
+                        count(&|s| s.bulks_received += 1);
+                    }
+                    Inbound::Connected { peer, link: Link::Import } => {
+                        let vips: Vec<_> = v.vips.iter().map(std::net::SocketAddr::ip).collect();
+                        let _ = links.send(&peer, Message::BulkRequest(vips));
+                    }
+                    _ => {}
+                }
+            }
+            Some(cmd) = commands.recv() => match cmd {
+                Command::Flush(timeout, done) => {
+                    let _ = done.send(links.flush(timeout).await);
+                }
+                Command::Stop(done) => {
+                    links.shutdown().await;
+                    let _ = done.send(());
+                    return;
+                }
+            },
+            _ = tick.tick() => {
+                let v = Arc::clone(&view.borrow());
+                for peer in links.status().peers.iter().map(|p| p.name.clone()).collect::<Vec<_>>() {
+                    if links.take_resync(&peer) {
+                        let sent = bulk(&links, &peer, &mut tables, &v, &[]);
+                        count(&|s| { s.bulks_sent += 1; s.bulk_records_sent += sent; });
+                    }
+                }
+                *shared.links.lock().unwrap_or_else(PoisonError::into_inner) = Some(links.status());
+            }
+        }
+    }
+}
+
+/// Install a peer's records, counting each outcome.
+fn install(tables: &mut Datapath, records: &[FlowRecord], view: &View, shared: &Shared) {
+    let now = coarse_ns();
+    let mut stats = shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
+    for r in records {
+        let outcome = entries_of(r, view, now).and_then(|(k, f, rk, rv)| {
+            match tables.install_peer_flow(&k, &f, &rk, &rv) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(super::install::InstallReject::Conflict),
+                Err(e) => {
+                    warn!("flow sync: writing a peer's flow: {e}");
+                    Err(super::install::InstallReject::Conflict)
+                }
+            }
+        });
+        match outcome {
+            Ok(()) => stats.installed += 1,
+            Err(why) => *stats.rejected.entry(why.as_str()).or_insert(0) += 1,
+        }
+    }
+}
+
+/// Send `peer` every synced flow of the VIPs this node owns (of `vips`, or all
+/// if empty), in chunks, then the end; returns how many records.
+fn bulk(
+    links: &Links,
+    peer: &str,
+    tables: &mut Datapath,
+    view: &View,
+    vips: &[std::net::IpAddr],
+) -> u64 {
+    let now = coarse_ns();
+    let flows = match tables.flows() {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(%peer, "flow sync: listing the flows for a bulk: {e}");
+            return 0;
+        }
+    };
+    let records: Vec<FlowRecord> = flows
+        .iter()
+        .filter(|(_, f)| f.flags & FLOW_F_SYNC != 0)
+        .filter_map(|(k, f)| record_of_flow(k, f, view, now))
+        .filter(|r| {
+            view.owned.contains(&r.vip.ip()) && (vips.is_empty() || vips.contains(&r.vip.ip()))
+        })
+        .collect();
+    for chunk in records.chunks(MAX_RECORDS) {
+        let _ = links.send(peer, Message::BulkChunk(chunk.to_vec()));
+    }
+    let n = u32::try_from(records.len()).unwrap_or(u32::MAX);
+    let _ = links.send(
+        peer,
+        Message::BulkEnd {
+            generation: 0,
+            count: n,
+        },
+    );
+    u64::from(n)
+}
