@@ -114,6 +114,7 @@ fn sample() -> Snapshot {
             .collect(),
         reloads_applied: 2,
         reloads_refused: 1,
+        sync: None,
     }
 }
 
