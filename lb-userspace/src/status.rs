@@ -255,9 +255,10 @@ pub struct SyncSnapshot {
     /// Faults no peer can be blamed for (connections from addresses that are no
     /// peer's, handshakes that proved no name), by reason, every link fault listed.
     pub unattributed: Vec<(String, u64)>,
-    /// Flow events the datapath could not export, its ring being full (its
-    /// `sync_event_lost` counter, as the sync thread last read it). Each calls for
-    /// a resync, which repairs what the peers missed.
+    /// Flow events lost before they reached the links: the datapath's ring was
+    /// full (its `sync_event_lost` counter, as the sync thread last read it), or
+    /// the sync thread could not use them. Each calls for a resync, which repairs
+    /// what the peers missed.
     pub events_lost: u64,
 }
 
