@@ -3,7 +3,7 @@
 //! Parsing and validation are separate steps so that every error can name the key it
 //! is about, as a path (`backend[1].weight`), and the value it refused. Validation
 //! never touches the kernel; it only reads files the config names (CA, client
-//! certificate) and `/sys/class/net`, so `apilb check` can run it anywhere.
+//! certificate, sync key) and `/sys/class/net`, so `apilb check` can run it anywhere.
 //! `examples/apilb.toml` documents every key.
 
 use std::{
@@ -32,6 +32,7 @@ mod election;
 mod local;
 mod nat;
 mod reload;
+mod sync;
 mod timeouts;
 
 pub use election::{Election, ElectionSettings, VrrpSettings};
@@ -40,6 +41,7 @@ pub use nat::{
     NAT_PORTS_FLOOR, NAT_PORTS_MIN_DEFAULT, NODE_SNAT_MAX, NatSlice, TcpTimeouts,
     default_nat_ports, range_len,
 };
+pub use sync::SyncSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -93,6 +95,7 @@ struct RawConfig {
     election: election::RawElection,
     #[serde(default)]
     local: local::RawLocal,
+    sync: Option<sync::RawSync>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -304,6 +307,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub election: ElectionSettings,
     pub local: LocalSettings,
+    /// `[sync]`; `None`: flow sync is off.
+    pub sync: Option<SyncSettings>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -453,6 +458,7 @@ fn validate(raw: RawConfig, facts: &dyn Facts) -> Result<Config, ConfigError> {
         admin,
         election,
         local,
+        sync,
     } = raw;
     if instance.is_empty()
         || !instance
@@ -480,6 +486,10 @@ fn validate(raw: RawConfig, facts: &dyn Facts) -> Result<Config, ConfigError> {
             "not an address:port",
         )
     })?;
+    // Last: it reads the key file.
+    let sync = sync
+        .map(|s| sync::validate(s, &vips, &datapath, &election, facts))
+        .transpose()?;
     Ok(Config {
         instance,
         datapath,
@@ -490,6 +500,7 @@ fn validate(raw: RawConfig, facts: &dyn Facts) -> Result<Config, ConfigError> {
         admin_listen,
         election,
         local,
+        sync,
     })
 }
 
@@ -917,7 +928,7 @@ fn validate_health(raw: RawHealth) -> Result<(ProbeSpec, PassiveSettings), Confi
 mod tests {
     use super::*;
 
-    struct FakeFacts;
+    pub(super) struct FakeFacts;
     impl Facts for FakeFacts {
         fn interface_exists(&self, name: &str) -> bool {
             name == "eth0"
@@ -932,7 +943,7 @@ mod tests {
     }
 
     /// A machine whose hostname cannot be read.
-    struct NoHostname;
+    pub(super) struct NoHostname;
     impl Facts for NoHostname {
         fn interface_exists(&self, name: &str) -> bool {
             FakeFacts.interface_exists(name)
@@ -964,7 +975,7 @@ mod tests {
         check_on(text, &FakeFacts)
     }
 
-    fn check_on(text: &str, facts: &dyn Facts) -> Result<Config, ConfigError> {
+    pub(super) fn check_on(text: &str, facts: &dyn Facts) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: "test.toml".into(),
             error: Box::new(error),
@@ -994,11 +1005,17 @@ mod tests {
         }
     }
 
-    /// Check an example file, its CA file standing in for the one it names.
+    /// Check an example file, a CA file and a sync key of the test's standing in for
+    /// the ones it names.
     fn check_example(name: &str, text: &str) -> Config {
         let ca = std::env::temp_dir().join(format!("apilb-{name}-{}.crt", std::process::id()));
         std::fs::write(&ca, "not parsed here, only read").unwrap();
-        let c = check(&text.replace("/etc/kubernetes/pki/ca.crt", ca.to_str().unwrap()));
+        let key = sync::tests::KeyFile::good(7);
+        let c = check(
+            &text
+                .replace("/etc/kubernetes/pki/ca.crt", ca.to_str().unwrap())
+                .replace("/etc/apilb/sync.key", key.0.to_str().unwrap()),
+        );
         std::fs::remove_file(&ca).unwrap();
         c.unwrap_or_else(|e| panic!("examples/{name}: {e}"))
     }
@@ -1031,6 +1048,7 @@ mod tests {
                 c.vips.iter().all(|v| v.election != Election::Static),
                 "{name}"
             );
+            assert_eq!(c.sync.is_some(), name == "vrrp.toml", "{name}");
         }
     }
 

@@ -15,7 +15,11 @@ use lb_userspace::{
         client::{self, ClientError},
         metrics, table,
     },
-    status::{BackendStatus, SharedSnapshot, Snapshot, VipStatus},
+    status::{
+        BackendStatus, BulkStats, PeerSyncCounters, SharedSnapshot, Snapshot, SyncCounters,
+        SyncSnapshot, VipStatus,
+    },
+    sync::links::{Fault, FaultCounts, LinkState, LinkStatus, LinksStatus, PeerStatus, Traffic},
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -114,6 +118,134 @@ fn sample() -> Snapshot {
             .collect(),
         reloads_applied: 2,
         reloads_refused: 1,
+        sync: None,
+    }
+}
+
+/// The installer's reasons, as the sync thread will list them.
+const INSTALL_REASONS: [&str; 5] = [
+    "unknown_vip",
+    "foreign_snat",
+    "unknown_backend",
+    "conflict",
+    "bad_record",
+];
+
+/// One direction of a link: `frames`, 100 bytes each, carrying `records`.
+fn traffic(frames: u64, records: u64) -> Traffic {
+    Traffic {
+        frames,
+        bytes: 100 * frames,
+        records,
+    }
+}
+
+fn link(
+    state: LinkState,
+    sessions: u64,
+    lag: Duration,
+    sent: Traffic,
+    received: Traffic,
+) -> LinkStatus {
+    LinkStatus {
+        state,
+        sessions,
+        lag,
+        queued: 0,
+        sent,
+        received,
+        last_error: None,
+    }
+}
+
+/// `sample()` with flow sync to two peers: lb2 in sync both ways, after two auth
+/// failures and a record for a VIP this node does not have; lb3 unreachable and
+/// owed a resync. Three connections came from no peer's address, and five flow
+/// events were lost.
+fn sample_with_sync() -> Snapshot {
+    let lb2 = PeerStatus {
+        name: "lb2".into(),
+        addr: "192.0.2.2:9465".parse().unwrap(),
+        export: link(
+            LinkState::Up,
+            1,
+            Duration::from_micros(1500),
+            traffic(40, 3400),
+            traffic(12, 0),
+        ),
+        import: link(
+            LinkState::Up,
+            3,
+            Duration::ZERO,
+            traffic(9, 0),
+            traffic(30, 1200),
+        ),
+        needs_resync: false,
+        faults: FaultCounts::default(),
+    };
+    let mut lb3 = PeerStatus {
+        name: "lb3".into(),
+        addr: "192.0.2.3:9465".parse().unwrap(),
+        export: link(
+            LinkState::Connecting,
+            0,
+            Duration::ZERO,
+            Traffic::default(),
+            Traffic::default(),
+        ),
+        import: link(
+            LinkState::Down,
+            0,
+            Duration::ZERO,
+            Traffic::default(),
+            Traffic::default(),
+        ),
+        needs_resync: true,
+        faults: FaultCounts::default(),
+    };
+    lb3.export.last_error = Some("connection refused (os error 111)".to_owned());
+    let links = LinksStatus {
+        peers: vec![lb2, lb3],
+        unattributed: FaultCounts::default(),
+    };
+    let lb2_counters = PeerSyncCounters {
+        peer: "lb2".to_owned(),
+        flows_installed: 1150,
+        rejected: INSTALL_REASONS
+            .map(|r| (r, u64::from(r == "unknown_vip")))
+            .to_vec(),
+        bulks_received: BulkStats {
+            count: 2,
+            last_seconds: 0.25,
+            last_records: 1000,
+        },
+        bulks_sent: BulkStats {
+            count: 3,
+            last_seconds: 0.5,
+            last_records: 2000,
+        },
+    };
+    let lb3_counters = PeerSyncCounters {
+        peer: "lb3".to_owned(),
+        rejected: INSTALL_REASONS.map(|r| (r, 0)).to_vec(),
+        ..PeerSyncCounters::default()
+    };
+    let mut sync = SyncSnapshot::from_links(
+        &links,
+        SyncCounters {
+            events_lost: 5,
+            peers: vec![lb2_counters, lb3_counters],
+        },
+    );
+    // What the links would have counted: `FaultCounts` are theirs to write.
+    let count = |list: &mut Vec<(String, u64)>, reason: &str, n: u64| {
+        list.iter_mut().find(|(r, _)| r == reason).unwrap().1 = n;
+    };
+    count(&mut sync.peers[0].rejected, "auth", 2);
+    count(&mut sync.unattributed, "unknown_peer", 3);
+    Snapshot {
+        sync: Some(sync),
+        ..sample()
     }
 }
 
@@ -227,7 +359,7 @@ async fn healthz_is_200_when_fresh_and_503_when_60s_stale() {
 #[tokio::test]
 async fn fetch_status_returns_exactly_the_served_snapshot() {
     bounded(async {
-        let snapshot = sample();
+        let snapshot = sample_with_sync();
         let server = Server::start(snapshot.clone()).await;
         let fetched = client::fetch_status(server.addr).await.unwrap();
         assert_eq!(fetched, snapshot);
@@ -370,6 +502,82 @@ async fn metrics_carry_the_snapshot_numbers_as_valid_openmetrics_text() {
             samples,
             5 + 4 + 3 + 2 * 9 + 4 + 3 + 4 + COUNTER_NAMES.len(),
             "every series"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn metrics_carry_every_sync_series_of_two_peers() {
+    bounded(async {
+        let server = Server::start(sample_with_sync()).await;
+        let reply = request(server.addr, "GET", "/metrics").await;
+        server.stop().await.unwrap();
+        assert_eq!(reply.status, 200);
+        let lines: Vec<&str> = reply.body.lines().collect();
+        for expected in [
+            r#"apilb_sync_peer_up{peer="lb2",link="export"} 1"#,
+            r#"apilb_sync_peer_up{peer="lb2",link="import"} 1"#,
+            r#"apilb_sync_peer_up{peer="lb3",link="export"} 0"#,
+            r#"apilb_sync_peer_up{peer="lb3",link="import"} 0"#,
+            r#"apilb_sync_lag_seconds{peer="lb2",link="export"} 0.0015"#,
+            r#"apilb_sync_lag_seconds{peer="lb3",link="export"} 0.0"#,
+            r#"apilb_sync_frames_total{peer="lb2",link="export",dir="sent"} 40"#,
+            r#"apilb_sync_frames_total{peer="lb2",link="export",dir="received"} 12"#,
+            r#"apilb_sync_bytes_total{peer="lb2",link="import",dir="received"} 3000"#,
+            r#"apilb_sync_records_total{peer="lb2",link="export",dir="sent"} 3400"#,
+            r#"apilb_sync_records_total{peer="lb2",link="import",dir="received"} 1200"#,
+            r#"apilb_sync_records_total{peer="lb3",link="import",dir="received"} 0"#,
+            r#"apilb_sync_sessions_total{peer="lb2",link="import"} 3"#,
+            r#"apilb_sync_sessions_total{peer="lb3",link="export"} 0"#,
+            r#"apilb_sync_needs_resync{peer="lb2"} 0"#,
+            r#"apilb_sync_needs_resync{peer="lb3"} 1"#,
+            r#"apilb_sync_rejected_total{peer="lb2",reason="auth"} 2"#,
+            r#"apilb_sync_rejected_total{peer="lb2",reason="unknown_vip"} 1"#,
+            r#"apilb_sync_rejected_total{peer="lb2",reason="bad_record"} 0"#,
+            r#"apilb_sync_rejected_total{peer="lb3",reason="overflow"} 0"#,
+            r#"apilb_sync_rejected_total{peer="",reason="unknown_peer"} 3"#,
+            r#"apilb_sync_flows_installed_total{peer="lb2"} 1150"#,
+            r#"apilb_sync_flows_installed_total{peer="lb3"} 0"#,
+            r#"apilb_sync_bulks_total{peer="lb2",dir="sent"} 3"#,
+            r#"apilb_sync_bulks_total{peer="lb2",dir="received"} 2"#,
+            r#"apilb_sync_bulk_seconds{peer="lb2",dir="sent"} 0.5"#,
+            r#"apilb_sync_bulk_seconds{peer="lb2",dir="received"} 0.25"#,
+            r#"apilb_sync_bulk_records{peer="lb2",dir="received"} 1000"#,
+            r#"apilb_sync_bulk_records{peer="lb3",dir="sent"} 0"#,
+            "apilb_sync_events_lost_total 5",
+        ] {
+            assert!(
+                lines.contains(&expected),
+                "no line {expected:?} in\n{}",
+                reply.body
+            );
+        }
+        assert_valid_exposition(&reply.body);
+        // Per peer: every fault of the links and the installer's four other
+        // reasons (its bad_record is the codec's too).
+        let reasons = Fault::ALL.len() + INSTALL_REASONS.len() - 1;
+        for (peer, want) in [("lb2", reasons), ("lb3", reasons), ("", Fault::ALL.len())] {
+            let prefix = format!(r#"apilb_sync_rejected_total{{peer="{peer}",reason="#);
+            let got = lines.iter().filter(|l| l.starts_with(&prefix)).count();
+            assert_eq!(got, want, "rejection series of peer {peer:?}");
+        }
+        let sync = lines
+            .iter()
+            .filter(|l| l.starts_with("apilb_sync_"))
+            .count();
+        // Per peer and link: up, lag, sessions, and 2 directions of frames, bytes
+        // and records; per peer: needs_resync, flows_installed and 2 directions of
+        // bulks, bulk_seconds and bulk_records; the rejections; events lost.
+        assert_eq!(
+            sync,
+            2 * 2 * (3 + 2 * 3) + 2 * (2 + 2 * 3) + 2 * reasons + Fault::ALL.len() + 1,
+            "every sync series"
+        );
+        let off = metrics::render_metrics(&sample()).unwrap();
+        assert!(
+            !off.contains("apilb_sync_"),
+            "sync off, no sync series:\n{off}"
         );
     })
     .await;
@@ -591,6 +799,80 @@ fn render_status_shows_each_backend_with_its_health_and_numbers() {
         assert_eq!(line.find(word), Some(column), "\n{table}");
     }
     assert!(!table.contains('\x1b'), "no colour codes");
+}
+
+#[test]
+fn render_status_shows_a_sync_row_per_peer_with_its_links_records_and_faults() {
+    let table = table::render_status(&sample_with_sync());
+    let cells = |line: &str| -> Vec<String> {
+        line.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let row = |peer: &str| {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(&format!("{peer} ")))
+            .unwrap_or_else(|| panic!("no row for {peer} in\n{table}"));
+        cells(line)
+    };
+    let header = table
+        .lines()
+        .find(|l| l.starts_with("SYNC PEER"))
+        .unwrap_or_else(|| panic!("no sync table in\n{table}"));
+    assert_eq!(
+        cells(header),
+        [
+            "SYNC PEER",
+            "EXPORT",
+            "IMPORT",
+            "RECORDS IN",
+            "RECORDS OUT",
+            "REJECTED",
+            "LAST ERROR"
+        ]
+    );
+    assert_eq!(
+        row("lb2"),
+        [
+            "lb2",
+            "up, lag 1.5 ms",
+            "up, lag 0.0 ms",
+            "1200",
+            "3400",
+            "auth 2, unknown_vip 1",
+            "-"
+        ],
+        "\n{table}"
+    );
+    assert_eq!(
+        row("lb3"),
+        [
+            "lb3",
+            "connecting, resync due",
+            "down",
+            "0",
+            "0",
+            "-",
+            "export: connection refused (os error 111)"
+        ],
+        "\n{table}"
+    );
+    let lines: Vec<&str> = table.lines().collect();
+    for line in [
+        "Sync connections refused before a peer was known: unknown_peer 3",
+        "Sync flow events lost before reaching the peers: 5",
+    ] {
+        assert!(lines.contains(&line), "no line {line:?} in\n{table}");
+    }
+    // The sync table sits between the elected VIPs and the backends.
+    let at = |prefix: &str| lines.iter().position(|l| l.starts_with(prefix)).unwrap();
+    assert!(at("ELECTED VIP") < at("SYNC PEER") && at("SYNC PEER") < at("BACKEND"));
+
+    let off = table::render_status(&sample());
+    assert!(!off.contains("SYNC"), "sync off, no sync table:\n{off}");
 }
 
 #[test]

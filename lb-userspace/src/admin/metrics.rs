@@ -10,8 +10,11 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
+use crate::status::BackendStatus;
 use crate::status::vrrp_rejections;
-use crate::status::{BackendStatus, Snapshot, VipStatus};
+use crate::status::{
+    BulkStats, Snapshot, SyncLinkStatus, SyncPeerStatus, SyncSnapshot, SyncTraffic, VipStatus,
+};
 
 /// The `Content-Type` of `/metrics`: what `prometheus-client`'s text encoder emits.
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -42,6 +45,17 @@ type Labels = Vec<(&'static str, String)>;
 ///   `backend_passive_hints_total{outcome}` (what probing on them showed),
 ///   `backend_local_connects_total` (node-local mode), `backend_packets_total`,
 ///   `backend_bytes_total`, `backend_new_flows_total`.
+/// - With flow sync on, per peer (label `peer`, its name) and link (`link`:
+///   `export`, the connection this node dials and sends its flows on, or
+///   `import`): `sync_peer_up` 0/1, `sync_lag_seconds` (the oldest message not
+///   yet acknowledged), `sync_frames_total`, `sync_bytes_total` and
+///   `sync_records_total` (label `dir`: `sent` or `received`),
+///   `sync_sessions_total`; per peer `sync_needs_resync` 0/1,
+///   `sync_rejected_total{reason}` (every reason of the links, zeros included,
+///   and the installer's; `peer=""` for connections no peer can be blamed for),
+///   `sync_flows_installed_total`, and by `dir` `sync_bulks_total`,
+///   `sync_bulk_seconds` and `sync_bulk_records` (the last bulk's duration and
+///   records); `sync_events_lost_total`.
 /// - Every datapath counter, as `datapath_packets_total{counter="<name>"}`. The
 ///   outcome counters (`pass_*`, `drop_*`, `tx`, `redirect`) partition the packets
 ///   the program saw, so their sum is its packet count; the event counters
@@ -73,6 +87,9 @@ impl Collector for SnapshotCollector {
         encode_controller(e, s)?;
         encode_vips(e, &s.vips)?;
         encode_backends(e, &s.backends)?;
+        if let Some(sync) = &s.sync {
+            encode_sync(e, sync)?;
+        }
         counters(
             e,
             "datapath_packets",
@@ -315,6 +332,164 @@ fn encode_backends(e: &mut DescriptorEncoder, backends: &[BackendStatus]) -> std
         None,
         backends.iter().map(|b| (backend(b), b.new_flows)),
     )
+}
+
+/// Flow sync: per peer and link, then per peer, then the node's lost events.
+fn encode_sync(e: &mut DescriptorEncoder, sync: &SyncSnapshot) -> std::fmt::Result {
+    encode_sync_links(e, &sync.peers)?;
+    encode_sync_peers(e, sync)?;
+    ConstCounter::new(sync.events_lost).encode(e.encode_descriptor(
+        "sync_events_lost",
+        "Flow events lost before they reached the sync links (the datapath's ring was \
+         full, or the sync thread could not use them); a resync repairs what the peers \
+         missed",
+        None,
+        MetricType::Counter,
+    )?)
+}
+
+/// A sync peer's labels.
+fn peer(p: &SyncPeerStatus) -> Labels {
+    vec![("peer", p.name.clone())]
+}
+
+/// `labels` and one more.
+fn and(mut labels: Labels, name: &'static str, value: &str) -> Labels {
+    labels.push((name, value.to_owned()));
+    labels
+}
+
+/// Per sync peer and link, labelled `peer` and `link`: sessions and traffic.
+fn encode_sync_links(e: &mut DescriptorEncoder, peers: &[SyncPeerStatus]) -> std::fmt::Result {
+    let links = || {
+        peers.iter().flat_map(|p| {
+            [("export", &p.export), ("import", &p.import)]
+                .map(|(name, link)| (and(peer(p), "link", name), link))
+        })
+    };
+    gauges(
+        e,
+        "sync_peer_up",
+        "1 while a session with the sync peer is up on the link (export: this node's \
+         flows out; import: the peer's in)",
+        None,
+        links().map(|(l, link)| (l, i64::from(link.state == "up"))),
+    )?;
+    gauges(
+        e,
+        "sync_lag",
+        "How long the oldest message sent on the link has waited for the peer's ACK",
+        Some(&Unit::Seconds),
+        links().map(|(l, link)| (l, link.lag_seconds)),
+    )?;
+    let by_dir = |what: fn(&SyncTraffic) -> u64| {
+        links().flat_map(move |(l, link): (Labels, &SyncLinkStatus)| {
+            [("sent", &link.sent), ("received", &link.received)]
+                .map(|(dir, t)| (and(l.clone(), "dir", dir), what(t)))
+        })
+    };
+    counters(
+        e,
+        "sync_frames",
+        "Sync frames on the link, handshakes, ACKs and keepalives included",
+        None,
+        by_dir(|t| t.frames),
+    )?;
+    // The encoder appends the unit: `sync_bytes`.
+    counters(
+        e,
+        "sync",
+        "Bytes of sync frames on the link, as on the wire",
+        Some(&Unit::Bytes),
+        by_dir(|t| t.bytes),
+    )?;
+    counters(
+        e,
+        "sync_records",
+        "Flow records on the link, live and in bulks",
+        None,
+        by_dir(|t| t.records),
+    )?;
+    counters(
+        e,
+        "sync_sessions",
+        "Sessions with the sync peer that came up on the link",
+        None,
+        links().map(|(l, link)| (l, link.sessions)),
+    )
+}
+
+/// Per sync peer, labelled `peer`: resyncs owed, rejections, installs and bulks.
+fn encode_sync_peers(e: &mut DescriptorEncoder, sync: &SyncSnapshot) -> std::fmt::Result {
+    gauges(
+        e,
+        "sync_needs_resync",
+        "1 while the sync peer is owed a bulk: an export to it was dropped",
+        None,
+        sync.peers
+            .iter()
+            .map(|p| (peer(p), i64::from(p.needs_resync))),
+    )?;
+    let unattributed = sync
+        .unattributed
+        .iter()
+        .map(|(reason, n)| (and(vec![("peer", String::new())], "reason", reason), *n));
+    counters(
+        e,
+        "sync_rejected",
+        "Sync frames, records and connections refused, by reason; peer=\"\" for those no \
+         peer can be blamed for",
+        None,
+        sync.peers
+            .iter()
+            .flat_map(|p| {
+                p.rejected
+                    .iter()
+                    .map(|(reason, n)| (and(peer(p), "reason", reason), *n))
+            })
+            .chain(unattributed),
+    )?;
+    counters(
+        e,
+        "sync_flows_installed",
+        "The sync peer's flows written to this node's flow tables",
+        None,
+        sync.peers.iter().map(|p| (peer(p), p.flows_installed)),
+    )?;
+    counters(
+        e,
+        "sync_bulks",
+        "Bulk resyncs finished with the sync peer: this node's flows sent, or the peer's \
+         received",
+        None,
+        by_bulk(&sync.peers, |b| b.count),
+    )?;
+    // The encoder appends the unit: `sync_bulk_seconds`.
+    gauges(
+        e,
+        "sync_bulk",
+        "How long the last bulk resync with the sync peer took, request to end",
+        Some(&Unit::Seconds),
+        by_bulk(&sync.peers, |b| b.last_seconds),
+    )?;
+    gauges(
+        e,
+        "sync_bulk_records",
+        "Flow records the last bulk resync with the sync peer carried",
+        None,
+        by_bulk(&sync.peers, |b| b.last_records),
+    )
+}
+
+/// `what` of each peer's bulks, labelled `peer` and `dir` (`sent`, `received`).
+fn by_bulk<V>(
+    peers: &[SyncPeerStatus],
+    what: impl Fn(&BulkStats) -> V,
+) -> impl Iterator<Item = (Labels, V)> {
+    peers.iter().flat_map(move |p| {
+        [("sent", &p.bulks_sent), ("received", &p.bulks_received)]
+            .map(|(dir, b)| (and(peer(p), "dir", dir), what(b)))
+    })
 }
 
 /// A counter family with one series per sample, in order; nothing if no samples.

@@ -7,10 +7,11 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use crate::status::Snapshot;
 use crate::status::vrrp_rejections;
+use crate::status::{Snapshot, SyncLinkStatus, SyncPeerStatus, SyncSnapshot};
 
-/// The readable table `apilb status` prints: a header, the VIPs, the backends.
+/// The readable table `apilb status` prints: a header, the VIPs (and the elected
+/// ones' elections), the sync peers if sync is on, the backends.
 pub fn render_status(snapshot: &Snapshot) -> String {
     let mut out = String::new();
     let age = if snapshot.taken_at == 0 {
@@ -64,6 +65,9 @@ pub fn render_status(snapshot: &Snapshot) -> String {
     );
 
     render_elections(&mut out, snapshot);
+    if let Some(sync) = &snapshot.sync {
+        render_sync(&mut out, sync);
+    }
 
     out.push('\n');
     let backends: Vec<Vec<String>> = snapshot
@@ -152,6 +156,88 @@ fn render_elections(out: &mut String, snapshot: &Snapshot) {
             let list: Vec<String> = rejected.iter().map(|(r, n)| format!("{r} {n}")).collect();
             let _ = writeln!(out, "VRRP adverts refused: {}", list.join(", "));
         }
+    }
+}
+
+/// The sync peers' table of `apilb status`, and what no peer can be blamed for.
+fn render_sync(out: &mut String, sync: &SyncSnapshot) {
+    let peers: Vec<Vec<String>> = sync
+        .peers
+        .iter()
+        .map(|p| {
+            let mut export = link_state(&p.export);
+            if p.needs_resync {
+                export.push_str(", resync due");
+            }
+            vec![
+                p.name.clone(),
+                export,
+                link_state(&p.import),
+                (p.export.received.records + p.import.received.records).to_string(),
+                (p.export.sent.records + p.import.sent.records).to_string(),
+                non_zero(&p.rejected).unwrap_or_else(|| "-".to_owned()),
+                last_errors(p),
+            ]
+        })
+        .collect();
+    out.push('\n');
+    write_table(
+        out,
+        &[
+            ("SYNC PEER", Align::Left),
+            ("EXPORT", Align::Left),
+            ("IMPORT", Align::Left),
+            ("RECORDS IN", Align::Right),
+            ("RECORDS OUT", Align::Right),
+            ("REJECTED", Align::Left),
+            ("LAST ERROR", Align::Left),
+        ],
+        &peers,
+    );
+    if let Some(list) = non_zero(&sync.unattributed) {
+        let _ = writeln!(
+            out,
+            "Sync connections refused before a peer was known: {list}"
+        );
+    }
+    if sync.events_lost > 0 {
+        let _ = writeln!(
+            out,
+            "Sync flow events lost before reaching the peers: {}",
+            sync.events_lost
+        );
+    }
+}
+
+/// A link's state, with its lag while it is up.
+fn link_state(link: &SyncLinkStatus) -> String {
+    if link.state == "up" {
+        format!("up, lag {:.1} ms", link.lag_seconds * 1000.0)
+    } else {
+        link.state.clone()
+    }
+}
+
+/// `reason n, reason n` of the non-zero counts, if there are any.
+fn non_zero(counts: &[(String, u64)]) -> Option<String> {
+    let list: Vec<String> = counts
+        .iter()
+        .filter(|&&(_, n)| n > 0)
+        .map(|(reason, n)| format!("{reason} {n}"))
+        .collect();
+    (!list.is_empty()).then(|| list.join(", "))
+}
+
+/// Why each link's last session or attempt ended, or `-`.
+fn last_errors(p: &SyncPeerStatus) -> String {
+    let errors: Vec<String> = [("export", &p.export), ("import", &p.import)]
+        .into_iter()
+        .filter_map(|(name, link)| Some(format!("{name}: {}", link.last_error.as_ref()?)))
+        .collect();
+    if errors.is_empty() {
+        "-".to_owned()
+    } else {
+        errors.join("; ")
     }
 }
 

@@ -57,7 +57,13 @@ impl Config {
             // Elections run for a fixed set of VIPs; changing it means restarting them.
             Some("an elected vip (its election, vrid or priority)")
         } else {
-            None
+            // The sync thread holds its listener, key and sessions from the start;
+            // a peer's sessions and the bulks they carry are not rebuilt in place.
+            match (&old.sync, &new.sync) {
+                (None, None) => None,
+                (Some(old), Some(new)) => old.first_change(new),
+                _ => Some("sync"),
+            }
         }
     }
 }

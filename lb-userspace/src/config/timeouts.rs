@@ -269,6 +269,61 @@ pub(super) fn etcd(lease_ttl: Duration, dial_timeout: Duration) -> Result<(), Co
     )
 }
 
+/// The shortest `sync.resync_interval`.
+const RESYNC_INTERVAL_MIN: Duration = Duration::from_secs(10);
+/// The shortest `sync.flush_timeout`: a peer ACKs up to 50 ms after a message
+/// (`sync::links`), and the ACK has a round trip to make.
+const FLUSH_TIMEOUT_MIN: Duration = Duration::from_millis(100);
+/// The longest `sync.flush_timeout`.
+const FLUSH_TIMEOUT_MAX: Duration = Duration::from_secs(5);
+
+/// `sync.resync_interval`: a floor, and less than half of `established`, which is
+/// the one that matters. An established flow exports nothing while it carries
+/// data (only its establishment and end do), so the peers' copy of its last packet
+/// ages until a resync refreshes it; it must be refreshed before it looks idle for
+/// `established`, with one resync to spare. `sync.flush_timeout`: long enough for
+/// an ACK, short enough not to hold a SIGTERM or a handover up.
+pub(super) fn sync(
+    resync_interval: Duration,
+    flush_timeout: Duration,
+    established: Duration,
+) -> Result<(), ConfigError> {
+    at_least(
+        "sync.resync_interval",
+        resync_interval,
+        RESYNC_INTERVAL_MIN,
+        "each resync sends every flow this node owns to every peer; more often spends \
+         the links and the CPU on flows the peers already hold",
+    )?;
+    less_than(
+        "sync.resync_interval",
+        resync_interval,
+        "half of datapath.tcp_timeouts.established",
+        established / 2,
+        "an established flow exports nothing while it carries data, so only a resync \
+         tells the peers it is alive, and their copy must be refreshed, with a resync to \
+         spare, before it looks idle for that long",
+    )?;
+    at_least(
+        "sync.flush_timeout",
+        flush_timeout,
+        FLUSH_TIMEOUT_MIN,
+        "a peer acknowledges up to 50ms after a message, and the ACK takes a round trip",
+    )?;
+    if flush_timeout > FLUSH_TIMEOUT_MAX {
+        return Err(invalid(
+            "sync.flush_timeout",
+            shown(flush_timeout),
+            format!(
+                "must be at most {}: a SIGTERM waits up to twice this for a peer that is \
+                 gone before the VIP moves, and a handover as long",
+                shown(FLUSH_TIMEOUT_MAX)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Linux's `TIME_WAIT` (`TCP_TIMEWAIT_LEN`), fixed: what `time_wait` stands for.
 const LINUX_TIME_WAIT: Duration = Duration::from_mins(1);
 /// Linux's initial RTO: a client sends its SYN again this long after the first.
@@ -636,5 +691,45 @@ mod tests {
             "{:?}",
             c.timeout_warnings()
         );
+    }
+
+    #[test]
+    fn sync_resyncs_within_half_of_established_and_flushes_within_bounds() {
+        use super::super::sync::tests::{sync_check, sync_refused, sync_with};
+        let node = "node = \"lb1\"";
+        let with = |keys: &str| sync_with(node, &format!("{node}\n{keys}"));
+        for (keys, want) in [
+            (
+                "resync_interval = \"9s\"",
+                "sync.resync_interval = 9s: must be at least 10s: ",
+            ),
+            (
+                "resync_interval = \"30m\"",
+                "sync.resync_interval = 30m: must be less than half of \
+                 datapath.tcp_timeouts.established (30m): an established flow exports nothing",
+            ),
+            (
+                "flush_timeout = \"99ms\"",
+                "sync.flush_timeout = 99ms: must be at least 100ms: ",
+            ),
+            (
+                "flush_timeout = \"5001ms\"",
+                "sync.flush_timeout = 5s 1ms: must be at most 5s: ",
+            ),
+        ] {
+            sync_refused(&with(keys), want);
+        }
+        // The default resync against a short established timeout.
+        sync_refused(
+            &(with("") + "[datapath.tcp_timeouts]\nestablished = \"1m\"\ntime_wait = \"20s\"\n"),
+            "sync.resync_interval = 10m: must be less than half of \
+             datapath.tcp_timeouts.established (30s): ",
+        );
+        for keys in [
+            "resync_interval = \"10s\"\nflush_timeout = \"100ms\"",
+            "resync_interval = \"29m 59s\"\nflush_timeout = \"5s\"",
+        ] {
+            sync_check(&with(keys)).expect(keys);
+        }
     }
 }
