@@ -271,7 +271,10 @@ impl Reconciler {
                     owned: v.election == Election::Static || owned.contains(&v.addr.ip()),
                     local: config.local.enabled,
                     snat: pools.runs.get(&v.addr).copied().unwrap_or_default(),
-                    sync: false,
+                    // Elected VIPs that are their own source sync, when `[sync]` is on.
+                    sync: config.sync.is_some()
+                        && v.election != Election::Static
+                        && v.snat == VipSnat::Vip,
                 };
                 (
                     vip,

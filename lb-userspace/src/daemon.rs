@@ -9,7 +9,7 @@
 //! `passive`, the snapshot in `status`, bring-up in `loader`, reload rules in
 //! `config`, the map contents in `controller`.
 
-use std::{collections::HashSet, net::IpAddr, path::PathBuf, time::Duration};
+use std::{collections::HashSet, fmt::Write as _, net::IpAddr, path::PathBuf, time::Duration};
 
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -28,6 +28,11 @@ use crate::{
     passive::{self, PassiveKind},
     reaper::Reaper,
     status::{SharedSnapshot, Snapshot, Sources},
+    sync::{
+        links::LinksConfig,
+        node::{NodeStats, SyncNode},
+        wire::Hello,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +55,8 @@ pub enum DaemonError {
     SockLb(#[from] crate::socklb::SockLbError),
     #[error("starting the thread that removes down backends' flows")]
     Reaper(#[source] std::io::Error),
+    #[error(transparent)]
+    Sync(#[from] crate::sync::node::NodeError),
     #[error("reading passive failure events from the datapath")]
     PassiveEvents(#[source] std::io::Error),
     #[error("installing the {0} handler")]
@@ -73,6 +80,8 @@ struct Core {
     reconciler: Reconciler,
     /// Removes down backends' flows off this loop.
     reaper: Reaper,
+    /// Flow sync with the other LB nodes, with `[sync]`.
+    sync: Option<SyncNode>,
     probes: Probes,
     events: EventLog,
     snapshot: SharedSnapshot,
@@ -113,6 +122,9 @@ impl Reconcile for Core {
                 }
             });
         self.dirty = written.is_err();
+        if let Some(sync) = &self.sync {
+            sync.set_view(self.reconciler.sync_view(&self.config));
+        }
         Reconciled { fail_open, written }
     }
 
@@ -177,6 +189,10 @@ impl Core {
             reloads_applied: self.reloads_applied,
             reloads_refused: self.reloads_refused,
         });
+        let mut snapshot = snapshot;
+        if let Some(sync) = &self.sync {
+            snapshot.sync = sync.links().map(|l| sync_snapshot(&l, &sync.stats()));
+        }
         if let Ok(mut s) = self.snapshot.write() {
             *s = snapshot;
         }
@@ -204,6 +220,10 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
     let _passive_reader = passive::spawn(dp.take_passive_events()?, passive_tx)
         .map_err(DaemonError::PassiveEvents)?;
     let reaper = Reaper::spawn(dp.flow_tables()?).map_err(DaemonError::Reaper)?;
+    let sync = match &config.sync {
+        Some(s) => Some(start_sync(&config, s, &mut dp, &reconciler)?),
+        None => None,
+    };
     let (health_tx, mut health_rx) = mpsc::channel(256);
     let probes = Probes::start(&config.health, config.backend_addrs(), health_tx)?;
     let (mut owners, mut owner_rx) = Owners::start(&config).await?;
@@ -213,6 +233,7 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
         dp,
         reconciler,
         reaper,
+        sync,
         probes,
         events: EventLog::default(),
         snapshot,
@@ -258,17 +279,9 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
         core.publish(&owners);
     }
     let pin = loader::pin_dir(&core.config.instance);
-    // Stop answering for elected VIPs and balancing them, then hand them over;
-    // ownership events that handing over produces are drained, not acted on.
-    owners.release_all(&mut core).await;
-    core.publish(&owners);
-    let drain = async { while owner_rx.recv().await.is_some() {} };
-    tokio::select! {
-        () = owners.shutdown() => {}
-        () = drain => {}
-        () = tokio::time::sleep(Duration::from_secs(5)) => {
-            warn!("handing elected VIPs over took over 5 s; exiting anyway");
-        }
+    hand_over(&mut core, owners, &mut owner_rx).await;
+    if let Some(node) = core.sync.take() {
+        node.stop().await;
     }
     drop(core);
     drop(programs);
@@ -283,4 +296,116 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
         info!(pins = %pin.display(), "exiting; the pinned datapath keeps balancing (apilb detach removes it)");
     }
     Ok(())
+}
+
+/// Stop answering for elected VIPs and balancing them, then hand them over;
+/// ownership events that handing over produces are drained, not acted on. With
+/// sync, the peers have every flow first: before the release, and again after it
+/// for flows promoted meanwhile.
+async fn hand_over(
+    core: &mut Core,
+    mut owners: Owners,
+    owner_rx: &mut mpsc::Receiver<crate::election::Ownership>,
+) {
+    let flush = core.config.sync.as_ref().map(|s| s.flush_timeout);
+    if let (Some(node), Some(timeout)) = (&core.sync, flush)
+        && !node.flush(timeout).await
+    {
+        warn!(
+            ?timeout,
+            "flow sync: the peers did not acknowledge every flow in time"
+        );
+    }
+    owners.release_all(core).await;
+    if let (Some(node), Some(timeout)) = (&core.sync, flush) {
+        let _ = node.flush(timeout).await;
+    }
+    core.publish(&owners);
+    let drain = async { while owner_rx.recv().await.is_some() {} };
+    tokio::select! {
+        () = owners.shutdown() => {}
+        () = drain => {}
+        () = tokio::time::sleep(Duration::from_secs(5)) => {
+            warn!("handing elected VIPs over took over 5 s; exiting anyway");
+        }
+    }
+}
+
+/// Start flow sync: this node's links to its peers, on its own flow tables and
+/// event ring.
+fn start_sync(
+    config: &Config,
+    s: &crate::config::SyncSettings,
+    dp: &mut Datapath,
+    reconciler: &Reconciler,
+) -> Result<SyncNode, DaemonError> {
+    let d = &config.datapath;
+    // What must match on every node: the NAT range and slicing, the VIPs and
+    // their sources.
+    let mut shape = format!("{:?} {}", d.nat_ports, d.nat_slice.count);
+    for v in &config.vips {
+        // Not a VRRP priority, which differs per node by design.
+        let election = match v.election {
+            crate::config::Election::Static => "static".to_owned(),
+            crate::config::Election::Vrrp { vrid, .. } => format!("vrrp {vrid}"),
+            crate::config::Election::Etcd => "etcd".to_owned(),
+        };
+        let _ = write!(shape, " {} {election} {:?}", v.addr, v.snat);
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, shape.as_bytes());
+    let mut config_digest = [0; 32];
+    config_digest.copy_from_slice(digest.as_ref());
+    let hello = Hello {
+        slice: d.nat_slice.index,
+        slices: d.nat_slice.count,
+        nat_ports: d.nat_ports.clone(),
+        config_digest,
+    };
+    let links = LinksConfig::new(
+        s.node.clone(),
+        s.listen,
+        s.peers.clone(),
+        s.key.clone(),
+        hello,
+    );
+    info!(listen = %s.listen, peers = s.peers.len(), "flow sync: starting");
+    Ok(SyncNode::start(
+        links,
+        dp.flow_tables()?,
+        dp.take_sync_events()?,
+        reconciler.sync_view(config),
+    )?)
+}
+
+/// `/status`'s view of flow sync: the links' status with the node's counts.
+fn sync_snapshot(
+    links: &crate::sync::links::LinksStatus,
+    stats: &NodeStats,
+) -> crate::status::SyncSnapshot {
+    use crate::status::{BulkStats, PeerSyncCounters, SyncCounters};
+    let peers = stats
+        .peers
+        .iter()
+        .map(|(peer, p)| PeerSyncCounters {
+            peer: peer.clone(),
+            flows_installed: p.installed,
+            rejected: p.rejected.iter().map(|(r, n)| (*r, *n)).collect(),
+            bulks_received: BulkStats {
+                count: p.bulks_received,
+                ..BulkStats::default()
+            },
+            bulks_sent: BulkStats {
+                count: p.bulks_sent,
+                last_records: p.bulk_records_sent,
+                ..BulkStats::default()
+            },
+        })
+        .collect();
+    crate::status::SyncSnapshot::from_links(
+        links,
+        SyncCounters {
+            events_lost: 0,
+            peers,
+        },
+    )
 }

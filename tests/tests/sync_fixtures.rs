@@ -220,28 +220,30 @@ fn two_sync_nodes_hand_the_peer_every_flow_by_bulk_and_live() {
     .expect("peer's node");
     let installed = |n: u64| {
         let until = Instant::now() + Duration::from_secs(10);
-        while b.stats().installed < n && Instant::now() < until {
+        while b.stats().installed() < n && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(20));
         }
         b.stats()
     };
     let after_bulk = installed(1);
+    let from_a = &after_bulk.peers["lb1"];
     assert_eq!(
-        (after_bulk.installed, after_bulk.bulks_received),
+        (from_a.installed, from_a.bulks_received),
         (1, 1),
         "{after_bulk:?}"
     );
     // Flow B, made now, goes live.
     let (ack_b, port_b) = establish(&mut owner, "192.0.2.10:51001");
     let after_live = installed(2);
-    assert_eq!(after_live.installed, 2, "{after_live:?}");
-    assert!(after_live.rejected.is_empty(), "{after_live:?}");
+    assert_eq!(after_live.installed(), 2, "{after_live:?}");
+    assert!(
+        after_live.peers["lb1"].rejected.is_empty(),
+        "{after_live:?}"
+    );
+    let to_b = a.stats();
+    let sent = &to_b.peers["lb2"];
     assert_eq!(
-        (
-            a.stats().bulks_sent,
-            a.stats().bulk_records_sent,
-            a.stats().exported
-        ),
+        (sent.bulks_sent, sent.bulk_records_sent, to_b.exported),
         (1, 1, 1)
     );
 

@@ -37,17 +37,32 @@ use crate::datapath::Datapath;
 /// What the node counts, beside the links' own counts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeStats {
-    /// Peers' records installed here.
-    pub installed: u64,
-    /// Peers' records not installed, by `InstallReject::as_str`.
-    pub rejected: BTreeMap<&'static str, u64>,
     /// Datapath events sent on.
     pub exported: u64,
-    /// Bulks sent, and their records.
+    /// By peer.
+    pub peers: BTreeMap<String, PeerStats>,
+}
+
+/// What the node counts of one peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// The peer's records installed here.
+    pub installed: u64,
+    /// The peer's records not installed, by `InstallReject::as_str`.
+    pub rejected: BTreeMap<&'static str, u64>,
+    /// Bulks sent to it, and their records.
     pub bulks_sent: u64,
     pub bulk_records_sent: u64,
-    /// Bulks received to their end.
+    /// Bulks received from it to their end.
     pub bulks_received: u64,
+}
+
+impl NodeStats {
+    /// Every peer's records installed here.
+    #[must_use]
+    pub fn installed(&self) -> u64 {
+        self.peers.values().map(|p| p.installed).sum()
+    }
 }
 
 /// What the daemon keeps of the running node.
@@ -219,16 +234,16 @@ async fn run(
                 let v = Arc::clone(&view.borrow());
                 match event {
                     Inbound::Message { peer, message: Message::Flows(records) | Message::BulkChunk(records) } => {
-                        install(&mut tables, &records, &v, &shared);
+                        install(&mut tables, &peer, &records, &v, &shared);
                         debug!(%peer, records = records.len(), "flow sync: records installed");
                     }
                     Inbound::Message { peer, message: Message::BulkRequest(vips) } => {
                         let sent = bulk(&links, &peer, &mut tables, &v, &vips);
-                        count(&|s| { s.bulks_sent += 1; s.bulk_records_sent += sent; });
+                        count(&|s| { let p = s.peers.entry(peer.to_string()).or_default(); p.bulks_sent += 1; p.bulk_records_sent += sent; });
                     }
                     Inbound::Message { peer, message: Message::BulkEnd { count: n, .. } } => {
                         info!(%peer, records = n, "flow sync: bulk received");
-                        count(&|s| s.bulks_received += 1);
+                        count(&|s| s.peers.entry(peer.to_string()).or_default().bulks_received += 1);
                     }
                     Inbound::Connected { peer, link: Link::Import } => {
                         let vips: Vec<_> = v.vips.iter().map(std::net::SocketAddr::ip).collect();
@@ -252,7 +267,7 @@ async fn run(
                 for peer in links.status().peers.iter().map(|p| p.name.clone()).collect::<Vec<_>>() {
                     if links.take_resync(&peer) {
                         let sent = bulk(&links, &peer, &mut tables, &v, &[]);
-                        count(&|s| { s.bulks_sent += 1; s.bulk_records_sent += sent; });
+                        count(&|s| { let p = s.peers.entry(peer.to_string()).or_default(); p.bulks_sent += 1; p.bulk_records_sent += sent; });
                     }
                 }
                 *shared.links.lock().unwrap_or_else(PoisonError::into_inner) = Some(links.status());
@@ -262,9 +277,16 @@ async fn run(
 }
 
 /// Install a peer's records, counting each outcome.
-fn install(tables: &mut Datapath, records: &[FlowRecord], view: &View, shared: &Shared) {
+fn install(
+    tables: &mut Datapath,
+    peer: &str,
+    records: &[FlowRecord],
+    view: &View,
+    shared: &Shared,
+) {
     let now = coarse_ns();
-    let mut stats = shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut all = shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
+    let stats = all.peers.entry(peer.to_owned()).or_default();
     for r in records {
         let outcome = entries_of(r, view, now).and_then(|(k, f, rk, rv)| {
             match tables.install_peer_flow(&k, &f, &rk, &rv) {
