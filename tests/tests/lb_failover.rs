@@ -1,0 +1,152 @@
+//! An LB node dies and no connection notices (issue 19): two apilb nodes share the
+//! VIP by VRRP (100 ms adverts) in the `tests::cluster` topology, with flow sync
+//! between them, and TCP echo masters. Long-lived connections opened through the
+//! owner keep working on the other node after the owner is killed (SIGKILL), because
+//! the other node already holds their flows. The same run with sync off shows
+//! what sync buys: every such connection breaks. Root.
+
+use std::{
+    fmt::Write as _,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream},
+    os::unix::fs::PermissionsExt as _,
+    time::{Duration, Instant},
+};
+
+use tests::{
+    cluster::{VIP_ADDR, lb_addr},
+    elect::{Node, VrrpVip, echo_masters, node_config, two_lb_nodes, vrrp_vip, wait_served_by},
+    live::{metric_sum, metrics},
+};
+
+const STREAMS: usize = 10;
+
+/// The tests run one at a time: each runs two apilb nodes with 100 ms adverts.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Node `node`'s `[election]` and, with `sync`, `[sync]` tables.
+fn tables(node: usize, dir: &std::path::Path, sync: bool) -> String {
+    let mut t = String::from("[election.vrrp]\nadvert_interval = \"100ms\"\npreempt = true\n");
+    if sync {
+        let other = 1 - node;
+        let _ = write!(
+            t,
+            "[sync]\nlisten = \"{}:9465\"\nnode = \"lb{}\"\nkey_file = \"{}\"\n\
+             [[sync.peer]]\nname = \"lb{}\"\naddress = \"{}:9465\"\n",
+            lb_addr(node),
+            node + 1,
+            dir.join("sync.key").display(),
+            other + 1,
+            lb_addr(other),
+        );
+    }
+    t
+}
+
+/// One exchange on `conn`: a line out, the master's line back.
+fn exchange(conn: &mut BufReader<TcpStream>) -> Result<String, String> {
+    conn.get_mut()
+        .write_all(b"ping\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut line = String::new();
+    match conn.read_line(&mut line) {
+        Ok(0) => Err("closed".into()),
+        Ok(_) => Ok(line),
+        Err(e) => Err(format!("read: {e}")),
+    }
+}
+
+/// Open `STREAMS` connections through lb1, SIGKILL it, and try each again on
+/// lb2: how many broke, and how long lb2 took to serve the VIP.
+fn kill_the_owner_under_streams(prefix: &str, sync: bool) -> (Vec<String>, Option<Duration>) {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (t, dir) = two_lb_nodes(prefix);
+    let key = dir.0.join("sync.key");
+    std::fs::write(&key, [0x5a; 32]).expect("key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("mode");
+    let _masters = echo_masters(&t, Duration::from_mins(3));
+    let vip = |priority| {
+        vec![vrrp_vip(VrrpVip {
+            addr: VIP_ADDR,
+            vrid: 51,
+            priority,
+        })]
+    };
+    let mut lb1 = Node::start(&t, &dir.0, prefix, 0, |i| {
+        node_config(0, i, &vip(150), &tables(0, &dir.0, sync))
+    });
+    let lb2 = Node::start(&t, &dir.0, prefix, 1, |i| {
+        node_config(1, i, &vip(100), &tables(1, &dir.0, sync))
+    });
+    let owned = wait_served_by(
+        &t.client,
+        VIP_ADDR,
+        0,
+        Instant::now(),
+        Duration::from_secs(5),
+    );
+    assert!(
+        owned.is_some(),
+        "lb1 never served:\n{}",
+        lb1.apilb().log_text()
+    );
+    let addr: SocketAddr = format!("{VIP_ADDR}:6443").parse().expect("vip");
+    let mut streams: Vec<BufReader<TcpStream>> = (0..STREAMS)
+        .map(|_| {
+            let _inside = t.client.enter();
+            let c = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            BufReader::new(c)
+        })
+        .collect();
+    for s in &mut streams {
+        exchange(s).expect("an exchange through lb1");
+    }
+    if sync {
+        // lb2 holds every stream's flow before lb1 dies.
+        let until = Instant::now() + Duration::from_secs(10);
+        let installed = || metric_sum(&metrics(&t.lbs[1]), "apilb_sync_flows_installed_total");
+        while installed() < STREAMS as u64 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            installed() >= STREAMS as u64,
+            "lb2 installed {} flows:\n{}",
+            installed(),
+            lb2.apilb().log_text()
+        );
+    }
+    let killed = Instant::now();
+    lb1.kill();
+    let took = wait_served_by(&t.client, VIP_ADDR, 1, killed, Duration::from_secs(5));
+    let broken: Vec<String> = streams
+        .iter_mut()
+        .filter_map(|s| exchange(s).err())
+        .collect();
+    (broken, took)
+}
+
+#[test]
+fn with_sync_no_stream_notices_the_owner_sigkilled() {
+    let (broken, took) = kill_the_owner_under_streams("apilb-lbfs", true);
+    eprintln!(
+        "sync on, owner SIGKILLed: lb2 serves after {took:?}; {} of {STREAMS} streams broken {broken:?}",
+        broken.len()
+    );
+    assert!(took.is_some(), "lb2 did not take over");
+    assert_eq!(broken, Vec::<String>::new());
+}
+
+#[test]
+fn without_sync_every_stream_breaks_when_the_owner_is_sigkilled() {
+    let (broken, took) = kill_the_owner_under_streams("apilb-lbfn", false);
+    eprintln!(
+        "sync off, owner SIGKILLed: lb2 serves after {took:?}; {} of {STREAMS} streams broken",
+        broken.len()
+    );
+    assert!(took.is_some(), "lb2 did not take over");
+    assert_eq!(broken.len(), STREAMS, "{broken:?}");
+}
