@@ -374,6 +374,7 @@ fn start_sync(
         dp.flow_tables()?,
         dp.take_sync_events()?,
         reconciler.sync_view(config),
+        s.resync_interval,
     )?)
 }
 

@@ -209,6 +209,7 @@ fn two_sync_nodes_hand_the_peer_every_flow_by_bulk_and_live() {
         owner.dp.flow_tables().expect("tables"),
         events,
         owner.sync_view(),
+        Duration::from_mins(10),
     )
     .expect("owner's node");
     let b = SyncNode::start(
@@ -216,6 +217,7 @@ fn two_sync_nodes_hand_the_peer_every_flow_by_bulk_and_live() {
         peer.dp.flow_tables().expect("tables"),
         peer.dp.take_sync_events().expect("ring"),
         peer.sync_view(),
+        Duration::from_mins(10),
     )
     .expect("peer's node");
     let installed = |n: u64| {

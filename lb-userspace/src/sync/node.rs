@@ -92,12 +92,15 @@ pub enum NodeError {
 
 impl SyncNode {
     /// Starts the thread: links per `links`, this node's flow tables `tables`
-    /// (`Datapath::flow_tables`), its event ring `events`, translating with `view`.
+    /// (`Datapath::flow_tables`), its event ring `events`, translating with `view`;
+    /// every `resync` each peer gets a bulk unasked, which refreshes what the
+    /// live records could not (lost events, flows the LRU evicted here).
     pub fn start(
         links: LinksConfig,
         tables: Datapath,
         events: RingBuf<MapData>,
         view: View,
+        resync: Duration,
     ) -> Result<Self, NodeError> {
         let (view_tx, view_rx) = watch::channel(Arc::new(view));
         let shared = Arc::new(Shared::default());
@@ -116,7 +119,9 @@ impl SyncNode {
                         return;
                     }
                 };
-                rt.block_on(run(links, tables, events, view_rx, worker, command_rx));
+                rt.block_on(run(
+                    links, tables, events, view_rx, worker, command_rx, resync,
+                ));
             })
             .map_err(NodeError::Thread)?;
         Ok(Self {
@@ -190,6 +195,7 @@ async fn run(
     view: watch::Receiver<Arc<View>>,
     shared: Arc<Shared>,
     mut commands: mpsc::UnboundedReceiver<Command>,
+    resync: Duration,
 ) {
     let (mut links, mut inbound) = match Links::start(cfg) {
         Ok(l) => l,
@@ -208,6 +214,7 @@ async fn run(
         }
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_resync = tokio::time::Instant::now();
     let count = |f: &dyn Fn(&mut NodeStats)| {
         f(&mut shared.stats.lock().unwrap_or_else(PoisonError::into_inner));
     };
@@ -264,8 +271,12 @@ async fn run(
             },
             _ = tick.tick() => {
                 let v = Arc::clone(&view.borrow());
+                let due = last_resync.elapsed() >= resync;
+                if due {
+                    last_resync = tokio::time::Instant::now();
+                }
                 for peer in links.status().peers.iter().map(|p| p.name.clone()).collect::<Vec<_>>() {
-                    if links.take_resync(&peer) {
+                    if links.take_resync(&peer) || due {
                         let sent = bulk(&links, &peer, &mut tables, &v, &[]);
                         count(&|s| { let p = s.peers.entry(peer.to_string()).or_default(); p.bulks_sent += 1; p.bulk_records_sent += sent; });
                     }
