@@ -141,11 +141,20 @@ impl Node {
 
     /// SIGKILL apilb and wait for it to go.
     pub fn kill(&mut self) {
+        self.stop_with(libc::SIGKILL);
+    }
+
+    /// SIGTERM apilb (it hands its VIPs over) and wait for it to go.
+    pub fn terminate(&mut self) {
+        self.stop_with(libc::SIGTERM);
+    }
+
+    fn stop_with(&mut self, signal: i32) {
         let mut a = self.apilb.take().expect("running");
-        a.signal(libc::SIGKILL);
+        a.signal(signal);
         assert!(
-            a.wait(Duration::from_secs(5)).is_some(),
-            "apilb did not die"
+            a.wait(Duration::from_secs(10)).is_some(),
+            "apilb did not stop on signal {signal}"
         );
     }
 }

@@ -1,9 +1,10 @@
 //! An LB node dies and no connection notices (issue 19): two apilb nodes share the
 //! VIP by VRRP (100 ms adverts) in the `tests::cluster` topology, with flow sync
 //! between them, and TCP echo masters. Long-lived connections opened through the
-//! owner keep working on the other node after the owner is killed (SIGKILL), because
-//! the other node already holds their flows. The same run with sync off shows
-//! what sync buys: every such connection breaks. Root.
+//! owner keep working on the other node after the owner is killed (SIGKILL) or
+//! stopped (SIGTERM), and again when it comes back and preempts, because each node
+//! already holds the other's flows. The same kill with sync off shows what sync
+//! buys: every such connection breaks. Root.
 
 use std::{
     fmt::Write as _,
@@ -56,9 +57,19 @@ fn exchange(conn: &mut BufReader<TcpStream>) -> Result<String, String> {
     }
 }
 
-/// Open `STREAMS` connections through lb1, SIGKILL it, and try each again on
-/// lb2: how many broke, and how long lb2 took to serve the VIP.
-fn kill_the_owner_under_streams(prefix: &str, sync: bool) -> (Vec<String>, Option<Duration>) {
+/// What happens to the owner, lb1.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Killed,
+    Terminated,
+    /// Killed, then started again: it preempts the VIP back (150 > 100).
+    KilledAndBack,
+}
+
+/// Open `STREAMS` connections through lb1, end it as `fate` says, and try each
+/// again on lb2 (and, if lb1 comes back, again on lb1): the exchanges that
+/// failed, and how long lb2 took to serve the VIP.
+fn streams_through(prefix: &str, sync: bool, fate: Fate) -> (Vec<String>, Option<Duration>) {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -119,19 +130,35 @@ fn kill_the_owner_under_streams(prefix: &str, sync: bool) -> (Vec<String>, Optio
             lb2.apilb().log_text()
         );
     }
-    let killed = Instant::now();
-    lb1.kill();
-    let took = wait_served_by(&t.client, VIP_ADDR, 1, killed, Duration::from_secs(5));
-    let broken: Vec<String> = streams
+    let ended = Instant::now();
+    if fate == Fate::Terminated {
+        lb1.terminate();
+    } else {
+        lb1.kill();
+    }
+    let took = wait_served_by(&t.client, VIP_ADDR, 1, ended, Duration::from_secs(5));
+    let mut broken: Vec<String> = streams
         .iter_mut()
         .filter_map(|s| exchange(s).err())
         .collect();
+    if fate == Fate::KilledAndBack {
+        let back = Instant::now();
+        lb1.restart(&t, &dir.0);
+        let preempted = wait_served_by(&t.client, VIP_ADDR, 0, back, Duration::from_secs(5));
+        eprintln!("lb1 restarted: it serves the VIP again after {preempted:?}");
+        assert!(
+            preempted.is_some(),
+            "lb1 did not preempt:\n{}",
+            lb1.apilb().log_text()
+        );
+        broken.extend(streams.iter_mut().filter_map(|s| exchange(s).err()));
+    }
     (broken, took)
 }
 
 #[test]
 fn with_sync_no_stream_notices_the_owner_sigkilled() {
-    let (broken, took) = kill_the_owner_under_streams("apilb-lbfs", true);
+    let (broken, took) = streams_through("apilb-lbfs", true, Fate::Killed);
     eprintln!(
         "sync on, owner SIGKILLed: lb2 serves after {took:?}; {} of {STREAMS} streams broken {broken:?}",
         broken.len()
@@ -142,11 +169,34 @@ fn with_sync_no_stream_notices_the_owner_sigkilled() {
 
 #[test]
 fn without_sync_every_stream_breaks_when_the_owner_is_sigkilled() {
-    let (broken, took) = kill_the_owner_under_streams("apilb-lbfn", false);
+    let (broken, took) = streams_through("apilb-lbfn", false, Fate::Killed);
     eprintln!(
         "sync off, owner SIGKILLed: lb2 serves after {took:?}; {} of {STREAMS} streams broken",
         broken.len()
     );
     assert!(took.is_some(), "lb2 did not take over");
     assert_eq!(broken.len(), STREAMS, "{broken:?}");
+}
+
+#[test]
+fn with_sync_no_stream_notices_the_owner_sigtermed() {
+    let (broken, took) = streams_through("apilb-lbft", true, Fate::Terminated);
+    eprintln!(
+        "sync on, owner SIGTERMed: lb2 serves after {took:?}; {} of {STREAMS} streams broken {broken:?}",
+        broken.len()
+    );
+    assert!(took.is_some(), "lb2 did not take over");
+    assert_eq!(broken, Vec::<String>::new());
+}
+
+#[test]
+fn with_sync_no_stream_notices_the_owner_killed_and_preempting_back() {
+    let (broken, took) = streams_through("apilb-lbfb", true, Fate::KilledAndBack);
+    eprintln!(
+        "sync on, owner SIGKILLed then back: lb2 served after {took:?}; {} exchanges of \
+         {STREAMS} streams failed over both moves {broken:?}",
+        broken.len()
+    );
+    assert!(took.is_some(), "lb2 did not take over");
+    assert_eq!(broken, Vec::<String>::new());
 }
