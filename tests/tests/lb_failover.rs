@@ -16,7 +16,10 @@ use std::{
 
 use tests::{
     cluster::{VIP_ADDR, lb_addr},
-    elect::{Node, VrrpVip, echo_masters, node_config, two_lb_nodes, vrrp_vip, wait_served_by},
+    elect::{
+        Etcd, Node, VrrpVip, echo_masters, etcd_election, node_config, two_lb_nodes, vrrp_vip,
+        wait_served_by,
+    },
     live::{metric_sum, metrics},
 };
 
@@ -25,9 +28,14 @@ const STREAMS: usize = 10;
 /// The tests run one at a time: each runs two apilb nodes with 100 ms adverts.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Node `node`'s `[election]` and, with `sync`, `[sync]` tables.
-fn tables(node: usize, dir: &std::path::Path, sync: bool) -> String {
-    let mut t = String::from("[election.vrrp]\nadvert_interval = \"100ms\"\npreempt = true\n");
+/// Node `node`'s `[election]` (VRRP, or etcd with a 3 s lease) and, with `sync`,
+/// `[sync]` tables.
+fn tables(node: usize, dir: &std::path::Path, sync: bool, etcd: bool) -> String {
+    let mut t = if etcd {
+        etcd_election(node, "3s", 1)
+    } else {
+        String::from("[election.vrrp]\nadvert_interval = \"100ms\"\npreempt = true\n")
+    };
     if sync {
         let other = 1 - node;
         let _ = write!(
@@ -61,6 +69,8 @@ fn exchange(conn: &mut BufReader<TcpStream>) -> Result<String, String> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Fate {
     Killed,
+    /// Killed, with the VIP elected through etcd (a 3 s lease) instead of VRRP.
+    KilledUnderEtcd,
     Terminated,
     /// Killed, then started again: it preempts the VIP back (150 > 100).
     KilledAndBack,
@@ -78,7 +88,12 @@ fn streams_through(prefix: &str, sync: bool, fate: Fate) -> (Vec<String>, Option
     std::fs::write(&key, [0x5a; 32]).expect("key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("mode");
     let _masters = echo_masters(&t, Duration::from_mins(3));
+    let etcd = fate == Fate::KilledUnderEtcd;
+    let _etcd = etcd.then(|| Etcd::start(&t, &dir.0));
     let vip = |priority| {
+        if etcd {
+            return vec![format!("address = \"{VIP_ADDR}\"\nelection = \"etcd\"")];
+        }
         vec![vrrp_vip(VrrpVip {
             addr: VIP_ADDR,
             vrid: 51,
@@ -86,23 +101,23 @@ fn streams_through(prefix: &str, sync: bool, fate: Fate) -> (Vec<String>, Option
         })]
     };
     let mut lb1 = Node::start(&t, &dir.0, prefix, 0, |i| {
-        node_config(0, i, &vip(150), &tables(0, &dir.0, sync))
-    });
-    let lb2 = Node::start(&t, &dir.0, prefix, 1, |i| {
-        node_config(1, i, &vip(100), &tables(1, &dir.0, sync))
+        node_config(0, i, &vip(150), &tables(0, &dir.0, sync, etcd))
     });
     let owned = wait_served_by(
         &t.client,
         VIP_ADDR,
         0,
         Instant::now(),
-        Duration::from_secs(5),
+        Duration::from_secs(10),
     );
     assert!(
         owned.is_some(),
         "lb1 never served:\n{}",
         lb1.apilb().log_text()
     );
+    let lb2 = Node::start(&t, &dir.0, prefix, 1, |i| {
+        node_config(1, i, &vip(100), &tables(1, &dir.0, sync, etcd))
+    });
     let addr: SocketAddr = format!("{VIP_ADDR}:6443").parse().expect("vip");
     let mut streams: Vec<BufReader<TcpStream>> = (0..STREAMS)
         .map(|_| {
@@ -136,7 +151,7 @@ fn streams_through(prefix: &str, sync: bool, fate: Fate) -> (Vec<String>, Option
     } else {
         lb1.kill();
     }
-    let took = wait_served_by(&t.client, VIP_ADDR, 1, ended, Duration::from_secs(5));
+    let took = wait_served_by(&t.client, VIP_ADDR, 1, ended, Duration::from_secs(10));
     let mut broken: Vec<String> = streams
         .iter_mut()
         .filter_map(|s| exchange(s).err())
@@ -195,6 +210,18 @@ fn with_sync_no_stream_notices_the_owner_killed_and_preempting_back() {
     eprintln!(
         "sync on, owner SIGKILLed then back: lb2 served after {took:?}; {} exchanges of \
          {STREAMS} streams failed over both moves {broken:?}",
+        broken.len()
+    );
+    assert!(took.is_some(), "lb2 did not take over");
+    assert_eq!(broken, Vec::<String>::new());
+}
+
+#[test]
+fn with_sync_no_stream_notices_the_etcd_owner_sigkilled() {
+    let (broken, took) = streams_through("apilb-lbfe", true, Fate::KilledUnderEtcd);
+    eprintln!(
+        "sync on, etcd (3 s lease), owner SIGKILLed: lb2 serves after {took:?}; {} of \
+         {STREAMS} streams broken {broken:?}",
         broken.len()
     );
     assert!(took.is_some(), "lb2 did not take over");
