@@ -546,7 +546,8 @@ impl Datapath {
 
     /// Write a flow a peer synced (`crate::sync::install::entries_of`): the reply
     /// entry first, as the datapath promotes, then the client's. `false`, writing
-    /// nothing, if a live flow of this node's own holds the client's tuple.
+    /// nothing, if a live flow of this node's own holds the client's tuple or its
+    /// NAT port's lease.
     pub fn install_peer_flow(
         &mut self,
         key: &FlowKey,
@@ -560,6 +561,31 @@ impl Datapath {
             && old.state < CT_TIME_WAIT
         {
             return Ok(false);
+        }
+        // The port's lease may name an earlier client: a flow a peer synced
+        // before (its port since reused there), which goes, or a live flow of
+        // this node's own, which stays.
+        let replies: HashMap<_, FlowKey, ReplyState> = self.typed(MAP_REPLIES)?;
+        if let Ok(lease) = replies.get(rkey, 0)
+            && (lease.client_be != reply.client_be || lease.client_port_be != reply.client_port_be)
+        {
+            let earlier = FlowKey {
+                src_be: lease.client_be,
+                dst_be: lease.vip_be,
+                sport_be: lease.client_port_be,
+                dport_be: lease.vip_port_be,
+                ..*key
+            };
+            let mut flows: HashMap<_, FlowKey, FlowState> = self.typed(MAP_FLOWS)?;
+            match flows.get(&earlier, 0) {
+                Ok(f) if f.flags & FLOW_F_FROM_PEER == 0 && f.state < CT_TIME_WAIT => {
+                    return Ok(false);
+                }
+                Ok(_) => {
+                    let _ = flows.remove(&earlier);
+                }
+                Err(_) => {}
+            }
         }
         let mut replies: HashMap<_, FlowKey, ReplyState> = self.typed(MAP_REPLIES)?;
         replies

@@ -20,7 +20,7 @@ use lb_userspace::{
         install::{entries_of, record_of},
         key::read_key,
         links::{LinksConfig, PeerConfig},
-        node::SyncNode,
+        node::{SyncNode, coarse_ns},
         wire::{Hello, NodeName},
     },
 };
@@ -31,18 +31,6 @@ use tests::{
 };
 
 const MASTER: &str = "198.51.100.11:6443";
-
-/// `CLOCK_MONOTONIC_COARSE`, the datapath's clock, in ns.
-fn coarse_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid clock id and a valid, writable timespec.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
-    assert_eq!(rc, 0);
-    u64::try_from(ts.tv_sec).expect("s") * 1_000_000_000 + u64::try_from(ts.tv_nsec).expect("ns")
-}
 
 #[test]
 fn a_flow_synced_to_a_peer_is_carried_there_once_the_peer_owns_the_vip() {
@@ -77,6 +65,27 @@ fn a_flow_synced_to_a_peer_is_carried_there_once_the_peer_owns_the_vip() {
             .install_peer_flow(&key, &flow, &rkey, &reply)
             .expect("install")
     );
+    // The same port reused by another client on the owner: its record replaces
+    // the parked flow the lease named, and the first comes back after.
+    let mut reused = record;
+    reused.client = sa("192.0.2.10:51099");
+    let (k2, f2, rk2, r2) = entries_of(&reused, &peer.sync_view(), coarse_ns()).expect("entries");
+    assert!(
+        peer.dp
+            .install_peer_flow(&k2, &f2, &rk2, &r2)
+            .expect("install")
+    );
+    assert_eq!(
+        peer.dp.flows().expect("flows").len(),
+        1,
+        "the earlier parked flow went"
+    );
+    assert!(
+        peer.dp
+            .install_peer_flow(&key, &flow, &rkey, &reply)
+            .expect("install")
+    );
+    assert_eq!(peer.dp.flows().expect("flows").len(), 1);
     let data = ack.clone().data(b"GET /readyz");
     assert_eq!(run(&mut peer, &data, Ingress::ClientSide).action, XDP_PASS);
     assert_eq!(

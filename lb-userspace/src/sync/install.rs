@@ -51,8 +51,11 @@ pub enum InstallReject {
     UnknownBackend,
     /// Its NAT port lies outside `nat_ports`.
     BadPort,
-    /// A live flow of this node's own holds the client's tuple.
+    /// A live flow of this node's own holds the client's tuple, or the NAT
+    /// port's lease.
     Conflict,
+    /// Writing the entries failed (logged).
+    WriteFailed,
 }
 
 impl InstallReject {
@@ -64,6 +67,7 @@ impl InstallReject {
             Self::UnknownBackend => "unknown_backend",
             Self::BadPort => "bad_port",
             Self::Conflict => "conflict",
+            Self::WriteFailed => "write_failed",
         }
     }
 }

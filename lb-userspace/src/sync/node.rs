@@ -177,8 +177,10 @@ impl SyncNode {
     }
 }
 
-/// `CLOCK_MONOTONIC_COARSE` in ns: the datapath's clock.
-fn coarse_ns() -> u64 {
+/// `CLOCK_MONOTONIC_COARSE` in ns: the datapath's clock (`bpf_ktime_get_coarse_ns`),
+/// which flow ages are measured against.
+#[must_use]
+pub fn coarse_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -305,7 +307,7 @@ fn install(
                 Ok(false) => Err(super::install::InstallReject::Conflict),
                 Err(e) => {
                     warn!("flow sync: writing a peer's flow: {e}");
-                    Err(super::install::InstallReject::Conflict)
+                    Err(super::install::InstallReject::WriteFailed)
                 }
             }
         });
