@@ -191,7 +191,12 @@ impl Core {
         });
         let mut snapshot = snapshot;
         if let Some(sync) = &self.sync {
-            snapshot.sync = sync.links().map(|l| sync_snapshot(&l, &sync.stats()));
+            // Events the datapath could not put in the full ring.
+            let lost = self
+                .dp
+                .counters()
+                .map_or(0, |c| c.get(lb_common::counters::SYNC_EVENT_LOST));
+            snapshot.sync = sync.links().map(|l| sync_snapshot(&l, &sync.stats(), lost));
         }
         if let Ok(mut s) = self.snapshot.write() {
             *s = snapshot;
@@ -382,6 +387,7 @@ fn start_sync(
 fn sync_snapshot(
     links: &crate::sync::links::LinksStatus,
     stats: &NodeStats,
+    events_lost: u64,
 ) -> crate::status::SyncSnapshot {
     use crate::status::{BulkStats, PeerSyncCounters, SyncCounters};
     let peers = stats
@@ -402,11 +408,5 @@ fn sync_snapshot(
             },
         })
         .collect();
-    crate::status::SyncSnapshot::from_links(
-        links,
-        SyncCounters {
-            events_lost: 0,
-            peers,
-        },
-    )
+    crate::status::SyncSnapshot::from_links(links, SyncCounters { events_lost, peers })
 }
