@@ -224,6 +224,18 @@ pub fn wait_served_by(
     None
 }
 
+/// Wait (at most `limit`) until new connections to `vip` are served by `node`,
+/// which runs on LB node `index`; panics with its log if they are not.
+pub fn assert_served_by(t: &Topology, vip: &str, node: &Node, limit: Duration) {
+    let served = wait_served_by(&t.client, vip, node.index, Instant::now(), limit);
+    assert!(
+        served.is_some(),
+        "lb{} never served {vip}:\n{}",
+        node.index + 1,
+        node.apilb().log_text()
+    );
+}
+
 /// keepalived (Debian's, 2.2) on a node, VRRP only, in the foreground, killed on
 /// drop. Its config and pid files are written to `dir`.
 pub struct Keepalived {

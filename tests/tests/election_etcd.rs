@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use tests::{
     cluster::VIP_ADDR,
     elect::{
-        ETCD_ADDR, Etcd, Node, echo_masters, etcd_election, holders, node_config, two_lb_nodes,
-        wait_served_by,
+        ETCD_ADDR, Etcd, Node, assert_served_by, echo_masters, etcd_election, holders, node_config,
+        two_lb_nodes, wait_served_by,
     },
 };
 
@@ -114,18 +114,7 @@ fn a_rolling_etcd_restart_moves_no_vip() {
     let lb1 = Node::start(&t, &dir.0, prefix, 0, |i| {
         node_config(0, i, &vip, &etcd_election(0, "3s", 3))
     });
-    let owned = wait_served_by(
-        &t.client,
-        VIP_ADDR,
-        0,
-        Instant::now(),
-        Duration::from_secs(10),
-    );
-    assert!(
-        owned.is_some(),
-        "lb1 never owned:\n{}",
-        lb1.apilb().log_text()
-    );
+    assert_served_by(&t, VIP_ADDR, &lb1, Duration::from_secs(10));
     let lb2 = Node::start(&t, &dir.0, prefix, 1, |i| {
         node_config(1, i, &vip, &etcd_election(1, "3s", 3))
     });

@@ -17,8 +17,8 @@ use std::{
 use tests::{
     cluster::{VIP_ADDR, lb_addr},
     elect::{
-        Etcd, Node, VrrpVip, echo_masters, etcd_election, node_config, two_lb_nodes, vrrp_vip,
-        wait_served_by,
+        Etcd, Node, VrrpVip, assert_served_by, echo_masters, etcd_election, node_config,
+        two_lb_nodes, vrrp_vip, wait_served_by,
     },
     live::{metric_sum, metrics},
 };
@@ -103,18 +103,7 @@ fn streams_through(prefix: &str, sync: bool, fate: Fate) -> (Vec<String>, Option
     let mut lb1 = Node::start(&t, &dir.0, prefix, 0, |i| {
         node_config(0, i, &vip(150), &tables(0, &dir.0, sync, etcd))
     });
-    let owned = wait_served_by(
-        &t.client,
-        VIP_ADDR,
-        0,
-        Instant::now(),
-        Duration::from_secs(10),
-    );
-    assert!(
-        owned.is_some(),
-        "lb1 never served:\n{}",
-        lb1.apilb().log_text()
-    );
+    assert_served_by(&t, VIP_ADDR, &lb1, Duration::from_secs(10));
     let lb2 = Node::start(&t, &dir.0, prefix, 1, |i| {
         node_config(1, i, &vip(100), &tables(1, &dir.0, sync, etcd))
     });
@@ -171,15 +160,22 @@ fn streams_through(prefix: &str, sync: bool, fate: Fate) -> (Vec<String>, Option
     (broken, took)
 }
 
-#[test]
-fn with_sync_no_stream_notices_the_owner_sigkilled() {
-    let (broken, took) = streams_through("apilb-lbfs", true, Fate::Killed);
+/// With sync on, the owner ends as `fate` says (`what`, for the report) and no
+/// stream notices.
+fn no_stream_breaks(prefix: &str, fate: Fate, what: &str) {
+    let (broken, took) = streams_through(prefix, true, fate);
     eprintln!(
-        "sync on, owner SIGKILLed: lb2 serves after {took:?}; {} of {STREAMS} streams broken {broken:?}",
+        "sync on, {what}: lb2 serves after {took:?}; {} exchanges of {STREAMS} streams \
+         failed {broken:?}",
         broken.len()
     );
     assert!(took.is_some(), "lb2 did not take over");
     assert_eq!(broken, Vec::<String>::new());
+}
+
+#[test]
+fn with_sync_no_stream_notices_the_owner_sigkilled() {
+    no_stream_breaks("apilb-lbfs", Fate::Killed, "owner SIGKILLed");
 }
 
 #[test]
@@ -195,35 +191,23 @@ fn without_sync_every_stream_breaks_when_the_owner_is_sigkilled() {
 
 #[test]
 fn with_sync_no_stream_notices_the_owner_sigtermed() {
-    let (broken, took) = streams_through("apilb-lbft", true, Fate::Terminated);
-    eprintln!(
-        "sync on, owner SIGTERMed: lb2 serves after {took:?}; {} of {STREAMS} streams broken {broken:?}",
-        broken.len()
-    );
-    assert!(took.is_some(), "lb2 did not take over");
-    assert_eq!(broken, Vec::<String>::new());
+    no_stream_breaks("apilb-lbft", Fate::Terminated, "owner SIGTERMed");
 }
 
 #[test]
 fn with_sync_no_stream_notices_the_owner_killed_and_preempting_back() {
-    let (broken, took) = streams_through("apilb-lbfb", true, Fate::KilledAndBack);
-    eprintln!(
-        "sync on, owner SIGKILLed then back: lb2 served after {took:?}; {} exchanges of \
-         {STREAMS} streams failed over both moves {broken:?}",
-        broken.len()
+    no_stream_breaks(
+        "apilb-lbfb",
+        Fate::KilledAndBack,
+        "owner SIGKILLed then back (both moves)",
     );
-    assert!(took.is_some(), "lb2 did not take over");
-    assert_eq!(broken, Vec::<String>::new());
 }
 
 #[test]
 fn with_sync_no_stream_notices_the_etcd_owner_sigkilled() {
-    let (broken, took) = streams_through("apilb-lbfe", true, Fate::KilledUnderEtcd);
-    eprintln!(
-        "sync on, etcd (3 s lease), owner SIGKILLed: lb2 serves after {took:?}; {} of \
-         {STREAMS} streams broken {broken:?}",
-        broken.len()
+    no_stream_breaks(
+        "apilb-lbfe",
+        Fate::KilledUnderEtcd,
+        "etcd (3 s lease), owner SIGKILLed",
     );
-    assert!(took.is_some(), "lb2 did not take over");
-    assert_eq!(broken, Vec::<String>::new());
 }
