@@ -58,66 +58,72 @@ pub const DROP_PASSIVE_ICMP: u32 = 18;
 /// another sequence number): forged or stale, dropped, the flow left as it was.
 /// (The client's stack would drop such a RST too.)
 pub const DROP_UNPROVEN_REFUSAL: u32 = 19;
+/// A SYN to a VIP that syncs, or a master's SYN-ACK on such a VIP's half-open
+/// flow, while this node's controller is gone (its sync listener is not there:
+/// killed, or not started yet): dropped, so that the client's SYN retransmit
+/// reaches the node taking the VIP over, rather than opening a flow that no peer
+/// will ever hold.
+pub const DROP_SYNC_DOWN: u32 = 20;
 /// Number of outcome counters: indices `0..OUTCOMES` sum to the packet count.
-pub const OUTCOMES: u32 = 20;
+pub const OUTCOMES: u32 = 21;
 
 /// Event: a new flow was recorded. (Packets on existing flows are not counted here:
 /// they are the VIP's packets minus its new flows, from `VIP_STATS`.)
-pub const FLOW_NEW: u32 = 20;
+pub const FLOW_NEW: u32 = 21;
 /// Event: a backend's reply matched a flow under NAT.
-pub const REPLY_HIT: u32 = 21;
+pub const REPLY_HIT: u32 = 22;
 /// Event: the FIB was asked for a next hop (new flow, cached one expired, or a
 /// packet larger than the path has carried so far).
-pub const FIB_LOOKUP: u32 = 22;
+pub const FIB_LOOKUP: u32 = 23;
 /// Event: a NAT port held by a half-open flow, silent for its state's timeout
 /// (`ct`), was given to a new flow.
-pub const RECLAIM_HALF_OPEN: u32 = 23;
+pub const RECLAIM_HALF_OPEN: u32 = 24;
 /// Event: a client sent a SYN again on a flow its backend never answered (passive
 /// detection): the flow was forgotten and the SYN balanced as a new flow, away
 /// from that backend. (A SYN sent again after a refusal is balanced the same way,
 /// and counted as the refusal.)
-pub const PASSIVE_SILENT: u32 = 24;
+pub const PASSIVE_SILENT: u32 = 25;
 /// Event: a new flow's Maglev slot named a backend out of rotation (or the one
 /// that just left its SYN unanswered), and the flow went to the next one along
 /// the fallback order instead.
-pub const FALLBACK: u32 = 25;
+pub const FALLBACK: u32 = 26;
 
 /// Event: a NAT port held by an established flow idle for its timeout was given
 /// to a new flow.
-pub const RECLAIM_IDLE: u32 = 26;
+pub const RECLAIM_IDLE: u32 = 27;
 /// Event: a NAT port held by a closing or closed flow (a FIN or RST went by)
 /// whose state's timeout had passed was given to a new flow.
-pub const RECLAIM_CLOSED: u32 = 27;
+pub const RECLAIM_CLOSED: u32 = 28;
 /// Event: a NAT port whose lease had lost its flow (evicted, or replaced by
 /// another flow of the same client tuple) was given to a new flow.
-pub const RECLAIM_ORPHAN: u32 = 28;
+pub const RECLAIM_ORPHAN: u32 = 29;
 /// Event: a half-open flow's handshake completed (the client acknowledged the
 /// backend's SYN-ACK): it moved to the established tables.
-pub const FLOW_ESTABLISHED: u32 = 29;
+pub const FLOW_ESTABLISHED: u32 = 30;
 /// Event: a handshake completed on a half-open flow whose port lease had been
 /// evicted (a flood of half-open flows filled their table); the segment passed
 /// to the stack, which resets it, and the client connects again.
-pub const HALF_OPEN_LOST: u32 = 30;
+pub const HALF_OPEN_LOST: u32 = 31;
 /// Event: an established flow's reply entry had been evicted from its table and
 /// was put back.
-pub const REPLY_RESTORED: u32 = 31;
+pub const REPLY_RESTORED: u32 = 32;
 
 /// Event: a RST on an answered flow whose sequence number was not near the one
 /// the flow last recorded (`ct::near`): passed on for the endpoint to judge, and
 /// the flow kept its state, so that a forged RST cannot free its port.
-pub const RST_UNPROVEN: u32 = 32;
+pub const RST_UNPROVEN: u32 = 33;
 /// Event: an ICMP fragmentation needed or packet too big about a flow under NAT
 /// was translated back to the flow's client (`toobig`).
-pub const ICMP_TOO_BIG_TRANSLATED: u32 = 33;
+pub const ICMP_TOO_BIG_TRANSLATED: u32 = 34;
 /// Event: a FIN on an answered flow that is not near where its flow is (`ct::
 /// fin_proven`): passed on for the endpoint to judge, and the flow kept its
 /// state, so that a forged FIN cannot shorten its port's hold.
-pub const FIN_UNPROVEN: u32 = 34;
+pub const FIN_UNPROVEN: u32 = 35;
 /// Event: a synced flow's event found `SYNC_EVENTS` full and was lost; the
 /// controller's next bulk resync repairs what its peers miss.
-pub const SYNC_EVENT_LOST: u32 = 35;
+pub const SYNC_EVENT_LOST: u32 = 36;
 /// Size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 36;
+pub const COUNTER_COUNT: u32 = 37;
 const _: () = assert!(OUTCOMES <= COUNTER_COUNT);
 
 /// Metric-friendly names, indexed by counter.
@@ -142,6 +148,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "drop_passive_rst",
     "drop_passive_icmp",
     "drop_unproven_refusal",
+    "drop_sync_down",
     "flow_new",
     "reply_hit",
     "fib_lookup",
@@ -186,6 +193,7 @@ mod tests {
         (DROP_PASSIVE_RST, "drop_passive_rst"),
         (DROP_PASSIVE_ICMP, "drop_passive_icmp"),
         (DROP_UNPROVEN_REFUSAL, "drop_unproven_refusal"),
+        (DROP_SYNC_DOWN, "drop_sync_down"),
         (FLOW_NEW, "flow_new"),
         (REPLY_HIT, "reply_hit"),
         (FIB_LOOKUP, "fib_lookup"),

@@ -54,7 +54,7 @@ pub const MAP_LOCAL_STATS: &str = maps::LOCAL_STATS.name;
 /// it with any change to them. Pinned maps live in a directory named after it, so
 /// an upgraded apilb with another layout starts with fresh maps instead of reading
 /// old ones with new types.
-pub const LAYOUT_VERSION: u32 = 11;
+pub const LAYOUT_VERSION: u32 = 12;
 
 // ---- Program names (the function names in lb-ebpf). ----
 pub const PROG_XDP: &str = "apilb_xdp";
@@ -215,7 +215,17 @@ pub struct DatapathConfig {
     /// VIP over must translate the flows another node opened on its slice.
     pub claim_min_host: u16,
     pub claim_max_host: u16,
-    pub _pad2: u32,
+    /// The family of this node's flow-sync listener (`AF_INET`, `AF_INET6`), or 0
+    /// without `[sync]`. While the kernel has no listener there (the controller is
+    /// gone), new flows of VIPs that sync are refused (`DROP_SYNC_DOWN`).
+    pub sync_family: u8,
+    pub _pad2: [u8; 3],
+    /// The listener as a `bpf_sock_tuple` for `bpf_sk_lookup_tcp`, words in network
+    /// order: source address (0), destination address (the listener's), then the
+    /// source port (0) and the listener's port in the last word. IPv4 uses the
+    /// first three words.
+    pub sync_tuple_be: [u32; 9],
+    pub _pad3: u32,
 }
 
 /// Key of both LRU flow tables.
@@ -344,6 +354,9 @@ pub const REPLY_F_TS: u32 = 1;
 /// `ReplyState::flags`: the backend sent a FIN, so its plain ACKs can move the
 /// flow's state too (the last ACK of a master-first close) and are tracked.
 pub const REPLY_F_TRACK: u32 = 2;
+/// `ReplyState::flags`: the flow's VIP syncs (`VIP_F_SYNC`); the backend's SYN-ACK
+/// passes only while this node's controller is alive (`DROP_SYNC_DOWN`).
+pub const REPLY_F_SYNC: u32 = 4;
 
 /// One row of `PASSIVE_STATS` (per backend id), per CPU: the backend's failures the
 /// datapath saw on the wire, by kind.
@@ -457,7 +470,7 @@ const _: () = {
     assert!(size_of::<VipKey>() == 20);
     assert!(size_of::<VipInfo>() == 16);
     assert!(size_of::<Backend>() == 32);
-    assert!(size_of::<DatapathConfig>() == 232);
+    assert!(size_of::<DatapathConfig>() == 272);
     assert!(size_of::<SyncEvent>() == 96);
     assert!(size_of::<SockOrig>() == 20);
     assert!(size_of::<PassiveStats>() == 24);

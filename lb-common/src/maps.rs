@@ -330,7 +330,7 @@ mod tests {
         }
         assert_eq!(
             (LAYOUT_VERSION, h),
-            (11, 0x5038_8140_7d07_f04c),
+            (12, 0xf349_e2b0_4bcc_c8f0),
             "bump LAYOUT_VERSION, then the fingerprint"
         );
     }

@@ -21,8 +21,9 @@ use aya_ebpf::{
     helpers::generated::bpf_ktime_get_coarse_ns,
 };
 use lb_common::{
-    BACKEND_F_LOCAL, FLOW_F_REFUSED, FLOW_F_TS, FlowKey, FlowState, NextHop, REPLY_F_TRACK,
-    REPLY_F_TS, ReplyState, SYNC_EV_CLOSED, SYNC_EV_ESTABLISHED, VIP_F_SYNC, VipInfo,
+    BACKEND_F_LOCAL, FLOW_F_REFUSED, FLOW_F_TS, FlowKey, FlowState, NextHop, REPLY_F_SYNC,
+    REPLY_F_TRACK, REPLY_F_TS, ReplyState, SYNC_EV_CLOSED, SYNC_EV_ESTABLISHED, VIP_F_SYNC,
+    VipInfo,
     counters::{
         DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR, FIN_UNPROVEN, FLOW_ESTABLISHED, HALF_OPEN_LOST,
         REPLY_RESTORED, RST_UNPROVEN,
@@ -90,9 +91,6 @@ pub fn new_flow(key: &FlowKey, vip: &VipInfo, now: u64, s: &mut Scratch) -> Resu
     if backend.flags & BACKEND_F_LOCAL != 0 {
         return Ok(());
     }
-    if vip.flags & VIP_F_SYNC != 0 {
-        s.flow.flags = FLOW_F_SYNC;
-    }
     // Fields are written in place: a whole `ReplyState` value would sit on the stack.
     s.reply.client_be = key.src_be;
     s.reply.vip_be = key.dst_be;
@@ -103,6 +101,10 @@ pub fn new_flow(key: &FlowKey, vip: &VipInfo, now: u64, s: &mut Scratch) -> Resu
     s.reply.ts_off = 0;
     s.reply.flags = 0;
     s.reply.next_hop = NextHop::default();
+    if vip.flags & VIP_F_SYNC != 0 {
+        s.flow.flags = FLOW_F_SYNC;
+        s.reply.flags = REPLY_F_SYNC;
+    }
     claim_port(key, vip, hash, cfg, now, s)
 }
 

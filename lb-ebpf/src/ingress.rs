@@ -8,10 +8,10 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    BACKEND_NONE, FLOW_F_TS, FLOW_SEEN_GRANULARITY_NS, FlowState, VIP_F_OWNED, VipKey,
+    BACKEND_NONE, FLOW_F_TS, FLOW_SEEN_GRANULARITY_NS, FlowState, VIP_F_OWNED, VIP_F_SYNC, VipKey,
     counters::{
-        DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR, FLOW_NEW, PASS_LOCAL_BACKEND, PASS_MALFORMED,
-        PASS_NO_FLOW, PASS_NOT_OWNED,
+        DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR, DROP_SYNC_DOWN, FLOW_NEW, PASS_LOCAL_BACKEND,
+        PASS_MALFORMED, PASS_NO_FLOW, PASS_NOT_OWNED,
     },
     csum::Delta,
     ct::{
@@ -29,6 +29,7 @@ use crate::{
     passive::forget_failed,
     ports::snat_addr,
     reply::to_client,
+    sync::alive,
     toobig::too_big,
     ts::{shift_tsval, syn_tsval},
 };
@@ -125,6 +126,10 @@ pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
             return Err(Outcome::pass(PASS_NO_FLOW));
         }
         None => {
+            // A node whose controller is gone opens no flow its peers would miss.
+            if vip.flags & VIP_F_SYNC != 0 && !alive(ctx) {
+                return Err(Outcome::drop(DROP_SYNC_DOWN));
+            }
             let scratch = SCRATCH
                 .get_ptr_mut(0)
                 .ok_or(Outcome::drop(DROP_FLOW_INSERT))?;

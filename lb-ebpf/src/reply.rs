@@ -8,8 +8,11 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    CONFIG_F_PASSIVE, PASSIVE_KIND_RST, REPLY_F_TRACK, REPLY_F_TS,
-    counters::{DROP_PASSIVE_RST, DROP_UNPROVEN_REFUSAL, PASS_MALFORMED, PASS_NOT_VIP, REPLY_HIT},
+    CONFIG_F_PASSIVE, PASSIVE_KIND_RST, REPLY_F_SYNC, REPLY_F_TRACK, REPLY_F_TS,
+    counters::{
+        DROP_PASSIVE_RST, DROP_SYNC_DOWN, DROP_UNPROVEN_REFUSAL, PASS_MALFORMED, PASS_NOT_VIP,
+        REPLY_HIT,
+    },
     csum::Delta,
     ct::{CT_NONE, CT_SYN_SENT, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -22,6 +25,7 @@ use crate::{
     packet::{Parsed, seq_ack, tsval_at},
     passive::{icmp_refusal, passive_answered, refuse},
     ports::is_snat_addr,
+    sync::alive,
     ts::shift_tsecr,
 };
 
@@ -82,6 +86,12 @@ pub fn to_client(ctx: &XdpContext, p: &Parsed) -> Result<Outcome, Outcome> {
         }
         if syn_ack {
             passive_answered(reply.backend_id);
+            // The master answered, but a node whose controller is gone must not
+            // complete a handshake its peers would never hear of: the client's
+            // SYN retransmit goes to the node that takes the VIP over.
+            if how & HOW_HALF != 0 && reply.flags & REPLY_F_SYNC != 0 && !alive(ctx) {
+                return Ok(Outcome::drop(DROP_SYNC_DOWN));
+            }
         }
         // A RST to a SYN the backend never answered: nothing listens there. With
         // passive detection the client does not see it; its SYN retransmit is

@@ -7,17 +7,30 @@
 //! sync (`VIP_F_SYNC`, copied into the flow as `FLOW_F_SYNC`): an established
 //! flow's packets cost nothing more. Half-open flows are never exported: state is
 //! earned, and a SYN flood must not become sync traffic.
+//!
+//! The other half is the liveness gate ([`alive`]): a node whose controller is
+//! gone (SIGKILL, a crash) keeps its pinned program and the VIP's address until
+//! another node takes over, but nothing exports its new flows any more, so they
+//! would break at the takeover. The kernel knows at once that the process is
+//! gone (its sync listener is closed), so such a node refuses new flows of VIPs
+//! that sync, and the clients' SYN retransmits find the new owner.
 #![cfg(target_arch = "bpf")]
 
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple},
+    helpers::generated::{bpf_sk_lookup_tcp, bpf_sk_release},
+    programs::XdpContext,
+};
 use lb_common::{
-    FlowKey, FlowState, SyncEvent,
+    AF_INET, AF_INET6, FlowKey, FlowState, SyncEvent,
     counters::SYNC_EVENT_LOST,
     ct::{CT_CLOSE, CT_TIME_WAIT, FLOW_F_SYNC},
 };
 
 use crate::{
     flow::coarse_now,
-    maps::{SYNC_EVENTS, count},
+    maps::{CONFIG, SYNC_EVENTS, count},
 };
 
 /// Whether a flow moving from `before` to `state` with `flags` ends, for its
@@ -85,4 +98,39 @@ fn words(to: &mut [u32; 4], from: &[u32; 4]) {
     to[1] = from[1];
     to[2] = from[2];
     to[3] = from[3];
+}
+
+/// Whether this node's controller is alive: the kernel has its sync listener
+/// (`DatapathConfig::sync_tuple_be`; no config, no gate). A listener is unhashed as its process
+/// exits, SIGKILL included. Without `[sync]` (family 0) there is nothing to ask,
+/// and the answer is yes. Inlined, and the tuple is read where it lies in the
+/// config map: no stack frame of its own under the reply path.
+#[inline(always)]
+pub fn alive(ctx: &XdpContext) -> bool {
+    // Looked up here rather than passed in: a caller's config pointer kept
+    // across its other calls costs a stack slot in the reply path's frame.
+    let Some(cfg) = CONFIG.get(0) else {
+        return true;
+    };
+    let len = match cfg.sync_family {
+        AF_INET => 12,
+        AF_INET6 => 36,
+        _ => return true,
+    };
+    let tuple = (&raw const cfg.sync_tuple_be)
+        .cast::<bpf_sock_tuple>()
+        .cast_mut();
+    #[expect(clippy::cast_sign_loss, reason = "the helper takes -1 as u64")]
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    // SAFETY: `tuple` points at 36 bytes of the config map's value, which the
+    // helper only reads (`len` of them); a socket it returns is released before
+    // this returns, as the verifier demands.
+    unsafe {
+        let sk = bpf_sk_lookup_tcp(ctx.as_ptr(), tuple, len, netns, 0);
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
 }

@@ -297,6 +297,7 @@ impl Reconciler {
             } else {
                 0
             },
+            sync_listener: config.sync.as_ref().map(|s| s.listen),
         };
         Desired {
             node,

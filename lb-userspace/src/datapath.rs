@@ -121,6 +121,32 @@ pub struct NodeConfig {
     /// The network namespace whose sockets node-local mode balances (its cookie,
     /// `SO_NETNS_COOKIE`); 0: none.
     pub netns_cookie: u64,
+    /// This node's flow-sync listener: while the kernel has no socket listening
+    /// there (the controller is gone), VIPs that sync get no new flows. `None`
+    /// without `[sync]`.
+    pub sync_listener: Option<SocketAddr>,
+}
+
+/// The sync listener as `DatapathConfig` holds it for `bpf_sk_lookup_tcp`: its
+/// family, and a `bpf_sock_tuple` with a zero source (any client).
+fn sync_tuple(listener: Option<SocketAddr>) -> (u8, [u32; 9]) {
+    let mut tuple = [0; 9];
+    let Some(addr) = listener else {
+        return (0, tuple);
+    };
+    let (words, family) = addr_words(addr.ip());
+    // The ports share one word: source (0) first, then destination, each in
+    // network order, as the C struct lays them out.
+    let [hi, lo] = addr.port().to_be_bytes();
+    let ports = u32::from_ne_bytes([0, 0, hi, lo]);
+    if family == AF_INET {
+        tuple[1] = words[0];
+        tuple[2] = ports;
+    } else {
+        tuple[4..8].copy_from_slice(&words);
+        tuple[8] = ports;
+    }
+    (family, tuple)
 }
 
 /// A backend as the datapath holds it.
@@ -261,6 +287,7 @@ impl Datapath {
         let snat_v6_count = pool("IPv6 SNAT addresses", &nat.snat_v6, &mut snat_v6_be, |a| {
             addr_words(IpAddr::V6(*a)).0
         })?;
+        let (sync_family, sync_tuple_be) = sync_tuple(nat.sync_listener);
         let cfg = DatapathConfig {
             snat_v6_be,
             snat_v4_be,
@@ -280,7 +307,10 @@ impl Datapath {
             netns_cookie: nat.netns_cookie,
             claim_min_host: claim_min,
             claim_max_host: claim_max,
-            _pad2: 0,
+            sync_family,
+            _pad2: [0; 3],
+            sync_tuple_be,
+            _pad3: 0,
         };
         let mut config: Array<_, DatapathConfig> = self.typed(MAP_CONFIG)?;
         config.set(0, cfg, 0).map_err(map_err(MAP_CONFIG))

@@ -86,6 +86,7 @@ fn out_of_range_ids_ports_and_slots_are_refused_by_name_and_value() {
             threshold: 1,
         },
         netns_cookie: 0,
+        sync_listener: None,
     };
     assert_eq!(
         err(dp.set_node_config(&nat(0..=100))),

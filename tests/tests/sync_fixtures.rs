@@ -12,7 +12,8 @@ use std::{
 
 use lb_common::{
     PROG_XDP, SyncEvent,
-    ct::{CT_ESTABLISHED, FLOW_F_FROM_PEER},
+    counters::DROP_SYNC_DOWN,
+    ct::{CT_ESTABLISHED, CT_SYN_RECV, FLOW_F_FROM_PEER},
 };
 use lb_userspace::{
     datapath::Vip,
@@ -125,6 +126,69 @@ fn a_flow_synced_to_a_peer_is_carried_there_once_the_peer_owns_the_vip() {
     let carried = peer.dp.flows().expect("flows")[0].1;
     assert_eq!(carried.flags & FLOW_F_FROM_PEER, 0);
     assert_eq!(carried.seq, data.seq);
+}
+
+/// The liveness gate: a node whose controller is gone (nothing listens at its
+/// sync address) keeps its program and the VIP until another node takes over, but
+/// opens no synced flow meanwhile: the client's SYN is dropped, and so is the
+/// master's SYN-ACK to a SYN that passed just before. With the listener there,
+/// both pass.
+#[test]
+fn without_its_sync_listener_a_node_opens_no_synced_flow() {
+    let master = sa(MASTER);
+    let mut cfg = LabConfig::new(&[sa(VIP4)], &[master]);
+    cfg.vips[0].1 = true;
+    let mut owner = owner_lab("apilb-fx-syg", &cfg);
+    // The controller writes its `[sync] listen` address; the lab has no `[sync]`.
+    let listen = sa("127.0.0.1:9465");
+    let mut node = owner.desired().node.clone();
+    node.sync_listener = Some(listen);
+    owner.dp.set_node_config(&node).expect("node config");
+    let gated = |lab: &Lab| lab.dp.counters().expect("counters").get(DROP_SYNC_DOWN);
+    let syn = client_syn(CLIENT4, VIP4);
+    let run = |lab: &mut Lab, seg: &Tcp, ingress| lab.test_run(PROG_XDP, &seg.build(), ingress);
+
+    // No listener: the SYN is dropped and holds nothing.
+    assert_eq!(run(&mut owner, &syn, Ingress::ClientSide).action, XDP_DROP);
+    assert_eq!(gated(&owner), 1);
+    assert_eq!(owner.dp.half_open_flows().expect("half-open").len(), 0);
+
+    // The controller is back (its listener, in the lab's namespace, where the
+    // program runs): the SYN opens a flow.
+    let listener = std::net::TcpListener::bind(listen).expect("listen");
+    assert_eq!(
+        run(&mut owner, &syn, Ingress::ClientSide).action,
+        XDP_REDIRECT
+    );
+    let half = owner.dp.half_open_flows().expect("half-open");
+    assert_eq!(half.len(), 1);
+    let port = u16::from_be(half[0].1.nat_port_be);
+
+    // Gone again before the master answers: its SYN-ACK is dropped, the flow
+    // stays half-open, and the master is not blamed (it answered).
+    drop(listener);
+    let mut syn_ack = Tcp::syn(
+        master_mac(1),
+        FX1_MAC,
+        master,
+        SocketAddr::new(sa(VIP4).ip(), port),
+    );
+    syn_ack.ack = Some(syn.seq + 1);
+    assert_eq!(
+        run(&mut owner, &syn_ack, Ingress::MasterSide).action,
+        XDP_DROP
+    );
+    assert_eq!(gated(&owner), 2);
+    let half = owner.dp.half_open_flows().expect("half-open");
+    assert_eq!((half.len(), half[0].1.state), (1, CT_SYN_RECV));
+
+    // Back: the master's SYN-ACK retransmit goes through to the client.
+    let _listener = std::net::TcpListener::bind(listen).expect("listen");
+    assert_eq!(
+        run(&mut owner, &syn_ack, Ingress::MasterSide).action,
+        XDP_REDIRECT
+    );
+    assert_eq!(gated(&owner), 2);
 }
 
 /// A lab that owns the elected `VIP4` and exports its flows (`VIP_F_SYNC`).
