@@ -231,7 +231,8 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
     };
     let (health_tx, mut health_rx) = mpsc::channel(256);
     let probes = Probes::start(&config.health, config.backend_addrs(), health_tx)?;
-    let (mut owners, mut owner_rx) = Owners::start(&config).await?;
+    let readiness = sync.as_ref().map(SyncNode::readiness);
+    let (mut owners, mut owner_rx) = Owners::start(&config, readiness).await?;
     let mut core = Core {
         config,
         config_path: opts.config_path.clone(),

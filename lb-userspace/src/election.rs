@@ -29,6 +29,26 @@ pub struct Ownership {
     pub reason: String,
 }
 
+/// What flow sync knows of another LB node (`crate::sync::ready`), which VRRP
+/// weighs with its adverts: no preemption of a node whose flows this one does not
+/// hold, and no yielding to one that does not hold this node's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerSync {
+    /// Every flow the peer owned when our session with it came up is installed
+    /// here.
+    pub have_theirs: bool,
+    /// The peer has acknowledged every flow we own.
+    pub they_have_mine: bool,
+}
+
+impl PeerSync {
+    /// Nothing to wait for: sync is off, or the sender is no sync peer.
+    pub const IN_SYNC: Self = Self {
+        have_theirs: true,
+        they_have_mine: true,
+    };
+}
+
 /// One VIP's election as `/status` shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ElectionState {
@@ -44,6 +64,10 @@ pub struct ElectionState {
     pub transitions: u64,
     /// Why the last change happened.
     pub reason: String,
+    /// vrrp: why this node does not preempt the master yet, though it would
+    /// (flow sync: the master's flows are not all installed here); empty if not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub held: String,
     /// vrrp: adverts refused, by reason ("ttl", "checksum", "auth", "vrid", "peer",
     /// "interval", "version", "malformed", "addresses").
     pub rejected: BTreeMap<String, u64>,

@@ -38,6 +38,7 @@ use crate::{
         etcd::{self, EtcdElection, EtcdError},
         vrrp::{self, VrrpElection, VrrpError, VrrpVip},
     },
+    sync::ready::Readiness,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -96,11 +97,13 @@ pub struct Owners {
 
 impl Owners {
     /// Start the elections of `config`'s elected VIPs; their ownership changes
-    /// come out of the returned receiver. The VIPs' addresses are removed first: a
+    /// come out of the returned receiver. `sync`: what flow sync knows of the
+    /// peers, which VRRP weighs with their adverts. The VIPs' addresses are removed first: a
     /// process killed while owning may have left one, and a node that has not won
     /// an election must not answer for a VIP.
     pub async fn start(
         config: &Config,
+        sync: Option<watch::Receiver<Readiness>>,
     ) -> Result<(Self, mpsc::Receiver<Ownership>), OwnershipError> {
         let (tx, events) = mpsc::channel(64);
         let (unhealthy, unhealthy_rx) = watch::channel(false);
@@ -149,8 +152,17 @@ impl Owners {
             }
         }
         if !vrrp_vips.is_empty() {
-            owners.vrrp =
-                Some(vrrp::spawn(&e.vrrp, &announcer, &vrrp_vips, unhealthy_rx, tx.clone()).await?);
+            owners.vrrp = Some(
+                vrrp::spawn(
+                    &e.vrrp,
+                    &announcer,
+                    &vrrp_vips,
+                    unhealthy_rx,
+                    sync,
+                    tx.clone(),
+                )
+                .await?,
+            );
         }
         owners.announcer = Some(announcer);
         if let Some(s) = &e.etcd {

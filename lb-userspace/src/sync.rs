@@ -11,6 +11,7 @@ pub mod install;
 pub mod key;
 pub mod links;
 pub mod node;
+pub mod ready;
 #[cfg(test)]
 mod testing;
 pub mod wire;

@@ -58,6 +58,7 @@ fn sample() -> Snapshot {
                 priority: Some(150),
                 transitions: 1,
                 reason: "master down timer expired".to_owned(),
+                held: String::new(),
                 rejected: [("ttl".to_owned(), 2)].into_iter().collect(),
             }),
             packets: 5000,
@@ -494,13 +495,14 @@ async fn metrics_carry_the_snapshot_numbers_as_valid_openmetrics_text() {
 
         assert_valid_exposition(&reply.body);
         let samples = lines.iter().filter(|l| !l.starts_with('#')).count();
-        // build, timestamp, fail_open, 2 reloads; 4 per VIP plus 3 for its election
-        // (state, transitions, one rejection reason); 9 per backend plus 4 failure
+        // build, timestamp, fail_open, 2 reloads; 4 per VIP plus 4 for its election
+        // (state, preemption held, transitions, one rejection reason); 9 per
+        // backend plus 4 failure
         // reasons, 3 passive failure kinds and 4 passive hint outcomes; one per
         // datapath counter.
         assert_eq!(
             samples,
-            5 + 4 + 3 + 2 * 9 + 4 + 3 + 4 + COUNTER_NAMES.len(),
+            5 + 4 + 4 + 2 * 9 + 4 + 3 + 4 + COUNTER_NAMES.len(),
             "every series"
         );
     })

@@ -187,6 +187,14 @@ fn encode_vips(e: &mut DescriptorEncoder, vips: &[VipStatus]) -> std::fmt::Resul
             (l, 1)
         }),
     )?;
+    gauges(
+        e,
+        "vip_preempt_held",
+        "1 while this node would preempt the VIP's master but holds back: flow sync \
+         has not installed all of the master's flows here yet",
+        None,
+        elected().map(|(v, s)| (vip(v), i64::from(!s.held.is_empty()))),
+    )?;
     counters(
         e,
         "vip_election_transitions",

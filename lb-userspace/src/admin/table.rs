@@ -128,10 +128,10 @@ fn render_elections(out: &mut String, snapshot: &Snapshot) {
                 e.state.clone(),
                 e.priority.map_or_else(|| "-".to_owned(), |p| p.to_string()),
                 e.transitions.to_string(),
-                if e.reason.is_empty() {
-                    "-".to_owned()
-                } else {
-                    e.reason.clone()
+                match (e.reason.is_empty(), e.held.is_empty()) {
+                    (_, false) => format!("{} (held: {})", e.reason, e.held),
+                    (true, true) => "-".to_owned(),
+                    (false, true) => e.reason.clone(),
                 },
             ])
         })

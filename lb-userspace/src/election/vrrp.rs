@@ -11,9 +11,12 @@
 //!   authentication, and the addresses must include the VIP. Each refusal is
 //!   counted by reason (`ElectionState::rejected`).
 //! - **Send.** To 224.0.0.18 / `ff02::12`, or to each unicast peer of the family.
-//! - **Rivals.** A master that hears a lower-priority master (one that was
-//!   stopped or cut off and came back) stays master and announces the VIP again,
-//!   since the network may have followed the other's announcements meanwhile.
+//! - **Rivals.** A master that hears another master (one that was stopped or cut
+//!   off and came back) and stays master announces the VIP again, since the
+//!   network may have followed the other's announcements meanwhile.
+//! - **Flow sync.** Each advert is weighed with what `crate::sync::ready` knows
+//!   of its sender (`fsm::Instance::on_advert_synced`): no preemption before this
+//!   node holds the master's flows, no yielding to a rival that lacks ours.
 //! - **Tracking.** While the node fails open (a VIP has no healthy backend of its
 //!   family; see `controller`) every VIP's priority drops by
 //!   `track_weight`, so a peer with working backends takes over.
@@ -37,9 +40,10 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{ElectionState, Ownership};
+use super::{ElectionState, Ownership, PeerSync};
 use crate::announce::{AnnounceError, Announcer};
 use crate::config::VrrpSettings;
+use crate::sync::ready::{self, Readiness};
 use fsm::{Instance, Output, Params, State};
 use packet::{Advert, Auth, Reject, Version};
 use socket::VrrpSocket;
@@ -114,6 +118,7 @@ pub async fn spawn(
     announcer: &Announcer,
     vips: &[VrrpVip],
     unhealthy: watch::Receiver<bool>,
+    sync: Option<watch::Receiver<Readiness>>,
     events: mpsc::Sender<Ownership>,
 ) -> Result<VrrpElection, VrrpError> {
     let version = if settings.version == 2 {
@@ -196,6 +201,8 @@ pub async fn spawn(
             auth: auth.clone(),
             interval: settings.advert_interval,
             track_weight: settings.track_weight,
+            sync: sync.clone(),
+            preempt: settings.preempt,
         };
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = tokio::spawn(run(io, routers, unhealthy.clone(), events.clone(), stop_rx));
@@ -211,6 +218,9 @@ struct Io {
     auth: Auth,
     interval: Duration,
     track_weight: i32,
+    /// What flow sync knows of each peer; `None` without `[sync]`.
+    sync: Option<watch::Receiver<Readiness>>,
+    preempt: bool,
 }
 
 struct Router {
@@ -314,14 +324,6 @@ async fn run(
     }
 }
 
-/// An address as a number, for the RFC's tie-break (the higher address wins).
-fn ip_key(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(a) => u128::from(u32::from(a)),
-        IpAddr::V6(a) => u128::from(a),
-    }
-}
-
 /// The priority to advertise: `track_weight` (<= 0) applied while no backend is
 /// healthy, kept within 1-254.
 fn effective_priority(configured: u8, no_healthy_backend: bool, track_weight: i32) -> u8 {
@@ -354,16 +356,20 @@ async fn receive(
     if !advert.addresses.contains(&r.vip.addr) {
         return Err(Reject::Addresses);
     }
-    // A master hearing a lower-priority master (one that was cut off or stopped
-    // and came back) keeps the VIP, and announces it again: the network may have
-    // followed the other node's announcements meanwhile.
-    let rival = r.fsm.state() == State::Master
-        && advert.priority != 0
-        && (advert.priority, ip_key(src)) < (r.fsm.priority(), ip_key(io.socket.source));
-    let out = r
-        .fsm
-        .on_advert(Instant::now(), src, advert.priority, advert.interval)?;
+    let sync = io
+        .sync
+        .as_ref()
+        .map_or(PeerSync::IN_SYNC, |s| ready::of(&s.borrow(), src));
+    let was_master = r.fsm.state() == State::Master;
+    let out =
+        r.fsm
+            .on_advert_synced(Instant::now(), src, advert.priority, advert.interval, sync)?;
     handle(io, r, out, events).await;
+    hold(io, r, src, advert.priority, sync);
+    // A master hearing another master (one that was cut off or stopped and came
+    // back) and keeping the VIP announces it again: the network may have
+    // followed the other node's announcements meanwhile.
+    let rival = was_master && r.fsm.state() == State::Master && advert.priority != 0;
     if rival {
         let _ = events
             .send(Ownership {
@@ -374,6 +380,33 @@ async fn receive(
             .await;
     }
     Ok(())
+}
+
+/// Say whether a backup holds back a preemption for want of the master's flows
+/// (`/status`, `vip_preempt_held`), and log when that starts and ends.
+fn hold(io: &Io, r: &Router, master: IpAddr, priority: u8, sync: PeerSync) {
+    let held = io.preempt
+        && r.fsm.state() == State::Backup
+        && priority != 0
+        && priority < r.fsm.priority()
+        && !sync.have_theirs;
+    let why = if held {
+        format!("flow sync: master {master}'s flows not all installed here yet")
+    } else {
+        String::new()
+    };
+    r.state.send_if_modified(|s| {
+        if s.held == why {
+            return false;
+        }
+        if held {
+            info!(vip = %r.vip.addr, %master, "VRRP: preemption held until flow sync holds the master's flows");
+        } else {
+            info!(vip = %r.vip.addr, "VRRP: preemption no longer held by flow sync");
+        }
+        s.held = why;
+        true
+    });
 }
 
 async fn handle(io: &Io, r: &mut Router, outputs: Vec<Output>, events: &mpsc::Sender<Ownership>) {

@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 use super::{
     install::{View, entries_of, record_of, record_of_flow},
     links::{Inbound, Link, Links, LinksConfig, LinksStatus},
+    ready::{Readiness, Tracker},
     wire::{FlowRecord, MAX_RECORDS, Message},
 };
 use crate::datapath::Datapath;
@@ -68,6 +69,7 @@ impl NodeStats {
 /// What the daemon keeps of the running node.
 pub struct SyncNode {
     view: watch::Sender<Arc<View>>,
+    readiness: watch::Receiver<Readiness>,
     shared: Arc<Shared>,
     commands: mpsc::UnboundedSender<Command>,
     thread: Option<thread::JoinHandle<()>>,
@@ -103,6 +105,7 @@ impl SyncNode {
         resync: Duration,
     ) -> Result<Self, NodeError> {
         let (view_tx, view_rx) = watch::channel(Arc::new(view));
+        let (ready, readiness) = Tracker::new();
         let shared = Arc::new(Shared::default());
         let (commands, command_rx) = mpsc::unbounded_channel();
         let worker = Arc::clone(&shared);
@@ -119,13 +122,19 @@ impl SyncNode {
                         return;
                     }
                 };
-                rt.block_on(run(
-                    links, tables, events, view_rx, worker, command_rx, resync,
-                ));
+                let state = State {
+                    tables,
+                    view: view_rx,
+                    shared: worker,
+                    resync,
+                    ready,
+                };
+                rt.block_on(run(links, events, command_rx, state));
             })
             .map_err(NodeError::Thread)?;
         Ok(Self {
             view: view_tx,
+            readiness,
             shared,
             commands,
             thread: Some(thread),
@@ -135,6 +144,12 @@ impl SyncNode {
     /// The translation the records use from now on.
     pub fn set_view(&self, view: View) {
         self.view.send_replace(Arc::new(view));
+    }
+
+    /// Which peers this node is in sync with, for the elections.
+    #[must_use]
+    pub fn readiness(&self) -> watch::Receiver<Readiness> {
+        self.readiness.clone()
     }
 
     #[must_use]
@@ -190,15 +205,30 @@ pub fn coarse_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
-async fn run(
-    cfg: LinksConfig,
-    mut tables: Datapath,
-    events: RingBuf<MapData>,
+/// What the sync thread works with, beside its links, ring and commands.
+struct State {
+    /// This node's flow tables (`Datapath::flow_tables`).
+    tables: Datapath,
     view: watch::Receiver<Arc<View>>,
     shared: Arc<Shared>,
-    mut commands: mpsc::UnboundedReceiver<Command>,
+    /// How often every peer gets a bulk unasked.
     resync: Duration,
+    ready: Tracker,
+}
+
+async fn run(
+    cfg: LinksConfig,
+    events: RingBuf<MapData>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    state: State,
 ) {
+    let State {
+        mut tables,
+        view,
+        shared,
+        resync,
+        mut ready,
+    } = state;
     let (mut links, mut inbound) = match Links::start(cfg) {
         Ok(l) => l,
         Err(e) => {
@@ -215,7 +245,8 @@ async fn run(
             return;
         }
     };
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Often, for the elections: an acknowledged bulk makes a peer in sync.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut last_resync = tokio::time::Instant::now();
     let count = |f: &dyn Fn(&mut NodeStats)| {
         f(&mut shared.stats.lock().unwrap_or_else(PoisonError::into_inner));
@@ -240,6 +271,7 @@ async fn run(
                 count(&|s| s.exported += n);
             }
             Some(event) = inbound.recv() => {
+                ready.on_inbound(&event);
                 let v = Arc::clone(&view.borrow());
                 match event {
                     Inbound::Message { peer, message: Message::Flows(records) | Message::BulkChunk(records) } => {
@@ -247,8 +279,7 @@ async fn run(
                         debug!(%peer, records = records.len(), "flow sync: records installed");
                     }
                     Inbound::Message { peer, message: Message::BulkRequest(vips) } => {
-                        let sent = bulk(&links, &peer, &mut tables, &v, &vips);
-                        count(&|s| { let p = s.peers.entry(peer.to_string()).or_default(); p.bulks_sent += 1; p.bulk_records_sent += sent; });
+                        send_bulk(&links, &peer, &mut tables, &v, &vips, &mut ready, &shared);
                     }
                     Inbound::Message { peer, message: Message::BulkEnd { count: n, .. } } => {
                         info!(%peer, records = n, "flow sync: bulk received");
@@ -277,16 +308,35 @@ async fn run(
                 if due {
                     last_resync = tokio::time::Instant::now();
                 }
-                for peer in links.status().peers.iter().map(|p| p.name.clone()).collect::<Vec<_>>() {
-                    if links.take_resync(&peer) || due {
-                        let sent = bulk(&links, &peer, &mut tables, &v, &[]);
-                        count(&|s| { let p = s.peers.entry(peer.to_string()).or_default(); p.bulks_sent += 1; p.bulk_records_sent += sent; });
+                let status = links.status();
+                for peer in status.peers.iter().map(|p| &p.name) {
+                    if links.take_resync(peer) || due {
+                        send_bulk(&links, peer, &mut tables, &v, &[], &mut ready, &shared);
                     }
                 }
-                *shared.links.lock().unwrap_or_else(PoisonError::into_inner) = Some(links.status());
+                ready.publish(&status);
+                *shared.links.lock().unwrap_or_else(PoisonError::into_inner) = Some(status);
             }
         }
     }
+}
+
+/// [`bulk`] to `peer`, counted, and known to the elections.
+fn send_bulk(
+    links: &Links,
+    peer: &Arc<str>,
+    tables: &mut Datapath,
+    view: &View,
+    vips: &[std::net::IpAddr],
+    ready: &mut Tracker,
+    shared: &Shared,
+) {
+    let sent = bulk(links, peer, tables, view, vips);
+    ready.bulk_sent(peer);
+    let mut all = shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
+    let p = all.peers.entry(peer.to_string()).or_default();
+    p.bulks_sent += 1;
+    p.bulk_records_sent += sent;
 }
 
 /// Install a peer's records, counting each outcome.

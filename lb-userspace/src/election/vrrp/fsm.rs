@@ -33,6 +33,12 @@
 //!   advertise and what the comparisons and `Skew_Time` use; a master advertises a
 //!   change at once, so that a backup with preemption can take over.
 //! - [`Instance::shutdown`]: a master sends priority 0 and gives up the VIP.
+//! - Flow sync ([`Instance::on_advert_synced`], [`PeerSync`]): a backup does not
+//!   preempt a master whose flows it does not hold yet; a master meeting a
+//!   lower-priority master whose flows it does not hold (after a cable cut) goes
+//!   to Backup, and one meeting a higher-priority master that does not hold its
+//!   flows stays master. Master-down expiry and priority 0 still take over at
+//!   once: the owner is gone or has handed its flows over.
 
 use std::{
     net::IpAddr,
@@ -40,6 +46,7 @@ use std::{
 };
 
 use super::packet::{Reject, Version};
+use crate::election::PeerSync;
 
 /// Why the node became master because its `Master_Down_Timer` ran out with no master
 /// heard.
@@ -52,6 +59,10 @@ const REASON_PREEMPTED: &str = "preempted a lower-priority master";
 const REASON_HIGHER_PRIORITY: &str = "higher-priority master";
 /// Why the node went back to backup: a master of equal priority and higher address.
 const REASON_TIE_BREAK: &str = "equal-priority master with a higher address";
+/// Why the node went back to backup: a lower-priority master (one that took
+/// over while we were cut off) carries flows we do not hold; we preempt it once
+/// we do.
+const REASON_RIVAL_UNSYNCED: &str = "lower-priority master whose flows we do not hold yet";
 /// Why the node gave the VIP up on [`Instance::shutdown`].
 const REASON_SHUTDOWN: &str = "shutdown";
 
@@ -173,6 +184,22 @@ impl Instance {
         priority: u8,
         interval: Duration,
     ) -> Result<Vec<Output>, Reject> {
+        self.on_advert_synced(now, src, priority, interval, PeerSync::IN_SYNC)
+    }
+
+    /// [`Instance::on_advert`], knowing what flow sync knows of the sender
+    /// (`sync`): a backup does not preempt a sender whose flows it does not hold;
+    /// a master yields neither to a lower-priority rival whose flows it does not
+    /// hold (it goes to Backup instead, and preempts once it does) nor to a
+    /// higher-priority one that does not hold its own (it stays master).
+    pub fn on_advert_synced(
+        &mut self,
+        now: Instant,
+        src: IpAddr,
+        priority: u8,
+        interval: Duration,
+        sync: PeerSync,
+    ) -> Result<Vec<Output>, Reject> {
         let usable = match self.params.version {
             Version::V2 => interval == self.params.advert_interval,
             Version::V3 => !interval.is_zero(),
@@ -183,10 +210,10 @@ impl Instance {
         Ok(match self.state {
             State::Initialize => Vec::new(),
             State::Backup => {
-                self.backup_advert(now, priority, interval);
+                self.backup_advert(now, priority, interval, sync);
                 Vec::new()
             }
-            State::Master => self.master_advert(now, src, priority, interval),
+            State::Master => self.master_advert(now, src, priority, interval, sync),
         })
     }
 
@@ -303,7 +330,7 @@ impl Instance {
         interval.saturating_mul(3).saturating_add(self.skew_time())
     }
 
-    fn backup_advert(&mut self, now: Instant, priority: u8, interval: Duration) {
+    fn backup_advert(&mut self, now: Instant, priority: u8, interval: Duration, sync: PeerSync) {
         if priority == 0 {
             self.arm_master_down(now + self.skew_time(), DownCause::Resigned);
             return;
@@ -311,7 +338,9 @@ impl Instance {
         let in_delay = self
             .started
             .is_some_and(|t| now.saturating_duration_since(t) < self.params.preempt_delay);
-        if !self.params.preempt || priority >= self.priority || in_delay {
+        // Not holding the master's flows is a preempt delay with no end but the
+        // bulk's.
+        if !self.params.preempt || priority >= self.priority || in_delay || !sync.have_theirs {
             self.learn_interval(interval);
             self.arm_master_down(now + self.master_down_interval(), DownCause::Silence);
         } else if self.down_cause == DownCause::Silence {
@@ -326,6 +355,7 @@ impl Instance {
         src: IpAddr,
         priority: u8,
         interval: Duration,
+        sync: PeerSync,
     ) -> Vec<Output> {
         if priority == 0 {
             self.arm_adver(now);
@@ -333,10 +363,18 @@ impl Instance {
                 priority: self.priority,
             }];
         }
-        let reason = if priority > self.priority {
+        let above = priority > self.priority
+            || (priority == self.priority && address_above(src, self.params.primary));
+        let reason = if above && !sync.they_have_mine {
+            // The rival would reset every flow of ours: we stay master until
+            // it holds them (an RFC deviation, towards sync peers only).
+            return Vec::new();
+        } else if priority > self.priority {
             REASON_HIGHER_PRIORITY
-        } else if priority == self.priority && address_above(src, self.params.primary) {
+        } else if above {
             REASON_TIE_BREAK
+        } else if !sync.have_theirs {
+            REASON_RIVAL_UNSYNCED
         } else {
             return Vec::new();
         };
@@ -577,6 +615,104 @@ mod tests {
         assert_eq!(vr.state(), State::Backup);
         // 3 * 200 ms + 156 * 200 ms / 256 = 600 ms + 121.875 ms.
         assert_eq!(vr.next_timeout(), Some(t + ns(721_875_000)));
+    }
+
+    const UNSYNCED: PeerSync = PeerSync {
+        have_theirs: false,
+        they_have_mine: false,
+    };
+
+    #[test]
+    fn preempting_backup_waits_for_the_masters_flows_however_long_it_takes() {
+        let (mut vr, t0) = started(params(Version::V3, 150, SECOND));
+        // Ten seconds of adverts from a master whose bulk has not ended: each
+        // one re-arms the timer, as for a backup that does not preempt.
+        for s in 1..=10 {
+            let t = t0 + SECOND * s;
+            assert_eq!(vr.on_timeout(t), []);
+            assert_eq!(
+                vr.on_advert_synced(t, PEER, 100, SECOND, UNSYNCED),
+                Ok(vec![])
+            );
+            assert_eq!(vr.next_timeout(), Some(t + ns(3_414_062_500)));
+        }
+        assert_eq!(vr.state(), State::Backup);
+        // The bulk ended: the next advert is ignored, and the timer running out
+        // makes us master.
+        let t = t0 + SECOND * 11;
+        let synced = PeerSync {
+            have_theirs: true,
+            they_have_mine: false,
+        };
+        assert_eq!(
+            vr.on_advert_synced(t, PEER, 100, SECOND, synced),
+            Ok(vec![])
+        );
+        let due = t0 + SECOND * 10 + ns(3_414_062_500);
+        assert_eq!(vr.next_timeout(), Some(due));
+        assert_eq!(
+            vr.on_timeout(due),
+            [
+                Output::SendAdvert { priority: 150 },
+                owned(REASON_PREEMPTED)
+            ]
+        );
+    }
+
+    #[test]
+    fn master_meeting_a_lower_rival_whose_flows_it_lacks_steps_back_until_it_has_them() {
+        // Cut off, we stayed master; PEER took over meanwhile. Back on the
+        // wire, its flows are not ours yet: we give the VIP up.
+        let (mut vr, t) = master(params(Version::V3, 150, SECOND));
+        assert_eq!(
+            vr.on_advert_synced(t, LOWER, 100, SECOND, UNSYNCED),
+            Ok(vec![lost(REASON_RIVAL_UNSYNCED)])
+        );
+        assert_eq!(vr.state(), State::Backup);
+        // Its adverts hold us back until the bulk ends, then we preempt.
+        let t1 = t + SECOND;
+        assert_eq!(
+            vr.on_advert_synced(t1, LOWER, 100, SECOND, UNSYNCED),
+            Ok(vec![])
+        );
+        assert_eq!(vr.next_timeout(), Some(t1 + ns(3_414_062_500)));
+        assert_eq!(
+            vr.on_advert_synced(t1 + SECOND, LOWER, 100, SECOND, PeerSync::IN_SYNC),
+            Ok(vec![])
+        );
+        assert_eq!(
+            vr.on_timeout(t1 + ns(3_414_062_500)),
+            [
+                Output::SendAdvert { priority: 150 },
+                owned(REASON_PREEMPTED)
+            ]
+        );
+        // A lower rival whose flows we hold is ignored, as before.
+        let t2 = t1 + SECOND * 4;
+        assert_eq!(
+            vr.on_advert_synced(t2, LOWER, 100, SECOND, PeerSync::IN_SYNC),
+            Ok(vec![])
+        );
+        assert_eq!(vr.state(), State::Master);
+    }
+
+    #[test]
+    fn master_keeps_the_vip_from_a_higher_rival_until_the_rival_holds_its_flows() {
+        let (mut vr, t) = master(params(Version::V3, 100, SECOND));
+        let adver_due = vr.next_timeout();
+        let theirs_only = PeerSync {
+            have_theirs: true,
+            they_have_mine: false,
+        };
+        assert_eq!(
+            vr.on_advert_synced(t, PEER, 150, SECOND, theirs_only),
+            Ok(vec![])
+        );
+        assert_eq!((vr.state(), vr.next_timeout()), (State::Master, adver_due));
+        assert_eq!(
+            vr.on_advert_synced(t, PEER, 150, SECOND, PeerSync::IN_SYNC),
+            Ok(vec![lost(REASON_HIGHER_PRIORITY)])
+        );
     }
 
     #[test]
