@@ -377,6 +377,7 @@ impl Reconciler {
                 .map(|(v, _)| v.addr.ip())
                 .collect(),
             nat_ports: config.datapath.nat_ports.clone(),
+            timeouts_ms: config.datapath.tcp_timeouts.by_state_ms(),
         }
     }
 

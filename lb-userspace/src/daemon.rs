@@ -409,5 +409,12 @@ fn sync_snapshot(
             },
         })
         .collect();
-    crate::status::SyncSnapshot::from_links(links, SyncCounters { events_lost, peers })
+    crate::status::SyncSnapshot::from_links(
+        links,
+        SyncCounters {
+            events_lost,
+            flows_swept: stats.swept,
+            peers,
+        },
+    )
 }

@@ -8,7 +8,7 @@
 //! exactly one place.
 
 use std::{
-    collections::{BTreeMap, HashMap as StdHashMap},
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::RangeInclusive,
     os::fd::{AsFd as _, AsRawFd as _},
@@ -572,6 +572,53 @@ impl Datapath {
             }
         }
         Ok(removed)
+    }
+
+    /// Remove the flows peers synced here (`FLOW_F_FROM_PEER`, never used here)
+    /// that `stale` picks, with their NAT port leases; how many went.
+    pub fn sweep_parked(&mut self, stale: impl Fn(&FlowKey, &FlowState) -> bool) -> Result<usize> {
+        let listed: Vec<FlowKey> = self
+            .flows()?
+            .into_iter()
+            .filter(|(k, f)| f.flags & FLOW_F_FROM_PEER != 0 && stale(k, f))
+            .map(|(k, _)| k)
+            .collect();
+        if listed.is_empty() {
+            return Ok(0);
+        }
+        let mut flows: HashMap<_, FlowKey, FlowState> = self.typed(MAP_FLOWS)?;
+        // One the LRU evicted, or the datapath re-anchored, meanwhile stays.
+        let removed: HashSet<FlowKey> = listed
+            .into_iter()
+            .filter(|k| {
+                flows
+                    .get(k, 0)
+                    .is_ok_and(|f| f.flags & FLOW_F_FROM_PEER != 0)
+                    && flows.remove(k).is_ok()
+            })
+            .collect();
+        // A lease goes with its flow: it names the client the flow's key has.
+        let leases: Vec<FlowKey> = self
+            .replies()?
+            .into_iter()
+            .filter(|(k, r)| {
+                removed.contains(&FlowKey {
+                    src_be: r.client_be,
+                    dst_be: r.vip_be,
+                    sport_be: r.client_port_be,
+                    dport_be: r.vip_port_be,
+                    proto: k.proto,
+                    family: k.family,
+                    _pad: 0,
+                })
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let mut replies: HashMap<_, FlowKey, ReplyState> = self.typed(MAP_REPLIES)?;
+        for k in &leases {
+            let _ = replies.remove(k);
+        }
+        Ok(removed.len())
     }
 
     /// Write a flow a peer synced (`crate::sync::install::entries_of`): the reply

@@ -260,6 +260,10 @@ pub struct SyncSnapshot {
     /// the sync thread could not use them. Each calls for a resync, which repairs
     /// what the peers missed.
     pub events_lost: u64,
+    /// Peers' flows parked here and removed as over: the peer stopped speaking of
+    /// them for longer than their state's timeout and a resync interval.
+    #[serde(default)]
+    pub flows_swept: u64,
 }
 
 /// One sync peer.
@@ -327,6 +331,8 @@ pub struct BulkStats {
 pub struct SyncCounters {
     /// [`SyncSnapshot::events_lost`].
     pub events_lost: u64,
+    /// [`SyncSnapshot::flows_swept`].
+    pub flows_swept: u64,
     /// By peer name; a peer the links do not know is left out.
     pub peers: Vec<PeerSyncCounters>,
 }
@@ -382,6 +388,7 @@ impl SyncSnapshot {
             peers,
             unattributed: by_fault(&links.unattributed),
             events_lost: extra.events_lost,
+            flows_swept: extra.flows_swept,
         }
     }
 }
@@ -469,6 +476,7 @@ mod tests {
         };
         let extra = SyncCounters {
             events_lost: 4,
+            flows_swept: 6,
             peers: vec![
                 // Out of order, and one the links do not know.
                 PeerSyncCounters {
@@ -486,7 +494,7 @@ mod tests {
             ],
         };
         let s = SyncSnapshot::from_links(&links, extra);
-        assert_eq!(s.events_lost, 4);
+        assert_eq!((s.events_lost, s.flows_swept), (4, 6));
         let names: Vec<&str> = s.peers.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["lb2", "lb3"], "the links' order, lb9 left out");
         let (lb2, lb3) = (&s.peers[0], &s.peers[1]);

@@ -235,6 +235,7 @@ fn sample_with_sync() -> Snapshot {
         &links,
         SyncCounters {
             events_lost: 5,
+            flows_swept: 9,
             peers: vec![lb2_counters, lb3_counters],
         },
     );
@@ -548,6 +549,7 @@ async fn metrics_carry_every_sync_series_of_two_peers() {
             r#"apilb_sync_bulk_records{peer="lb2",dir="received"} 1000"#,
             r#"apilb_sync_bulk_records{peer="lb3",dir="sent"} 0"#,
             "apilb_sync_events_lost_total 5",
+            "apilb_sync_flows_swept_total 9",
         ] {
             assert!(
                 lines.contains(&expected),
@@ -570,10 +572,11 @@ async fn metrics_carry_every_sync_series_of_two_peers() {
             .count();
         // Per peer and link: up, lag, sessions, and 2 directions of frames, bytes
         // and records; per peer: needs_resync, flows_installed and 2 directions of
-        // bulks, bulk_seconds and bulk_records; the rejections; events lost.
+        // bulks, bulk_seconds and bulk_records; the rejections; events lost and
+        // flows swept.
         assert_eq!(
             sync,
-            2 * 2 * (3 + 2 * 3) + 2 * (2 + 2 * 3) + 2 * reasons + Fault::ALL.len() + 1,
+            2 * 2 * (3 + 2 * 3) + 2 * (2 + 2 * 3) + 2 * reasons + Fault::ALL.len() + 2,
             "every sync series"
         );
         let off = metrics::render_metrics(&sample()).unwrap();

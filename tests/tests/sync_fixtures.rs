@@ -18,7 +18,7 @@ use lb_common::{
 use lb_userspace::{
     datapath::Vip,
     sync::{
-        install::{entries_of, record_of},
+        install::{entries_of, record_of, stale},
         key::read_key,
         links::{LinksConfig, PeerConfig},
         node::{SyncNode, coarse_ns},
@@ -189,6 +189,63 @@ fn without_its_sync_listener_a_node_opens_no_synced_flow() {
         XDP_REDIRECT
     );
     assert_eq!(gated(&owner), 2);
+}
+
+/// A flow parked on a peer that its owner stopped speaking of (its close lost
+/// with a broken link) goes, lease and all, once it has been silent for its
+/// state's timeout and a resync interval; a fresh one stays, and so does any on
+/// a VIP the peer owns.
+#[test]
+fn a_parked_flow_its_owner_stopped_speaking_of_is_swept_with_its_lease() {
+    let mut cfg = LabConfig::new(&[sa(VIP4)], &[sa(MASTER)]);
+    cfg.vips[0].1 = true;
+    let (owner, _, _, event) = owner_with_a_synced_flow(&cfg);
+    let mut peer = Lab::with_config("apilb-fx-syw", &cfg);
+    let fresh = record_of(&event, &owner.sync_view(), coarse_ns()).expect("a record");
+    let view = peer.sync_view();
+    let established_ms = view.timeouts_ms[usize::from(CT_ESTABLISHED)];
+    let mut old = fresh;
+    old.client = sa("192.0.2.10:51099");
+    old.nat_port = fresh.nat_port + 1;
+    // Silent a second longer than its timeout and the one-second slack.
+    old.age_ms = established_ms + 2_000;
+    let install = |lab: &mut Lab, r| {
+        let (k, f, rk, rv) = entries_of(r, &lab.sync_view(), coarse_ns()).expect("entries");
+        assert!(lab.dp.install_peer_flow(&k, &f, &rk, &rv).expect("install"));
+    };
+    install(&mut peer, &fresh);
+    install(&mut peer, &old);
+    let slack = 1_000_000_000;
+    let sweep = |lab: &mut Lab| {
+        let (view, now) = (lab.sync_view(), coarse_ns());
+        lab.dp
+            .sweep_parked(|k, f| stale(&view, k, f, now, slack))
+            .expect("sweep")
+    };
+    assert_eq!(sweep(&mut peer), 1);
+    let clients = |lab: &Lab| -> (Vec<u16>, Vec<u16>) {
+        (
+            lab.dp
+                .flows()
+                .expect("flows")
+                .iter()
+                .map(|(k, _)| u16::from_be(k.sport_be))
+                .collect(),
+            lab.dp
+                .replies()
+                .expect("replies")
+                .iter()
+                .map(|(_, r)| u16::from_be(r.client_port_be))
+                .collect(),
+        )
+    };
+    let port = fresh.client.port();
+    assert_eq!(clients(&peer), (vec![port], vec![port]));
+    // On a VIP the node owns, a flow is never swept: it may be in use.
+    install(&mut peer, &old);
+    peer.set_owned(sa(VIP4).ip(), true);
+    assert_eq!(sweep(&mut peer), 0);
+    assert_eq!(clients(&peer).0.len(), 2);
 }
 
 /// A lab that owns the elected `VIP4` and exports its flows (`VIP_F_SYNC`).

@@ -55,7 +55,7 @@ type Labels = Vec<(&'static str, String)>;
 ///   and the installer's; `peer=""` for connections no peer can be blamed for),
 ///   `sync_flows_installed_total`, and by `dir` `sync_bulks_total`,
 ///   `sync_bulk_seconds` and `sync_bulk_records` (the last bulk's duration and
-///   records); `sync_events_lost_total`.
+///   records); `sync_events_lost_total`, `sync_flows_swept_total`.
 /// - Every datapath counter, as `datapath_packets_total{counter="<name>"}`. The
 ///   outcome counters (`pass_*`, `drop_*`, `tx`, `redirect`) partition the packets
 ///   the program saw, so their sum is its packet count; the event counters
@@ -346,6 +346,13 @@ fn encode_backends(e: &mut DescriptorEncoder, backends: &[BackendStatus]) -> std
 fn encode_sync(e: &mut DescriptorEncoder, sync: &SyncSnapshot) -> std::fmt::Result {
     encode_sync_links(e, &sync.peers)?;
     encode_sync_peers(e, sync)?;
+    ConstCounter::new(sync.flows_swept).encode(e.encode_descriptor(
+        "sync_flows_swept",
+        "Peers' flows parked here and removed as over: silent, as of the peer's last \
+         word, for longer than their state's timeout and a resync interval",
+        None,
+        MetricType::Counter,
+    )?)?;
     ConstCounter::new(sync.events_lost).encode(e.encode_descriptor(
         "sync_events_lost",
         "Flow events lost before they reached the sync links (the datapath's ring was \

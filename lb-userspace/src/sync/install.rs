@@ -10,7 +10,7 @@
 //! first plain segment, since the record dates from the flow's establishment.
 //! It is unused until this node owns the VIP: a client's packets to a VIP it
 //! does not own pass before any flow lookup, and the masters' replies to the VIP
-//! reach only its owner.
+//! reach only its owner. One the peer stopped speaking of ([`stale`]) is swept.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -21,14 +21,14 @@ use std::{
 use lb_common::{
     AF_INET, FlowKey, FlowState, IPPROTO_TCP, NextHop, REPLY_F_TRACK, REPLY_F_TS, ReplyState,
     SYNC_EV_CLOSED, SYNC_EV_ESTABLISHED, SyncEvent,
-    ct::{CT_FIN_WAIT, FLOW_F_BACKEND_FIRST, FLOW_F_FROM_PEER, FLOW_F_SYNC, FLOW_F_TS},
+    ct::{CT_FIN_WAIT, CT_STATES, FLOW_F_BACKEND_FIRST, FLOW_F_FROM_PEER, FLOW_F_SYNC, FLOW_F_TS},
 };
 
 use super::wire::{FlowRecord, RecordKind};
 use crate::datapath::{addr_words, socket_addr};
 
 /// What translating needs of this node: its SNAT pools (`NodeConfig`), its
-/// backend ids, the VIPs that sync, the NAT port range.
+/// backend ids, the VIPs that sync, the NAT port range, the TCP timeouts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct View {
     pub snat_v4: Vec<Ipv4Addr>,
@@ -38,6 +38,28 @@ pub struct View {
     /// The VIP addresses this node owns: their flows are what a bulk sends.
     pub owned: HashSet<IpAddr>,
     pub nat_ports: RangeInclusive<u16>,
+    /// How long after its last packet a flow in each TCP state (`ct::CT_*`)
+    /// holds its NAT port: a flow a peer synced here and has not refreshed for
+    /// longer (and a resync interval) is over on the peer too ([`stale`]).
+    pub timeouts_ms: [u32; CT_STATES],
+}
+
+/// Whether a flow a peer synced here (parked: its VIP is not ours) is over:
+/// silent, as of the peer's last word on it, for longer than its state's
+/// timeout plus `slack_ns` (a resync interval: every bulk refreshes it). The
+/// peer itself would have given its port to another flow by then, so the
+/// entry only holds table space, and a peer's flow lost on a broken link
+/// (its close never sent) would otherwise stay until the LRU evicts it.
+#[must_use]
+pub fn stale(view: &View, key: &FlowKey, flow: &FlowState, now_ns: u64, slack_ns: u64) -> bool {
+    let vip = socket_addr(&key.dst_be, key.family, key.dport_be).ip();
+    let timeout_ms = view
+        .timeouts_ms
+        .get(usize::from(flow.state))
+        .copied()
+        .unwrap_or(0);
+    !view.owned.contains(&vip)
+        && now_ns.saturating_sub(flow.last_seen_ns) > u64::from(timeout_ms) * 1_000_000 + slack_ns
 }
 
 /// Why a peer's record was not installed, for `apilb_sync_rejected_total`.

@@ -28,7 +28,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
-    install::{View, entries_of, record_of, record_of_flow},
+    install::{View, entries_of, record_of, record_of_flow, stale},
     links::{Inbound, Link, Links, LinksConfig, LinksStatus},
     ready::{Readiness, Tracker},
     wire::{FlowRecord, MAX_RECORDS, Message},
@@ -40,6 +40,8 @@ use crate::datapath::Datapath;
 pub struct NodeStats {
     /// Datapath events sent on.
     pub exported: u64,
+    /// Peers' flows removed as stale (`install::stale`).
+    pub swept: u64,
     /// By peer.
     pub peers: BTreeMap<String, PeerStats>,
 }
@@ -57,6 +59,10 @@ pub struct PeerStats {
     /// Bulks received from it to their end.
     pub bulks_received: u64,
 }
+
+/// How often parked flows are looked over for ones their peer no longer
+/// speaks of (`install::stale`).
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 impl NodeStats {
     /// Every peer's records installed here.
@@ -122,12 +128,15 @@ impl SyncNode {
                         return;
                     }
                 };
+                let now = tokio::time::Instant::now();
                 let state = State {
                     tables,
                     view: view_rx,
                     shared: worker,
                     resync,
                     ready,
+                    last_resync: now,
+                    last_sweep: now,
                 };
                 rt.block_on(run(links, events, command_rx, state));
             })
@@ -214,21 +223,16 @@ struct State {
     /// How often every peer gets a bulk unasked.
     resync: Duration,
     ready: Tracker,
+    last_resync: tokio::time::Instant,
+    last_sweep: tokio::time::Instant,
 }
 
 async fn run(
     cfg: LinksConfig,
     events: RingBuf<MapData>,
     mut commands: mpsc::UnboundedReceiver<Command>,
-    state: State,
+    mut state: State,
 ) {
-    let State {
-        mut tables,
-        view,
-        shared,
-        resync,
-        mut ready,
-    } = state;
     let (mut links, mut inbound) = match Links::start(cfg) {
         Ok(l) => l,
         Err(e) => {
@@ -247,15 +251,11 @@ async fn run(
     };
     // Often, for the elections: an acknowledged bulk makes a peer in sync.
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut last_resync = tokio::time::Instant::now();
-    let count = |f: &dyn Fn(&mut NodeStats)| {
-        f(&mut shared.stats.lock().unwrap_or_else(PoisonError::into_inner));
-    };
     loop {
         tokio::select! {
             ready = ring.readable_mut() => {
                 let Ok(mut guard) = ready else { warn!("flow sync: the event ring failed"); return };
-                let v = Arc::clone(&view.borrow());
+                let v = Arc::clone(&state.view.borrow());
                 let now = coarse_ns();
                 let mut records = Vec::new();
                 while let Some(item) = guard.get_inner_mut().next() {
@@ -268,30 +268,9 @@ async fn run(
                 for chunk in records.chunks(MAX_RECORDS) {
                     let _ = links.broadcast(Message::Flows(chunk.to_vec()));
                 }
-                count(&|s| s.exported += n);
+                state.count(|s| s.exported += n);
             }
-            Some(event) = inbound.recv() => {
-                ready.on_inbound(&event);
-                let v = Arc::clone(&view.borrow());
-                match event {
-                    Inbound::Message { peer, message: Message::Flows(records) | Message::BulkChunk(records) } => {
-                        install(&mut tables, &peer, &records, &v, &shared);
-                        debug!(%peer, records = records.len(), "flow sync: records installed");
-                    }
-                    Inbound::Message { peer, message: Message::BulkRequest(vips) } => {
-                        send_bulk(&links, &peer, &mut tables, &v, &vips, &mut ready, &shared);
-                    }
-                    Inbound::Message { peer, message: Message::BulkEnd { count: n, .. } } => {
-                        info!(%peer, records = n, "flow sync: bulk received");
-                        count(&|s| s.peers.entry(peer.to_string()).or_default().bulks_received += 1);
-                    }
-                    Inbound::Connected { peer, link: Link::Import } => {
-                        let vips: Vec<_> = v.vips.iter().map(std::net::SocketAddr::ip).collect();
-                        let _ = links.send(&peer, Message::BulkRequest(vips));
-                    }
-                    _ => {}
-                }
-            }
+            Some(event) = inbound.recv() => state.inbound(&links, event),
             Some(cmd) = commands.recv() => match cmd {
                 Command::Flush(timeout, done) => {
                     let _ = done.send(links.flush(timeout).await);
@@ -302,41 +281,114 @@ async fn run(
                     return;
                 }
             },
-            _ = tick.tick() => {
-                let v = Arc::clone(&view.borrow());
-                let due = last_resync.elapsed() >= resync;
-                if due {
-                    last_resync = tokio::time::Instant::now();
-                }
-                let status = links.status();
-                for peer in status.peers.iter().map(|p| &p.name) {
-                    if links.take_resync(peer) || due {
-                        send_bulk(&links, peer, &mut tables, &v, &[], &mut ready, &shared);
-                    }
-                }
-                ready.publish(&status);
-                *shared.links.lock().unwrap_or_else(PoisonError::into_inner) = Some(status);
-            }
+            _ = tick.tick() => state.tick(&links),
         }
     }
 }
 
-/// [`bulk`] to `peer`, counted, and known to the elections.
-fn send_bulk(
-    links: &Links,
-    peer: &Arc<str>,
-    tables: &mut Datapath,
-    view: &View,
-    vips: &[std::net::IpAddr],
-    ready: &mut Tracker,
-    shared: &Shared,
-) {
-    let sent = bulk(links, peer, tables, view, vips);
-    ready.bulk_sent(peer);
-    let mut all = shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
-    let p = all.peers.entry(peer.to_string()).or_default();
-    p.bulks_sent += 1;
-    p.bulk_records_sent += sent;
+impl State {
+    fn count(&self, f: impl FnOnce(&mut NodeStats)) {
+        f(&mut self
+            .shared
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// A session came or went, or a peer's message arrived.
+    fn inbound(&mut self, links: &Links, event: Inbound) {
+        self.ready.on_inbound(&event);
+        let v = Arc::clone(&self.view.borrow());
+        match event {
+            Inbound::Message {
+                peer,
+                message: Message::Flows(records) | Message::BulkChunk(records),
+            } => {
+                install(&mut self.tables, &peer, &records, &v, &self.shared);
+                debug!(%peer, records = records.len(), "flow sync: records installed");
+            }
+            Inbound::Message {
+                peer,
+                message: Message::BulkRequest(vips),
+            } => self.send_bulk(links, &peer, &v, &vips),
+            Inbound::Message {
+                peer,
+                message: Message::BulkEnd { count: n, .. },
+            } => {
+                info!(%peer, records = n, "flow sync: bulk received");
+                self.count(|s| s.peers.entry(peer.to_string()).or_default().bulks_received += 1);
+            }
+            Inbound::Connected {
+                peer,
+                link: Link::Import,
+            } => {
+                let vips: Vec<_> = v.vips.iter().map(std::net::SocketAddr::ip).collect();
+                let _ = links.send(&peer, Message::BulkRequest(vips));
+            }
+            _ => {}
+        }
+    }
+
+    /// Every 100 ms: the bulks owed or due, the sweep when due, and what the
+    /// elections and `/status` learn of the links.
+    fn tick(&mut self, links: &Links) {
+        let v = Arc::clone(&self.view.borrow());
+        let due = self.last_resync.elapsed() >= self.resync;
+        if due {
+            self.last_resync = tokio::time::Instant::now();
+        }
+        if self.last_sweep.elapsed() >= SWEEP_EVERY {
+            self.last_sweep = tokio::time::Instant::now();
+            self.sweep(&v);
+        }
+        let status = links.status();
+        for peer in status.peers.iter().map(|p| &p.name) {
+            if links.take_resync(peer) || due {
+                self.send_bulk(links, peer, &v, &[]);
+            }
+        }
+        self.ready.publish(&status);
+        *self
+            .shared
+            .links
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(status);
+    }
+
+    /// [`bulk`] to `peer`, counted, and known to the elections.
+    fn send_bulk(
+        &mut self,
+        links: &Links,
+        peer: &Arc<str>,
+        view: &View,
+        vips: &[std::net::IpAddr],
+    ) {
+        let sent = bulk(links, peer, &mut self.tables, view, vips);
+        self.ready.bulk_sent(peer);
+        self.count(|s| {
+            let p = s.peers.entry(peer.to_string()).or_default();
+            p.bulks_sent += 1;
+            p.bulk_records_sent += sent;
+        });
+    }
+
+    /// Remove the peers' flows parked here that are over (`install::stale`, with
+    /// a resync interval's slack), counted.
+    fn sweep(&mut self, view: &View) {
+        let now = coarse_ns();
+        let slack = u64::try_from(self.resync.as_nanos()).unwrap_or(u64::MAX);
+        match self
+            .tables
+            .sweep_parked(|k, f| stale(view, k, f, now, slack))
+        {
+            Ok(0) => {}
+            Ok(n) => {
+                debug!(flows = n, "flow sync: stale parked flows removed");
+                self.count(|s| s.swept += n as u64);
+            }
+            Err(e) => warn!("flow sync: sweeping parked flows: {e}"),
+        }
+    }
 }
 
 /// Install a peer's records, counting each outcome.
