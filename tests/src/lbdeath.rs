@@ -162,9 +162,10 @@ impl Outcome {
     #[must_use]
     pub fn row(&self, setup: &str, fate: Fate) -> String {
         format!(
-            "| {setup} | {} | {} | {} | {} ({}) | {} | {} |",
+            "| {setup} | {} | {} | {:.2} s | {} | {} ({}) | {} | {} |",
             fate.name(),
             self.broken,
+            self.longest_stall.as_secs_f64(),
             self.failed.len(),
             self.waited.len(),
             secs(self.waited_max()),
@@ -175,9 +176,9 @@ impl Outcome {
 }
 
 /// The header of [`Outcome::row`]'s table.
-pub const TABLE_HEAD: &str = "| setup | lb1's fate | broken streams of 30 | failed new connections | \
-     waited for a SYN retransmit (max) | kubectl failures | VIP moved after |\n\
-     | --- | --- | ---: | ---: | ---: | ---: | ---: |";
+pub const TABLE_HEAD: &str = "| setup | lb1's fate | broken streams of 30 | longest stream stall | \
+     failed new connections | waited for a SYN retransmit (max) | kubectl failures | VIP moved \
+     after |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |";
 
 fn secs(d: Option<f64>) -> String {
     d.map_or_else(|| "-".to_owned(), |d| format!("{d:.2} s"))
