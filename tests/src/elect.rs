@@ -236,6 +236,24 @@ pub fn assert_served_by(t: &Topology, vip: &str, node: &Node, limit: Duration) {
     );
 }
 
+/// The MAC address of an LB node's election interface.
+#[must_use]
+pub fn mac(ns: &Netns) -> String {
+    ns.ip(&["-br", "link", "show", "dev", LB_DEV])
+        .split_whitespace()
+        .nth(2)
+        .expect("MAC")
+        .to_owned()
+}
+
+/// The LB node (0 or 1) the router's ARP entry for `vip` points at, given each
+/// node's [`mac`]: where the traffic goes, whoever holds the address.
+#[must_use]
+pub fn arp_owner(t: &Topology, vip: &str, macs: &[String; 2]) -> Option<usize> {
+    let n = t.router.ip(&["neigh", "show", vip]);
+    macs.iter().position(|m| n.contains(m.as_str()))
+}
+
 /// keepalived (Debian's, 2.2) on a node, VRRP only, in the foreground, killed on
 /// drop. Its config and pid files are written to `dir`.
 pub struct Keepalived {
@@ -271,6 +289,22 @@ impl Keepalived {
             config: path,
             vrrp_pid: dir.join(format!("{name}.vrrp.pid")),
         }
+    }
+
+    /// SIGTERM the parent, as `systemctl stop` does (its VRRP child sends a
+    /// priority-0 advert first), and wait at most 5 s for it to go.
+    pub fn terminate(&mut self) {
+        let Some(mut parent) = self.process.take() else {
+            return;
+        };
+        let pid = libc::pid_t::try_from(parent.0.id()).expect("pid");
+        // SAFETY: signalling a child this struct spawned and has not reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && matches!(parent.0.try_wait(), Ok(None)) {
+            thread::sleep(Duration::from_millis(20));
+        }
+        drop(parent);
     }
 
     /// SIGKILL its VRRP child (so it sends nothing more, not even a priority-0

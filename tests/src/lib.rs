@@ -17,6 +17,8 @@
 //! - [`plane`]: all of it started in one call: topology, CA, stub apiservers, apilb.
 //! - [`traffic`]: new https connections and watch streams through the VIP, recorded
 //!   per master, for the scenarios and the demo.
+//! - [`lbdeath`]: an LB node dies under load (30 watch streams, 100 new https
+//!   connections a second, kubectl): what broke, what failed, what waited.
 //! - [`pki`]: a CA and certificates for the stub apiservers.
 //! - [`model`]: a reference model of the XDP datapath, and the fuzzer that holds
 //!   the kernel's program against it frame by frame (`cargo xtask fuzz`).
@@ -32,6 +34,7 @@ pub mod elect;
 pub mod fixture;
 pub mod flood;
 pub mod flowfx;
+pub mod lbdeath;
 pub mod live;
 pub mod model;
 pub mod natstate;

@@ -171,20 +171,7 @@ impl ControlPlane {
     /// If either fails.
     #[must_use]
     pub fn real_clients(&self, ns: &Netns, server: &str) -> RealClients {
-        let home = self.dir.0.join("home");
-        std::fs::create_dir_all(&home).expect("home");
-        let kubeconfig = home.join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: apilb\n  cluster:\n    \
-                 server: https://{server}\n    certificate-authority: {}\nusers:\n- name: test\n  \
-                 user:\n    token: apilb-test\ncontexts:\n- name: apilb\n  context:\n    \
-                 cluster: apilb\n    user: test\ncurrent-context: apilb\n",
-                self.ca().display()
-            ),
-        )
-        .expect("kubeconfig");
+        let (home, kubeconfig) = kubeconfig(&self.dir.0, server, self.ca());
         let out = std::process::Command::new("ip")
             .args(["netns", "exec", ns.name()])
             .arg(kubectl_bin())
@@ -217,6 +204,31 @@ impl ControlPlane {
             curl_got: c["gitVersion"].to_string(),
         }
     }
+}
+
+/// A home directory under `dir` for kubectl, and a kubeconfig in it as a
+/// kubelet's or an admin's looks: `https://{server}`, the cluster CA `ca` and a
+/// bearer token the stub does not check. Returns (home, kubeconfig).
+///
+/// # Panics
+/// If they cannot be written.
+#[must_use]
+pub fn kubeconfig(dir: &Path, server: &str, ca: &Path) -> (PathBuf, PathBuf) {
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    let kubeconfig = home.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: apilb\n  cluster:\n    \
+             server: https://{server}\n    certificate-authority: {}\nusers:\n- name: test\n  \
+             user:\n    token: apilb-test\ncontexts:\n- name: apilb\n  context:\n    \
+             cluster: apilb\n    user: test\ncurrent-context: apilb\n",
+            ca.display()
+        ),
+    )
+    .expect("kubeconfig");
+    (home, kubeconfig)
 }
 
 /// What [`ControlPlane::real_clients`] saw: JSON strings, quotes included.

@@ -105,7 +105,7 @@ backend apiserver
 
 /// haproxy in the foreground in a namespace, killed on drop.
 pub struct Haproxy {
-    _process: Spawned,
+    process: Spawned,
     stats: PathBuf,
 }
 
@@ -121,9 +121,18 @@ impl Haproxy {
         std::fs::write(&config, haproxy_config(proxy, bind, &stats)).expect("haproxy config");
         let config = config.to_str().expect("utf-8 path");
         let process = Spawned::start(ns, Path::new("/usr/sbin/haproxy"), &["-db", "-f", config]);
-        Self {
-            _process: process,
-            stats,
+        Self { process, stats }
+    }
+
+    /// SIGTERM it (haproxy's hard stop: its connections close at once) and wait
+    /// at most 5 s for it to go.
+    pub fn terminate(&mut self) {
+        let pid = libc::pid_t::try_from(self.process.0.id()).expect("pid");
+        // SAFETY: signalling a child this struct spawned and has not reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && matches!(self.process.0.try_wait(), Ok(None)) {
+            thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -362,6 +371,28 @@ vrrp_instance VI_1 {{
     )
 }
 
+/// keepalived in `ns` with the kubeadm HA guide's config and check script
+/// (written under `dir`, as `name`), starting as `state` with `priority`: on a
+/// master, or on an LB node whose haproxy listens on `*:6443`, where the script's
+/// `https://localhost:6443/healthz` goes through that haproxy.
+///
+/// # Panics
+/// If the script cannot be written.
+#[must_use]
+pub fn kubeadm_keepalived(
+    ns: &Netns,
+    dir: &Path,
+    name: &str,
+    (state, priority): (&str, u8),
+) -> Keepalived {
+    let script = dir.join("check_apiserver.sh");
+    std::fs::write(&script, CHECK_APISERVER).expect("check script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("check script mode");
+    let config = kubeadm_keepalived_config(state, priority, &script);
+    Keepalived::start(ns, dir, name, &config)
+}
+
 /// The master that holds the VIP at the start under [`Proxy::KeepalivedScript`].
 const KEEPALIVED_HOLDER: usize = 1;
 
@@ -371,22 +402,17 @@ const KEEPALIVED_HOLDER: usize = 1;
 /// # Panics
 /// If the script cannot be written, or master-2 does not take the VIP in 15 s.
 fn keepalived_on_masters(t: &Topology, dir: &Path) -> Vec<Keepalived> {
-    let script = dir.join("check_apiserver.sh");
-    std::fs::write(&script, CHECK_APISERVER).expect("check script");
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("check script mode");
     let start = |i: usize| {
         let (state, priority) = if i == KEEPALIVED_HOLDER {
             ("MASTER", 101)
         } else {
             ("BACKUP", 100)
         };
-        let config = kubeadm_keepalived_config(state, priority, &script);
-        Keepalived::start(
+        kubeadm_keepalived(
             t.master_ns(MASTERS[i]),
             dir,
             &format!("ka-m{}", i + 1),
-            &config,
+            (state, priority),
         )
     };
     let mut keepalived = vec![start(KEEPALIVED_HOLDER)];

@@ -1,213 +1,155 @@
-//! An LB node dies and no connection notices (issue 19): two apilb nodes share the
-//! VIP by VRRP (100 ms adverts) in the `tests::cluster` topology, with flow sync
-//! between them, and TCP echo masters. Long-lived connections opened through the
-//! owner keep working on the other node after the owner is killed (SIGKILL) or
-//! stopped (SIGTERM), and again when it comes back and preempts, because each node
-//! already holds the other's flows. The same kill with sync off shows what sync
-//! buys: every such connection breaks. Root.
+//! An LB node dies and no client notices (issue 19): two apilb nodes share the
+//! VIP in the `tests::cluster` topology, with flow sync between them, in front of
+//! TLS stub apiservers, under 30 watch streams, 100 new https connections a second
+//! and a kubectl loop (`tests::lbdeath`). The owner, lb1, gets SIGKILL, has its
+//! cable cut for 5 s, gets SIGTERM, or gets SIGKILL and is started again (and,
+//! under VRRP, preempts back); each with VRRP (100 ms adverts) and with etcd (3 s
+//! lease). With sync, no watch stream breaks, no new connection fails and no
+//! kubectl run fails; a connection opened in the moment before the failure may
+//! wait for one SYN retransmit, and each test prints how many did. The same
+//! scenarios without sync show what sync buys, and check the harness: streams
+//! must break there. Each prints one `lbdeath ...` line. Root.
+//!
+//! The tests run one at a time (`SERIAL`): each runs two apilb nodes, the stubs
+//! and the load, and the numbers are about timing.
 
-use std::{
-    fmt::Write as _,
-    io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpStream},
-    os::unix::fs::PermissionsExt as _,
-    time::{Duration, Instant},
-};
+use std::sync::Mutex;
 
-use tests::{
-    cluster::{VIP_ADDR, lb_addr},
-    elect::{
-        Etcd, Node, VrrpVip, assert_served_by, echo_masters, etcd_election, node_config,
-        two_lb_nodes, vrrp_vip, wait_served_by,
-    },
-    live::{metric_sum, metrics},
-};
+use tests::lbdeath::{self, Election, Fate, MOVE_LIMIT, Outcome, Stack};
 
-const STREAMS: usize = 10;
+static SERIAL: Mutex<()> = Mutex::new(());
 
-/// The tests run one at a time: each runs two apilb nodes with 100 ms adverts.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Node `node`'s `[election]` (VRRP, or etcd with a 3 s lease) and, with `sync`,
-/// `[sync]` tables.
-fn tables(node: usize, dir: &std::path::Path, sync: bool, etcd: bool) -> String {
-    let mut t = if etcd {
-        etcd_election(node, "3s", 1)
-    } else {
-        String::from("[election.vrrp]\nadvert_interval = \"100ms\"\npreempt = true\n")
-    };
-    if sync {
-        let other = 1 - node;
-        let _ = write!(
-            t,
-            "[sync]\nlisten = \"{}:9465\"\nnode = \"lb{}\"\nkey_file = \"{}\"\n\
-             [[sync.peer]]\nname = \"lb{}\"\naddress = \"{}:9465\"\n",
-            lb_addr(node),
-            node + 1,
-            dir.join("sync.key").display(),
-            other + 1,
-            lb_addr(other),
-        );
-    }
-    t
-}
-
-/// One exchange on `conn`: a line out, the master's line back.
-fn exchange(conn: &mut BufReader<TcpStream>) -> Result<String, String> {
-    conn.get_mut()
-        .write_all(b"ping\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut line = String::new();
-    match conn.read_line(&mut line) {
-        Ok(0) => Err("closed".into()),
-        Ok(_) => Ok(line),
-        Err(e) => Err(format!("read: {e}")),
-    }
-}
-
-/// What happens to the owner, lb1.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Fate {
-    Killed,
-    /// Killed, with the VIP elected through etcd (a 3 s lease) instead of VRRP.
-    KilledUnderEtcd,
-    Terminated,
-    /// Killed, then started again: it preempts the VIP back (150 > 100).
-    KilledAndBack,
-}
-
-/// Open `STREAMS` connections through lb1, end it as `fate` says, and try each
-/// again on lb2 (and, if lb1 comes back, again on lb1): the exchanges that
-/// failed, and how long lb2 took to serve the VIP.
-fn streams_through(prefix: &str, sync: bool, fate: Fate) -> (Vec<String>, Option<Duration>) {
+fn scenario(prefix: &str, election: Election, sync: bool, fate: Fate) -> Outcome {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (t, dir) = two_lb_nodes(prefix);
-    let key = dir.0.join("sync.key");
-    std::fs::write(&key, [0x5a; 32]).expect("key");
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("mode");
-    let _masters = echo_masters(&t, Duration::from_mins(3));
-    let etcd = fate == Fate::KilledUnderEtcd;
-    let _etcd = etcd.then(|| Etcd::start(&t, &dir.0));
-    let vip = |priority| {
-        if etcd {
-            return vec![format!("address = \"{VIP_ADDR}\"\nelection = \"etcd\"")];
-        }
-        vec![vrrp_vip(VrrpVip {
-            addr: VIP_ADDR,
-            vrid: 51,
-            priority,
-        })]
-    };
-    let mut lb1 = Node::start(&t, &dir.0, prefix, 0, |i| {
-        node_config(0, i, &vip(150), &tables(0, &dir.0, sync, etcd))
-    });
-    assert_served_by(&t, VIP_ADDR, &lb1, Duration::from_secs(10));
-    let lb2 = Node::start(&t, &dir.0, prefix, 1, |i| {
-        node_config(1, i, &vip(100), &tables(1, &dir.0, sync, etcd))
-    });
-    let addr: SocketAddr = format!("{VIP_ADDR}:6443").parse().expect("vip");
-    let mut streams: Vec<BufReader<TcpStream>> = (0..STREAMS)
-        .map(|_| {
-            let _inside = t.client.enter();
-            let c = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
-            c.set_read_timeout(Some(Duration::from_secs(5)))
-                .expect("timeout");
-            BufReader::new(c)
-        })
-        .collect();
-    for s in &mut streams {
-        exchange(s).expect("an exchange through lb1");
-    }
-    if sync {
-        // lb2 holds every stream's flow before lb1 dies.
-        let until = Instant::now() + Duration::from_secs(10);
-        let installed = || metric_sum(&metrics(&t.lbs[1]), "apilb_sync_flows_installed_total");
-        while installed() < STREAMS as u64 && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    let stack = Stack::Apilb { election, sync };
+    let out = lbdeath::run(prefix, stack, fate);
+    eprintln!(
+        "lbdeath {}, {}: {}",
+        stack.name(),
+        fate.name(),
+        out.summary()
+    );
+    assert!(
+        out.moved.is_some_and(|d| d < MOVE_LIMIT),
+        "traffic never went to lb2"
+    );
+    if matches!(fate, Fate::CableCut | Fate::KillAndBack) {
         assert!(
-            installed() >= STREAMS as u64,
-            "lb2 installed {} flows:\n{}",
-            installed(),
-            lb2.apilb().log_text()
+            out.settled.is_some(),
+            "the VIP did not settle on one node after lb1 returned"
         );
     }
-    let ended = Instant::now();
-    if fate == Fate::Terminated {
-        lb1.terminate();
-    } else {
-        lb1.kill();
-    }
-    let took = wait_served_by(&t.client, VIP_ADDR, 1, ended, Duration::from_secs(10));
-    let mut broken: Vec<String> = streams
-        .iter_mut()
-        .filter_map(|s| exchange(s).err())
-        .collect();
-    if fate == Fate::KilledAndBack {
-        let back = Instant::now();
-        lb1.restart(&t, &dir.0);
-        let preempted = wait_served_by(&t.client, VIP_ADDR, 0, back, Duration::from_secs(5));
-        eprintln!("lb1 restarted: it serves the VIP again after {preempted:?}");
-        assert!(
-            preempted.is_some(),
-            "lb1 did not preempt:\n{}",
-            lb1.apilb().log_text()
-        );
-        broken.extend(streams.iter_mut().filter_map(|s| exchange(s).err()));
-    }
-    (broken, took)
+    out
 }
 
-/// With sync on, the owner ends as `fate` says (`what`, for the report) and no
-/// stream notices.
-fn no_stream_breaks(prefix: &str, fate: Fate, what: &str) {
-    let (broken, took) = streams_through(prefix, true, fate);
-    eprintln!(
-        "sync on, {what}: lb2 serves after {took:?}; {} exchanges of {STREAMS} streams \
-         failed {broken:?}",
-        broken.len()
+/// With sync, lb1's `fate` breaks no stream and fails no new connection and no
+/// kubectl run.
+fn unnoticed(prefix: &str, election: Election, fate: Fate) {
+    let out = scenario(prefix, election, true, fate);
+    assert_eq!(
+        out.broken, 0,
+        "broken streams: {:?}\n{}",
+        out.broken_why, out.logs
     );
-    assert!(took.is_some(), "lb2 did not take over");
-    assert_eq!(broken, Vec::<String>::new());
-}
-
-#[test]
-fn with_sync_no_stream_notices_the_owner_sigkilled() {
-    no_stream_breaks("apilb-lbfs", Fate::Killed, "owner SIGKILLed");
-}
-
-#[test]
-fn without_sync_every_stream_breaks_when_the_owner_is_sigkilled() {
-    let (broken, took) = streams_through("apilb-lbfn", false, Fate::Killed);
-    eprintln!(
-        "sync off, owner SIGKILLed: lb2 serves after {took:?}; {} of {STREAMS} streams broken",
-        broken.len()
+    assert_eq!(
+        out.failed,
+        Vec::new(),
+        "failed new connections\n{}",
+        out.logs
     );
-    assert!(took.is_some(), "lb2 did not take over");
-    assert_eq!(broken.len(), STREAMS, "{broken:?}");
-}
-
-#[test]
-fn with_sync_no_stream_notices_the_owner_sigtermed() {
-    no_stream_breaks("apilb-lbft", Fate::Terminated, "owner SIGTERMed");
-}
-
-#[test]
-fn with_sync_no_stream_notices_the_owner_killed_and_preempting_back() {
-    no_stream_breaks(
-        "apilb-lbfb",
-        Fate::KilledAndBack,
-        "owner SIGKILLed then back (both moves)",
+    assert_eq!(
+        out.kubectl_failed,
+        Vec::<String>::new(),
+        "kubectl\n{}",
+        out.logs
     );
 }
 
+/// Without sync the same move breaks streams: what sync buys, and proof that the
+/// harness sees a break.
+fn breaks_without_sync(prefix: &str, election: Election, fate: Fate) {
+    let out = scenario(prefix, election, false, fate);
+    assert!(out.broken > 0, "no stream broke without sync\n{}", out.logs);
+}
+
 #[test]
-fn with_sync_no_stream_notices_the_etcd_owner_sigkilled() {
-    no_stream_breaks(
-        "apilb-lbfe",
-        Fate::KilledUnderEtcd,
-        "etcd (3 s lease), owner SIGKILLed",
-    );
+fn vrrp_owner_sigkilled_with_sync_breaks_nothing() {
+    unnoticed("apilb-ldvk", Election::Vrrp, Fate::Kill);
+}
+
+#[test]
+fn vrrp_owner_cable_cut_with_sync_breaks_nothing() {
+    unnoticed("apilb-ldvc", Election::Vrrp, Fate::CableCut);
+}
+
+#[test]
+fn vrrp_owner_sigtermed_with_sync_breaks_nothing() {
+    unnoticed("apilb-ldvt", Election::Vrrp, Fate::Terminate);
+}
+
+#[test]
+fn vrrp_owner_sigkilled_and_preempting_back_with_sync_breaks_nothing() {
+    unnoticed("apilb-ldvb", Election::Vrrp, Fate::KillAndBack);
+}
+
+#[test]
+fn etcd_owner_sigkilled_with_sync_breaks_nothing() {
+    unnoticed("apilb-ldek", Election::Etcd, Fate::Kill);
+}
+
+#[test]
+fn etcd_owner_cable_cut_with_sync_breaks_nothing() {
+    unnoticed("apilb-ldec", Election::Etcd, Fate::CableCut);
+}
+
+#[test]
+fn etcd_owner_sigtermed_with_sync_breaks_nothing() {
+    unnoticed("apilb-ldet", Election::Etcd, Fate::Terminate);
+}
+
+#[test]
+fn etcd_owner_sigkilled_and_back_with_sync_breaks_nothing() {
+    unnoticed("apilb-ldeb", Election::Etcd, Fate::KillAndBack);
+}
+
+#[test]
+fn vrrp_owner_sigkilled_without_sync_breaks_streams() {
+    breaks_without_sync("apilb-ldvkn", Election::Vrrp, Fate::Kill);
+}
+
+#[test]
+fn vrrp_owner_cable_cut_without_sync_breaks_streams() {
+    breaks_without_sync("apilb-ldvcn", Election::Vrrp, Fate::CableCut);
+}
+
+#[test]
+fn vrrp_owner_sigtermed_without_sync_breaks_streams() {
+    breaks_without_sync("apilb-ldvtn", Election::Vrrp, Fate::Terminate);
+}
+
+#[test]
+fn vrrp_owner_sigkilled_and_preempting_back_without_sync_breaks_streams() {
+    breaks_without_sync("apilb-ldvbn", Election::Vrrp, Fate::KillAndBack);
+}
+
+#[test]
+fn etcd_owner_sigkilled_without_sync_breaks_streams() {
+    breaks_without_sync("apilb-ldekn", Election::Etcd, Fate::Kill);
+}
+
+#[test]
+fn etcd_owner_cable_cut_without_sync_breaks_streams() {
+    breaks_without_sync("apilb-ldecn", Election::Etcd, Fate::CableCut);
+}
+
+#[test]
+fn etcd_owner_sigtermed_without_sync_breaks_streams() {
+    breaks_without_sync("apilb-ldetn", Election::Etcd, Fate::Terminate);
+}
+
+#[test]
+fn etcd_owner_sigkilled_and_back_without_sync_breaks_streams() {
+    breaks_without_sync("apilb-ldebn", Election::Etcd, Fate::KillAndBack);
 }

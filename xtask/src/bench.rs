@@ -39,7 +39,11 @@ pub enum Part {
     /// clients see when a master's apiserver is killed or its host goes silent,
     /// behind apilb (default and fast probes), haproxy (kubeadm's HA guide config,
     /// its defaults, its checks at apilb's rate), iptables DNAT, and keepalived on
-    /// the masters with kubeadm's check script; 3 concurrent trials each.
+    /// the masters with kubeadm's check script; 3 concurrent trials each. Then
+    /// (`bench-lbdeath`) an LB node dying (SIGKILL, SIGTERM, a cut cable, a
+    /// return) under 30 watch streams, 100 new https connections/s and kubectl:
+    /// apilb VRRP and etcd with flow sync on and off, and keepalived + haproxy as
+    /// in kubeadm's HA guide; broken streams, failed and delayed connections.
     Failover,
     /// ns per packet through `BPF_PROG_TEST_RUN` for four paths, against `XDP_DROP`.
     Xdp,
@@ -103,7 +107,7 @@ impl Part {
         match self {
             Part::E2e => &["bench-e2e"],
             Part::Soak => &["soak"],
-            Part::Failover => &["bench-failover", "bench-masters"],
+            Part::Failover => &["bench-failover", "bench-masters", "bench-lbdeath"],
             Part::Xdp => &["bench-xdp"],
             Part::Maglev => &["bench-maglev"],
             Part::Controller => &["bench-controller"],

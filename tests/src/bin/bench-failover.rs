@@ -19,9 +19,11 @@ use std::{
 };
 
 use tests::{
-    cluster::{LB_DEV, Topology, VIP_ADDR},
-    elect::{Etcd, Keepalived, Node, VrrpVip, etcd_election, node_config, two_lb_nodes, vrrp_vip},
-    netns::Netns,
+    cluster::{Topology, VIP_ADDR},
+    elect::{
+        Etcd, Keepalived, Node, VrrpVip, arp_owner, etcd_election, mac, node_config, two_lb_nodes,
+        vrrp_vip,
+    },
     report::median,
 };
 
@@ -51,20 +53,6 @@ impl Side {
     }
 }
 
-fn mac(ns: &Netns) -> String {
-    ns.ip(&["-br", "link", "show", "dev", LB_DEV])
-        .split_whitespace()
-        .nth(2)
-        .expect("MAC")
-        .to_owned()
-}
-
-/// The LB node (0 or 1) the router's ARP entry for the VIP points at.
-fn arp_owner(t: &Topology, macs: &[String; 2]) -> Option<usize> {
-    let n = t.router.ip(&["neigh", "show", VIP_ADDR]);
-    macs.iter().position(|m| n.contains(m.as_str()))
-}
-
 /// Make the router resolve the VIP (a connection attempt from the client).
 fn touch(t: &Topology) {
     let _inside = t.client.enter();
@@ -76,7 +64,7 @@ fn wait_owner(t: &Topology, macs: &[String; 2], limit: Duration) -> Option<usize
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         touch(t);
-        if let Some(o) = arp_owner(t, macs) {
+        if let Some(o) = arp_owner(t, VIP_ADDR, macs) {
             return Some(o);
         }
         thread::sleep(Duration::from_millis(50));
@@ -104,7 +92,7 @@ fn trials(
         sides[owner].kill();
         let mut moved = None;
         while killed.elapsed() < limit {
-            if arp_owner(t, &macs) == Some(other) {
+            if arp_owner(t, VIP_ADDR, &macs) == Some(other) {
                 moved = Some(killed.elapsed());
                 break;
             }
