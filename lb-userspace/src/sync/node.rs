@@ -16,7 +16,7 @@ use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, PoisonError},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -55,6 +55,12 @@ pub struct PeerStats {
     pub bulk_records_sent: u64,
     /// Bulks received from it to their end.
     pub bulks_received: u64,
+    /// When the bulk under way from it began: this node's request, or its first
+    /// chunk for a bulk it sent unasked.
+    pub bulk_started: Option<Instant>,
+    /// The last bulk received from it: from its start to its end (its chunks
+    /// installed), and the records its end counted.
+    pub last_bulk_received: (Duration, u64),
 }
 
 impl NodeStats {
@@ -242,9 +248,14 @@ async fn run(
             Some(event) = inbound.recv() => {
                 let v = Arc::clone(&view.borrow());
                 match event {
-                    Inbound::Message { peer, message: Message::Flows(records) | Message::BulkChunk(records) } => {
+                    Inbound::Message { peer, message: Message::Flows(records) } => {
                         install(&mut tables, &peer, &records, &v, &shared);
                         debug!(%peer, records = records.len(), "flow sync: records installed");
+                    }
+                    Inbound::Message { peer, message: Message::BulkChunk(records) } => {
+                        // An unasked bulk starts with its first chunk.
+                        count(&|s| { s.peers.entry(peer.to_string()).or_default().bulk_started.get_or_insert_with(Instant::now); });
+                        install(&mut tables, &peer, &records, &v, &shared);
                     }
                     Inbound::Message { peer, message: Message::BulkRequest(vips) } => {
                         let sent = bulk(&links, &peer, &mut tables, &v, &vips);
@@ -252,11 +263,17 @@ async fn run(
                     }
                     Inbound::Message { peer, message: Message::BulkEnd { count: n, .. } } => {
                         info!(%peer, records = n, "flow sync: bulk received");
-                        count(&|s| s.peers.entry(peer.to_string()).or_default().bulks_received += 1);
+                        count(&|s| {
+                            let p = s.peers.entry(peer.to_string()).or_default();
+                            p.bulks_received += 1;
+                            let took = p.bulk_started.take().map_or(Duration::ZERO, |t| t.elapsed());
+                            p.last_bulk_received = (took, u64::from(n));
+                        });
                     }
                     Inbound::Connected { peer, link: Link::Import } => {
                         let vips: Vec<_> = v.vips.iter().map(std::net::SocketAddr::ip).collect();
                         let _ = links.send(&peer, Message::BulkRequest(vips));
+                        count(&|s| s.peers.entry(peer.to_string()).or_default().bulk_started = Some(Instant::now()));
                     }
                     _ => {}
                 }
