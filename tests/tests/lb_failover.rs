@@ -7,18 +7,16 @@
 //! buys: every such connection breaks. Root.
 
 use std::{
-    fmt::Write as _,
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpStream},
-    os::unix::fs::PermissionsExt as _,
     time::{Duration, Instant},
 };
 
 use tests::{
-    cluster::{VIP_ADDR, lb_addr},
+    cluster::VIP_ADDR,
     elect::{
-        Etcd, Node, VrrpVip, assert_served_by, echo_masters, etcd_election, node_config,
-        two_lb_nodes, vrrp_vip, wait_served_by,
+        Etcd, Node, VrrpVip, assert_served_by, echo_masters, etcd_election, node_config, sync_key,
+        sync_tables, two_lb_nodes, vrrp_vip, wait_served_by,
     },
     live::{metric_sum, metrics},
 };
@@ -37,17 +35,7 @@ fn tables(node: usize, dir: &std::path::Path, sync: bool, etcd: bool) -> String 
         String::from("[election.vrrp]\nadvert_interval = \"100ms\"\npreempt = true\n")
     };
     if sync {
-        let other = 1 - node;
-        let _ = write!(
-            t,
-            "[sync]\nlisten = \"{}:9465\"\nnode = \"lb{}\"\nkey_file = \"{}\"\n\
-             [[sync.peer]]\nname = \"lb{}\"\naddress = \"{}:9465\"\n",
-            lb_addr(node),
-            node + 1,
-            dir.join("sync.key").display(),
-            other + 1,
-            lb_addr(other),
-        );
+        t.push_str(&sync_tables(node, &dir.join("sync.key")));
     }
     t
 }
@@ -84,9 +72,7 @@ fn streams_through(prefix: &str, sync: bool, fate: Fate) -> (Vec<String>, Option
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let (t, dir) = two_lb_nodes(prefix);
-    let key = dir.0.join("sync.key");
-    std::fs::write(&key, [0x5a; 32]).expect("key");
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("mode");
+    let _key = sync_key(&dir.0);
     let _masters = echo_masters(&t, Duration::from_mins(3));
     let etcd = fate == Fate::KilledUnderEtcd;
     let _etcd = etcd.then(|| Etcd::start(&t, &dir.0));
