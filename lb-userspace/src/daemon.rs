@@ -400,7 +400,8 @@ fn sync_snapshot(
             rejected: p.rejected.iter().map(|(r, n)| (*r, *n)).collect(),
             bulks_received: BulkStats {
                 count: p.bulks_received,
-                ..BulkStats::default()
+                last_seconds: p.last_bulk_received.0.as_secs_f64(),
+                last_records: p.last_bulk_received.1,
             },
             bulks_sent: BulkStats {
                 count: p.bulks_sent,

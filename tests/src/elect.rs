@@ -46,10 +46,25 @@ pub struct VrrpVip<'a> {
 /// `election` as the `[election]` tables.
 #[must_use]
 pub fn node_config(node: usize, instance: &str, vips: &[String], election: &str) -> String {
+    node_config_with_ports(node, instance, vips, election, 40_000..=40_999)
+}
+
+/// [`node_config`] with `nat_ports` the NAT port range the two nodes split, e.g.
+/// a wide one for thousands of new flows a second.
+#[must_use]
+pub fn node_config_with_ports(
+    node: usize,
+    instance: &str,
+    vips: &[String],
+    election: &str,
+    nat_ports: std::ops::RangeInclusive<u16>,
+) -> String {
     let mut text = format!(
         "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"{LB_DEV}\"]\nsnat_ipv4 = \"{}\"\n\
-         nat_ports = [40000, 40999]\nnat_slice = [{node}, 2]\nmaglev_size = 1009\n",
-        lb_addr(node)
+         nat_ports = [{}, {}]\nnat_slice = [{node}, 2]\nmaglev_size = 1009\n",
+        lb_addr(node),
+        nat_ports.start(),
+        nat_ports.end()
     );
     for v in vips {
         text.push_str("[[vip]]\n");
@@ -74,6 +89,34 @@ pub fn vrrp_vip(v: VrrpVip) -> String {
     format!(
         "address = \"{}\"\nelection = \"vrrp\"\nvrid = {}\npriority = {}",
         v.addr, v.vrid, v.priority
+    )
+}
+
+/// A flow-sync key file for both nodes, `sync.key` in `dir` (32 bytes, mode 0600,
+/// as apilb requires); its path.
+#[must_use]
+pub fn sync_key(dir: &Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = dir.join("sync.key");
+    std::fs::write(&key, [0x5a; 32]).expect("key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("mode");
+    key
+}
+
+/// The `[sync]` tables of LB node `node` (of two, named `lb<node+1>`): it listens
+/// on its address, port 9465, with the other node its one peer, and `key` (from
+/// [`sync_key`]).
+#[must_use]
+pub fn sync_tables(node: usize, key: &Path) -> String {
+    let other = 1 - node;
+    format!(
+        "[sync]\nlisten = \"{}:9465\"\nnode = \"lb{}\"\nkey_file = \"{}\"\n\
+         [[sync.peer]]\nname = \"lb{}\"\naddress = \"{}:9465\"\n",
+        lb_addr(node),
+        node + 1,
+        key.display(),
+        other + 1,
+        lb_addr(other),
     )
 }
 

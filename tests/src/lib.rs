@@ -27,6 +27,8 @@
 //! - [`oneshot`]: one HTTP request per connection, the side that closes first
 //!   chosen, checked to the last byte: the benchmarks' client-first load and the
 //!   soak's.
+//! - [`preload`]: established flows copied into a running apilb's pinned tables,
+//!   to time a bulk resync at a full table's size.
 //! - [`flood`]: an attacker on the segment flooding the LB node with raw frames.
 
 pub mod cluster;
@@ -43,6 +45,7 @@ pub mod oneshot;
 pub mod packets;
 pub mod pki;
 pub mod plane;
+pub mod preload;
 pub mod proxies;
 pub mod report;
 pub mod traffic;

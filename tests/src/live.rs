@@ -236,6 +236,46 @@ pub fn metric_sum(metrics: &str, series: &str) -> u64 {
         .sum()
 }
 
+/// utime + stime of process `pid` (all its threads), in clock ticks.
+#[must_use]
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').expect("comm").1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+/// Clock ticks per second, the unit of [`cpu_ticks`].
+#[must_use]
+pub fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    hz as f64
+}
+
+/// Raise the open-files limit to its hard limit, raised first as far as root
+/// may: thousands of connections in flight, and the stubs' and apilb's, which
+/// inherit it.
+pub fn raise_open_files() {
+    let want = libc::rlimit {
+        rlim_cur: 1 << 20,
+        rlim_max: 1 << 20,
+    };
+    // SAFETY: setrlimit with a valid resource and a pointer to a live struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const want) } != 0 {
+        let mut have = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: as above; getrlimit writes into the struct.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut have) };
+        have.rlim_cur = have.rlim_max;
+        // SAFETY: as above.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const have) };
+    }
+}
+
 /// A temporary directory for one test, `<tmp>/<prefix>-<pid>-<n>`, removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -400,6 +440,19 @@ pub fn stub_apiserver_on(
     addr: &str,
     listen: &str,
 ) -> Spawned {
+    stub_apiserver_with(t, pki, control, addr, listen, &[])
+}
+
+/// [`stub_apiserver_on`] with `extra` arguments, e.g. `--plain-http`.
+#[must_use]
+pub fn stub_apiserver_with(
+    t: &Topology,
+    pki: &crate::pki::Pki,
+    control: &Path,
+    addr: &str,
+    listen: &str,
+    extra: &[&str],
+) -> Spawned {
     let name = master_name(addr);
     let (crt, key) = pki.cert(&name);
     let dir = control.join(&name);
@@ -417,11 +470,12 @@ pub fn stub_apiserver_on(
         "--control-dir".to_owned(),
         path(&dir),
     ];
-    Spawned::start(
-        t.master_ns(addr),
-        &sibling_bin("stub-apiserver"),
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
+    let args: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .chain(extra.iter().copied())
+        .collect();
+    Spawned::start(t.master_ns(addr), &sibling_bin("stub-apiserver"), &args)
 }
 
 /// `master-<n>` for the master at `addr`.

@@ -9,7 +9,8 @@
 //! more, and after a server-first close the server's FIN), so that a connection
 //! that only seemed to work counts as failed. [`closed_loop`] runs `n` connections
 //! back to back for a while on one task each, as wrk does, for the benchmarks;
-//! the soak paces its own.
+//! [`open_loop`] starts them at a fixed rate, for a benchmark that needs a given
+//! number of new flows a second; the soak paces its own.
 
 use std::{
     collections::BTreeMap,
@@ -376,6 +377,92 @@ pub async fn closed_loop(
         all.merge(t.expect("load task"));
     }
     (all, started.elapsed())
+}
+
+/// Exchanges with `to` started at `rate` a second for `duration`, paced from the
+/// start whatever the answers do (open loop: a slow exchange does not hold the
+/// next back), each on its own task, at most `max_in_flight` at once (one more
+/// is counted as failed, `skipped`): every outcome, and the time from the first
+/// start to the last end.
+pub async fn open_loop(
+    to: SocketAddr,
+    closer: Closer,
+    expect: &Request,
+    (rate, duration): (u32, Duration),
+    max_in_flight: usize,
+) -> (Tally, Duration) {
+    let started = Instant::now();
+    let total = u64::from(rate) * duration.as_secs();
+    let request = expect.bytes(closer);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut all = Tally::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut n: u64 = 0;
+    while n < total {
+        tick.tick().await;
+        while let Some(done) = tasks.try_join_next() {
+            let (result, took) = done.expect("exchange task");
+            all.record(&result, took);
+        }
+        let due = u64::try_from(started.elapsed().as_nanos() * u128::from(rate) / 1_000_000_000)
+            .unwrap_or(u64::MAX)
+            .min(total);
+        for _ in n..due {
+            if tasks.len() >= max_in_flight {
+                *all.failed.entry("skipped").or_insert(0) += 1;
+                continue;
+            }
+            let (request, expect) = (request.clone(), expect.clone());
+            tasks.spawn(async move {
+                let t0 = Instant::now();
+                let result = exchange(to, closer, &request, &expect, EXCHANGE_LIMIT).await;
+                (result, t0.elapsed())
+            });
+        }
+        n = n.max(due);
+    }
+    // Every exchange ends within its own limit.
+    while let Some(done) = tasks.join_next().await {
+        let (result, took) = done.expect("exchange task");
+        all.record(&result, took);
+    }
+    (all, started.elapsed())
+}
+
+/// Wait (at most 20 s) until a request through each VIP is answered.
+pub fn wait_serving(client: &crate::netns::Netns, vips: &[SocketAddr], apilb: &crate::live::Apilb) {
+    let _inside = client.enter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let expect = Request {
+        path: "/version".into(),
+        host: "kubernetes".into(),
+        body_contains: String::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for &vip in vips {
+        loop {
+            let r = rt.block_on(exchange(
+                vip,
+                Closer::Client,
+                &expect.bytes(Closer::Client),
+                &expect,
+                Duration::from_secs(1),
+            ));
+            if r.is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{vip} does not answer: {r:?}; apilb's log:\n{}",
+                apilb.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// An exchange unanswered this long has failed: long enough for two SYN

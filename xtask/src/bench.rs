@@ -45,7 +45,14 @@ pub enum Part {
     /// apilb VRRP and etcd with flow sync on and off, and keepalived + haproxy as
     /// in kubeadm's HA guide; broken streams, failed and delayed connections.
     Failover,
-    /// ns per packet through `BPF_PROG_TEST_RUN` for four paths, against `XDP_DROP`.
+    /// Flow sync between two LB nodes (`bench-sync`): at 1,000, 5,000 and 10,000
+    /// new connections a second through the VIP, the sync bytes each way, records
+    /// sent and installed, each apilb's CPU against the same load with sync off,
+    /// and the links' lag; then how fast the peer takes in one bulk resync of
+    /// the owner's full flow table (about 94,000 flows). About 4 minutes.
+    Sync,
+    /// ns per packet through `BPF_PROG_TEST_RUN` for each path, against `XDP_DROP`,
+    /// and what a VIP that syncs adds to a new flow's handshake.
     Xdp,
     /// Maglev table build and delta times for M = 65537 and N = 3, 100, 1000.
     Maglev,
@@ -66,10 +73,11 @@ pub enum Part {
 
 impl Part {
     /// The whole suite, in the order `BENCHMARKS.md` shows it.
-    const ALL: [Part; 8] = [
+    const ALL: [Part; 9] = [
         Part::E2e,
         Part::Soak,
         Part::Failover,
+        Part::Sync,
         Part::Xdp,
         Part::Maglev,
         Part::Controller,
@@ -82,6 +90,7 @@ impl Part {
             Part::E2e => "e2e",
             Part::Soak => "soak",
             Part::Failover => "failover",
+            Part::Sync => "sync",
             Part::Xdp => "xdp",
             Part::Maglev => "maglev",
             Part::Controller => "controller",
@@ -95,6 +104,7 @@ impl Part {
             Part::E2e => "End to end: requests through each path",
             Part::Soak => "Soak: ten minutes of churn",
             Part::Failover => "Failover: a VIP moving, a master dying",
+            Part::Sync => "Flow sync: its cost, and a bulk resync",
             Part::Xdp => "The XDP program, ns per packet",
             Part::Maglev => "Maglev table builds",
             Part::Controller => "The controller at rest",
@@ -108,6 +118,7 @@ impl Part {
             Part::E2e => &["bench-e2e"],
             Part::Soak => &["soak"],
             Part::Failover => &["bench-failover", "bench-masters", "bench-lbdeath"],
+            Part::Sync => &["bench-sync"],
             Part::Xdp => &["bench-xdp"],
             Part::Maglev => &["bench-maglev"],
             Part::Controller => &["bench-controller"],

@@ -16,7 +16,7 @@ use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, PoisonError},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -58,6 +58,12 @@ pub struct PeerStats {
     pub bulk_records_sent: u64,
     /// Bulks received from it to their end.
     pub bulks_received: u64,
+    /// When the bulk under way from it began: this node's request, or its first
+    /// chunk for a bulk it sent unasked.
+    pub bulk_started: Option<Instant>,
+    /// The last bulk received from it: from its start to its end (its chunks
+    /// installed), and the records its end counted.
+    pub last_bulk_received: (Duration, u64),
 }
 
 /// How often parked flows are looked over for ones their peer no longer
@@ -302,10 +308,21 @@ impl State {
         match event {
             Inbound::Message {
                 peer,
-                message: Message::Flows(records) | Message::BulkChunk(records),
+                message: Message::Flows(records),
             } => {
                 install(&mut self.tables, &peer, &records, &v, &self.shared);
                 debug!(%peer, records = records.len(), "flow sync: records installed");
+            }
+            Inbound::Message {
+                peer,
+                message: Message::BulkChunk(records),
+            } => {
+                // An unasked bulk starts with its first chunk.
+                self.count(|s| {
+                    let p = s.peers.entry(peer.to_string()).or_default();
+                    p.bulk_started.get_or_insert_with(Instant::now);
+                });
+                install(&mut self.tables, &peer, &records, &v, &self.shared);
             }
             Inbound::Message {
                 peer,
@@ -316,7 +333,12 @@ impl State {
                 message: Message::BulkEnd { count: n, .. },
             } => {
                 info!(%peer, records = n, "flow sync: bulk received");
-                self.count(|s| s.peers.entry(peer.to_string()).or_default().bulks_received += 1);
+                self.count(|s| {
+                    let p = s.peers.entry(peer.to_string()).or_default();
+                    p.bulks_received += 1;
+                    let took = p.bulk_started.take().map_or(Duration::ZERO, |t| t.elapsed());
+                    p.last_bulk_received = (took, u64::from(n));
+                });
             }
             Inbound::Connected {
                 peer,
@@ -324,6 +346,9 @@ impl State {
             } => {
                 let vips: Vec<_> = v.vips.iter().map(std::net::SocketAddr::ip).collect();
                 let _ = links.send(&peer, Message::BulkRequest(vips));
+                self.count(|s| {
+                    s.peers.entry(peer.to_string()).or_default().bulk_started = Some(Instant::now());
+                });
             }
             _ => {}
         }

@@ -9,19 +9,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::{cluster::Shape, plane::ControlPlane};
+use tests::{
+    cluster::Shape,
+    live::{cpu_ticks, ticks_per_second},
+    plane::ControlPlane,
+};
 
 const WARMUP: Duration = Duration::from_secs(5);
 const WINDOW: Duration = Duration::from_secs(20);
-
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')').expect("comm").1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
-}
 
 fn rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
@@ -44,9 +39,7 @@ fn main() {
     let (secs, ticks) = (t0.elapsed().as_secs_f64(), cpu_ticks(pid) - c0);
     let rss = rss_kib(pid);
     drop(p);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let cpu = ticks as f64 / hz;
+    let cpu = ticks as f64 / ticks_per_second();
     println!(
         "apilb run, 3 masters' /readyz probed over https every 500 ms, idle, {secs:.0} s window"
     );

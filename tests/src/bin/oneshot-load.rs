@@ -6,14 +6,15 @@
 //!
 //! It works as wrk does: one thread, an event loop (tokio's current-thread
 //! runtime), and `--connections` connections, each starting its next exchange as
-//! soon as the last ended. It prints `key value` lines: `requests`, `seconds`,
+//! soon as the last ended; or, with `--rate`, it starts that many a second
+//! whatever the answers do (`bench sync` needs a given rate of new flows). It prints `key value` lines: `requests`, `seconds`,
 //! `rps`, `p99_ms` (connect to the answer's last byte, of the good exchanges),
 //! `errors`, and one `error_<kind>` line per kind of failure.
 
 use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
-use tests::oneshot::{Closer, Request, closed_loop};
+use tests::oneshot::{Closer, Request, closed_loop, open_loop};
 
 #[derive(Parser)]
 #[command(about = "one HTTP request per connection, the client closing first")]
@@ -33,6 +34,10 @@ struct Args {
     /// Close with a RST (`SO_LINGER` 0) instead of a FIN.
     #[arg(long)]
     reset: bool,
+    /// Start this many connections a second instead (open loop), at most
+    /// `--connections` in flight.
+    #[arg(long)]
+    rate: Option<u32>,
 }
 
 fn main() {
@@ -51,13 +56,15 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let (mut tally, took) = rt.block_on(closed_loop(
-        args.to,
-        closer,
-        &expect,
-        args.connections,
-        Duration::from_secs(args.seconds),
-    ));
+    let run_for = Duration::from_secs(args.seconds);
+    let (mut tally, took) = rt.block_on(async {
+        match args.rate {
+            Some(rate) => {
+                open_loop(args.to, closer, &expect, (rate, run_for), args.connections).await
+            }
+            None => closed_loop(args.to, closer, &expect, args.connections, run_for).await,
+        }
+    });
     let secs = took.as_secs_f64();
     println!("requests {}", tally.ok);
     println!("seconds {secs:.3}");

@@ -1,20 +1,12 @@
 //! The soak's cluster: `tests::cluster`'s topology with IPv6 added, the stub
-//! apiservers on both families (plain HTTP too), apilb's config for both VIPs,
-//! and the process limits thousands of connections need.
+//! apiservers on both families (plain HTTP too), and apilb's config for both
+//! VIPs.
 
-use std::{
-    fmt::Write as _,
-    net::SocketAddr,
-    path::Path,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{fmt::Write as _, net::SocketAddr, path::Path};
 
 use tests::{
     cluster::{MASTERS, SNAT, Topology, VIP_ADDR, VIP6_ADDR},
-    live::{Apilb, Spawned, master_name, sibling_bin},
-    netns::Netns,
-    oneshot::{Closer, Request, exchange},
+    live::{Spawned, master_name, sibling_bin},
     pki::Pki,
 };
 
@@ -148,61 +140,4 @@ pub fn stub(t: &Topology, pki: &Pki, addr: &str, control: &Path) -> Spawned {
         &sibling_bin("stub-apiserver"),
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
     )
-}
-
-/// Wait (at most 20 s) until a request through each VIP is answered.
-pub fn wait_serving(client: &Netns, vips: &[SocketAddr], apilb: &Apilb) {
-    let _inside = client.enter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let expect = Request {
-        path: "/version".into(),
-        host: "kubernetes".into(),
-        body_contains: String::new(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for &vip in vips {
-        loop {
-            let r = rt.block_on(exchange(
-                vip,
-                Closer::Client,
-                &expect.bytes(Closer::Client),
-                &expect,
-                Duration::from_secs(1),
-            ));
-            if r.is_ok() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{vip} does not answer: {r:?}; apilb's log:\n{}",
-                apilb.log_text()
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// Raise the open-files limit to its hard limit, raised first as far as root
-/// may: thousands of connections in flight, and the stubs' and apilb's, which
-/// inherit it.
-pub fn raise_open_files() {
-    let want = libc::rlimit {
-        rlim_cur: 1 << 20,
-        rlim_max: 1 << 20,
-    };
-    // SAFETY: setrlimit with a valid resource and a pointer to a live struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const want) } != 0 {
-        let mut have = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: as above; getrlimit writes into the struct.
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut have) };
-        have.rlim_cur = have.rlim_max;
-        // SAFETY: as above.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const have) };
-    }
 }

@@ -76,14 +76,18 @@ use clap::Parser;
 use tests::{
     cluster::{MASTERS, Topology, VIP_ADDR, VIP6_ADDR},
     fixture::sa,
-    live::{Apilb, PinDir, Spawned, TempDir, master_name, master_names, metric_sum, metrics},
+    live::{
+        Apilb, PinDir, Spawned, TempDir, master_name, master_names, metric_sum, metrics,
+        raise_open_files,
+    },
     natstate::{NatCounters, TableCount, flow_tables},
     netns::Netns,
+    oneshot::wait_serving,
     pki::Pki,
 };
 
 use crate::{
-    cluster::{add_ipv6, config_text, master6, raise_open_files, stub, wait_serving},
+    cluster::{add_ipv6, config_text, master6, stub},
     load::{Load, paced},
     outcome::{Outcome, warnings},
     streams::{Watch, connector, watch},
