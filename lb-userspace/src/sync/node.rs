@@ -336,7 +336,10 @@ impl State {
                 self.count(|s| {
                     let p = s.peers.entry(peer.to_string()).or_default();
                     p.bulks_received += 1;
-                    let took = p.bulk_started.take().map_or(Duration::ZERO, |t| t.elapsed());
+                    let took = p
+                        .bulk_started
+                        .take()
+                        .map_or(Duration::ZERO, |t| t.elapsed());
                     p.last_bulk_received = (took, u64::from(n));
                 });
             }
@@ -347,7 +350,8 @@ impl State {
                 let vips: Vec<_> = v.vips.iter().map(std::net::SocketAddr::ip).collect();
                 let _ = links.send(&peer, Message::BulkRequest(vips));
                 self.count(|s| {
-                    s.peers.entry(peer.to_string()).or_default().bulk_started = Some(Instant::now());
+                    s.peers.entry(peer.to_string()).or_default().bulk_started =
+                        Some(Instant::now());
                 });
             }
             _ => {}

@@ -3,11 +3,13 @@
 //! kubeadm's HA guide sets them up (the VIP moving between two haproxies that
 //! both listen on `*:6443`).
 
-use std::{fmt::Write as _, os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 use crate::{
-    cluster::{Topology, VIP_ADDR, lb_addr},
-    elect::{Keepalived, Node, VrrpVip, etcd_election, node_config, vrrp_vip},
+    cluster::{Topology, VIP_ADDR},
+    elect::{
+        Keepalived, Node, VrrpVip, etcd_election, node_config, sync_key, sync_tables, vrrp_vip,
+    },
     proxies::{Haproxy, Proxy, kubeadm_keepalived},
 };
 
@@ -82,10 +84,7 @@ impl Side {
         match stack {
             Stack::Apilb { election, sync } => {
                 if sync {
-                    let key = dir.join("sync.key");
-                    std::fs::write(&key, [0x5a; 32]).expect("key");
-                    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
-                        .expect("key mode");
+                    let _ = sync_key(dir);
                 }
                 let vip = match election {
                     Election::Vrrp => vrrp_vip(VrrpVip {
@@ -196,17 +195,7 @@ pub fn election_tables(node: usize, dir: &Path, sync: bool, election: Election) 
         }
     };
     if sync {
-        let other = 1 - node;
-        let _ = write!(
-            t,
-            "[sync]\nlisten = \"{}:9465\"\nnode = \"lb{}\"\nkey_file = \"{}\"\n\
-             [[sync.peer]]\nname = \"lb{}\"\naddress = \"{}:9465\"\n",
-            lb_addr(node),
-            node + 1,
-            dir.join("sync.key").display(),
-            other + 1,
-            lb_addr(other),
-        );
+        t.push_str(&sync_tables(node, &dir.join("sync.key")));
     }
     t
 }

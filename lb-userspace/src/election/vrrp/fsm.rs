@@ -462,6 +462,17 @@ mod tests {
         (vr, due)
     }
 
+    /// `vr` (priority 150) preempts when its timer runs out at `due`.
+    fn assert_preempts(vr: &mut Instance, due: Instant) {
+        assert_eq!(
+            vr.on_timeout(due),
+            [
+                Output::SendAdvert { priority: 150 },
+                owned(REASON_PREEMPTED)
+            ]
+        );
+    }
+
     fn owned(reason: &'static str) -> Output {
         Output::Owned {
             owned: true,
@@ -550,13 +561,7 @@ mod tests {
             assert_eq!(vr.on_advert(t, PEER, 100, SECOND), Ok(vec![]));
             assert_eq!(vr.next_timeout(), Some(t0 + ns(3_414_062_500)));
         }
-        assert_eq!(
-            vr.on_timeout(t0 + ns(3_414_062_500)),
-            [
-                Output::SendAdvert { priority: 150 },
-                owned(REASON_PREEMPTED)
-            ]
-        );
+        assert_preempts(&mut vr, t0 + ns(3_414_062_500));
     }
 
     #[test]
@@ -592,13 +597,7 @@ mod tests {
             vr.on_advert(t0 + SECOND * s, PEER, 100, SECOND).unwrap();
             assert_eq!(vr.next_timeout(), Some(due));
         }
-        assert_eq!(
-            vr.on_timeout(due),
-            [
-                Output::SendAdvert { priority: 150 },
-                owned(REASON_PREEMPTED)
-            ]
-        );
+        assert_preempts(&mut vr, due);
     }
 
     #[test]
@@ -650,13 +649,7 @@ mod tests {
         );
         let due = t0 + SECOND * 10 + ns(3_414_062_500);
         assert_eq!(vr.next_timeout(), Some(due));
-        assert_eq!(
-            vr.on_timeout(due),
-            [
-                Output::SendAdvert { priority: 150 },
-                owned(REASON_PREEMPTED)
-            ]
-        );
+        assert_preempts(&mut vr, due);
     }
 
     #[test]
@@ -680,13 +673,7 @@ mod tests {
             vr.on_advert_synced(t1 + SECOND, LOWER, 100, SECOND, PeerSync::IN_SYNC),
             Ok(vec![])
         );
-        assert_eq!(
-            vr.on_timeout(t1 + ns(3_414_062_500)),
-            [
-                Output::SendAdvert { priority: 150 },
-                owned(REASON_PREEMPTED)
-            ]
-        );
+        assert_preempts(&mut vr, t1 + ns(3_414_062_500));
         // A lower rival whose flows we hold is ignored, as before.
         let t2 = t1 + SECOND * 4;
         assert_eq!(
