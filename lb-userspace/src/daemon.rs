@@ -21,6 +21,7 @@ use crate::{
     config::{Config, ConfigError},
     controller::{Applied, ControllerError, Reconciler},
     datapath::Datapath,
+    election::SyncSignals,
     events::EventLog,
     health::{HealthError, Probes},
     loader::{self, LoaderError},
@@ -231,8 +232,11 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
     };
     let (health_tx, mut health_rx) = mpsc::channel(256);
     let probes = Probes::start(&config.health, config.backend_addrs(), health_tx)?;
-    let readiness = sync.as_ref().map(SyncNode::readiness);
-    let (mut owners, mut owner_rx) = Owners::start(&config, readiness).await?;
+    let signals = sync.as_ref().map(|s| SyncSignals {
+        readiness: s.readiness(),
+        departed: s.departed(),
+    });
+    let (mut owners, mut owner_rx) = Owners::start(&config, signals).await?;
     let mut core = Core {
         config,
         config_path: opts.config_path.clone(),

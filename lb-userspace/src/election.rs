@@ -19,6 +19,9 @@ pub mod vrrp;
 use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::sync::ready::Readiness;
 
 /// This node gained or lost one VIP.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +50,40 @@ impl PeerSync {
         have_theirs: true,
         they_have_mine: true,
     };
+}
+
+/// A sync peer whose apilb process is gone: both its sync sessions with this
+/// node were closed by its end without a GOODBYE, which a killed or crashed
+/// process does at once (its kernel closes the sockets), while a cut cable or a
+/// hung process closes nothing. The elections take this as the owner's
+/// resignation: VRRP as a priority-0 advert from it, etcd by revoking its lease,
+/// so the VIP moves without waiting for a timeout. `seq` counts departures.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Departed {
+    pub seq: u64,
+    /// Its `[[sync.peer]] name` (the same as its `election.etcd.node`).
+    pub name: String,
+    /// Its sync address's IP (the one it sends VRRP adverts from).
+    pub addr: Option<IpAddr>,
+}
+
+/// What flow sync tells the elections (`crate::sync::ready`).
+#[derive(Clone, Debug)]
+pub struct SyncSignals {
+    pub readiness: watch::Receiver<Readiness>,
+    pub departed: watch::Receiver<Departed>,
+}
+
+/// Resolves with the next departure `departed` reports; never without sync.
+pub async fn next_departure(departed: &mut Option<watch::Receiver<Departed>>) -> Departed {
+    if let Some(rx) = departed
+        && rx.changed().await.is_ok()
+    {
+        return rx.borrow_and_update().clone();
+    }
+    // No sync, or the sync thread is gone: nothing more will depart.
+    *departed = None;
+    std::future::pending().await
 }
 
 /// One VIP's election as `/status` shows it.

@@ -34,11 +34,10 @@ use crate::{
     config::{Config, Election},
     controller::ControllerError,
     election::{
-        ElectionState, Ownership,
+        ElectionState, Ownership, SyncSignals,
         etcd::{self, EtcdElection, EtcdError},
         vrrp::{self, VrrpElection, VrrpError, VrrpVip},
     },
-    sync::ready::Readiness,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -98,12 +97,12 @@ pub struct Owners {
 impl Owners {
     /// Start the elections of `config`'s elected VIPs; their ownership changes
     /// come out of the returned receiver. `sync`: what flow sync knows of the
-    /// peers, which VRRP weighs with their adverts. The VIPs' addresses are removed first: a
+    /// peers, which VRRP weighs with their adverts, and which of them are gone. The VIPs' addresses are removed first: a
     /// process killed while owning may have left one, and a node that has not won
     /// an election must not answer for a VIP.
     pub async fn start(
         config: &Config,
-        sync: Option<watch::Receiver<Readiness>>,
+        sync: Option<SyncSignals>,
     ) -> Result<(Self, mpsc::Receiver<Ownership>), OwnershipError> {
         let (tx, events) = mpsc::channel(64);
         let (unhealthy, unhealthy_rx) = watch::channel(false);
@@ -158,7 +157,7 @@ impl Owners {
                     &announcer,
                     &vrrp_vips,
                     unhealthy_rx,
-                    sync,
+                    sync.clone(),
                     tx.clone(),
                 )
                 .await?,
@@ -166,7 +165,8 @@ impl Owners {
         }
         owners.announcer = Some(announcer);
         if let Some(s) = &e.etcd {
-            owners.etcd = Some(etcd::spawn(s.clone(), &etcd_vips, tx)?);
+            let departed = sync.map(|s| s.departed);
+            owners.etcd = Some(etcd::spawn(s.clone(), &etcd_vips, tx, departed)?);
         }
         Ok((owners, events))
     }

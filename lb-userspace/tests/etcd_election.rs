@@ -21,7 +21,7 @@ use std::{
 
 use etcd_client::{Client, GetOptions};
 use lb_userspace::election::{
-    ElectionState, Ownership,
+    Departed, ElectionState, Ownership,
     etcd::{EtcdElection, EtcdSettings, EtcdTls, spawn},
 };
 use tokio::{
@@ -274,8 +274,19 @@ struct Node {
 
 impl Node {
     fn start(endpoint: &str, name: &str, vips: &[IpAddr]) -> Self {
+        Self::with_sync(endpoint, name, vips, None)
+    }
+
+    /// With flow sync's word on departed peers coming from `departed`.
+    fn with_sync(
+        endpoint: &str,
+        name: &str,
+        vips: &[IpAddr],
+        departed: Option<watch::Receiver<Departed>>,
+    ) -> Self {
         let (tx, events) = mpsc::channel(64);
-        let election = spawn(settings(endpoint, name), vips, tx).expect("spawn the election");
+        let election =
+            spawn(settings(endpoint, name), vips, tx, departed).expect("spawn the election");
         Self {
             election: Some(election),
             events,
@@ -414,6 +425,50 @@ async fn killed_owner_hands_over_when_its_lease_expires() {
         took <= TTL + Duration::from_secs(2),
         "takeover took {took:?}"
     );
+    assert_eq!(etcd.key(&key_of(v)).await.expect("key").0, "b");
+}
+
+/// Flow sync saw the owner's sessions closed by its kernel: the candidate
+/// revokes the owner's lease and takes over at once, not at the lease's expiry;
+/// word of a node that does not hold the key revokes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_owner_whose_sync_sessions_closed_hands_over_at_once() {
+    logs();
+    let etcd = Etcd::start().await;
+    let v = vip("10.0.0.10");
+    let mut a = Node::start(&etcd.url, "a", &[v]);
+    wait_until("a owns", Duration::from_secs(5), || a.owned(v)).await;
+    let (departed, departed_rx) = watch::channel(Departed::default());
+    let b = Node::with_sync(&etcd.url, "b", &[v], Some(departed_rx));
+    wait_until("b is a candidate", Duration::from_secs(5), || {
+        b.state(v).state == "candidate" && b.state(v).reason.contains("held by a")
+    })
+    .await;
+    // Another peer gone: the key is a's, so nothing moves.
+    departed.send_modify(|d| {
+        d.seq += 1;
+        "c".clone_into(&mut d.name);
+    });
+    sleep(Duration::from_millis(500)).await;
+    assert!(
+        a.owned(v) && !b.owned(v),
+        "word of another peer moved the VIP"
+    );
+
+    a.kill();
+    let start = Instant::now();
+    departed.send_modify(|d| {
+        d.seq += 1;
+        "a".clone_into(&mut d.name);
+    });
+    let took = wait_until(
+        "b owns after a's sync sessions closed",
+        Duration::from_secs(1),
+        || b.owned(v),
+    )
+    .await;
+    eprintln!("departed owner: b owns {v} {took:?} after word that a is gone (lease TTL {TTL:?})");
+    assert!(start.elapsed() < Duration::from_secs(1), "took {took:?}");
     assert_eq!(etcd.key(&key_of(v)).await.expect("key").0, "b");
 }
 
@@ -617,7 +672,9 @@ async fn an_unreadable_tls_file_is_refused_naming_it() {
         ca_file: "/nonexistent/etcd-ca.pem".into(),
         client_cert: None,
     });
-    let err = spawn(tls, &[vip("10.0.0.10")], tx).err().expect("refused");
+    let err = spawn(tls, &[vip("10.0.0.10")], tx, None)
+        .err()
+        .expect("refused");
     assert!(
         err.to_string().contains("/nonexistent/etcd-ca.pem"),
         "{err}"

@@ -32,7 +32,12 @@
 //!    lease provably outlives the break until that deadline;
 //! 5. after a failed session the task reconnects with a new client, revokes the old
 //!    lease if it still can (so the other node need not wait for it to expire), and
-//!    starts again with a fresh lease.
+//!    starts again with a fresh lease;
+//! 6. with flow sync, a candidate told that the owner's apilb is gone (both its sync
+//!    sessions closed by its kernel, as a killed process's are) revokes the owner's
+//!    lease if the key still holds the owner's name: the owner can no longer renew
+//!    it, so this only spares the wait for its expiry, and the candidates' watches
+//!    fire at once. A cut cable closes no session, so then the lease expires.
 //!
 //! [`EtcdElection::resign`] reports every owned VIP as not owned, then revokes the
 //! leases, so the other node's watch fires and it takes over at once. Dropping the
@@ -92,7 +97,7 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::{ElectionState, Ownership};
+use super::{Departed, ElectionState, Ownership};
 use connect::Config;
 pub use connect::check_endpoint;
 
@@ -196,17 +201,26 @@ impl Drop for EtcdElection {
 
 /// Starts one election task per VIP (inside a tokio runtime). The settings come
 /// validated from `crate::config`; the TLS files are loaded here, and etcd itself is
-/// reached by the tasks, which keep retrying.
+/// reached by the tasks, which keep retrying. `departed`: flow sync's word that a
+/// peer's apilb is gone; a candidate then revokes that peer's lease on the key, if
+/// the key holds the peer's name, instead of waiting for the lease to expire.
 pub fn spawn(
     settings: EtcdSettings,
     vips: &[IpAddr],
     events: mpsc::Sender<Ownership>,
+    departed: Option<watch::Receiver<Departed>>,
 ) -> Result<EtcdElection, EtcdError> {
     let config = Arc::new(Config::new(settings)?);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let resign_timeout = config.request_timeout + Duration::from_secs(1);
     let start = move |vip: IpAddr| {
-        let (state_rx, task) = task::start(vip, &config, events.clone(), shutdown_rx.clone());
+        let (state_rx, task) = task::start(
+            vip,
+            &config,
+            events.clone(),
+            shutdown_rx.clone(),
+            departed.clone(),
+        );
         ((vip, state_rx), task)
     };
     let (states, tasks) = vips.iter().copied().map(start).unzip();

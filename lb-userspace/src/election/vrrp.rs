@@ -16,7 +16,9 @@
 //!   network may have followed the other's announcements meanwhile.
 //! - **Flow sync.** Each advert is weighed with what `crate::sync::ready` knows
 //!   of its sender (`fsm::Instance::on_advert_synced`): no preemption before this
-//!   node holds the master's flows, no yielding to a rival that lacks ours.
+//!   node holds the master's flows, no yielding to a rival that lacks ours. A
+//!   master whose apilb is known gone (its sync sessions closed by its kernel)
+//!   is treated as having resigned: its backup takes over after `Skew_Time`.
 //! - **Tracking.** While the node fails open (a VIP has no healthy backend of its
 //!   family; see `controller`) every VIP's priority drops by
 //!   `track_weight`, so a peer with working backends takes over.
@@ -40,7 +42,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{ElectionState, Ownership, PeerSync};
+use super::{Departed, ElectionState, Ownership, PeerSync, SyncSignals, next_departure};
 use crate::announce::{AnnounceError, Announcer};
 use crate::config::VrrpSettings;
 use crate::sync::ready::{self, Readiness};
@@ -118,7 +120,7 @@ pub async fn spawn(
     announcer: &Announcer,
     vips: &[VrrpVip],
     unhealthy: watch::Receiver<bool>,
-    sync: Option<watch::Receiver<Readiness>>,
+    sync: Option<SyncSignals>,
     events: mpsc::Sender<Ownership>,
 ) -> Result<VrrpElection, VrrpError> {
     let version = if settings.version == 2 {
@@ -191,6 +193,7 @@ pub async fn spawn(
                     vip: *v,
                     fsm: Instance::new(params),
                     state: tx,
+                    master: None,
                 },
             );
         }
@@ -201,11 +204,17 @@ pub async fn spawn(
             auth: auth.clone(),
             interval: settings.advert_interval,
             track_weight: settings.track_weight,
-            sync: sync.clone(),
+            sync: sync.as_ref().map(|s| s.readiness.clone()),
             preempt: settings.preempt,
         };
         let (stop_tx, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(run(io, routers, unhealthy.clone(), events.clone(), stop_rx));
+        let inputs = Inputs {
+            unhealthy: unhealthy.clone(),
+            departed: sync.as_ref().map(|s| s.departed.clone()),
+            events: events.clone(),
+            stop: stop_rx,
+        };
+        let task = tokio::spawn(run(io, routers, inputs));
         election.tasks.push((task, stop_tx));
     }
     Ok(election)
@@ -227,6 +236,18 @@ struct Router {
     vip: VrrpVip,
     fsm: Instance,
     state: watch::Sender<ElectionState>,
+    /// Who sent the last advert a backup accepted: the master it waits on.
+    master: Option<IpAddr>,
+}
+
+/// What the task listens to besides its socket.
+struct Inputs {
+    /// Whether the node fails open (health tracking).
+    unhealthy: watch::Receiver<bool>,
+    /// Sync peers whose process is gone; `None` without `[sync]`.
+    departed: Option<watch::Receiver<Departed>>,
+    events: mpsc::Sender<Ownership>,
+    stop: oneshot::Receiver<()>,
 }
 
 impl Io {
@@ -260,13 +281,13 @@ impl Io {
     }
 }
 
-async fn run(
-    io: Io,
-    mut routers: BTreeMap<u8, Router>,
-    mut unhealthy: watch::Receiver<bool>,
-    events: mpsc::Sender<Ownership>,
-    mut stop: oneshot::Receiver<()>,
-) {
+async fn run(io: Io, mut routers: BTreeMap<u8, Router>, inputs: Inputs) {
+    let Inputs {
+        mut unhealthy,
+        mut departed,
+        events,
+        mut stop,
+    } = inputs;
     let mut rejected: HashMap<&'static str, u64> = HashMap::new();
     let now = Instant::now();
     for r in routers.values_mut() {
@@ -287,6 +308,15 @@ async fn run(
                     if r.fsm.next_timeout().is_some_and(|t| t <= now) {
                         let out = r.fsm.on_timeout(now);
                         handle(&io, r, out, &events).await;
+                    }
+                }
+            }
+            gone = next_departure(&mut departed) => {
+                let now = Instant::now();
+                for r in routers.values_mut() {
+                    if gone.addr.is_some() && r.master == gone.addr && r.fsm.state() == State::Backup {
+                        info!(vrid = r.vip.vrid, master = gone.name, "VRRP: the master's apilb is gone (flow sync); taking over after the skew time");
+                        r.fsm.on_master_gone(now);
                     }
                 }
             }
@@ -365,6 +395,9 @@ async fn receive(
         r.fsm
             .on_advert_synced(Instant::now(), src, advert.priority, advert.interval, sync)?;
     handle(io, r, out, events).await;
+    if r.fsm.state() == State::Backup && advert.priority != 0 {
+        r.master = Some(src);
+    }
     hold(io, r, src, advert.priority, sync);
     // A master hearing another master (one that was cut off or stopped and came
     // back) and keeping the VIP announces it again: the network may have

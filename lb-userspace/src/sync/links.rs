@@ -257,7 +257,13 @@ pub enum Inbound {
     /// A session is up. On [`Link::Import`], ask the peer for a bulk.
     Connected { peer: Arc<str>, link: Link },
     /// A session ended; what was sent on it and not acknowledged is lost.
-    Disconnected { peer: Arc<str>, link: Link },
+    /// `closed`: the peer's end closed it without a GOODBYE (EOF or a reset):
+    /// its process is gone, or its side gave up on this session.
+    Disconnected {
+        peer: Arc<str>,
+        link: Link,
+        closed: bool,
+    },
     /// A message from a peer: FLOWS, `BULK_CHUNK` and `BULK_END` on the import link,
     /// `BULK_REQUEST` on the export link.
     Message { peer: Arc<str>, message: Message },
@@ -626,6 +632,7 @@ impl Shared {
         self.emit(Inbound::Disconnected {
             peer: Arc::clone(&peer.name),
             link,
+            closed: matches!(end, session::End::Closed | session::End::Io(_)),
         })
         .await;
     }

@@ -33,7 +33,7 @@ use super::{
     ready::{Readiness, Tracker},
     wire::{FlowRecord, MAX_RECORDS, Message},
 };
-use crate::datapath::Datapath;
+use crate::{datapath::Datapath, election::Departed};
 
 /// What the node counts, beside the links' own counts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -82,6 +82,7 @@ impl NodeStats {
 pub struct SyncNode {
     view: watch::Sender<Arc<View>>,
     readiness: watch::Receiver<Readiness>,
+    departed: watch::Receiver<Departed>,
     shared: Arc<Shared>,
     commands: mpsc::UnboundedSender<Command>,
     thread: Option<thread::JoinHandle<()>>,
@@ -117,7 +118,7 @@ impl SyncNode {
         resync: Duration,
     ) -> Result<Self, NodeError> {
         let (view_tx, view_rx) = watch::channel(Arc::new(view));
-        let (ready, readiness) = Tracker::new();
+        let (ready, readiness, departed) = Tracker::new();
         let shared = Arc::new(Shared::default());
         let (commands, command_rx) = mpsc::unbounded_channel();
         let worker = Arc::clone(&shared);
@@ -150,6 +151,7 @@ impl SyncNode {
         Ok(Self {
             view: view_tx,
             readiness,
+            departed,
             shared,
             commands,
             thread: Some(thread),
@@ -165,6 +167,12 @@ impl SyncNode {
     #[must_use]
     pub fn readiness(&self) -> watch::Receiver<Readiness> {
         self.readiness.clone()
+    }
+
+    /// The last peer whose process is gone, for the elections.
+    #[must_use]
+    pub fn departed(&self) -> watch::Receiver<Departed> {
+        self.departed.clone()
     }
 
     #[must_use]

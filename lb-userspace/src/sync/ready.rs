@@ -11,20 +11,25 @@
 //!
 //! No timeout lifts the hold: loxilb's (90 s) is how #565 comes back. A peer
 //! that never syncs keeps its VIP until it dies, which any node may then take.
+//!
+//! It also tells the elections when a peer's process is gone ([`Departed`]):
+//! both sessions with it closed by its end, as its kernel does when it dies.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::watch;
+use tracing::info;
 
 use super::{
     links::{Inbound, Link, LinkState, LinksStatus},
     wire::Message,
 };
-use crate::election::PeerSync;
+use crate::election::{Departed, PeerSync};
 
 /// What is known of each sync peer, by its address.
 pub type Readiness = BTreeMap<IpAddr, PeerSync>;
@@ -37,34 +42,56 @@ pub fn of(readiness: &Readiness, src: IpAddr) -> PeerSync {
     readiness.get(&src).copied().unwrap_or(PeerSync::IN_SYNC)
 }
 
-/// Follows the sessions and bulks, and publishes [`Readiness`].
+/// Both sessions with a peer closed by its end within this long: its process
+/// is gone ([`Departed`]).
+const DEPARTURE_WINDOW: Duration = Duration::from_secs(2);
+
+/// Follows the sessions and bulks, and publishes [`Readiness`] and
+/// [`Departed`].
 pub struct Tracker {
     /// Peers whose bulk to us ended on the current import session.
     bulk_in: HashSet<Arc<str>>,
     /// Peers we sent a whole bulk on the current export session.
     bulk_out: HashSet<Arc<str>>,
     tx: watch::Sender<Readiness>,
+    /// When each peer's end last closed each of our links with it (export,
+    /// import).
+    closed: HashMap<Arc<str>, [Option<Instant>; 2]>,
+    /// Each peer's address, from the last status.
+    addrs: HashMap<Arc<str>, IpAddr>,
+    departed: watch::Sender<Departed>,
 }
 
 impl Tracker {
-    /// A tracker that knows nothing yet (no peer in sync), and its receiver.
+    /// A tracker that knows nothing yet (no peer in sync), and its receivers.
     #[must_use]
-    pub fn new() -> (Self, watch::Receiver<Readiness>) {
+    pub fn new() -> (Self, watch::Receiver<Readiness>, watch::Receiver<Departed>) {
         let (tx, rx) = watch::channel(Readiness::new());
+        let (departed, departed_rx) = watch::channel(Departed::default());
         let t = Self {
             bulk_in: HashSet::new(),
             bulk_out: HashSet::new(),
             tx,
+            closed: HashMap::new(),
+            addrs: HashMap::new(),
+            departed,
         };
-        (t, rx)
+        (t, rx, departed_rx)
     }
 
     /// A session coming or going starts its link over; a `BULK_END` completes
-    /// the import.
+    /// the import; both links closed by the peer's end make it departed.
     pub fn on_inbound(&mut self, event: &Inbound) {
         match event {
-            Inbound::Connected { peer, link } | Inbound::Disconnected { peer, link } => {
+            Inbound::Connected { peer, link } => {
                 self.set(*link, peer, false);
+                self.closed.remove(peer);
+            }
+            Inbound::Disconnected { peer, link, closed } => {
+                self.set(*link, peer, false);
+                if *closed {
+                    self.closed_by_peer(peer, *link);
+                }
             }
             Inbound::Message {
                 peer,
@@ -77,6 +104,26 @@ impl Tracker {
     /// A whole bulk went into `peer`'s export queue.
     pub fn bulk_sent(&mut self, peer: &Arc<str>) {
         self.set(Link::Export, peer, true);
+    }
+
+    fn closed_by_peer(&mut self, peer: &Arc<str>, link: Link) {
+        let now = Instant::now();
+        let times = self.closed.entry(Arc::clone(peer)).or_default();
+        times[usize::from(link == Link::Import)] = Some(now);
+        let both = times
+            .iter()
+            .all(|t| t.is_some_and(|t| now.duration_since(t) <= DEPARTURE_WINDOW));
+        if !both {
+            return;
+        }
+        self.closed.remove(peer);
+        let addr = self.addrs.get(peer).copied();
+        info!(%peer, "flow sync: both sessions closed by the peer's end: its apilb is gone");
+        self.departed.send_modify(|d| {
+            d.seq += 1;
+            peer.as_ref().clone_into(&mut d.name);
+            d.addr = addr;
+        });
     }
 
     fn set(&mut self, link: Link, peer: &Arc<str>, done: bool) {
@@ -92,7 +139,10 @@ impl Tracker {
     }
 
     /// Publish what `status` (the links now) and the bulks say, if it changed.
-    pub fn publish(&self, status: &LinksStatus) {
+    pub fn publish(&mut self, status: &LinksStatus) {
+        for p in &status.peers {
+            self.addrs.insert(Arc::clone(&p.name), p.addr.ip());
+        }
         let now: Readiness = status
             .peers
             .iter()
@@ -158,22 +208,26 @@ mod tests {
         if up {
             Inbound::Connected { peer, link }
         } else {
-            Inbound::Disconnected { peer, link }
+            Inbound::Disconnected {
+                peer,
+                link,
+                closed: false,
+            }
         }
     }
 
     #[test]
     fn a_peer_is_in_sync_only_after_a_whole_bulk_on_the_session_that_is_up() {
         use LinkState::{Down, Up};
-        let (mut t, rx) = Tracker::new();
-        let now = |t: &Tracker, s: &LinksStatus| {
+        let (mut t, rx, _) = Tracker::new();
+        let now = |t: &mut Tracker, s: &LinksStatus| {
             t.publish(s);
             of(&rx.borrow(), PEER)
         };
         let none = PeerSync::default();
         t.on_inbound(&event(Link::Import, true));
         t.on_inbound(&event(Link::Export, true));
-        assert_eq!(now(&t, &status(Up, Up, 0)), none);
+        assert_eq!(now(&mut t, &status(Up, Up, 0)), none);
         // Their bulk ends: we hold their flows.
         t.on_inbound(&Inbound::Message {
             peer: "lb2".into(),
@@ -186,20 +240,50 @@ mod tests {
             have_theirs: true,
             they_have_mine: false,
         };
-        assert_eq!(now(&t, &status(Up, Up, 0)), theirs);
+        assert_eq!(now(&mut t, &status(Up, Up, 0)), theirs);
         // Ours is sent, but not yet acknowledged; then it is.
         t.bulk_sent(&"lb2".into());
-        assert_eq!(now(&t, &status(Up, Up, 20)), theirs);
-        assert_eq!(now(&t, &status(Up, Up, 0)), PeerSync::IN_SYNC);
+        assert_eq!(now(&mut t, &status(Up, Up, 20)), theirs);
+        assert_eq!(now(&mut t, &status(Up, Up, 0)), PeerSync::IN_SYNC);
         // A session that drops starts over, even once it is back.
-        assert!(!now(&t, &status(Down, Up, 0)).have_theirs);
+        assert!(!now(&mut t, &status(Down, Up, 0)).have_theirs);
         t.on_inbound(&event(Link::Import, false));
         t.on_inbound(&event(Link::Import, true));
-        assert!(!now(&t, &status(Up, Up, 0)).have_theirs);
+        assert!(!now(&mut t, &status(Up, Up, 0)).have_theirs);
         t.on_inbound(&event(Link::Export, false));
-        assert_eq!(now(&t, &status(Up, Up, 0)), none);
+        assert_eq!(now(&mut t, &status(Up, Up, 0)), none);
         // A sender that is no sync peer has nothing to wait for.
         let other = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 4));
         assert_eq!(of(&rx.borrow(), other), PeerSync::IN_SYNC);
+    }
+
+    #[test]
+    fn a_peer_whose_end_closes_both_sessions_has_departed_and_one_session_is_not_enough() {
+        let (mut t, _, departed) = Tracker::new();
+        t.publish(&status(LinkState::Up, LinkState::Up, 0));
+        let closed = |link| Inbound::Disconnected {
+            peer: "lb2".into(),
+            link,
+            closed: true,
+        };
+        // One session closed by the peer (it gave up on it): nothing more.
+        t.on_inbound(&closed(Link::Export));
+        assert_eq!(departed.borrow().seq, 0);
+        // A timeout on the other (a cut cable) is not its end closing it.
+        t.on_inbound(&event(Link::Import, false));
+        assert_eq!(departed.borrow().seq, 0);
+        // Back, then both closed at once: its process is gone.
+        t.on_inbound(&event(Link::Export, true));
+        t.on_inbound(&closed(Link::Import));
+        assert_eq!(departed.borrow().seq, 0);
+        t.on_inbound(&closed(Link::Export));
+        assert_eq!(
+            *departed.borrow(),
+            Departed {
+                seq: 1,
+                name: "lb2".into(),
+                addr: Some(PEER),
+            }
+        );
     }
 }

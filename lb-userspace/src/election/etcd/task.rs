@@ -20,7 +20,7 @@ use super::{
     connect::Config,
     session::{Session, open_watch, release_at},
 };
-use crate::election::{ElectionState, Ownership};
+use crate::election::{Departed, ElectionState, Ownership, next_departure};
 
 /// Starts the election task of `vip`; returns its state, for `/status`, and the task.
 pub(super) fn start(
@@ -28,6 +28,7 @@ pub(super) fn start(
     config: &Arc<Config>,
     events: mpsc::Sender<Ownership>,
     shutdown: watch::Receiver<bool>,
+    departed: Option<watch::Receiver<Departed>>,
 ) -> (watch::Receiver<ElectionState>, JoinHandle<()>) {
     let initial = ElectionState {
         mode: "etcd".into(),
@@ -44,6 +45,7 @@ pub(super) fn start(
         state,
         owned: false,
         transitions: 0,
+        departed,
     };
     (state_rx, tokio::spawn(task.run(shutdown)))
 }
@@ -65,6 +67,8 @@ struct VipTask {
     state: watch::Sender<ElectionState>,
     owned: bool,
     transitions: u64,
+    /// Flow sync's word that a peer's apilb is gone; `None` without sync.
+    departed: Option<watch::Receiver<Departed>>,
 }
 
 impl VipTask {
@@ -164,6 +168,11 @@ impl VipTask {
                 msg = next_watch(&mut s.watch) => {
                     campaign |= self.on_watch(s, msg).await;
                 }
+                gone = next_departure(&mut self.departed) => {
+                    if !self.owned {
+                        self.revoke_departed(s, &gone.name).await;
+                    }
+                }
                 () = sleep_until(retry_at) => {
                     retry_at = self.next_retry();
                     if self.owned {
@@ -230,6 +239,37 @@ impl VipTask {
             return Err(self.cut_off(error).await);
         }
         self.acquire(reason, release_at).await
+    }
+
+    /// The peer `name`'s apilb is gone: if the key holds its name, revoke the
+    /// lease it holds the key with (it can no longer be renewed), so that the key
+    /// goes now rather than at the lease's expiry; the watch then says so.
+    async fn revoke_departed(&mut self, s: &mut Session, name: &str) {
+        let key = self.key.as_str();
+        let held = match self
+            .config
+            .request("read key", s.client.get(key, None))
+            .await
+        {
+            Ok(resp) => resp
+                .kvs()
+                .first()
+                .filter(|kv| kv.value() == name.as_bytes() && kv.lease() != 0)
+                .map(etcd_client::KeyValue::lease),
+            Err(error) => {
+                debug!(vip = %self.vip, %error, "etcd election: reading the key of a departed owner failed");
+                None
+            }
+        };
+        let Some(lease) = held else { return };
+        info!(vip = %self.vip, owner = name, lease = format_args!("{lease:x}"), "etcd election: the owner's apilb is gone (flow sync); revoking its lease");
+        if let Err(error) = self
+            .config
+            .request("revoke lease", s.client.lease_revoke(lease))
+            .await
+        {
+            warn!(vip = %self.vip, %error, "etcd election: revoking the departed owner's lease failed; it will expire");
+        }
     }
 
     /// A watch message. Returns whether to campaign.

@@ -217,6 +217,15 @@ impl Instance {
         })
     }
 
+    /// The master's process is known to be gone (flow sync saw its kernel close
+    /// both sessions): a backup treats it as the master's priority-0 advert and
+    /// takes over after `Skew_Time`, not the whole `Master_Down_Interval`.
+    pub fn on_master_gone(&mut self, now: Instant) {
+        if self.state == State::Backup {
+            self.arm_master_down(now + self.skew_time(), DownCause::Resigned);
+        }
+    }
+
     /// Fires the armed timer if it is due at `now`; otherwise does nothing.
     pub fn on_timeout(&mut self, now: Instant) -> Vec<Output> {
         match (self.state, self.timer) {
@@ -730,6 +739,26 @@ mod tests {
                 owned(REASON_MASTER_RESIGNED)
             ]
         );
+    }
+
+    #[test]
+    fn a_master_known_gone_is_taken_over_after_skew_time() {
+        let (mut vr, t0) = started(params(Version::V3, 100, ms(100)));
+        vr.on_advert(t0, PEER, 150, ms(100)).unwrap();
+        let t = t0 + ms(10);
+        vr.on_master_gone(t);
+        // 156 * 100 ms / 256.
+        assert_eq!(vr.next_timeout(), Some(t + ns(60_937_500)));
+        assert_eq!(
+            vr.on_timeout(t + ns(60_937_500)),
+            [
+                Output::SendAdvert { priority: 100 },
+                owned(REASON_MASTER_RESIGNED)
+            ]
+        );
+        // A master is not moved by it.
+        vr.on_master_gone(t + SECOND);
+        assert_eq!(vr.state(), State::Master);
     }
 
     #[test]

@@ -136,7 +136,7 @@ const DOWN: bool = false;
 fn session_event(event: &Inbound, peer: &str, up: bool) -> Option<Link> {
     match event {
         Inbound::Connected { peer: p, link } if up && &**p == peer => Some(*link),
-        Inbound::Disconnected { peer: p, link } if !up && &**p == peer => Some(*link),
+        Inbound::Disconnected { peer: p, link, .. } if !up && &**p == peer => Some(*link),
         _ => None,
     }
 }
