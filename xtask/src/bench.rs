@@ -5,7 +5,8 @@
 //! part's tables (its binaries' stdout, shown as they come) are kept in
 //! `target/bench/<part>.md`. The whole suite (no part named) then writes
 //! `BENCHMARKS.md`: the machine, every peer's version, and each part's tables;
-//! the plots it links are drawn by the parts into `tests/plots/`.
+//! the plots it links are drawn by the parts into `tests/plots/`. One part run
+//! alone replaces only its own section there, which then says so.
 
 use std::{
     fmt::Write as _,
@@ -161,17 +162,62 @@ pub fn run(part: Option<Part>) -> anyhow::Result<()> {
         );
         sections.push('\n');
     }
-    if part.is_none() {
-        let path = root()?.join("BENCHMARKS.md");
-        let page = format!("{}{sections}", header(started.elapsed().as_secs_f64()));
-        std::fs::write(&path, page)?;
-        step(&format!(
-            "wrote {} in {:.0} s",
-            path.display(),
-            started.elapsed().as_secs_f64()
-        ));
+    let path = root()?.join("BENCHMARKS.md");
+    match part {
+        None => {
+            let page = format!("{}{sections}", header(started.elapsed().as_secs_f64()));
+            std::fs::write(&path, page)?;
+        }
+        Some(p) => {
+            let page = std::fs::read_to_string(&path).unwrap_or_default();
+            std::fs::write(&path, splice(&page, p, &sections))?;
+        }
     }
+    step(&format!(
+        "wrote {} in {:.0} s",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    ));
     Ok(())
+}
+
+/// `page` with part `p`'s section replaced by `section` (marked as re-run alone,
+/// with its commit and date), or inserted where the suite's order puts it.
+fn splice(page: &str, p: Part, section: &str) -> String {
+    let page = &page.replacen(
+        "(the whole suite); do not edit by hand.",
+        "(the whole suite, or one part re-run alone, whose section says so); do not \
+         edit by hand.",
+        1,
+    );
+    let marker = format!("`cargo xtask bench {}` (", p.name());
+    let note = format!(
+        "{marker}re-run alone at {} on {}, ",
+        git_commit(),
+        first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+    );
+    let section = section.replacen(&marker, &note, 1);
+    let start_of = |q: Part| page.find(&format!("\n## {}\n", q.title()));
+    let end_after = |at: usize| {
+        page[at + 1..]
+            .find("\n## ")
+            .map_or(page.len(), |e| at + 1 + e)
+    };
+    if let Some(at) = start_of(p) {
+        return format!(
+            "{}{}\n{}",
+            &page[..at],
+            section.trim_end(),
+            &page[end_after(at)..]
+        );
+    }
+    let later = Part::ALL
+        .iter()
+        .skip_while(|q| **q != p)
+        .skip(1)
+        .find_map(|q| start_of(*q));
+    let at = later.unwrap_or(page.len());
+    format!("{}{}\n{}", &page[..at], section.trim_end(), &page[at..])
 }
 
 fn root() -> anyhow::Result<PathBuf> {
@@ -220,20 +266,6 @@ fn run_bin(bin: &str) -> anyhow::Result<String> {
 
 /// The page's head: when, where, and with which versions of everything compared.
 fn header(took: f64) -> String {
-    let first_line = |program: &str, args: &[&str]| {
-        Command::new(program).args(args).output().ok().map_or_else(
-            || "not installed".to_owned(),
-            |o| {
-                let text = [o.stdout, o.stderr].concat();
-                String::from_utf8_lossy(&text)
-                    .lines()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or_default()
-                    .trim()
-                    .to_owned()
-            },
-        )
-    };
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -244,20 +276,11 @@ fn header(took: f64) -> String {
         .lines()
         .filter(|l| l.starts_with("processor"))
         .count();
-    let commit = first_line(
-        "git",
-        &[
-            "-C",
-            env!("CARGO_MANIFEST_DIR"),
-            "rev-parse",
-            "--short",
-            "HEAD",
-        ],
-    );
+    let commit = git_commit();
     let mut s = String::from(
         "# apilb benchmarks\n\n\
-         Written by `cargo xtask bench` (the whole suite); do not edit by hand. Each \
-         section says how it measures; the README's Benchmarks section discusses the \
+         Written by `cargo xtask bench` (the whole suite, or one part re-run alone, \
+         whose section says so); do not edit by hand. Each section says how it measures; the README's Benchmarks section discusses the \
          figures. Targets are reported, never asserted.\n\n",
     );
     let _ = writeln!(s, "| | |\n| --- | --- |");
@@ -278,4 +301,79 @@ fn header(took: f64) -> String {
         let _ = writeln!(s, "| {k} | {} |", v.replace('|', "/"));
     }
     s
+}
+
+/// The first non-empty line `program args` prints (stdout, then stderr).
+fn first_line(program: &str, args: &[&str]) -> String {
+    Command::new(program).args(args).output().ok().map_or_else(
+        || "not installed".to_owned(),
+        |o| {
+            let text = [o.stdout, o.stderr].concat();
+            String::from_utf8_lossy(&text)
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        },
+    )
+}
+
+/// The short hash of the commit checked out.
+fn git_commit() -> String {
+    first_line(
+        "git",
+        &[
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: &str = "# apilb benchmarks\n\nWritten by `cargo xtask bench` (the whole \
+        suite); do not edit by hand.\n\n## Failover: a VIP moving, a master dying\n\n\
+        `cargo xtask bench failover` (421 s)\n\nold failover\n\n## The XDP program, ns \
+        per packet\n\n`cargo xtask bench xdp` (35 s)\n\nxdp\n";
+
+    fn section(p: Part, text: &str) -> String {
+        format!(
+            "\n## {}\n\n`cargo xtask bench {}` (9 s)\n\n{text}\n",
+            p.title(),
+            p.name()
+        )
+    }
+
+    #[test]
+    fn a_part_run_alone_replaces_its_section_or_takes_its_place_in_the_order() {
+        let page = splice(
+            PAGE,
+            Part::Failover,
+            &section(Part::Failover, "new failover"),
+        );
+        assert!(!page.contains("old failover"), "{page}");
+        assert!(
+            page.contains("new failover\n\n## The XDP program"),
+            "{page}"
+        );
+        assert!(page.contains("`cargo xtask bench failover` (re-run alone at "));
+        assert!(page.contains("or one part re-run alone"));
+        // Sync has no section yet: it goes between failover and xdp.
+        let page = splice(&page, Part::Sync, &section(Part::Sync, "sync"));
+        let (f, s, x) = (
+            page.find("new failover").unwrap(),
+            page.find("\nsync\n").unwrap(),
+            page.find("\nxdp\n").unwrap(),
+        );
+        assert!(f < s && s < x, "{page}");
+        // The last section, replaced, keeps nothing of the old one.
+        let page = splice(&page, Part::Xdp, &section(Part::Xdp, "xdp 2"));
+        assert!(page.ends_with("\n\nxdp 2\n"), "{page}");
+    }
 }
