@@ -5,8 +5,12 @@
 //! ids, and each VIP's Maglev ring. [`Reconciler::apply`] converges the datapath to
 //! it with the fewest writes: only changed entries, only the ring slots that moved,
 //! and flow removal only for backends that are down or gone. The controller is the
-//! only writer of the maps, and this is the only place it writes them: the redirect
-//! targets (`TX_PORTS`) included.
+//! only writer of the config maps, and this is the only place it writes them: the
+//! redirect targets (`TX_PORTS`) included. Flow entries are the datapath's own;
+//! besides it, only two threads the controller starts touch them, each with its own
+//! map handles so that nothing slow runs on the daemon loop: the reaper removes a
+//! down master's flows (`crate::reaper`), and flow sync installs the peers' flows
+//! and sweeps the stale ones (`crate::sync`).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
