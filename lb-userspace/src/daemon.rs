@@ -21,7 +21,6 @@ use crate::{
     config::{Config, ConfigError},
     controller::{Applied, ControllerError, Reconciler},
     datapath::Datapath,
-    election::SyncSignals,
     events::EventLog,
     health::{HealthError, Probes},
     loader::{self, LoaderError},
@@ -58,6 +57,8 @@ pub enum DaemonError {
     Reaper(#[source] std::io::Error),
     #[error(transparent)]
     Sync(#[from] crate::sync::node::NodeError),
+    #[error("flow sync stopped while apilb ran (its links or its event ring failed)")]
+    SyncStopped,
     #[error("reading passive failure events from the datapath")]
     PassiveEvents(#[source] std::io::Error),
     #[error("installing the {0} handler")]
@@ -213,12 +214,7 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
         signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
     let snapshot = crate::status::shared();
-    let listener = crate::admin::bind(config.admin_listen).await?;
-    info!(listen = %config.admin_listen, "admin endpoint: /metrics /healthz /status");
-    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let admin = tokio::spawn(crate::admin::serve(listener, snapshot.clone(), async {
-        let _ = admin_stopped.await;
-    }));
+    let (admin, stop_admin) = start_admin(&config, &snapshot).await?;
     let (mut programs, mut dp) = loader::start(&config)?;
     let mut reconciler = Reconciler::new();
     crate::socklb::start(&config, &mut programs, &mut reconciler)?;
@@ -226,16 +222,12 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
     let _passive_reader = passive::spawn(dp.take_passive_events()?, passive_tx)
         .map_err(DaemonError::PassiveEvents)?;
     let reaper = Reaper::spawn(dp.flow_tables()?).map_err(DaemonError::Reaper)?;
-    let sync = match &config.sync {
-        Some(s) => Some(start_sync(&config, s, &mut dp, &reconciler)?),
-        None => None,
-    };
+    let sync = (config.sync.as_ref())
+        .map(|s| start_sync(&config, s, &mut dp, &reconciler))
+        .transpose()?;
     let (health_tx, mut health_rx) = mpsc::channel(256);
     let probes = Probes::start(&config.health, config.backend_addrs(), health_tx)?;
-    let signals = sync.as_ref().map(|s| SyncSignals {
-        readiness: s.readiness(),
-        departed: s.departed(),
-    });
+    let signals = sync.as_ref().map(SyncNode::signals);
     let (mut owners, mut owner_rx) = Owners::start(&config, signals).await?;
     let mut core = Core {
         config,
@@ -254,8 +246,17 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
     owners.reconcile(&mut core, "start")?;
     core.publish(&owners);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sync_ended = core.sync.as_mut().and_then(SyncNode::take_ended);
+    let mut sync_failed = false;
     loop {
         tokio::select! {
+            () = ended(&mut sync_ended) => {
+                // Its datapath refuses the synced VIPs' new flows now: give
+                // them up, and exit, so that the service manager restarts apilb.
+                error!("flow sync stopped (see above); giving the VIPs up and exiting");
+                sync_failed = true;
+                break;
+            }
             Some(ev) = health_rx.recv() => {
                 if let Some(health) = core.probes.record(&ev) {
                     owners.step(Step::Changed(format!("backend {health}")), &mut core).await;
@@ -305,7 +306,41 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
     } else {
         info!(pins = %pin.display(), "exiting; the pinned datapath keeps balancing (apilb detach removes it)");
     }
+    if sync_failed {
+        return Err(DaemonError::SyncStopped);
+    }
     Ok(())
+}
+
+/// The admin endpoint, serving `snapshot` until the returned sender says stop.
+async fn start_admin(
+    config: &Config,
+    snapshot: &SharedSnapshot,
+) -> Result<
+    (
+        tokio::task::JoinHandle<Result<(), crate::admin::ServerError>>,
+        tokio::sync::oneshot::Sender<()>,
+    ),
+    DaemonError,
+> {
+    let listener = crate::admin::bind(config.admin_listen).await?;
+    info!(listen = %config.admin_listen, "admin endpoint: /metrics /healthz /status");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = tokio::spawn(crate::admin::serve(listener, snapshot.clone(), async {
+        let _ = stopped.await;
+    }));
+    Ok((admin, stop))
+}
+
+/// Resolves when the sync thread has ended (never without sync, and once).
+async fn ended(rx: &mut Option<tokio::sync::oneshot::Receiver<()>>) {
+    match rx {
+        Some(r) => {
+            let _ = r.await;
+            *rx = None;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Stop answering for elected VIPs and balancing them, then hand them over;

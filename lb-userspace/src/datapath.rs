@@ -801,3 +801,31 @@ fn update_batch(map: &MapData, keys: &[u32], values: &[u32]) -> std::io::Result<
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `bpf_sock_tuple`'s bytes: zero source, then the listener, ports last.
+    fn bytes(words: &[u32]) -> Vec<u8> {
+        words.iter().flat_map(|w| w.to_ne_bytes()).collect()
+    }
+
+    #[test]
+    fn the_sync_listener_is_laid_out_as_bpf_sock_tuple() {
+        let (family, t) = sync_tuple(Some("192.0.2.2:9465".parse().unwrap()));
+        assert_eq!(family, AF_INET);
+        // saddr 0.0.0.0, daddr 192.0.2.2, sport 0, dport 9465 (0x24f9), in
+        // network order; the rest unused.
+        assert_eq!(bytes(&t[..3]), [0, 0, 0, 0, 192, 0, 2, 2, 0, 0, 0x24, 0xf9]);
+        assert!(t[3..].iter().all(|w| *w == 0));
+        let (family, t) = sync_tuple(Some("[2001:db8::2]:9465".parse().unwrap()));
+        assert_eq!(family, AF_INET6);
+        let b = bytes(&t);
+        assert!(b[..16].iter().all(|x| *x == 0));
+        assert_eq!(b[16..20], [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(b[31], 2);
+        assert_eq!(b[32..], [0, 0, 0x24, 0xf9]);
+        assert_eq!(sync_tuple(None), (0, [0; 9]));
+    }
+}

@@ -65,7 +65,13 @@ pub struct Departed {
     pub name: String,
     /// Its sync address's IP (the one it sends VRRP adverts from).
     pub addr: Option<IpAddr>,
+    /// When its sessions closed: word older than [`DEPARTURE_FRESH`] is not
+    /// acted on (a node may have come back and won the VIP since).
+    pub at: Option<std::time::Instant>,
 }
+
+/// How long word of a departure may be acted on.
+pub const DEPARTURE_FRESH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What flow sync tells the elections (`crate::sync::ready`).
 #[derive(Clone, Debug)]
@@ -74,12 +80,17 @@ pub struct SyncSignals {
     pub departed: watch::Receiver<Departed>,
 }
 
-/// Resolves with the next departure `departed` reports; never without sync.
+/// Resolves with the next departure `departed` reports, while it is fresh (an
+/// election busy elsewhere, an etcd session reconnecting, may see it late);
+/// never without sync.
 pub async fn next_departure(departed: &mut Option<watch::Receiver<Departed>>) -> Departed {
-    if let Some(rx) = departed
+    while let Some(rx) = departed
         && rx.changed().await.is_ok()
     {
-        return rx.borrow_and_update().clone();
+        let d = rx.borrow_and_update().clone();
+        if d.at.is_some_and(|t| t.elapsed() <= DEPARTURE_FRESH) {
+            return d;
+        }
     }
     // No sync, or the sync thread is gone: nothing more will depart.
     *departed = None;

@@ -448,6 +448,7 @@ async fn killed_owner_whose_sync_sessions_closed_hands_over_at_once() {
     departed.send_modify(|d| {
         d.seq += 1;
         "c".clone_into(&mut d.name);
+        d.at = Some(std::time::Instant::now());
     });
     sleep(Duration::from_millis(500)).await;
     assert!(
@@ -460,6 +461,7 @@ async fn killed_owner_whose_sync_sessions_closed_hands_over_at_once() {
     departed.send_modify(|d| {
         d.seq += 1;
         "a".clone_into(&mut d.name);
+        d.at = Some(std::time::Instant::now());
     });
     let took = wait_until(
         "b owns after a's sync sessions closed",

@@ -273,8 +273,13 @@ fn owner_lab(prefix: &str, cfg: &LabConfig) -> Lab {
 /// A flow from `client` through the owner to `MASTER`, established (SYN, the
 /// master's SYN-ACK to VIP:port, ACK): the client's ACK and the flow's NAT port.
 fn establish(owner: &mut Lab, client: &str) -> (Tcp, u16) {
-    let (master, vip) = (sa(MASTER), sa(VIP4).ip());
-    let syn = client_syn(client, VIP4);
+    establish_at(owner, client, VIP4)
+}
+
+/// [`establish`], to the VIP at `to`.
+fn establish_at(owner: &mut Lab, client: &str, to: &str) -> (Tcp, u16) {
+    let (master, vip) = (sa(MASTER), sa(to).ip());
+    let syn = client_syn(client, to);
     let mut run = |seg: &Tcp, ingress| owner.test_run(PROG_XDP, &seg.build(), ingress).action;
     assert_eq!(run(&syn, Ingress::ClientSide), XDP_REDIRECT);
     let half = owner.dp.half_open_flows().expect("half-open");
@@ -325,7 +330,7 @@ fn two_sync_nodes_hand_the_peer_every_flow_by_bulk_and_live() {
     };
     let (a_addr, b_addr) = (free(), free());
     let links =
-        |me, at, other, there, slice| links_config(&dir, &cfg, (me, at), (other, there), slice);
+        |me, at, other, there, slice| links_config(&dir, &cfg, (me, at), &[(other, there)], slice);
 
     // Flow A exists before the owner's node starts: its event is drained
     // unsent, so only a bulk can carry it.
@@ -404,12 +409,135 @@ fn two_sync_nodes_hand_the_peer_every_flow_by_bulk_and_live() {
     });
 }
 
-/// Node `me` at `at` with one peer, slice `slice` of 2, the key in `dir`.
+/// Three nodes, active-active: lb1 owns `VIP4`, lb2 owns a second VIP, lb3 owns
+/// neither. Each owner's flow reaches both other nodes live (lb3 takes from two
+/// peers at once), and lb3, taking both VIPs over, carries both flows.
+#[test]
+fn three_sync_nodes_active_active_each_hold_the_flows_of_the_vips_they_do_not_own() {
+    const VIP_B: &str = "192.0.2.101:6443";
+    let mut cfg = LabConfig::new(&[sa(VIP4), sa(VIP_B)], &[sa(MASTER)]);
+    cfg.vips = vec![(sa(VIP4), true), (sa(VIP_B), true)];
+    let mut labs = [
+        synced_lab("apilb-fx-sy3a", &cfg, Some(VIP4)),
+        synced_lab("apilb-fx-sy3b", &cfg, Some(VIP_B)),
+        synced_lab("apilb-fx-sy3c", &cfg, None),
+    ];
+    let dir = tests::live::TempDir::new("apilb-fx-sy3key");
+    let addrs: Vec<SocketAddr> = (0..3)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+        })
+        .collect();
+    let names = ["lb1", "lb2", "lb3"];
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _guard = rt.enter();
+    let nodes: Vec<SyncNode> = (0..3)
+        .map(|i| {
+            let peers: Vec<(&str, SocketAddr)> = (0..3)
+                .filter(|j| *j != i)
+                .map(|j| (names[j], addrs[j]))
+                .collect();
+            let slice = u16::try_from(i).expect("slice");
+            let lab = &mut labs[i];
+            SyncNode::start(
+                links_config(&dir, &cfg, (names[i], addrs[i]), &peers, slice),
+                lab.dp.flow_tables().expect("tables"),
+                lab.dp.take_sync_events().expect("ring"),
+                lab.sync_view(),
+                Duration::from_mins(10),
+            )
+            .expect("node")
+        })
+        .collect();
+    // Each node's bulk from each peer has ended (empty: no flow yet).
+    let until = Instant::now() + Duration::from_secs(10);
+    let bulks = |n: &SyncNode| {
+        n.stats()
+            .peers
+            .values()
+            .filter(|p| p.bulks_received > 0)
+            .count()
+    };
+    while nodes.iter().any(|n| bulks(n) < 2) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ack_a, port_a) = establish_at(&mut labs[0], CLIENT4, VIP4);
+    let (ack_b, port_b) = establish_at(&mut labs[1], CLIENT4, VIP_B);
+    let until = Instant::now() + Duration::from_secs(10);
+    let installed = |n: &SyncNode| n.stats().installed();
+    while (installed(&nodes[0]) < 1 || installed(&nodes[1]) < 1 || installed(&nodes[2]) < 2)
+        && Instant::now() < until
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let from = |n: &SyncNode, peer: &str| n.stats().peers.get(peer).map_or(0, |p| p.installed);
+    assert_eq!(
+        [
+            from(&nodes[0], "lb2"),
+            from(&nodes[1], "lb1"),
+            from(&nodes[2], "lb1"),
+            from(&nodes[2], "lb2"),
+        ],
+        [1, 1, 1, 1],
+        "flows installed by node and peer"
+    );
+    // lb3 takes both VIPs over and carries both flows, creating none.
+    let lab = &mut labs[2];
+    lab.set_owned(sa(VIP4).ip(), true);
+    lab.set_owned(sa(VIP_B).ip(), true);
+    let vips: Vec<Vip> = lab.desired().vips.iter().map(|(v, _)| *v).collect();
+    for v in vips {
+        lab.dp.set_vip(&Vip { sync: true, ..v }).expect("VIP");
+    }
+    for (ack, port, to) in [(ack_a, port_a, VIP4), (ack_b, port_b, VIP_B)] {
+        let data = ack.clone().data(b"GET /readyz");
+        let out = lab.test_run(PROG_XDP, &data.build(), Ingress::ClientSide);
+        let at_vip = SocketAddr::new(sa(to).ip(), port);
+        let natted = data
+            .clone()
+            .via(FX1_MAC, master_mac(1))
+            .between(at_vip, sa(MASTER));
+        assert_eq!((out.action, out.packet), (XDP_REDIRECT, natted.build()));
+    }
+    assert_eq!(
+        lab.dp
+            .counters()
+            .expect("c")
+            .get(lb_common::counters::FLOW_NEW),
+        0
+    );
+    rt.block_on(async {
+        for n in nodes {
+            n.stop().await;
+        }
+    });
+}
+
+/// A lab whose elected VIPs sync (as the controller marks them with `[sync]`
+/// on), owning the one at `owned`, if any.
+fn synced_lab(prefix: &str, cfg: &LabConfig, owned: Option<&str>) -> Lab {
+    let mut lab = Lab::with_config(prefix, cfg);
+    if let Some(v) = owned {
+        lab.set_owned(sa(v).ip(), true);
+    }
+    let vips: Vec<Vip> = lab.desired().vips.iter().map(|(v, _)| *v).collect();
+    for v in vips {
+        lab.dp
+            .set_vip(&Vip { sync: true, ..v })
+            .expect("VIP with sync");
+    }
+    lab
+}
+
+/// Node `me` at `at` with `peers`, slice `slice` of as many as there are nodes,
+/// the key in `dir`.
 fn links_config(
     dir: &tests::live::TempDir,
     cfg: &LabConfig,
     (me, at): (&str, SocketAddr),
-    (other, there): (&str, SocketAddr),
+    peers: &[(&str, SocketAddr)],
     slice: u16,
 ) -> LinksConfig {
     let key_path = dir.0.join("sync.key");
@@ -417,14 +545,17 @@ fn links_config(
     std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("mode");
     let hello = Hello {
         slice,
-        slices: 2,
+        slices: u16::try_from(peers.len() + 1).expect("a few nodes"),
         nat_ports: cfg.nat_ports.clone(),
         config_digest: [0; 32],
     };
-    let peers = vec![PeerConfig {
-        name: NodeName::new(other).expect("name"),
-        addr: there,
-    }];
+    let peers = peers
+        .iter()
+        .map(|&(name, addr)| PeerConfig {
+            name: NodeName::new(name).expect("name"),
+            addr,
+        })
+        .collect();
     let key = read_key(&key_path).expect("key file");
     LinksConfig::new(NodeName::new(me).expect("name"), at, peers, key, hello)
 }

@@ -169,7 +169,10 @@ pub fn run(part: Option<Part>) -> anyhow::Result<()> {
             std::fs::write(&path, page)?;
         }
         Some(p) => {
-            let page = std::fs::read_to_string(&path).unwrap_or_default();
+            let page = match std::fs::read_to_string(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                read => read.with_context(|| format!("reading {}", path.display()))?,
+            };
             std::fs::write(&path, splice(&page, p, &sections))?;
         }
     }

@@ -193,7 +193,6 @@ pub async fn spawn(
                     vip: *v,
                     fsm: Instance::new(params),
                     state: tx,
-                    master: None,
                 },
             );
         }
@@ -236,8 +235,6 @@ struct Router {
     vip: VrrpVip,
     fsm: Instance,
     state: watch::Sender<ElectionState>,
-    /// Who sent the last advert a backup accepted: the master it waits on.
-    master: Option<IpAddr>,
 }
 
 /// What the task listens to besides its socket.
@@ -314,9 +311,8 @@ async fn run(io: Io, mut routers: BTreeMap<u8, Router>, inputs: Inputs) {
             gone = next_departure(&mut departed) => {
                 let now = Instant::now();
                 for r in routers.values_mut() {
-                    if gone.addr.is_some() && r.master == gone.addr && r.fsm.state() == State::Backup {
+                    if gone.addr.is_some_and(|a| r.fsm.on_master_gone(now, a)) {
                         info!(vrid = r.vip.vrid, master = gone.name, "VRRP: the master's apilb is gone (flow sync); taking over after the skew time");
-                        r.fsm.on_master_gone(now);
                     }
                 }
             }
@@ -395,9 +391,6 @@ async fn receive(
         r.fsm
             .on_advert_synced(Instant::now(), src, advert.priority, advert.interval, sync)?;
     handle(io, r, out, events).await;
-    if r.fsm.state() == State::Backup && advert.priority != 0 {
-        r.master = Some(src);
-    }
     hold(io, r, src, advert.priority, sync);
     // A master hearing another master (one that was cut off or stopped and came
     // back) and keeping the VIP announces it again: the network may have

@@ -420,6 +420,21 @@ impl Links {
         }
     }
 
+    /// The ticket of the last export queued for `peer` (0: none yet), for
+    /// [`Links::acknowledged`].
+    pub fn last_queued(&self, peer: &str) -> Option<u64> {
+        self.shared.peer(peer).map(|p| *lock(&p.export.queued))
+    }
+
+    /// Whether `peer` has acknowledged the export with `ticket` (or a later one),
+    /// and no export to it was dropped since the last [`Links::take_resync`].
+    pub fn acknowledged(&self, peer: &str, ticket: u64) -> bool {
+        self.shared.peer(peer).is_some_and(|p| {
+            p.export.acked.load(Ordering::Acquire) >= ticket
+                && !p.needs_resync.load(Ordering::Acquire)
+        })
+    }
+
     /// Whether an export to `peer` was dropped since the last call: if so, send it
     /// a bulk. Clears the flag.
     pub fn take_resync(&self, peer: &str) -> bool {

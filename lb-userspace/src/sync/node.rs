@@ -33,7 +33,10 @@ use super::{
     ready::{Readiness, Tracker},
     wire::{FlowRecord, MAX_RECORDS, Message},
 };
-use crate::{datapath::Datapath, election::Departed};
+use crate::{
+    datapath::Datapath,
+    election::{Departed, SyncSignals},
+};
 
 /// What the node counts, beside the links' own counts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -86,6 +89,7 @@ pub struct SyncNode {
     shared: Arc<Shared>,
     commands: mpsc::UnboundedSender<Command>,
     thread: Option<thread::JoinHandle<()>>,
+    ended: Option<oneshot::Receiver<()>>,
 }
 
 #[derive(Default)]
@@ -103,6 +107,8 @@ enum Command {
 pub enum NodeError {
     #[error("starting the sync thread")]
     Thread(#[source] std::io::Error),
+    #[error("flow sync did not start: {0}")]
+    Start(String),
 }
 
 impl SyncNode {
@@ -122,16 +128,20 @@ impl SyncNode {
         let shared = Arc::new(Shared::default());
         let (commands, command_rx) = mpsc::unbounded_channel();
         let worker = Arc::clone(&shared);
+        let (started_tx, started) = std::sync::mpsc::channel();
+        // Dropped when the thread ends, which `SyncNode::take_ended` reports.
+        let (alive, ended) = oneshot::channel::<()>();
         let thread = thread::Builder::new()
             .name("apilb-sync".into())
             .spawn(move || {
+                let _alive = alive;
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        warn!("flow sync: no runtime: {e}");
+                        let _ = started_tx.send(Err(format!("no runtime: {e}")));
                         return;
                     }
                 };
@@ -145,9 +155,16 @@ impl SyncNode {
                     last_resync: now,
                     last_sweep: now,
                 };
-                rt.block_on(run(links, events, command_rx, state));
+                rt.block_on(run(links, events, command_rx, state, started_tx));
             })
             .map_err(NodeError::Thread)?;
+        // Listening, or not: a node whose sync cannot start must not run, since
+        // its datapath refuses new flows while nothing listens there.
+        match started.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => return Err(NodeError::Start(why)),
+            Err(_) => return Err(NodeError::Start("the sync thread did not start".into())),
+        }
         Ok(Self {
             view: view_tx,
             readiness,
@@ -155,12 +172,28 @@ impl SyncNode {
             shared,
             commands,
             thread: Some(thread),
+            ended: Some(ended),
         })
     }
 
     /// The translation the records use from now on.
     pub fn set_view(&self, view: View) {
         self.view.send_replace(Arc::new(view));
+    }
+
+    /// Resolves when the sync thread has ended, which it does on its own only
+    /// when its links or its event ring failed; once.
+    pub fn take_ended(&mut self) -> Option<oneshot::Receiver<()>> {
+        self.ended.take()
+    }
+
+    /// What the elections learn of sync: its readiness and departures.
+    #[must_use]
+    pub fn signals(&self) -> SyncSignals {
+        SyncSignals {
+            readiness: self.readiness(),
+            departed: self.departed(),
+        }
     }
 
     /// Which peers this node is in sync with, for the elections.
@@ -246,11 +279,12 @@ async fn run(
     events: RingBuf<MapData>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     mut state: State,
+    started: std::sync::mpsc::Sender<Result<(), String>>,
 ) {
     let (mut links, mut inbound) = match Links::start(cfg) {
         Ok(l) => l,
         Err(e) => {
-            warn!("flow sync: not started: {e}");
+            let _ = started.send(Err(e.to_string()));
             return;
         }
     };
@@ -259,10 +293,11 @@ async fn run(
     let mut ring = match unsafe { AsyncFd::register(events) } {
         Ok(fd) => fd,
         Err(e) => {
-            warn!("flow sync: the event ring: {}", e.into_parts().1);
+            let _ = started.send(Err(format!("the event ring: {}", e.into_parts().1)));
             return;
         }
     };
+    let _ = started.send(Ok(()));
     // Often, for the elections: an acknowledged bulk makes a peer in sync.
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
@@ -378,13 +413,16 @@ impl State {
             self.last_sweep = tokio::time::Instant::now();
             self.sweep(&v);
         }
-        let status = links.status();
-        for peer in status.peers.iter().map(|p| &p.name) {
+        let peers: Vec<Arc<str>> = links.status().peers.into_iter().map(|p| p.name).collect();
+        for peer in &peers {
             if links.take_resync(peer) || due {
                 self.send_bulk(links, peer, &v, &[]);
             }
         }
-        self.ready.publish(&status);
+        // After the bulks: one queued now is not yet acknowledged.
+        let status = links.status();
+        self.ready
+            .publish(&status, |peer, ticket| links.acknowledged(peer, ticket));
         *self
             .shared
             .links
@@ -400,8 +438,12 @@ impl State {
         view: &View,
         vips: &[std::net::IpAddr],
     ) {
-        let sent = bulk(links, peer, &mut self.tables, view, vips);
-        self.ready.bulk_sent(peer);
+        let (sent, whole) = bulk(links, peer, &mut self.tables, view, vips);
+        // Only a bulk queued whole (listed, and every chunk and its end taken by
+        // the queue) can make the peer hold our flows.
+        if whole && let Some(ticket) = links.last_queued(peer) {
+            self.ready.bulk_sent(peer, ticket);
+        }
         self.count(|s| {
             let p = s.peers.entry(peer.to_string()).or_default();
             p.bulks_sent += 1;
@@ -458,20 +500,21 @@ fn install(
 }
 
 /// Send `peer` every synced flow of the VIPs this node owns (of `vips`, or all
-/// if empty), in chunks, then the end; returns how many records.
+/// if empty), in chunks, then the end; returns how many records, and whether
+/// the queue took all of it.
 fn bulk(
     links: &Links,
     peer: &str,
     tables: &mut Datapath,
     view: &View,
     vips: &[std::net::IpAddr],
-) -> u64 {
+) -> (u64, bool) {
     let now = coarse_ns();
     let flows = match tables.flows() {
         Ok(f) => f,
         Err(e) => {
             warn!(%peer, "flow sync: listing the flows for a bulk: {e}");
-            return 0;
+            return (0, false);
         }
     };
     let records: Vec<FlowRecord> = flows
@@ -482,16 +525,19 @@ fn bulk(
             view.owned.contains(&r.vip.ip()) && (vips.is_empty() || vips.contains(&r.vip.ip()))
         })
         .collect();
+    let mut whole = true;
     for chunk in records.chunks(MAX_RECORDS) {
-        let _ = links.send(peer, Message::BulkChunk(chunk.to_vec()));
+        whole &= links.send(peer, Message::BulkChunk(chunk.to_vec())).is_ok();
     }
     let n = u32::try_from(records.len()).unwrap_or(u32::MAX);
-    let _ = links.send(
-        peer,
-        Message::BulkEnd {
-            generation: 0,
-            count: n,
-        },
-    );
-    u64::from(n)
+    whole &= links
+        .send(
+            peer,
+            Message::BulkEnd {
+                generation: 0,
+                count: n,
+            },
+        )
+        .is_ok();
+    (u64::from(n), whole)
 }

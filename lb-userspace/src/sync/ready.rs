@@ -6,8 +6,9 @@
 //! - **have theirs**: our import session from it is up and has received a whole
 //!   bulk (`BULK_END`) since it came up, so every flow the peer owned then is
 //!   installed here, and live records keep it so;
-//! - **they have mine**: our export session to it is up, we have sent it a whole
-//!   bulk since, and it has acknowledged everything we sent.
+//! - **they have mine**: our export session to it is up, we have queued it a
+//!   whole bulk since, and it has acknowledged the bulk's end, with no export to
+//!   it dropped since (live records keep it so, as for the other side).
 //!
 //! No timeout lifts the hold: loxilb's (90 s) is how #565 comes back. A peer
 //! that never syncs keeps its VIP until it dies, which any node may then take.
@@ -45,14 +46,20 @@ pub fn of(readiness: &Readiness, src: IpAddr) -> PeerSync {
 /// Both sessions with a peer closed by its end within this long: its process
 /// is gone ([`Departed`]).
 const DEPARTURE_WINDOW: Duration = Duration::from_secs(2);
+/// A publish tick (every 100 ms) this late means the sync thread stalled.
+const STALL: Duration = Duration::from_secs(1);
+/// After a stall, how long peers' closes are put down to it: their silence
+/// timeout (3 s) may fire a little after we resume.
+const SILENCE_GRACE: Duration = Duration::from_secs(5);
 
 /// Follows the sessions and bulks, and publishes [`Readiness`] and
 /// [`Departed`].
 pub struct Tracker {
     /// Peers whose bulk to us ended on the current import session.
     bulk_in: HashSet<Arc<str>>,
-    /// Peers we sent a whole bulk on the current export session.
-    bulk_out: HashSet<Arc<str>>,
+    /// Peers we queued a whole bulk for on the current export session, with the
+    /// ticket of its end (`Links::last_queued`).
+    bulk_out: HashMap<Arc<str>, u64>,
     tx: watch::Sender<Readiness>,
     /// When each peer's end last closed each of our links with it (export,
     /// import).
@@ -60,6 +67,10 @@ pub struct Tracker {
     /// Each peer's address, from the last status.
     addrs: HashMap<Arc<str>, IpAddr>,
     departed: watch::Sender<Departed>,
+    /// The last [`Tracker::publish`] (every 100 ms while the thread runs).
+    last_publish: Option<Instant>,
+    /// Until when sessions closed by peers are blamed on our own stall.
+    stalled_until: Option<Instant>,
 }
 
 impl Tracker {
@@ -70,11 +81,13 @@ impl Tracker {
         let (departed, departed_rx) = watch::channel(Departed::default());
         let t = Self {
             bulk_in: HashSet::new(),
-            bulk_out: HashSet::new(),
+            bulk_out: HashMap::new(),
             tx,
             closed: HashMap::new(),
             addrs: HashMap::new(),
             departed,
+            last_publish: None,
+            stalled_until: None,
         };
         (t, rx, departed_rx)
     }
@@ -101,13 +114,20 @@ impl Tracker {
         }
     }
 
-    /// A whole bulk went into `peer`'s export queue.
-    pub fn bulk_sent(&mut self, peer: &Arc<str>) {
-        self.set(Link::Export, peer, true);
+    /// A whole bulk went into `peer`'s export queue, its end with `ticket`.
+    pub fn bulk_sent(&mut self, peer: &Arc<str>, ticket: u64) {
+        self.bulk_out.insert(Arc::clone(peer), ticket);
     }
 
     fn closed_by_peer(&mut self, peer: &Arc<str>, link: Link) {
         let now = Instant::now();
+        // A peer closes our sessions too when it has heard nothing from us for
+        // its silence timeout: that says our thread stalled, not that it died.
+        if self.stalled(now) {
+            info!(%peer, "flow sync: a session closed by the peer while this node's sync thread was stalled: not taken for the peer's death");
+            self.closed.remove(peer);
+            return;
+        }
         let times = self.closed.entry(Arc::clone(peer)).or_default();
         times[usize::from(link == Link::Import)] = Some(now);
         let both = times
@@ -123,23 +143,44 @@ impl Tracker {
             d.seq += 1;
             peer.as_ref().clone_into(&mut d.name);
             d.addr = addr;
+            d.at = Some(now);
         });
     }
 
+    /// Whether this node's sync thread has just been stalled (its publish tick
+    /// came late), or is now.
+    fn stalled(&self, now: Instant) -> bool {
+        self.last_publish
+            .is_some_and(|t| now.duration_since(t) > STALL)
+            || self.stalled_until.is_some_and(|u| now < u)
+    }
+
     fn set(&mut self, link: Link, peer: &Arc<str>, done: bool) {
-        let set = match link {
-            Link::Import => &mut self.bulk_in,
-            Link::Export => &mut self.bulk_out,
-        };
-        if done {
-            set.insert(Arc::clone(peer));
-        } else {
-            set.remove(peer);
+        match (link, done) {
+            (Link::Import, true) => {
+                self.bulk_in.insert(Arc::clone(peer));
+            }
+            (Link::Import, false) => {
+                self.bulk_in.remove(peer);
+            }
+            (Link::Export, _) => {
+                self.bulk_out.remove(peer);
+            }
         }
     }
 
-    /// Publish what `status` (the links now) and the bulks say, if it changed.
-    pub fn publish(&mut self, status: &LinksStatus) {
+    /// Publish what `status` (the links now), the bulks and `acknowledged` (the
+    /// peer has acknowledged the export with this ticket, `Links::acknowledged`)
+    /// say, if it changed.
+    pub fn publish(&mut self, status: &LinksStatus, acknowledged: impl Fn(&str, u64) -> bool) {
+        let now = Instant::now();
+        if self
+            .last_publish
+            .is_some_and(|t| now.duration_since(t) > STALL)
+        {
+            self.stalled_until = Some(now + SILENCE_GRACE);
+        }
+        self.last_publish = Some(now);
         for p in &status.peers {
             self.addrs.insert(Arc::clone(&p.name), p.addr.ip());
         }
@@ -150,9 +191,10 @@ impl Tracker {
                 let sync = PeerSync {
                     have_theirs: p.import.state == LinkState::Up && self.bulk_in.contains(&p.name),
                     they_have_mine: p.export.state == LinkState::Up
-                        && self.bulk_out.contains(&p.name)
-                        && p.export.queued == 0
-                        && p.export.lag.is_zero(),
+                        && self
+                            .bulk_out
+                            .get(&p.name)
+                            .is_some_and(|t| acknowledged(&p.name, *t)),
                 };
                 (p.addr.ip(), sync)
             })
@@ -220,14 +262,15 @@ mod tests {
     fn a_peer_is_in_sync_only_after_a_whole_bulk_on_the_session_that_is_up() {
         use LinkState::{Down, Up};
         let (mut t, rx, _) = Tracker::new();
-        let now = |t: &mut Tracker, s: &LinksStatus| {
-            t.publish(s);
+        // The peer has acknowledged our exports up to ticket `acked`.
+        let now = |t: &mut Tracker, s: &LinksStatus, acked: u64| {
+            t.publish(s, |_, ticket| acked >= ticket);
             of(&rx.borrow(), PEER)
         };
         let none = PeerSync::default();
         t.on_inbound(&event(Link::Import, true));
         t.on_inbound(&event(Link::Export, true));
-        assert_eq!(now(&mut t, &status(Up, Up, 0)), none);
+        assert_eq!(now(&mut t, &status(Up, Up, 0), 7), none);
         // Their bulk ends: we hold their flows.
         t.on_inbound(&Inbound::Message {
             peer: "lb2".into(),
@@ -240,18 +283,19 @@ mod tests {
             have_theirs: true,
             they_have_mine: false,
         };
-        assert_eq!(now(&mut t, &status(Up, Up, 0)), theirs);
-        // Ours is sent, but not yet acknowledged; then it is.
-        t.bulk_sent(&"lb2".into());
-        assert_eq!(now(&mut t, &status(Up, Up, 20)), theirs);
-        assert_eq!(now(&mut t, &status(Up, Up, 0)), PeerSync::IN_SYNC);
+        assert_eq!(now(&mut t, &status(Up, Up, 0), 7), theirs);
+        // Ours is queued, its end with ticket 7: not yet acknowledged, then it
+        // is (later live records in flight do not matter).
+        t.bulk_sent(&"lb2".into(), 7);
+        assert_eq!(now(&mut t, &status(Up, Up, 0), 6), theirs);
+        assert_eq!(now(&mut t, &status(Up, Up, 0), 7), PeerSync::IN_SYNC);
         // A session that drops starts over, even once it is back.
-        assert!(!now(&mut t, &status(Down, Up, 0)).have_theirs);
+        assert!(!now(&mut t, &status(Down, Up, 0), 7).have_theirs);
         t.on_inbound(&event(Link::Import, false));
         t.on_inbound(&event(Link::Import, true));
-        assert!(!now(&mut t, &status(Up, Up, 0)).have_theirs);
+        assert!(!now(&mut t, &status(Up, Up, 0), 7).have_theirs);
         t.on_inbound(&event(Link::Export, false));
-        assert_eq!(now(&mut t, &status(Up, Up, 0)), none);
+        assert_eq!(now(&mut t, &status(Up, Up, 0), 7), none);
         // A sender that is no sync peer has nothing to wait for.
         let other = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 4));
         assert_eq!(of(&rx.borrow(), other), PeerSync::IN_SYNC);
@@ -260,7 +304,7 @@ mod tests {
     #[test]
     fn a_peer_whose_end_closes_both_sessions_has_departed_and_one_session_is_not_enough() {
         let (mut t, _, departed) = Tracker::new();
-        t.publish(&status(LinkState::Up, LinkState::Up, 0));
+        t.publish(&status(LinkState::Up, LinkState::Up, 0), |_, _| true);
         let closed = |link| Inbound::Disconnected {
             peer: "lb2".into(),
             link,
@@ -277,13 +321,28 @@ mod tests {
         t.on_inbound(&closed(Link::Import));
         assert_eq!(departed.borrow().seq, 0);
         t.on_inbound(&closed(Link::Export));
+        let d = departed.borrow().clone();
         assert_eq!(
-            *departed.borrow(),
-            Departed {
-                seq: 1,
-                name: "lb2".into(),
-                addr: Some(PEER),
-            }
+            (d.seq, d.name.as_str(), d.addr, d.at.is_some()),
+            (1, "lb2", Some(PEER), true)
         );
+    }
+
+    #[test]
+    fn sessions_closed_by_a_peer_after_this_node_stalled_are_no_departure() {
+        let (mut t, _, departed) = Tracker::new();
+        let up = status(LinkState::Up, LinkState::Up, 0);
+        t.publish(&up, |_, _| true);
+        // The thread was held up past the peer's patience; the peer closed both.
+        std::thread::sleep(STALL + Duration::from_millis(100));
+        t.publish(&up, |_, _| true);
+        for link in [Link::Export, Link::Import] {
+            t.on_inbound(&Inbound::Disconnected {
+                peer: "lb2".into(),
+                link,
+                closed: true,
+            });
+        }
+        assert_eq!(departed.borrow().seq, 0);
     }
 }

@@ -146,6 +146,9 @@ pub struct Instance {
     timer: Option<Timer>,
     started: Option<Instant>,
     down_cause: DownCause,
+    /// Backup: the sender of the last advert we deferred to (it re-armed the
+    /// timer): the master we wait on.
+    master: Option<IpAddr>,
 }
 
 impl Instance {
@@ -158,6 +161,7 @@ impl Instance {
             timer: None,
             started: None,
             down_cause: DownCause::Silence,
+            master: None,
             params,
         }
     }
@@ -210,20 +214,24 @@ impl Instance {
         Ok(match self.state {
             State::Initialize => Vec::new(),
             State::Backup => {
-                self.backup_advert(now, priority, interval, sync);
+                self.backup_advert(now, src, priority, interval, sync);
                 Vec::new()
             }
             State::Master => self.master_advert(now, src, priority, interval, sync),
         })
     }
 
-    /// The master's process is known to be gone (flow sync saw its kernel close
-    /// both sessions): a backup treats it as the master's priority-0 advert and
-    /// takes over after `Skew_Time`, not the whole `Master_Down_Interval`.
-    pub fn on_master_gone(&mut self, now: Instant) {
-        if self.state == State::Backup {
-            self.arm_master_down(now + self.skew_time(), DownCause::Resigned);
+    /// The process at `gone` is known to be gone (flow sync saw its kernel close
+    /// both sessions): if it is the master this backup waits on, that counts as
+    /// its priority-0 advert, and the backup takes over after `Skew_Time`, not
+    /// the whole `Master_Down_Interval`. Whether it did.
+    pub fn on_master_gone(&mut self, now: Instant, gone: IpAddr) -> bool {
+        if self.state != State::Backup || self.master != Some(gone) {
+            return false;
         }
+        self.master = None;
+        self.arm_master_down(now + self.skew_time(), DownCause::Resigned);
+        true
     }
 
     /// Fires the armed timer if it is due at `now`; otherwise does nothing.
@@ -339,9 +347,17 @@ impl Instance {
         interval.saturating_mul(3).saturating_add(self.skew_time())
     }
 
-    fn backup_advert(&mut self, now: Instant, priority: u8, interval: Duration, sync: PeerSync) {
+    fn backup_advert(
+        &mut self,
+        now: Instant,
+        src: IpAddr,
+        priority: u8,
+        interval: Duration,
+        sync: PeerSync,
+    ) {
         if priority == 0 {
             self.arm_master_down(now + self.skew_time(), DownCause::Resigned);
+            self.master = None;
             return;
         }
         let in_delay = self
@@ -352,6 +368,7 @@ impl Instance {
         if !self.params.preempt || priority >= self.priority || in_delay || !sync.have_theirs {
             self.learn_interval(interval);
             self.arm_master_down(now + self.master_down_interval(), DownCause::Silence);
+            self.master = Some(src);
         } else if self.down_cause == DownCause::Silence {
             // Discarded: the running timer makes us master when it fires.
             self.down_cause = DownCause::Preempt;
@@ -388,6 +405,7 @@ impl Instance {
             return Vec::new();
         };
         self.state = State::Backup;
+        self.master = Some(src);
         self.learn_interval(interval);
         self.arm_master_down(now + self.master_down_interval(), DownCause::Silence);
         vec![Output::Owned {
@@ -746,7 +764,9 @@ mod tests {
         let (mut vr, t0) = started(params(Version::V3, 100, ms(100)));
         vr.on_advert(t0, PEER, 150, ms(100)).unwrap();
         let t = t0 + ms(10);
-        vr.on_master_gone(t);
+        // Another node gone is not the master gone.
+        assert!(!vr.on_master_gone(t, LOWER));
+        assert!(vr.on_master_gone(t, PEER));
         // 156 * 100 ms / 256.
         assert_eq!(vr.next_timeout(), Some(t + ns(60_937_500)));
         assert_eq!(
@@ -757,7 +777,7 @@ mod tests {
             ]
         );
         // A master is not moved by it.
-        vr.on_master_gone(t + SECOND);
+        assert!(!vr.on_master_gone(t + SECOND, PEER));
         assert_eq!(vr.state(), State::Master);
     }
 
