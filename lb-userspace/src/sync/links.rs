@@ -231,7 +231,7 @@ impl Link {
             Message::Flows(_) | Message::BulkChunk(_) | Message::BulkEnd { .. } => {
                 Some(Link::Export)
             }
-            Message::BulkRequest(_) => Some(Link::Import),
+            Message::BulkRequest { .. } => Some(Link::Import),
             Message::Ack { .. } | Message::Keepalive | Message::Goodbye => None,
         }
     }

@@ -369,8 +369,8 @@ impl State {
             }
             Inbound::Message {
                 peer,
-                message: Message::BulkRequest(vips),
-            } => self.send_bulk(links, &peer, &v, &vips),
+                message: Message::BulkRequest { generation, vips },
+            } => self.send_bulk(links, &peer, &v, &vips, generation),
             Inbound::Message {
                 peer,
                 message: Message::BulkEnd { count: n, .. },
@@ -391,7 +391,10 @@ impl State {
                 link: Link::Import,
             } => {
                 let vips: Vec<_> = v.vips.iter().map(std::net::SocketAddr::ip).collect();
-                let _ = links.send(&peer, Message::BulkRequest(vips));
+                // Never 0, the generation of bulks sent unasked.
+                let generation = fastrand::u32(1..);
+                self.ready.expect_bulk(&peer, generation);
+                let _ = links.send(&peer, Message::BulkRequest { generation, vips });
                 self.count(|s| {
                     s.peers.entry(peer.to_string()).or_default().bulk_started =
                         Some(Instant::now());
@@ -416,7 +419,7 @@ impl State {
         let peers: Vec<Arc<str>> = links.status().peers.into_iter().map(|p| p.name).collect();
         for peer in &peers {
             if links.take_resync(peer) || due {
-                self.send_bulk(links, peer, &v, &[]);
+                self.send_bulk(links, peer, &v, &[], 0);
             }
         }
         // After the bulks: one queued now is not yet acknowledged.
@@ -437,8 +440,9 @@ impl State {
         peer: &Arc<str>,
         view: &View,
         vips: &[std::net::IpAddr],
+        generation: u32,
     ) {
-        let (sent, whole) = bulk(links, peer, &mut self.tables, view, vips);
+        let (sent, whole) = bulk(links, peer, &mut self.tables, view, (generation, vips));
         // Only a bulk queued whole (listed, and every chunk and its end taken by
         // the queue) can make the peer hold our flows.
         if whole && let Some(ticket) = links.last_queued(peer) {
@@ -507,7 +511,7 @@ fn bulk(
     peer: &str,
     tables: &mut Datapath,
     view: &View,
-    vips: &[std::net::IpAddr],
+    (generation, vips): (u32, &[std::net::IpAddr]),
 ) -> (u64, bool) {
     let now = coarse_ns();
     let flows = match tables.flows() {
@@ -534,7 +538,7 @@ fn bulk(
         .send(
             peer,
             Message::BulkEnd {
-                generation: 0,
+                generation,
                 count: n,
             },
         )

@@ -57,6 +57,10 @@ const SILENCE_GRACE: Duration = Duration::from_secs(5);
 pub struct Tracker {
     /// Peers whose bulk to us ended on the current import session.
     bulk_in: HashSet<Arc<str>>,
+    /// The generation of the bulk asked of each peer on the current import
+    /// session: only its end completes the import (an end left in the peer's
+    /// queue by an earlier session, its chunks lost with it, does not).
+    asked: HashMap<Arc<str>, u32>,
     /// Peers we queued a whole bulk for on the current export session, with the
     /// ticket of its end (`Links::last_queued`).
     bulk_out: HashMap<Arc<str>, u64>,
@@ -81,6 +85,7 @@ impl Tracker {
         let (departed, departed_rx) = watch::channel(Departed::default());
         let t = Self {
             bulk_in: HashSet::new(),
+            asked: HashMap::new(),
             bulk_out: HashMap::new(),
             tx,
             closed: HashMap::new(),
@@ -108,10 +113,19 @@ impl Tracker {
             }
             Inbound::Message {
                 peer,
-                message: Message::BulkEnd { .. },
-            } => self.set(Link::Import, peer, true),
+                message: Message::BulkEnd { generation, .. },
+            } => {
+                if self.asked.get(peer) == Some(generation) {
+                    self.set(Link::Import, peer, true);
+                }
+            }
             Inbound::Message { .. } => {}
         }
+    }
+
+    /// We asked `peer` for the bulk of `generation`.
+    pub fn expect_bulk(&mut self, peer: &Arc<str>, generation: u32) {
+        self.asked.insert(Arc::clone(peer), generation);
     }
 
     /// A whole bulk went into `peer`'s export queue, its end with `ticket`.
@@ -162,6 +176,7 @@ impl Tracker {
             }
             (Link::Import, false) => {
                 self.bulk_in.remove(peer);
+                self.asked.remove(peer);
             }
             (Link::Export, _) => {
                 self.bulk_out.remove(peer);
@@ -271,14 +286,21 @@ mod tests {
         t.on_inbound(&event(Link::Import, true));
         t.on_inbound(&event(Link::Export, true));
         assert_eq!(now(&mut t, &status(Up, Up, 0), 7), none);
-        // Their bulk ends: we hold their flows.
-        t.on_inbound(&Inbound::Message {
+        // We ask for bulk 5. An end left from an earlier session, or of a bulk
+        // sent unasked, does not complete it; its own end does.
+        t.expect_bulk(&"lb2".into(), 5);
+        let end = |generation| Inbound::Message {
             peer: "lb2".into(),
             message: Message::BulkEnd {
-                generation: 0,
+                generation,
                 count: 3,
             },
-        });
+        };
+        for stale in [4, 0] {
+            t.on_inbound(&end(stale));
+            assert_eq!(now(&mut t, &status(Up, Up, 0), 7), none);
+        }
+        t.on_inbound(&end(5));
         let theirs = PeerSync {
             have_theirs: true,
             they_have_mine: false,

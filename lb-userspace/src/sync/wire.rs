@@ -8,12 +8,13 @@
 //! the wire:
 //!
 //! ```text
-//! 0    u8      version  1
+//! 0    u8      version  2
 //! 1    u8      type     1 HELLO 2 HELLO_REPLY 3 FLOWS 4 BULK_REQUEST 5 BULK_CHUNK
 //!                       6 BULK_END 7 ACK 8 KEEPALIVE 9 GOODBYE
 //! 2    u16     count    entries in the body (records, VIPs); 0 for the other types
 //! 4    u64     seq      0 in the handshake, then 1, 2, 3, ... per session and direction
-//! 12   ...     body     count x 104-byte records, count x 20-byte VIPs, or a fixed body
+//! 12   ...     body     count x 104-byte records, a u32 generation and count x
+//!                       20-byte VIPs (BULK_REQUEST), or a fixed body
 //! end  u8[32]  tag      HMAC-SHA256(key, dir || bytes 0..end-32)
 //! ```
 //!
@@ -65,7 +66,7 @@ pub use self::{
 };
 
 /// The protocol version this module speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// The largest frame after its length field. A full frame of records
 /// ([`MAX_RECORDS`]) fits; a larger length is refused before it is buffered.
 pub const MAX_FRAME: usize = 65_536;
@@ -84,7 +85,7 @@ pub const MAX_RECORDS: usize = MAX_BODY / RECORD_LEN;
 /// One VIP of a `BULK_REQUEST`: family, 3 reserved bytes, the address in 16 bytes.
 const VIP_LEN: usize = 20;
 /// The most VIPs one `BULK_REQUEST` carries (3,274).
-pub const MAX_VIPS: usize = MAX_BODY / VIP_LEN;
+pub const MAX_VIPS: usize = (MAX_BODY - 4) / VIP_LEN;
 /// The longest node name, in bytes of UTF-8.
 pub const NAME_MAX: usize = 64;
 /// Each side's handshake nonce.

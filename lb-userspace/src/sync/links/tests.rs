@@ -266,22 +266,48 @@ async fn two_links_exchange_flows_both_ways_flush_and_their_counts_match_exactly
         b.send("a", message.clone()).unwrap();
     }
     // Each asks the other for a bulk, on its import link.
-    a.send("b", Message::BulkRequest(vec![vip()])).unwrap();
-    b.send("a", Message::BulkRequest(vec![vip()])).unwrap();
+    a.send(
+        "b",
+        Message::BulkRequest {
+            generation: 1,
+            vips: vec![vip()],
+        },
+    )
+    .unwrap();
+    b.send(
+        "a",
+        Message::BulkRequest {
+            generation: 1,
+            vips: vec![vip()],
+        },
+    )
+    .unwrap();
 
     // Per link in order; the two links of a pair interleave as they like.
     let at_b = messages(&mut b_rx, 4).await;
     let (requests, exports): (Vec<_>, Vec<_>) = at_b
         .into_iter()
-        .partition(|m| matches!(m, Message::BulkRequest(_)));
+        .partition(|m| matches!(m, Message::BulkRequest { .. }));
     assert_eq!(exports, a_exports);
-    assert_eq!(requests, [Message::BulkRequest(vec![vip()])]);
+    assert_eq!(
+        requests,
+        [Message::BulkRequest {
+            generation: 1,
+            vips: vec![vip()]
+        }]
+    );
     let at_a = messages(&mut a_rx, 3).await;
     let (requests, exports): (Vec<_>, Vec<_>) = at_a
         .into_iter()
-        .partition(|m| matches!(m, Message::BulkRequest(_)));
+        .partition(|m| matches!(m, Message::BulkRequest { .. }));
     assert_eq!(exports, b_exports);
-    assert_eq!(requests, [Message::BulkRequest(vec![vip()])]);
+    assert_eq!(
+        requests,
+        [Message::BulkRequest {
+            generation: 1,
+            vips: vec![vip()]
+        }]
+    );
 
     assert!(a.flush(WITHIN).await, "a's exports acknowledged");
     assert!(b.flush(WITHIN).await, "b's exports acknowledged");
@@ -827,7 +853,11 @@ async fn stream_faults_close_the_session_and_are_counted_malformed() {
     // A bulk request from the dialer: it belongs on the other connection.
     let mut raw = RawPeer::dial(DEAD_IP, a.local_addr(), "b").await;
     assert_eq!(raw.recv().await, Some(Message::Keepalive));
-    raw.send(&Message::BulkRequest(vec![vip()])).await;
+    raw.send(&Message::BulkRequest {
+        generation: 1,
+        vips: vec![vip()],
+    })
+    .await;
     assert_eq!(
         raw.recv().await,
         None,

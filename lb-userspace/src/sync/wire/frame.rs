@@ -64,7 +64,7 @@ impl FrameType {
             FrameType::Hello => fixed(HELLO_LEN),
             FrameType::HelloReply => fixed(HELLO_REPLY_LEN),
             FrameType::Flows | FrameType::BulkChunk => Some(count * RECORD_LEN),
-            FrameType::BulkRequest => Some(count * VIP_LEN),
+            FrameType::BulkRequest => Some(4 + count * VIP_LEN),
             FrameType::BulkEnd | FrameType::Ack => fixed(8),
             FrameType::Keepalive | FrameType::Goodbye => fixed(0),
         }
@@ -256,7 +256,7 @@ mod tests {
             let frame = seal_raw(&mut listener, VERSION, kind, 0, &[]);
             assert_eq!(dialer.open(&frame), Err(Reject::Malformed), "type {kind}");
         }
-        for version in [0, 2, 255] {
+        for version in [0, 1, 3, 255] {
             let frame = seal_raw(&mut listener, version, 8, 0, &[]);
             assert_eq!(
                 dialer.open(&frame),

@@ -51,14 +51,15 @@ fn random_message(rng: &mut Rng) -> Message {
     match rng.u8(..7) {
         0 => Message::Flows((0..n).map(|_| random_record(rng)).collect()),
         1 => Message::BulkChunk((0..n).map(|_| random_record(rng)).collect()),
-        2 => Message::BulkRequest(
-            (0..n)
+        2 => Message::BulkRequest {
+            generation: rng.u32(..),
+            vips: (0..n)
                 .map(|_| {
                     let v6 = rng.bool();
                     random_ip(rng, v6)
                 })
                 .collect(),
-        ),
+        },
         3 => Message::BulkEnd {
             generation: rng.u32(..),
             count: rng.u32(..),
@@ -111,7 +112,7 @@ fn random_frame(rng: &mut Rng) -> Vec<u8> {
         let body = len - MIN_FRAME;
         let count = match kind {
             FrameType::Flows | FrameType::BulkChunk => body / RECORD_LEN,
-            FrameType::BulkRequest => body / VIP_LEN,
+            FrameType::BulkRequest => body.saturating_sub(4) / VIP_LEN,
             _ => 0,
         };
         let want = MIN_FRAME + kind.body_len(count).unwrap();

@@ -215,7 +215,7 @@ mod tests {
     use crate::sync::{
         testing::{hello as config, key, name},
         wire::{
-            HELLO_REPLY_LEN, MIN_FRAME, TAG_LEN,
+            HELLO_REPLY_LEN, MIN_FRAME, TAG_LEN, VERSION,
             message::Message,
             testing::{session, tag_raw},
         },
@@ -325,10 +325,10 @@ mod tests {
         // A handshake frame under K with a seq other than 0.
         let mut body = BytesMut::new();
         put_greeting(&mut body, &[7; NONCE_LEN], &name("lb1"));
-        let hello_seq_1 = tag_raw(k.hmac(), DIR_FROM_LISTENER, [1, 1, 0, 0], 1, &body);
+        let hello_seq_1 = tag_raw(k.hmac(), DIR_FROM_LISTENER, [VERSION, 1, 0, 0], 1, &body);
         let dialer = DialerHandshake::new(&k, name("lb2"), config(1)).unwrap();
         assert_eq!(dialer.answer(&hello_seq_1).unwrap_err(), Reject::Replay);
-        let hello_seq_0 = tag_raw(k.hmac(), DIR_FROM_LISTENER, [1, 1, 0, 0], 0, &body);
+        let hello_seq_0 = tag_raw(k.hmac(), DIR_FROM_LISTENER, [VERSION, 1, 0, 0], 0, &body);
         let dialer = DialerHandshake::new(&k, name("lb2"), config(1)).unwrap();
         assert_eq!(dialer.answer(&hello_seq_0).unwrap().peer, name("lb1"));
     }

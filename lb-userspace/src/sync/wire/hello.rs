@@ -118,7 +118,7 @@ mod tests {
     use super::*;
     use crate::sync::{
         testing::{hello as config, key},
-        wire::{DIR_FROM_LISTENER, DialerHandshake, HELLO_LEN, testing::tag_raw},
+        wire::{DIR_FROM_LISTENER, DialerHandshake, HELLO_LEN, VERSION, testing::tag_raw},
     };
 
     #[test]
@@ -176,7 +176,7 @@ mod tests {
             body.push(len);
             body.extend_from_slice(name);
             body.resize(HELLO_LEN, 0);
-            let hello = tag_raw(k.hmac(), DIR_FROM_LISTENER, [1, 1, 0, 0], 0, &body);
+            let hello = tag_raw(k.hmac(), DIR_FROM_LISTENER, [VERSION, 1, 0, 0], 0, &body);
             let dialer =
                 DialerHandshake::new(&k, NodeName::new("lb2").unwrap(), config(1)).unwrap();
             assert_eq!(

@@ -18,11 +18,17 @@ use super::{
 pub enum Message {
     /// Live records, as the owner's datapath reports them.
     Flows(Vec<FlowRecord>),
-    /// Asks the peer for a bulk of its flows on these VIPs.
-    BulkRequest(Vec<IpAddr>),
+    /// Asks the peer for a bulk of its flows on these VIPs; its `BULK_END`
+    /// carries `generation` back, which tells that bulk from one left in the
+    /// peer's queue by an earlier session.
+    BulkRequest {
+        generation: u32,
+        vips: Vec<IpAddr>,
+    },
     /// Part of a bulk.
     BulkChunk(Vec<FlowRecord>),
-    /// The end of a bulk: which one, and how many records it had.
+    /// The end of a bulk: which one (the request's generation, 0 if unasked),
+    /// and how many records it had.
     BulkEnd {
         generation: u32,
         count: u32,
@@ -61,7 +67,7 @@ impl Message {
     pub(super) fn frame_type(&self) -> FrameType {
         match self {
             Message::Flows(_) => FrameType::Flows,
-            Message::BulkRequest(_) => FrameType::BulkRequest,
+            Message::BulkRequest { .. } => FrameType::BulkRequest,
             Message::BulkChunk(_) => FrameType::BulkChunk,
             Message::BulkEnd { .. } => FrameType::BulkEnd,
             Message::Ack { .. } => FrameType::Ack,
@@ -84,7 +90,7 @@ impl Message {
         let (kind, count, max) = match self {
             Message::Flows(r) => ("FLOWS", r.len(), MAX_RECORDS),
             Message::BulkChunk(r) => ("BULK_CHUNK", r.len(), MAX_RECORDS),
-            Message::BulkRequest(v) => ("BULK_REQUEST", v.len(), MAX_VIPS),
+            Message::BulkRequest { vips, .. } => ("BULK_REQUEST", vips.len(), MAX_VIPS),
             _ => return Ok(0),
         };
         if count > max {
@@ -104,7 +110,8 @@ impl Message {
                     r.put(out);
                 }
             }
-            Message::BulkRequest(vips) => {
+            Message::BulkRequest { generation, vips } => {
+                out.put_u32(*generation);
                 for &vip in vips {
                     out.put_u8(family_of(vip));
                     out.put_bytes(0, 3);
@@ -135,8 +142,9 @@ impl Message {
                 (Message::BulkChunk(records), bad)
             }
             FrameType::BulkRequest => {
-                let (vips, bad) = parse_vips(body);
-                (Message::BulkRequest(vips), bad)
+                let (vips, bad) = parse_vips(body.get(4..)?);
+                let generation = u32_at(0)?;
+                (Message::BulkRequest { generation, vips }, bad)
             }
             FrameType::BulkEnd => (
                 Message::BulkEnd {
@@ -174,10 +182,13 @@ mod tests {
     fn every_message() -> Vec<Message> {
         vec![
             Message::Flows(vec![record_v4(40_000), record_v6()]),
-            Message::BulkRequest(vec![
-                "198.51.100.100".parse().unwrap(),
-                "2001:db8:1::100".parse().unwrap(),
-            ]),
+            Message::BulkRequest {
+                generation: 9,
+                vips: vec![
+                    "198.51.100.100".parse().unwrap(),
+                    "2001:db8:1::100".parse().unwrap(),
+                ],
+            },
             Message::BulkChunk(vec![
                 FlowRecord {
                     kind: RecordKind::Closed,
@@ -222,10 +233,10 @@ mod tests {
         listener.seal(&Message::Goodbye).unwrap();
         let frame = listener.seal(&Message::Keepalive).unwrap();
         assert_eq!(frame.len(), MIN_FRAME);
-        assert_eq!(frame[..HEADER_LEN], [1, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        assert_eq!(frame[..HEADER_LEN], [2, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
 
         let frame = listener.seal(&Message::Ack { seq: 0x0102 }).unwrap();
-        assert_eq!(frame[..4], [1, 7, 0, 0]);
+        assert_eq!(frame[..4], [2, 7, 0, 0]);
         assert_eq!(frame[HEADER_LEN..HEADER_LEN + 8], [0, 0, 0, 0, 0, 0, 1, 2]);
         let frame = listener
             .seal(&Message::BulkEnd {
@@ -233,7 +244,7 @@ mod tests {
                 count: 0x0304,
             })
             .unwrap();
-        assert_eq!(frame[..2], [1, 6]);
+        assert_eq!(frame[..2], [2, 6]);
         assert_eq!(frame[HEADER_LEN..HEADER_LEN + 8], [0, 0, 0, 5, 0, 0, 3, 4]);
     }
 
@@ -262,7 +273,7 @@ mod tests {
     #[test]
     fn bad_vips_in_a_bulk_request_are_skipped_and_counted() {
         let (mut listener, mut dialer) = session(&key(1));
-        let mut body = Vec::new();
+        let mut body = vec![0, 0, 0, 3];
         for (family, last) in [(AF_INET, 0), (9, 0), (AF_INET, 1), (AF_INET6, 1)] {
             let mut vip = [0; VIP_LEN];
             vip[0] = family;
@@ -278,7 +289,13 @@ mod tests {
         ];
         assert_eq!(
             (opened.message, opened.bad_records),
-            (Message::BulkRequest(want), 2)
+            (
+                Message::BulkRequest {
+                    generation: 3,
+                    vips: want
+                },
+                2
+            )
         );
     }
 
@@ -315,7 +332,10 @@ mod tests {
         );
         let vip: IpAddr = "198.51.100.100".parse().unwrap();
         assert_eq!(
-            listener.seal(&Message::BulkRequest(vec![vip; MAX_VIPS + 1])),
+            listener.seal(&Message::BulkRequest {
+                generation: 1,
+                vips: vec![vip; MAX_VIPS + 1]
+            }),
             Err(WireError::TooLarge {
                 kind: "BULK_REQUEST",
                 count: 3275,
@@ -324,7 +344,10 @@ mod tests {
         );
         assert_eq!(listener.last_sent(), 0);
         let frame = listener
-            .seal(&Message::BulkRequest(vec![vip; MAX_VIPS]))
+            .seal(&Message::BulkRequest {
+                generation: 1,
+                vips: vec![vip; MAX_VIPS],
+            })
             .unwrap();
         assert!(frame.len() <= MAX_FRAME);
         assert_eq!(dialer.open(&frame).unwrap().seq, 1);

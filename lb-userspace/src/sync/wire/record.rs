@@ -218,7 +218,7 @@ mod tests {
             .seal(&Message::Flows(vec![record_v4(0xabcd)]))
             .unwrap();
         assert_eq!(frame.len(), MIN_FRAME + RECORD_LEN);
-        assert_eq!(frame[..4], [1, 3, 0, 1]);
+        assert_eq!(frame[..4], [2, 3, 0, 1]);
         let r = &frame[HEADER_LEN..HEADER_LEN + RECORD_LEN];
         assert_eq!(
             r[..8],
@@ -249,10 +249,15 @@ mod tests {
         );
 
         let frame = listener
-            .seal(&Message::BulkRequest(vec!["2001:db8::1".parse().unwrap()]))
+            .seal(&Message::BulkRequest {
+                generation: 1,
+                vips: vec!["2001:db8::1".parse().unwrap()],
+            })
             .unwrap();
-        assert_eq!(frame[..4], [1, 4, 0, 1]);
-        let v = &frame[HEADER_LEN..HEADER_LEN + VIP_LEN];
+        assert_eq!(frame[..4], [2, 4, 0, 1]);
+        // The generation, then each VIP.
+        assert_eq!(frame[HEADER_LEN..HEADER_LEN + 4], [0, 0, 0, 1]);
+        let v = &frame[HEADER_LEN + 4..HEADER_LEN + 4 + VIP_LEN];
         assert_eq!(v[..6], [AF_INET6, 0, 0, 0, 0x20, 0x01]);
         assert_eq!(v[19], 1);
     }
