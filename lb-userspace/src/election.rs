@@ -42,6 +42,9 @@ pub struct PeerSync {
     pub have_theirs: bool,
     /// The peer has acknowledged every flow we own.
     pub they_have_mine: bool,
+    /// Since our session with the peer last broke, this node has exported flows
+    /// the peer has not had yet: we carried traffic it does not know of.
+    pub pending: bool,
 }
 
 impl PeerSync {
@@ -49,6 +52,7 @@ impl PeerSync {
     pub const IN_SYNC: Self = Self {
         have_theirs: true,
         they_have_mine: true,
+        pending: false,
     };
 }
 

@@ -347,6 +347,15 @@ impl State {
     /// A session came or went, or a peer's message arrived.
     fn inbound(&mut self, links: &Links, event: Inbound) {
         self.ready.on_inbound(&event);
+        if let Inbound::Disconnected {
+            peer,
+            link: Link::Export,
+            ..
+        } = &event
+        {
+            let ticket = links.last_queued(peer).unwrap_or(0);
+            self.ready.export_broke(peer, ticket);
+        }
         let v = Arc::clone(&self.view.borrow());
         match event {
             Inbound::Message {
@@ -424,8 +433,11 @@ impl State {
         }
         // After the bulks: one queued now is not yet acknowledged.
         let status = links.status();
-        self.ready
-            .publish(&status, |peer, ticket| links.acknowledged(peer, ticket));
+        self.ready.publish(
+            &status,
+            |peer, ticket| links.acknowledged(peer, ticket),
+            |peer| links.last_queued(peer).unwrap_or(0),
+        );
         *self
             .shared
             .links

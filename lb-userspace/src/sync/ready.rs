@@ -46,6 +46,9 @@ pub fn of(readiness: &Readiness, src: IpAddr) -> PeerSync {
 /// Both sessions with a peer closed by its end within this long: its process
 /// is gone ([`Departed`]).
 const DEPARTURE_WINDOW: Duration = Duration::from_secs(2);
+/// An export unacknowledged this long says the peer is not keeping up with
+/// our flows (ACKs come within 50 ms of a record on a working link).
+const LAGGING: Duration = Duration::from_millis(500);
 /// A publish tick (every 100 ms) this late means the sync thread stalled.
 const STALL: Duration = Duration::from_secs(1);
 /// After a stall, how long peers' closes are put down to it: their silence
@@ -64,6 +67,10 @@ pub struct Tracker {
     /// Peers we queued a whole bulk for on the current export session, with the
     /// ticket of its end (`Links::last_queued`).
     bulk_out: HashMap<Arc<str>, u64>,
+    /// The last export queued for each peer when our export session with it
+    /// broke: anything queued after is what it lacks of ours, until a bulk of
+    /// ours is acknowledged.
+    broke_at: HashMap<Arc<str>, u64>,
     tx: watch::Sender<Readiness>,
     /// When each peer's end last closed each of our links with it (export,
     /// import).
@@ -87,6 +94,7 @@ impl Tracker {
             bulk_in: HashSet::new(),
             asked: HashMap::new(),
             bulk_out: HashMap::new(),
+            broke_at: HashMap::new(),
             tx,
             closed: HashMap::new(),
             addrs: HashMap::new(),
@@ -126,6 +134,13 @@ impl Tracker {
     /// We asked `peer` for the bulk of `generation`.
     pub fn expect_bulk(&mut self, peer: &Arc<str>, generation: u32) {
         self.asked.insert(Arc::clone(peer), generation);
+    }
+
+    /// Our export session with `peer` broke, the last export queued for it
+    /// then having `ticket` (kept from the first break until a bulk of ours is
+    /// acknowledged).
+    pub fn export_broke(&mut self, peer: &Arc<str>, ticket: u64) {
+        self.broke_at.entry(Arc::clone(peer)).or_insert(ticket);
     }
 
     /// A whole bulk went into `peer`'s export queue, its end with `ticket`.
@@ -184,10 +199,16 @@ impl Tracker {
         }
     }
 
-    /// Publish what `status` (the links now), the bulks and `acknowledged` (the
+    /// Publish what `status` (the links now), the bulks, `acknowledged` (the
     /// peer has acknowledged the export with this ticket, `Links::acknowledged`)
+    /// and `queued` (the last export queued for the peer, `Links::last_queued`)
     /// say, if it changed.
-    pub fn publish(&mut self, status: &LinksStatus, acknowledged: impl Fn(&str, u64) -> bool) {
+    pub fn publish(
+        &mut self,
+        status: &LinksStatus,
+        acknowledged: impl Fn(&str, u64) -> bool,
+        queued: impl Fn(&str) -> u64,
+    ) {
         let now = Instant::now();
         if self
             .last_publish
@@ -203,13 +224,25 @@ impl Tracker {
             .peers
             .iter()
             .map(|p| {
+                // A live record waiting long for its ACK (a cable cut too short
+                // to break the session) is one the peer lacks.
+                let they_have_mine = p.export.state == LinkState::Up
+                    && p.export.lag < LAGGING
+                    && self
+                        .bulk_out
+                        .get(&p.name)
+                        .is_some_and(|t| acknowledged(&p.name, *t));
+                if they_have_mine {
+                    self.broke_at.remove(&p.name);
+                }
                 let sync = PeerSync {
                     have_theirs: p.import.state == LinkState::Up && self.bulk_in.contains(&p.name),
-                    they_have_mine: p.export.state == LinkState::Up
-                        && self
-                            .bulk_out
+                    they_have_mine,
+                    pending: p.needs_resync
+                        || self
+                            .broke_at
                             .get(&p.name)
-                            .is_some_and(|t| acknowledged(&p.name, *t)),
+                            .is_some_and(|t| queued(&p.name) > *t),
                 };
                 (p.addr.ip(), sync)
             })
@@ -279,7 +312,7 @@ mod tests {
         let (mut t, rx, _) = Tracker::new();
         // The peer has acknowledged our exports up to ticket `acked`.
         let now = |t: &mut Tracker, s: &LinksStatus, acked: u64| {
-            t.publish(s, |_, ticket| acked >= ticket);
+            t.publish(s, |_, ticket| acked >= ticket, |_| 9);
             of(&rx.borrow(), PEER)
         };
         let none = PeerSync::default();
@@ -304,6 +337,7 @@ mod tests {
         let theirs = PeerSync {
             have_theirs: true,
             they_have_mine: false,
+            pending: false,
         };
         assert_eq!(now(&mut t, &status(Up, Up, 0), 7), theirs);
         // Ours is queued, its end with ticket 7: not yet acknowledged, then it
@@ -326,7 +360,7 @@ mod tests {
     #[test]
     fn a_peer_whose_end_closes_both_sessions_has_departed_and_one_session_is_not_enough() {
         let (mut t, _, departed) = Tracker::new();
-        t.publish(&status(LinkState::Up, LinkState::Up, 0), |_, _| true);
+        t.publish(&status(LinkState::Up, LinkState::Up, 0), |_, _| true, |_| 0);
         let closed = |link| Inbound::Disconnected {
             peer: "lb2".into(),
             link,
@@ -354,10 +388,10 @@ mod tests {
     fn sessions_closed_by_a_peer_after_this_node_stalled_are_no_departure() {
         let (mut t, _, departed) = Tracker::new();
         let up = status(LinkState::Up, LinkState::Up, 0);
-        t.publish(&up, |_, _| true);
+        t.publish(&up, |_, _| true, |_| 0);
         // The thread was held up past the peer's patience; the peer closed both.
         std::thread::sleep(STALL + Duration::from_millis(100));
-        t.publish(&up, |_, _| true);
+        t.publish(&up, |_, _| true, |_| 0);
         for link in [Link::Export, Link::Import] {
             t.on_inbound(&Inbound::Disconnected {
                 peer: "lb2".into(),
@@ -366,5 +400,28 @@ mod tests {
             });
         }
         assert_eq!(departed.borrow().seq, 0);
+    }
+
+    #[test]
+    fn flows_exported_after_the_session_broke_are_pending_until_a_bulk_is_acknowledged() {
+        use LinkState::{Down, Up};
+        let (mut t, rx, _) = Tracker::new();
+        let pending = |t: &mut Tracker, s: &LinksStatus, queued: u64, acked: u64| {
+            t.publish(s, |_, ticket| acked >= ticket, |_| queued);
+            of(&rx.borrow(), PEER).pending
+        };
+        assert!(!pending(&mut t, &status(Up, Up, 0), 10, 10));
+        t.export_broke(&"lb2".into(), 10);
+        // Nothing new since the break: the peer lacks nothing of ours.
+        assert!(!pending(&mut t, &status(Up, Down, 0), 10, 10));
+        // New flows while cut off; a second break keeps the first mark.
+        assert!(pending(&mut t, &status(Up, Down, 0), 14, 10));
+        t.export_broke(&"lb2".into(), 14);
+        assert!(pending(&mut t, &status(Up, Down, 0), 14, 10));
+        // Back: our bulk (ticket 20) acknowledged, nothing pending any more.
+        t.on_inbound(&event(Link::Export, true));
+        t.bulk_sent(&"lb2".into(), 20);
+        assert!(pending(&mut t, &status(Up, Up, 0), 20, 19));
+        assert!(!pending(&mut t, &status(Up, Up, 0), 20, 20));
     }
 }

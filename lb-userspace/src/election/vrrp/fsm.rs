@@ -34,11 +34,14 @@
 //!   change at once, so that a backup with preemption can take over.
 //! - [`Instance::shutdown`]: a master sends priority 0 and gives up the VIP.
 //! - Flow sync ([`Instance::on_advert_synced`], [`PeerSync`]): a backup does not
-//!   preempt a master whose flows it does not hold yet; a master meeting a
-//!   lower-priority master whose flows it does not hold (after a cable cut) goes
-//!   to Backup, and one meeting a higher-priority master that does not hold its
-//!   flows stays master. Master-down expiry and priority 0 still take over at
-//!   once: the owner is gone or has handed its flows over.
+//!   preempt a master whose flows it does not hold yet. Two masters meeting
+//!   (after a partition, a cut cable) settle by flows before priority: one that
+//!   does not hold the other's flows keeps the VIP if it carried traffic the other
+//!   has not heard of, and otherwise steps back to Backup (and preempts, if it
+//!   may, once it holds them); one that holds the other's stays master against a
+//!   higher priority until the other holds its own. Master-down expiry and
+//!   priority 0 still take over at once: the owner is gone or has handed its flows
+//!   over.
 
 use std::{
     net::IpAddr,
@@ -59,10 +62,10 @@ const REASON_PREEMPTED: &str = "preempted a lower-priority master";
 const REASON_HIGHER_PRIORITY: &str = "higher-priority master";
 /// Why the node went back to backup: a master of equal priority and higher address.
 const REASON_TIE_BREAK: &str = "equal-priority master with a higher address";
-/// Why the node went back to backup: a lower-priority master (one that took
-/// over while we were cut off) carries flows we do not hold; we preempt it once
-/// we do.
-const REASON_RIVAL_UNSYNCED: &str = "lower-priority master whose flows we do not hold yet";
+/// Why the node went back to backup: another master (one that took over while
+/// we were cut off) may carry flows we do not hold, and holds all of ours; we
+/// preempt it, if we may, once we hold its flows.
+const REASON_RIVAL_UNSYNCED: &str = "another master, whose flows we do not hold yet";
 /// Why the node gave the VIP up on [`Instance::shutdown`].
 const REASON_SHUTDOWN: &str = "shutdown";
 
@@ -391,16 +394,23 @@ impl Instance {
         }
         let above = priority > self.priority
             || (priority == self.priority && address_above(src, self.params.primary));
-        let reason = if above && !sync.they_have_mine {
-            // The rival would reset every flow of ours: we stay master until
-            // it holds them (an RFC deviation, towards sync peers only).
+        // Two masters (after a partition, a cut cable): whichever priority
+        // wins, the VIP stays with the one carrying flows the other lacks.
+        let reason = if !sync.have_theirs && sync.pending {
+            // We carried traffic it has not heard of: keep the VIP until it
+            // holds those flows (an RFC deviation, towards sync peers only).
+            return Vec::new();
+        } else if !sync.have_theirs {
+            // It may carry flows we lack; it holds all of ours: step back, and
+            // preempt, if we may, once its flows are here.
+            REASON_RIVAL_UNSYNCED
+        } else if above && !sync.they_have_mine {
+            // It would reset our flows: we stay master until it holds them.
             return Vec::new();
         } else if priority > self.priority {
             REASON_HIGHER_PRIORITY
         } else if above {
             REASON_TIE_BREAK
-        } else if !sync.have_theirs {
-            REASON_RIVAL_UNSYNCED
         } else {
             return Vec::new();
         };
@@ -646,6 +656,7 @@ mod tests {
     const UNSYNCED: PeerSync = PeerSync {
         have_theirs: false,
         they_have_mine: false,
+        pending: false,
     };
 
     #[test]
@@ -669,6 +680,7 @@ mod tests {
         let synced = PeerSync {
             have_theirs: true,
             they_have_mine: false,
+            pending: false,
         };
         assert_eq!(
             vr.on_advert_synced(t, PEER, 100, SECOND, synced),
@@ -711,12 +723,33 @@ mod tests {
     }
 
     #[test]
+    fn master_that_carried_traffic_its_rival_lacks_keeps_the_vip_whatever_the_priority() {
+        // We took over while PEER (higher) was cut off, and carried new flows.
+        let (mut vr, t) = master(params(Version::V3, 100, SECOND));
+        let carried = PeerSync {
+            pending: true,
+            ..UNSYNCED
+        };
+        assert_eq!(
+            vr.on_advert_synced(t, PEER, 150, SECOND, carried),
+            Ok(vec![])
+        );
+        assert_eq!(vr.state(), State::Master);
+        // Its flows are here and ours there: VRRP decides again.
+        assert_eq!(
+            vr.on_advert_synced(t, PEER, 150, SECOND, PeerSync::IN_SYNC),
+            Ok(vec![lost(REASON_HIGHER_PRIORITY)])
+        );
+    }
+
+    #[test]
     fn master_keeps_the_vip_from_a_higher_rival_until_the_rival_holds_its_flows() {
         let (mut vr, t) = master(params(Version::V3, 100, SECOND));
         let adver_due = vr.next_timeout();
         let theirs_only = PeerSync {
             have_theirs: true,
             they_have_mine: false,
+            pending: false,
         };
         assert_eq!(
             vr.on_advert_synced(t, PEER, 150, SECOND, theirs_only),
