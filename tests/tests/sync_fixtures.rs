@@ -386,23 +386,7 @@ fn two_sync_nodes_hand_the_peer_every_flow_by_bulk_and_live() {
 
     // The peer takes the VIP over and carries both.
     peer.set_owned(sa(VIP4).ip(), true);
-    for (ack, port) in [(ack_a, port_a), (ack_b, port_b)] {
-        let data = ack.clone().data(b"GET /readyz");
-        let out = peer.test_run(PROG_XDP, &data.build(), Ingress::ClientSide);
-        let at_vip = SocketAddr::new(sa(VIP4).ip(), port);
-        let natted = data
-            .clone()
-            .via(FX1_MAC, master_mac(1))
-            .between(at_vip, master);
-        assert_eq!((out.action, out.packet), (XDP_REDIRECT, natted.build()));
-    }
-    assert_eq!(
-        peer.dp
-            .counters()
-            .expect("c")
-            .get(lb_common::counters::FLOW_NEW),
-        0
-    );
+    carries(&mut peer, &[(ack_a, port_a, VIP4), (ack_b, port_b, VIP4)]);
     rt.block_on(async {
         b.stop().await;
         a.stop().await;
@@ -491,28 +475,30 @@ fn three_sync_nodes_active_active_each_hold_the_flows_of_the_vips_they_do_not_ow
     for v in vips {
         lab.dp.set_vip(&Vip { sync: true, ..v }).expect("VIP");
     }
-    for (ack, port, to) in [(ack_a, port_a, VIP4), (ack_b, port_b, VIP_B)] {
+    carries(lab, &[(ack_a, port_a, VIP4), (ack_b, port_b, VIP_B)]);
+    rt.block_on(async {
+        for n in nodes {
+            n.stop().await;
+        }
+    });
+}
+
+/// `lab` carries each synced flow (a client's segment after `ack`, sent on under NAT to
+/// `MASTER` from the VIP at `to`, port `port`) as its old owner did, opening
+/// no flow of its own.
+fn carries(lab: &mut Lab, flows: &[(Tcp, u16, &str)]) {
+    for (ack, port, to) in flows {
         let data = ack.clone().data(b"GET /readyz");
         let out = lab.test_run(PROG_XDP, &data.build(), Ingress::ClientSide);
-        let at_vip = SocketAddr::new(sa(to).ip(), port);
+        let at_vip = SocketAddr::new(sa(to).ip(), *port);
         let natted = data
             .clone()
             .via(FX1_MAC, master_mac(1))
             .between(at_vip, sa(MASTER));
         assert_eq!((out.action, out.packet), (XDP_REDIRECT, natted.build()));
     }
-    assert_eq!(
-        lab.dp
-            .counters()
-            .expect("c")
-            .get(lb_common::counters::FLOW_NEW),
-        0
-    );
-    rt.block_on(async {
-        for n in nodes {
-            n.stop().await;
-        }
-    });
+    let counters = lab.dp.counters().expect("counters");
+    assert_eq!(counters.get(lb_common::counters::FLOW_NEW), 0);
 }
 
 /// A lab whose elected VIPs sync (as the controller marks them with `[sync]`

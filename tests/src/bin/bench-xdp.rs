@@ -9,7 +9,8 @@
 //! forwarding rows include a real `bpf_fib_lookup`.
 //!
 //! A second VIP syncs its flows (`VIP_F_SYNC`, as the controller sets it with
-//! `[sync]`): the ACK that completes a handshake is where the datapath writes a
+//! `[sync]`, and a sync listener, so that its SYNs pay the liveness gate's
+//! socket lookup): the ACK that completes a handshake is where the datapath writes a
 //! flow's event into `SYNC_EVENTS`, so its rows, that ACK on each VIP (the SYN
 //! and the master's SYN-ACK run untimed before each), are the export's cost on
 //! the new-flow path. The ring is drained between rounds, as the sync thread
@@ -254,6 +255,14 @@ fn cases(lab: &mut Lab) -> Vec<Case> {
         .0;
     synced.sync = true;
     lab.dp.set_vip(&synced).expect("VIP_F_SYNC");
+    // With `[sync]`, every new flow of that VIP asks the kernel for the node's
+    // sync listener (the liveness gate): one listens here, as apilb's would,
+    // for the process's life.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a sync listener");
+    let mut node = lab.desired().node.clone();
+    node.sync_listener = Some(listener.local_addr().expect("its address"));
+    lab.dp.set_node_config(&node).expect("the node config");
+    std::mem::forget(listener);
 
     // Two established flows (handshake done), for the established and reply
     // rows: one without TCP timestamps, one with them, which the datapath

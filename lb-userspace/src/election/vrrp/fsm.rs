@@ -723,43 +723,28 @@ mod tests {
     }
 
     #[test]
-    fn master_that_carried_traffic_its_rival_lacks_keeps_the_vip_whatever_the_priority() {
-        // We took over while PEER (higher) was cut off, and carried new flows.
-        let (mut vr, t) = master(params(Version::V3, 100, SECOND));
+    fn master_keeps_the_vip_from_a_higher_rival_until_flows_are_even() {
+        // We took over while PEER (higher) was cut off and carried new flows;
+        // or we hold PEER's flows and it does not hold ours yet.
         let carried = PeerSync {
             pending: true,
             ..UNSYNCED
         };
-        assert_eq!(
-            vr.on_advert_synced(t, PEER, 150, SECOND, carried),
-            Ok(vec![])
-        );
-        assert_eq!(vr.state(), State::Master);
-        // Its flows are here and ours there: VRRP decides again.
-        assert_eq!(
-            vr.on_advert_synced(t, PEER, 150, SECOND, PeerSync::IN_SYNC),
-            Ok(vec![lost(REASON_HIGHER_PRIORITY)])
-        );
-    }
-
-    #[test]
-    fn master_keeps_the_vip_from_a_higher_rival_until_the_rival_holds_its_flows() {
-        let (mut vr, t) = master(params(Version::V3, 100, SECOND));
-        let adver_due = vr.next_timeout();
         let theirs_only = PeerSync {
             have_theirs: true,
-            they_have_mine: false,
-            pending: false,
+            ..UNSYNCED
         };
-        assert_eq!(
-            vr.on_advert_synced(t, PEER, 150, SECOND, theirs_only),
-            Ok(vec![])
-        );
-        assert_eq!((vr.state(), vr.next_timeout()), (State::Master, adver_due));
-        assert_eq!(
-            vr.on_advert_synced(t, PEER, 150, SECOND, PeerSync::IN_SYNC),
-            Ok(vec![lost(REASON_HIGHER_PRIORITY)])
-        );
+        for sync in [carried, theirs_only] {
+            let (mut vr, t) = master(params(Version::V3, 100, SECOND));
+            let adver_due = vr.next_timeout();
+            assert_eq!(vr.on_advert_synced(t, PEER, 150, SECOND, sync), Ok(vec![]));
+            assert_eq!((vr.state(), vr.next_timeout()), (State::Master, adver_due));
+            // Each holds the other's flows: VRRP decides again.
+            assert_eq!(
+                vr.on_advert_synced(t, PEER, 150, SECOND, PeerSync::IN_SYNC),
+                Ok(vec![lost(REASON_HIGHER_PRIORITY)])
+            );
+        }
     }
 
     #[test]
