@@ -108,6 +108,8 @@ pub struct Reconciler {
     /// When each configured backend that is down went down (see
     /// [`Reconciler::desired`] on its flows).
     down_since: HashMap<SocketAddr, Instant>,
+    /// When each configured backend that is ready became ready.
+    ready_since: HashMap<SocketAddr, Instant>,
 }
 
 /// Whether `addr` is down: so probed, or not probed at all.
@@ -215,13 +217,7 @@ impl Reconciler {
         now: Instant,
     ) -> Desired {
         let is = |addr: &SocketAddr, h: Health| health.get(addr) == Some(&h);
-        let down =
-            |addr: &SocketAddr| !matches!(health.get(addr), Some(Health::Ready | Health::NotReady));
-        self.down_since
-            .retain(|a, _| down(a) && config.backends.iter().any(|b| b.addr == *a));
-        for b in config.backends.iter().filter(|b| down(&b.addr)) {
-            self.down_since.entry(b.addr).or_insert(now);
-        }
+        self.note_since(config, health, now);
         let addrs: Vec<SocketAddr> = config.backends.iter().map(|b| b.addr).collect();
         assign_ids(&mut self.backend_ids, &addrs, 1);
         let vip_addrs: Vec<SocketAddr> = config.vips.iter().map(|v| v.addr).collect();
@@ -316,6 +312,23 @@ impl Reconciler {
         }
     }
 
+    /// Since when each configured backend has been down, and each ready.
+    fn note_since(&mut self, config: &Config, health: &HashMap<SocketAddr, Health>, now: Instant) {
+        let configured = |a: &SocketAddr| config.backends.iter().any(|b| b.addr == *a);
+        let ready = |a: &SocketAddr| health.get(a) == Some(&Health::Ready);
+        self.down_since
+            .retain(|a, _| is_down(health, a) && configured(a));
+        self.ready_since.retain(|a, _| ready(a) && configured(a));
+        for b in &config.backends {
+            if is_down(health, &b.addr) {
+                self.down_since.entry(b.addr).or_insert(now);
+            }
+            if ready(&b.addr) {
+                self.ready_since.entry(b.addr).or_insert(now);
+            }
+        }
+    }
+
     /// The backends whose flows stay (see the comment inside), given each one's
     /// health, the ids in rotation, and the time.
     fn keep_flows(
@@ -332,14 +345,19 @@ impl Reconciler {
         // and only once the LB node has shown that it can still reach a master:
         // it has been down for `fall + 1` probe intervals, by when an outage on
         // this node's side would have taken every master down, and another master
-        // of its family is ready. So while every master is failing, none loses a
-        // flow, not even the first to fail.
+        // of its family has been ready as long. So while every master is failing,
+        // none loses a flow, not even the first to fail; and when this node's own
+        // outage ends (a cable plugged back in), the masters come back one probe
+        // apart, and none loses its flows for being the last.
         let settle = config.health.interval * (config.health.fall + 1);
         let family_ready = |v4: bool| {
-            config
-                .backends
-                .iter()
-                .any(|b| b.addr.is_ipv4() == v4 && health.get(&b.addr) == Some(&Health::Ready))
+            config.backends.iter().any(|b| {
+                b.addr.is_ipv4() == v4
+                    && self
+                        .ready_since
+                        .get(&b.addr)
+                        .is_some_and(|&t| now.duration_since(t) >= settle)
+            })
         };
         config
             .backends
@@ -672,11 +690,15 @@ mod tests {
             assert!(d.fail_open);
             assert!(all.iter().all(|a| d.keep_flows.contains(a)), "{later:?}");
         }
-        // The outage ends: B and C pass again, A is still down (its own fault
-        // now, or its probes are slower to rise) and, once it has been down for
-        // the settling time with another master ready, loses its flows.
+        // The outage ends: B and C pass again, A not yet (its probe comes a
+        // little later): it keeps its flows, since the node has not yet shown
+        // for the settling time that it reaches another master.
         let back = t0 + SETTLED * 11;
         let d = r.desired_at(&cfg, &healthy(&[B, C]), &HashSet::new(), back);
+        assert!(all.iter().all(|a| d.keep_flows.contains(a)));
+        // A still down once B has been ready that long: its own fault now, and
+        // its flows go.
+        let d = r.desired_at(&cfg, &healthy(&[B, C]), &HashSet::new(), back + SETTLED);
         assert!(!d.keep_flows.contains(&all[0]));
         assert!(d.keep_flows.contains(&all[1]) && d.keep_flows.contains(&all[2]));
     }
