@@ -8,8 +8,8 @@
 //! A stream is broken when it ended (an error, a reset, an end of stream), went
 //! silent for longer than [`STALL_LIMIT`], or never resumed; one that only
 //! paused while the VIP moved is not, but its longest pause is reported. A new
-//! connection failed when it got an error or no answer within
-//! [`crate::traffic::ATTEMPT_TIMEOUT`]; one that succeeded after more than
+//! connection failed when it got an error or no answer within [`PATIENCE`]
+//! (kubectl's TLS handshake timeout); one that succeeded after more than
 //! [`crate::traffic::SLOW`] waited for a SYN retransmit.
 
 pub mod kubectl;
@@ -21,6 +21,12 @@ use std::{
     thread,
     time::{Duration, Instant},
 };
+
+/// How long a new connection may take to connect, finish TLS and get its
+/// response head: kubectl's (client-go's) TLS handshake timeout. A handshake
+/// caught by a cut cable under etcd waits out the lease's expiry (about 2.5 s)
+/// on TCP's doubling retransmits, which can pass 5 s.
+pub const PATIENCE: Duration = Duration::from_secs(10);
 
 pub use side::{Election, Side, Stack};
 
@@ -215,7 +221,13 @@ struct Lab {
 pub fn run(prefix: &str, stack: Stack, fate: Fate) -> Outcome {
     let mut lab = Lab::start(prefix, stack);
     let begin = Instant::now();
-    let traffic = Traffic::start(&lab.t.client, &lab.pki.ca_pem, STREAMS, Some(EVERY));
+    let traffic = Traffic::start_patient(
+        &lab.t.client,
+        &lab.pki.ca_pem,
+        STREAMS,
+        Some(EVERY),
+        PATIENCE,
+    );
     let kubectl = kubectl::KubectlLoop::start(&lab.t.client, &lab.dir.0, &lab.pki.ca_pem);
     if matches!(stack, Stack::Apilb { sync: true, .. }) {
         lab.wait_synced();

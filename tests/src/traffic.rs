@@ -235,6 +235,19 @@ impl Traffic {
         watches: usize,
         every: Option<Duration>,
     ) -> Self {
+        Self::start_patient(client, ca, watches, every, ATTEMPT_TIMEOUT)
+    }
+
+    /// [`Traffic::start`], each new connection given `patience` (rather than
+    /// [`ATTEMPT_TIMEOUT`]) for its connect, TLS and response head.
+    #[must_use]
+    pub fn start_patient(
+        client: &netns::Netns,
+        ca: &Path,
+        watches: usize,
+        every: Option<Duration>,
+        patience: Duration,
+    ) -> Self {
         let connector = connector(ca);
         let record = Arc::new(Mutex::new(Record {
             attempts: Vec::new(),
@@ -251,7 +264,14 @@ impl Traffic {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(run(connector, rec, halt, watches, every, ready_tx));
+            rt.block_on(run(
+                connector,
+                rec,
+                halt,
+                watches,
+                (every, patience),
+                ready_tx,
+            ));
         });
         if ready_rx.recv_timeout(ATTEMPT_TIMEOUT * 3).is_err() {
             stop.store(true, Ordering::Relaxed);
@@ -315,7 +335,7 @@ async fn run(
     record: Arc<Mutex<Record>>,
     stop: Arc<AtomicBool>,
     watches: usize,
-    every: Option<Duration>,
+    (every, patience): (Option<Duration>, Duration),
     ready: std::sync::mpsc::Sender<()>,
 ) {
     let started = Instant::now();
@@ -356,7 +376,7 @@ async fn run(
                 rec.attempts.len() - 1
             };
             attempts.spawn(async move {
-                let result = tokio::time::timeout(ATTEMPT_TIMEOUT, request(&c, "/version"))
+                let result = tokio::time::timeout(patience, request(&c, "/version"))
                     .await
                     .unwrap_or_else(|_| Err("timed out".into()))
                     .map(|(master, _)| master);
@@ -369,9 +389,9 @@ async fn run(
         }
         while attempts.try_join_next().is_some() {}
     }
-    // Attempts in flight finish (each is bounded by ATTEMPT_TIMEOUT), so that the
+    // Attempts in flight finish (each is bounded by its patience), so that the
     // record says how every one of them ended; then the streams close.
-    let _ = tokio::time::timeout(ATTEMPT_TIMEOUT * 2, attempts.join_all()).await;
+    let _ = tokio::time::timeout(patience * 2, attempts.join_all()).await;
     record.lock().expect("lock").taken = Instant::now();
     tasks.shutdown().await;
 }
