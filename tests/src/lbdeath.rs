@@ -28,6 +28,13 @@ use std::{
 /// on TCP's doubling retransmits, which can pass 5 s.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
+/// How near a handover (the failure, the VIP's move, its settling after lb1's
+/// return) a new connection's start must be for its failure to be put down to
+/// the handover itself: a handshake straddling the instant the VIP changes
+/// hands (half-open flows are not synced), or one completed in the
+/// millisecond before a SIGKILL whose record never left the node.
+pub const HANDOVER: Duration = Duration::from_millis(500);
+
 pub use side::{Election, Side, Stack};
 
 use crate::{
@@ -109,11 +116,36 @@ pub struct Outcome {
     /// For a returning lb1 (cable back, restarted): from its return until the
     /// VIP is on one node only and traffic goes there; and that node.
     pub settled: Option<(usize, Duration)>,
+    /// For a returning lb1: from the failure until its return.
+    pub returned: Option<Duration>,
     /// The end of each apilb's log, for a failing test to show.
     pub logs: String,
 }
 
 impl Outcome {
+    /// When the VIP changed hands, in seconds from the failure: the failure
+    /// itself, the move to lb2, and the settling after lb1's return.
+    #[must_use]
+    pub fn handovers(&self) -> Vec<f64> {
+        let mut at = vec![0.0];
+        at.extend(self.moved.map(|d| d.as_secs_f64()));
+        if let (Some(r), Some((_, s))) = (self.returned, self.settled) {
+            at.push((r + s).as_secs_f64());
+        }
+        at
+    }
+
+    /// Failed new connections that started more than [`HANDOVER`] away from
+    /// every handover: those no moment of the move explains.
+    #[must_use]
+    pub fn failed_away_from_handovers(&self) -> Vec<&(f64, String)> {
+        let at = self.handovers();
+        self.failed
+            .iter()
+            .filter(|(t, _)| at.iter().all(|h| (t - h).abs() > HANDOVER.as_secs_f64()))
+            .collect()
+    }
+
     /// The longest wait of a connection that waited for a SYN retransmit.
     #[must_use]
     pub fn waited_max(&self) -> Option<f64> {
@@ -234,7 +266,7 @@ pub fn run(prefix: &str, stack: Stack, fate: Fate) -> Outcome {
     }
     thread::sleep(BEFORE.saturating_sub(begin.elapsed()));
     let failed_at = Instant::now();
-    let (moved, settled) = lab.befall(fate, failed_at);
+    let (moved, settled, returned) = lab.befall(fate, failed_at);
     thread::sleep(AFTER);
     let record = traffic.stop();
     let runs = kubectl.stop();
@@ -243,6 +275,7 @@ pub fn run(prefix: &str, stack: Stack, fate: Fate) -> Outcome {
     out.kubectl_failed = runs.into_iter().filter_map(|r| r.error).collect();
     out.moved = moved;
     out.settled = settled;
+    out.returned = returned;
     for (i, s) in lab.sides.iter().enumerate() {
         let _ = writeln!(
             out.logs,
@@ -374,12 +407,17 @@ impl Lab {
     }
 
     /// Apply `fate` to lb1 at `failed_at`; how long until traffic went to lb2,
-    /// and, when lb1 returns, where and how soon the VIP settled.
+    /// and, when lb1 returns, where and how soon the VIP settled, and when it
+    /// returned.
     fn befall(
         &mut self,
         fate: Fate,
         failed_at: Instant,
-    ) -> (Option<Duration>, Option<(usize, Duration)>) {
+    ) -> (
+        Option<Duration>,
+        Option<(usize, Duration)>,
+        Option<Duration>,
+    ) {
         match fate {
             Fate::Kill | Fate::KillAndBack => self.sides[0].kill(),
             Fate::Terminate => self.sides[0].terminate(),
@@ -387,7 +425,7 @@ impl Lab {
         }
         let moved = self.wait_arp(1, failed_at);
         let returned = match fate {
-            Fate::Kill | Fate::Terminate => return (moved, None),
+            Fate::Kill | Fate::Terminate => return (moved, None, None),
             Fate::CableCut => {
                 thread::sleep((failed_at + CUT).saturating_duration_since(Instant::now()));
                 let back = Instant::now();
@@ -403,7 +441,11 @@ impl Lab {
         };
         let home = usize::from(!self.stack.preempts());
         let settled = self.wait_alone(home, returned).map(|d| (home, d));
-        (moved, settled)
+        (
+            moved,
+            settled,
+            Some(returned.saturating_duration_since(failed_at)),
+        )
     }
 
     /// Plug lb1's cable in or pull it out: its port on the router's bridge goes
