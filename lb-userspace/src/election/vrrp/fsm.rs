@@ -196,9 +196,10 @@ impl Instance {
 
     /// [`Instance::on_advert`], knowing what flow sync knows of the sender
     /// (`sync`): a backup does not preempt a sender whose flows it does not hold;
-    /// a master yields neither to a lower-priority rival whose flows it does not
-    /// hold (it goes to Backup instead, and preempts once it does) nor to a
-    /// higher-priority one that does not hold its own (it stays master).
+    /// a master meeting another master whose flows it does not hold keeps the VIP
+    /// if it carried flows the other lacks (`pending`) and otherwise steps back
+    /// to Backup, whatever the priorities; one that holds them yields to a higher
+    /// priority only once the other holds its own.
     pub fn on_advert_synced(
         &mut self,
         now: Instant,
