@@ -204,7 +204,7 @@ pub async fn spawn(
             interval: settings.advert_interval,
             track_weight: settings.track_weight,
             sync: sync.as_ref().map(|s| s.readiness.clone()),
-            preempt: settings.preempt,
+            strangers: std::sync::Mutex::new(std::collections::HashSet::new()),
         };
         let (stop_tx, stop_rx) = oneshot::channel();
         let inputs = Inputs {
@@ -228,7 +228,8 @@ struct Io {
     track_weight: i32,
     /// What flow sync knows of each peer; `None` without `[sync]`.
     sync: Option<watch::Receiver<Readiness>>,
-    preempt: bool,
+    /// Advert sources that are no sync peer's address, warned of once each.
+    strangers: std::sync::Mutex<std::collections::HashSet<IpAddr>>,
 }
 
 struct Router {
@@ -382,16 +383,28 @@ async fn receive(
     if !advert.addresses.contains(&r.vip.addr) {
         return Err(Reject::Addresses);
     }
-    let sync = io
-        .sync
-        .as_ref()
-        .map_or(PeerSync::IN_SYNC, |s| ready::of(&s.borrow(), src));
+    let sync = io.sync.as_ref().map_or(PeerSync::IN_SYNC, |s| {
+        let known = s.borrow();
+        // Once the sync thread has published its peers, an advert from an
+        // address none of them has cannot be matched to a peer's flows.
+        if !known.is_empty()
+            && !known.contains_key(&src)
+            && io
+                .strangers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(src)
+        {
+            warn!(vrid, %src, "VRRP: an advert from an address that is no sync peer's: this node will not wait for its flows before preempting it, nor know when its apilb is gone (a sync peer's address must be the one it sends adverts from)");
+        }
+        ready::of(&known, src)
+    });
     let was_master = r.fsm.state() == State::Master;
     let out =
         r.fsm
             .on_advert_synced(Instant::now(), src, advert.priority, advert.interval, sync)?;
     handle(io, r, out, events).await;
-    hold(io, r, src, advert.priority, sync);
+    hold(r, src);
     // A master hearing another master (one that was cut off or stopped and came
     // back) and keeping the VIP announces it again: the network may have
     // followed the other node's announcements meanwhile.
@@ -410,12 +423,8 @@ async fn receive(
 
 /// Say whether a backup holds back a preemption for want of the master's flows
 /// (`/status`, `vip_preempt_held`), and log when that starts and ends.
-fn hold(io: &Io, r: &Router, master: IpAddr, priority: u8, sync: PeerSync) {
-    let held = io.preempt
-        && r.fsm.state() == State::Backup
-        && priority != 0
-        && priority < r.fsm.priority()
-        && !sync.have_theirs;
+fn hold(r: &Router, master: IpAddr) {
+    let held = r.fsm.held();
     let why = if held {
         format!("flow sync: master {master}'s flows not all installed here yet")
     } else {

@@ -152,6 +152,9 @@ pub struct Instance {
     /// Backup: the sender of the last advert we deferred to (it re-armed the
     /// timer): the master we wait on.
     master: Option<IpAddr>,
+    /// Backup: the last advert would have been preempted but for flow sync
+    /// (this node does not hold the master's flows yet).
+    held: bool,
 }
 
 impl Instance {
@@ -165,6 +168,7 @@ impl Instance {
             started: None,
             down_cause: DownCause::Silence,
             master: None,
+            held: false,
             params,
         }
     }
@@ -317,6 +321,12 @@ impl Instance {
         self.state
     }
 
+    /// Whether this backup would preempt the master it last heard but for flow
+    /// sync: it does not hold the master's flows yet.
+    pub fn held(&self) -> bool {
+        self.state == State::Backup && self.held
+    }
+
     /// The effective priority: what we advertise and compare.
     pub fn priority(&self) -> u8 {
         self.priority
@@ -362,11 +372,14 @@ impl Instance {
         if priority == 0 {
             self.arm_master_down(now + self.skew_time(), DownCause::Resigned);
             self.master = None;
+            self.held = false;
             return;
         }
         let in_delay = self
             .started
             .is_some_and(|t| now.saturating_duration_since(t) < self.params.preempt_delay);
+        self.held =
+            self.params.preempt && priority < self.priority && !in_delay && !sync.have_theirs;
         // Not holding the master's flows is a preempt delay with no end but the
         // bulk's.
         if !self.params.preempt || priority >= self.priority || in_delay || !sync.have_theirs {
@@ -673,6 +686,7 @@ mod tests {
                 Ok(vec![])
             );
             assert_eq!(vr.next_timeout(), Some(t + ns(3_414_062_500)));
+            assert!(vr.held());
         }
         assert_eq!(vr.state(), State::Backup);
         // The bulk ended: the next advert is ignored, and the timer running out
@@ -687,6 +701,7 @@ mod tests {
             vr.on_advert_synced(t, PEER, 100, SECOND, synced),
             Ok(vec![])
         );
+        assert!(!vr.held());
         let due = t0 + SECOND * 10 + ns(3_414_062_500);
         assert_eq!(vr.next_timeout(), Some(due));
         assert_preempts(&mut vr, due);
