@@ -197,7 +197,9 @@ pub fn pin_dir(instance: &str) -> PathBuf {
     Path::new(BPFFS).join("apilb").join(instance)
 }
 
-fn maps_dir(pin_dir: &Path) -> PathBuf {
+/// Where an instance pinned under `pin_dir` keeps its maps, for this layout.
+#[must_use]
+pub fn maps_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(format!("maps-v{LAYOUT_VERSION}"))
 }
 

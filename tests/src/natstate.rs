@@ -113,7 +113,7 @@ pub struct TableCount {
 /// each, and the walk stops at twice the table's size.
 #[must_use]
 pub fn flow_tables(pins: &Path) -> Vec<TableCount> {
-    let dir = pins.join(format!("maps-v{}", lb_common::LAYOUT_VERSION));
+    let dir = lb_userspace::loader::maps_dir(pins);
     let flow_key = u32::try_from(size_of::<FlowKey>()).expect("key size");
     let flow_state = u32::try_from(size_of::<FlowState>()).expect("value size");
     lb_common::maps::MAPS

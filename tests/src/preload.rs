@@ -22,7 +22,7 @@ pub struct Preloaded {
 }
 
 fn open<V: aya::Pod>(pins: &Path, name: &str) -> HashMap<MapData, FlowKey, V> {
-    let dir = pins.join(format!("maps-v{}", lb_common::LAYOUT_VERSION));
+    let dir = lb_userspace::loader::maps_dir(pins);
     let data = MapData::from_pin(dir.join(name))
         .unwrap_or_else(|e| panic!("opening pinned map {name}: {e}"));
     HashMap::try_from(Map::LruHashMap(data)).expect("a flow table")
