@@ -18,6 +18,7 @@ pub mod loader;
 pub mod maglev;
 pub mod ownership;
 pub mod passive;
+pub mod privilege;
 pub mod reaper;
 pub mod socklb;
 pub mod status;
