@@ -30,7 +30,10 @@
 //! - [`preload`]: established flows copied into a running apilb's pinned tables,
 //!   to time a bulk resync at a full table's size.
 //! - [`flood`]: an attacker on the segment flooding the LB node with raw frames.
+//! - [`alerts`]: the series the shipped alerting rules name, held against a real
+//!   `/metrics`.
 
+pub mod alerts;
 pub mod cluster;
 pub mod elect;
 pub mod fixture;
