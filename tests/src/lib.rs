@@ -30,7 +30,9 @@
 //! - [`preload`]: established flows copied into a running apilb's pinned tables,
 //!   to time a bulk resync at a full table's size.
 //! - [`flood`]: an attacker on the segment flooding the LB node with raw frames.
+//! - [`capture`]: the frames an interface receives and sends, by `AF_PACKET`.
 
+pub mod capture;
 pub mod cluster;
 pub mod elect;
 pub mod fixture;
