@@ -1441,9 +1441,11 @@ mod tests {
             .expect_err("a decimal")
             .to_string();
         assert!(msg.contains("\"1s 500ms\""), "{msg}");
-        let msg = check(&appended("[election.vrrp]\nadvert_interval = \"one second\""))
-            .expect_err("no such unit")
-            .to_string();
+        let msg = check(&appended(
+            "[election.vrrp]\nadvert_interval = \"one second\"",
+        ))
+        .expect_err("no such unit")
+        .to_string();
         assert!(
             msg.contains("\"one second\" is not a duration") && msg.contains("\"500ms\""),
             "{msg}"

@@ -210,6 +210,20 @@ impl Core {
     }
 }
 
+/// SIGHUP: reload the config; if taken, retune the running VRRP election
+/// (priorities, `track_weight`, preempt) and reconcile.
+fn hangup(core: &mut Core, owners: &Owners) {
+    if core.reload() {
+        owners.retune(&core.config);
+        let config = core.config_path.display().to_string();
+        if let Err(e) = owners.reconcile(core, "reload") {
+            error!(%config, "config reloaded, but updating the datapath failed (retrying every second): {e}");
+        } else {
+            info!(%config, "config reloaded");
+        }
+    }
+}
+
 /// Run until SIGTERM or SIGINT, serving the admin endpoint.
 pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
     let config = Config::load(&opts.config_path)?;
@@ -269,16 +283,7 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
             }
             Some(ev) = owner_rx.recv() => owners.step(Step::Election(ev), &mut core).await,
             Some((id, why)) = passive_rx.recv() => core.passive_failure(id, why),
-            _ = hup.recv() => {
-                if core.reload() {
-                    owners.retune(&core.config);
-                    let config = opts.config_path.display();
-                    match owners.reconcile(&mut core, "reload") {
-                        Ok(()) => info!(%config, "config reloaded"),
-                        Err(e) => error!(%config, "config reloaded, but updating the datapath failed (retrying every second): {e}"),
-                    }
-                }
-            }
+            _ = hup.recv() => hangup(&mut core, &owners),
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tick.tick() => {
