@@ -53,10 +53,12 @@ pub enum ConfigError {
     },
     /// The TOML error is part of the message, not a source: its text is the whole
     /// story (line, column, snippet), and a report that walks the source chain
-    /// would print it twice.
-    #[error("config file {path}: {error}")]
+    /// would print it twice. `key` is the path to the value at fault
+    /// (`election.vrrp.advert_interval`), empty for a syntax error.
+    #[error("config file {path}{}: {error}", at_key(.key))]
     Parse {
         path: PathBuf,
+        key: String,
         error: Box<toml::de::Error>,
     },
     #[error("{key} = {value}: {reason}")]
@@ -65,6 +67,15 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
+}
+
+/// `, key <key>` for a [`ConfigError::Parse`], if it has one.
+fn at_key(key: &str) -> String {
+    if key.is_empty() || key == "." {
+        String::new()
+    } else {
+        format!(", key {key}")
+    }
 }
 
 fn invalid(key: impl Display, value: impl Display, reason: impl Display) -> ConfigError {
@@ -76,6 +87,21 @@ fn invalid(key: impl Display, value: impl Display, reason: impl Display) -> Conf
 }
 
 // ---- The file as written. ----
+
+/// The file as written, or the TOML or type error with the key it is about
+/// (serde reports the value and what was expected, not where).
+fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+    let parse_error = |key: String, error| ConfigError::Parse {
+        path: path.to_owned(),
+        key,
+        error: Box::new(error),
+    };
+    let de = toml::Deserializer::parse(text).map_err(|e| parse_error(String::new(), e))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        parse_error(key, e.into_inner())
+    })
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,7 +144,10 @@ struct RawDatapath {
     flow_table_size: i64,
     /// Unset: `HALF_OPEN_TABLE_SIZE`, or `flow_table_size` if that is smaller.
     half_open_table_size: Option<i64>,
-    #[serde(default = "default_nexthop_ttl", with = "humantime_serde")]
+    #[serde(
+        default = "default_nexthop_ttl",
+        deserialize_with = "timeouts::duration"
+    )]
     nexthop_ttl: Duration,
     #[serde(default)]
     tcp_timeouts: TcpTimeouts,
@@ -160,9 +189,9 @@ struct RawHealth {
     kind: RawProbeKind,
     #[serde(default = "default_path")]
     path: String,
-    #[serde(default = "default_interval", with = "humantime_serde")]
+    #[serde(default = "default_interval", deserialize_with = "timeouts::duration")]
     interval: Duration,
-    #[serde(default = "default_timeout", with = "humantime_serde")]
+    #[serde(default = "default_timeout", deserialize_with = "timeouts::duration")]
     timeout: Duration,
     #[serde(default = "default_rise_fall")]
     rise: i64,
@@ -379,11 +408,7 @@ impl Config {
 
     /// Parse and validate config text; `path` is only for messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|error| ConfigError::Parse {
-            path: path.to_owned(),
-            error: Box::new(error),
-        })?;
-        validate(raw, &SystemFacts)
+        validate(parse_raw(text, path)?, &SystemFacts)
     }
 
     /// What `apilb check` warns of in a valid config, about the node it runs on: a
@@ -976,11 +1001,7 @@ mod tests {
     }
 
     pub(super) fn check_on(text: &str, facts: &dyn Facts) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|error| ConfigError::Parse {
-            path: "test.toml".into(),
-            error: Box::new(error),
-        })?;
-        validate(raw, facts)
+        validate(parse_raw(text, Path::new("test.toml"))?, facts)
     }
 
     /// `GOOD` with its VIP elected through etcd, `[election.etcd]` holding `etcd`.
@@ -1350,6 +1371,133 @@ mod tests {
     }
 
     #[test]
+    fn a_bare_number_for_any_duration_key_gets_its_key_and_the_text_to_write() {
+        let vrrp_vip = GOOD.replacen(
+            "address = \"192.168.19.200\"",
+            "address = \"192.168.19.200\"\nelection = \"vrrp\"\nvrid = 1",
+            1,
+        );
+        let appended = |table: &str| format!("{vrrp_vip}\n{table}\n");
+        let cases = [
+            (
+                "[election.vrrp]\nadvert_interval = 1",
+                "election.vrrp.advert_interval",
+            ),
+            (
+                "[election.vrrp]\npreempt_delay = 30",
+                "election.vrrp.preempt_delay",
+            ),
+            (
+                "[election]\nannounce_interval = 1",
+                "election.announce_interval",
+            ),
+            (
+                "[election.etcd]\nendpoints = []\nlease_ttl = 1",
+                "election.etcd.lease_ttl",
+            ),
+            (
+                "[election.etcd]\nendpoints = []\ndial_timeout = 1",
+                "election.etcd.dial_timeout",
+            ),
+            ("[sync]\nresync_interval = 1", "sync.resync_interval"),
+            ("[sync]\nflush_timeout = 1", "sync.flush_timeout"),
+            (
+                "[datapath.tcp_timeouts]\nestablished = 1",
+                "datapath.tcp_timeouts.established",
+            ),
+            // [health] is GOOD's last table.
+            ("interval = 1", "health.interval"),
+            ("timeout = 1", "health.timeout"),
+        ];
+        let mut texts: Vec<(String, &str)> = cases
+            .iter()
+            .map(|&(table, key)| (appended(table), key))
+            .collect();
+        texts.push((
+            vrrp_vip.replacen(
+                "interfaces = [\"eth0\"]",
+                "interfaces = [\"eth0\"]\nnexthop_ttl = 1",
+                1,
+            ),
+            "datapath.nexthop_ttl",
+        ));
+        for (text, key) in &texts {
+            let msg = check(text).expect_err("a bare number").to_string();
+            let value = if key.ends_with("preempt_delay") {
+                "30"
+            } else {
+                "1"
+            };
+            for want in [
+                format!("key {key}:"),
+                format!("{value} is a bare number, but this key is a duration"),
+                format!("\"{value}s\" if seconds"),
+            ] {
+                assert!(msg.contains(&want), "{key}: {msg:?} lacks {want:?}");
+            }
+        }
+        eprintln!("{}", check(&texts[0].0).expect_err("bare"));
+        let msg = check(&appended("[election.vrrp]\nadvert_interval = 0.5"))
+            .expect_err("a decimal")
+            .to_string();
+        assert!(msg.contains("\"1s 500ms\""), "{msg}");
+        let msg = check(&appended(
+            "[election.vrrp]\nadvert_interval = \"one second\"",
+        ))
+        .expect_err("no such unit")
+        .to_string();
+        assert!(
+            msg.contains("\"one second\" is not a duration") && msg.contains("\"500ms\""),
+            "{msg}"
+        );
+        // An array's index is part of the key.
+        let msg = check(&GOOD.replacen("weight = 2", "weight = \"2\"", 1))
+            .expect_err("a quoted weight")
+            .to_string();
+        assert!(msg.contains("key backend[1].weight:"), "{msg}");
+    }
+
+    #[test]
+    fn keepalived_passwords_are_taken_unquoted_and_a_long_one_gets_its_first_8_bytes() {
+        let vrrp = |auth: &str| {
+            GOOD.replacen(
+                "address = \"192.168.19.200\"",
+                &format!(
+                    "address = \"192.168.19.200\"\nelection = \"vrrp\"\nvrid = 1\n\
+                     [election.vrrp]\nversion = 2\n{auth}"
+                ),
+                1,
+            )
+        };
+        let c = check(&vrrp("auth_pass = 123456")).expect("digits, unquoted");
+        assert_eq!(c.election.vrrp.auth_pass.as_deref(), Some("123456"));
+        let msg = check(&vrrp("auth_pass = \"k8s-vip-pass\""))
+            .expect_err("12 bytes")
+            .to_string();
+        eprintln!("{msg}");
+        assert!(
+            msg.starts_with("election.vrrp.auth_pass = (12 bytes): ")
+                && msg.ends_with("write auth_pass = \"k8s-vip-\""),
+            "{msg}"
+        );
+        let msg = check(&vrrp("auth_pass = 123456789"))
+            .expect_err("9 digits")
+            .to_string();
+        assert!(msg.ends_with("write auth_pass = \"12345678\""), "{msg}");
+        let msg = check(&vrrp("auth_pass = \"1234567\u{e9}\""))
+            .expect_err("the 8th byte inside a character")
+            .to_string();
+        assert!(msg.contains("choose a password of 1-8 bytes"), "{msg}");
+        let msg = check(&vrrp("auth_pass = true"))
+            .expect_err("not a password")
+            .to_string();
+        assert!(
+            msg.contains("key election.vrrp.auth_pass:") && msg.contains("quoted"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn a_toml_error_is_said_once() {
         let err = check("[datapath\n").expect_err("not TOML");
         let full = format!("{:#}", anyhow_like(&err));
@@ -1485,8 +1633,61 @@ mod tests {
         .expect("valid");
         assert_eq!(
             old.restart_needed(&vrrp),
-            Some("an elected vip (its election, vrid or priority)")
+            Some("an elected vip (its address, election or vrid)")
         );
+    }
+
+    #[test]
+    fn a_reload_applies_vrrp_priority_track_weight_and_preempt_and_names_other_election_keys() {
+        let vrrp = |vip: &str, section: &str| {
+            check(&GOOD.replacen(
+                "address = \"192.168.19.200\"",
+                &format!(
+                    "address = \"192.168.19.200\"\nelection = \"vrrp\"\nvrid = 5\n{vip}\n\
+                     [election.vrrp]\n{section}"
+                ),
+                1,
+            ))
+            .expect("valid")
+        };
+        let old = vrrp("priority = 100", "");
+        let tuned = vrrp(
+            "priority = 200",
+            "track_weight = -120\npreempt = false\npreempt_delay = \"30s\"",
+        );
+        assert_eq!(old.restart_needed(&tuned), None);
+        assert_eq!(tuned.restart_needed(&old), None);
+        for (vip, section, key) in [
+            (
+                "vrid = 6",
+                "",
+                "an elected vip (its address, election or vrid)",
+            ),
+            (
+                "",
+                "advert_interval = \"2s\"",
+                "election.vrrp.advert_interval",
+            ),
+            (
+                "",
+                "unicast_peers = [\"192.168.19.9\"]",
+                "election.vrrp.unicast_peers",
+            ),
+            ("", "version = 2\nauth_pass = 1234", "election.vrrp.version"),
+            ("", "source = \"192.168.19.159\"", "election.vrrp.source"),
+        ] {
+            let new = if vip.is_empty() {
+                vrrp("priority = 100", section)
+            } else {
+                check(&GOOD.replacen(
+                    "address = \"192.168.19.200\"",
+                    &format!("address = \"192.168.19.200\"\nelection = \"vrrp\"\n{vip}"),
+                    1,
+                ))
+                .expect("valid")
+            };
+            assert_eq!(old.restart_needed(&new), Some(key), "{vip} {section}");
+        }
     }
 
     /// A node whose `ip_local_port_range` is `range` (or cannot be read).

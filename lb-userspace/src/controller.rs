@@ -97,6 +97,29 @@ pub struct Applied {
     pub keep_flows: Option<BTreeSet<SocketAddr>>,
 }
 
+impl Applied {
+    /// What was written, for the log: only what changed, e.g. "1 VIP entry" when
+    /// an election moved a VIP, so that an untouched table does not read as empty.
+    #[must_use]
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = [
+            (self.backends_written, "backend entry", "backend entries"),
+            (self.vips_written, "VIP entry", "VIP entries"),
+            (self.vips_removed, "VIP removed", "VIPs removed"),
+            (self.ring_slots_written, "Maglev slot", "Maglev slots"),
+        ]
+        .into_iter()
+        .filter(|&(n, _, _)| n > 0)
+        .map(|(n, one, many)| format!("{n} {}", if n == 1 { one } else { many }))
+        .collect();
+        if parts.is_empty() {
+            "nothing".to_owned()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
 /// Keeps ids stable across reconciles and remembers what the maps hold.
 #[derive(Debug, Default)]
 pub struct Reconciler {
@@ -562,6 +585,26 @@ mod tests {
     const A: &str = "10.0.0.11:6443";
     const B: &str = "10.0.0.12:6443";
     const C: &str = "10.0.0.13:6443";
+
+    #[test]
+    fn the_log_names_only_what_was_written() {
+        let moved = Applied {
+            vips_written: 1,
+            ..Applied::default()
+        };
+        assert_eq!(moved.summary(), "1 VIP entry");
+        let start = Applied {
+            backends_written: 3,
+            vips_written: 1,
+            ring_slots_written: 1009,
+            ..Applied::default()
+        };
+        assert_eq!(
+            start.summary(),
+            "3 backend entries, 1 VIP entry, 1009 Maglev slots"
+        );
+        assert_eq!(Applied::default().summary(), "nothing");
+    }
 
     #[test]
     fn only_healthy_backends_get_slots() {

@@ -89,6 +89,9 @@ struct Core {
     snapshot: SharedSnapshot,
     reloads_applied: u64,
     reloads_refused: u64,
+    /// The last reconcile found no healthy backend: logged when that starts and
+    /// when it ends, not at every reconcile in between.
+    failing_open: bool,
     /// The last reconcile failed; the next tick retries it.
     dirty: bool,
 }
@@ -99,11 +102,19 @@ impl Reconcile for Core {
             .reconciler
             .desired(&self.config, self.probes.health(), owned);
         let fail_open = desired.fail_open;
-        if fail_open {
-            error!(
-                why,
-                "no backend is healthy: failing open, every configured backend serves"
-            );
+        if fail_open != self.failing_open {
+            if fail_open {
+                error!(
+                    why,
+                    "no backend is healthy: failing open, every configured backend serves"
+                );
+            } else {
+                info!(
+                    why,
+                    "fail-open ends: a backend is healthy again, and only healthy backends serve"
+                );
+            }
+            self.failing_open = fail_open;
         }
         let written = self
             .reconciler
@@ -113,14 +124,7 @@ impl Reconcile for Core {
                     self.reaper.keep_only(keep);
                 }
                 if applied != Applied::default() {
-                    info!(
-                        why,
-                        backends = applied.backends_written,
-                        vips = applied.vips_written,
-                        vips_removed = applied.vips_removed,
-                        ring_slots = applied.ring_slots_written,
-                        "datapath updated"
-                    );
+                    info!(why, wrote = %applied.summary(), "datapath updated");
                 }
             });
         self.dirty = written.is_err();
@@ -206,6 +210,20 @@ impl Core {
     }
 }
 
+/// SIGHUP: reload the config; if taken, retune the running VRRP election
+/// (priorities, `track_weight`, preempt) and reconcile.
+fn hangup(core: &mut Core, owners: &Owners) {
+    if core.reload() {
+        owners.retune(&core.config);
+        let config = core.config_path.display().to_string();
+        if let Err(e) = owners.reconcile(core, "reload") {
+            error!(%config, "config reloaded, but updating the datapath failed (retrying every second): {e}");
+        } else {
+            info!(%config, "config reloaded");
+        }
+    }
+}
+
 /// Run until SIGTERM or SIGINT, serving the admin endpoint.
 pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
     let config = Config::load(&opts.config_path)?;
@@ -241,6 +259,7 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
         snapshot,
         reloads_applied: 0,
         reloads_refused: 0,
+        failing_open: false,
         dirty: false,
     };
     owners.reconcile(&mut core, "start")?;
@@ -264,15 +283,7 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
             }
             Some(ev) = owner_rx.recv() => owners.step(Step::Election(ev), &mut core).await,
             Some((id, why)) = passive_rx.recv() => core.passive_failure(id, why),
-            _ = hup.recv() => {
-                if core.reload() {
-                    let config = opts.config_path.display();
-                    match owners.reconcile(&mut core, "reload") {
-                        Ok(()) => info!(%config, "config reloaded"),
-                        Err(e) => error!(%config, "config reloaded, but updating the datapath failed (retrying every second): {e}"),
-                    }
-                }
-            }
+            _ = hup.recv() => hangup(&mut core, &owners),
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tick.tick() => {

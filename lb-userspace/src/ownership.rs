@@ -21,7 +21,7 @@
 //! other cause), handing in what converges the datapath as a [`Reconcile`].
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     net::IpAddr,
     time::Duration,
 };
@@ -36,7 +36,7 @@ use crate::{
     election::{
         ElectionState, Ownership, SyncSignals,
         etcd::{self, EtcdElection, EtcdError},
-        vrrp::{self, VrrpElection, VrrpError, VrrpVip},
+        vrrp::{self, Tuning, VrrpElection, VrrpError, VrrpVip},
     },
 };
 
@@ -88,8 +88,6 @@ pub struct Owners {
     announce_count: u32,
     announce_interval: Duration,
     unhealthy: watch::Sender<bool>,
-    /// VRRP rejections by reason at the last `log_rejections`.
-    rejections_seen: BTreeMap<String, u64>,
     /// Address changes that failed, with the state wanted (owned or not).
     pending: HashMap<IpAddr, bool>,
 }
@@ -115,21 +113,9 @@ impl Owners {
             announce_count: e.announce_count,
             announce_interval: e.announce_interval,
             unhealthy,
-            rejections_seen: BTreeMap::new(),
             pending: HashMap::new(),
         };
-        let vrrp_vips: Vec<VrrpVip> = config
-            .vips
-            .iter()
-            .filter_map(|v| match v.election {
-                Election::Vrrp { vrid, priority } => Some(VrrpVip {
-                    addr: v.addr.ip(),
-                    vrid,
-                    priority,
-                }),
-                _ => None,
-            })
-            .collect();
+        let vrrp_vips = vrrp_vips(config);
         let etcd_vips: Vec<IpAddr> = config
             .vips
             .iter()
@@ -171,6 +157,15 @@ impl Owners {
         Ok((owners, events))
     }
 
+    /// A reloaded config's VRRP tuning (priorities, `track_weight`, preempt),
+    /// applied to the running election; the rest of the election a reload may
+    /// not change (`Config::restart_needed`).
+    pub fn retune(&self, config: &Config) {
+        if let Some(v) = &self.vrrp {
+            v.retune(Tuning::new(&config.election.vrrp, &vrrp_vips(config)));
+        }
+    }
+
     /// Reconcile with the VIPs this node owns, and tell the elections whether any
     /// backend is healthy (VRRP lowers its priority by `track_weight` while none
     /// is), whether or not the maps could be written.
@@ -203,7 +198,7 @@ impl Owners {
     /// announced, once the datapath balances it. If an address cannot be removed
     /// the kernel still answers for the VIP, so the node keeps balancing it; a
     /// failed change is retried on the tick, removals before additions. The tick
-    /// also retries a failed reconcile and logs refused VRRP adverts.
+    /// also retries a failed reconcile.
     pub async fn step(&mut self, input: Step, r: &mut impl Reconcile) {
         match input {
             Step::Election(ev) => {
@@ -218,7 +213,6 @@ impl Owners {
                     self.reconcile_or_retry(r, "retry");
                 }
                 self.retry_claims(!r.dirty()).await;
-                self.log_rejections();
             }
         }
     }
@@ -331,24 +325,6 @@ impl Owners {
         self.reconcile_or_retry(r, "exit: elected VIPs released");
     }
 
-    /// Log the VRRP adverts refused since the last call, by reason: a peer with
-    /// the wrong password, VRID or TTL shows up here rather than as a silent
-    /// split brain.
-    fn log_rejections(&mut self) {
-        let Some(v) = &self.vrrp else { return };
-        // Every VRRP VIP shares one socket, so each carries the same totals.
-        let Some((_, state)) = v.states().into_iter().next() else {
-            return;
-        };
-        for (reason, &n) in &state.rejected {
-            let before = self.rejections_seen.get(reason).copied().unwrap_or(0);
-            if n > before {
-                warn!(reason, count = n - before, "VRRP adverts refused");
-            }
-        }
-        self.rejections_seen = state.rejected;
-    }
-
     /// Each elected VIP's election state.
     #[must_use]
     pub fn states(&self) -> Vec<(IpAddr, ElectionState)> {
@@ -376,4 +352,20 @@ impl Owners {
             e.resign().await;
         }
     }
+}
+
+/// The config's VRRP VIPs, with their VRID and priority.
+fn vrrp_vips(config: &Config) -> Vec<VrrpVip> {
+    config
+        .vips
+        .iter()
+        .filter_map(|v| match v.election {
+            Election::Vrrp { vrid, priority } => Some(VrrpVip {
+                addr: v.addr.ip(),
+                vrid,
+                priority,
+            }),
+            _ => None,
+        })
+        .collect()
 }

@@ -23,7 +23,10 @@ use crate::{
     election::ElectionState,
     health::{Health, Probes},
     passive::PassiveKind,
-    sync::links::{FaultCounts, LinkStatus, LinksStatus, Traffic},
+    sync::{
+        install::InstallReject,
+        links::{FaultCounts, LinkStatus, LinksStatus, Traffic},
+    },
 };
 
 /// Everything `/status` shows and `/metrics` exports.
@@ -213,8 +216,10 @@ fn backend_status(
         probe_latency_seconds: last.as_ref().map_or(0.0, |e| e.latency.as_secs_f64()),
         probes: last.as_ref().map_or(0, |e| e.probes),
         transitions: last.as_ref().map_or(0, |e| e.transitions),
-        failures: last.as_ref().map_or_else(Vec::new, |e| {
-            let f = &e.failures;
+        // Every reason and outcome from the first snapshot on, at 0 before the
+        // first probe, so that an alert on their increase sees the first one.
+        failures: {
+            let f = last.as_ref().map(|e| e.failures).unwrap_or_default();
             vec![
                 ("timeout".to_owned(), f.timeout),
                 ("refused".to_owned(), f.refused),
@@ -223,13 +228,14 @@ fn backend_status(
                 ("io".to_owned(), f.io),
                 ("broken".to_owned(), f.broken),
             ]
-        }),
-        passive_hints: last.as_ref().map_or_else(Vec::new, |e| {
+        },
+        passive_hints: {
+            let h = last.as_ref().map(|e| e.hints).unwrap_or_default();
             vec![
-                ("confirmed".to_owned(), e.hints.confirmed),
-                ("refuted".to_owned(), e.hints.refuted),
+                ("confirmed".to_owned(), h.confirmed),
+                ("refuted".to_owned(), h.refuted),
             ]
-        }),
+        },
         passive_failures: [
             (PassiveKind::Rst, passive.rst),
             (PassiveKind::Icmp, passive.icmp),
@@ -364,7 +370,13 @@ impl SyncSnapshot {
                     .position(|c| *c.peer == *p.name)
                     .map(|i| extra_peers.swap_remove(i))
                     .unwrap_or_default();
+                // Every link fault and install refusal, zeros included.
                 let mut rejected = by_fault(&p.faults);
+                for r in InstallReject::ALL.map(InstallReject::as_str) {
+                    if !rejected.iter().any(|(f, _)| f == r) {
+                        rejected.push((r.to_owned(), 0));
+                    }
+                }
                 for (reason, n) in counters.rejected {
                     match rejected.iter_mut().find(|(r, _)| r == reason) {
                         Some((_, total)) => *total += n,
@@ -529,8 +541,12 @@ mod tests {
             (lb2.import.state.as_str(), lb2.import.last_error.as_deref()),
             ("down", Some("connection refused"))
         );
-        // Every link fault, zeros included, in `Fault::ALL`'s order.
-        let labels: Vec<&str> = Fault::ALL.iter().map(|f| f.as_str()).collect();
+        // Every link fault, then every install refusal, zeros included.
+        let labels: Vec<&str> = Fault::ALL
+            .iter()
+            .map(|f| f.as_str())
+            .chain(InstallReject::ALL.iter().map(|r| r.as_str()))
+            .collect();
         let got: Vec<&str> = lb2.rejected.iter().map(|(r, _)| r.as_str()).collect();
         assert_eq!(got, labels);
         assert!(lb2.rejected.iter().all(|&(_, n)| n == 0));
@@ -539,14 +555,18 @@ mod tests {
             (lb3.flows_installed, lb3.bulks_received, lb3.needs_resync),
             (70, bulk, true)
         );
-        // The installer's `bad_record` adds to the codec's; `unknown_vip` is new.
-        assert_eq!(lb3.rejected.len(), Fault::ALL.len() + 1);
+        // The installer's `bad_record` adds to the codec's; `unknown_vip` is one
+        // of its own reasons, each listed after the link faults.
+        assert_eq!(
+            lb3.rejected.len(),
+            Fault::ALL.len() + InstallReject::ALL.len()
+        );
         let count = |reason: &str| lb3.rejected.iter().find(|(r, _)| r == reason).unwrap().1;
         assert_eq!(
             (count("bad_record"), count("unknown_vip"), count("auth")),
             (5, 2, 0)
         );
-        assert_eq!(lb3.rejected.last().unwrap().0, "unknown_vip");
+        assert_eq!(lb3.rejected[Fault::ALL.len()].0, "unknown_vip");
         assert_eq!(s.unattributed.len(), Fault::ALL.len());
     }
 

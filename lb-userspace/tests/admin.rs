@@ -19,7 +19,10 @@ use lb_userspace::{
         BackendStatus, BulkStats, PeerSyncCounters, SharedSnapshot, Snapshot, SyncCounters,
         SyncSnapshot, VipStatus,
     },
-    sync::links::{Fault, FaultCounts, LinkState, LinkStatus, LinksStatus, PeerStatus, Traffic},
+    sync::{
+        install::InstallReject,
+        links::{Fault, FaultCounts, LinkState, LinkStatus, LinksStatus, PeerStatus, Traffic},
+    },
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -558,9 +561,9 @@ async fn metrics_carry_every_sync_series_of_two_peers() {
             );
         }
         assert_valid_exposition(&reply.body);
-        // Per peer: every fault of the links and the installer's four other
-        // reasons (its bad_record is the codec's too).
-        let reasons = Fault::ALL.len() + INSTALL_REASONS.len() - 1;
+        // Per peer: every fault of the links and every install refusal, zeros
+        // included (the counters' bad_record adds to the codec's).
+        let reasons = Fault::ALL.len() + InstallReject::ALL.len();
         for (peer, want) in [("lb2", reasons), ("lb3", reasons), ("", Fault::ALL.len())] {
             let prefix = format!(r#"apilb_sync_rejected_total{{peer="{peer}",reason="#);
             let got = lines.iter().filter(|l| l.starts_with(&prefix)).count();

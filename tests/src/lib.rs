@@ -32,8 +32,10 @@
 //! - [`flood`]: an attacker on the segment flooding the LB node with raw frames.
 //! - [`alerts`]: the series the shipped alerting rules name, held against a real
 //!   `/metrics`.
+//! - [`capture`]: the frames an interface receives and sends, by `AF_PACKET`.
 
 pub mod alerts;
+pub mod capture;
 pub mod cluster;
 pub mod elect;
 pub mod fixture;

@@ -12,16 +12,14 @@
 
 use std::{
     io,
-    mem::{size_of, zeroed},
     net::{IpAddr, SocketAddr, TcpStream},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
 
 use lb_userspace::announce::{AnnounceError, Announcer};
-use tests::netns::Netns;
+use tests::{capture::Capture, netns::Netns};
 
 const PREFIX: &str = "apilb-ann";
 const MAC_A: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x0a, 0x01];
@@ -238,86 +236,6 @@ fn ipv6_unsolicited_na_moves_the_neighbour_and_release_silences_it() {
 
 // ---------------------------------------------------------------------------------
 // Counting announcements on the wire.
-
-/// An `AF_PACKET` socket in the calling thread's namespace that sees every frame
-/// on one interface.
-struct Capture {
-    fd: OwnedFd,
-}
-
-const ETH_P_ALL: u16 = 0x0003;
-
-impl Capture {
-    fn open(ifindex: u32) -> Self {
-        let protocol = i32::from(ETH_P_ALL.to_be());
-        // SAFETY: socket(2) with constant arguments; the result is checked below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                protocol,
-            )
-        };
-        assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
-        // SAFETY: `fd` is a socket just opened and owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-
-        // SAFETY: all zeros is a valid sockaddr_ll (plain integers and arrays).
-        let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
-        sll.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
-        sll.sll_protocol = ETH_P_ALL.to_be();
-        sll.sll_ifindex = ifindex.cast_signed();
-        let len = u32::try_from(size_of::<libc::sockaddr_ll>()).unwrap();
-        // SAFETY: `sll` is a sockaddr_ll that lives across the call, `len` its size.
-        let rc = unsafe { libc::bind(fd.as_raw_fd(), (&raw const sll).cast(), len) };
-        assert_eq!(rc, 0, "bind AF_PACKET: {}", io::Error::last_os_error());
-
-        let timeout = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 20_000,
-        };
-        let len = u32::try_from(size_of::<libc::timeval>()).unwrap();
-        // SAFETY: the option value is a timeval that lives across the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const timeout).cast(),
-                len,
-            )
-        };
-        assert_eq!(rc, 0, "SO_RCVTIMEO: {}", io::Error::last_os_error());
-        Self { fd }
-    }
-
-    /// The next frame, if one arrives within 20 ms and is incoming (not one this
-    /// namespace sends).
-    fn next_incoming(&self) -> Option<Vec<u8>> {
-        let mut buf = vec![0u8; 2048];
-        // SAFETY: as in `open`.
-        let mut from: libc::sockaddr_ll = unsafe { zeroed() };
-        let mut from_len = u32::try_from(size_of::<libc::sockaddr_ll>()).unwrap();
-        // SAFETY: `buf` and `from` are writable for the lengths passed, and live
-        // across the call.
-        let n = unsafe {
-            libc::recvfrom(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-                (&raw mut from).cast(),
-                &raw mut from_len,
-            )
-        };
-        let n = usize::try_from(n).ok()?;
-        if from.sll_pkttype == libc::PACKET_OUTGOING {
-            return None;
-        }
-        buf.truncate(n);
-        Some(buf)
-    }
-}
 
 /// Whether `frame` is a gratuitous ARP for `vip` from A: a broadcast ARP request
 /// with sender = target = VIP and sender MAC A's.

@@ -147,6 +147,21 @@ fn misconfigured_peer_is_refused(t: &Topology, dir: &TempDir, apilb: &Node, vers
         "{reason} rejections logged:\n{}",
         apilb.apilb().log_text()
     );
+    // The line names the sender, its VRID and the reason.
+    let log = apilb.apilb().log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("VRRP adverts refused"))
+        .unwrap_or_default();
+    eprintln!("keepalived interop v{version}: {line}");
+    let vrid = if version == 2 { 51 } else { 52 };
+    for field in [
+        format!("src={}", lb_addr(1)),
+        format!("vrid={vrid}"),
+        format!("reason=\"{reason}\""),
+    ] {
+        assert!(line.contains(&field), "{field} not in {line:?}");
+    }
     let metrics = tests::live::metrics(&t.lbs[0]);
     assert!(
         metrics.contains(&format!(

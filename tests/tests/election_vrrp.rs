@@ -6,6 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use lb_userspace::election::vrrp::packet::Reject;
+
 use tests::{
     cluster::{VIP_ADDR, VIP2_ADDR, VIP6_ADDR},
     elect::{
@@ -163,13 +165,18 @@ fn link_down_sigstop_and_sigterm_each_move_the_vip_and_nopreempt_keeps_it_where_
     )
     .expect("config");
     lb1.restart(&t, &dir.0);
+    nopreempt_keeps_it_on_lb2(&t);
+}
+
+/// lb1, back with the higher priority but preempt off, leaves the VIP on lb2.
+fn nopreempt_keeps_it_on_lb2(t: &tests::cluster::Topology) {
     std::thread::sleep(TARGET * 2);
     assert_eq!(
         served_by(&t.client, VIP_ADDR),
         Some(1),
         "nopreempt: lb2 keeps it"
     );
-    assert_eq!(holders(&t, VIP_ADDR), [1]);
+    assert_eq!(holders(t, VIP_ADDR), [1]);
 }
 
 #[test]
@@ -262,6 +269,26 @@ fn a_node_whose_masters_are_unreachable_lowers_its_priority_and_hands_the_vip_ov
     assert!(took.is_some());
 }
 
+/// [`node_config`] for VIPs among which an IPv6 one: it needs an IPv6 SNAT address
+/// and backend; none answers here, so tracking is off (both nodes would drop alike
+/// anyway).
+fn config_with_v6(node: usize, instance: &str, vips: &[String]) -> String {
+    node_config(
+        node,
+        instance,
+        vips,
+        "[election.vrrp]\nadvert_interval = \"100ms\"\ntrack_weight = 0\n\
+         [[backend]]\naddress = \"[fd00:198:51:100::11]:6443\"\n",
+    )
+    .replace(
+        "snat_ipv4 = ",
+        &format!(
+            "snat_ipv6 = \"fd00:198:51:100::{}\"\nsnat_ipv4 = ",
+            node + 2
+        ),
+    )
+}
+
 /// The router's neighbour entry for `vip` names LB node `node`'s MAC.
 fn router_resolves_to(t: &tests::cluster::Topology, vip: &str, node: usize) -> bool {
     let mac = t.lbs[node].ip(&["-br", "link", "show", "dev", "eth0"]);
@@ -273,28 +300,13 @@ fn router_resolves_to(t: &tests::cluster::Topology, vip: &str, node: usize) -> b
 fn an_ipv6_vip_moves_by_vrrpv3_from_link_local_with_unsolicited_neighbour_adverts() {
     let _serial = serial();
     let (t, dir) = two_lb_nodes("apilb-vrrp6");
-    // An IPv6 VIP needs an IPv6 SNAT address and backend; none answers here, so
-    // tracking is off (both nodes would drop alike anyway).
     let config = |node: usize, instance: &str, priority: u8| {
         let vip = vec![vrrp_vip(VrrpVip {
             addr: VIP6_ADDR,
             vrid: 61,
             priority,
         })];
-        node_config(
-            node,
-            instance,
-            &vip,
-            "[election.vrrp]\nadvert_interval = \"100ms\"\ntrack_weight = 0\n\
-             [[backend]]\naddress = \"[fd00:198:51:100::11]:6443\"\n",
-        )
-        .replace(
-            "snat_ipv4 = ",
-            &format!(
-                "snat_ipv6 = \"fd00:198:51:100::{}\"\nsnat_ipv4 = ",
-                node + 2
-            ),
-        )
+        config_with_v6(node, instance, &vip)
     };
     let mut lb1 = Node::start(&t, &dir.0, "apilb-vrrp6", 0, |i| config(0, i, 150));
     let _lb2 = Node::start(&t, &dir.0, "apilb-vrrp6", 1, |i| config(1, i, 100));
@@ -335,4 +347,182 @@ fn an_ipv6_vip_moves_by_vrrpv3_from_link_local_with_unsolicited_neighbour_advert
         took.is_some(),
         "the router still resolves the IPv6 VIP to lb1"
     );
+}
+
+/// Wait (at most 5 s) until `line` is a line of the node's `/metrics`.
+fn wait_metric(t: &tests::cluster::Topology, node: usize, line: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = tests::live::metrics(&t.lbs[node]);
+        if m.lines().any(|l| l == line) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            eprintln!("{line:?} not in:\n{m}");
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A node's log, written to a file: no colour codes; a VIP moving says it
+/// rewrote its VIP entry only; failing open (if at all, before the first
+/// probes) said once, not at every VRRP transition.
+fn assert_logs_plain(node: &Node) {
+    let log = node.apilb().log_text();
+    assert!(
+        !log.contains("\x1b["),
+        "no colour codes in a log file:\n{log}"
+    );
+    assert!(log.contains("wrote=1 VIP entry"), "{log}");
+    assert!(!log.contains("backends=0"), "{log}");
+    assert!(log.matches("failing open").count() <= 1, "{log}");
+}
+
+/// keepalived's reload applies a new priority, and so does apilb's SIGHUP: no
+/// restart that would move the VIP twice. Also: a fresh instance has every
+/// refusal reason's series at 0, and logs carry no colour codes in a file.
+#[test]
+fn a_sighup_priority_change_moves_the_vip_in_place_and_nopreempt_holds_it_back() {
+    let _serial = serial();
+    let prefix = "apilb-fr-reload";
+    let (t, dir) = two_lb_nodes(prefix);
+    let _masters = echo_masters(&t, Duration::from_mins(3));
+    let lb1 = Node::start(&t, &dir.0, prefix, 0, |i| {
+        node_config(0, i, &vip(150), &election(true))
+    });
+    let lb2 = Node::start(&t, &dir.0, prefix, 1, |i| {
+        node_config(1, i, &vip(100), &election(true))
+    });
+    for reason in Reject::ALL.map(|r| r.reason()) {
+        let series = format!("apilb_vrrp_adverts_rejected_total{{reason=\"{reason}\"}} 0");
+        assert!(wait_metric(&t, 1, &series), "{series} from the start");
+    }
+    assert!(
+        wait_served_by(&t.client, VIP_ADDR, 0, Instant::now(), TARGET * 5).is_some(),
+        "lb1 (150) owns the VIP:\n{}",
+        lb1.apilb().log_text()
+    );
+    let reload = |node: &Node, priority: u8, election: &str| {
+        let text = node_config(node.index, &node.pins.instance(), &vip(priority), election);
+        std::fs::write(&node.config, text).expect("config");
+        node.apilb().signal(libc::SIGHUP);
+    };
+    let reloads = |node: usize, applied: u64, refused: u64| {
+        wait_metric(
+            &t,
+            node,
+            &format!("apilb_config_reloads_total{{result=\"applied\"}} {applied}"),
+        ) && wait_metric(
+            &t,
+            node,
+            &format!("apilb_config_reloads_total{{result=\"refused\"}} {refused}"),
+        )
+    };
+
+    // lb2 reloaded at 200 > 150: it preempts, lb1 yields.
+    let raised = Instant::now();
+    reload(&lb2, 200, &election(true));
+    let took = wait_served_by(&t.client, VIP_ADDR, 1, raised, TARGET * 5);
+    eprintln!("vrrp reload: lb2 raised to 200 by SIGHUP -> served by lb2 after {took:?}");
+    assert!(
+        took.is_some(),
+        "lb2 did not preempt:\n{}",
+        lb2.apilb().log_text()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(holders(&t, VIP_ADDR), [1], "lb1 gave the address up");
+    assert!(reloads(1, 1, 0), "the reload was applied, not refused");
+    assert!(
+        lb1.apilb().log_text().contains("higher-priority master"),
+        "{}",
+        lb1.apilb().log_text()
+    );
+    assert!(lb2.apilb().log_text().contains("reload applied in place"));
+
+    // lb1 reloaded at 250 with preempt off: it stays backup; preempt back on: it
+    // takes over.
+    reload(&lb1, 250, &election(false));
+    assert!(reloads(0, 1, 0));
+    nopreempt_keeps_it_on_lb2(&t);
+    let on = Instant::now();
+    reload(&lb1, 250, &election(true));
+    let took = wait_served_by(&t.client, VIP_ADDR, 0, on, TARGET * 5);
+    eprintln!("vrrp reload: lb1 at 250 turns preempt on -> served by lb1 after {took:?}");
+    assert!(took.is_some(), "lb1 did not preempt");
+    assert!(reloads(0, 2, 0));
+
+    // Any other election key still takes a restart, and says which.
+    reload(
+        &lb1,
+        250,
+        "[election.vrrp]\nadvert_interval = \"200ms\"\npreempt = true\n",
+    );
+    assert!(
+        lb1.apilb().wait_log(
+            "election.vrrp.advert_interval changed; that takes a restart",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        lb1.apilb().log_text()
+    );
+    assert!(reloads(0, 2, 1));
+    assert_eq!(served_by(&t.client, VIP_ADDR), Some(0));
+
+    for node in [&lb1, &lb2] {
+        assert_logs_plain(node);
+    }
+}
+
+/// VRRP adverts are marked network control, TOS / traffic class 0xc0, as
+/// keepalived marks them: seen on the wire as one node sends them for an IPv4
+/// and an IPv6 VIP.
+#[test]
+fn adverts_leave_as_network_control_tos_0xc0_over_ipv4_and_ipv6() {
+    let _serial = serial();
+    let prefix = "apilb-fr-tos";
+    let (t, dir) = two_lb_nodes(prefix);
+    let lb1 = Node::start(&t, &dir.0, prefix, 0, |i| {
+        let vips = [
+            vrrp_vip(VrrpVip {
+                addr: VIP_ADDR,
+                vrid: 51,
+                priority: 150,
+            }),
+            vrrp_vip(VrrpVip {
+                addr: VIP6_ADDR,
+                vrid: 61,
+                priority: 150,
+            }),
+        ];
+        config_with_v6(0, i, &vips)
+    });
+    let capture = {
+        let _inside = t.lbs[0].enter();
+        tests::capture::Capture::open(t.lbs[0].ifindex(tests::cluster::LB_DEV))
+    };
+    let (mut v4, mut v6) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (v4.is_none() || v6.is_none()) && Instant::now() < deadline {
+        let Some((frame, true)) = capture.next_frame() else {
+            continue;
+        };
+        match (frame.get(12..14), frame.len()) {
+            // IPv4, protocol 112: the TOS byte.
+            (Some([0x08, 0x00]), 34..) if frame[23] == 112 => v4 = Some(frame[15]),
+            // IPv6, next header 112: the traffic class straddles bytes 0 and 1.
+            (Some([0x86, 0xdd]), 54..) if frame[20] == 112 => {
+                v6 = Some((frame[14] << 4) | (frame[15] >> 4));
+            }
+            _ => {}
+        }
+    }
+    eprintln!("vrrp adverts sent: IPv4 TOS {v4:x?}, IPv6 traffic class {v6:x?}");
+    assert_eq!(
+        (v4, v6),
+        (Some(0xc0), Some(0xc0)),
+        "{}",
+        lb1.apilb().log_text()
+    );
+    assert!(!lb1.apilb().log_text().contains("\x1b["));
 }

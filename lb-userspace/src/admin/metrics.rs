@@ -51,8 +51,8 @@ type Labels = Vec<(&'static str, String)>;
 ///   yet acknowledged), `sync_frames_total`, `sync_bytes_total` and
 ///   `sync_records_total` (label `dir`: `sent` or `received`),
 ///   `sync_sessions_total`; per peer `sync_needs_resync` 0/1,
-///   `sync_rejected_total{reason}` (every reason of the links, zeros included,
-///   and the installer's; `peer=""` for connections no peer can be blamed for),
+///   `sync_rejected_total{reason}` (every reason of the links and of the
+///   installer; `peer=""` for connections no peer can be blamed for),
 ///   `sync_flows_installed_total`, and by `dir` `sync_bulks_total`,
 ///   `sync_bulk_seconds` and `sync_bulk_records` (the last bulk's duration and
 ///   records); `sync_events_lost_total`, `sync_flows_swept_total`.
@@ -61,6 +61,10 @@ type Labels = Vec<(&'static str, String)>;
 ///   the program saw, so their sum is its packet count; the event counters
 ///   (`flow_new`, `reply_hit`, `reclaim_*`, ...) count packets on which that
 ///   event happened and overlap the outcomes.
+///
+/// Every labelled counter whose label values are known up front (reasons, kinds,
+/// outcomes, and every configured VIP and backend) has each series from the first
+/// scrape, at 0, so that an alert on `increase()` sees the first burst.
 pub fn render_metrics(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
     encode_metrics(snapshot.clone())
 }

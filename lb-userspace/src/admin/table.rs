@@ -150,11 +150,12 @@ fn render_elections(out: &mut String, snapshot: &Snapshot) {
             ],
             &elected,
         );
-        if let Some(rejected) = vrrp_rejections(&snapshot.vips)
-            && !rejected.is_empty()
-        {
-            let list: Vec<String> = rejected.iter().map(|(r, n)| format!("{r} {n}")).collect();
-            let _ = writeln!(out, "VRRP adverts refused: {}", list.join(", "));
+        let rejected: Vec<(String, u64)> = vrrp_rejections(&snapshot.vips)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        if let Some(list) = non_zero(&rejected) {
+            let _ = writeln!(out, "VRRP adverts refused: {list}");
         }
     }
 }

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, de};
 
 use super::{ConfigError, Facts, invalid};
 use crate::election::etcd::{self, EtcdSettings, EtcdTls};
@@ -33,7 +33,10 @@ pub(super) struct RawElection {
     interface: Option<String>,
     #[serde(default = "default_announce_count")]
     announce_count: i64,
-    #[serde(default = "default_announce_interval", with = "humantime_serde")]
+    #[serde(
+        default = "default_announce_interval",
+        deserialize_with = "super::timeouts::duration"
+    )]
     announce_interval: Duration,
     #[serde(default)]
     vrrp: RawVrrp,
@@ -57,15 +60,19 @@ impl Default for RawElection {
 struct RawVrrp {
     #[serde(default = "default_version")]
     version: i64,
-    #[serde(default = "default_advert_interval", with = "humantime_serde")]
+    #[serde(
+        default = "default_advert_interval",
+        deserialize_with = "super::timeouts::duration"
+    )]
     advert_interval: Duration,
     #[serde(default = "super::default_true")]
     preempt: bool,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "super::timeouts::duration")]
     preempt_delay: Duration,
     source: Option<String>,
     #[serde(default)]
     unicast_peers: Vec<String>,
+    #[serde(default, deserialize_with = "password")]
     auth_pass: Option<String>,
     #[serde(default = "default_track_weight")]
     track_weight: i64,
@@ -92,14 +99,43 @@ struct RawEtcd {
     endpoints: Vec<String>,
     #[serde(default = "default_prefix")]
     prefix: String,
-    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    #[serde(
+        default = "default_lease_ttl",
+        deserialize_with = "super::timeouts::duration"
+    )]
     lease_ttl: Duration,
     node: Option<String>,
     ca_file: Option<PathBuf>,
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
-    #[serde(default = "default_dial_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_dial_timeout",
+        deserialize_with = "super::timeouts::duration"
+    )]
     dial_timeout: Duration,
+}
+
+/// `auth_pass`: a string, or digits left unquoted as keepalived's `auth_pass
+/// 123456` is, taken as the same text. TOML reads `1_000` and `0x10` as numbers
+/// too, so a password written so must be quoted to mean those characters.
+fn password<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Password;
+    impl de::Visitor<'_> for Password {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a password, quoted: auth_pass = \"secret\"")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_owned()))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+    }
+    d.deserialize_any(Password)
 }
 
 fn default_announce_count() -> i64 {
@@ -327,13 +363,7 @@ fn validate_vrrp(raw: RawVrrp, vips: &[(SocketAddr, u8)]) -> Result<VrrpSettings
                 "only VRRPv2 has authentication",
             ));
         }
-        if pass.is_empty() || pass.len() > 8 {
-            return Err(invalid(
-                "election.vrrp.auth_pass",
-                format!("({} bytes)", pass.len()),
-                "must be 1-8 bytes",
-            ));
-        }
+        check_password(pass)?;
     }
     let source = super::optional_ip("election.vrrp.source", raw.source.as_deref(), "IP")?;
     let mut unicast_peers = Vec::with_capacity(raw.unicast_peers.len());
@@ -371,6 +401,31 @@ fn validate_vrrp(raw: RawVrrp, vips: &[(SocketAddr, u8)]) -> Result<VrrpSettings
         auth_pass: raw.auth_pass,
         track_weight,
     })
+}
+
+/// A VRRPv2 password carries 1-8 bytes. keepalived sends the first 8 of a longer
+/// one (and logs that it truncated it); apilb refuses it and says what to write
+/// for the same 8 bytes on the wire. The password travels in clear in every
+/// advert, so the error may show them.
+fn check_password(pass: &str) -> Result<(), ConfigError> {
+    let key = "election.vrrp.auth_pass";
+    let bytes = format!("({} bytes)", pass.len());
+    if pass.is_empty() {
+        return Err(invalid(key, bytes, "must be 1-8 bytes"));
+    }
+    if pass.len() <= 8 {
+        return Ok(());
+    }
+    let reason = match pass.get(..8) {
+        Some(first) => format!(
+            "VRRPv2 carries at most 8 bytes of password; keepalived sends only the first 8 \
+             of a longer one, so to match its peers write auth_pass = {first:?}"
+        ),
+        None => "VRRPv2 carries at most 8 bytes of password, and the 8th byte of this one \
+                 is inside a character: choose a password of 1-8 bytes for every node"
+            .to_owned(),
+    };
+    Err(invalid(key, bytes, reason))
 }
 
 fn validate_etcd(raw: RawEtcd, facts: &dyn Facts) -> Result<EtcdSettings, ConfigError> {

@@ -352,27 +352,27 @@ pub(super) fn ephemeral_overlap(
 #[serde(default, deny_unknown_fields)]
 pub struct TcpTimeouts {
     /// The client's SYN went to the master, no answer yet.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "super::timeouts::duration")]
     pub syn_sent: Duration,
     /// The master answered with a SYN-ACK; the client has not acknowledged it.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "super::timeouts::duration")]
     pub syn_recv: Duration,
     /// Both directions proven, no FIN or RST yet.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "super::timeouts::duration")]
     pub established: Duration,
     /// One side sent a FIN.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "super::timeouts::duration")]
     pub fin_wait: Duration,
     /// Both sides sent a FIN; the last ACK has not gone by.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "super::timeouts::duration")]
     pub last_ack: Duration,
     /// The connection is over and the master closed first: its `TIME_WAIT` holds
     /// the 4-tuple against a SYN without timestamps.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "super::timeouts::duration")]
     pub time_wait: Duration,
     /// Over, the master holding no `TIME_WAIT` that a new SYN could meet (a RST, a
     /// client-first close, or timestamps on both flows): segments still in flight.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "super::timeouts::duration")]
     pub close: Duration,
 }
 

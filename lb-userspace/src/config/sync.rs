@@ -35,9 +35,15 @@ pub(super) struct RawSync {
     /// Unset: `election.etcd.node` if etcd is configured, else the hostname.
     node: Option<String>,
     key_file: Option<PathBuf>,
-    #[serde(default = "default_resync_interval", with = "humantime_serde")]
+    #[serde(
+        default = "default_resync_interval",
+        deserialize_with = "super::timeouts::duration"
+    )]
     resync_interval: Duration,
-    #[serde(default = "default_flush_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_flush_timeout",
+        deserialize_with = "super::timeouts::duration"
+    )]
     flush_timeout: Duration,
     #[serde(default)]
     peer: Vec<RawPeer>,

@@ -8,7 +8,9 @@
 //! Values that are legal but cost something are not refused: `apilb check` prints
 //! them from [`Config::timeout_warnings`].
 
-use std::time::Duration;
+use std::{fmt, time::Duration};
+
+use serde::{Deserializer, de};
 
 use super::{Config, ConfigError, TcpTimeouts, invalid};
 use crate::election::etcd::MIN_LEASE_TTL;
@@ -24,6 +26,64 @@ fn shown(d: Duration) -> String {
         (0, _) => format(d).to_string(),
         (_, true) => format!("{days}days"),
         (_, false) => format!("{days}days {}", format(rest)),
+    }
+}
+
+/// Every duration key's parser (`#[serde(deserialize_with)]`): humantime text
+/// such as `"1s"`, `"500ms"` or `"1m 30s"`. A bare number, keepalived's habit
+/// (`advert_int 1`), is refused with the quoted text to write instead; the
+/// caller's error adds the key (`Config::parse`).
+pub(super) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    d.deserialize_any(DurationVisitor)
+}
+
+struct DurationVisitor;
+
+impl DurationVisitor {
+    /// The error for a bare number, as written, with the text to write for it.
+    fn bare<E: de::Error>(written: impl fmt::Display, example: &str) -> E {
+        E::custom(format!(
+            "{written} is a bare number, but this key is a duration: write it quoted, \
+             with its unit, e.g. {example}"
+        ))
+    }
+
+    fn integer<E: de::Error>(n: impl fmt::Display) -> E {
+        Self::bare(
+            &n,
+            &format!("\"{n}s\" if seconds, \"{n}ms\" if milliseconds"),
+        )
+    }
+}
+
+impl de::Visitor<'_> for DurationVisitor {
+    type Value = Duration;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a duration, quoted, with its unit: \"1s\", \"500ms\", \"1m 30s\"")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+        humantime_serde::re::humantime::parse_duration(v).map_err(|e| {
+            E::custom(format!(
+                "{v:?} is not a duration ({e}): write e.g. \"1s\", \"500ms\" or \"1m 30s\""
+            ))
+        })
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
+        Err(Self::integer(v))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
+        Err(Self::integer(v))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
+        Err(Self::bare(
+            v,
+            "\"1s 500ms\" for 1.5 seconds (units, no decimal point)",
+        ))
     }
 }
 

@@ -22,16 +22,23 @@
 //! - **Tracking.** While the node fails open (a VIP has no healthy backend of its
 //!   family; see `controller`) every VIP's priority drops by
 //!   `track_weight`, so a peer with working backends takes over.
+//! - **Reload.** [`VrrpElection::retune`] applies a new [`Tuning`] (each VIP's
+//!   priority, `track_weight`, `preempt`, `preempt_delay`) to the running
+//!   instances, as keepalived's reload does, without a restart that would move a
+//!   master's VIP twice.
+//! - **Refusals** are counted by reason from the start (zeros included, so an
+//!   alert on their increase sees the first one) and logged by [`refusals`].
 //! - **Shutdown.** [`VrrpElection::shutdown`] makes each instance that is master send
 //!   a priority-0 advert, so its backup takes over after `Skew_Time` rather than the
 //!   whole `Master_Down_Interval`.
 
 pub mod fsm;
 pub mod packet;
+pub mod refusals;
 pub mod socket;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -79,10 +86,34 @@ pub struct VrrpVip {
     pub priority: u8,
 }
 
+/// What a reload may change in a running VRRP election (`Config::restart_needed`
+/// lets exactly these through): each VIP's configured priority, by VRID, and
+/// the settings all VIPs share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    pub priorities: BTreeMap<u8, u8>,
+    pub track_weight: i32,
+    pub preempt: bool,
+    pub preempt_delay: Duration,
+}
+
+impl Tuning {
+    #[must_use]
+    pub fn new(settings: &VrrpSettings, vips: &[VrrpVip]) -> Self {
+        Self {
+            priorities: vips.iter().map(|v| (v.vrid, v.priority)).collect(),
+            track_weight: settings.track_weight,
+            preempt: settings.preempt,
+            preempt_delay: settings.preempt_delay,
+        }
+    }
+}
+
 /// The running VRRP tasks, one per address family in use.
 pub struct VrrpElection {
     tasks: Vec<(JoinHandle<()>, oneshot::Sender<()>)>,
     states: Vec<(IpAddr, watch::Receiver<ElectionState>)>,
+    tuning: watch::Sender<Tuning>,
 }
 
 impl VrrpElection {
@@ -93,6 +124,15 @@ impl VrrpElection {
             .iter()
             .map(|(a, s)| (*a, s.borrow().clone()))
             .collect()
+    }
+
+    /// Apply a reloaded [`Tuning`] to every instance; nothing if it is the same.
+    pub fn retune(&self, tuning: Tuning) {
+        self.tuning.send_if_modified(|t| {
+            let changed = *t != tuning;
+            *t = tuning;
+            changed
+        });
     }
 
     /// Give up every VIP this node is master of, with a priority-0 advert, and stop.
@@ -132,9 +172,11 @@ pub async fn spawn(
         Some(p) => Auth::password(p)?,
         None => Auth::None,
     };
+    let (tuning, _) = watch::channel(Tuning::new(settings, vips));
     let mut election = VrrpElection {
         tasks: Vec::new(),
         states: Vec::new(),
+        tuning,
     };
     for v6 in [false, true] {
         let family: Vec<&VrrpVip> = vips.iter().filter(|v| v.addr.is_ipv6() == v6).collect();
@@ -175,6 +217,7 @@ pub async fn spawn(
                 mode: "vrrp".into(),
                 state: "initialize".into(),
                 priority: Some(u32::from(v.priority)),
+                rejected: rejection_counts(&no_rejections()),
                 ..ElectionState::default()
             });
             election.states.push((v.addr, rx));
@@ -210,6 +253,7 @@ pub async fn spawn(
         let inputs = Inputs {
             unhealthy: unhealthy.clone(),
             departed: sync.as_ref().map(|s| s.departed.clone()),
+            tuning: election.tuning.subscribe(),
             events: events.clone(),
             stop: stop_rx,
         };
@@ -244,6 +288,8 @@ struct Inputs {
     unhealthy: watch::Receiver<bool>,
     /// Sync peers whose process is gone; `None` without `[sync]`.
     departed: Option<watch::Receiver<Departed>>,
+    /// What reloads set (`VrrpElection::retune`).
+    tuning: watch::Receiver<Tuning>,
     events: mpsc::Sender<Ownership>,
     stop: oneshot::Receiver<()>,
 }
@@ -279,14 +325,16 @@ impl Io {
     }
 }
 
-async fn run(io: Io, mut routers: BTreeMap<u8, Router>, inputs: Inputs) {
+async fn run(mut io: Io, mut routers: BTreeMap<u8, Router>, inputs: Inputs) {
     let Inputs {
         mut unhealthy,
         mut departed,
+        mut tuning,
         events,
         mut stop,
     } = inputs;
-    let mut rejected: HashMap<&'static str, u64> = HashMap::new();
+    let mut rejected = no_rejections();
+    let mut refusals = refusals::Refusals::default();
     let now = Instant::now();
     for r in routers.values_mut() {
         let out = r.fsm.startup(now);
@@ -317,6 +365,11 @@ async fn run(io: Io, mut routers: BTreeMap<u8, Router>, inputs: Inputs) {
                     }
                 }
             }
+            Ok(()) = tuning.changed() => {
+                let t = tuning.borrow_and_update().clone();
+                let down = *unhealthy.borrow();
+                retune(&mut io, &mut routers, &t, down, &events).await;
+            }
             changed = unhealthy.changed() => {
                 if changed.is_err() {
                     break;
@@ -330,11 +383,13 @@ async fn run(io: Io, mut routers: BTreeMap<u8, Router>, inputs: Inputs) {
                     handle(&io, r, out, &events).await;
                 }
             }
-                        got = io.socket.recv(&mut buf) => match got {
+            got = io.socket.recv(&mut buf) => match got {
                 Ok((envelope, msg)) => {
-                    if let Err(reason) = receive(&io, &mut routers, envelope, &buf[msg], &events).await {
+                    let msg = &buf[msg];
+                    if let Err(reason) = receive(&io, &mut routers, envelope, msg, &events).await {
                         *rejected.entry(reason.reason()).or_insert(0) += 1;
                         publish_rejections(&routers, &rejected);
+                        refusals.refused(Instant::now(), envelope.src, msg.get(1).copied(), reason);
                     }
                 }
                 Err(e) => {
@@ -348,6 +403,42 @@ async fn run(io: Io, mut routers: BTreeMap<u8, Router>, inputs: Inputs) {
     for r in routers.values_mut() {
         let out = r.fsm.shutdown(now);
         handle(&io, r, out, &events).await;
+    }
+}
+
+/// A reload's [`Tuning`], applied to each instance: a master advertises a new
+/// priority at once; a backup uses it, and the preempt settings, from the next
+/// advert it hears.
+async fn retune(
+    io: &mut Io,
+    routers: &mut BTreeMap<u8, Router>,
+    t: &Tuning,
+    down: bool,
+    events: &mpsc::Sender<Ownership>,
+) {
+    io.track_weight = t.track_weight;
+    let now = Instant::now();
+    for r in routers.values_mut() {
+        let configured = t
+            .priorities
+            .get(&r.vip.vrid)
+            .copied()
+            .unwrap_or(r.vip.priority);
+        r.vip.priority = configured;
+        r.fsm.set_preempt(t.preempt, t.preempt_delay);
+        let p = effective_priority(configured, down, io.track_weight);
+        info!(
+            vrid = r.vip.vrid,
+            priority = configured,
+            advertised = p,
+            track_weight = t.track_weight,
+            preempt = t.preempt,
+            preempt_delay = ?t.preempt_delay,
+            state = r.fsm.state().as_str(),
+            "VRRP: reload applied in place"
+        );
+        let out = r.fsm.set_priority(now, p);
+        handle(io, r, out, events).await;
     }
 }
 
@@ -483,11 +574,20 @@ async fn handle(io: &Io, r: &mut Router, outputs: Vec<Output>, events: &mpsc::Se
     });
 }
 
-fn publish_rejections(routers: &BTreeMap<u8, Router>, rejected: &HashMap<&'static str, u64>) {
-    let counts: BTreeMap<String, u64> = rejected
+/// Every refusal reason, at 0.
+fn no_rejections() -> BTreeMap<&'static str, u64> {
+    Reject::ALL.iter().map(|r| (r.reason(), 0)).collect()
+}
+
+fn rejection_counts(rejected: &BTreeMap<&'static str, u64>) -> BTreeMap<String, u64> {
+    rejected
         .iter()
         .map(|(k, v)| ((*k).to_owned(), *v))
-        .collect();
+        .collect()
+}
+
+fn publish_rejections(routers: &BTreeMap<u8, Router>, rejected: &BTreeMap<&'static str, u64>) {
+    let counts = rejection_counts(rejected);
     for r in routers.values() {
         r.state.send_modify(|s| s.rejected.clone_from(&counts));
     }

@@ -81,6 +81,16 @@ pub enum InstallReject {
 }
 
 impl InstallReject {
+    /// Every reason, e.g. for `/metrics` to show each at 0 from the start.
+    pub const ALL: [InstallReject; 6] = [
+        Self::UnknownVip,
+        Self::ForeignSnat,
+        Self::UnknownBackend,
+        Self::BadPort,
+        Self::Conflict,
+        Self::WriteFailed,
+    ];
+
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {

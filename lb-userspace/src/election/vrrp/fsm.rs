@@ -32,6 +32,12 @@
 //! - The effective priority ([`Instance::set_priority`], health tracking) is what we
 //!   advertise and what the comparisons and `Skew_Time` use; a master advertises a
 //!   change at once, so that a backup with preemption can take over.
+//! - A reload ([`Instance::set_preempt`], and `set_priority` for a new
+//!   configured priority) changes the machine in place, as keepalived does: a
+//!   master advertises a new priority at once, a backup that now outranks its
+//!   master and may preempt ignores the master's next advert and takes over
+//!   when its timer runs out, and one that may no longer preempt defers to the
+//!   next advert it hears.
 //! - [`Instance::shutdown`]: a master sends priority 0 and gives up the VIP.
 //! - Flow sync ([`Instance::on_advert_synced`], [`PeerSync`]): a backup does not
 //!   preempt a master whose flows it does not hold yet. Two masters meeting
@@ -295,6 +301,15 @@ impl Instance {
         }
         self.arm_adver(now);
         vec![Output::SendAdvert { priority }]
+    }
+
+    /// Sets whether (and how long after startup) a backup with a higher priority
+    /// takes over from a running master. A backup already ignoring a master so as
+    /// to preempt it goes back to deferring at the master's next advert, if it
+    /// may no longer preempt.
+    pub fn set_preempt(&mut self, preempt: bool, delay: Duration) {
+        self.params.preempt = preempt;
+        self.params.preempt_delay = delay;
     }
 
     /// Shutdown event: a master sends priority 0 (so a backup takes over after
@@ -862,6 +877,64 @@ mod tests {
             a.on_advert(b_due, PEER, 100, SECOND),
             Ok(vec![lost(REASON_HIGHER_PRIORITY)])
         );
+    }
+
+    #[test]
+    fn a_reloaded_priority_lets_the_backup_preempt_and_nopreempt_holds_it_back() {
+        // B, backup at 100 under A at 150, gets 200 from a reload, preempt off.
+        let (mut b, t0) = started(Params {
+            primary: PEER,
+            preempt: false,
+            ..params(Version::V3, 100, SECOND)
+        });
+        b.on_advert(t0, OURS, 150, SECOND).unwrap();
+        assert_eq!(
+            b.set_priority(t0 + ms(10), 200),
+            [],
+            "a backup sends nothing"
+        );
+        b.set_preempt(false, Duration::ZERO);
+        // nopreempt: A's adverts keep resetting the timer.
+        for s in 1..=5 {
+            let t = t0 + SECOND * s;
+            assert_eq!(b.on_timeout(t), []);
+            b.on_advert(t, OURS, 150, SECOND).unwrap();
+            assert_eq!(b.next_timeout(), Some(t + b.master_down_interval()));
+        }
+        // A reload turns preempt on: the next advert is ignored, and the timer
+        // it armed last runs out.
+        b.set_preempt(true, Duration::ZERO);
+        let last = t0 + SECOND * 5;
+        let due = last + b.master_down_interval();
+        // (256 - 200) / 256 s = 218.75 ms of skew.
+        assert_eq!(due, last + ns(3_218_750_000));
+        b.on_advert(last + SECOND, OURS, 150, SECOND).unwrap();
+        assert_eq!(b.next_timeout(), Some(due));
+        assert_eq!(
+            b.on_timeout(due),
+            [
+                Output::SendAdvert { priority: 200 },
+                owned(REASON_PREEMPTED)
+            ]
+        );
+        // A master whose priority a reload lowers advertises it at once.
+        let (mut a, t) = master(params(Version::V3, 150, SECOND));
+        assert_eq!(a.set_priority(t, 90), [Output::SendAdvert { priority: 90 }]);
+        assert_eq!(
+            a.on_advert(due, PEER, 200, SECOND),
+            Ok(vec![lost(REASON_HIGHER_PRIORITY)])
+        );
+        // Preempt turned off while ignoring a master: the next advert is obeyed.
+        let (mut c, t0) = started(params(Version::V3, 150, SECOND));
+        c.on_advert(t0, PEER, 100, SECOND).unwrap();
+        let armed = c.next_timeout();
+        c.set_preempt(false, Duration::ZERO);
+        c.on_advert(t0 + SECOND, PEER, 100, SECOND).unwrap();
+        assert_eq!(
+            c.next_timeout(),
+            Some(t0 + SECOND + c.master_down_interval())
+        );
+        assert_ne!(c.next_timeout(), armed);
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //!   fill and verify the checksum with the pseudo-header of the addresses it
 //!   actually used, as keepalived does.
 //!
-//! Multicast loop is off, so a node never hears its own adverts.
+//! Multicast loop is off, so a node never hears its own adverts. Adverts are
+//! marked network control (TOS / traffic class 0xc0, DSCP CS6), as keepalived
+//! marks them, so that a queue that honours it does not drop them under load.
 
 use std::{
     io::Read as _,
@@ -28,6 +30,10 @@ use socket2::{
 use tokio::io::unix::AsyncFd;
 
 use super::{VrrpError, packet};
+
+/// The IPv4 TOS and IPv6 traffic class of every advert: network control (DSCP
+/// CS6, `IPTOS_PREC_INTERNETCONTROL`), keepalived's marking.
+pub const TOS: u8 = 0xc0;
 
 /// A received advert's envelope.
 #[derive(Clone, Copy, Debug)]
@@ -81,6 +87,8 @@ impl VrrpSocket {
             IpAddr::V4(src) => {
                 s.set_ttl_v4(u32::from(packet::TTL))
                     .map_err(err("setting TTL 255"))?;
+                s.set_tos_v4(u32::from(TOS))
+                    .map_err(err("setting TOS 0xc0 (network control)"))?;
                 s.set_multicast_ttl_v4(u32::from(packet::TTL))
                     .map_err(err("setting multicast TTL 255"))?;
                 s.set_multicast_loop_v4(false)
@@ -101,6 +109,8 @@ impl VrrpSocket {
             IpAddr::V6(_) => {
                 s.set_unicast_hops_v6(u32::from(packet::TTL))
                     .map_err(err("setting hop limit 255"))?;
+                s.set_tclass_v6(u32::from(TOS))
+                    .map_err(err("setting traffic class 0xc0 (network control)"))?;
                 s.set_multicast_hops_v6(u32::from(packet::TTL))
                     .map_err(err("setting multicast hop limit 255"))?;
                 s.set_multicast_loop_v6(false)
