@@ -120,6 +120,8 @@ pub struct Outcome {
     pub returned: Option<Duration>,
     /// The end of each apilb's log, for a failing test to show.
     pub logs: String,
+    /// lb2's `/metrics` at the end (apilb stacks only).
+    pub survivor_metrics: String,
 }
 
 impl Outcome {
@@ -276,6 +278,9 @@ pub fn run(prefix: &str, stack: Stack, fate: Fate) -> Outcome {
     out.moved = moved;
     out.settled = settled;
     out.returned = returned;
+    if matches!(stack, Stack::Apilb { .. }) {
+        out.survivor_metrics = metrics(&lab.t.lbs[1]);
+    }
     for (i, s) in lab.sides.iter().enumerate() {
         let _ = writeln!(
             out.logs,

@@ -2,7 +2,9 @@
 //! `docs/operations.md`) load in Prometheus's own checker, and each alert fires
 //! when, and only when, `tests/promtool/apilb-alerts.test.yaml` says: a healthy
 //! pair of LB nodes fires none. `promtool` comes from Debian's `prometheus`
-//! package (`cargo xtask setup`).
+//! package (`cargo xtask setup`). That the series they name exist in a real
+//! apilb's `/metrics` is checked where two apilb nodes run VRRP and flow sync
+//! (`lb_failover.rs`).
 
 use std::{path::PathBuf, process::Command};
 

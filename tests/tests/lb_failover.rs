@@ -49,7 +49,7 @@ fn scenario(prefix: &str, election: Election, sync: bool, fate: Fate) -> Outcome
 /// With sync, lb1's `fate` breaks no stream, fails no kubectl run, and fails no
 /// new connection but, at most one a handover, one whose handshake straddled
 /// the instant the VIP changed hands (README, "Failure window").
-fn unnoticed(prefix: &str, election: Election, fate: Fate) {
+fn unnoticed(prefix: &str, election: Election, fate: Fate) -> Outcome {
     let out = scenario(prefix, election, true, fate);
     assert_eq!(
         out.broken, 0,
@@ -77,6 +77,7 @@ fn unnoticed(prefix: &str, election: Election, fate: Fate) {
         "kubectl\n{}",
         out.logs
     );
+    out
 }
 
 /// Without sync the same move breaks streams: what sync buys, and proof that the
@@ -88,7 +89,14 @@ fn breaks_without_sync(prefix: &str, election: Election, fate: Fate) {
 
 #[test]
 fn vrrp_owner_sigkilled_with_sync_breaks_nothing() {
-    unnoticed("apilb-ldvk", Election::Vrrp, Fate::Kill);
+    let out = unnoticed("apilb-ldvk", Election::Vrrp, Fate::Kill);
+    // The survivor runs VRRP, sync and probes: every series the shipped alerting
+    // rules name must be in its /metrics, or that alert could never fire.
+    assert_eq!(
+        tests::alerts::missing_from(&out.survivor_metrics),
+        Vec::<String>::new(),
+        "series docs/apilb-alerts.yaml names that apilb does not serve"
+    );
 }
 
 #[test]
