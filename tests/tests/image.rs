@@ -412,47 +412,34 @@ impl Drop for Bpffs {
 /// podman with a storage, state and events of its own under a directory of the
 /// test's; every container and image in it is removed on drop.
 struct Podman {
-    dir: PathBuf,
+    /// The options before every subcommand.
+    global: Vec<String>,
 }
 
 impl Podman {
     fn new(dir: &Path) -> Self {
         std::fs::create_dir_all(dir.join("tmp")).expect("podman's directory");
-        Self {
-            dir: dir.to_owned(),
-        }
-    }
-
-    fn cmd(&self) -> Command {
-        let mut cmd = Command::new("podman");
-        cmd.arg("--root")
-            .arg(self.dir.join("root"))
-            .arg("--runroot")
-            .arg(self.dir.join("run"))
-            .arg("--tmpdir")
-            .arg(self.dir.join("tmp"))
-            .args(["--storage-driver", "vfs", "--events-backend", "file"])
-            .args(["--runtime", "runc"]);
-        cmd
+        let path = |d: &str| dir.join(d).to_str().expect("utf-8 path").to_owned();
+        let mut global = vec!["--root".to_owned(), path("root"), "--runroot".to_owned()];
+        global.extend([path("run"), "--tmpdir".to_owned(), path("tmp")]);
+        global.extend(
+            ["--storage-driver", "vfs", "--events-backend", "file"]
+                .into_iter()
+                .chain(["--runtime", "runc"])
+                .map(str::to_owned),
+        );
+        Self { global }
     }
 
     /// `podman <args>`: its standard output; panics with its error if it fails.
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd().args(args).output().expect("run podman");
-        assert!(
-            out.status.success(),
-            "podman {}: {}\n{}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        netns::run("podman", &[strs(&self.global), args.to_vec()].concat())
     }
 
     /// A container's log (apilb logs to stderr, which podman keeps with stdout).
     fn logs(&self, name: &str) -> String {
-        self.cmd()
+        Command::new("podman")
+            .args(&self.global)
             .args(["logs", name])
             .output()
             .map(|o| {
@@ -465,10 +452,14 @@ impl Podman {
 
 impl Drop for Podman {
     fn drop(&mut self) {
-        let _ = self
-            .cmd()
-            .args(["rm", "--all", "--force", "--time", "0"])
-            .output();
-        let _ = self.cmd().args(["rmi", "--all", "--force"]).output();
+        for args in [
+            &["rm", "--all", "--force", "--time", "0"][..],
+            &["rmi", "--all", "--force"],
+        ] {
+            let _ = Command::new("podman")
+                .args(&self.global)
+                .args(args)
+                .output();
+        }
     }
 }
