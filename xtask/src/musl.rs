@@ -33,11 +33,11 @@ pub fn build_apilb() -> anyhow::Result<PathBuf> {
 }
 
 /// `cmd` without the variables cargo sets for the crate it runs (xtask under
-/// `cargo xtask`, a test under `cargo test`). Build scripts that read one are
-/// rerun when it changes (ring reads `CARGO_MANIFEST_DIR`), so builds started by
-/// xtask, by the image test and from a shell would each rebuild ring and all
-/// above it, about two minutes here.
-fn without_crate_env(cmd: &mut Command) -> &mut Command {
+/// `cargo xtask`, a test under `cargo test`), for every nested build of
+/// [`TARGET`]. Build scripts that read one are rerun when it changes (ring reads
+/// `CARGO_MANIFEST_DIR`), so builds started by xtask, by the image test and from a
+/// shell would each rebuild ring and all above it, about two minutes here.
+pub fn without_crate_env(cmd: &mut Command) -> &mut Command {
     for (key, _) in std::env::vars_os() {
         let name = key.to_string_lossy();
         if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_"]

@@ -143,7 +143,7 @@ fn build_static() -> anyhow::Result<Bins> {
     for suite in SUITES {
         cmd.args(["--test", suite]);
     }
-    let out = cmd
+    let out = musl::without_crate_env(&mut cmd)
         .stderr(Stdio::inherit())
         .output()
         .context("cargo test --no-run")?;
