@@ -1,5 +1,7 @@
 //! `cargo xtask`: the project's own commands, so a fresh machine needs nothing but
-//! cargo. Each subcommand lives in its own small module.
+//! cargo. Each subcommand lives in its own small module; the ones another crate
+//! runs too (the image, which the tests crate's container test builds as `cargo
+//! xtask image` does) and the helpers they share are in the library (`lib.rs`).
 //!
 //! xtask deliberately does not depend on the apilb crates: building those needs
 //! bpf-linker, which `setup` is what installs.
@@ -12,8 +14,8 @@ mod vm;
 
 use std::process::Command;
 
-use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use xtask::{cargo, exec, image, step};
 
 #[derive(Parser)]
 #[command(about = "apilb developer tasks")]
@@ -73,6 +75,10 @@ enum Task {
     /// 6.1 and 6.12, Ubuntu's 5.15 and 6.8) and run the packet fixtures and the
     /// smoke test in each; a row per kernel.
     VmTest(vm::Args),
+    /// Build apilb's container image: a static (musl) apilb on an empty base,
+    /// assembled by buildah with nothing pulled, written as an OCI archive under
+    /// `target/image/`; prints its path, size and digest. Needs root.
+    Image,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -123,6 +129,10 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             vm::run(&args)
         }
+        Task::Image => {
+            setup::run()?;
+            image::run()
+        }
     }
 }
 
@@ -147,16 +157,6 @@ fn cargo_bin_on_path() {
     }
 }
 
-/// Print a step of what xtask is doing.
-pub fn step(msg: &str) {
-    println!("[xtask] {msg}");
-}
-
-/// The cargo that runs us, so toolchain overrides carry through.
-pub fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-}
-
 /// Build (release) apilb, the stub apiserver and the tests crate's binary `bin`,
 /// which runs them: the demo and the soak.
 pub fn build_with_apilb(bin: &str) -> anyhow::Result<()> {
@@ -176,15 +176,4 @@ pub fn tests_bin(bin: &str) -> Command {
     let mut cmd = cargo();
     cmd.args(["run", "--quiet", "--release", "-p", "tests", "--bin", bin]);
     cmd
-}
-
-/// Run a command, failing with its name if it does not succeed.
-pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
 }

@@ -24,9 +24,12 @@ use crate::{exec, step};
 /// with `load_module`), the node-local proxy the local benchmark compares apilb
 /// with; wrk, the end-to-end benchmark's load generator; qemu, musl-tools (ring
 /// builds C for the static binaries), busybox-static, cpio, xz-utils and zstd
-/// (Debian's and Ubuntu's compressed modules) for `vm-test`; prometheus, for the
-/// `promtool` that tests the shipped alerting rules (only `promtool` runs; without
-/// systemd, as on this project's machines, the package starts no service).
+/// (Debian's and Ubuntu's compressed modules) for `vm-test`; buildah, which builds
+/// the container image, and podman with runc (crun, its default, refuses this
+/// kind of machine's hybrid cgroup hierarchy) and capsh (libcap2-bin), which run
+/// and inspect it in the image test; prometheus, for the `promtool` that tests the
+/// shipped alerting rules (only `promtool` runs; without systemd, as on this
+/// project's machines, the package starts no service).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -54,6 +57,10 @@ const APT_PACKAGES: &[&str] = &[
     "xz-utils",
     "zstd",
     "prometheus",
+    "buildah",
+    "podman",
+    "runc",
+    "libcap2-bin",
 ];
 /// The bpf-linker release known to work with rustc 1.95's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";

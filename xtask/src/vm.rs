@@ -27,7 +27,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{cargo, exec, step};
+use xtask::{cargo, exec, musl, musl::TARGET as MUSL, output, step, target_dir};
 
 /// Debian 12's kernels, 6.1 LTS (its default) and 6.12 (its newest), then Ubuntu
 /// 22.04's 5.15 (the oldest here, near apilb's minimum, see `lb-userspace/src/
@@ -38,7 +38,6 @@ pub const DEFAULT_KERNELS: [&str; 4] = [
     "ubuntu/jammy",
     "ubuntu/noble",
 ];
-const MUSL: &str = "x86_64-unknown-linux-musl";
 /// A boot and the whole suite, under TCG, must finish within this.
 const RUN_LIMIT: Duration = Duration::from_mins(15);
 /// A KVM boot must reach `/init` within this, or TCG takes over (a KVM boot hung
@@ -75,7 +74,7 @@ struct Row {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let root = target_dir()?.join("vm");
+    let root = target_dir().join("vm");
     let bins = build_static()?;
     let kernels: Vec<String> = if args.kernels.is_empty() {
         DEFAULT_KERNELS.iter().map(|&k| k.to_owned()).collect()
@@ -115,11 +114,6 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn target_dir() -> anyhow::Result<PathBuf> {
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    Ok(here.parent().context("xtask has a parent")?.join("target"))
-}
-
 /// The static binaries the VM runs: apilb and the test binaries of [`SUITES`].
 struct Bins {
     apilb: PathBuf,
@@ -132,20 +126,8 @@ struct Bins {
 const SUITES: [&str; 2] = ["xdp_fixtures", "smoke"];
 
 fn build_static() -> anyhow::Result<Bins> {
-    step(&format!(
-        "adding the rust target {MUSL} (skipped if present)"
-    ));
-    exec(Command::new("rustup").args(["target", "add", MUSL]))?;
-    step("building apilb and the VM's test binaries as static binaries (musl, release)");
-    exec(cargo().args([
-        "build",
-        "--quiet",
-        "--release",
-        "--target",
-        MUSL,
-        "-p",
-        "lb-userspace",
-    ]))?;
+    let apilb = musl::build_apilb()?;
+    step("building the VM's test binaries as static binaries (musl, release)");
     let mut cmd = cargo();
     cmd.args([
         "test",
@@ -161,7 +143,7 @@ fn build_static() -> anyhow::Result<Bins> {
     for suite in SUITES {
         cmd.args(["--test", suite]);
     }
-    let out = cmd
+    let out = musl::without_crate_env(&mut cmd)
         .stderr(Stdio::inherit())
         .output()
         .context("cargo test --no-run")?;
@@ -181,10 +163,7 @@ fn build_static() -> anyhow::Result<Bins> {
                 .with_context(|| format!("cargo did not name the {suite} binary"))
         })
         .collect::<anyhow::Result<_>>()?;
-    Ok(Bins {
-        apilb: target_dir()?.join(MUSL).join("release").join("apilb"),
-        tests,
-    })
+    Ok(Bins { apilb, tests })
 }
 
 /// A kernel to boot: its image package, the version, and where its `.deb`s come
@@ -669,16 +648,6 @@ fn unpack_module(from: &Path, to: &Path) -> anyhow::Result<()> {
     }
     std::fs::write(to, out.stdout)?;
     Ok(())
-}
-
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]
