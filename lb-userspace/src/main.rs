@@ -136,7 +136,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             for line in &capacity.lines {
                 println!("{line}");
             }
-            let node_warnings = if offline { Vec::new() } else { c.node_warnings() };
+            let node_warnings = if offline {
+                Vec::new()
+            } else {
+                c.node_warnings()
+            };
             let warnings = node_warnings.into_iter().chain(c.timeout_warnings());
             for warning in warnings.chain(capacity.warnings) {
                 println!("warning: {warning}");

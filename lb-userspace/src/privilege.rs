@@ -109,10 +109,14 @@ pub enum PrivilegeError {
     #[error(
         "apilb run lacks {}; grant exactly {} (systemd AmbientCapabilities=, a pod's \
          securityContext.capabilities.add, setpriv --ambient-caps) or run it as root",
-        list(.0),
-        CAPABILITIES.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+        list(.missing),
+        .needed.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
     )]
-    Missing(Vec<Capability>),
+    Missing {
+        missing: Vec<Capability>,
+        /// All this config needs ([`needed_by`]).
+        needed: Vec<Capability>,
+    },
 }
 
 /// `CAP_A (for ...), CAP_B (for ...)`.
@@ -146,7 +150,10 @@ pub fn check_effective(needed: &[Capability]) -> Result<(), PrivilegeError> {
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(PrivilegeError::Missing(missing))
+        Err(PrivilegeError::Missing {
+            missing,
+            needed: needed.to_vec(),
+        })
     }
 }
 

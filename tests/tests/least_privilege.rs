@@ -24,7 +24,9 @@ use std::{
 use lb_userspace::privilege::{CAP_NET_ADMIN, CAPABILITIES, Capability};
 use tests::{
     cluster::{LB_DEV, MASTERS, Topology, VIP, VIP_ADDR, apilb_config},
-    elect::{Node, VrrpVip, echo_masters, holders, node_config, two_lb_nodes, vrrp_vip, wait_served_by},
+    elect::{
+        Node, VrrpVip, echo_masters, holders, node_config, two_lb_nodes, vrrp_vip, wait_served_by,
+    },
     fixture::sa,
     least,
     live::{Apilb, EchoServer, PinDir, TempDir},
@@ -65,6 +67,11 @@ fn text(out: &Output) -> String {
 fn without_any_one_capability_apilb_run_refuses_to_start_naming_it() {
     let _serial = serial();
     let ns = Netns::new("apilb-pv-caps");
+    // The config is checked first: its interface must exist.
+    ns.ip(&[
+        "link", "add", LB_DEV, "type", "veth", "peer", "name", "peer0",
+    ]);
+    ns.ip(&["link", "set", LB_DEV, "up"]);
     let dir = TempDir::new("apilb-pv-caps");
     let instance = format!("apilb-pv-caps-{}", std::process::id());
     let config = dir.0.join("apilb.toml");
@@ -93,11 +100,18 @@ fn without_any_one_capability_apilb_run_refuses_to_start_naming_it() {
         assert_eq!(out.status.code(), Some(1), "{said}");
         let (lacks, _) = said.split_once("; grant exactly").expect("the refusal");
         assert!(
-            lacks.contains(&format!("lacks {}, needed for {}", cap.name, cap.needed_for)),
+            lacks.contains(&format!(
+                "lacks {}, needed for {}",
+                cap.name, cap.needed_for
+            )),
             "{said}"
         );
         for other in &others {
-            assert!(!lacks.contains(other.name), "only {} lacks: {said}", cap.name);
+            assert!(
+                !lacks.contains(other.name),
+                "only {} lacks: {said}",
+                cap.name
+            );
         }
         assert!(
             !lb_userspace::loader::pin_dir(&instance).exists(),
@@ -231,8 +245,15 @@ fn non_root_balances_through_the_vip_follows_a_master_out_and_back_and_pins_priv
         f == 0 && !m.contains_key(dead)
     });
     let left = started.elapsed();
-    assert!(!by.contains_key(dead) && failed == 0, "{by:?}, {failed} failed");
-    servers[1] = Some(EchoServer::start(t.master_ns(dead), dead, Duration::from_mins(2)));
+    assert!(
+        !by.contains_key(dead) && failed == 0,
+        "{by:?}, {failed} failed"
+    );
+    servers[1] = Some(EchoServer::start(
+        t.master_ns(dead),
+        dead,
+        Duration::from_mins(2),
+    ));
     let back = Instant::now();
     let (by, _) = wait_for(&t, Duration::from_secs(5), |m, _| m.contains_key(dead));
     eprintln!(
@@ -243,7 +264,12 @@ fn non_root_balances_through_the_vip_follows_a_master_out_and_back_and_pins_priv
     assert!(by.contains_key(dead), "{dead} rejoined: {by:?}");
 
     apilb.signal(libc::SIGTERM);
-    assert_eq!(apilb.wait(Duration::from_secs(10)), Some(0), "{}", apilb.log_text());
+    assert_eq!(
+        apilb.wait(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        apilb.log_text()
+    );
     // Detach as the same user: without CAP_NET_ADMIN the sysctls cannot be put
     // back, which it says, changing nothing; with it, everything goes back.
     let instance = pins.instance();
@@ -255,7 +281,10 @@ fn non_root_balances_through_the_vip_follows_a_master_out_and_back_and_pins_priv
         .collect();
     let out = apilb_as(t.lb(), &no_admin, &detach);
     let said = text(&out);
-    eprintln!("least privilege: detach without CAP_NET_ADMIN: {}", said.trim());
+    eprintln!(
+        "least privilege: detach without CAP_NET_ADMIN: {}",
+        said.trim()
+    );
     assert!(!out.status.success(), "{said}");
     assert!(
         said.contains(&format!("denied: apilb lacks {CAP_NET_ADMIN}, needed for")),
@@ -299,7 +328,10 @@ fn non_root_node_local_mode_spreads_the_nodes_own_connects_within_ten_percent() 
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("sock-"))
         .count();
-    assert_eq!(socket_links, 4, "the cgroup links, pinned by the non-root user");
+    assert_eq!(
+        socket_links, 4,
+        "the cgroup links, pinned by the non-root user"
+    );
 }
 
 #[test]
@@ -322,8 +354,18 @@ fn non_root_vrrp_moves_the_vip_to_the_other_node_and_back() {
     let _lb2 = Node::start(&t, &dir.0, "apilb-pv-vrrp", 1, |i| {
         node_config(1, i, &vip(100), election)
     });
-    let won = wait_served_by(&t.client, VIP_ADDR, 0, Instant::now(), Duration::from_secs(5));
-    assert!(won.is_some(), "lb1 never served the VIP:\n{}", lb1.apilb().log_text());
+    let won = wait_served_by(
+        &t.client,
+        VIP_ADDR,
+        0,
+        Instant::now(),
+        Duration::from_secs(5),
+    );
+    assert!(
+        won.is_some(),
+        "lb1 never served the VIP:\n{}",
+        lb1.apilb().log_text()
+    );
     assert_eq!(holders(&t, VIP_ADDR), [0], "only lb1 holds the address");
     let killed = Instant::now();
     lb1.kill();
@@ -337,4 +379,36 @@ fn non_root_vrrp_moves_the_vip_to_the_other_node_and_back() {
     assert!(took.is_some(), "lb1 did not preempt");
     thread::sleep(Duration::from_millis(300));
     assert_eq!(holders(&t, VIP_ADDR), [0], "lb2 gave the address up");
+}
+
+#[test]
+fn capabilities_held_only_in_a_user_namespace_pass_the_start_check_and_the_kernel_refusal_says_why()
+{
+    let _serial = serial();
+    let pins = PinDir::new("apilb-pv-userns");
+    let dir = TempDir::new("apilb-pv-userns");
+    let config = dir.0.join("apilb.toml");
+    let text_of = apilb_config(
+        &pins.instance(),
+        "nat_ports = [40000, 40999]",
+        "kind = \"tcp\"",
+    )
+    .replace(&format!("[\"{LB_DEV}\"]"), "[\"lo\"]");
+    std::fs::write(&config, text_of).expect("config");
+    // Root of a new user namespace, with a network namespace of its own: every
+    // capability there, none that counts for bpf(2).
+    let out = std::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "--net"])
+        .arg(tests::live::apilb_bin())
+        .args(["run", "-c", config.to_str().expect("utf-8")])
+        .output()
+        .expect("unshare");
+    let said = text(&out);
+    let refusal = said.lines().last().unwrap_or_default();
+    eprintln!("least privilege: in a user namespace: {refusal}");
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        refusal.contains("loading the eBPF object into the kernel failed; denied although apilb holds CAP_BPF, CAP_NET_ADMIN: capabilities held in a user namespace do not count"),
+        "{said}"
+    );
 }

@@ -69,9 +69,7 @@ fn apilb_detach_restores_accept_local_and_the_reserved_ports_and_releases_the_cg
         "detach put back accept_local and kept only the other's ports"
     );
     assert!(
-        said.contains(&format!(
-            "restored net.ipv4.conf.{LB_DEV}.accept_local = 0"
-        )),
+        said.contains(&format!("restored net.ipv4.conf.{LB_DEV}.accept_local = 0")),
         "{said}"
     );
     assert!(!local.pins.0.exists(), "the pin directory is gone");

@@ -153,7 +153,10 @@ pub(super) fn validate(
             )
         })?
     } else {
-        facts.skipped(format!("sync.key_file = {:?}: not read", key_file.display()));
+        facts.skipped(format!(
+            "sync.key_file = {:?}: not read",
+            key_file.display()
+        ));
         // Never used: an offline config is only checked (`Config::load_offline`).
         key::Key::from_bytes(&[0; key::KEY_MIN_LEN])
     };
