@@ -208,10 +208,17 @@ impl Core {
     }
 }
 
+/// The config, once this process is shown to hold the capabilities it needs
+/// (`crate::privilege`): refused before anything is touched otherwise.
+fn load_checked(path: &std::path::Path) -> Result<Config, DaemonError> {
+    let config = Config::load(path)?;
+    crate::privilege::check_effective(&crate::privilege::needed_by(&config))?;
+    Ok(config)
+}
+
 /// Run until SIGTERM or SIGINT, serving the admin endpoint.
 pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
-    let config = Config::load(&opts.config_path)?;
-    crate::privilege::check_effective(&crate::privilege::needed_by(&config))?;
+    let config = load_checked(&opts.config_path)?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Signal("SIGHUP", e))?;
     let mut term =
         signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;

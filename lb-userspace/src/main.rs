@@ -66,7 +66,7 @@ enum Command {
         admin: std::net::SocketAddr,
     },
     /// Detach an instance's datapath, remove its pins and restore the node
-    /// settings it changed (accept_local, the reserved NAT ports).
+    /// settings it changed (`accept_local`, the reserved NAT ports).
     Detach {
         /// The instance, as in the config's `instance` key.
         #[arg(long, default_value = config::INSTANCE_DEFAULT)]

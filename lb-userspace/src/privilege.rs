@@ -10,15 +10,15 @@
 //!
 //! The list was found by running apilb on Linux 6.18 with each capability
 //! dropped in turn (`tests/tests/least_privilege.rs`), and matches the kernel's
-//! checks: `bpf(BPF_MAP_CREATE)` wants CAP_BPF, and CAP_NET_ADMIN for a device
-//! map; `bpf(BPF_PROG_LOAD)` wants CAP_BPF, and CAP_NET_ADMIN for XDP and cgroup
-//! socket programs; the verifier wants CAP_PERFMON for the XDP program's
+//! checks: `bpf(BPF_MAP_CREATE)` wants `CAP_BPF`, and `CAP_NET_ADMIN` for a device
+//! map; `bpf(BPF_PROG_LOAD)` wants `CAP_BPF`, and `CAP_NET_ADMIN` for XDP and cgroup
+//! socket programs; the verifier wants `CAP_PERFMON` for the XDP program's
 //! pointer arithmetic (`bpf_allow_ptr_leaks`); a net sysctl is
-//! writable by its owner, root, or by a CAP_NET_ADMIN holder
-//! (`net_ctl_permissions`); raw and packet sockets want CAP_NET_RAW. Pins need only
+//! writable by its owner, root, or by a `CAP_NET_ADMIN` holder
+//! (`net_ctl_permissions`); raw and packet sockets want `CAP_NET_RAW`. Pins need only
 //! write access to their bpffs directory, and since Linux 5.11 BPF memory is
-//! charged to the cgroup, not to RLIMIT_MEMLOCK, so neither CAP_DAC_OVERRIDE nor
-//! CAP_SYS_RESOURCE is needed.
+//! charged to the cgroup, not to `RLIMIT_MEMLOCK`, so neither `CAP_DAC_OVERRIDE` nor
+//! `CAP_SYS_RESOURCE` is needed.
 
 use std::{collections::HashSet, io, str::FromStr as _};
 
@@ -127,7 +127,7 @@ fn list(caps: &[Capability]) -> String {
         .join("; ")
 }
 
-/// Those of [`CAPABILITIES`] that `config` needs: all of them, but CAP_NET_RAW
+/// Those of [`CAPABILITIES`] that `config` needs: all of them, but `CAP_NET_RAW`
 /// only for elected VIPs (VRRP adverts, and the announcements of a VIP taken
 /// over), as apilb leaves a static VIP's address to the operator.
 #[must_use]

@@ -37,7 +37,7 @@ pub fn enabled() -> bool {
 pub fn setpriv(caps: &[Capability]) -> Vec<String> {
     let list: String = caps
         .iter()
-        .map(|c| format!(",+{}", c.setpriv_name()))
+        .flat_map(|c| [",+".to_owned(), c.setpriv_name()])
         .collect();
     vec![
         "setpriv".to_owned(),

@@ -187,6 +187,47 @@ fn wait_for(
     }
 }
 
+/// `apilb` runs as [`least::UID`] holding exactly [`CAPABILITIES`], and its
+/// pins under `pins` are private.
+fn assert_least_privileged(apilb: &Apilb, pins: &Path) {
+    let uid = std::fs::metadata(format!("/proc/{}", apilb.pid()))
+        .expect("apilb's /proc")
+        .uid();
+    let mut want: Vec<String> = CAPABILITIES
+        .iter()
+        .map(|c| c.name.to_ascii_lowercase())
+        .collect();
+    want.sort();
+    let held = effective(apilb.pid());
+    eprintln!("least privilege: apilb runs as uid {uid} holding {held:?}");
+    assert_eq!((uid, held), (least::UID, want));
+    let (dirs, pinned) = assert_private(pins);
+    eprintln!("least privilege: {dirs} directories 0700 and {pinned} pins 0600, uid {uid}'s");
+    assert!(pinned > 10, "the maps and the XDP link: {pinned}");
+}
+
+/// `apilb <args>` as [`least::UID`] without `CAP_NET_ADMIN` fails naming it, and
+/// removes nothing from `pins`.
+fn refused_without_net_admin(ns: &Netns, args: &[&str], pins: &Path) {
+    let no_admin: Vec<Capability> = CAPABILITIES
+        .iter()
+        .filter(|c| c.name != CAP_NET_ADMIN)
+        .copied()
+        .collect();
+    let out = apilb_as(ns, &no_admin, args);
+    let said = text(&out);
+    eprintln!(
+        "least privilege: detach without CAP_NET_ADMIN: {}",
+        said.trim()
+    );
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("denied: apilb lacks {CAP_NET_ADMIN}, needed for")),
+        "{said}"
+    );
+    assert!(pins.exists(), "nothing removed");
+}
+
 #[test]
 fn non_root_balances_through_the_vip_follows_a_master_out_and_back_and_pins_privately() {
     let _serial = serial();
@@ -214,20 +255,7 @@ fn non_root_balances_through_the_vip_follows_a_master_out_and_back_and_pins_priv
     let (by, failed) = wait_for(&t, Duration::from_secs(15), |m, f| f == 0 && m.len() == 3);
     assert_eq!((by.len(), failed), (3, 0), "{by:?}\n{}", apilb.log_text());
 
-    let uid = std::fs::metadata(format!("/proc/{}", apilb.pid()))
-        .expect("apilb's /proc")
-        .uid();
-    let mut want: Vec<String> = CAPABILITIES
-        .iter()
-        .map(|c| c.name.to_ascii_lowercase())
-        .collect();
-    want.sort();
-    let held = effective(apilb.pid());
-    eprintln!("least privilege: apilb runs as uid {uid} holding {held:?}");
-    assert_eq!((uid, held), (least::UID, want));
-    let (dirs, pinned) = assert_private(&pins.0);
-    eprintln!("least privilege: {dirs} directories 0700 and {pinned} pins 0600, uid {uid}'s");
-    assert!(pinned > 10, "the maps and the XDP link: {pinned}");
+    assert_least_privileged(&apilb, &pins.0);
     assert_eq!(
         (
             sysctl(&accept_local),
@@ -274,23 +302,7 @@ fn non_root_balances_through_the_vip_follows_a_master_out_and_back_and_pins_priv
     // back, which it says, changing nothing; with it, everything goes back.
     let instance = pins.instance();
     let detach = ["detach", "--instance", instance.as_str()];
-    let no_admin: Vec<Capability> = CAPABILITIES
-        .iter()
-        .filter(|c| c.name != CAP_NET_ADMIN)
-        .copied()
-        .collect();
-    let out = apilb_as(t.lb(), &no_admin, &detach);
-    let said = text(&out);
-    eprintln!(
-        "least privilege: detach without CAP_NET_ADMIN: {}",
-        said.trim()
-    );
-    assert!(!out.status.success(), "{said}");
-    assert!(
-        said.contains(&format!("denied: apilb lacks {CAP_NET_ADMIN}, needed for")),
-        "{said}"
-    );
-    assert!(pins.0.exists(), "nothing removed");
+    refused_without_net_admin(t.lb(), &detach, &pins.0);
     let out = apilb_as(t.lb(), CAPABILITIES, &detach);
     let said = text(&out);
     eprintln!("least privilege: detach: {}", said.trim());

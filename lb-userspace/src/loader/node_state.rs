@@ -143,8 +143,7 @@ pub(super) fn restore(pin_dir: &Path) -> Result<(Vec<String>, Vec<String>)> {
             // The kernel reads an empty write as "no change": a lone newline clears.
             std::fs::write(path, format!("{now}\n")).map_err(sysctl_err(path))?;
             restored.push(format!(
-                "net.ipv4.ip_local_reserved_ports: removed {added} (now {:?})",
-                now
+                "net.ipv4.ip_local_reserved_ports: removed {added} (now {now:?})"
             ));
         } else if let Some(interface) = name
             .strip_prefix(RECORD_PREFIX)
