@@ -88,17 +88,19 @@ pub const ONLY_IF_ABSENT: &[Capability] = &[Capability {
 
 /// The shell commands, run as root before a non-root `apilb run` (systemd's
 /// `ExecStartPre=+`, a pod's init container), that let `owner` (`user:group` or
-/// `uid:gid`) pin for `instance`: search permission on bpffs and `apilb/` (pins
-/// stay 0600, unreadable to others), and the instance's directory its own.
+/// `uid:gid`) pin: search permission on bpffs (pins stay 0600, unreadable to
+/// others), and `apilb/` its own, where it creates and removes its instances'
+/// directories.
 #[must_use]
-pub fn pin_dir_commands(instance: &str, owner: &str) -> [String; 3] {
-    let dir = crate::loader::pin_dir(instance);
-    let parent = dir.parent().unwrap_or(&dir).display().to_string();
+pub fn pin_dir_commands(owner: &str) -> [String; 2] {
+    let apilb = std::path::Path::new(crate::loader::BPFFS).join("apilb");
     let (user, group) = owner.split_once(':').unwrap_or((owner, owner));
     [
         format!("chmod o+x {}", crate::loader::BPFFS),
-        format!("install -d -m 0711 {parent}"),
-        format!("install -d -o {user} -g {group} -m 0700 {}", dir.display()),
+        format!(
+            "install -d -o {user} -g {group} -m 0700 {}",
+            apilb.display()
+        ),
     ]
 }
 

@@ -53,12 +53,17 @@ pub fn setpriv(caps: &[Capability]) -> Vec<String> {
     ]
 }
 
-/// The documented root pre-step for the instance of the config at `config`.
+/// The documented root pre-step, and the instance directory of the config at
+/// `config` made [`UID`]'s should a root apilb have left it (a test switching).
 pub fn prepare(config: &Path) {
+    let owner = format!("{UID}:{UID}");
+    for cmd in lb_userspace::privilege::pin_dir_commands(&owner) {
+        crate::netns::run("sh", &["-c", &cmd]);
+    }
     let (c, _) = lb_userspace::config::Config::load_offline(config)
         .unwrap_or_else(|e| panic!("{}: {e}", config.display()));
-    let owner = format!("{UID}:{UID}");
-    for cmd in lb_userspace::privilege::pin_dir_commands(&c.instance, &owner) {
-        crate::netns::run("sh", &["-c", &cmd]);
+    let dir = lb_userspace::loader::pin_dir(&c.instance);
+    if dir.exists() {
+        crate::netns::run("chown", &["-R", &owner, dir.to_str().expect("utf-8")]);
     }
 }
