@@ -113,4 +113,37 @@ impl Local {
             thread::sleep(Duration::from_millis(100));
         }
     }
+
+    /// `n` new connections from the LB node to the VIP: all succeed and land on
+    /// the three masters within 10 % of equal. Prints the spread, tagged `what`.
+    pub fn assert_even_spread(&self, what: &str, n: usize) {
+        let started = Instant::now();
+        let (by, failed) = self.spread(sa(VIP), n);
+        eprintln!(
+            "{what}: {n} connects in {:.2} s: {by:?}, {failed} failed",
+            started.elapsed().as_secs_f64()
+        );
+        assert_eq!((by.len(), failed), (3, 0), "{by:?}");
+        for (m, got) in &by {
+            assert!(
+                got * 3 * 10 >= n * 9 && got * 3 * 10 <= n * 11,
+                "{m} got {got} of {n}: not within 10 % of equal"
+            );
+        }
+    }
+
+    /// Wait (5 s at most) until the node's connects to the VIP, on no interface,
+    /// fail: the socket programs are gone. Unpinning drops a link's last
+    /// reference, and the kernel frees the link (so detaches its program) from a
+    /// workqueue just after.
+    pub fn wait_unbalanced(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while crate::live::Client::connect_to(self.t.lb(), sa(VIP)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "5 s after apilb detach, connects are still balanced"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
 }

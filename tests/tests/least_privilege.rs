@@ -24,9 +24,7 @@ use std::{
 use lb_userspace::privilege::{CAP_NET_ADMIN, CAPABILITIES, Capability};
 use tests::{
     cluster::{LB_DEV, MASTERS, Topology, VIP, VIP_ADDR, apilb_config},
-    elect::{
-        Node, VrrpVip, echo_masters, holders, node_config, two_lb_nodes, vrrp_vip, wait_served_by,
-    },
+    elect::{VrrpVip, node_config, vrrp_vip},
     fixture::sa,
     least,
     live::{Apilb, EchoServer, PinDir, TempDir},
@@ -322,19 +320,7 @@ fn non_root_node_local_mode_spreads_the_nodes_own_connects_within_ten_percent() 
     const N: usize = 3000;
     let _serial = serial();
     let local = Local::start("apilb-pv-local");
-    let started = Instant::now();
-    let (by, failed) = local.spread(sa(VIP), N);
-    eprintln!(
-        "least privilege: local: {N} connects in {:.2} s: {by:?}, {failed} failed",
-        started.elapsed().as_secs_f64()
-    );
-    assert_eq!((by.len(), failed), (3, 0), "{by:?}");
-    for (m, n) in &by {
-        assert!(
-            n * 3 * 10 >= N * 9 && n * 3 * 10 <= N * 11,
-            "{m} got {n} of {N}: not within 10 % of equal"
-        );
-    }
+    local.assert_even_spread("least privilege: local", N);
     let socket_links = std::fs::read_dir(&local.pins.0)
         .expect("pins")
         .flatten()
@@ -348,49 +334,10 @@ fn non_root_node_local_mode_spreads_the_nodes_own_connects_within_ten_percent() 
 
 #[test]
 fn non_root_vrrp_moves_the_vip_to_the_other_node_and_back() {
-    const TARGET: Duration = Duration::from_secs(1);
     let _serial = serial();
-    let (t, dir) = two_lb_nodes("apilb-pv-vrrp");
-    let _masters = echo_masters(&t, Duration::from_mins(3));
-    let election = "[election.vrrp]\nadvert_interval = \"100ms\"\npreempt = true\n";
-    let vip = |priority| {
-        vec![vrrp_vip(VrrpVip {
-            addr: VIP_ADDR,
-            vrid: 51,
-            priority,
-        })]
-    };
-    let mut lb1 = Node::start(&t, &dir.0, "apilb-pv-vrrp", 0, |i| {
-        node_config(0, i, &vip(150), election)
-    });
-    let _lb2 = Node::start(&t, &dir.0, "apilb-pv-vrrp", 1, |i| {
-        node_config(1, i, &vip(100), election)
-    });
-    let won = wait_served_by(
-        &t.client,
-        VIP_ADDR,
-        0,
-        Instant::now(),
-        Duration::from_secs(5),
-    );
-    assert!(
-        won.is_some(),
-        "lb1 never served the VIP:\n{}",
-        lb1.apilb().log_text()
-    );
-    assert_eq!(holders(&t, VIP_ADDR), [0], "only lb1 holds the address");
-    let killed = Instant::now();
-    lb1.kill();
-    let took = wait_served_by(&t.client, VIP_ADDR, 1, killed, TARGET * 5);
-    eprintln!("least privilege: vrrp 100ms: SIGKILL -> served by lb2 after {took:?}");
-    assert!(took.is_some(), "lb2 did not take over");
-    let back = Instant::now();
-    lb1.restart(&t, &dir.0);
-    let took = wait_served_by(&t.client, VIP_ADDR, 0, back, TARGET * 5);
-    eprintln!("least privilege: vrrp 100ms: lb1 restarted -> preempted after {took:?}");
-    assert!(took.is_some(), "lb1 did not preempt");
-    thread::sleep(Duration::from_millis(300));
-    assert_eq!(holders(&t, VIP_ADDR), [0], "lb2 gave the address up");
+    let (takeover, preemption) =
+        tests::elect::vrrp_kill_and_preempt("apilb-pv-vrrp", Duration::from_secs(5));
+    eprintln!("least privilege: vrrp: taken over in {takeover:?}, preempted in {preemption:?}");
 }
 
 #[test]

@@ -37,19 +37,7 @@ fn the_nodes_own_connects_to_the_vip_reach_the_masters_and_name_the_vip_as_peer(
         "only the LB node's own sockets are balanced"
     );
 
-    let started = Instant::now();
-    let (by, failed) = local.spread(sa(VIP), N);
-    eprintln!(
-        "local: {N} connects in {:.2} s: {by:?}, {failed} failed",
-        started.elapsed().as_secs_f64()
-    );
-    assert_eq!((by.len(), failed), (3, 0), "{by:?}");
-    for (m, n) in &by {
-        assert!(
-            n * 3 * 10 >= N * 9 && n * 3 * 10 <= N * 11,
-            "{m} got {n} of {N}: not within 10 % of equal"
-        );
-    }
+    local.assert_even_spread("local", N);
     thread::sleep(Duration::from_millis(1100)); // the snapshot is republished every second
     let counted = tests::live::metric_sum(
         &tests::live::metrics(local.t.lb()),
@@ -299,14 +287,5 @@ fn the_socket_programs_keep_balancing_through_a_restart_until_apilb_detach() {
             &instance,
         ],
     );
-    // Unpinning drops the links' last reference, and the kernel frees a link (so
-    // detaches its program) from a workqueue just after: wait for that, bounded.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while Client::connect_to(local.t.lb(), sa(VIP)).is_ok() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "5 s after apilb detach, connects are still balanced"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    local.wait_unbalanced();
 }
