@@ -5,8 +5,10 @@
 //! root scenarios with the same numbers: end to end through the VIP with a master
 //! out and back (`run.rs`), node-local mode (`local.rs`), a VRRP VIP moving
 //! between two nodes (`election_vrrp.rs`). Each capability is shown needed:
-//! without it `apilb run` refuses to start, naming it. Pins are 0600 and their
-//! directories 0700, all the user's. Root (to drop privileges).
+//! without it `apilb run` refuses to start, naming it; capabilities held only in
+//! a user namespace get past that check, and the kernel's refusal says why. Pins
+//! are 0600 and their directories 0700, all the user's, and a bpffs apilb mounts
+//! is not world-writable. Root (to drop privileges).
 //!
 //! `APILB_TEST_LEAST_PRIVILEGE=1 cargo test -p tests --test run --test local ...`
 //! runs any other suite the same way.
@@ -369,5 +371,37 @@ fn capabilities_held_only_in_a_user_namespace_pass_the_start_check_and_the_kerne
     assert!(
         refusal.contains("loading the eBPF object into the kernel failed; denied although apilb holds CAP_BPF, CAP_NET_ADMIN: capabilities held in a user namespace do not count"),
         "{said}"
+    );
+}
+
+/// A bpffs mount that is removed on drop.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_bpffs_apilb_mounts_itself_is_not_world_writable() {
+    let dir = TempDir::new("apilb-pv-bpffs");
+    let mounted = lb_userspace::loader::ensure_bpffs(&dir.0).expect("mount bpffs");
+    let _mount = Mounted(dir.0.clone());
+    assert!(mounted, "a tmp directory is no bpffs: apilb mounts one");
+    let mode = std::fs::metadata(&dir.0)
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o7777;
+    eprintln!("least privilege: bpffs mounted by apilb has mode {mode:o}");
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "neither group nor others may enter: {mode:o}"
+    );
+    assert!(
+        !lb_userspace::loader::ensure_bpffs(&dir.0).expect("statfs"),
+        "mounted once only"
     );
 }
