@@ -378,10 +378,13 @@ mod tests {
             step: VipStep::AddAddress,
             source: io::Error::from_raw_os_error(libc::EPERM),
         };
-        assert_eq!(
-            e.to_string(),
-            "VIP 203.0.113.100 on interface \"eth0\": adding the address"
+        // EPERM: the message also names the capability the step needs.
+        let said = e.to_string();
+        assert!(
+            said.starts_with("VIP 203.0.113.100 on interface \"eth0\": adding the address; denied"),
+            "{said}"
         );
+        assert!(said.contains(crate::privilege::CAP_NET_ADMIN), "{said}");
         let e = AnnounceError::NoSuchInterface {
             interface: "nosuch0".into(),
         };
