@@ -48,14 +48,14 @@ pub enum AnnounceError {
     NoSuchInterface { interface: String },
     #[error("interface {interface:?} is not Ethernet (no 6-byte MAC address to announce)")]
     NotEthernet { interface: String },
-    #[error("interface {interface:?}: {step}")]
+    #[error("interface {interface:?}: {step}{}", crate::privilege::denied(.source, .step.needs()))]
     Setup {
         interface: String,
         step: SetupStep,
         #[source]
         source: io::Error,
     },
-    #[error("VIP {vip} on interface {interface:?}: {step}")]
+    #[error("VIP {vip} on interface {interface:?}: {step}{}", crate::privilege::denied(.source, .step.needs()))]
     Vip {
         interface: String,
         vip: IpAddr,
@@ -72,6 +72,16 @@ pub enum SetupStep {
     LookUpLink,
     OpenPacketSocket,
     OpenIcmpv6Socket,
+}
+
+impl SetupStep {
+    /// The capabilities the step needs (`crate::privilege`).
+    fn needs(self) -> &'static [&'static str] {
+        match self {
+            Self::OpenNetlink | Self::LookUpLink => &[],
+            Self::OpenPacketSocket | Self::OpenIcmpv6Socket => &[crate::privilege::CAP_NET_RAW],
+        }
+    }
 }
 
 impl fmt::Display for SetupStep {
@@ -94,6 +104,19 @@ pub enum VipStep {
     RemoveAddress,
     SendGratuitousArp,
     SendNeighbourAdvertisement,
+}
+
+impl VipStep {
+    /// The capabilities the step needs (`crate::privilege`).
+    fn needs(self) -> &'static [&'static str] {
+        match self {
+            Self::ListAddresses => &[],
+            Self::AddAddress | Self::RemoveAddress => &[crate::privilege::CAP_NET_ADMIN],
+            Self::SendGratuitousArp | Self::SendNeighbourAdvertisement => {
+                &[crate::privilege::CAP_NET_RAW]
+            }
+        }
+    }
 }
 
 impl fmt::Display for VipStep {
@@ -355,10 +378,13 @@ mod tests {
             step: VipStep::AddAddress,
             source: io::Error::from_raw_os_error(libc::EPERM),
         };
-        assert_eq!(
-            e.to_string(),
-            "VIP 203.0.113.100 on interface \"eth0\": adding the address"
+        // EPERM: the message also names the capability the step needs.
+        let said = e.to_string();
+        assert!(
+            said.starts_with("VIP 203.0.113.100 on interface \"eth0\": adding the address; denied"),
+            "{said}"
         );
+        assert!(said.contains(crate::privilege::CAP_NET_ADMIN), "{said}");
         let e = AnnounceError::NoSuchInterface {
             interface: "nosuch0".into(),
         };

@@ -411,6 +411,22 @@ impl Config {
         validate(parse_raw(text, path)?, &SystemFacts)
     }
 
+    /// [`Config::load`] on a machine that is not the node (`apilb check --offline`,
+    /// for config pipelines): nothing about this machine is asked, no interface
+    /// looked up, no file the config names read, no sysctl. Returns, beside the
+    /// config, what was therefore not checked, one line each. A config from here
+    /// is for checking only: its sync key is not the file's.
+    pub fn load_offline(path: &Path) -> Result<(Self, Vec<String>), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let raw = parse_raw(&text, path)?;
+        let facts = OfflineFacts::default();
+        let config = validate(raw, &facts)?;
+        Ok((config, facts.skipped.into_inner()))
+    }
+
     /// What `apilb check` warns of in a valid config, about the node it runs on: a
     /// NAT port range that overlaps the node's ephemeral ports.
     #[must_use]
@@ -435,6 +451,53 @@ trait Facts {
     /// `net.ipv4.ip_local_port_range` (the default `datapath.nat_ports` lies below
     /// it), or why it cannot be read.
     fn ip_local_port_range(&self) -> Result<(u16, u16), String>;
+    /// Whether the files the config names are read (not by `apilb check
+    /// --offline`, which calls [`Facts::skipped`] for each instead).
+    fn reads_files(&self) -> bool {
+        true
+    }
+    /// Note a check left out because this is not the node.
+    fn skipped(&self, _what: String) {}
+}
+
+/// The facts of a machine that is not the node: every interface exists, the
+/// ephemeral port range is Linux's default, and every check that needs the node
+/// is noted as skipped.
+#[derive(Default)]
+struct OfflineFacts {
+    skipped: std::cell::RefCell<Vec<String>>,
+}
+
+impl Facts for OfflineFacts {
+    fn interface_exists(&self, name: &str) -> bool {
+        self.skipped(format!("interface {name:?} exists: not looked up"));
+        true
+    }
+
+    fn hostname(&self) -> Result<String, String> {
+        self.skipped(
+            "the node's hostname (a default node name): not known offline, stood in by \"node\""
+                .to_owned(),
+        );
+        Ok("node".to_owned())
+    }
+
+    fn ip_local_port_range(&self) -> Result<(u16, u16), String> {
+        self.skipped(
+            "net.ipv4.ip_local_port_range (the default datapath.nat_ports): not read, \
+             Linux's default 32768-60999 assumed"
+                .to_owned(),
+        );
+        Ok((32_768, 60_999))
+    }
+
+    fn reads_files(&self) -> bool {
+        false
+    }
+
+    fn skipped(&self, what: String) {
+        self.skipped.borrow_mut().push(what);
+    }
 }
 
 struct SystemFacts;
@@ -502,7 +565,7 @@ fn validate(raw: RawConfig, facts: &dyn Facts) -> Result<Config, ConfigError> {
     let elections: Vec<(SocketAddr, Election)> =
         vips.iter().map(|v| (v.addr, v.election)).collect();
     let election = election::validate(election, &elections, &datapath.interfaces, facts)?;
-    let (health, passive) = validate_health(health)?;
+    let (health, passive) = validate_health(health, facts)?;
     let local = local::validate(local, &vips)?;
     let admin_listen = admin.listen.parse().map_err(|_| {
         invalid(
@@ -814,13 +877,17 @@ fn snat_addresses(
 
 /// The https settings: files readable, certificate and key together, a valid
 /// server name, and either a CA file or an explicit `insecure`.
-fn validate_tls(raw: &RawHealth) -> Result<TlsSpec, ConfigError> {
+fn validate_tls(raw: &RawHealth, facts: &dyn Facts) -> Result<TlsSpec, ConfigError> {
     for (key, file) in [
         ("health.ca_file", &raw.ca_file),
         ("health.client_cert", &raw.client_cert),
         ("health.client_key", &raw.client_key),
     ] {
         if let Some(path) = file {
+            if !facts.reads_files() {
+                facts.skipped(format!("{key} = {:?}: not read", path.display()));
+                continue;
+            }
             std::fs::read(path)
                 .map_err(|e| invalid(key, path.display(), format!("cannot be read: {e}")))?;
         }
@@ -881,7 +948,10 @@ fn validate_tls(raw: &RawHealth) -> Result<TlsSpec, ConfigError> {
     })
 }
 
-fn validate_health(raw: RawHealth) -> Result<(ProbeSpec, PassiveSettings), ConfigError> {
+fn validate_health(
+    raw: RawHealth,
+    facts: &dyn Facts,
+) -> Result<(ProbeSpec, PassiveSettings), ConfigError> {
     timeouts::probe(raw.interval, raw.timeout)?;
     let count = |key: &str, v: i64| {
         u32::try_from(v)
@@ -930,7 +1000,7 @@ fn validate_health(raw: RawHealth) -> Result<(ProbeSpec, PassiveSettings), Confi
         RawProbeKind::Tcp => ProbeKind::Tcp,
         RawProbeKind::Http => ProbeKind::Http { path: raw.path },
         RawProbeKind::Https => ProbeKind::Https {
-            tls: validate_tls(&raw)?,
+            tls: validate_tls(&raw, facts)?,
             path: raw.path,
         },
     };

@@ -40,6 +40,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
+    Privilege(#[from] crate::privilege::PrivilegeError),
+    #[error(transparent)]
     Loader(#[from] LoaderError),
     #[error(transparent)]
     Health(#[from] HealthError),
@@ -224,9 +226,17 @@ fn hangup(core: &mut Core, owners: &Owners) {
     }
 }
 
+/// The config, once this process is shown to hold the capabilities it needs
+/// (`crate::privilege`): refused before anything is touched otherwise.
+fn load_checked(path: &std::path::Path) -> Result<Config, DaemonError> {
+    let config = Config::load(path)?;
+    crate::privilege::check_effective(&crate::privilege::needed_by(&config))?;
+    Ok(config)
+}
+
 /// Run until SIGTERM or SIGINT, serving the admin endpoint.
 pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
-    let config = Config::load(&opts.config_path)?;
+    let config = load_checked(&opts.config_path)?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Signal("SIGHUP", e))?;
     let mut term =
         signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
@@ -312,8 +322,8 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
         warn!("admin endpoint: {e}");
     }
     if opts.detach_on_exit {
-        let removed = loader::detach(&pin)?;
-        info!(pins = %pin.display(), removed = removed.len(), "detached the datapath and removed its pins");
+        let done = loader::detach(&pin)?;
+        info!(pins = %pin.display(), removed = done.removed.len(), restored = ?done.restored, "detached the datapath, removed its pins and restored the node settings it changed");
     } else {
         info!(pins = %pin.display(), "exiting; the pinned datapath keeps balancing (apilb detach removes it)");
     }

@@ -15,9 +15,14 @@
 //!   program into the existing link atomically (`bpf_link_update`), so the interface
 //!   is never without a program, and the link stays attached when the process exits.
 //! - `sock-<program>`: the socket programs' links (`crate::socklb`).
+//! - `node-<setting>`: the node settings the datapath changed, to restore on
+//!   detach (`node_state`).
 //!
-//! `detach` removes the links (which detaches the program) and the pins.
+//! `detach` restores those settings and removes the links (which detaches the
+//! program) and the pins. Directories apilb creates in bpffs are 0700, and the
+//! kernel creates pins 0600 (less the umask): only apilb's user reaches them.
 
+mod node_state;
 mod xdp_mode;
 
 use std::{
@@ -44,6 +49,7 @@ use tracing::{error, info, warn};
 use crate::{
     config::Config,
     datapath::{Datapath, DatapathError},
+    privilege::{self, CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN},
 };
 
 /// The XDP mode an attach ended up in (what [`Programs::attach`] returns).
@@ -62,7 +68,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
-    #[error("loading the eBPF object into the kernel failed")]
+    #[error("loading the eBPF object into the kernel failed{}", privilege::denied(.0, &[CAP_BPF, CAP_NET_ADMIN]))]
     Load(#[source] aya::EbpfError),
     /// A load failure on a kernel older than apilb needs ([`crate::kernel`]).
     #[error("{explanation}")]
@@ -73,19 +79,19 @@ pub enum LoaderError {
     },
     #[error("the eBPF object has no program named {0}")]
     MissingProgram(&'static str),
-    #[error("program {program}")]
+    #[error("program {program}{}", privilege::denied(.source, &[CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON]))]
     Program {
         program: &'static str,
         #[source]
         source: ProgramError,
     },
-    #[error("mounting bpffs at {path}")]
+    #[error("mounting bpffs at {path}{}", privilege::denied(.source, &[CAP_SYS_ADMIN]))]
     Mount {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("creating the pin directory {path}")]
+    #[error("creating the pin directory {path}{}", privilege::not_writable(.source, path))]
     PinDir {
         path: PathBuf,
         #[source]
@@ -105,21 +111,22 @@ pub enum LoaderError {
     },
     #[error("interface {0:?} does not exist")]
     NoInterface(String),
-    #[error("attaching XDP to {interface} in {mode:?} mode")]
+    #[error("attaching XDP to {interface} in {mode:?} mode{}", privilege::denied(.source, &[CAP_NET_ADMIN]))]
     Attach {
         interface: String,
         mode: XdpMode,
         #[source]
         source: ProgramError,
     },
-    #[error("adopting the pinned link {path}")]
+    #[error("adopting the pinned link {path}{}", privilege::not_writable(&**.source, path))]
     Adopt {
         path: PathBuf,
         #[source]
         source: BoxError,
     },
     #[error(
-        "pinning the XDP link of {interface} at {path} (kernels before 5.9 cannot pin XDP links)"
+        "pinning the XDP link of {interface} at {path} (kernels before 5.9 cannot pin XDP links){}",
+        privilege::not_writable(&**.source, path)
     )]
     PinLink {
         interface: String,
@@ -127,13 +134,13 @@ pub enum LoaderError {
         #[source]
         source: BoxError,
     },
-    #[error("writing the sysctl {path}")]
+    #[error("writing the sysctl {path}{}", privilege::denied(.source, &[CAP_NET_ADMIN]))]
     Sysctl {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("removing {path}")]
+    #[error("removing {path}{}", privilege::not_writable(.source, path))]
     Remove {
         path: PathBuf,
         #[source]
@@ -232,11 +239,12 @@ pub fn start(config: &Config) -> Result<(Programs, Datapath)> {
             );
         }
     }
+    let pin = pin_dir(&config.instance);
+    create_pin_dir(&pin)?;
     let ports = &config.datapath.nat_ports;
-    if reserve_ports(*ports.start(), *ports.end())? {
+    if node_state::reserve_ports(&pin, *ports.start(), *ports.end())? {
         info!(ports = ?ports, "reserved the NAT ports from the node's own sockets (net.ipv4.ip_local_reserved_ports)");
     }
-    let pin = pin_dir(&config.instance);
     let adopting = pinned_maps_exist(&pin);
     let (mut programs, dp) = Programs::load(&LoadOptions {
         flow_table_size: config.datapath.flow_table_size,
@@ -257,7 +265,21 @@ pub fn start(config: &Config) -> Result<(Programs, Datapath)> {
     Ok((programs, dp))
 }
 
-/// Mount bpffs at `path` unless it is already mounted there (as Cilium does).
+/// Create `dir` and its missing parents, each 0700 (less the umask).
+fn create_pin_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| LoaderError::PinDir {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// Mount bpffs at `path` unless it is already mounted there (as Cilium does),
+/// with mode 0700 rather than bpffs's default 1777: only root may pin at its top.
 /// Returns whether it mounted it, for the caller to log.
 pub fn ensure_bpffs(path: &Path) -> Result<bool> {
     let mount_err = |source| LoaderError::Mount {
@@ -283,14 +305,16 @@ pub fn ensure_bpffs(path: &Path) -> Result<bool> {
         return Ok(false);
     }
     let fstype = c"bpf";
-    // SAFETY: every pointer is a valid NUL-terminated string or null (no data).
+    let options = c"mode=0700";
+    // SAFETY: every pointer is a valid NUL-terminated string for the call's
+    // duration; bpffs reads its data as such a string of options.
     let rc = unsafe {
         libc::mount(
             fstype.as_ptr(),
             c_path.as_ptr(),
             fstype.as_ptr(),
-            0,
-            std::ptr::null(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            options.as_ptr().cast(),
         )
     };
     if rc != 0 {
@@ -332,10 +356,7 @@ impl Programs {
         let pins: Vec<(&'static MapSpec, PathBuf)> = match &opts.pin_dir {
             Some(dir) => {
                 let maps = maps_dir(dir);
-                std::fs::create_dir_all(&maps).map_err(|source| LoaderError::PinDir {
-                    path: maps.clone(),
-                    source,
-                })?;
+                create_pin_dir(&maps)?;
                 MAPS.iter().map(|m| (m, maps.join(m.name))).collect()
             }
             None => Vec::new(),
@@ -426,11 +447,7 @@ impl Programs {
     ) -> Result<XdpMode> {
         let ifindex =
             ifindex(interface).ok_or_else(|| LoaderError::NoInterface(interface.to_owned()))?;
-        let sysctl = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{interface}/accept_local"));
-        std::fs::write(&sysctl, "1").map_err(|source| LoaderError::Sysctl {
-            path: sysctl,
-            source,
-        })?;
+        node_state::set_accept_local(pin_dir, interface)?;
         let link_pin = pin_dir.map(|d| d.join(format!("link-{interface}")));
         let adopted = match &link_pin {
             Some(path) if path.exists() => match self.adopt(path, ifindex) {
@@ -581,30 +598,6 @@ fn check_layout(map: &Map, spec: &MapSpec, path: &Path, opts: &LoadOptions) -> R
     }
 }
 
-/// Keep the node's own sockets (health probes among them) off the NAT source
-/// ports: a local connection that picked one of them would share its 4-tuple with
-/// a flow under NAT. Adds the range to `net.ipv4.ip_local_reserved_ports`, keeping
-/// what is there; returns whether it changed anything.
-pub fn reserve_ports(lo: u16, hi: u16) -> Result<bool> {
-    let path = PathBuf::from("/proc/sys/net/ipv4/ip_local_reserved_ports");
-    let current = std::fs::read_to_string(&path).map_err(|source| LoaderError::Sysctl {
-        path: path.clone(),
-        source,
-    })?;
-    let current = current.trim();
-    let entry = format!("{lo}-{hi}");
-    if current.split(',').any(|r| r == entry) {
-        return Ok(false);
-    }
-    let value = if current.is_empty() {
-        entry
-    } else {
-        format!("{current},{entry}")
-    };
-    std::fs::write(&path, value).map_err(|source| LoaderError::Sysctl { path, source })?;
-    Ok(true)
-}
-
 /// Whether maps of this apilb's layout are pinned under `pin_dir`, i.e. whether a
 /// load there reuses them.
 #[must_use]
@@ -643,30 +636,67 @@ pub fn remove_stale_pins(pin_dir: &Path, keep: &[String]) -> Result<Vec<PathBuf>
     Ok(removed)
 }
 
-/// Detach the datapath of the instance pinned at `pin_dir` and remove its pins.
-/// Returns what it removed, for the caller to report.
-pub fn detach(pin_dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut removed = Vec::new();
+/// What [`detach`] did, for the caller to report.
+#[derive(Debug, Default)]
+pub struct Detached {
+    /// Pins and directories removed.
+    pub removed: Vec<PathBuf>,
+    /// Node settings put back, one line each.
+    pub restored: Vec<String>,
+    /// Node settings recorded but left alone, and why.
+    pub left: Vec<String>,
+}
+
+/// Detach the datapath of the instance pinned at `pin_dir`: restore the node
+/// settings it recorded, then remove its pins, its directory, and `apilb/` above
+/// it once no other instance is left there. A setting that cannot be restored
+/// stops it before anything is removed.
+///
+/// The bpffs mount stays, even if apilb mounted it: other software pins there
+/// (systemd mounts it at boot on most distributions), and unmounting would free
+/// every pin in it.
+pub fn detach(pin_dir: &Path) -> Result<Detached> {
+    let mut done = Detached::default();
     let Ok(entries) = std::fs::read_dir(pin_dir) else {
-        return Ok(removed);
+        return Ok(done);
     };
+    (done.restored, done.left) = node_state::restore(pin_dir)?;
     for entry in entries.flatten() {
         let path = entry.path();
         let rm_err = |source| LoaderError::Remove {
             path: path.clone(),
             source,
         };
-        if path.is_dir() {
+        // `file_type` does not follow symlinks: a record is removed as itself.
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
             std::fs::remove_dir_all(&path).map_err(rm_err)?;
         } else {
             // A link's last reference is its pin: removing it detaches the program.
             std::fs::remove_file(&path).map_err(rm_err)?;
         }
-        removed.push(path);
+        done.removed.push(path);
     }
-    std::fs::remove_dir(pin_dir).map_err(|source| LoaderError::Remove {
-        path: pin_dir.to_owned(),
-        source,
-    })?;
-    Ok(removed)
+    match std::fs::remove_dir(pin_dir) {
+        Ok(()) => done.removed.push(pin_dir.to_owned()),
+        // A non-root apilb's directory, made by root beforehand (README: Least
+        // privilege): empty now, and root's to remove.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => done.left.push(format!(
+            "{}: empty, but its parent is not writable by this user",
+            pin_dir.display()
+        )),
+        Err(source) => {
+            return Err(LoaderError::Remove {
+                path: pin_dir.to_owned(),
+                source,
+            });
+        }
+    }
+    // `apilb/` only if empty: another instance's pins keep it.
+    if let Some(parent) = pin_dir.parent()
+        && parent.file_name().is_some_and(|n| n == "apilb")
+        && std::fs::remove_dir(parent).is_ok()
+    {
+        done.removed.push(parent.to_owned());
+    }
+    Ok(done)
 }

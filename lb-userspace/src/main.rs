@@ -53,6 +53,11 @@ enum Command {
         /// The config file (TOML; see examples/apilb.toml).
         #[arg(short, long)]
         config: PathBuf,
+        /// Check on a machine that is not the node (a config pipeline): look up no
+        /// interface, read no file the config names, ask the kernel nothing; list
+        /// what was therefore not checked.
+        #[arg(long)]
+        offline: bool,
     },
     /// Show a running apilb's VIPs, backends, health and traffic (from its /status).
     Status {
@@ -60,7 +65,8 @@ enum Command {
         #[arg(long, default_value_t = config::ADMIN_LISTEN_DEFAULT)]
         admin: std::net::SocketAddr,
     },
-    /// Detach an instance's datapath and remove its pins.
+    /// Detach an instance's datapath, remove its pins and restore the node
+    /// settings it changed (`accept_local`, the reserved NAT ports).
     Detach {
         /// The instance, as in the config's `instance` key.
         #[arg(long, default_value = config::INSTANCE_DEFAULT)]
@@ -113,9 +119,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             };
             runtime.block_on(daemon::run(&opts))?;
         }
-        Command::Check { config } => {
-            let c = Config::load(&config)
-                .with_context(|| format!("{} is refused", config.display()))?;
+        Command::Check { config, offline } => {
+            let (c, skipped) = if offline {
+                Config::load_offline(&config)
+            } else {
+                Config::load(&config).map(|c| (c, Vec::new()))
+            }
+            .with_context(|| format!("{} is refused", config.display()))?;
             println!(
                 "{}: valid: {} VIP(s), {} backend(s), interfaces {}, health {} every {:?}",
                 config.display(),
@@ -129,9 +139,17 @@ fn run(command: Command) -> anyhow::Result<()> {
             for line in &capacity.lines {
                 println!("{line}");
             }
-            let warnings = c.node_warnings().into_iter().chain(c.timeout_warnings());
+            let node_warnings = if offline {
+                Vec::new()
+            } else {
+                c.node_warnings()
+            };
+            let warnings = node_warnings.into_iter().chain(c.timeout_warnings());
             for warning in warnings.chain(capacity.warnings) {
                 println!("warning: {warning}");
+            }
+            for what in skipped {
+                println!("offline, not checked: {what}");
             }
         }
         Command::Status { admin } => {
@@ -144,13 +162,19 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Detach { instance } => {
             let dir = loader::pin_dir(&instance);
-            let removed =
+            let done =
                 loader::detach(&dir).with_context(|| format!("detaching {}", dir.display()))?;
-            if removed.is_empty() {
+            if done.removed.is_empty() {
                 println!("nothing pinned at {}", dir.display());
             }
-            for p in removed {
+            for p in done.removed {
                 println!("removed {}", p.display());
+            }
+            for setting in done.restored {
+                println!("restored {setting}");
+            }
+            for setting in done.left {
+                println!("left {setting}");
             }
         }
         // The same line as `--version`, from the same place.

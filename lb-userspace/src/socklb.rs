@@ -27,6 +27,7 @@ use crate::{
     config::Config,
     controller::Reconciler,
     loader::{self, LoaderError, Programs},
+    privilege,
 };
 
 /// Where the cgroup-v2 hierarchy is mounted when the node has no such mount.
@@ -36,7 +37,7 @@ pub const MOUNT_FALLBACK: &str = "/run/apilb/cgroup2";
 pub enum SockLbError {
     #[error("reading /proc/self/mountinfo")]
     Mountinfo(#[source] io::Error),
-    #[error("mounting cgroup2 at {path}")]
+    #[error("mounting cgroup2 at {path}{}", privilege::denied(.source, &[privilege::CAP_SYS_ADMIN]))]
     Mount {
         path: PathBuf,
         #[source]
@@ -50,14 +51,14 @@ pub enum SockLbError {
     },
     #[error(transparent)]
     Loader(#[from] LoaderError),
-    #[error("attaching {program} to cgroup {cgroup}")]
+    #[error("attaching {program} to cgroup {cgroup}{}", privilege::denied(&**.source, &[privilege::CAP_NET_ADMIN]))]
     Attach {
         program: &'static str,
         cgroup: PathBuf,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("pinning or releasing the link at {path}")]
+    #[error("pinning or releasing the link at {path}{}", privilege::not_writable(&**.source, path))]
     Pin {
         path: PathBuf,
         #[source]

@@ -497,3 +497,59 @@ pub fn etcd_election(node: usize, lease_ttl: &str, members: usize) -> String {
         node + 1
     )
 }
+
+/// Failover and preemption by VRRP (100 ms adverts) between two apilb nodes:
+/// lb1 (priority 150) owns [`crate::cluster::VIP_ADDR`]; killed (SIGKILL), lb2 takes
+/// it over; restarted, lb1 preempts it and lb2 gives the address up. Each within
+/// `limit`; prints and returns (takeover, preemption).
+#[must_use]
+pub fn vrrp_kill_and_preempt(prefix: &str, limit: Duration) -> (Duration, Duration) {
+    use crate::cluster::VIP_ADDR;
+    let (t, dir) = two_lb_nodes(prefix);
+    let _masters = echo_masters(&t, Duration::from_mins(3));
+    let election = "[election.vrrp]\nadvert_interval = \"100ms\"\npreempt = true\n";
+    let vip = |priority| {
+        vec![vrrp_vip(VrrpVip {
+            addr: VIP_ADDR,
+            vrid: 51,
+            priority,
+        })]
+    };
+    let mut lb1 = Node::start(&t, &dir.0, prefix, 0, |i| {
+        node_config(0, i, &vip(150), election)
+    });
+    let _lb2 = Node::start(&t, &dir.0, prefix, 1, |i| {
+        node_config(1, i, &vip(100), election)
+    });
+    let won = wait_served_by(
+        &t.client,
+        VIP_ADDR,
+        0,
+        Instant::now(),
+        Duration::from_secs(5),
+    );
+    assert!(
+        won.is_some(),
+        "lb1 never served the VIP:\n{}",
+        lb1.apilb().log_text()
+    );
+    assert_eq!(holders(&t, VIP_ADDR), [0], "only lb1 holds the address");
+
+    let killed = Instant::now();
+    lb1.kill();
+    let took = wait_served_by(&t.client, VIP_ADDR, 1, killed, limit);
+    eprintln!("vrrp 100ms: SIGKILL -> served by lb2 after {took:?}");
+    let takeover = took.expect("lb2 did not take over");
+    assert!(holders(&t, VIP_ADDR).contains(&1));
+
+    // lb1 comes back: it drops the address it left, then preempts (150 > 100).
+    let back = Instant::now();
+    lb1.restart(&t, &dir.0);
+    let took = wait_served_by(&t.client, VIP_ADDR, 0, back, limit);
+    eprintln!("vrrp 100ms: lb1 restarted -> preempted after {took:?}");
+    let preemption = took.expect("lb1 did not preempt");
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(holders(&t, VIP_ADDR), [0], "lb2 gave the address up");
+    assert_eq!(served_by(&t.client, VIP_ADDR), Some(0));
+    (takeover, preemption)
+}

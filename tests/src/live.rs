@@ -508,12 +508,20 @@ impl Apilb {
     }
 
     /// [`Apilb::start`] with extra arguments after `run -c <config>`, e.g.
-    /// `--detach-on-exit`.
+    /// `--detach-on-exit`. With least privilege ([`crate::least::enabled`]) it
+    /// runs as a non-root user holding only apilb's documented capabilities.
     #[must_use]
     pub fn start_with(ns: &Netns, config: &Path, log: &Path, extra: &[&str]) -> Self {
         let out = std::fs::File::create(log).expect("log file");
+        let least = if crate::least::enabled() {
+            crate::least::prepare(config);
+            crate::least::setpriv(lb_userspace::privilege::CAPABILITIES)
+        } else {
+            Vec::new()
+        };
         let child = dies_with_parent(&mut std::process::Command::new("nsenter"))
             .arg(format!("--net=/run/netns/{}", ns.name()))
+            .args(least)
             .arg(apilb_bin())
             .args(["run", "-c"])
             .arg(config)

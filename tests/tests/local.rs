@@ -5,104 +5,21 @@
 //! name themselves; the programs see only the LB node's namespace.
 
 use std::{
-    collections::HashMap,
-    net::SocketAddr,
     thread,
     time::{Duration, Instant},
 };
 
 use tests::{
-    cluster::{MASTERS, Shape, Topology, VIP, apilb_config},
+    cluster::{MASTERS, Shape, Topology, VIP},
     fixture::sa,
-    live::{Apilb, Client, EchoServer, PinDir, TempDir},
+    live::{Apilb, Client, TempDir},
+    nodelocal::Local,
     plane::{ControlPlane, STUB_VERSION},
 };
 
-const LIFETIME: Duration = Duration::from_mins(2);
 const LOCALHOST: &str = "127.0.0.1:6443";
 /// Connects for the spread.
 const N: usize = 3000;
-
-/// A topology whose VIP is on no interface, echo masters, and `apilb run` in
-/// node-local mode on the LB node. Field order is drop order.
-struct Local {
-    apilb: Apilb,
-    masters: Vec<Option<EchoServer>>,
-    pins: PinDir,
-    dir: TempDir,
-    t: Topology,
-}
-
-impl Local {
-    fn start(prefix: &str) -> Self {
-        Self::start_after(prefix, |_| {})
-    }
-
-    /// [`Local::start`], running `prepare` on the topology before apilb starts.
-    fn start_after(prefix: &str, prepare: impl FnOnce(&Topology)) -> Self {
-        let t = Topology::with_shape(
-            prefix,
-            Shape {
-                vip_on_first_lb: false,
-                ..Shape::default()
-            },
-        );
-        prepare(&t);
-        let masters = MASTERS
-            .iter()
-            .enumerate()
-            .map(|(i, m)| Some(EchoServer::start(&t.masters[i], m, LIFETIME)))
-            .collect();
-        let pins = PinDir::new(prefix);
-        let dir = TempDir::new(prefix);
-        let config = dir.0.join("apilb.toml");
-        let mut text = apilb_config(
-            &pins.instance(),
-            "maglev_size = 1009",
-            "kind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\njitter = 0.0",
-        );
-        text.push_str("[local]\nenabled = true\naddresses = [\"127.0.0.1:6443\"]\n");
-        std::fs::write(&config, text).expect("config");
-        let apilb = Apilb::start(t.lb(), &config, &dir.0.join("apilb.log"));
-        assert!(
-            apilb.wait_log("datapath updated", Duration::from_secs(15)),
-            "apilb did not start:\n{}",
-            apilb.log_text()
-        );
-        let local = Self {
-            apilb,
-            masters,
-            pins,
-            dir,
-            t,
-        };
-        local.wait_spread(Duration::from_secs(10), |m| m.len() == 3);
-        local
-    }
-
-    /// `n` new connections from the LB node to `to`.
-    fn spread(&self, to: SocketAddr, n: usize) -> (HashMap<String, usize>, usize) {
-        tests::live::spread(self.t.lb(), to, n)
-    }
-
-    /// Wait (bounded) until 30 connections to the VIP all succeed and spread as
-    /// `pred` wants.
-    fn wait_spread(&self, limit: Duration, pred: impl Fn(&HashMap<String, usize>) -> bool) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let (by, failed) = self.spread(sa(VIP), 30);
-            if failed == 0 && pred(&by) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "spread {by:?}; apilb's log:\n{}",
-                self.apilb.log_text()
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
 
 #[test]
 fn the_nodes_own_connects_to_the_vip_reach_the_masters_and_name_the_vip_as_peer() {
@@ -120,19 +37,7 @@ fn the_nodes_own_connects_to_the_vip_reach_the_masters_and_name_the_vip_as_peer(
         "only the LB node's own sockets are balanced"
     );
 
-    let started = Instant::now();
-    let (by, failed) = local.spread(sa(VIP), N);
-    eprintln!(
-        "local: {N} connects in {:.2} s: {by:?}, {failed} failed",
-        started.elapsed().as_secs_f64()
-    );
-    assert_eq!((by.len(), failed), (3, 0), "{by:?}");
-    for (m, n) in &by {
-        assert!(
-            n * 3 * 10 >= N * 9 && n * 3 * 10 <= N * 11,
-            "{m} got {n} of {N}: not within 10 % of equal"
-        );
-    }
+    local.assert_even_spread("local", N);
     thread::sleep(Duration::from_millis(1100)); // the snapshot is republished every second
     let counted = tests::live::metric_sum(
         &tests::live::metrics(local.t.lb()),
@@ -382,14 +287,5 @@ fn the_socket_programs_keep_balancing_through_a_restart_until_apilb_detach() {
             &instance,
         ],
     );
-    // Unpinning drops the links' last reference, and the kernel frees a link (so
-    // detaches its program) from a workqueue just after: wait for that, bounded.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while Client::connect_to(local.t.lb(), sa(VIP)).is_ok() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "5 s after apilb detach, connects are still balanced"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    local.wait_unbalanced();
 }

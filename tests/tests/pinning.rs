@@ -59,7 +59,9 @@ fn a_pinned_datapath_keeps_an_open_connection_working_across_controller_restarts
     let _ = server.stop();
 
     drop(second);
-    let removed = lb_userspace::loader::detach(&pins.0).expect("detach");
+    let removed = lb_userspace::loader::detach(&pins.0)
+        .expect("detach")
+        .removed;
     assert!(
         removed.iter().any(|p| p.ends_with("link-eth0")),
         "{removed:?}"

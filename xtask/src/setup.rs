@@ -17,7 +17,8 @@ use crate::{exec, step};
 /// Debian packages: LLVM 22 for bpf-linker; protoc and the well-known `.proto`
 /// files it imports (libprotobuf-dev, only a recommendation of protoc's package)
 /// for etcd-client's generated code; iproute2, procps, ethtool, util-linux
-/// (nsenter) and curl for the tests' namespaces; keepalived and etcd-server, the
+/// (nsenter, and setpriv and unshare for the least-privilege tests), libcap2-bin
+/// (capsh, which names a process's capabilities) and curl for the tests' namespaces; keepalived and etcd-server, the
 /// real peers of the election tests; nftables, which makes a test master refuse or
 /// reject SYNs; haproxy and iptables, what the master-failure benchmark compares
 /// apilb with; nginx and its stream module (a separate package on Debian, loaded
@@ -41,6 +42,7 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     "ethtool",
     "util-linux",
+    "libcap2-bin",
     "curl",
     "keepalived",
     "etcd-server",

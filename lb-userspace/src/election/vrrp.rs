@@ -59,7 +59,7 @@ use socket::VrrpSocket;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VrrpError {
-    #[error("VRRP socket on {interface}: {step}")]
+    #[error("VRRP socket on {interface}: {step}{}", crate::privilege::denied(.source, &[crate::privilege::CAP_NET_RAW]))]
     Socket {
         interface: String,
         step: &'static str,
