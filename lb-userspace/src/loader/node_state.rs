@@ -66,13 +66,18 @@ fn write_record(pin_dir: &Path, name: &str, value: &str) -> Result<()> {
 }
 
 /// Set `accept_local` on `interface` (see `Programs::attach`), recording its
-/// earlier value in `pin_dir` the first time.
+/// earlier value in `pin_dir` the first time. A value of 1 already (the node's own
+/// sysctl config, or an earlier run) is left as it is, unwritten: a container's
+/// read-only `/proc/sys` is then no obstacle, and there is nothing to put back.
 pub(super) fn set_accept_local(pin_dir: Option<&Path>, interface: &str) -> Result<()> {
     let path = accept_local_path(interface);
+    let before = std::fs::read_to_string(&path).map_err(sysctl_err(&path))?;
+    if before.trim() == "1" {
+        return Ok(());
+    }
     if let Some(dir) = pin_dir {
         let name = format!("{RECORD_PREFIX}accept_local-{interface}");
         if read_record(dir, &name).is_none() {
-            let before = std::fs::read_to_string(&path).map_err(sysctl_err(&path))?;
             write_record(dir, &name, before.trim())?;
         }
     }
@@ -156,7 +161,10 @@ pub(super) fn restore(pin_dir: &Path) -> Result<(Vec<String>, Vec<String>)> {
                 ));
                 continue;
             }
-            std::fs::write(&path, &value).map_err(sysctl_err(&path))?;
+            let now = std::fs::read_to_string(&path).map_err(sysctl_err(&path))?;
+            if now.trim() != value {
+                std::fs::write(&path, &value).map_err(sysctl_err(&path))?;
+            }
             restored.push(format!("net.ipv4.conf.{interface}.accept_local = {value}"));
         }
     }
