@@ -427,10 +427,13 @@ impl Programs {
         let ifindex =
             ifindex(interface).ok_or_else(|| LoaderError::NoInterface(interface.to_owned()))?;
         let sysctl = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{interface}/accept_local"));
-        std::fs::write(&sysctl, "1").map_err(|source| LoaderError::Sysctl {
-            path: sysctl,
-            source,
-        })?;
+        // Set already (a pod's /proc/sys is read-only: the node sets it): no write.
+        if !std::fs::read_to_string(&sysctl).is_ok_and(|v| v.trim() == "1") {
+            std::fs::write(&sysctl, "1").map_err(|source| LoaderError::Sysctl {
+                path: sysctl,
+                source,
+            })?;
+        }
         let link_pin = pin_dir.map(|d| d.join(format!("link-{interface}")));
         let adopted = match &link_pin {
             Some(path) if path.exists() => match self.adopt(path, ifindex) {

@@ -24,7 +24,11 @@ use crate::{exec, step};
 /// with `load_module`), the node-local proxy the local benchmark compares apilb
 /// with; wrk, the end-to-end benchmark's load generator; qemu, musl-tools (ring
 /// builds C for the static binaries), busybox-static, cpio, xz-utils and zstd
-/// (Debian's and Ubuntu's compressed modules) for `vm-test`.
+/// (Debian's and Ubuntu's compressed modules) for `vm-test`; systemd (for
+/// `systemd-analyze` and a systemd to boot), podman and runc (which boots it in a
+/// container: crun refuses hybrid cgroups), buildah and catatonit (a test image
+/// from scratch, and the pause process of `podman kube play`) and libcap2-bin
+/// (capsh) for the deployments' tests in `tests/tests/manifest.rs`.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -51,6 +55,12 @@ const APT_PACKAGES: &[&str] = &[
     "cpio",
     "xz-utils",
     "zstd",
+    "systemd",
+    "podman",
+    "runc",
+    "buildah",
+    "catatonit",
+    "libcap2-bin",
 ];
 /// The bpf-linker release known to work with rustc 1.95's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,253 @@
+//! The systemd unit: apilb beside the kubelet, with exactly its capabilities and
+//! every sandboxing directive that leaves it working. Each directive carries the
+//! reason it is there, printed as a comment above it.
+//!
+//! What apilb writes decides the sandbox: pins under `/sys/fs/bpf`, and the net
+//! sysctls `accept_local` and `ip_local_reserved_ports` under `/proc/sys/net`.
+//! `ProtectKernelTunables=` makes `/proc/sys` and `/sys` read-only, so the unit
+//! uses it and gives exactly those two trees back with `ReadWritePaths=`.
+
+use std::{fmt::Write as _, path::Path};
+
+use super::{HostFile, ManifestError};
+use crate::privilege::CAPABILITIES;
+
+/// The trees apilb writes; everything else is read-only to it.
+pub const WRITES: &[&str] = &[crate::loader::BPFFS, "/proc/sys/net"];
+
+struct Directive {
+    key: &'static str,
+    value: String,
+    why: &'static str,
+}
+
+fn d(key: &'static str, value: impl Into<String>, why: &'static str) -> Directive {
+    Directive {
+        key,
+        value: value.into(),
+        why,
+    }
+}
+
+/// The unit text for `/etc/systemd/system/apilb.service`; `exe` is the binary
+/// `ExecStart=` runs.
+pub fn unit(files: &[HostFile], exe: &Path) -> Result<String, ManifestError> {
+    let caps = CAPABILITIES
+        .iter()
+        .map(|c| c.name)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let config_file = files
+        .iter()
+        .find(|f| f.key == "config")
+        .map(|f| f.path.as_path())
+        .unwrap_or(Path::new(""));
+    let exec = format!(
+        "{} run -c {}",
+        exec_word("ExecStart", exe)?,
+        exec_word("ExecStart", config_file)?
+    );
+    // A file the config names under /home, /root or /run/user stays readable.
+    let home = if files.iter().any(|f| {
+        ["/home", "/root", "/run/user"]
+            .iter()
+            .any(|h| f.path.starts_with(h))
+    }) {
+        "read-only"
+    } else {
+        "yes"
+    };
+    let sections = [
+        (
+            "Unit",
+            vec![
+                d(
+                    "Description",
+                    "apilb: kernel (XDP) load balancer for the Kubernetes API server",
+                    "",
+                ),
+                d("Documentation", "man:apilb(1)", ""),
+                d(
+                    "Wants",
+                    "network-online.target",
+                    "The configured interfaces must exist when apilb starts.",
+                ),
+                d("After", "network-online.target", ""),
+                d(
+                    "Before",
+                    "kubelet.service",
+                    "The kubelet may reach the apiserver through the VIP.",
+                ),
+                d(
+                    "StartLimitIntervalSec",
+                    "0",
+                    "Never give up restarting the apiserver's load balancer.",
+                ),
+            ],
+        ),
+        (
+            "Service",
+            vec![
+                d(
+                    "Type",
+                    "exec",
+                    "Started once the binary runs (apilb does not sd_notify).",
+                ),
+                d("ExecStart", exec, ""),
+                d(
+                    "ExecReload",
+                    "/bin/kill -HUP $MAINPID",
+                    "SIGHUP reloads the config; a refused one changes nothing.",
+                ),
+                d(
+                    "Restart",
+                    "always",
+                    "The pinned datapath keeps balancing while apilb is down; \
+                     a new apilb adopts it.",
+                ),
+                d("RestartSec", "1s", ""),
+                d(
+                    "User",
+                    "root",
+                    "Root's uid, but only the capabilities below: no CAP_DAC_OVERRIDE, \
+                     no CAP_SYS_ADMIN. Running as a user of its own is still to come.",
+                ),
+                d(
+                    "CapabilityBoundingSet",
+                    caps.clone(),
+                    "Exactly what apilb run needs (apilb's privilege list).",
+                ),
+                d("AmbientCapabilities", caps, ""),
+                d("NoNewPrivileges", "yes", ""),
+                d(
+                    "ProtectSystem",
+                    "strict",
+                    "Read-only everywhere but the trees apilb writes: \
+                     its pins, and the net sysctls accept_local and ip_local_reserved_ports.",
+                ),
+                d(
+                    "ProtectKernelTunables",
+                    "yes",
+                    "/proc/sys and /sys read-only, but for ReadWritePaths.",
+                ),
+                d("ReadWritePaths", WRITES.join(" "), ""),
+                d(
+                    "ProtectControlGroups",
+                    "yes",
+                    "Node-local mode attaches to a cgroup by opening it; it writes nothing there.",
+                ),
+                d("ProtectHome", home, ""),
+                d("PrivateTmp", "yes", ""),
+                d("PrivateDevices", "yes", "No device node is used."),
+                d("ProtectKernelModules", "yes", ""),
+                d("ProtectKernelLogs", "yes", ""),
+                d("ProtectClock", "yes", ""),
+                d(
+                    "ProtectHostname",
+                    "yes",
+                    "The hostname (etcd's default node name) is only read.",
+                ),
+                d(
+                    "RestrictAddressFamilies",
+                    "AF_INET AF_INET6 AF_NETLINK AF_PACKET AF_UNIX",
+                    "Probes, admin, sync, VRRP; rtnetlink for VIP addresses; \
+                     gratuitous ARP; AF_UNIX for the C library's name lookups (etcd by name).",
+                ),
+                d("RestrictNamespaces", "yes", ""),
+                d("RestrictRealtime", "yes", ""),
+                d("RestrictSUIDSGID", "yes", ""),
+                d("LockPersonality", "yes", ""),
+                d(
+                    "MemoryDenyWriteExecute",
+                    "yes",
+                    "The BPF JIT runs in the kernel; apilb itself maps nothing executable.",
+                ),
+                d("SystemCallArchitectures", "native", ""),
+                d("UMask", "0077", "Pins and anything else it creates: owner only."),
+            ],
+        ),
+        (
+            "Install",
+            vec![d("WantedBy", "multi-user.target", "")],
+        ),
+    ];
+    let mut text = String::from(
+        "# apilb's systemd unit, from `apilb manifest systemd`.\n\
+         # Install: /etc/systemd/system/apilb.service; systemctl enable --now apilb\n",
+    );
+    for (name, directives) in sections {
+        let _ = write!(text, "\n[{name}]\n");
+        for directive in directives {
+            let mut line = String::new();
+            for word in directive.why.split_whitespace() {
+                if !line.is_empty() && line.len() + word.len() > 76 {
+                    let _ = writeln!(text, "# {line}");
+                    line.clear();
+                }
+                if !line.is_empty() {
+                    line.push(' ');
+                }
+                line.push_str(word);
+            }
+            if !line.is_empty() {
+                let _ = writeln!(text, "# {line}");
+            }
+            let _ = writeln!(text, "{}={}", directive.key, directive.value);
+        }
+    }
+    Ok(text)
+}
+
+/// One word of a command line, as systemd reads it: as is if it is plain, else
+/// quoted with `\`, `"`, `%` and `$` escaped. A control character (a newline would
+/// end the directive) is refused.
+fn exec_word(directive: &'static str, path: &Path) -> Result<String, ManifestError> {
+    let text = path.to_str().ok_or_else(|| ManifestError::UnitValue {
+        directive,
+        value: path.display().to_string(),
+        reason: "not UTF-8",
+    })?;
+    if text.chars().any(char::is_control) {
+        return Err(ManifestError::UnitValue {
+            directive,
+            value: text.to_owned(),
+            reason: "has a control character",
+        });
+    }
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+:=@,".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        return Ok(text.to_owned());
+    }
+    let mut word = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '\\' | '"' => {
+                word.push('\\');
+                word.push(c);
+            }
+            '%' => word.push_str("%%"),
+            '$' => word.push_str("$$"),
+            _ => word.push(c),
+        }
+    }
+    word.push('"');
+    Ok(word)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_words_are_quoted_and_escaped() {
+        assert_eq!(
+            exec_word("ExecStart", Path::new("/a b/%i$x\"y")).expect("word"),
+            "\"/a b/%%i$$x\\\"y\""
+        );
+        assert_eq!(
+            exec_word("ExecStart", Path::new("/usr/bin/apilb")).expect("word"),
+            "/usr/bin/apilb"
+        );
+        assert!(exec_word("ExecStart", Path::new("/a\nb")).is_err());
+    }
+}
