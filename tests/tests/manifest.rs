@@ -82,7 +82,7 @@ fn config_naming_every_file(dir: &Path, local: bool) -> (PathBuf, Vec<PathBuf>) 
     let (cert, key) = pki.cert(&master_names()[0].0);
     let sync = sync_key(dir);
     let mut text = format!(
-        "[datapath]\ninterfaces = [\"lo\"]\nsnat_ipv4 = \"{snat}\"\n\
+        "[datapath]\ninterfaces = [\"lo\"]\nsnat_ipv4 = \"{snat}\"\nnat_slice = [0, 2]\n\
          [[vip]]\naddress = \"198.51.100.100\"\nelection = \"etcd\"\n\
          [election.etcd]\nendpoints = [\"https://127.0.0.1:2379\"]\n\
          ca_file = \"{ca}\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n\
@@ -428,7 +428,7 @@ fn reloads_applied(t: &Topology) -> u64 {
 struct LbNode {
     t: Topology,
     _servers: Vec<tests::live::EchoServer>,
-    pins: PinDir,
+    _pins: PinDir,
     dir: TempDir,
     config: PathBuf,
 }
@@ -452,7 +452,7 @@ impl LbNode {
         Self {
             t,
             _servers: servers,
-            pins,
+            _pins: pins,
             dir,
             config,
         }
