@@ -397,7 +397,7 @@ impl SystemdContainer {
     /// What systemd and the journal say about apilb, for failure messages.
     fn story(&self) -> String {
         let status = self.exec(&["systemctl", "status", "--no-pager", "-l", "apilb.service"]);
-        let journal = self.exec(&["journalctl", "--no-pager", "-u", "apilb.service"]);
+        let journal = self.exec(&["journalctl", "--no-pager", "-n", "40", "-u", "apilb.service"]);
         format!(
             "{}\n{}",
             String::from_utf8_lossy(&status.stdout),

@@ -4,8 +4,11 @@
 //!
 //! What apilb writes decides the sandbox: pins under `/sys/fs/bpf`, and the net
 //! sysctls `accept_local` and `ip_local_reserved_ports` under `/proc/sys/net`.
-//! `ProtectKernelTunables=` makes `/proc/sys` and `/sys` read-only, so the unit
-//! uses it and gives exactly those two trees back with `ReadWritePaths=`.
+//! The unit makes `/sys`, `/proc/sys` and the other kernel knobs read-only and
+//! gives exactly those two trees back with `ReadWritePaths=`. It does so with
+//! `ReadOnlyPaths=`, not `ProtectKernelTunables=yes`: under that (systemd 252),
+//! `/sys/fs/bpf`, a mount of its own below `/sys`, stays read-only whatever
+//! `ReadWritePaths=` or `BindPaths=` say (found by `tests/tests/manifest.rs`).
 
 use std::{fmt::Write as _, path::Path};
 
@@ -14,6 +17,17 @@ use crate::privilege::CAPABILITIES;
 
 /// The trees apilb writes; everything else is read-only to it.
 pub const WRITES: &[&str] = &[crate::loader::BPFFS, "/proc/sys/net"];
+/// What `ProtectKernelTunables=yes` would make read-only (`-`: if it exists).
+const KERNEL_TUNABLES: &[&str] = &[
+    "/sys",
+    "/proc/sys",
+    "-/proc/sysrq-trigger",
+    "-/proc/irq",
+    "-/proc/fs",
+    "-/proc/acpi",
+    "-/proc/latency_stats",
+    "-/proc/timer_stats",
+];
 
 struct Directive {
     key: &'static str,
@@ -47,13 +61,20 @@ pub fn unit(files: &[HostFile], exe: &Path) -> Result<String, ManifestError> {
         exec_word("ExecStart", exe)?,
         exec_word("ExecStart", config_file)?
     );
-    // A file the config names under /home, /root or /run/user stays readable.
-    let home = if files.iter().any(|f| {
-        ["/home", "/root", "/run/user"]
+    // A file apilb reads under /home, /root or /run/user stays readable; one under
+    // /tmp or /var/tmp, which PrivateTmp would hide, keeps the node's /tmp.
+    let under = |dirs: &[&str]| {
+        files
             .iter()
-            .any(|h| f.path.starts_with(h))
-    }) {
+            .any(|f| dirs.iter().any(|d| f.path.starts_with(d)))
+    };
+    let home = if under(&["/home", "/root", "/run/user"]) {
         "read-only"
+    } else {
+        "yes"
+    };
+    let tmp = if under(&["/tmp", "/var/tmp"]) {
+        "no"
     } else {
         "yes"
     };
@@ -126,9 +147,10 @@ pub fn unit(files: &[HostFile], exe: &Path) -> Result<String, ManifestError> {
                      its pins, and the net sysctls accept_local and ip_local_reserved_ports.",
                 ),
                 d(
-                    "ProtectKernelTunables",
-                    "yes",
-                    "/proc/sys and /sys read-only, but for ReadWritePaths.",
+                    "ReadOnlyPaths",
+                    KERNEL_TUNABLES.join(" "),
+                    "The kernel's knobs, as ProtectKernelTunables=yes would; that \
+                     would keep /sys/fs/bpf read-only despite ReadWritePaths.",
                 ),
                 d("ReadWritePaths", WRITES.join(" "), ""),
                 d(
@@ -136,8 +158,16 @@ pub fn unit(files: &[HostFile], exe: &Path) -> Result<String, ManifestError> {
                     "yes",
                     "Node-local mode attaches to a cgroup by opening it; it writes nothing there.",
                 ),
-                d("ProtectHome", home, ""),
-                d("PrivateTmp", "yes", ""),
+                d(
+                    "ProtectHome",
+                    home,
+                    "read-only if the config is or names a file there.",
+                ),
+                d(
+                    "PrivateTmp",
+                    tmp,
+                    "no if the config is or names a file under /tmp or /var/tmp.",
+                ),
                 d("PrivateDevices", "yes", "No device node is used."),
                 d("ProtectKernelModules", "yes", ""),
                 d("ProtectKernelLogs", "yes", ""),
@@ -237,6 +267,35 @@ fn exec_word(directive: &'static str, path: &Path) -> Result<String, ManifestErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn directive(text: &str, key: &str) -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("{key} in {text}"))
+            .to_owned()
+    }
+
+    #[test]
+    fn a_file_under_tmp_or_home_stays_visible() {
+        let file = |p: &str| HostFile {
+            key: "config",
+            path: p.into(),
+        };
+        let exe = Path::new("/usr/bin/apilb");
+        let unit_for = |p| unit(&[file(p)], exe).expect("unit");
+        let etc = unit_for("/etc/apilb/apilb.toml");
+        assert_eq!(directive(&etc, "PrivateTmp"), "yes");
+        assert_eq!(directive(&etc, "ProtectHome"), "yes");
+        assert_eq!(
+            directive(&etc, "ExecStart"),
+            "/usr/bin/apilb run -c /etc/apilb/apilb.toml"
+        );
+        assert_eq!(directive(&unit_for("/tmp/a.toml"), "PrivateTmp"), "no");
+        assert_eq!(
+            directive(&unit_for("/root/a.toml"), "ProtectHome"),
+            "read-only"
+        );
+    }
 
     #[test]
     fn exec_words_are_quoted_and_escaped() {
