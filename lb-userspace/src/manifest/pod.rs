@@ -4,7 +4,10 @@
 //! - `hostNetwork`: apilb attaches XDP to the node's interfaces and holds the VIP
 //!   on them; a pod network would give it neither.
 //! - `capabilities`: `drop: [ALL]` and `add:` [`crate::privilege::CAPABILITIES`],
-//!   never `privileged`.
+//!   never `privileged`. `seccompProfile: Unconfined`: the runtimes' default
+//!   profiles allow `bpf(2)` only with `CAP_SYS_ADMIN` (podman's refused every map
+//!   apilb creates, `tests/tests/manifest.rs`), a far wider grant than a filter
+//!   that lets the kernel check `CAP_BPF` itself.
 //! - hostPath mounts, read-only, at the same path: the config file and every file
 //!   it names. No ConfigMap, Secret or ServiceAccount: a static pod cannot refer to
 //!   API objects, and apilb is what makes the API reachable, so neither form may
@@ -29,7 +32,7 @@ use k8s_openapi::{
         apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet},
         core::v1::{
             Capabilities, Container, HTTPGetAction, HostPathVolumeSource, Pod, PodSpec,
-            PodTemplateSpec, Probe, SecurityContext, Toleration, Volume, VolumeMount,
+            PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Toleration, Volume, VolumeMount,
         },
     },
     apimachinery::pkg::{apis::meta::v1::LabelSelector, apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
@@ -203,6 +206,10 @@ fn pod_spec(config: &Config, files: &[HostFile], image: &str) -> PodSpec {
                 privileged: Some(false),
                 allow_privilege_escalation: Some(false),
                 read_only_root_filesystem: Some(true),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "Unconfined".to_owned(),
+                    ..SeccompProfile::default()
+                }),
                 ..SecurityContext::default()
             }),
             volume_mounts: Some(
