@@ -55,7 +55,7 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Print a ready deployment for a config: a static pod, a DaemonSet (node-local
+    /// Print a ready deployment for a config: a static pod, a daemonset (node-local
     /// mode) or a systemd unit, with exactly apilb's capabilities and the files the
     /// config names mounted. The config is validated first; a refused one prints
     /// nothing.
@@ -221,7 +221,10 @@ mod tests {
         let verbs = verbs();
         println!("{} verbs, man page of {} bytes", verbs.len(), page.len());
         for verb in &verbs {
-            assert!(page.contains(&format!("apilb\\-{verb}(1)")), "{verb} in:\n{page}");
+            assert!(
+                page.contains(&format!("apilb\\-{verb}(1)")),
+                "{verb} in:\n{page}"
+            );
         }
         assert!(verbs.iter().any(|v| v == "manifest"), "{verbs:?}");
     }
@@ -236,7 +239,13 @@ mod tests {
             &mut script,
         );
         let script = String::from_utf8(script).expect("utf-8");
-        for word in ["manifest", "static-pod", "daemonset", "systemd", "completions"] {
+        for word in [
+            "manifest",
+            "static-pod",
+            "daemonset",
+            "systemd",
+            "completions",
+        ] {
             assert!(script.contains(word), "{word}");
         }
     }

@@ -236,12 +236,20 @@ mod tests {
     #[test]
     fn static_pod_reads_back_strictly_and_equal() {
         let c = config("");
-        let yaml = render(Form::StaticPod, &c, Path::new("/etc/apilb/apilb.toml"), None)
-            .expect("render");
+        let yaml = render(
+            Form::StaticPod,
+            &c,
+            Path::new("/etc/apilb/apilb.toml"),
+            None,
+        )
+        .expect("render");
         let pod: Pod = parse_strict(&yaml).expect("strict");
         assert_eq!(to_yaml(&pod).expect("again"), yaml);
         let spec = pod.spec.expect("spec");
-        assert_eq!(spec.priority_class_name.as_deref(), Some("system-node-critical"));
+        assert_eq!(
+            spec.priority_class_name.as_deref(),
+            Some("system-node-critical")
+        );
         let args = spec.containers[0].args.clone().expect("args");
         assert_eq!(args, ["run", "-c", "/etc/apilb/apilb.toml"]);
     }
@@ -250,10 +258,18 @@ mod tests {
     fn daemonset_needs_node_local_mode() {
         let c = config("");
         let err = render(Form::Daemonset, &c, Path::new("/a.toml"), None).unwrap_err();
-        assert!(err.to_string().starts_with("local.enabled = false: "), "{err}");
+        assert!(
+            err.to_string().starts_with("local.enabled = false: "),
+            "{err}"
+        );
         let c = config("[local]\nenabled = true\ncgroup = \"/sys/fs/cgroup/kubepods.slice\"\n");
-        let yaml = render(Form::Daemonset, &c, Path::new("/a.toml"), Some("reg/apilb:1"))
-            .expect("render");
+        let yaml = render(
+            Form::Daemonset,
+            &c,
+            Path::new("/a.toml"),
+            Some("reg/apilb:1"),
+        )
+        .expect("render");
         let ds: DaemonSet = parse_strict(&yaml).expect("strict");
         let pod = ds.spec.expect("spec").template.spec.expect("pod spec");
         let cgroup = pod.containers[0]
@@ -270,7 +286,9 @@ mod tests {
         let c = config("");
         let p = Path::new("/a.toml");
         assert_eq!(
-            render(Form::Systemd, &c, p, Some("x")).unwrap_err().to_string(),
+            render(Form::Systemd, &c, p, Some("x"))
+                .unwrap_err()
+                .to_string(),
             "--image \"x\": a systemd unit runs the binary, not an image"
         );
         assert!(matches!(

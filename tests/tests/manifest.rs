@@ -18,6 +18,7 @@
 
 use std::{
     collections::BTreeSet,
+    fmt::Write as _,
     path::{Path, PathBuf},
     process::{Command, Output},
     thread,
@@ -30,7 +31,7 @@ use k8s_openapi::api::{
 };
 use lb_userspace::{
     manifest::{BPFFS, CGROUP_DEFAULT, parse_strict, to_yaml},
-    privilege::CAPABILITIES,
+    privilege::{CAPABILITIES, Capability},
 };
 use tests::{
     cluster::{MASTERS, Topology, VIP, apilb_config, lb_addr},
@@ -95,7 +96,7 @@ fn config_naming_every_file(dir: &Path, local: bool) -> (PathBuf, Vec<PathBuf>) 
         sync = tests::elect::sync_tables(0, &sync),
     );
     for m in MASTERS {
-        text.push_str(&format!("[[backend]]\naddress = \"{m}\"\n"));
+        let _ = writeln!(text, "[[backend]]\naddress = \"{m}\"");
     }
     let config = dir.join("apilb.toml");
     std::fs::write(&config, text).expect("config");
@@ -120,7 +121,7 @@ fn check_pod_spec(spec: &PodSpec, files: &[PathBuf], local: bool) -> usize {
     let caps = sc.capabilities.as_ref().expect("capabilities");
     assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
     let added: Vec<&str> = caps.add.iter().flatten().map(String::as_str).collect();
-    let needed: Vec<&str> = CAPABILITIES.iter().map(|c| c.k8s_name()).collect();
+    let needed: Vec<&str> = CAPABILITIES.iter().map(Capability::k8s_name).collect();
     assert_eq!(added, needed, "exactly apilb's capabilities");
 
     let volumes = spec.volumes.as_deref().expect("volumes");
@@ -192,7 +193,10 @@ fn pod_forms_read_back_strictly_and_grant_exactly_what_apilb_needs() {
     );
     assert_eq!(pod.metadata.namespace.as_deref(), Some("kube-system"));
     let n = check_pod_spec(pod.spec.as_ref().expect("spec"), &files, true);
-    println!("static pod: {} lines, {n} hostPath mounts", text.lines().count());
+    println!(
+        "static pod: {} lines, {n} hostPath mounts",
+        text.lines().count()
+    );
 
     let text = manifest(None, "daemonset", &config);
     let ds: DaemonSet = parse_strict(&text).expect("daemonset, strictly");
@@ -214,7 +218,10 @@ fn pod_forms_read_back_strictly_and_grant_exactly_what_apilb_needs() {
         "tolerates every taint, control-plane ones included"
     );
     let n = check_pod_spec(pod, &files, true);
-    println!("daemonset: {} lines, {n} hostPath mounts", text.lines().count());
+    println!(
+        "daemonset: {} lines, {n} hostPath mounts",
+        text.lines().count()
+    );
 
     // Without node-local mode: no cgroup, and no DaemonSet.
     let (config, files) = config_naming_every_file(&dir.0, false);
@@ -222,7 +229,12 @@ fn pod_forms_read_back_strictly_and_grant_exactly_what_apilb_needs() {
     check_pod_spec(pod.spec.as_ref().expect("spec"), &files, false);
     let out = apilb(
         None,
-        &["manifest", "daemonset", "-c", config.to_str().expect("path")],
+        &[
+            "manifest",
+            "daemonset",
+            "-c",
+            config.to_str().expect("path"),
+        ],
     );
     assert!(!out.status.success() && out.stdout.is_empty());
     assert!(
@@ -285,7 +297,8 @@ fn the_unit_passes_systemd_analyze_verify() {
     let caps: Vec<&str> = CAPABILITIES.iter().map(|c| c.name).collect();
     for key in ["CapabilityBoundingSet=", "AmbientCapabilities="] {
         assert!(
-            unit.lines().any(|l| l == format!("{key}{}", caps.join(" "))),
+            unit.lines()
+                .any(|l| l == format!("{key}{}", caps.join(" "))),
             "{key}:\n{unit}"
         );
     }
@@ -318,7 +331,10 @@ fn the_unit_passes_systemd_analyze_verify() {
         .lines()
         .filter(|l| l.contains("apilb.service") || l.contains(dir.0.to_str().expect("path")))
         .collect();
-    assert!(about_unit.is_empty(), "warnings about the unit: {about_unit:?}");
+    assert!(
+        about_unit.is_empty(),
+        "warnings about the unit: {about_unit:?}"
+    );
     assert!(out.status.success(), "{said}");
 }
 
@@ -397,7 +413,14 @@ impl SystemdContainer {
     /// What systemd and the journal say about apilb, for failure messages.
     fn story(&self) -> String {
         let status = self.exec(&["systemctl", "status", "--no-pager", "-l", "apilb.service"]);
-        let journal = self.exec(&["journalctl", "--no-pager", "-n", "40", "-u", "apilb.service"]);
+        let journal = self.exec(&[
+            "journalctl",
+            "--no-pager",
+            "-n",
+            "40",
+            "-u",
+            "apilb.service",
+        ]);
         format!(
             "{}\n{}",
             String::from_utf8_lossy(&status.stdout),
@@ -465,7 +488,7 @@ impl LbNode {
     /// Wait (at most 60 s) until `apilb status` in the LB namespace shows the three
     /// masters healthy; its table. `story` explains a failure.
     fn wait_healthy(&self, story: impl Fn() -> String) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_mins(1);
         loop {
             let out = apilb(Some(&self.netns()), &["status"]);
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -616,7 +639,10 @@ impl TestImage {
             &["config", "--env", "PATH=/usr/local/bin:/usr/bin:/bin", ctr],
         );
         tests::netns::run("buildah", &["commit", "--rm", ctr, &reference]);
-        println!("image {reference}: apilb, sh, curl and {} libraries", libs.len());
+        println!(
+            "image {reference}: apilb, sh, curl and {} libraries",
+            libs.len()
+        );
         Self(reference)
     }
 }
@@ -638,13 +664,45 @@ impl Drop for PlayedPod {
     }
 }
 
+/// The pod's liveness probe as podman runs it (curl of its httpGet, in the pod,
+/// whose network is the node's, as the kubelet's probe would be): once, since
+/// podman schedules probes with systemd timers and PID 1 here is not systemd.
+fn liveness_probe_passes(lb: &str, container: &str, story: &dyn Fn() -> String) {
+    let probe = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{lb}"))
+        .args(["podman", "healthcheck", "run", container])
+        .output()
+        .expect("podman healthcheck");
+    let health = tests::netns::run(
+        "podman",
+        &[
+            "inspect",
+            "--format",
+            "{{.State.Health.Status}} {{json .Config.Healthcheck.Test}}",
+            container,
+        ],
+    );
+    println!("liveness probe: {}, {}", probe.status, health.trim());
+    assert!(
+        probe.status.success() && health.starts_with("healthy "),
+        "liveness: {health} {}\n{}",
+        String::from_utf8_lossy(&probe.stderr),
+        story()
+    );
+}
+
 #[test]
 fn the_static_pod_runs_under_podman_kube_play() {
     let node = LbNode::new("apilb-mf-pod");
     let lb = node.netns();
     let name = format!("apilb-mf-pod-{}", std::process::id());
     let image = TestImage::build(&name);
-    let yaml = manifest_with(Some(&lb), "static-pod", &node.config, &["--image", &image.0]);
+    let yaml = manifest_with(
+        Some(&lb),
+        "static-pod",
+        &node.config,
+        &["--image", &image.0],
+    );
     // Under a name of this test's own. Podman 4.3's kube play ignores the
     // container's `seccompProfile` (its default filter refuses bpf(2) without
     // CAP_SYS_ADMIN: every map apilb creates, EPERM), so the test says
@@ -719,30 +777,7 @@ fn the_static_pod_runs_under_podman_kube_play() {
     let proc_status =
         std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).expect("status");
     assert_exact_caps(&proc_status, "apilb in the static pod");
-    // The liveness probe as podman runs it (curl of its httpGet, in the pod, whose
-    // network is the node's, as the kubelet's probe would be): once, since podman
-    // schedules probes with systemd timers and PID 1 here is not systemd.
-    let probe = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{lb}"))
-        .args(["podman", "healthcheck", "run", &container])
-        .output()
-        .expect("podman healthcheck");
-    let health = tests::netns::run(
-        "podman",
-        &[
-            "inspect",
-            "--format",
-            "{{.State.Health.Status}} {{json .Config.Healthcheck.Test}}",
-            &container,
-        ],
-    );
-    println!("liveness probe: {}, {}", probe.status, health.trim());
-    assert!(
-        probe.status.success() && health.starts_with("healthy "),
-        "liveness: {health} {}\n{}",
-        String::from_utf8_lossy(&probe.stderr),
-        story()
-    );
+    liveness_probe_passes(&lb, &container, &story);
     node.balances(story);
     assert!(
         tests::netns::run("podman", &["ps", "--format", "{{.Names}} {{.Status}}"])

@@ -9,7 +9,7 @@
 //!   apilb creates, `tests/tests/manifest.rs`), a far wider grant than a filter
 //!   that lets the kernel check `CAP_BPF` itself.
 //! - hostPath mounts, read-only, at the same path: the config file and every file
-//!   it names. No ConfigMap, Secret or ServiceAccount: a static pod cannot refer to
+//!   it names. No `ConfigMap`, `Secret` or `ServiceAccount`: a static pod cannot refer to
 //!   API objects, and apilb is what makes the API reachable, so neither form may
 //!   need the API to start (kube-vip's static pod broke on exactly that: README).
 //! - `/sys/fs/bpf`, read-write: the pins that keep the datapath balancing while
@@ -32,10 +32,13 @@ use k8s_openapi::{
         apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet},
         core::v1::{
             Capabilities, Container, HTTPGetAction, HostPathVolumeSource, Pod, PodSpec,
-            PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Toleration, Volume, VolumeMount,
+            PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Toleration, Volume,
+            VolumeMount,
         },
     },
-    apimachinery::pkg::{apis::meta::v1::LabelSelector, apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    apimachinery::pkg::{
+        apis::meta::v1::LabelSelector, apis::meta::v1::ObjectMeta, util::intstr::IntOrString,
+    },
 };
 
 use super::{HostFile, admin_probe_host};

@@ -54,30 +54,12 @@ pub fn unit(files: &[HostFile], exe: &Path) -> Result<String, ManifestError> {
     let config_file = files
         .iter()
         .find(|f| f.key == "config")
-        .map(|f| f.path.as_path())
-        .unwrap_or(Path::new(""));
+        .map_or(Path::new(""), |f| f.path.as_path());
     let exec = format!(
         "{} run -c {}",
         exec_word("ExecStart", exe)?,
         exec_word("ExecStart", config_file)?
     );
-    // A file apilb reads under /home, /root or /run/user stays readable; one under
-    // /tmp or /var/tmp, which PrivateTmp would hide, keeps the node's /tmp.
-    let under = |dirs: &[&str]| {
-        files
-            .iter()
-            .any(|f| dirs.iter().any(|d| f.path.starts_with(d)))
-    };
-    let home = if under(&["/home", "/root", "/run/user"]) {
-        "read-only"
-    } else {
-        "yes"
-    };
-    let tmp = if under(&["/tmp", "/var/tmp"]) {
-        "no"
-    } else {
-        "yes"
-    };
     let sections = [
         (
             "Unit",
@@ -108,7 +90,7 @@ pub fn unit(files: &[HostFile], exe: &Path) -> Result<String, ManifestError> {
         ),
         (
             "Service",
-            vec![
+            [
                 d(
                     "Type",
                     "exec",
@@ -140,67 +122,18 @@ pub fn unit(files: &[HostFile], exe: &Path) -> Result<String, ManifestError> {
                 ),
                 d("AmbientCapabilities", caps, ""),
                 d("NoNewPrivileges", "yes", ""),
-                d(
-                    "ProtectSystem",
-                    "strict",
-                    "Read-only everywhere but the trees apilb writes: \
-                     its pins, and the net sysctls accept_local and ip_local_reserved_ports.",
-                ),
-                d(
-                    "ReadOnlyPaths",
-                    KERNEL_TUNABLES.join(" "),
-                    "The kernel's knobs, as ProtectKernelTunables=yes would; that \
-                     would keep /sys/fs/bpf read-only despite ReadWritePaths.",
-                ),
-                d("ReadWritePaths", WRITES.join(" "), ""),
-                d(
-                    "ProtectControlGroups",
-                    "yes",
-                    "Node-local mode attaches to a cgroup by opening it; it writes nothing there.",
-                ),
-                d(
-                    "ProtectHome",
-                    home,
-                    "read-only if the config is or names a file there.",
-                ),
-                d(
-                    "PrivateTmp",
-                    tmp,
-                    "no if the config is or names a file under /tmp or /var/tmp.",
-                ),
-                d("PrivateDevices", "yes", "No device node is used."),
-                d("ProtectKernelModules", "yes", ""),
-                d("ProtectKernelLogs", "yes", ""),
-                d("ProtectClock", "yes", ""),
-                d(
-                    "ProtectHostname",
-                    "yes",
-                    "The hostname (etcd's default node name) is only read.",
-                ),
-                d(
-                    "RestrictAddressFamilies",
-                    "AF_INET AF_INET6 AF_NETLINK AF_PACKET AF_UNIX",
-                    "Probes, admin, sync, VRRP; rtnetlink for VIP addresses; \
-                     gratuitous ARP; AF_UNIX for the C library's name lookups (etcd by name).",
-                ),
-                d("RestrictNamespaces", "yes", ""),
-                d("RestrictRealtime", "yes", ""),
-                d("RestrictSUIDSGID", "yes", ""),
-                d("LockPersonality", "yes", ""),
-                d(
-                    "MemoryDenyWriteExecute",
-                    "yes",
-                    "The BPF JIT runs in the kernel; apilb itself maps nothing executable.",
-                ),
-                d("SystemCallArchitectures", "native", ""),
-                d("UMask", "0077", "Pins and anything else it creates: owner only."),
-            ],
+            ]
+            .into_iter()
+            .chain(sandbox(files))
+            .collect(),
         ),
-        (
-            "Install",
-            vec![d("WantedBy", "multi-user.target", "")],
-        ),
+        ("Install", vec![d("WantedBy", "multi-user.target", "")]),
     ];
+    Ok(render(sections))
+}
+
+/// The unit as text: each directive under its reason, wrapped as a comment.
+fn render<const N: usize>(sections: [(&str, Vec<Directive>); N]) -> String {
     let mut text = String::from(
         "# apilb's systemd unit, from `apilb manifest systemd`.\n\
          # Install: /etc/systemd/system/apilb.service; systemctl enable --now apilb\n",
@@ -225,7 +158,89 @@ pub fn unit(files: &[HostFile], exe: &Path) -> Result<String, ManifestError> {
             let _ = writeln!(text, "{}={}", directive.key, directive.value);
         }
     }
-    Ok(text)
+    text
+}
+
+/// The sandbox: read-only but for what apilb writes, and shut off from what it
+/// does not use.
+fn sandbox(files: &[HostFile]) -> Vec<Directive> {
+    // A file apilb reads under /home, /root or /run/user stays readable; one under
+    // /tmp or /var/tmp, which PrivateTmp would hide, keeps the node's /tmp.
+    let under = |dirs: &[&str]| {
+        files
+            .iter()
+            .any(|f| dirs.iter().any(|d| f.path.starts_with(d)))
+    };
+    let home = if under(&["/home", "/root", "/run/user"]) {
+        "read-only"
+    } else {
+        "yes"
+    };
+    let tmp = if under(&["/tmp", "/var/tmp"]) {
+        "no"
+    } else {
+        "yes"
+    };
+    vec![
+        d(
+            "ProtectSystem",
+            "strict",
+            "Read-only everywhere but the trees apilb writes: \
+             its pins, and the net sysctls accept_local and ip_local_reserved_ports.",
+        ),
+        d(
+            "ReadOnlyPaths",
+            KERNEL_TUNABLES.join(" "),
+            "The kernel's knobs, as ProtectKernelTunables=yes would; that \
+             would keep /sys/fs/bpf read-only despite ReadWritePaths.",
+        ),
+        d("ReadWritePaths", WRITES.join(" "), ""),
+        d(
+            "ProtectControlGroups",
+            "yes",
+            "Node-local mode attaches to a cgroup by opening it; it writes nothing there.",
+        ),
+        d(
+            "ProtectHome",
+            home,
+            "read-only if the config is or names a file there.",
+        ),
+        d(
+            "PrivateTmp",
+            tmp,
+            "no if the config is or names a file under /tmp or /var/tmp.",
+        ),
+        d("PrivateDevices", "yes", "No device node is used."),
+        d("ProtectKernelModules", "yes", ""),
+        d("ProtectKernelLogs", "yes", ""),
+        d("ProtectClock", "yes", ""),
+        d(
+            "ProtectHostname",
+            "yes",
+            "The hostname (etcd's default node name) is only read.",
+        ),
+        d(
+            "RestrictAddressFamilies",
+            "AF_INET AF_INET6 AF_NETLINK AF_PACKET AF_UNIX",
+            "Probes, admin, sync, VRRP; rtnetlink for VIP addresses; \
+             gratuitous ARP; AF_UNIX for the C library's name lookups (etcd by name).",
+        ),
+        d("RestrictNamespaces", "yes", ""),
+        d("RestrictRealtime", "yes", ""),
+        d("RestrictSUIDSGID", "yes", ""),
+        d("LockPersonality", "yes", ""),
+        d(
+            "MemoryDenyWriteExecute",
+            "yes",
+            "The BPF JIT runs in the kernel; apilb itself maps nothing executable.",
+        ),
+        d("SystemCallArchitectures", "native", ""),
+        d(
+            "UMask",
+            "0077",
+            "Pins and anything else it creates: owner only.",
+        ),
+    ]
 }
 
 /// One word of a command line, as systemd reads it: as is if it is plain, else
