@@ -43,6 +43,57 @@ fn d(key: &'static str, value: impl Into<String>, why: &'static str) -> Directiv
     }
 }
 
+/// `[Unit]`: fixed.
+const UNIT: &[(&str, &str, &str)] = &[
+    (
+        "Description",
+        "apilb: kernel (XDP) load balancer for the Kubernetes API server",
+        "",
+    ),
+    ("Documentation", "man:apilb(1)", ""),
+    (
+        "Wants",
+        "network-online.target",
+        "The configured interfaces must exist when apilb starts.",
+    ),
+    ("After", "network-online.target", ""),
+    (
+        "Before",
+        "kubelet.service",
+        "The kubelet may reach the apiserver through the VIP.",
+    ),
+    (
+        "StartLimitIntervalSec",
+        "0",
+        "Never give up restarting the apiserver's load balancer.",
+    ),
+];
+
+/// The sandbox's directives that do not depend on the config.
+const SANDBOX: &[(&str, &str, &str)] = &[
+    ("RestrictNamespaces", "yes", ""),
+    ("RestrictRealtime", "yes", ""),
+    ("RestrictSUIDSGID", "yes", ""),
+    ("LockPersonality", "yes", ""),
+    (
+        "MemoryDenyWriteExecute",
+        "yes",
+        "The BPF JIT runs in the kernel; apilb itself maps nothing executable.",
+    ),
+    ("SystemCallArchitectures", "native", ""),
+    (
+        "UMask",
+        "0077",
+        "Pins and anything else it creates: owner only.",
+    ),
+];
+
+fn table(rows: &[(&'static str, &'static str, &'static str)]) -> Vec<Directive> {
+    rows.iter()
+        .map(|&(key, value, why)| d(key, value, why))
+        .collect()
+}
+
 /// The unit text for `/etc/systemd/system/apilb.service`; `exe` is the binary
 /// `ExecStart=` runs.
 pub fn unit(files: &[HostFile], exe: &Path) -> Result<String, ManifestError> {
@@ -61,33 +112,7 @@ pub fn unit(files: &[HostFile], exe: &Path) -> Result<String, ManifestError> {
         exec_word("ExecStart", config_file)?
     );
     let sections = [
-        (
-            "Unit",
-            vec![
-                d(
-                    "Description",
-                    "apilb: kernel (XDP) load balancer for the Kubernetes API server",
-                    "",
-                ),
-                d("Documentation", "man:apilb(1)", ""),
-                d(
-                    "Wants",
-                    "network-online.target",
-                    "The configured interfaces must exist when apilb starts.",
-                ),
-                d("After", "network-online.target", ""),
-                d(
-                    "Before",
-                    "kubelet.service",
-                    "The kubelet may reach the apiserver through the VIP.",
-                ),
-                d(
-                    "StartLimitIntervalSec",
-                    "0",
-                    "Never give up restarting the apiserver's load balancer.",
-                ),
-            ],
-        ),
+        ("Unit", table(UNIT)),
         (
             "Service",
             [
@@ -181,7 +206,7 @@ fn sandbox(files: &[HostFile]) -> Vec<Directive> {
     } else {
         "yes"
     };
-    vec![
+    let mut directives = vec![
         d(
             "ProtectSystem",
             "strict",
@@ -225,22 +250,9 @@ fn sandbox(files: &[HostFile]) -> Vec<Directive> {
             "Probes, admin, sync, VRRP; rtnetlink for VIP addresses; \
              gratuitous ARP; AF_UNIX for the C library's name lookups (etcd by name).",
         ),
-        d("RestrictNamespaces", "yes", ""),
-        d("RestrictRealtime", "yes", ""),
-        d("RestrictSUIDSGID", "yes", ""),
-        d("LockPersonality", "yes", ""),
-        d(
-            "MemoryDenyWriteExecute",
-            "yes",
-            "The BPF JIT runs in the kernel; apilb itself maps nothing executable.",
-        ),
-        d("SystemCallArchitectures", "native", ""),
-        d(
-            "UMask",
-            "0077",
-            "Pins and anything else it creates: owner only.",
-        ),
-    ]
+    ];
+    directives.extend(table(SANDBOX));
+    directives
 }
 
 /// One word of a command line, as systemd reads it: as is if it is plain, else
