@@ -16,6 +16,7 @@ pub mod health;
 pub mod kernel;
 pub mod loader;
 pub mod maglev;
+pub mod manifest;
 pub mod ownership;
 pub mod passive;
 pub mod privilege;

@@ -10,6 +10,7 @@ use lb_userspace::{
     config::{self, Config},
     daemon::{self, RunOptions},
     loader,
+    manifest::{self, Form},
 };
 
 // `name`: without it clap names the program after the package, `lb-userspace`.
@@ -59,6 +60,31 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
+    /// Print a ready deployment for a config: a static pod, a daemonset (node-local
+    /// mode) or a systemd unit, with exactly apilb's capabilities and the files the
+    /// config names mounted. The config is validated first; a refused one prints
+    /// nothing.
+    Manifest {
+        /// What to print.
+        #[arg(value_enum)]
+        form: Form,
+        /// The config file (TOML; see examples/apilb.toml), at the path the node has it.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// The container image (static-pod and daemonset); default apilb:<version>,
+        /// as `cargo xtask image` builds it.
+        #[arg(long)]
+        image: Option<String>,
+    },
+    /// Print a shell completion script, e.g. `apilb completions bash >
+    /// /etc/bash_completion.d/apilb`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, apilb(1), as roff: `apilb man | man -l -`.
+    Man,
     /// Show a running apilb's VIPs, backends, health and traffic (from its /status).
     Status {
         /// The admin endpoint (the config's admin.listen).
@@ -152,6 +178,24 @@ fn run(command: Command) -> anyhow::Result<()> {
                 println!("offline, not checked: {what}");
             }
         }
+        Command::Manifest {
+            form,
+            config,
+            image,
+        } => {
+            let c = Config::load(&config)
+                .with_context(|| format!("{} is refused", config.display()))?;
+            let text = manifest::render(form, &c, &config, image.as_deref())?;
+            print!("{text}");
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "apilb", &mut std::io::stdout());
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .context("writing the man page")?;
+        }
         Command::Status { admin } => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -181,4 +225,55 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Version => print!("{}", Cli::command().render_version()),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verbs() -> Vec<String> {
+        Cli::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn the_man_page_names_every_verb() {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut page)
+            .expect("render");
+        let page = String::from_utf8(page).expect("utf-8");
+        let verbs = verbs();
+        println!("{} verbs, man page of {} bytes", verbs.len(), page.len());
+        for verb in &verbs {
+            assert!(
+                page.contains(&format!("apilb\\-{verb}(1)")),
+                "{verb} in:\n{page}"
+            );
+        }
+        assert!(verbs.iter().any(|v| v == "manifest"), "{verbs:?}");
+    }
+
+    #[test]
+    fn the_bash_completion_offers_manifest_and_its_forms() {
+        let mut script = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "apilb",
+            &mut script,
+        );
+        let script = String::from_utf8(script).expect("utf-8");
+        for word in [
+            "manifest",
+            "static-pod",
+            "daemonset",
+            "systemd",
+            "completions",
+        ] {
+            assert!(script.contains(word), "{word}");
+        }
+    }
 }

@@ -27,10 +27,13 @@ use crate::{exec, step};
 /// builds C for the static binaries), busybox-static, cpio, xz-utils and zstd
 /// (Debian's and Ubuntu's compressed modules) for `vm-test`; buildah, which builds
 /// the container image, and podman with runc (crun, its default, refuses this
-/// kind of machine's hybrid cgroup hierarchy) and capsh (libcap2-bin), which run
-/// and inspect it in the image test; prometheus, for the `promtool` that tests the
-/// shipped alerting rules (only `promtool` runs; without systemd, as on this
-/// project's machines, the package starts no service).
+/// kind of machine's hybrid cgroup hierarchy), catatonit (the pause process of
+/// `podman kube play`) and capsh (libcap2-bin), which run and inspect it in the
+/// image and manifest tests; systemd, for `systemd-analyze` and a systemd to boot
+/// in a container, where `tests/tests/manifest.rs` starts the unit; prometheus, for
+/// the `promtool` that tests the shipped alerting rules (only `promtool` runs;
+/// without systemd as PID 1, as on this project's machines, no package starts a
+/// service).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -62,6 +65,8 @@ const APT_PACKAGES: &[&str] = &[
     "buildah",
     "podman",
     "runc",
+    "catatonit",
+    "systemd",
     "libcap2-bin",
 ];
 /// The bpf-linker release known to work with rustc 1.95's LLVM 22.
