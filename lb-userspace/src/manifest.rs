@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 
 use crate::{config::Config, health::ProbeKind, health::Trust};
 
-pub use pod::{ADMIN_HEALTH_PATH, BPFFS, CGROUP_DEFAULT, CONTAINER, NAMESPACE};
+pub use pod::{ADMIN_HEALTH_PATH, BPFFS, CGROUP_DEFAULT, CONTAINER, IMAGE_BINARY, NAMESPACE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {

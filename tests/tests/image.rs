@@ -160,7 +160,7 @@ fn the_image_holds_only_a_static_apilb_and_balances_three_masters_under_podman_w
     let log = podman.logs(&name);
     assert_eq!(code.trim(), "0", "apilb's exit code; its log:\n{log}");
     assert!(
-        log.contains("detached the datapath and removed its pins"),
+        log.contains("detached the datapath, removed its pins"),
         "{log}"
     );
     let pins = bpffs.0.join("apilb").join(&instance);
@@ -269,6 +269,11 @@ fn image_is_what_xtask_built(podman: &Podman, reference: &str, image: &xtask::im
         env!("CARGO_PKG_VERSION")
     );
     assert_eq!(config["Entrypoint"], serde_json::json!([BINARY]));
+    assert_eq!(
+        BINARY,
+        lb_userspace::manifest::IMAGE_BINARY,
+        "the pods `apilb manifest` prints run the image's binary"
+    );
     assert_eq!(config["Cmd"], serde_json::json!(["run", "-c", CONFIG]));
 }
 

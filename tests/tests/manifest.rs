@@ -30,7 +30,7 @@ use k8s_openapi::api::{
     core::v1::{Pod, PodSpec},
 };
 use lb_userspace::{
-    manifest::{BPFFS, CGROUP_DEFAULT, parse_strict, to_yaml},
+    manifest::{BPFFS, CGROUP_DEFAULT, IMAGE_BINARY, parse_strict, to_yaml},
     privilege::{CAPABILITIES, Capability},
 };
 use tests::{
@@ -631,7 +631,7 @@ impl TestImage {
         for lib in &libs {
             copy(lib, lib);
         }
-        copy(&apilb_bin(), Path::new("/usr/local/bin/apilb"));
+        copy(&apilb_bin(), Path::new(IMAGE_BINARY));
         copy(&curl, &curl);
         copy(&sh, &sh);
         tests::netns::run(

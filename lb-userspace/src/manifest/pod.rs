@@ -48,6 +48,9 @@ use crate::{config::Config, privilege::CAPABILITIES};
 pub const NAMESPACE: &str = "kube-system";
 /// The container's name in either form.
 pub const CONTAINER: &str = "apilb";
+/// Where apilb is in its image: `cargo xtask image` puts it there
+/// (`xtask::image::BINARY`; `tests/tests/image.rs` holds the two equal).
+pub const IMAGE_BINARY: &str = "/apilb";
 /// bpffs, where apilb pins (`crate::loader::BPFFS`).
 pub const BPFFS: &str = crate::loader::BPFFS;
 /// The cgroup-v2 root node-local mode attaches to when `local.cgroup` is unset: the
@@ -194,7 +197,7 @@ fn pod_spec(config: &Config, files: &[HostFile], image: &str) -> PodSpec {
             name: CONTAINER.to_owned(),
             image: Some(image.to_owned()),
             image_pull_policy: Some("IfNotPresent".to_owned()),
-            command: Some(vec!["apilb".to_owned()]),
+            command: Some(vec![IMAGE_BINARY.to_owned()]),
             args: Some(vec!["run".to_owned(), "-c".to_owned(), config_file]),
             security_context: Some(SecurityContext {
                 capabilities: Some(Capabilities {
