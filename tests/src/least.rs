@@ -6,6 +6,7 @@
 //! to run any suite of scenarios non-root.
 
 use std::{
+    collections::BTreeSet,
     path::Path,
     sync::atomic::{AtomicBool, Ordering},
 };
@@ -17,6 +18,31 @@ use lb_userspace::privilege::Capability;
 pub const UID: u32 = 61_723;
 
 static ON: AtomicBool = AtomicBool::new(false);
+
+/// Field `key` (`CapEff:`, `Uid:`) of a process's `/proc/<pid>/status`, trimmed.
+#[must_use]
+pub fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in:\n{status}"))
+        .trim()
+        .to_owned()
+}
+
+/// The capabilities in a status mask (`000000c000003000`), as `capsh --decode`
+/// names them: `cap_bpf`, ...
+#[must_use]
+pub fn decode_caps(mask: &str) -> BTreeSet<String> {
+    let out = crate::netns::run("capsh", &[&format!("--decode={mask}")]);
+    out.trim()
+        .split_once('=')
+        .map_or("", |(_, names)| names)
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
 
 /// Start every later `Apilb` of this process with least privilege.
 pub fn enable() {

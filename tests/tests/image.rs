@@ -54,6 +54,7 @@ use lb_userspace::privilege::CAPABILITIES;
 
 use tests::{
     cluster::{MASTERS, Topology, VIP_ADDR, apilb_config},
+    least::{decode_caps, status_field},
     live::{TempDir, https_via_vip, master_names, stub_apiservers},
     netns,
     pki::Pki,
@@ -316,29 +317,12 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
 fn identity(podman: &Podman, name: &str) -> (String, BTreeSet<String>) {
     let pid = podman.ok(&["inspect", "--format", "{{.State.Pid}}", name]);
     let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).expect("status");
-    let field = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .unwrap_or_else(|| panic!("no {key} in:\n{status}"))
-            .trim()
-            .to_owned()
-    };
-    let uid = field("Uid:")
+    let uid = status_field(&status, "Uid:")
         .split_whitespace()
         .next()
         .unwrap_or_default()
         .to_owned();
-    let decoded = netns::run("capsh", &[&format!("--decode={}", field("CapEff:"))]);
-    let caps = decoded
-        .trim()
-        .split_once('=')
-        .map_or("", |(_, names)| names)
-        .split(',')
-        .filter(|n| !n.is_empty())
-        .map(str::to_owned)
-        .collect();
-    (uid, caps)
+    (uid, decode_caps(&status_field(&status, "CapEff:")))
 }
 
 /// podman's default seccomp profile, with bpf(2) allowed to `CAP_BPF` as well as

@@ -154,22 +154,9 @@ fn assert_private(dir: &Path) -> (usize, usize) {
 /// them, sorted.
 fn effective(pid: i32) -> Vec<String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .expect("CapEff")
-        .trim();
-    let decoded = tests::netns::run("capsh", &[&format!("--decode={hex}")]);
-    let mut names: Vec<String> = decoded
-        .trim()
-        .split_once('=')
-        .map_or("", |(_, n)| n)
-        .split(',')
-        .filter(|n| !n.is_empty())
-        .map(str::to_owned)
-        .collect();
-    names.sort();
-    names
+    tests::least::decode_caps(&tests::least::status_field(&status, "CapEff:"))
+        .into_iter()
+        .collect()
 }
 
 fn wait_for(

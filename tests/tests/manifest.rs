@@ -37,6 +37,7 @@ use tests::{
     cluster::{MASTERS, Topology, VIP, apilb_config, lb_addr},
     elect::{echo_masters, sync_key},
     fixture::sa,
+    least::{decode_caps, status_field},
     live::{PinDir, TempDir, apilb_bin, master_names},
     pki::Pki,
 };
@@ -271,16 +272,6 @@ fn a_refused_config_prints_no_manifest_and_names_key_and_value() {
 
 /// Capability names from a `/proc/<pid>/status` mask, as `capsh --decode` gives
 /// them: `cap_bpf`.
-fn decode_caps(mask: &str) -> BTreeSet<String> {
-    let out = tests::netns::run("capsh", &[&format!("--decode={mask}")]);
-    let names = out.trim().split_once('=').expect("capsh output").1;
-    names
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect()
-}
-
 #[test]
 fn the_unit_passes_systemd_analyze_verify() {
     let dir = TempDir::new("apilb-mf-verify");
@@ -519,14 +510,7 @@ impl LbNode {
 /// The capability sets of a process (`/proc/<pid>/status`) hold exactly apilb's
 /// capabilities; `NoNewPrivs` is set.
 fn assert_exact_caps(proc_status: &str, who: &str) {
-    let field = |k: &str| {
-        proc_status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .unwrap_or_else(|| panic!("{k} in {proc_status}"))
-            .trim()
-            .to_owned()
-    };
+    let field = |k: &str| status_field(proc_status, k);
     let wanted: BTreeSet<String> = CAPABILITIES.iter().map(|c| c.name.to_lowercase()).collect();
     for k in ["CapEff:", "CapPrm:", "CapBnd:"] {
         let mask = field(k);
