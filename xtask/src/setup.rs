@@ -30,7 +30,9 @@ use crate::{exec, step};
 /// kind of machine's hybrid cgroup hierarchy), catatonit (the pause process of
 /// `podman kube play`) and capsh (libcap2-bin), which run and inspect it in the
 /// image and manifest tests; systemd, for `systemd-analyze` and a systemd to boot
-/// in a container, where `tests/tests/manifest.rs` starts the unit; prometheus, for
+/// in a container, where `tests/tests/manifest.rs` starts the unit, and man-db,
+/// whose `man` that test's `systemd-analyze verify` runs to check the unit's
+/// `Documentation=man:apilb(1)`; prometheus, for
 /// the `promtool` that tests the shipped alerting rules (only `promtool` runs;
 /// without systemd as PID 1, as on this project's machines, no package starts a
 /// service).
@@ -67,6 +69,7 @@ const APT_PACKAGES: &[&str] = &[
     "runc",
     "catatonit",
     "systemd",
+    "man-db",
     "libcap2-bin",
 ];
 /// The bpf-linker release known to work with rustc 1.95's LLVM 22.
