@@ -70,7 +70,6 @@ const APT_PACKAGES: &[&str] = &[
     "catatonit",
     "systemd",
     "man-db",
-    "libcap2-bin",
 ];
 /// The bpf-linker release known to work with rustc 1.95's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
