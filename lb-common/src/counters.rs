@@ -122,8 +122,12 @@ pub const FIN_UNPROVEN: u32 = 35;
 /// Event: a synced flow's event found `SYNC_EVENTS` full and was lost; the
 /// controller's next bulk resync repairs what its peers miss.
 pub const SYNC_EVENT_LOST: u32 = 36;
+/// Event: a TCP segment arrived with a partial checksum (a veth or tap peer's
+/// offload: the field holds only the pseudo-header's sum) and the datapath
+/// completed it before rewriting the segment (`lb-ebpf`'s `offload`).
+pub const CSUM_PARTIAL: u32 = 37;
 /// Size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 37;
+pub const COUNTER_COUNT: u32 = 38;
 const _: () = assert!(OUTCOMES <= COUNTER_COUNT);
 
 /// Metric-friendly names, indexed by counter.
@@ -165,6 +169,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "icmp_too_big_translated",
     "fin_unproven",
     "sync_event_lost",
+    "csum_partial",
 ];
 
 #[cfg(test)]
@@ -210,6 +215,7 @@ mod tests {
         (ICMP_TOO_BIG_TRANSLATED, "icmp_too_big_translated"),
         (FIN_UNPROVEN, "fin_unproven"),
         (SYNC_EVENT_LOST, "sync_event_lost"),
+        (CSUM_PARTIAL, "csum_partial"),
     ];
 
     #[test]

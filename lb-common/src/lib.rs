@@ -54,7 +54,7 @@ pub const MAP_LOCAL_STATS: &str = maps::LOCAL_STATS.name;
 /// it with any change to them. Pinned maps live in a directory named after it, so
 /// an upgraded apilb with another layout starts with fresh maps instead of reading
 /// old ones with new types.
-pub const LAYOUT_VERSION: u32 = 12;
+pub const LAYOUT_VERSION: u32 = 13;
 
 // ---- Program names (the function names in lb-ebpf). ----
 pub const PROG_XDP: &str = "apilb_xdp";
@@ -226,7 +226,15 @@ pub struct DatapathConfig {
     /// first three words.
     pub sync_tuple_be: [u32; 9],
     pub _pad3: u32,
+    /// The interfaces the program runs on in generic (skb) mode, 0 for none. There
+    /// the kernel keeps the packet's socket buffer whatever the verdict, with its
+    /// checksum state: a segment that arrived with a partial checksum must leave
+    /// with one (`lb-ebpf`'s `offload`). At most [`SKB_IFACES_MAX`].
+    pub skb_ifindex: [u32; SKB_IFACES_MAX],
 }
+
+/// How many interfaces apilb can run on in generic mode at once.
+pub const SKB_IFACES_MAX: usize = 8;
 
 /// Key of both LRU flow tables.
 ///
@@ -470,7 +478,7 @@ const _: () = {
     assert!(size_of::<VipKey>() == 20);
     assert!(size_of::<VipInfo>() == 16);
     assert!(size_of::<Backend>() == 32);
-    assert!(size_of::<DatapathConfig>() == 272);
+    assert!(size_of::<DatapathConfig>() == 304);
     assert!(size_of::<SyncEvent>() == 96);
     assert!(size_of::<SockOrig>() == 20);
     assert!(size_of::<PassiveStats>() == 24);

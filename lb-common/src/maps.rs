@@ -330,7 +330,7 @@ mod tests {
         }
         assert_eq!(
             (LAYOUT_VERSION, h),
-            (12, 0xf349_e2b0_4bcc_c8f0),
+            (13, 0xf349_e2b0_4bcc_c8f0),
             "bump LAYOUT_VERSION, then the fingerprint"
         );
     }

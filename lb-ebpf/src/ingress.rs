@@ -24,6 +24,7 @@ use crate::{
     flow::{coarse_now, forget, new_flow, promote, record, restore_reply, save_flow, track_client},
     forward::{Tuple, forward, rewrite},
     maps::{BACKEND_STATS, CONFIG, FLOWS, HALF_FLOWS, SCRATCH, VIP_STATS, VIPS, account, count},
+    offload,
     outcome::Outcome,
     packet::{ICMP_TOO_BIG, Parsed, parse, seq_ack},
     passive::forget_failed,
@@ -37,9 +38,25 @@ use crate::{
 /// Balance one packet: to its flow's backend if it is a client's packet to an
 /// owned VIP, back to the client if it is a backend's reply, else pass it.
 /// `Ok` and `Err` are both the outcome; `Err` lets `?` end a path early.
+///
+/// A segment that arrived with a partial checksum is finished first and, where
+/// the kernel keeps its partial state, left partial again after (`offload`).
 #[inline(always)]
 pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
     let p = parse(ctx).map_err(Outcome::pass)?;
+    if p.icmp == 0 {
+        offload::finish(ctx, &p);
+    }
+    let outcome = match balance(ctx, &p) {
+        Ok(o) | Err(o) => o,
+    };
+    offload::restore(ctx, &p, &outcome);
+    Ok(outcome)
+}
+
+/// [`try_balance`] for a parsed packet.
+#[inline(always)]
+fn balance(ctx: &XdpContext, p: &Parsed) -> Result<Outcome, Outcome> {
     if p.icmp != 0 {
         if p.icmp == ICMP_TOO_BIG {
             return Ok(too_big(ctx, &p));

@@ -19,6 +19,9 @@
 // atomic types on the BPF target, whose generic CPU has only the non-fetching add.
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
+// `offload::opaque` hides a value from LLVM with an empty `asm!`, which the BPF
+// target has only as an experimental feature.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 #![cfg_attr(
     target_arch = "bpf",
     expect(
@@ -34,6 +37,7 @@ mod flow;
 mod forward;
 mod ingress;
 mod maps;
+mod offload;
 mod outcome;
 mod packet;
 mod passive;

@@ -88,6 +88,11 @@ pub struct Scratch {
     pub ts_floor: u32,
     /// The FIB request of `forward::fib_next_hop`.
     pub fib: aya_ebpf::bindings::bpf_fib_lookup,
+    /// This packet's partial checksum was finished (1) or not (0), for
+    /// `offload::restore` after the verdict. Kept here rather than in a register,
+    /// where the verifier would walk every path of the program twice, once for
+    /// each value.
+    pub partial: u32,
 }
 
 #[map]

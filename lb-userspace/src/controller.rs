@@ -128,6 +128,8 @@ pub struct Reconciler {
     current: Option<Desired>,
     /// The node's network namespace, for node-local mode (see `NodeConfig`).
     netns_cookie: u64,
+    /// The interfaces the XDP program runs on in generic mode (`NodeConfig`).
+    skb_ifindexes: Vec<u32>,
     /// When each configured backend that is down went down (see
     /// [`Reconciler::desired`] on its flows).
     down_since: HashMap<SocketAddr, Instant>,
@@ -321,6 +323,7 @@ impl Reconciler {
                 0
             },
             sync_listener: config.sync.as_ref().map(|s| s.listen),
+            skb_ifindexes: self.skb_ifindexes.clone(),
         };
         Desired {
             node,
@@ -464,6 +467,12 @@ impl Reconciler {
     /// cookie (the node's, where apilb runs).
     pub fn set_netns_cookie(&mut self, cookie: u64) {
         self.netns_cookie = cookie;
+    }
+
+    /// The interfaces the loader attached in generic mode
+    /// ([`crate::loader::Programs::skb_ifindexes`]).
+    pub fn set_skb_ifindexes(&mut self, ifindexes: Vec<u32>) {
+        self.skb_ifindexes = ifindexes;
     }
 
     /// What the last `apply` wrote.

@@ -342,6 +342,9 @@ pub struct Programs {
     /// Links pinned in bpffs: kept open while this value lives, and left attached
     /// when it is dropped.
     pinned_links: Vec<PinnedLink>,
+    /// The interfaces attached in generic (skb) mode, by index: the datapath
+    /// treats their packets' checksum state differently (`NodeConfig`).
+    skb_ifindexes: Vec<u32>,
 }
 
 impl Programs {
@@ -374,6 +377,7 @@ impl Programs {
         let mut programs = Self {
             ebpf,
             pinned_links: Vec::new(),
+            skb_ifindexes: Vec::new(),
         };
         programs.xdp(PROG_XDP)?.load().map_err(|source| {
             too_old(LoaderError::Program {
@@ -465,10 +469,22 @@ impl Programs {
             },
             _ => None,
         };
-        match adopted {
-            Some(m) => Ok(m),
-            None => self.attach_new(interface, ifindex, mode, link_pin.as_deref()),
+        let mode = match adopted {
+            Some(m) => m,
+            None => self.attach_new(interface, ifindex, mode, link_pin.as_deref())?,
+        };
+        self.skb_ifindexes.retain(|&i| i != ifindex);
+        if mode == XdpMode::Skb {
+            self.skb_ifindexes.push(ifindex);
         }
+        Ok(mode)
+    }
+
+    /// The interfaces attached in generic mode so far, by index, for
+    /// [`crate::controller::Reconciler::set_skb_ifindexes`].
+    #[must_use]
+    pub fn skb_ifindexes(&self) -> Vec<u32> {
+        self.skb_ifindexes.clone()
     }
 
     /// Swap this program into the pinned link at `path`, attached to `ifindex`, and

@@ -15,7 +15,7 @@ use lb_userspace::{datapath::BackendEntry, health::Health};
 use tests::{
     fixture::*,
     flowfx::*,
-    packets::{Mac, Tcp, arp_request, icmp_unreachable, udp},
+    packets::{Mac, Tcp, arp_request, fold, icmp_unreachable, l4_offset, pseudo_sum, udp},
 };
 
 #[test]
@@ -1313,4 +1313,160 @@ fn forged_acks_on_a_half_open_flow_do_not_keep_its_port() {
         1,
         "it took the spoofed flow's port"
     );
+}
+
+/// A payload long enough to take two of the datapath's 512-byte sums and every
+/// smaller piece after them, and odd, so the last byte is summed on its own.
+fn long_payload() -> Vec<u8> {
+    (0..1_333u32).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+/// A client's segment whose checksum a veth peer left partial (offloaded) leaves
+/// under NAT with the full checksum, byte for byte what a sender that summed it
+/// would have sent; a master's reply likewise. Both families.
+#[test]
+fn partial_checksums_from_a_veth_peer_are_finished_both_ways() {
+    for (client, vip, vip_id, masters) in [
+        (CLIENT4, VIP4, 0, masters4()),
+        (CLIENT6, VIP6, 1, masters6()),
+    ] {
+        let mut lab = lab("apilb-fx-partial");
+        let syn = client_syn(client, vip);
+        let (_, backend, mac) = picked(&lab, vip_id, client, vip, &masters);
+        let got = lab.run(&Fixture {
+            desc: "SYN with a partial checksum",
+            ingress: Ingress::ClientSide,
+            input: syn.build_partial(),
+            verdict: XDP_REDIRECT,
+            output: natted(&syn, backend, 40_000, mac).build(),
+            counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1), (CSUM_PARTIAL, 1)],
+        });
+        assert_eq!(checksums_valid(&got), (true, true), "{client}: SYN");
+        let data = client_syn(client, vip).data(&long_payload());
+        let got = lab.run(&Fixture {
+            desc: "1,333 bytes of data with a partial checksum",
+            ingress: Ingress::ClientSide,
+            input: data.build_partial(),
+            verdict: XDP_REDIRECT,
+            output: natted(&data, backend, 40_000, mac).build(),
+            counters: vec![(FIB_LOOKUP, 1), (REDIRECT, 1), (CSUM_PARTIAL, 1)],
+        });
+        assert_eq!(checksums_valid(&got), (true, true), "{client}: data");
+        let snat = SocketAddr::new(snat_for(backend.ip()), 40_000);
+        let reply = Tcp::syn(mac, FX1_MAC, backend, snat).data(&long_payload()[..999]);
+        let got = lab.run(&Fixture {
+            desc: "the master's 999 bytes with a partial checksum",
+            ingress: Ingress::MasterSide,
+            input: reply.build_partial(),
+            verdict: XDP_REDIRECT,
+            output: reply
+                .clone()
+                .via(FX0_MAC, CLIENT_MAC)
+                .between(sa(vip), sa(client))
+                .build(),
+            counters: vec![(REPLY_HIT, 1), (FIB_LOOKUP, 1), (REDIRECT, 1), (CSUM_PARTIAL, 1)],
+        });
+        assert_eq!(checksums_valid(&got), (true, true), "{client}: reply");
+    }
+}
+
+/// A full checksum that happens to equal the pseudo-header's sum is not taken
+/// for a partial one: the segment verifies as it is, and is only natted.
+#[test]
+fn a_full_checksum_equal_to_the_pseudo_header_sum_is_left_full() {
+    let mut lab = lab("apilb-fx-lookalike");
+    let syn = client_syn(CLIENT4, VIP4);
+    let (_, backend, mac) = picked(&lab, 0, CLIENT4, VIP4, &masters4());
+    lab.run(&new_flow_to("SYN", &syn, backend, 40_000, mac));
+    // Choose the payload's first word so that the full checksum comes out as the
+    // folded pseudo-header sum.
+    let mut payload = vec![0u8; 64];
+    payload[2..].iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+    let frame = syn.clone().data(&payload).build();
+    let l4 = l4_offset(&frame);
+    let p = fold(pseudo_sum(&frame, l4));
+    let mut seg: u64 = frame[l4..]
+        .chunks(2)
+        .map(|w| u64::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    seg -= u64::from(u16::from_be_bytes([frame[l4 + 16], frame[l4 + 17]]));
+    // Wanted: !fold(P + seg + w) == p, so fold(P + seg + w) == !p.
+    let have = fold(pseudo_sum(&frame, l4) + seg);
+    let w = fold(u64::from(!p) + u64::from(!have));
+    payload[..2].copy_from_slice(&w.to_be_bytes());
+    let data = syn.clone().data(&payload);
+    let input = data.build();
+    assert_eq!(
+        u16::from_be_bytes([input[l4 + 16], input[l4 + 17]]),
+        p,
+        "the fixture's full checksum equals the pseudo-header sum"
+    );
+    let got = lab.run(&to_master(
+        "data whose full checksum looks partial",
+        &data,
+        backend,
+        40_000,
+        mac,
+        vec![(FIB_LOOKUP, 1), (REDIRECT, 1)],
+    ));
+    assert_eq!(checksums_valid(&got), (true, true));
+}
+
+/// Where the kernel keeps the packet's socket buffer, and with it the state
+/// that says its checksum is partial, the datapath leaves the checksum partial,
+/// over the new addresses, for the device that finishes it: a packet handed to
+/// the stack (a FIB miss), and every packet of an interface in generic mode.
+#[test]
+fn a_partial_checksum_stays_partial_where_the_kernel_keeps_the_socket_buffer() {
+    let partial_natted = |pkt: &Tcp, to: SocketAddr, mac: Mac| {
+        natted(pkt, to, 40_000, mac).build_partial()
+    };
+    let unresolved = sa("198.51.100.14:6443");
+    let mut pass_lab = Lab::with_config(
+        "apilb-fx-partial-pass",
+        &LabConfig::new(&[sa(VIP4)], &[unresolved]),
+    );
+    let syn = client_syn(CLIENT4, VIP4);
+    let got = pass_lab.run(&Fixture {
+        desc: "a partial SYN to a master with no neighbour entry",
+        ingress: Ingress::ClientSide,
+        input: syn.build_partial(),
+        verdict: XDP_PASS,
+        output: syn
+            .clone()
+            .between(sa("198.51.100.1:40000"), unresolved)
+            .build_partial(),
+        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (PASS_FIB_MISS, 1), (CSUM_PARTIAL, 1)],
+    });
+    assert_eq!(checksums_valid(&got).0, true, "the IPv4 header's is full");
+
+    let mut lab = lab("apilb-fx-partial-skb");
+    let fx0 = lab.ifindex(Ingress::ClientSide);
+    lab.reconciler.set_skb_ifindexes(vec![fx0]);
+    lab.reconfigure(|_| {});
+    let syn = client_syn(CLIENT4, VIP4);
+    let (_, backend, mac) = picked(&lab, 0, CLIENT4, VIP4, &masters4());
+    lab.run(&Fixture {
+        desc: "a partial SYN on an interface in generic mode",
+        ingress: Ingress::ClientSide,
+        input: syn.build_partial(),
+        verdict: XDP_REDIRECT,
+        output: partial_natted(&syn, backend, mac),
+        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1), (CSUM_PARTIAL, 1)],
+    });
+    // The master side is not in generic mode: its replies leave finished.
+    let snat = SocketAddr::new(snat_for(backend.ip()), 40_000);
+    let reply = Tcp::syn(mac, FX1_MAC, backend, snat).data(b"ok");
+    lab.run(&Fixture {
+        desc: "a partial reply on an interface in native mode",
+        ingress: Ingress::MasterSide,
+        input: reply.build_partial(),
+        verdict: XDP_REDIRECT,
+        output: reply
+            .clone()
+            .via(FX0_MAC, CLIENT_MAC)
+            .between(sa(VIP4), sa(CLIENT4))
+            .build(),
+        counters: vec![(REPLY_HIT, 1), (FIB_LOOKUP, 1), (REDIRECT, 1), (CSUM_PARTIAL, 1)],
+    });
 }

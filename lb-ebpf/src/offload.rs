@@ -1,0 +1,282 @@
+//! Partial checksums: segments whose sender left the TCP checksum for a device
+//! to finish.
+//!
+//! A veth (or tap) peer with transmit checksum offload on, the default in
+//! containers, kind clusters and containerlab, hands over its TCP segments with
+//! only the pseudo-header's sum in the checksum field (`CHECKSUM_PARTIAL`): the
+//! stack trusts the device to sum the rest. XDP sees the bytes, not that state.
+//! An incremental update of such a field is wrong in kind (a partial field is
+//! not inverted and covers no header word but the addresses), and a frame sent
+//! on with `XDP_TX` or a redirect loses the state that would have finished it, so
+//! the master gets a bad checksum and drops the segment.
+//!
+//! So before a segment the balancer may rewrite is looked at further, [`finish`]
+//! recognises a partial field (it equals the folded pseudo-header sum, and the
+//! segment does not verify as a full checksum) and completes it: from then on
+//! the rewrite is the usual one.
+//! Where the kernel keeps the socket buffer, and so its partial state, past the
+//! program (`XDP_PASS`, or any verdict in generic mode), [`restore`] puts the
+//! partial form back, over the new addresses, for the device that finishes it.
+//!
+//! The cost is one sum over the segment, only for partial segments: the check
+//! that finds them is a compare against a sum of the addresses.
+#![cfg(target_arch = "bpf")]
+
+use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_csum_diff, programs::XdpContext};
+use lb_common::{
+    AF_INET, SKB_IFACES_MAX, VipKey,
+    counters::CSUM_PARTIAL,
+    csum::{fold, pseudo_header},
+};
+use network_types::{
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+};
+
+use crate::{
+    maps::{CONFIG, SCRATCH, VIPS, count},
+    outcome::Outcome,
+    packet::{Parsed, addr6, ptr_at},
+    ports::is_snat_addr,
+};
+
+/// The largest piece `bpf_csum_diff` sums at once.
+const CHUNK: usize = 512;
+/// Whole chunks summed at most: a segment of up to 4 KiB, the most a page-sized
+/// XDP frame can hold.
+const MAX_CHUNKS: usize = 8;
+
+/// The TCP segment's length from the IP header, if the frame holds all of it.
+#[inline(always)]
+fn tcp_len(ctx: &XdpContext, p: &Parsed) -> Option<u16> {
+    let headers = u16::from(p.l4 - p.l3);
+    let len = p.ip_len.checked_sub(headers)?;
+    if ctx.data() + usize::from(p.l4) + usize::from(len) > ctx.data_end() {
+        return None;
+    }
+    Some(len)
+}
+
+/// `x`, hidden from the optimiser: LLVM would otherwise merge the bounds checks
+/// of the pieces below into arithmetic on the remaining length (`rest & 256`,
+/// say), which the verifiers of Linux 5.15 and 6.1 cannot follow back to the
+/// packet's end.
+#[inline(always)]
+fn opaque(mut x: usize) -> usize {
+    // SAFETY: moves a register into itself; no memory, no side effect.
+    unsafe {
+        core::arch::asm!("{0} = {0}", inout(reg) x, options(pure, nomem, nostack));
+    }
+    x
+}
+
+/// The one's-complement sum of the `len` bytes (20 to 4,096) of the segment at
+/// `l4`, as they sit in memory, the checksum field included.
+///
+/// The segment's last whole 512-byte chunks go to `bpf_csum_diff`; the head
+/// before them (under 512 bytes) is summed in 8-byte words, its last 0-7 bytes
+/// as the tail of the 8 bytes that end it. Each part's reads are at offsets
+/// from the segment's start or its end alone, never from where the part
+/// before stopped, so the verifier walks the chunks once, not once per length
+/// of the head. A chunk that starts at an odd offset pairs its bytes the other
+/// way round from the segment's words: its sum is byte-swapped (RFC 1071 2(B)).
+#[inline(never)]
+fn segment_sum(ctx: &XdpContext, l4: usize, len: usize) -> u64 {
+    let end = l4 + len;
+    let chunks = len / CHUNK;
+    let head = len - chunks * CHUNK;
+    let mut sum = 0u64;
+    for j in 0..CHUNK / 8 {
+        if j >= head / 8 {
+            break;
+        }
+        let Ok(w) = ptr_at::<u64>(ctx, opaque(l4 + j * 8)) else {
+            break;
+        };
+        // SAFETY: `ptr_at` proved the word lies inside the packet; read
+        // unaligned, as packet data may be.
+        let w = unsafe { w.read_unaligned() };
+        sum += (w & 0xffff_ffff) + (w >> 32);
+    }
+    let rest = head % 8;
+    if rest > 0
+        && l4 + head >= 8
+        && let Ok(w) = ptr_at::<u64>(ctx, opaque(l4 + head - 8))
+    {
+        // SAFETY: `ptr_at` proved the word lies inside the packet.
+        let w = unsafe { w.read_unaligned() };
+        // Only its last `rest` bytes are the head's. Shifted down (the BPF target
+        // is little-endian: the first byte in memory is the lowest), they sit as
+        // they would at an even offset, an odd last one padded with a zero byte.
+        let t = w >> (8 * (8 - rest));
+        sum += (t & 0xffff_ffff) + (t >> 32);
+    }
+    let mut tail = 0u64;
+    for i in 0..MAX_CHUNKS {
+        // `end` hidden again, or LLVM drops the check as implied by `chunks`,
+        // which the verifier cannot see.
+        let (back, e) = ((i + 1) * CHUNK, opaque(end));
+        if i >= chunks || e < back {
+            break;
+        }
+        let Ok(ptr) = ptr_at::<[u8; CHUNK]>(ctx, opaque(e - back)) else {
+            break;
+        };
+        #[expect(clippy::cast_possible_truncation, reason = "512")]
+        // SAFETY: `ptr_at` proved the chunk lies inside the packet; the helper
+        // only reads it, and its size is a multiple of 4 as it requires.
+        let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, ptr.cast(), CHUNK as u32, 0) };
+        #[expect(clippy::cast_sign_loss, reason = "a 32-bit sum, or negative on error")]
+        if s >= 0 {
+            tail += s as u64;
+        }
+    }
+    if head % 2 == 1 {
+        tail = u64::from(fold(tail).swap_bytes());
+    }
+    sum + tail
+}
+
+/// If the segment carries a partial checksum and is one the balancer may
+/// rewrite (to a VIP, or to a SNAT address's port range), finish it in place and
+/// note so in the scratch slot, for [`restore`]. Segments with a full checksum, right or wrong, are left as they
+/// are: a wrong one is the sender's, for the receiver to drop.
+///
+/// It runs once, right after parsing, rather than on each path that rewrites:
+/// the verifier walks the sum once per path that reaches it.
+#[inline(always)]
+pub fn finish(ctx: &XdpContext, p: &Parsed) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot; XDP runs to completion on a CPU.
+    let s = unsafe { &mut *scratch };
+    s.partial = u32::from(finished(ctx, p));
+}
+
+/// [`finish`]'s work: whether it finished a partial checksum.
+#[inline(always)]
+fn finished(ctx: &XdpContext, p: &Parsed) -> bool {
+    let Some(len) = tcp_len(ctx, p) else {
+        return false;
+    };
+    // A frame XDP sees whole fits a page: a longer segment cannot be here.
+    if usize::from(len) < TcpHdr::LEN || usize::from(len) > MAX_CHUNKS * CHUNK {
+        return false;
+    }
+    let Ok(tcp) = ptr_at::<TcpHdr>(ctx, usize::from(p.l4)) else {
+        return false;
+    };
+    // SAFETY: `ptr_at` proved the header lies inside the packet.
+    let check = u16::from_ne_bytes(unsafe { (*tcp).check });
+    let k = &p.key;
+    let pseudo = pseudo_header(k.family == AF_INET, &k.src_be, &k.dst_be, len);
+    if check != fold(pseudo) || !maybe_ours(p) {
+        return false;
+    }
+    let sum = segment_sum(ctx, usize::from(p.l4), usize::from(len));
+    // A full checksum that happens to equal the pseudo-header's sum verifies.
+    if fold(sum + pseudo) == 0xffff {
+        return false;
+    }
+    let Ok(tcp) = ptr_at::<TcpHdr>(ctx, usize::from(p.l4)) else {
+        return false;
+    };
+    // SAFETY: as above; the packet has not changed length since.
+    unsafe { (*tcp).check = (!fold(sum)).to_ne_bytes() };
+    count(CSUM_PARTIAL);
+    true
+}
+
+/// To a VIP, or to a SNAT address's port range: a segment the balancer may
+/// rewrite. Everything else passes untouched, its partial checksum with it.
+#[inline(always)]
+fn maybe_ours(p: &Parsed) -> bool {
+    let k = &p.key;
+    let vip = VipKey {
+        addr_be: k.dst_be,
+        port_be: k.dport_be,
+        proto: k.proto,
+        family: k.family,
+    };
+    // SAFETY: only whether the entry exists is read.
+    if unsafe { VIPS.get(&vip) }.is_some() {
+        return true;
+    }
+    let Some(cfg) = CONFIG.get(0) else {
+        return false;
+    };
+    let port = u16::from_be(k.dport_be);
+    port >= cfg.port_min_host && port <= cfg.port_max_host && is_snat_addr(cfg, k.family, &k.dst_be)
+}
+
+/// After a segment [`finish`] completed got its verdict: where the kernel keeps
+/// the socket buffer, and with it the state that says the checksum is partial
+/// (`XDP_PASS`, or any verdict in generic mode), put the partial form back, the
+/// pseudo-header sum of the addresses the segment now carries, for the device
+/// or stack that finishes it.
+#[inline(always)]
+pub fn restore(ctx: &XdpContext, p: &Parsed, outcome: &Outcome) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot, as in `finish`.
+    let s = unsafe { &mut *scratch };
+    if s.partial == 0 {
+        return;
+    }
+    s.partial = 0;
+    if outcome.action == xdp_action::XDP_DROP
+        || outcome.action != xdp_action::XDP_PASS && !skb_mode(ctx)
+    {
+        return;
+    }
+    let Some(len) = tcp_len(ctx, p) else {
+        return;
+    };
+    let v4 = p.key.family == AF_INET;
+    let (mut src, mut dst) = ([0u32; 4], [0u32; 4]);
+    if v4 {
+        let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, usize::from(p.l3)) else {
+            return;
+        };
+        // SAFETY: `ptr_at` proved the header lies inside the packet.
+        let ip = unsafe { &*ip };
+        src[0] = u32::from_ne_bytes(ip.src_addr);
+        dst[0] = u32::from_ne_bytes(ip.dst_addr);
+    } else {
+        let Ok(ip) = ptr_at::<Ipv6Hdr>(ctx, usize::from(p.l3)) else {
+            return;
+        };
+        // SAFETY: `ptr_at` proved the header lies inside the packet.
+        let ip = unsafe { &*ip };
+        src = addr6(&ip.src_addr);
+        dst = addr6(&ip.dst_addr);
+    }
+    let Ok(tcp) = ptr_at::<TcpHdr>(ctx, usize::from(p.l4)) else {
+        return;
+    };
+    // SAFETY: `ptr_at` proved the header lies inside the packet.
+    unsafe { (*tcp).check = fold(pseudo_header(v4, &src, &dst, len)).to_ne_bytes() };
+}
+
+/// Whether the program runs on this packet's interface in generic mode.
+#[inline(always)]
+fn skb_mode(ctx: &XdpContext) -> bool {
+    let Some(cfg) = CONFIG.get(0) else {
+        return false;
+    };
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the kernel's field is a u32; aya widens it to usize"
+    )]
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let mut i = 0;
+    while i < SKB_IFACES_MAX {
+        if cfg.skb_ifindex[i] == ifindex && ifindex != 0 {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
