@@ -281,7 +281,11 @@ mod tests {
             let len = u16::try_from(tcp.len()).unwrap();
             let p = pseudo_header(v4, &ws, &wd, len);
             let expect_p = if v4 {
-                pseudo4(src[..4].try_into().unwrap(), dst[..4].try_into().unwrap(), tcp.len())
+                pseudo4(
+                    src[..4].try_into().unwrap(),
+                    dst[..4].try_into().unwrap(),
+                    tcp.len(),
+                )
             } else {
                 pseudo6(src, dst, tcp.len())
             };

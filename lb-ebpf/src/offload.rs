@@ -212,7 +212,8 @@ fn maybe_ours(p: &Parsed) -> bool {
 
 /// After a segment [`finish`] completed got its verdict: where the kernel keeps
 /// the socket buffer, and with it the state that says the checksum is partial
-/// (`XDP_PASS`, or any verdict in generic mode), put the partial form back, the
+/// (`XDP_PASS`, or any verdict in generic mode), or drops it, put the partial
+/// form back, the
 /// pseudo-header sum of the addresses the segment now carries, for the device
 /// or stack that finishes it.
 #[inline(always)]
@@ -226,8 +227,11 @@ pub fn restore(ctx: &XdpContext, p: &Parsed, outcome: &Outcome) {
         return;
     }
     s.partial = 0;
-    if outcome.action == xdp_action::XDP_DROP
-        || outcome.action != xdp_action::XDP_PASS && !skb_mode(ctx)
+    // A dropped segment gets its partial form back too: whatever looks at
+    // drops (xdpdump, the fuzzer) sees the bytes that arrived.
+    if outcome.action != xdp_action::XDP_PASS
+        && outcome.action != xdp_action::XDP_DROP
+        && !skb_mode(ctx)
     {
         return;
     }

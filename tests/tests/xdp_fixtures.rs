@@ -1339,7 +1339,12 @@ fn partial_checksums_from_a_veth_peer_are_finished_both_ways() {
             input: syn.build_partial(),
             verdict: XDP_REDIRECT,
             output: natted(&syn, backend, 40_000, mac).build(),
-            counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1), (CSUM_PARTIAL, 1)],
+            counters: vec![
+                (FLOW_NEW, 1),
+                (FIB_LOOKUP, 1),
+                (REDIRECT, 1),
+                (CSUM_PARTIAL, 1),
+            ],
         });
         assert_eq!(checksums_valid(&got), (true, true), "{client}: SYN");
         let data = client_syn(client, vip).data(&long_payload());
@@ -1364,7 +1369,12 @@ fn partial_checksums_from_a_veth_peer_are_finished_both_ways() {
                 .via(FX0_MAC, CLIENT_MAC)
                 .between(sa(vip), sa(client))
                 .build(),
-            counters: vec![(REPLY_HIT, 1), (FIB_LOOKUP, 1), (REDIRECT, 1), (CSUM_PARTIAL, 1)],
+            counters: vec![
+                (REPLY_HIT, 1),
+                (FIB_LOOKUP, 1),
+                (REDIRECT, 1),
+                (CSUM_PARTIAL, 1),
+            ],
         });
         assert_eq!(checksums_valid(&got), (true, true), "{client}: reply");
     }
@@ -1381,7 +1391,10 @@ fn a_full_checksum_equal_to_the_pseudo_header_sum_is_left_full() {
     // Choose the payload's first word so that the full checksum comes out as the
     // folded pseudo-header sum.
     let mut payload = vec![0u8; 64];
-    payload[2..].iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+    payload[2..]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = i as u8);
     let frame = syn.clone().data(&payload).build();
     let l4 = l4_offset(&frame);
     let p = fold(pseudo_sum(&frame, l4));
@@ -1418,9 +1431,8 @@ fn a_full_checksum_equal_to_the_pseudo_header_sum_is_left_full() {
 /// the stack (a FIB miss), and every packet of an interface in generic mode.
 #[test]
 fn a_partial_checksum_stays_partial_where_the_kernel_keeps_the_socket_buffer() {
-    let partial_natted = |pkt: &Tcp, to: SocketAddr, mac: Mac| {
-        natted(pkt, to, 40_000, mac).build_partial()
-    };
+    let partial_natted =
+        |pkt: &Tcp, to: SocketAddr, mac: Mac| natted(pkt, to, 40_000, mac).build_partial();
     let unresolved = sa("198.51.100.14:6443");
     let mut pass_lab = Lab::with_config(
         "apilb-fx-partial-pass",
@@ -1436,7 +1448,12 @@ fn a_partial_checksum_stays_partial_where_the_kernel_keeps_the_socket_buffer() {
             .clone()
             .between(sa("198.51.100.1:40000"), unresolved)
             .build_partial(),
-        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (PASS_FIB_MISS, 1), (CSUM_PARTIAL, 1)],
+        counters: vec![
+            (FLOW_NEW, 1),
+            (FIB_LOOKUP, 1),
+            (PASS_FIB_MISS, 1),
+            (CSUM_PARTIAL, 1),
+        ],
     });
     assert_eq!(checksums_valid(&got).0, true, "the IPv4 header's is full");
 
@@ -1452,7 +1469,12 @@ fn a_partial_checksum_stays_partial_where_the_kernel_keeps_the_socket_buffer() {
         input: syn.build_partial(),
         verdict: XDP_REDIRECT,
         output: partial_natted(&syn, backend, mac),
-        counters: vec![(FLOW_NEW, 1), (FIB_LOOKUP, 1), (REDIRECT, 1), (CSUM_PARTIAL, 1)],
+        counters: vec![
+            (FLOW_NEW, 1),
+            (FIB_LOOKUP, 1),
+            (REDIRECT, 1),
+            (CSUM_PARTIAL, 1),
+        ],
     });
     // The master side is not in generic mode: its replies leave finished.
     let snat = SocketAddr::new(snat_for(backend.ip()), 40_000);
@@ -1467,6 +1489,11 @@ fn a_partial_checksum_stays_partial_where_the_kernel_keeps_the_socket_buffer() {
             .via(FX0_MAC, CLIENT_MAC)
             .between(sa(VIP4), sa(CLIENT4))
             .build(),
-        counters: vec![(REPLY_HIT, 1), (FIB_LOOKUP, 1), (REDIRECT, 1), (CSUM_PARTIAL, 1)],
+        counters: vec![
+            (REPLY_HIT, 1),
+            (FIB_LOOKUP, 1),
+            (REDIRECT, 1),
+            (CSUM_PARTIAL, 1),
+        ],
     });
 }

@@ -116,6 +116,10 @@ impl Generator {
             72..90 => self.fixture_frame(),
             _ => self.random_frame(),
         };
+        // As a veth peer with checksum offload sends it.
+        if self.pct(10) {
+            super::offload::make_partial(&mut f.bytes);
+        }
         if self.pct(33) {
             self.mutate(&mut f);
         }
@@ -204,8 +208,11 @@ impl Generator {
         set_flags(&mut t, flags);
         t.tcp_options = self.options(t.syn);
         if !t.syn && self.pct(40) {
-            let n = self.rng.usize(1..200);
-            t.payload = vec![0x61; n];
+            // Now and then as long as a frame goes, for the partial checksums'
+            // chunked sum.
+            let most = if self.pct(10) { 1460 } else { 200 };
+            let n = self.rng.usize(1..most);
+            t.payload = (0..n).map(|i| (i * 13).to_le_bytes()[0]).collect();
         }
         t
     }

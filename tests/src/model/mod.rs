@@ -17,12 +17,14 @@
 //! clock ticked during a frame, and keep the one the kernel gave.
 //!
 //! - [`frame`]: parsing, checksums, field writers.
+//! - [`offload`]: partial checksums, finished and put back.
 //! - [`paths`]: the two directions, new flows and ports, passive detection, PMTU.
 //! - [`gen`]: the frame generator (seeds and mutations).
 //! - [`run`]: the fuzzing loop against a [`crate::fixture::Lab`].
 
 pub mod frame;
 pub mod generate;
+pub mod offload;
 pub mod paths;
 pub mod run;
 

@@ -65,6 +65,16 @@ pub fn balance(tx: &mut Tx, f: &mut [u8], ingress: u32) -> Outcome {
         Ok(p) => p,
         Err(c) => return pass(c),
     };
+    let partial = super::offload::finish(tx, f, &p);
+    let o = balance_parsed(tx, f, &p, ingress);
+    if partial {
+        super::offload::restore(f, &p, o.action);
+    }
+    o
+}
+
+fn balance_parsed(tx: &mut Tx, f: &mut [u8], p: &Parsed, ingress: u32) -> Outcome {
+    let p = p.clone();
     match p.icmp {
         Icmp::TooBig => return too_big(tx, f, &p, ingress),
         Icmp::Unreach => return to_client(tx, f, &p, ingress),
