@@ -74,6 +74,14 @@ pub struct Shape {
     /// Put the VIP on the first LB node (a static VIP). Off for elected VIPs,
     /// whose address apilb adds on the node that wins.
     pub vip_on_first_lb: bool,
+    /// The client and the masters send with checksum offload on, as containers
+    /// do: their segments reach the LB node's `eth0` with partial checksums,
+    /// through a peer (`p-lb<i>`) that keeps them partial. The router's ports
+    /// towards the client and the masters have it off, so that the router
+    /// finishes in software, as a NIC would in hardware, any segment that leaves
+    /// the LB node still partial: a wrong partial field becomes a wrong checksum
+    /// that the receiver counts.
+    pub tx_offload: bool,
 }
 
 impl Default for Shape {
@@ -82,6 +90,7 @@ impl Default for Shape {
             lb_nodes: 1,
             masters: 3,
             vip_on_first_lb: true,
+            tx_offload: false,
         }
     }
 }
@@ -124,7 +133,8 @@ impl Topology {
         ]);
         router.ip(&["link", "set", "seg", "up"]);
         router.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-        wire(&router, "cl", None, &client, "192.0.2.10/24");
+        let offload = shape.tx_offload;
+        wire(&router, "cl", None, &client, "192.0.2.10/24", offload);
         router.ip(&["addr", "add", "192.0.2.1/24", "dev", "cl"]);
         client.ip(&["route", "add", "198.51.100.0/24", "via", "192.0.2.1"]);
 
@@ -137,6 +147,7 @@ impl Topology {
                     Some("seg"),
                     &ns,
                     &format!("198.51.100.{}/24", 1 + i),
+                    offload,
                 );
                 ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
                 // The FIB-miss path forwards a rewritten packet out of the interface
@@ -164,6 +175,7 @@ impl Topology {
                     Some("seg"),
                     &ns,
                     &format!("198.51.100.{}/24", 10 + i),
+                    offload,
                 );
                 ns.ip(&["route", "add", "192.0.2.0/24", "via", "198.51.100.1"]);
                 ns
@@ -279,8 +291,9 @@ pub fn master_index(addr: &str) -> usize {
 
 /// A veth from the router (`port`, enslaved to `bridge` if given) to `eth0` in
 /// `ns`, which gets `addr`. Frames the endpoint sends carry full checksums, as
-/// frames off a wire do, rather than veth's offloaded partial ones.
-fn wire(router: &Netns, port: &str, bridge: Option<&str>, ns: &Netns, addr: &str) {
+/// frames off a wire do, rather than veth's offloaded partial ones, unless
+/// `offload` (`Shape::tx_offload`).
+fn wire(router: &Netns, port: &str, bridge: Option<&str>, ns: &Netns, addr: &str, offload: bool) {
     router.ip(&[
         "link",
         "add",
@@ -301,7 +314,11 @@ fn wire(router: &Netns, port: &str, bridge: Option<&str>, ns: &Netns, addr: &str
     // The link-local address is usable at once (IPv6 VRRP sends from it).
     ns.exec("sysctl", &["-qw", "net.ipv6.conf.eth0.accept_dad=0"]);
     ns.ip(&["link", "set", "eth0", "up"]);
-    ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
+    if !offload {
+        ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
+    } else if !port.starts_with("p-lb") {
+        router.exec("ethtool", &["-K", port, "tx", "off"]);
+    }
 }
 
 /// `apilb run`'s config for the first LB node: instance `instance`, its `eth0`,

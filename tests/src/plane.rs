@@ -49,6 +49,13 @@ impl ControlPlane {
     /// (after which they may open sections of their own, e.g. `[local]`).
     #[must_use]
     pub fn start_with(prefix: &str, shape: Shape, health: &str) -> Self {
+        Self::start_configured(prefix, shape, "", health)
+    }
+
+    /// [`Self::start_with`], with `datapath` lines added to apilb's `[datapath]`
+    /// section too.
+    #[must_use]
+    pub fn start_configured(prefix: &str, shape: Shape, datapath: &str, health: &str) -> Self {
         let t = Topology::with_shape(prefix, shape);
         let dir = TempDir::new(prefix);
         // 127.0.0.1 too, as k3s and kubespray's node-local proxies have it: a
@@ -66,7 +73,11 @@ impl ControlPlane {
             .collect();
         let pins = PinDir::new(prefix);
         let config = dir.0.join("apilb.toml");
-        std::fs::write(&config, Self::config_text(&pins, &pki, false, health)).expect("config");
+        std::fs::write(
+            &config,
+            Self::config_text(&pins, &pki, false, datapath, health),
+        )
+        .expect("config");
         let apilb = Apilb::start(t.lb(), &config, &dir.0.join("apilb-0.log"));
         let plane = Self {
             apilb,
@@ -82,13 +93,19 @@ impl ControlPlane {
         plane
     }
 
-    /// apilb's config: defaults but for the topology's facts and `health` lines;
-    /// the fourth master too if `four`.
+    /// apilb's config: defaults but for the topology's facts and the `datapath`
+    /// and `health` lines; the fourth master too if `four`.
     #[must_use]
-    pub fn config_text(pins: &PinDir, pki: &Pki, four: bool, health: &str) -> String {
+    pub fn config_text(
+        pins: &PinDir,
+        pki: &Pki,
+        four: bool,
+        datapath: &str,
+        health: &str,
+    ) -> String {
         let mut text = apilb_config(
             &pins.instance(),
-            "",
+            datapath,
             &format!("ca_file = \"{}\"\n{health}", pki.ca_pem.display()),
         );
         if four {

@@ -212,7 +212,7 @@ fn a_fourth_master_added_by_sighup_takes_a_quarter_of_new_connections_and_no_str
 
     std::fs::write(
         &p.config,
-        ControlPlane::config_text(&p.pins, &p.pki, true, ""),
+        ControlPlane::config_text(&p.pins, &p.pki, true, "", ""),
     )
     .expect("config");
     let reloaded = Instant::now();
