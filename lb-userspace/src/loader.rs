@@ -156,7 +156,8 @@ type Result<T, E = LoaderError> = std::result::Result<T, E>;
 #[derive(Clone, Copy, Debug, Default, serde::Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
-    /// Native (driver) mode, falling back to generic where the driver lacks it.
+    /// Native (driver) mode, falling back to generic where the driver lacks it;
+    /// generic on a veth, whose native mode needs XDP on the peer too.
     #[default]
     Auto,
     Native,
@@ -518,9 +519,38 @@ impl Programs {
         mode: AttachMode,
         pin: Option<&Path>,
     ) -> Result<XdpMode> {
+        // On a veth, native mode works only if the peer runs XDP too, which apilb
+        // cannot see (`xdp_mode::is_veth`): `auto` takes generic mode there, and
+        // an explicit `native` is warned about.
+        let veth = xdp_mode::is_veth(ifindex).unwrap_or_else(|e| {
+            warn!(
+                interface,
+                "cannot tell whether the interface is a veth: {e}"
+            );
+            false
+        });
         let tries: &[XdpMode] = match mode {
+            AttachMode::Auto if veth => {
+                info!(
+                    interface,
+                    "a veth: generic XDP mode, since a veth delivers what native XDP \
+                     sends back only to a peer running an XDP program of its own \
+                     (xdp_mode = \"native\" if the peer does)"
+                );
+                &[XdpMode::Skb]
+            }
             AttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
-            AttachMode::Native => &[XdpMode::Driver],
+            AttachMode::Native => {
+                if veth {
+                    warn!(
+                        interface,
+                        "native XDP on a veth: the frames apilb sends back are dropped \
+                         unless the peer runs an XDP program of its own; \
+                         xdp_mode = \"auto\" takes generic mode here"
+                    );
+                }
+                &[XdpMode::Driver]
+            }
             AttachMode::Generic => &[XdpMode::Skb],
         };
         let prog = self.xdp(PROG_XDP)?;

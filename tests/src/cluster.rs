@@ -82,6 +82,10 @@ pub struct Shape {
     /// the LB node still partial: a wrong partial field becomes a wrong checksum
     /// that the receiver counts.
     pub tx_offload: bool,
+    /// The router's ports to the LB nodes run an XDP program (which passes
+    /// everything), so that their veths deliver what the LB nodes' native XDP
+    /// sends back. Off, the peers are as a kind node's host side is: no XDP.
+    pub peer_xdp: bool,
 }
 
 impl Default for Shape {
@@ -91,6 +95,7 @@ impl Default for Shape {
             masters: 3,
             vip_on_first_lb: true,
             tx_offload: false,
+            peer_xdp: true,
         }
     }
 }
@@ -190,7 +195,7 @@ impl Topology {
         .unwrap_or_else(|e| panic!("{}", chain(&e)));
         {
             let _inside = router.enter();
-            for i in 1..=shape.lb_nodes {
+            for i in (1..=shape.lb_nodes).filter(|_| shape.peer_xdp) {
                 peers
                     .attach(&format!("p-lb{i}"), AttachMode::Native, None)
                     .unwrap_or_else(|e| panic!("{}", chain(&e)));
@@ -324,10 +329,15 @@ fn wire(router: &Netns, port: &str, bridge: Option<&str>, ns: &Netns, addr: &str
 /// `apilb run`'s config for the first LB node: instance `instance`, its `eth0`,
 /// its own address as SNAT, the VIP and the three masters, with `datapath` lines
 /// added to `[datapath]` and `health` as the `[health]` section's body.
+///
+/// The XDP mode is native, as on a node's NIC, unless `datapath` says otherwise:
+/// the router's peer programs give the LB nodes' veths what native mode needs
+/// there, which `auto` cannot see (it takes generic mode on a veth).
 #[must_use]
 pub fn apilb_config(instance: &str, datapath: &str, health: &str) -> String {
+    let mode = native_unless(datapath);
     let mut text = format!(
-        "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"{LB_DEV}\"]\nsnat_ipv4 = \"{SNAT}\"\n{datapath}\n\
+        "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"{LB_DEV}\"]\nsnat_ipv4 = \"{SNAT}\"\n{mode}{datapath}\n\
          [[vip]]\naddress = \"{VIP_ADDR}\"\n[health]\n{health}\n"
     );
     for m in MASTERS {
@@ -336,4 +346,15 @@ pub fn apilb_config(instance: &str, datapath: &str, health: &str) -> String {
         text.push_str("\"\n");
     }
     text
+}
+
+/// `xdp_mode = "native"` as a `[datapath]` line, unless `datapath` (more lines of
+/// that section) sets the mode itself. For configs of the LB nodes wired here.
+#[must_use]
+pub fn native_unless(datapath: &str) -> &'static str {
+    if datapath.contains("xdp_mode") {
+        ""
+    } else {
+        "xdp_mode = \"native\"\n"
+    }
 }

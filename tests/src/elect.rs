@@ -60,7 +60,7 @@ pub fn node_config_with_ports(
     nat_ports: std::ops::RangeInclusive<u16>,
 ) -> String {
     let mut text = format!(
-        "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"{LB_DEV}\"]\nsnat_ipv4 = \"{}\"\n\
+        "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"{LB_DEV}\"]\nxdp_mode = \"native\"\nsnat_ipv4 = \"{}\"\n\
          nat_ports = [{}, {}]\nnat_slice = [{node}, 2]\nmaglev_size = 1009\n",
         lb_addr(node),
         nat_ports.start(),

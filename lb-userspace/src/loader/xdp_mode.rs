@@ -1,6 +1,7 @@
-//! The XDP mode an interface runs its program in, as the kernel reports it
-//! (`IFLA_XDP_ATTACHED`). An adopted link keeps the mode it was created with, and
-//! the link itself does not say which that was, so the loader asks the interface.
+//! What the loader asks the kernel about an interface: the XDP mode it runs its
+//! program in (`IFLA_XDP_ATTACHED`; an adopted link keeps the mode it was created
+//! with, and the link itself does not say which that was), and whether it is a
+//! veth, where native mode needs what apilb cannot see (`is_veth`).
 
 use std::io;
 
@@ -9,7 +10,7 @@ use rtnetlink::{
     packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
     packet_route::{
         RouteNetlinkMessage,
-        link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached},
+        link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage, LinkXdp, XdpAttached},
     },
     sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE},
 };
@@ -18,6 +19,40 @@ use rtnetlink::{
 /// network namespace; `None` if none is attached or the kernel reports a mode
 /// apilb never uses (offloaded, or several at once).
 pub(super) fn attached(ifindex: u32) -> io::Result<Option<XdpMode>> {
+    let link = get_link(ifindex)?;
+    let attached = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+            LinkXdp::Attached(a) => Some(*a),
+            _ => None,
+        }),
+        _ => None,
+    });
+    Ok(match attached {
+        Some(XdpAttached::Driver) => Some(XdpMode::Driver),
+        Some(XdpAttached::SocketBuffer) => Some(XdpMode::Skb),
+        _ => None,
+    })
+}
+
+/// Whether interface `ifindex` is one end of a veth pair.
+///
+/// A veth delivers the frames its native XDP program sends back (`XDP_TX`) or
+/// redirects into it only while its peer has NAPI on, which in practice means
+/// an XDP program on the peer (turning the peer's GRO on did not, on 6.18);
+/// otherwise the kernel drops them without a word. The peer of a container's or
+/// a kind node's interface is in the host's namespace, out of apilb's reach.
+pub(super) fn is_veth(ifindex: u32) -> io::Result<bool> {
+    let link = get_link(ifindex)?;
+    Ok(link.attributes.iter().any(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos
+            .iter()
+            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))),
+        _ => false,
+    }))
+}
+
+/// The kernel's `RTM_GETLINK` answer for interface `ifindex`.
+fn get_link(ifindex: u32) -> io::Result<LinkMessage> {
     let mut request = LinkMessage::default();
     request.header.index = ifindex;
     let mut msg = NetlinkMessage::from(RouteNetlinkMessage::GetLink(request));
@@ -33,26 +68,12 @@ pub(super) fn attached(ifindex: u32) -> io::Result<Option<XdpMode>> {
     socket.recv(&mut reply, 0)?;
     let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    let link = match reply.payload {
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => link,
-        NetlinkPayload::Error(e) => return Err(e.to_io()),
-        other => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unexpected answer to RTM_GETLINK: {other:?}"),
-            ));
-        }
-    };
-    let attached = link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
-            LinkXdp::Attached(a) => Some(*a),
-            _ => None,
-        }),
-        _ => None,
-    });
-    Ok(match attached {
-        Some(XdpAttached::Driver) => Some(XdpMode::Driver),
-        Some(XdpAttached::SocketBuffer) => Some(XdpMode::Skb),
-        _ => None,
-    })
+    match reply.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => Ok(link),
+        NetlinkPayload::Error(e) => Err(e.to_io()),
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected answer to RTM_GETLINK: {other:?}"),
+        )),
+    }
 }

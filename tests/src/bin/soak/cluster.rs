@@ -99,7 +99,7 @@ pub fn add_ipv6(t: &Topology) {
 /// apilb's config: defaults, but for the topology's facts.
 pub fn config_text(instance: &str, ca: &Path) -> String {
     let mut text = format!(
-        "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"eth0\"]\n\
+        "instance = \"{instance}\"\n[datapath]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\n\
          snat_ipv4 = \"{SNAT}\"\nsnat_ipv6 = \"{SEG6}::2\"\n\
          [[vip]]\naddress = \"{VIP_ADDR}\"\n[[vip]]\naddress = \"{VIP6_ADDR}\"\n\
          [health]\nca_file = \"{}\"\n",
