@@ -1318,7 +1318,9 @@ fn forged_acks_on_a_half_open_flow_do_not_keep_its_port() {
 /// A payload long enough to take two of the datapath's 512-byte sums and every
 /// smaller piece after them, and odd, so the last byte is summed on its own.
 fn long_payload() -> Vec<u8> {
-    (0..1_333u32).map(|i| (i * 7 + 3) as u8).collect()
+    (0..1_333u32)
+        .map(|i| (i * 7 + 3).to_le_bytes()[0])
+        .collect()
 }
 
 /// A client's segment whose checksum a veth peer left partial (offloaded) leaves
@@ -1394,7 +1396,7 @@ fn a_full_checksum_equal_to_the_pseudo_header_sum_is_left_full() {
     payload[2..]
         .iter_mut()
         .enumerate()
-        .for_each(|(i, b)| *b = i as u8);
+        .for_each(|(i, b)| *b = i.to_le_bytes()[0]);
     let frame = syn.clone().data(&payload).build();
     let l4 = l4_offset(&frame);
     let p = fold(pseudo_sum(&frame, l4));
@@ -1455,7 +1457,7 @@ fn a_partial_checksum_stays_partial_where_the_kernel_keeps_the_socket_buffer() {
             (CSUM_PARTIAL, 1),
         ],
     });
-    assert_eq!(checksums_valid(&got).0, true, "the IPv4 header's is full");
+    assert!(checksums_valid(&got).0, "the IPv4 header's is full");
 
     let mut lab = lab("apilb-fx-partial-skb");
     let fx0 = lab.ifindex(Ingress::ClientSide);

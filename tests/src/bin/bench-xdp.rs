@@ -332,28 +332,36 @@ fn cases(lab: &mut Lab) -> Vec<Case> {
             XDP_REDIRECT,
         ),
     ];
-    // A full-size segment on the established flow, as a client's stack sums it
-    // and as a veth peer with checksum offload hands it over (`offload`): what
-    // finishing a partial checksum costs.
-    let full_size = Tcp::syn(CLIENT_MAC, FX0_MAC, sa("192.0.2.10:50000"), sa(VIP))
-        .data(&(0..1_400u32).map(|i| i.to_le_bytes()[0]).collect::<Vec<u8>>());
-    for (name, frame) in [
-        ("established flow, 1,400 bytes", full_size.build()),
+    rows.extend(full_size_cases());
+    rows.extend(sync_cases(lab, &masters));
+    rows
+}
+
+/// A full-size segment on the established flow, as a client's stack sums it and
+/// as a veth peer with checksum offload hands it over (`offload`): what
+/// finishing a partial checksum costs.
+fn full_size_cases() -> [Case; 2] {
+    let segment = Tcp::syn(CLIENT_MAC, FX0_MAC, sa("192.0.2.10:50000"), sa(VIP)).data(
+        &(0..1_400u32)
+            .map(|i| i.to_le_bytes()[0])
+            .collect::<Vec<u8>>(),
+    );
+    [
+        ("established flow, 1,400 bytes", segment.build()),
         (
             "established flow, 1,400 bytes, partial checksum",
-            full_size.build_partial(),
+            segment.build_partial(),
         ),
-    ] {
-        rows.push(Case::new(
+    ]
+    .map(|(name, frame)| {
+        Case::new(
             name,
             Prog::Balancer,
             Ingress::ClientSide,
             vec![frame],
             XDP_REDIRECT,
-        ));
-    }
-    rows.extend(sync_cases(lab, &masters));
-    rows
+        )
+    })
 }
 
 /// The rows of the VIP that syncs, and the handshake's ACK without it to

@@ -72,7 +72,7 @@ fn maybe_ours(tx: &Tx, p: &Parsed) -> bool {
     }
     let port = u16::from_be(k.dport_be);
     (tx.m.cfg.port_min..=tx.m.cfg.port_max).contains(&port)
-        && tx.m.snat(k.family).iter().any(|a| *a == k.dst_be)
+        && tx.m.snat(k.family).contains(&k.dst_be)
 }
 
 /// After a finished segment's verdict `action`: partial again if it passes or
