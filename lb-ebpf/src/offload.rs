@@ -57,10 +57,8 @@ fn tcp_len(ctx: &XdpContext, p: &Parsed) -> Option<u16> {
     Some(len)
 }
 
-/// `x`, hidden from the optimiser: LLVM would otherwise merge the bounds checks
-/// of the pieces below into arithmetic on the remaining length (`rest & 256`,
-/// say), which the verifiers of Linux 5.15 and 6.1 cannot follow back to the
-/// packet's end.
+/// `x`, hidden from the optimiser, which would otherwise merge or drop checks
+/// that the verifier needs to see as written (each use says which).
 #[inline(always)]
 fn opaque(mut x: usize) -> usize {
     // SAFETY: moves a register into itself; no memory, no side effect.
@@ -86,8 +84,12 @@ fn segment_sum(ctx: &XdpContext, l4: usize, len: usize) -> u64 {
     let chunks = len / CHUNK;
     let head = len - chunks * CHUNK;
     let mut sum = 0u64;
+    let words = head / 8;
     for j in 0..CHUNK / 8 {
-        if j >= head / 8 {
+        // `j` hidden: otherwise LLVM folds this exit and the loop's own into one
+        // trip count, `min(64, words)`, which Linux 6.1's verifier cannot bound
+        // and walks for thousands of rounds.
+        if opaque(j) >= words {
             break;
         }
         let Ok(w) = ptr_at::<u64>(ctx, opaque(l4 + j * 8)) else {
@@ -116,7 +118,7 @@ fn segment_sum(ctx: &XdpContext, l4: usize, len: usize) -> u64 {
         // `end` hidden again, or LLVM drops the check as implied by `chunks`,
         // which the verifier cannot see.
         let (back, e) = ((i + 1) * CHUNK, opaque(end));
-        if i >= chunks || e < back {
+        if opaque(i) >= chunks || e < back {
             break;
         }
         let Ok(ptr) = ptr_at::<[u8; CHUNK]>(ctx, opaque(e - back)) else {
@@ -144,7 +146,11 @@ fn segment_sum(ctx: &XdpContext, l4: usize, len: usize) -> u64 {
 ///
 /// It runs once, right after parsing, rather than on each path that rewrites:
 /// the verifier walks the sum once per path that reaches it.
-#[inline(always)]
+///
+/// Like [`restore`], a call of its own: inlined, their locals would sit in the
+/// program's main frame, under the deepest call chain, which Linux 6.1 limits to
+/// 512 bytes.
+#[inline(never)]
 pub fn finish(ctx: &XdpContext, p: &Parsed) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
@@ -216,7 +222,7 @@ fn maybe_ours(p: &Parsed) -> bool {
 /// form back, the
 /// pseudo-header sum of the addresses the segment now carries, for the device
 /// or stack that finishes it.
-#[inline(always)]
+#[inline(never)]
 pub fn restore(ctx: &XdpContext, p: &Parsed, outcome: &Outcome) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;

@@ -354,7 +354,7 @@ for m in /lib/mods/*.ko; do
 done
 ip link set lo up
 /apilb/apilb --version
-for t in SUITES; do "/apilb/$t" --test-threads=1 2>&1; done
+for t in SUITES; do "/apilb/$t" --test-threads=1 FILTER 2>&1; done
 echo "APILB-VM DONE"
 poweroff -f
 "#;
@@ -402,7 +402,14 @@ fn initramfs(root: &Path, dir: &Path, release: &str, bins: &Bins) -> anyhow::Res
         }
     }
     let init = stage.join("init");
-    std::fs::write(&init, INIT.replace("SUITES", &SUITES.join(" ")))?;
+    // `APILB_VM_FILTER`: only the tests whose names contain it, to read one
+    // test's verifier log without waiting for the whole suite under TCG.
+    let filter = std::env::var("APILB_VM_FILTER").unwrap_or_default();
+    std::fs::write(
+        &init,
+        INIT.replace("SUITES", &SUITES.join(" "))
+            .replace("FILTER", &filter),
+    )?;
     exec(Command::new("chmod").arg("+x").arg(&init))?;
     let image = root.join(format!("initramfs-{release}.cpio"));
     let packed = Command::new("sh")
