@@ -12,15 +12,20 @@
 //!    libraries, the kernel's modules for veth and bridges, the binaries, and an
 //!    `/init` that mounts proc, sys, bpffs and cgroup2, runs the suites and powers
 //!    off.
-//! 4. The console is read line by line: libtest's `test <name> ... ok|FAILED`,
-//!    and `APILB-VM` lines from `/init`.
+//! 4. The kernels boot two at a time (a TCG guest keeps one host thread busy),
+//!    and each console is read line by line, echoed with its release in front:
+//!    libtest's `test <name> ... ok|FAILED`, and `APILB-VM` lines from `/init`.
 
 use std::{
     fmt::Write as _,
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::mpsc,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        mpsc,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -38,6 +43,9 @@ pub const DEFAULT_KERNELS: [&str; 4] = [
     "ubuntu/jammy",
     "ubuntu/noble",
 ];
+/// How many kernels boot at once: a TCG guest keeps one host thread busy, and
+/// this machine has two.
+const PARALLEL_BOOTS: usize = 2;
 /// A boot and the whole suite, under TCG, must finish within this.
 const RUN_LIMIT: Duration = Duration::from_mins(15);
 /// A KVM boot must reach `/init` within this, or TCG takes over (a KVM boot hung
@@ -81,27 +89,50 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     } else {
         args.kernels.clone()
     };
-    let mut rows = Vec::new();
-    let mut kvm = kvm_available();
+    let mut ready = Vec::new();
     for meta in &kernels {
         let kernel = resolve(&root, meta)?;
         let dir = fetch(&root, &kernel)?;
-        let Kernel {
-            package, version, ..
-        } = kernel;
         let release = release_of(&dir)?;
         let initrd = initramfs(&root, &dir, &release, &bins)?;
-        step(&format!("booting {package} {version} ({release}) in qemu"));
-        let mut row = boot(
-            &dir.join("boot").join(format!("vmlinuz-{release}")),
-            &initrd,
-            &mut kvm,
-        )?;
-        row.package = package;
-        row.version = version;
-        row.release = release;
-        rows.push(row);
+        ready.push((kernel, dir, release, initrd));
     }
+    // Under TCG a guest runs on one host thread: the kernels boot
+    // `PARALLEL_BOOTS` at a time, each console line prefixed with its release.
+    let kvm = AtomicBool::new(kvm_available());
+    let next = AtomicUsize::new(0);
+    let rows: Mutex<Vec<(usize, Row)>> = Mutex::new(Vec::new());
+    let boot_all = || -> anyhow::Result<()> {
+        loop {
+            let i = next.fetch_add(1, Ordering::SeqCst);
+            let Some((kernel, dir, release, initrd)) = ready.get(i) else {
+                return Ok(());
+            };
+            step(&format!(
+                "booting {} {} ({release}) in qemu",
+                kernel.package, kernel.version
+            ));
+            let mut row = boot(
+                &dir.join("boot").join(format!("vmlinuz-{release}")),
+                initrd,
+                &kvm,
+                release,
+            )?;
+            row.package.clone_from(&kernel.package);
+            row.version.clone_from(&kernel.version);
+            row.release.clone_from(release);
+            rows.lock().expect("rows").push((i, row));
+        }
+    };
+    thread::scope(|s| {
+        let workers: Vec<_> = (0..PARALLEL_BOOTS).map(|_| s.spawn(boot_all)).collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("a boot thread panicked"))
+    })?;
+    let mut rows = rows.into_inner().expect("rows");
+    rows.sort_by_key(|(i, _)| *i);
+    let rows: Vec<Row> = rows.into_iter().map(|(_, r)| r).collect();
     println!("\n{}", table(&rows));
     let bad: Vec<&str> = rows
         .iter()
@@ -429,9 +460,9 @@ fn initramfs(root: &Path, dir: &Path, release: &str, bins: &Bins) -> anyhow::Res
 /// Boot `kernel` with `initrd`, with KVM first while it works: a KVM boot that
 /// does not reach `/init` within [`KVM_BOOT_LIMIT`] is killed, and this kernel
 /// and every later one boot under TCG.
-fn boot(kernel: &Path, initrd: &Path, kvm: &mut bool) -> anyhow::Result<Row> {
-    if *kvm {
-        let row = boot_with("kvm", kernel, initrd, KVM_BOOT_LIMIT)?;
+fn boot(kernel: &Path, initrd: &Path, kvm: &AtomicBool, tag: &str) -> anyhow::Result<Row> {
+    if kvm.load(Ordering::SeqCst) {
+        let row = boot_with("kvm", kernel, initrd, KVM_BOOT_LIMIT, tag)?;
         if row.boot.is_some() {
             return Ok(row);
         }
@@ -439,9 +470,9 @@ fn boot(kernel: &Path, initrd: &Path, kvm: &mut bool) -> anyhow::Result<Row> {
             "KVM did not reach /init within {} s; using TCG from here on",
             KVM_BOOT_LIMIT.as_secs()
         ));
-        *kvm = false;
+        kvm.store(false, Ordering::SeqCst);
     }
-    boot_with("tcg", kernel, initrd, RUN_LIMIT)
+    boot_with("tcg", kernel, initrd, RUN_LIMIT, tag)
 }
 
 /// Whether KVM is there to try: `/dev/kvm` opens read-write.
@@ -460,8 +491,9 @@ fn boot_with(
     kernel: &Path,
     initrd: &Path,
     boot_limit: Duration,
+    tag: &str,
 ) -> anyhow::Result<Row> {
-    step(&format!("booting under {accel}"));
+    step(&format!("booting {tag} under {accel}"));
     // TCG runs both vCPUs on one host thread. With a thread each (MTTCG), a
     // 6.12 guest once died of `Oops: int3` in `inet_ehashfn`: a vCPU ran the
     // breakpoint of a static-key patch after the patching CPU had finished and
@@ -518,7 +550,7 @@ fn boot_with(
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        println!("  | {line}");
+        println!("  {tag} | {line}");
         row.read(line.trim_end_matches('\r'), started.elapsed());
     }
     let _ = child.kill();
