@@ -226,15 +226,31 @@ pub struct DatapathConfig {
     /// first three words.
     pub sync_tuple_be: [u32; 9],
     pub _pad3: u32,
-    /// The interfaces the program runs on in generic (skb) mode, 0 for none. There
-    /// the kernel keeps the packet's socket buffer whatever the verdict, with its
-    /// checksum state: a segment that arrived with a partial checksum must leave
-    /// with one (`lb-ebpf`'s `offload`). At most [`SKB_IFACES_MAX`].
-    pub skb_ifindex: [u32; SKB_IFACES_MAX],
+    /// The interfaces whose packets may carry partial checksums (`lb-ebpf`'s
+    /// `offload`), with how the program runs there; unused slots are all zero.
+    /// Any other interface (a NIC in native mode) skips the check entirely.
+    pub ifaces: [IfaceMode; IFACES_MAX],
 }
 
-/// How many interfaces apilb can run on in generic mode at once.
-pub const SKB_IFACES_MAX: usize = 8;
+/// How many interfaces [`DatapathConfig::ifaces`] describes at most.
+pub const IFACES_MAX: usize = 8;
+
+/// One interface the XDP program runs on, as the loader found it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceMode {
+    pub ifindex: u32,
+    /// `IFACE_F_*` bits.
+    pub flags: u32,
+}
+
+/// Its packets may carry partial checksums: a veth or a tun device, whose peer
+/// or writer may leave the checksum to an offload, or any interface in generic
+/// mode, whose socket buffers may come from one.
+pub const IFACE_F_PARTIAL: u32 = 1;
+/// The program runs there in generic (skb) mode: the kernel keeps each packet's
+/// socket buffer, and its checksum state, whatever the verdict.
+pub const IFACE_F_SKB: u32 = 2;
 
 /// Key of both LRU flow tables.
 ///
@@ -478,7 +494,8 @@ const _: () = {
     assert!(size_of::<VipKey>() == 20);
     assert!(size_of::<VipInfo>() == 16);
     assert!(size_of::<Backend>() == 32);
-    assert!(size_of::<DatapathConfig>() == 304);
+    assert!(size_of::<DatapathConfig>() == 336);
+    assert!(size_of::<IfaceMode>() == 8);
     assert!(size_of::<SyncEvent>() == 96);
     assert!(size_of::<SockOrig>() == 20);
     assert!(size_of::<PassiveStats>() == 24);

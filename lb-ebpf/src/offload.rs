@@ -18,13 +18,16 @@
 //! program (`XDP_PASS`, or any verdict in generic mode), [`restore`] puts the
 //! partial form back, over the new addresses, for the device that finishes it.
 //!
-//! The cost is one sum over the segment, only for partial segments: the check
-//! that finds them is a compare against a sum of the addresses.
+//! Only interfaces that can deliver such segments are looked at: a veth, a tun
+//! device, or any interface in generic mode, as the loader found them
+//! (`CONFIG.ifaces`, [`iface_flags`]); a NIC in native mode costs one scan of
+//! that short list. There the check is a compare against a sum of the
+//! addresses, and only partial segments pay for a sum over the segment.
 #![cfg(target_arch = "bpf")]
 
 use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_csum_diff, programs::XdpContext};
 use lb_common::{
-    AF_INET, SKB_IFACES_MAX, VipKey,
+    AF_INET, IFACE_F_SKB, IFACES_MAX, VipKey,
     counters::CSUM_PARTIAL,
     csum::{fold, pseudo_header},
 };
@@ -223,7 +226,7 @@ fn maybe_ours(p: &Parsed) -> bool {
 /// pseudo-header sum of the addresses the segment now carries, for the device
 /// or stack that finishes it.
 #[inline(never)]
-pub fn restore(ctx: &XdpContext, p: &Parsed, outcome: &Outcome) {
+pub fn restore(ctx: &XdpContext, p: &Parsed, outcome: &Outcome, iface: u32) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -237,7 +240,7 @@ pub fn restore(ctx: &XdpContext, p: &Parsed, outcome: &Outcome) {
     // drops (xdpdump, the fuzzer) sees the bytes that arrived.
     if outcome.action != xdp_action::XDP_PASS
         && outcome.action != xdp_action::XDP_DROP
-        && !skb_mode(ctx)
+        && iface & IFACE_F_SKB == 0
     {
         return;
     }
@@ -270,11 +273,13 @@ pub fn restore(ctx: &XdpContext, p: &Parsed, outcome: &Outcome) {
     unsafe { (*tcp).check = fold(pseudo_header(v4, &src, &dst, len)).to_ne_bytes() };
 }
 
-/// Whether the program runs on this packet's interface in generic mode.
+/// `IFACE_F_*` of the packet's interface from `CONFIG`, 0 if it is not listed:
+/// a NIC in native mode, whose packets never carry partial checksums and skip
+/// [`finish`] and [`restore`] entirely.
 #[inline(always)]
-fn skb_mode(ctx: &XdpContext) -> bool {
+pub fn iface_flags(ctx: &XdpContext) -> u32 {
     let Some(cfg) = CONFIG.get(0) else {
-        return false;
+        return 0;
     };
     #[expect(
         clippy::cast_possible_truncation,
@@ -282,11 +287,12 @@ fn skb_mode(ctx: &XdpContext) -> bool {
     )]
     let ifindex = ctx.ingress_ifindex() as u32;
     let mut i = 0;
-    while i < SKB_IFACES_MAX {
-        if cfg.skb_ifindex[i] == ifindex && ifindex != 0 {
-            return true;
+    while i < IFACES_MAX {
+        let iface = &cfg.ifaces[i];
+        if iface.ifindex == ifindex && ifindex != 0 {
+            return iface.flags;
         }
         i += 1;
     }
-    false
+    0
 }

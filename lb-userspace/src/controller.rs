@@ -18,7 +18,7 @@ use std::{
     time::Instant,
 };
 
-use lb_common::BACKEND_NONE;
+use lb_common::{BACKEND_NONE, IfaceMode};
 
 use crate::{
     config::{BackendSettings, Config, Election, VipSnat},
@@ -128,8 +128,8 @@ pub struct Reconciler {
     current: Option<Desired>,
     /// The node's network namespace, for node-local mode (see `NodeConfig`).
     netns_cookie: u64,
-    /// The interfaces the XDP program runs on in generic mode (`NodeConfig`).
-    skb_ifindexes: Vec<u32>,
+    /// The interfaces whose packets may carry partial checksums (`NodeConfig`).
+    ifaces: Vec<IfaceMode>,
     /// When each configured backend that is down went down (see
     /// [`Reconciler::desired`] on its flows).
     down_since: HashMap<SocketAddr, Instant>,
@@ -323,7 +323,7 @@ impl Reconciler {
                 0
             },
             sync_listener: config.sync.as_ref().map(|s| s.listen),
-            skb_ifindexes: self.skb_ifindexes.clone(),
+            ifaces: self.ifaces.clone(),
         };
         Desired {
             node,
@@ -469,10 +469,10 @@ impl Reconciler {
         self.netns_cookie = cookie;
     }
 
-    /// The interfaces the loader attached in generic mode
-    /// ([`crate::loader::Programs::skb_ifindexes`]).
-    pub fn set_skb_ifindexes(&mut self, ifindexes: Vec<u32>) {
-        self.skb_ifindexes = ifindexes;
+    /// The interfaces whose packets may carry partial checksums, as the loader
+    /// attached them ([`crate::loader::Programs::ifaces`]).
+    pub fn set_ifaces(&mut self, ifaces: Vec<IfaceMode>) {
+        self.ifaces = ifaces;
     }
 
     /// What the last `apply` wrote.

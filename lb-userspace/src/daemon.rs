@@ -245,7 +245,7 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
     let (admin, stop_admin) = start_admin(&config, &snapshot).await?;
     let (mut programs, mut dp) = loader::start(&config)?;
     let mut reconciler = Reconciler::new();
-    reconciler.set_skb_ifindexes(programs.skb_ifindexes());
+    reconciler.set_ifaces(programs.ifaces());
     crate::socklb::start(&config, &mut programs, &mut reconciler)?;
     let (passive_tx, mut passive_rx) = mpsc::channel(256);
     let _passive_reader = passive::spawn(dp.take_passive_events()?, passive_tx)

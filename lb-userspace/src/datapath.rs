@@ -25,11 +25,11 @@ use aya::{
 };
 use lb_common::{
     AF_INET, AF_INET6, BACKEND_F_DOWN, BACKEND_F_LOCAL, Backend, CONFIG_F_PASSIVE, COUNTER_COUNT,
-    DatapathConfig, FlowKey, FlowState, IPPROTO_TCP, MAGLEV_SIZE_MAX, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_HALF_FLOWS, MAP_HALF_REPLIES,
-    MAP_LOCAL_STATS, MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS, MAP_REPLIES,
-    MAP_SYNC_EVENTS, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS, PassiveStats,
-    ReplyState, SKB_IFACES_MAX, SNAT_POOL_MAX, TrafficStats, VIP_F_LOCAL, VIP_F_OWNED, VIP_F_SYNC,
+    DatapathConfig, FlowKey, FlowState, IFACES_MAX, IPPROTO_TCP, IfaceMode, MAGLEV_SIZE_MAX,
+    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_HALF_FLOWS,
+    MAP_HALF_REPLIES, MAP_LOCAL_STATS, MAP_MAGLEV, MAP_PASSIVE_EVENTS, MAP_PASSIVE_STATS,
+    MAP_REPLIES, MAP_SYNC_EVENTS, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS,
+    PassiveStats, ReplyState, SNAT_POOL_MAX, TrafficStats, VIP_F_LOCAL, VIP_F_OWNED, VIP_F_SYNC,
     VipInfo, VipKey,
     ct::{CT_TIME_WAIT, FLOW_F_FROM_PEER},
 };
@@ -126,11 +126,10 @@ pub struct NodeConfig {
     /// there (the controller is gone), VIPs that sync get no new flows. `None`
     /// without `[sync]`.
     pub sync_listener: Option<SocketAddr>,
-    /// The interfaces the XDP program runs on in generic mode, by index, at most
-    /// [`SKB_IFACES_MAX`]: there the kernel keeps each packet's socket buffer and
-    /// its checksum state whatever the verdict, so a partial checksum the
-    /// datapath finished is put back in partial form (`lb-ebpf`'s `offload`).
-    pub skb_ifindexes: Vec<u32>,
+    /// The interfaces whose packets may carry partial checksums (a veth, a tun
+    /// device, any interface in generic mode), at most [`IFACES_MAX`]: only there
+    /// does the datapath look for them (`lb-ebpf`'s `offload`).
+    pub ifaces: Vec<IfaceMode>,
 }
 
 /// The sync listener as `DatapathConfig` holds it for `bpf_sk_lookup_tcp`: its
@@ -294,15 +293,15 @@ impl Datapath {
             addr_words(IpAddr::V6(*a)).0
         })?;
         let (sync_family, sync_tuple_be) = sync_tuple(nat.sync_listener);
-        let mut skb_ifindex = [0; SKB_IFACES_MAX];
-        if nat.skb_ifindexes.len() > SKB_IFACES_MAX {
+        let mut ifaces = [IfaceMode::default(); IFACES_MAX];
+        if nat.ifaces.len() > IFACES_MAX {
             return Err(DatapathError::OutOfRange {
-                what: "interfaces attached in generic XDP mode",
-                value: nat.skb_ifindexes.len().to_string(),
-                range: format!("at most {SKB_IFACES_MAX}"),
+                what: "veth, tun or generic-mode interfaces",
+                value: nat.ifaces.len().to_string(),
+                range: format!("at most {IFACES_MAX}"),
             });
         }
-        skb_ifindex[..nat.skb_ifindexes.len()].copy_from_slice(&nat.skb_ifindexes);
+        ifaces[..nat.ifaces.len()].copy_from_slice(&nat.ifaces);
         let cfg = DatapathConfig {
             snat_v6_be,
             snat_v4_be,
@@ -326,7 +325,7 @@ impl Datapath {
             _pad2: [0; 3],
             sync_tuple_be,
             _pad3: 0,
-            skb_ifindex,
+            ifaces,
         };
         let mut config: Array<_, DatapathConfig> = self.typed(MAP_CONFIG)?;
         config.set(0, cfg, 0).map_err(map_err(MAP_CONFIG))

@@ -41,7 +41,7 @@ use aya::{
     },
 };
 use lb_common::{
-    LAYOUT_VERSION, MAP_FLOWS, PROG_SOCK, PROG_XDP,
+    IFACE_F_PARTIAL, IFACE_F_SKB, IfaceMode, LAYOUT_VERSION, MAP_FLOWS, PROG_SOCK, PROG_XDP,
     maps::{MAPS, MapSpec, Sizing},
 };
 use tracing::{error, info, warn};
@@ -343,9 +343,9 @@ pub struct Programs {
     /// Links pinned in bpffs: kept open while this value lives, and left attached
     /// when it is dropped.
     pinned_links: Vec<PinnedLink>,
-    /// The interfaces attached in generic (skb) mode, by index: the datapath
-    /// treats their packets' checksum state differently (`NodeConfig`).
-    skb_ifindexes: Vec<u32>,
+    /// The interfaces whose packets may carry partial checksums, and whether the
+    /// program runs there in generic mode (`NodeConfig::ifaces`).
+    ifaces: Vec<IfaceMode>,
 }
 
 impl Programs {
@@ -378,7 +378,7 @@ impl Programs {
         let mut programs = Self {
             ebpf,
             pinned_links: Vec::new(),
-            skb_ifindexes: Vec::new(),
+            ifaces: Vec::new(),
         };
         programs.xdp(PROG_XDP)?.load().map_err(|source| {
             too_old(LoaderError::Program {
@@ -474,18 +474,30 @@ impl Programs {
             Some(m) => m,
             None => self.attach_new(interface, ifindex, mode, link_pin.as_deref())?,
         };
-        self.skb_ifindexes.retain(|&i| i != ifindex);
-        if mode == XdpMode::Skb {
-            self.skb_ifindexes.push(ifindex);
+        self.ifaces.retain(|i| i.ifindex != ifindex);
+        let skb = if mode == XdpMode::Skb { IFACE_F_SKB } else { 0 };
+        let offloads = xdp_mode::may_send_partial(ifindex).unwrap_or_else(|e| {
+            warn!(
+                interface,
+                "cannot read the interface's kind, taking it for a veth: {e}"
+            );
+            true
+        });
+        if skb != 0 || offloads {
+            self.ifaces.push(IfaceMode {
+                ifindex,
+                flags: IFACE_F_PARTIAL | skb,
+            });
         }
         Ok(mode)
     }
 
-    /// The interfaces attached in generic mode so far, by index, for
-    /// [`crate::controller::Reconciler::set_skb_ifindexes`].
+    /// The interfaces attached so far whose packets may carry partial checksums
+    /// (a veth, a tun device, any interface in generic mode), for
+    /// [`crate::controller::Reconciler::set_ifaces`].
     #[must_use]
-    pub fn skb_ifindexes(&self) -> Vec<u32> {
-        self.skb_ifindexes.clone()
+    pub fn ifaces(&self) -> Vec<IfaceMode> {
+        self.ifaces.clone()
     }
 
     /// Swap this program into the pinned link at `path`, attached to `ifindex`, and

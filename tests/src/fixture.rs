@@ -409,6 +409,21 @@ impl Lab {
         self.reconcile();
     }
 
+    /// Tell the datapath which interfaces may deliver partial checksums, as the
+    /// loader would after attaching (`IFACE_F_*` by ingress): the lab's veths
+    /// stand for NICs until a test says otherwise.
+    pub fn set_ifaces(&mut self, ifaces: &[(Ingress, u32)]) {
+        let modes = ifaces
+            .iter()
+            .map(|&(ingress, flags)| lb_common::IfaceMode {
+                ifindex: self.ifindex(ingress),
+                flags,
+            })
+            .collect();
+        self.reconciler.set_ifaces(modes);
+        self.reconcile();
+    }
+
     fn reconcile(&mut self) {
         let config = self.config.as_ref().expect("the lab is configured");
         let desired = self.reconciler.desired(config, &self.health, &self.owned);

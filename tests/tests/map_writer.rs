@@ -87,7 +87,7 @@ fn out_of_range_ids_ports_and_slots_are_refused_by_name_and_value() {
         },
         netns_cookie: 0,
         sync_listener: None,
-        skb_ifindexes: Vec::new(),
+        ifaces: Vec::new(),
     };
     assert_eq!(
         err(dp.set_node_config(&nat(0..=100))),

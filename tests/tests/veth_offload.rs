@@ -9,7 +9,10 @@
 //! and in the generic mode `auto` takes on a veth, where the kernel keeps each
 //! packet's socket buffer and the datapath must leave the checksum partial.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
 use tests::{
     cluster::Shape,
@@ -44,6 +47,27 @@ fn csum_errors(ns: &Netns) -> u64 {
 
 /// Balance through a veth with offload on its peer, which runs XDP if
 /// `peer_xdp`; apilb's log.
+/// apilb's `/metrics` from a snapshot taken after now: it takes one a second.
+fn fresh_metrics(lb: &Netns) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = metrics(lb);
+        let taken = m
+            .lines()
+            .find_map(|l| l.strip_prefix("apilb_snapshot_timestamp_seconds "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if taken > now || Instant::now() > deadline {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn balances_partial_checksums(prefix: &str, peer_xdp: bool, datapath: &str) -> String {
     let shape = Shape {
         tx_offload: true,
@@ -59,7 +83,7 @@ fn balances_partial_checksums(prefix: &str, peer_xdp: bool, datapath: &str) -> S
             None => failed += 1,
         }
     }
-    let m = metrics(p.t.lb());
+    let m = fresh_metrics(p.t.lb());
     let partial = metric_sum(&m, "apilb_datapath_packets_total{counter=\"csum_partial\"}");
     let errors: Vec<u64> = std::iter::once(&p.t.client)
         .chain(&p.t.masters)

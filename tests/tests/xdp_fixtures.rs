@@ -7,7 +7,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use lb_common::{
-    FLOW_F_BACKEND_FIRST, FLOW_F_REFUSED, FLOW_F_TS,
+    FLOW_F_BACKEND_FIRST, FLOW_F_REFUSED, FLOW_F_TS, IFACE_F_PARTIAL, IFACE_F_SKB,
     counters::*,
     ct::{CT_ESTABLISHED, CT_SYN_SENT, CT_TIME_WAIT},
 };
@@ -1315,6 +1315,41 @@ fn forged_acks_on_a_half_open_flow_do_not_keep_its_port() {
     );
 }
 
+/// Both lab interfaces as veths in native mode: packets may carry partial
+/// checksums.
+const VETHS: [(Ingress, u32); 2] = [
+    (Ingress::ClientSide, IFACE_F_PARTIAL),
+    (Ingress::MasterSide, IFACE_F_PARTIAL),
+];
+
+/// On an interface that cannot deliver partial checksums (a NIC), the datapath
+/// does not look for them: a segment whose field happens to hold the partial
+/// form is natted as any other, checksum updated incrementally.
+#[test]
+fn a_nic_is_not_checked_for_partial_checksums() {
+    let mut lab = lab("apilb-fx-nic");
+    let syn = client_syn(CLIENT4, VIP4);
+    let (_, backend, mac) = picked(&lab, 0, CLIENT4, VIP4, &masters4());
+    let out = lab.test_run(
+        lb_common::PROG_XDP,
+        &syn.build_partial(),
+        Ingress::ClientSide,
+    );
+    let want = natted(&syn, backend, 40_000, mac).build();
+    assert_eq!(out.action, XDP_REDIRECT);
+    let l4 = l4_offset(&want);
+    assert_eq!(
+        (&out.packet[..l4 + 16], &out.packet[l4 + 18..]),
+        (&want[..l4 + 16], &want[l4 + 18..]),
+        "natted as any SYN"
+    );
+    assert_eq!(
+        checksums_valid(&out.packet),
+        (true, false),
+        "its TCP checksum updated as a full one, so not finished"
+    );
+}
+
 /// A payload long enough to take two of the datapath's 512-byte sums and every
 /// smaller piece after them, and odd, so the last byte is summed on its own.
 fn long_payload() -> Vec<u8> {
@@ -1333,6 +1368,7 @@ fn partial_checksums_from_a_veth_peer_are_finished_both_ways() {
         (CLIENT6, VIP6, 1, masters6()),
     ] {
         let mut lab = lab("apilb-fx-partial");
+        lab.set_ifaces(&VETHS);
         let syn = client_syn(client, vip);
         let (_, backend, mac) = picked(&lab, vip_id, client, vip, &masters);
         let got = lab.run(&Fixture {
@@ -1387,6 +1423,7 @@ fn partial_checksums_from_a_veth_peer_are_finished_both_ways() {
 #[test]
 fn a_full_checksum_equal_to_the_pseudo_header_sum_is_left_full() {
     let mut lab = lab("apilb-fx-lookalike");
+    lab.set_ifaces(&VETHS);
     let syn = client_syn(CLIENT4, VIP4);
     let (_, backend, mac) = picked(&lab, 0, CLIENT4, VIP4, &masters4());
     lab.run(&new_flow_to("SYN", &syn, backend, 40_000, mac));
@@ -1440,6 +1477,7 @@ fn a_partial_checksum_stays_partial_where_the_kernel_keeps_the_socket_buffer() {
         "apilb-fx-partial-pass",
         &LabConfig::new(&[sa(VIP4)], &[unresolved]),
     );
+    pass_lab.set_ifaces(&[(Ingress::ClientSide, IFACE_F_PARTIAL)]);
     let syn = client_syn(CLIENT4, VIP4);
     let got = pass_lab.run(&Fixture {
         desc: "a partial SYN to a master with no neighbour entry",
@@ -1460,9 +1498,10 @@ fn a_partial_checksum_stays_partial_where_the_kernel_keeps_the_socket_buffer() {
     assert!(checksums_valid(&got).0, "the IPv4 header's is full");
 
     let mut lab = lab("apilb-fx-partial-skb");
-    let fx0 = lab.ifindex(Ingress::ClientSide);
-    lab.reconciler.set_skb_ifindexes(vec![fx0]);
-    lab.reconfigure(|_| {});
+    lab.set_ifaces(&[
+        (Ingress::ClientSide, IFACE_F_PARTIAL | IFACE_F_SKB),
+        (Ingress::MasterSide, IFACE_F_PARTIAL),
+    ]);
     let syn = client_syn(CLIENT4, VIP4);
     let (_, backend, mac) = picked(&lab, 0, CLIENT4, VIP4, &masters4());
     lab.run(&Fixture {

@@ -51,6 +51,19 @@ pub(super) fn is_veth(ifindex: u32) -> io::Result<bool> {
     }))
 }
 
+/// Whether interface `ifindex` may hand the program TCP segments with partial
+/// checksums: a veth (its peer's transmit offload) or a tun/tap device (a
+/// writer's `virtio_net_hdr`). A NIC's receive path never does.
+pub(super) fn may_send_partial(ifindex: u32) -> io::Result<bool> {
+    let link = get_link(ifindex)?;
+    Ok(link.attributes.iter().any(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos
+            .iter()
+            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth | InfoKind::Tun))),
+        _ => false,
+    }))
+}
+
 /// The kernel's `RTM_GETLINK` answer for interface `ifindex`.
 fn get_link(ifindex: u32) -> io::Result<LinkMessage> {
     let mut request = LinkMessage::default();

@@ -21,7 +21,9 @@ use std::time::Duration;
 use std::net::SocketAddr;
 
 use aya::maps::{MapData, RingBuf};
-use lb_common::{FLOW_TABLE_SIZE, NEXTHOP_TTL_DEFAULT_NS, PROG_XDP, counters::SYNC_EVENT_LOST};
+use lb_common::{
+    FLOW_TABLE_SIZE, IFACE_F_PARTIAL, NEXTHOP_TTL_DEFAULT_NS, PROG_XDP, counters::SYNC_EVENT_LOST,
+};
 use lb_userspace::{floor::Floor, loader::LoadOptions};
 use tests::{
     fixture::{
@@ -74,6 +76,9 @@ struct Case {
     /// resends a SYN whose flow the warm-up already recorded.
     next: usize,
     ns: Vec<u64>,
+    /// The ingress is a veth (`IFACE_F_PARTIAL`: its packets are looked at for
+    /// partial checksums) for this row's runs; every other row's is a NIC.
+    veth: bool,
 }
 
 impl Case {
@@ -93,7 +98,14 @@ impl Case {
             per_round: PER_ROUND,
             next: 0,
             ns: Vec::with_capacity(RUNS),
+            veth: false,
         }
+    }
+
+    /// The same row with its ingress a veth.
+    fn on_veth(mut self) -> Self {
+        self.veth = true;
+        self
     }
 
     /// The handshake-completing ACK to `vip` from `clients`' addresses, one each.
@@ -107,11 +119,15 @@ impl Case {
             per_round: ACK_PER_ROUND,
             next: 0,
             ns: Vec::with_capacity(ROUNDS * ACK_PER_ROUND),
+            veth: false,
         }
     }
 
     /// Run the next `per_round` packets, one syscall each.
     fn round(&mut self, lab: &mut Lab, floor: &mut Floor) {
+        if self.veth {
+            lab.set_ifaces(&[(self.ingress, IFACE_F_PARTIAL)]);
+        }
         for _ in 0..self.per_round {
             let n = self.next;
             self.next += 1;
@@ -142,6 +158,9 @@ impl Case {
             );
             self.ns
                 .push(u64::try_from(out.duration.as_nanos()).unwrap_or(u64::MAX));
+        }
+        if self.veth {
+            lab.set_ifaces(&[]);
         }
     }
 
@@ -337,23 +356,16 @@ fn cases(lab: &mut Lab) -> Vec<Case> {
     rows
 }
 
-/// A full-size segment on the established flow, as a client's stack sums it and
-/// as a veth peer with checksum offload hands it over (`offload`): what
-/// finishing a partial checksum costs.
-fn full_size_cases() -> [Case; 2] {
+/// A full-size segment on the established flow from a NIC, from a veth (whose
+/// packets are looked at for partial checksums, `offload`), and from a veth
+/// whose peer left its checksum partial: what each step costs.
+fn full_size_cases() -> [Case; 3] {
     let segment = Tcp::syn(CLIENT_MAC, FX0_MAC, sa("192.0.2.10:50000"), sa(VIP)).data(
         &(0..1_400u32)
             .map(|i| i.to_le_bytes()[0])
             .collect::<Vec<u8>>(),
     );
-    [
-        ("established flow, 1,400 bytes", segment.build()),
-        (
-            "established flow, 1,400 bytes, partial checksum",
-            segment.build_partial(),
-        ),
-    ]
-    .map(|(name, frame)| {
+    let case = |name, frame| {
         Case::new(
             name,
             Prog::Balancer,
@@ -361,7 +373,16 @@ fn full_size_cases() -> [Case; 2] {
             vec![frame],
             XDP_REDIRECT,
         )
-    })
+    };
+    [
+        case("established flow, 1,400 bytes", segment.build()),
+        case("established flow, 1,400 bytes, veth", segment.build()).on_veth(),
+        case(
+            "established flow, 1,400 bytes, veth, partial checksum",
+            segment.build_partial(),
+        )
+        .on_veth(),
+    ]
 }
 
 /// The rows of the VIP that syncs, and the handshake's ACK without it to

@@ -1,5 +1,6 @@
-//! The model of the datapath's partial checksums (README, "Container networks"):
-//! a TCP segment to a VIP or to a SNAT port whose checksum field holds only the
+//! The model of the datapath's partial checksums (README, "Container networks"),
+//! on interfaces that may deliver them (the fuzzer's lab says both do): a TCP
+//! segment to a VIP or to a SNAT port whose checksum field holds only the
 //! pseudo-header's sum, and which does not verify as a full checksum, is
 //! finished before the balancer looks at it; if the verdict leaves the kernel's
 //! socket buffer in place (a pass; the fuzz lab has no interface in generic

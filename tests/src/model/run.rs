@@ -43,7 +43,7 @@ use super::{
     generate::{Frame, Generator, VIP6, VIPS4},
 };
 use crate::{
-    fixture::{Lab, LabConfig, sa},
+    fixture::{Ingress, Lab, LabConfig, sa},
     flowfx::{addrs, masters4, masters6},
     packets::describe,
 };
@@ -298,6 +298,11 @@ pub fn run(s: &Settings) -> Result<Summary, Mismatch> {
         }
         sum.rounds.push(format!("{name}: {n}"));
         let mut lab = Lab::with_config(&format!("{}{r}", s.prefix), &setup);
+        // Both interfaces as veths: the datapath looks for partial checksums.
+        lab.set_ifaces(&[
+            (Ingress::ClientSide, lb_common::IFACE_F_PARTIAL),
+            (Ingress::MasterSide, lb_common::IFACE_F_PARTIAL),
+        ]);
         let mut model = Model::of(&lab);
         for addr in down {
             let id = lab.backend_id(sa(addr));
