@@ -73,6 +73,8 @@ fn sample() -> Snapshot {
                 address: HEALTHY.parse().unwrap(),
                 id: 0,
                 weight: 1,
+                source: "static".to_owned(),
+                membership: "member".to_owned(),
                 healthy: true,
                 health: "ready".to_owned(),
                 in_rotation: true,
@@ -92,6 +94,8 @@ fn sample() -> Snapshot {
                 address: UNHEALTHY.parse().unwrap(),
                 id: 1,
                 weight: 2,
+                source: "discovered".to_owned(),
+                membership: "leaving".to_owned(),
                 healthy: false,
                 health: "down".to_owned(),
                 in_rotation: false,
@@ -123,6 +127,7 @@ fn sample() -> Snapshot {
         reloads_applied: 2,
         reloads_refused: 1,
         sync: None,
+        discovery: None,
     }
 }
 
