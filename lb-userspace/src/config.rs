@@ -36,6 +36,8 @@ mod reload;
 mod sync;
 mod timeouts;
 
+#[cfg(test)]
+pub(crate) use discovery::write_kubeconfig;
 pub use discovery::{Credentials, DiscoverySettings, HOLD_DEFAULT};
 pub use election::{Election, ElectionSettings, VrrpSettings};
 pub use local::LocalSettings;

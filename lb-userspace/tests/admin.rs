@@ -478,6 +478,9 @@ async fn metrics_carry_the_snapshot_numbers_as_valid_openmetrics_text() {
             "apilb_fail_open 0".to_owned(),
             r#"apilb_config_reloads_total{result="applied"} 2"#.to_owned(),
             r#"apilb_config_reloads_total{result="refused"} 1"#.to_owned(),
+            format!(
+                r#"apilb_backend_membership{{backend="{UNHEALTHY}",source="discovered",stage="leaving"}} 1"#
+            ),
         ] {
             assert!(
                 lines.contains(&expected.as_str()),
@@ -505,13 +508,13 @@ async fn metrics_carry_the_snapshot_numbers_as_valid_openmetrics_text() {
         assert_valid_exposition(&reply.body);
         let samples = lines.iter().filter(|l| !l.starts_with('#')).count();
         // build, timestamp, fail_open, 2 reloads; 4 per VIP plus 4 for its election
-        // (state, preemption held, transitions, one rejection reason); 9 per
-        // backend plus 4 failure
+        // (state, preemption held, transitions, one rejection reason); 10 per
+        // backend (membership included) plus 4 failure
         // reasons, 3 passive failure kinds and 4 passive hint outcomes; one per
         // datapath counter.
         assert_eq!(
             samples,
-            5 + 4 + 4 + 2 * 9 + 4 + 3 + 4 + COUNTER_NAMES.len(),
+            5 + 4 + 4 + 2 * 10 + 4 + 3 + 4 + COUNTER_NAMES.len(),
             "every series"
         );
     })
@@ -764,14 +767,24 @@ fn render_status_shows_each_backend_with_its_health_and_numbers() {
     assert_eq!(
         row(HEALTHY),
         [
-            HEALTHY, "0", "1", "ready", "yes", "ok", "12.5", "4000", "1.2 MiB", "17"
+            HEALTHY, "0", "1", "static", "ready", "yes", "ok", "12.5", "4000", "1.2 MiB", "17"
         ],
         "\n{table}"
     );
     assert_eq!(
         row(UNHEALTHY),
         [
-            UNHEALTHY, "1", "2", "down", "no", "timeout", "400.0", "0", "0 B", "0"
+            UNHEALTHY,
+            "1",
+            "2",
+            "discovered, leaving",
+            "down",
+            "no",
+            "timeout",
+            "400.0",
+            "0",
+            "0 B",
+            "0"
         ],
         "\n{table}"
     );

@@ -54,6 +54,22 @@ pub struct DiscoverySettings {
     pub kubeconfig_files: Vec<(&'static str, PathBuf)>,
 }
 
+impl DiscoverySettings {
+    /// What `apilb check` says of it.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let from = match &self.credentials {
+            Credentials::Kubeconfig(p) => format!("kubeconfig {}", p.display()),
+            Credentials::InCluster => "in-cluster".to_owned(),
+        };
+        format!(
+            "discovery: the default/kubernetes EndpointSlice ({from}), the backends as bootstrap, \
+             a master that leaves held {}",
+            humantime_serde::re::humantime::format_duration(self.hold)
+        )
+    }
+}
+
 pub(super) fn validate(
     raw: RawDiscovery,
     facts: &dyn Facts,
@@ -171,6 +187,25 @@ fn named_files(path: &Path) -> Result<Vec<(&'static str, PathBuf)>, ConfigError>
     Ok(files)
 }
 
+/// A kubeconfig in `dir` (created) whose cluster names the CA file `ca`
+/// (written beside it), for unit tests.
+#[cfg(test)]
+pub(crate) fn write_kubeconfig(dir: &Path, ca: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join(ca), "x").unwrap();
+    let kc = dir.join("kubeconfig");
+    std::fs::write(
+        &kc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://10.0.0.100:6443\n    \
+             certificate-authority: {ca}\nusers:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: x\n  \
+             context:\n    cluster: c\n    user: u\ncurrent-context: x\n"
+        ),
+    )
+    .unwrap();
+    kc
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -201,16 +236,7 @@ mod tests {
     #[test]
     fn a_kubeconfig_is_read_and_the_files_it_names_are_listed() {
         let dir = std::env::temp_dir().join(format!("apilb-disc-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("ca.pem"), "x").unwrap();
-        let kc = dir.join("kubeconfig");
-        std::fs::write(
-            &kc,
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://10.0.0.100:6443\n    \
-             certificate-authority: ca.pem\nusers:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: x\n  \
-             context:\n    cluster: c\n    user: u\ncurrent-context: x\n",
-        )
-        .unwrap();
+        let kc = write_kubeconfig(&dir, "ca.pem");
         let c = parse(&format!(
             "kind = \"endpointslice\"\nkubeconfig = \"{}\"\nhold = \"30s\"",
             kc.display()
