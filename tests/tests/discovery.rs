@@ -27,6 +27,8 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 const EVERY: Duration = Duration::from_millis(10);
 const STREAMS: usize = 30;
+/// The three masters and the fourth.
+const ALL_FOUR: [&str; 4] = [MASTERS[0], MASTERS[1], MASTERS[2], FOURTH_MASTER];
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL
@@ -112,6 +114,20 @@ fn spread(p: &ControlPlane, n: usize) -> (std::collections::BTreeMap<String, usi
     (by, failed)
 }
 
+/// Serve `slice`, which leaves the static `master` out, and wait until apilb
+/// drains it: when the slice changed, and when the master was leaving.
+fn unlist(p: &ControlPlane, slice: &SliceFile, master: &str) -> (Instant, Instant) {
+    let removed = Instant::now();
+    p.set_slice(slice);
+    wait_metric(
+        p,
+        &membership(master, "static", "leaving"),
+        1,
+        Duration::from_secs(5),
+    );
+    (removed, Instant::now())
+}
+
 /// Wait until master `name` has served a new connection since `t`; when.
 fn first_served(p: &ControlPlane, traffic: &Traffic, name: &str, t: Instant) -> Instant {
     let deadline = t + FAILOVER_TARGET * 5 + Duration::from_secs(2);
@@ -138,11 +154,7 @@ fn a_fourth_master_added_to_the_slice_takes_a_quarter_of_new_connections_and_no_
     let streams_before = traffic.record().watches_per_master();
 
     let added = Instant::now();
-    let mut slice = SliceFile::of(2, &MASTERS);
-    slice
-        .endpoints
-        .push(FOURTH_MASTER.rsplit_once(':').unwrap().0.to_owned());
-    p.set_slice(&slice);
+    p.set_slice(&SliceFile::of(2, &ALL_FOUR));
     let joined = first_served(&p, &traffic, "master-4", added);
     thread::sleep(Duration::from_secs(8));
     let r = traffic.stop();
@@ -185,7 +197,7 @@ fn a_fourth_master_added_to_the_slice_takes_a_quarter_of_new_connections_and_no_
 #[test]
 fn a_master_removed_from_the_slice_gets_no_new_flows_and_keeps_its_streams() {
     let _serial = serial();
-    let p = plane("disc-remove", Shape::default(), "hold = \"60s\"");
+    let mut p = plane("disc-remove", Shape::default(), "hold = \"60s\"");
     let traffic = Traffic::start(&p.t.client, p.ca(), STREAMS, Some(EVERY));
     thread::sleep(Duration::from_secs(1));
     let on_it = traffic
@@ -195,24 +207,20 @@ fn a_master_removed_from_the_slice_gets_no_new_flows_and_keeps_its_streams() {
         .copied()
         .unwrap_or(0);
 
-    let removed = Instant::now();
-    p.set_slice(&SliceFile::of(2, &[MASTERS[0], MASTERS[2]]));
-    wait_metric(
-        &p,
-        &membership(MASTERS[1], "static", "leaving"),
-        1,
-        Duration::from_secs(5),
-    );
-    let drained = Instant::now();
+    let (removed, drained) = unlist(&p, &SliceFile::of(2, &[MASTERS[0], MASTERS[2]]), MASTERS[1]);
     thread::sleep(Duration::from_secs(5));
-    let r = traffic.stop();
+    let r = traffic.record();
+    // Until it closes them: its apiserver stops.
+    p.kill_master(1);
+    thread::sleep(Duration::from_secs(3));
+    let closed = traffic.stop().broken_watches();
     let last = r.last_served_by("master-2", removed);
     let (after, failed) = r.spread_since(drained);
     let broken = r.broken_watches();
     eprintln!(
         "discovery removal: master-2 left the slice; drained {:.2} s later, its last new \
          connection {:?} after the removal; since then {after:?}, {failed} failed; broken \
-         streams {broken:?} ({on_it} streams on master-2)",
+         streams {broken:?} ({on_it} streams on master-2); once it stopped, broken {closed:?}",
         (drained - removed).as_secs_f64(),
         last.map(|t| t - removed),
     );
@@ -230,6 +238,11 @@ fn a_master_removed_from_the_slice_gets_no_new_flows_and_keeps_its_streams() {
         r.watches
             .iter()
             .all(|w| w.last_event > drained + Duration::from_secs(4))
+    );
+    assert_eq!(
+        closed,
+        [("master-2".to_owned(), on_it)].into(),
+        "then exactly its own streams end, when it closes them"
     );
 }
 
@@ -255,11 +268,8 @@ fn an_unreadable_slice_keeps_the_last_good_set_and_a_compacted_watch_relists() {
 
     // Compaction under an open watch: its resume gets 410 Gone, the watcher
     // lists again and finds master-4.
-    let mut slice = SliceFile::of(20, &MASTERS);
+    let mut slice = SliceFile::of(20, &ALL_FOUR);
     slice.compacted = 20;
-    slice
-        .endpoints
-        .push(FOURTH_MASTER.rsplit_once(':').unwrap().0.to_owned());
     p.set_slice(&slice);
     wait_metric(
         &p,
@@ -359,30 +369,15 @@ fn node_local_mode_follows_the_slice() {
     let traffic = Traffic::start(p.t.lb(), p.ca(), 10, Some(EVERY));
     thread::sleep(Duration::from_secs(1));
     let added = Instant::now();
-    let mut slice = SliceFile::of(2, &MASTERS);
-    slice
-        .endpoints
-        .push(FOURTH_MASTER.rsplit_once(':').unwrap().0.to_owned());
-    p.set_slice(&slice);
+    p.set_slice(&SliceFile::of(2, &ALL_FOUR));
     let joined = first_served(&p, &traffic, "master-4", added);
     thread::sleep(Duration::from_secs(4));
     let (with_four, failed_four) = traffic.record().spread_since(joined);
-    let removed = Instant::now();
-    let mut slice = SliceFile::of(3, &MASTERS);
-    slice
-        .endpoints
-        .retain(|e| !MASTERS[1].starts_with(e.as_str()));
-    slice
-        .endpoints
-        .push(FOURTH_MASTER.rsplit_once(':').unwrap().0.to_owned());
-    p.set_slice(&slice);
-    wait_metric(
+    let (removed, drained) = unlist(
         &p,
-        &membership(MASTERS[1], "static", "leaving"),
-        1,
-        Duration::from_secs(5),
+        &SliceFile::of(3, &[MASTERS[0], MASTERS[2], FOURTH_MASTER]),
+        MASTERS[1],
     );
-    let drained = Instant::now();
     thread::sleep(Duration::from_secs(3));
     let r = traffic.stop();
     let (after, failed_after) = r.spread_since(drained);
