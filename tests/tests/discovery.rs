@@ -344,6 +344,11 @@ fn a_bogus_slice_is_refused_counted_and_removes_no_healthy_master() {
     }
     assert_eq!(refusals(&p), [1, 1, 1, 1]);
     assert_eq!(
+        tests::alerts::missing_discovery_from(&m),
+        Vec::<String>::new(),
+        "the alerting rules' discovery series are served"
+    );
+    assert_eq!(
         metric_sum(&m, "apilb_discovery_resource_version"),
         1,
         "the last slice taken"
