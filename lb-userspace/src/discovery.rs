@@ -85,6 +85,11 @@ pub struct DiscoveryStatus {
 /// Discovery as the daemon runs it: the reader task, and the membership it feeds.
 pub struct Discovery {
     membership: Membership,
+    /// The `resourceVersion` last refused: the same version offered again (a
+    /// relist) is not judged, nor counted, twice.
+    refused_version: Option<String>,
+    /// The `resourceVersion` of the slice held for `healthy_dropped`.
+    held_version: String,
     families: Families,
     status: DiscoveryStatus,
     ready: watch::Sender<Vec<SocketAddr>>,
@@ -110,6 +115,8 @@ impl Discovery {
         info!(hold = ?settings.hold, "discovery: the static backends serve until the EndpointSlice is read");
         Self {
             membership,
+            refused_version: None,
+            held_version: String::new(),
             families: Families {
                 v4: config.vips.iter().any(|v| v.addr.is_ipv4()),
                 v6: config.vips.iter().any(|v| v.addr.is_ipv6()),
@@ -161,6 +168,9 @@ impl Discovery {
                 self.status.server = server.to_string();
                 self.status.lists = lists;
                 self.status.last_error.clear();
+                if self.refused_version.as_ref() == Some(&resource_version) {
+                    return false;
+                }
                 let offer = match slice::masters(&slices, self.families) {
                     Ok(set) => self.membership.offer(set, health, now),
                     Err(why) => {
@@ -170,6 +180,7 @@ impl Discovery {
                 };
                 match offer {
                     Offer::Accepted { changed } => {
+                        self.refused_version = None;
                         "synced".clone_into(&mut self.status.state);
                         self.status.resource_version = resource_version;
                         self.status.accepted += 1;
@@ -179,6 +190,10 @@ impl Discovery {
                         changed
                     }
                     Offer::Refused(why) => {
+                        if why == Refusal::HealthyDropped {
+                            self.held_version.clone_from(&resource_version);
+                        }
+                        self.refused_version = Some(resource_version.clone());
                         error!(
                             resource_version,
                             reason = why.label(),
@@ -193,7 +208,18 @@ impl Discovery {
 
     /// The probes' verdicts changed (see [`Membership::observe`]).
     pub fn observe(&mut self, health: &HashMap<SocketAddr, Health>, now: Instant) -> bool {
+        let held = self.membership.holds();
         let changed = self.membership.observe(health, now);
+        if held && !self.membership.holds() {
+            "synced".clone_into(&mut self.status.state);
+            self.status.resource_version = std::mem::take(&mut self.held_version);
+            self.status.accepted += 1;
+            self.refused_version = None;
+            info!(
+                resource_version = %self.status.resource_version,
+                "discovery: the held slice is taken: the masters it dropped stopped passing their probes"
+            );
+        }
         if changed {
             info!(members = %self.describe(), "discovery: members changed with their health");
         }

@@ -126,6 +126,11 @@ impl Membership {
         self.accepted.is_some()
     }
 
+    /// Whether a slice refused for `healthy_dropped` waits to be offered again.
+    pub fn holds(&self) -> bool {
+        self.held.is_some()
+    }
+
     /// Refusals so far, every reason from 0.
     pub fn refusals(&self) -> &BTreeMap<Refusal, u64> {
         &self.refusals
