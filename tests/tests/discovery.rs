@@ -353,6 +353,32 @@ fn a_bogus_slice_is_refused_counted_and_removes_no_healthy_master() {
         1,
         "the last slice taken"
     );
+
+    // The one-of-three slice is held, not forgotten: once master-2 and master-3
+    // stop passing their probes it is taken, and when they pass again they are
+    // leaving, so master-1 alone takes new connections.
+    for i in [1, 2] {
+        std::fs::write(p.readyz_fail(i), "").expect("fail /readyz");
+    }
+    wait_metric(
+        &p,
+        &membership(MASTERS[2], "static", "leaving"),
+        1,
+        Duration::from_secs(10),
+    );
+    for i in [1, 2] {
+        std::fs::remove_file(p.readyz_fail(i)).expect("ready again");
+    }
+    thread::sleep(Duration::from_secs(3));
+    let (taken, failed) = spread(&p, 60);
+    let m = metrics(p.t.lb());
+    eprintln!(
+        "discovery bogus: the held slice taken once two masters failed: {taken:?}, {failed} failed"
+    );
+    assert_eq!(failed, 0);
+    assert_eq!(taken.keys().collect::<Vec<_>>(), ["master-1"]);
+    assert_eq!(metric_sum(&m, "apilb_discovery_resource_version"), 5);
+    assert_eq!(refusals(&p), [1, 1, 1, 1], "taken, not refused again");
 }
 
 #[test]
