@@ -76,6 +76,8 @@ pub struct DiscoveryStatus {
     pub last_error: String,
     /// Lists since start (each relist adds one).
     pub lists: u64,
+    /// Watches too old to resume (`410 Gone`), each followed by a list.
+    pub expired: u64,
     /// Slice updates taken.
     pub accepted: u64,
     /// Slice updates refused, every reason from 0.
@@ -164,9 +166,11 @@ impl Discovery {
                 resource_version,
                 server,
                 lists,
+                expired,
             } => {
                 self.status.server = server.to_string();
                 self.status.lists = lists;
+                self.status.expired = expired;
                 self.status.last_error.clear();
                 if self.refused_version.as_ref() == Some(&resource_version) {
                     return false;

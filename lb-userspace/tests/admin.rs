@@ -909,3 +909,49 @@ fn render_status_warns_when_failing_open() {
     let warning = table.lines().nth(1).unwrap_or_default();
     assert!(warning.starts_with("WARNING: failing open"), "\n{table}");
 }
+
+#[test]
+fn render_status_says_where_discovery_stands_and_metrics_count_its_refusals() {
+    let snapshot = Snapshot {
+        discovery: Some(lb_userspace::discovery::DiscoveryStatus {
+            state: "unreadable".to_owned(),
+            resource_version: "42".to_owned(),
+            server: "198.51.100.11:6443".to_owned(),
+            last_error: "403 Forbidden".to_owned(),
+            lists: 3,
+            expired: 1,
+            accepted: 5,
+            refusals: vec![("empty".to_owned(), 0), ("healthy_dropped".to_owned(), 2)],
+        }),
+        ..sample()
+    };
+    let table = table::render_status(&snapshot);
+    let line = table.lines().nth(1).unwrap_or_default();
+    assert_eq!(
+        line,
+        "discovery: unreadable, resourceVersion 42 from 198.51.100.11:6443; 3 list(s) (1 after \
+         410 Gone), 5 update(s) taken; refused: empty 0, healthy_dropped 2; last error: 403 Forbidden",
+        "\n{table}"
+    );
+    let text = metrics::render_metrics(&snapshot).expect("metrics");
+    for expected in [
+        r#"apilb_discovery_state{state="unreadable"} 1"#,
+        r#"apilb_discovery_state{state="synced"} 0"#,
+        "apilb_discovery_resource_version 42",
+        "apilb_discovery_lists_total 3",
+        "apilb_discovery_watches_expired_total 1",
+        "apilb_discovery_slice_updates_total 5",
+        r#"apilb_discovery_refusals_total{reason="empty"} 0"#,
+        r#"apilb_discovery_refusals_total{reason="healthy_dropped"} 2"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == expected),
+            "no {expected:?} in\n{text}"
+        );
+    }
+    assert!(
+        !metrics::render_metrics(&sample())
+            .unwrap()
+            .contains("apilb_discovery_")
+    );
+}

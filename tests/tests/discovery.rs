@@ -278,10 +278,11 @@ fn an_unreadable_slice_keeps_the_last_good_set_and_a_compacted_watch_relists() {
         Duration::from_secs(10),
     );
     let lists_after = metric(&p, "apilb_discovery_lists_total");
+    let expired = metric(&p, "apilb_discovery_watches_expired_total");
     let (four_masters, failed_after) = spread(&p, 200);
     eprintln!(
         "discovery unreadable: while unreadable {unreadable:?}, {failed_unreadable} failed; lists \
-         {lists_before} -> {lists_readable} (readable again) -> {lists_after} (after 410 Gone); \
+         {lists_before} -> {lists_readable} (readable again) -> {lists_after} (after {expired} 410 Gone); \
          then {four_masters:?}, {failed_after} failed; refusals {:?}",
         refusals(&p)
     );
@@ -296,6 +297,7 @@ fn an_unreadable_slice_keeps_the_last_good_set_and_a_compacted_watch_relists() {
         lists_after > lists_readable,
         "the 410 made the watcher list again"
     );
+    assert_eq!(expired, 1, "one watch resumed past the compaction");
     assert_eq!(metric(&p, "apilb_discovery_resource_version"), 20);
     assert_eq!(failed_after, 0);
     assert_eq!(four_masters.len(), 4, "{four_masters:?}");

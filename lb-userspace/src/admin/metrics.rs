@@ -50,7 +50,8 @@ type Labels = Vec<(&'static str, String)>;
 /// - With discovery on: `discovery_state{state}` 1 for the current state and 0
 ///   for the others (`bootstrap`, `synced`, `unreadable`),
 ///   `discovery_resource_version` (the last slice's, as a number),
-///   `discovery_lists_total`, `discovery_slice_updates_total` (taken) and
+///   `discovery_lists_total`, `discovery_watches_expired_total` (410 Gone),
+///   `discovery_slice_updates_total` (taken) and
 ///   `discovery_refusals_total{reason}` (`empty`, `wrong_family`, `bogus_port`,
 ///   `healthy_dropped`).
 /// - With flow sync on, per peer (label `peer`, its name) and link (`link`:
@@ -387,30 +388,37 @@ fn encode_discovery(e: &mut DescriptorEncoder, d: &DiscoveryStatus) -> std::fmt:
             .into_iter()
             .map(|st| (vec![("state", st.to_owned())], i64::from(d.state == st))),
     )?;
-    gauges(
-        e,
+    let version = d.resource_version.parse::<u64>().unwrap_or(0);
+    ConstGauge::new(i64::try_from(version).unwrap_or(i64::MAX)).encode(e.encode_descriptor(
         "discovery_resource_version",
         "The resourceVersion of the last EndpointSlice read, as a number (0 before any)",
         None,
-        [(
-            vec![],
-            i64::try_from(d.resource_version.parse::<u64>().unwrap_or(0)).unwrap_or(i64::MAX),
-        )],
-    )?;
-    counters(
-        e,
-        "discovery_lists",
-        "Lists of the EndpointSlices: the first, then one per relist (410 Gone, another master)",
-        None,
-        [(vec![], d.lists)],
-    )?;
-    counters(
-        e,
-        "discovery_slice_updates",
-        "EndpointSlice updates taken",
-        None,
-        [(vec![], d.accepted)],
-    )?;
+        MetricType::Gauge,
+    )?)?;
+    for (name, help, n) in [
+        (
+            "discovery_lists",
+            "Lists of the EndpointSlices: the first, then one per relist (410 Gone, another master)",
+            d.lists,
+        ),
+        (
+            "discovery_watches_expired",
+            "Watches too old to resume (410 Gone: compacted), each followed by a list",
+            d.expired,
+        ),
+        (
+            "discovery_slice_updates",
+            "EndpointSlice updates taken",
+            d.accepted,
+        ),
+    ] {
+        ConstCounter::new(n).encode(e.encode_descriptor(
+            name,
+            help,
+            None,
+            MetricType::Counter,
+        )?)?;
+    }
     counters(
         e,
         "discovery_refusals",

@@ -134,11 +134,12 @@ fn render_discovery(out: &mut String, d: &crate::discovery::DiscoveryStatus) {
     let refused: Vec<String> = d.refusals.iter().map(|(r, n)| format!("{r} {n}")).collect();
     let _ = writeln!(
         out,
-        "discovery: {}, resourceVersion {} from {}; {} list(s), {} update(s) taken; refused: {}{}",
+        "discovery: {}, resourceVersion {} from {}; {} list(s) ({} after 410 Gone), {} update(s) taken; refused: {}{}",
         d.state,
         or_dash(&d.resource_version),
         or_dash(&d.server),
         d.lists,
+        d.expired,
         d.accepted,
         refused.join(", "),
         if d.last_error.is_empty() {

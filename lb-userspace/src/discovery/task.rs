@@ -35,6 +35,8 @@ pub enum Report {
         /// Lists since start: 1 after the first, one more for each relist (a
         /// watch too old to resume, `410 Gone`, or a new master).
         lists: u64,
+        /// Watches too old to resume (`410 Gone`) since start.
+        expired: u64,
     },
     /// A request failed; the last slices taken stay.
     Unreadable {
@@ -58,6 +60,7 @@ pub async fn run(
     let mut backoff = BACKOFF_FIRST;
     let mut turn = 0usize;
     let mut lists = 0u64;
+    let mut expired = 0u64;
     loop {
         let base = match client::base(&credentials).await {
             Ok(b) => b,
@@ -118,6 +121,13 @@ pub async fn run(
                     slices.remove(&s.name_any());
                     true
                 }
+                Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                    // Compacted past the version the watch resumed from: not a
+                    // failure, the watcher lists again at once.
+                    expired += 1;
+                    info!(%master, "discovery: the watch is too old to resume (410 Gone); listing again");
+                    continue;
+                }
                 Err(e) => {
                     errors += 1;
                     if !unreadable(&reports, error_chain(&e), Some(master)).await {
@@ -138,6 +148,7 @@ pub async fn run(
                     slices: slices.values().cloned().collect(),
                     server: master,
                     lists,
+                    expired,
                 };
                 if reports.send(report).await.is_err() {
                     return;
