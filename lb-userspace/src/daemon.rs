@@ -1,13 +1,14 @@
 //! `apilb run`: the event loop, and nothing else.
 //!
 //! Its inputs are health events, ownership events, passive failures from the
-//! datapath, discovery's reports (with `[discovery]`), SIGHUP and a one-second tick; each ends in a reconcile, the only
-//! place maps are written, through [`Owners`], which orders it with the VIP
-//! addresses. SIGTERM and SIGINT end it, leaving the pinned datapath running
-//! (unless `detach_on_exit`), so that a restart or upgrade loses nothing. Each
-//! concern lives in its own module: probes in `health`, passive events in
-//! `passive`, the snapshot in `status`, bring-up in `loader`, reload rules in
-//! `config`, the map contents in `controller`.
+//! datapath, discovery's reports (with `[discovery]`), SIGHUP and a one-second
+//! tick; each ends in a reconcile, the only place maps are written, through
+//! [`Owners`], which orders it with the VIP addresses. SIGTERM and SIGINT end
+//! it, leaving the pinned datapath running (unless `detach_on_exit`), so that a
+//! restart or upgrade loses nothing. Each concern lives in its own module: probes
+//! in `health`, passive events in `passive`, the members in `discovery`, the
+//! snapshot in `status`, bring-up in `loader`, reload rules in `config`, the map
+//! contents in `controller`.
 
 use std::{collections::HashSet, fmt::Write as _, net::IpAddr, path::PathBuf, time::Duration};
 
