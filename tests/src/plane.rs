@@ -178,6 +178,28 @@ impl ControlPlane {
         }
     }
 
+    /// Wait (at most `limit` after `since`) until master `name` has served one of
+    /// `traffic`'s new connections started since `since`; when it did.
+    pub fn first_served(
+        &self,
+        traffic: &crate::traffic::Traffic,
+        name: &str,
+        since: Instant,
+        limit: Duration,
+    ) -> Instant {
+        loop {
+            if let Some(at) = traffic.record().first_served_by(name, since) {
+                return at;
+            }
+            assert!(
+                Instant::now() < since + limit,
+                "{name} never served:\n{}",
+                self.apilb.log_text()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGKILL the stub apiserver of master `i` (0-based).
     pub fn kill_master(&mut self, i: usize) {
         drop(self.stubs[i].take());

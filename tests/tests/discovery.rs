@@ -130,18 +130,12 @@ fn unlist(p: &ControlPlane, slice: &SliceFile, master: &str) -> (Instant, Instan
 
 /// Wait until master `name` has served a new connection since `t`; when.
 fn first_served(p: &ControlPlane, traffic: &Traffic, name: &str, t: Instant) -> Instant {
-    let deadline = t + FAILOVER_TARGET * 5 + Duration::from_secs(2);
-    loop {
-        if let Some(at) = traffic.record().first_served_by(name, t) {
-            return at;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} never served:\n{}",
-            p.apilb.log_text()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    p.first_served(
+        traffic,
+        name,
+        t,
+        FAILOVER_TARGET * 5 + Duration::from_secs(2),
+    )
 }
 
 #[test]
@@ -158,28 +152,13 @@ fn a_fourth_master_added_to_the_slice_takes_a_quarter_of_new_connections_and_no_
     let joined = first_served(&p, &traffic, "master-4", added);
     thread::sleep(Duration::from_secs(8));
     let r = traffic.stop();
-    let (by, failed) = r.spread_since(joined);
-    let total: usize = by.values().sum();
-    let share = by.get("master-4").copied().unwrap_or(0) as f64 / total as f64;
-    let broken = r.broken_watches();
     let m = metrics(p.t.lb());
     eprintln!(
-        "discovery scale-out: master-4 served {:.2} s after the slice listed it; then {total} new \
-         connections: {by:?} (master-4 {:.1} %); {failed} failed; broken streams {broken:?}; \
-         streams per master before {streams_before:?}, after {:?}",
+        "discovery scale-out: master-4 served {:.2} s after the slice listed it; {}; before {streams_before:?}",
         (joined - added).as_secs_f64(),
-        share * 100.0,
-        r.watches_per_master(),
+        r.assert_joined("master-4", joined),
     );
-    assert_eq!(failed, 0);
-    assert!(total >= 400, "enough connections to judge: {total}");
-    assert!(
-        (0.18..=0.32).contains(&share),
-        "master-4 got {share:.3} of {by:?}"
-    );
-    assert!(broken.is_empty(), "{broken:?}");
     assert_eq!(r.watches_per_master(), streams_before, "no stream moved");
-    assert!(r.watches.iter().all(|w| w.last_event > joined));
     assert_eq!(
         metric_sum(&m, &membership(FOURTH_MASTER, "discovered", "member")),
         1
@@ -200,12 +179,7 @@ fn a_master_removed_from_the_slice_gets_no_new_flows_and_keeps_its_streams() {
     let mut p = plane("disc-remove", Shape::default(), "hold = \"60s\"");
     let traffic = Traffic::start(&p.t.client, p.ca(), STREAMS, Some(EVERY));
     thread::sleep(Duration::from_secs(1));
-    let on_it = traffic
-        .record()
-        .watches_per_master()
-        .get("master-2")
-        .copied()
-        .unwrap_or(0);
+    let on_it = traffic.record().watches_on("master-2");
 
     let (removed, drained) = unlist(&p, &SliceFile::of(2, &[MASTERS[0], MASTERS[2]]), MASTERS[1]);
     thread::sleep(Duration::from_secs(5));
