@@ -28,6 +28,7 @@ use crate::{
     passive::PassiveSettings,
 };
 
+mod discovery;
 mod election;
 mod local;
 mod nat;
@@ -35,6 +36,9 @@ mod reload;
 mod sync;
 mod timeouts;
 
+#[cfg(test)]
+pub(crate) use discovery::write_kubeconfig;
+pub use discovery::{Credentials, DiscoverySettings, HOLD_DEFAULT};
 pub use election::{Election, ElectionSettings, VrrpSettings};
 pub use local::LocalSettings;
 pub use nat::{
@@ -122,6 +126,7 @@ struct RawConfig {
     #[serde(default)]
     local: local::RawLocal,
     sync: Option<sync::RawSync>,
+    discovery: Option<discovery::RawDiscovery>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -338,6 +343,8 @@ pub struct Config {
     pub local: LocalSettings,
     /// `[sync]`; `None`: flow sync is off.
     pub sync: Option<SyncSettings>,
+    /// `[discovery]`; `None`: the masters are the `[[backend]]` list alone.
+    pub discovery: Option<DiscoverySettings>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -547,6 +554,7 @@ fn validate(raw: RawConfig, facts: &dyn Facts) -> Result<Config, ConfigError> {
         election,
         local,
         sync,
+        discovery,
     } = raw;
     if instance.is_empty()
         || !instance
@@ -574,9 +582,12 @@ fn validate(raw: RawConfig, facts: &dyn Facts) -> Result<Config, ConfigError> {
             "not an address:port",
         )
     })?;
-    // Last: it reads the key file.
+    // Last: they read the key file and the kubeconfig.
     let sync = sync
         .map(|s| sync::validate(s, &vips, &datapath, &election, facts))
+        .transpose()?;
+    let discovery = discovery
+        .map(|d| discovery::validate(d, facts))
         .transpose()?;
     Ok(Config {
         instance,
@@ -589,6 +600,7 @@ fn validate(raw: RawConfig, facts: &dyn Facts) -> Result<Config, ConfigError> {
         election,
         local,
         sync,
+        discovery,
     })
 }
 

@@ -1,13 +1,14 @@
 //! `apilb run`: the event loop, and nothing else.
 //!
 //! Its inputs are health events, ownership events, passive failures from the
-//! datapath, SIGHUP and a one-second tick; each ends in a reconcile, the only
-//! place maps are written, through [`Owners`], which orders it with the VIP
-//! addresses. SIGTERM and SIGINT end it, leaving the pinned datapath running
-//! (unless `detach_on_exit`), so that a restart or upgrade loses nothing. Each
-//! concern lives in its own module: probes in `health`, passive events in
-//! `passive`, the snapshot in `status`, bring-up in `loader`, reload rules in
-//! `config`, the map contents in `controller`.
+//! datapath, discovery's reports (with `[discovery]`), SIGHUP and a one-second
+//! tick; each ends in a reconcile, the only place maps are written, through
+//! [`Owners`], which orders it with the VIP addresses. SIGTERM and SIGINT end
+//! it, leaving the pinned datapath running (unless `detach_on_exit`), so that a
+//! restart or upgrade loses nothing. Each concern lives in its own module: probes
+//! in `health`, passive events in `passive`, the members in `discovery`, the
+//! snapshot in `status`, bring-up in `loader`, reload rules in `config`, the map
+//! contents in `controller`.
 
 use std::{collections::HashSet, fmt::Write as _, net::IpAddr, path::PathBuf, time::Duration};
 
@@ -21,6 +22,7 @@ use crate::{
     config::{Config, ConfigError},
     controller::{Applied, ControllerError, Reconciler},
     datapath::Datapath,
+    discovery::{Discovery, Report},
     events::EventLog,
     health::{HealthError, Probes},
     loader::{self, LoaderError},
@@ -78,7 +80,13 @@ pub struct RunOptions {
 /// The loop's state, but for the elections ([`Owners`]), which drive it through
 /// [`Reconcile`].
 struct Core {
+    /// The config file as last loaded.
     config: Config,
+    /// What the controller and the probes work from: `config` with the members
+    /// discovery keeps as its backends (`config` itself without discovery).
+    live: Config,
+    /// With `[discovery]`: the reader and the membership it feeds.
+    discovery: Option<Discovery>,
     config_path: PathBuf,
     dp: Datapath,
     reconciler: Reconciler,
@@ -102,7 +110,7 @@ impl Reconcile for Core {
     fn reconcile(&mut self, owned: &HashSet<IpAddr>, why: &str) -> Reconciled {
         let desired = self
             .reconciler
-            .desired(&self.config, self.probes.health(), owned);
+            .desired(&self.live, self.probes.health(), owned);
         let fail_open = desired.fail_open;
         if fail_open != self.failing_open {
             if fail_open {
@@ -131,7 +139,7 @@ impl Reconcile for Core {
             });
         self.dirty = written.is_err();
         if let Some(sync) = &self.sync {
-            sync.set_view(self.reconciler.sync_view(&self.config));
+            sync.set_view(self.reconciler.sync_view(&self.live));
         }
         Reconciled { fail_open, written }
     }
@@ -142,6 +150,65 @@ impl Reconcile for Core {
 }
 
 impl Core {
+    /// `config` with discovery's members as its backends.
+    fn live_config(&self, config: &Config) -> Config {
+        let mut live = config.clone();
+        if let Some(d) = &self.discovery {
+            live.backends = d.members().iter().map(|m| m.settings).collect();
+        }
+        live
+    }
+
+    /// The members changed: the controller and the probes follow (a new master's
+    /// prober starts down, so it holds no slot before `rise` probes pass).
+    fn members_changed(&mut self) {
+        self.live = self.live_config(&self.config);
+        if let Err(e) = self
+            .probes
+            .reconfigure(&self.live.health, self.live.backend_addrs())
+        {
+            error!("discovery: probing the new members failed: {e}");
+        }
+        if let Some(d) = &self.discovery {
+            d.publish_ready(self.probes.health());
+        }
+    }
+
+    /// A report from discovery's reader; reconciles if the members changed.
+    fn discovered(&mut self, report: Report, owners: &Owners) {
+        let changed = match &mut self.discovery {
+            Some(d) => d.take(report, self.probes.health(), std::time::Instant::now()),
+            None => false,
+        };
+        if changed {
+            self.members_changed();
+            let _ = owners.reconcile(self, "discovery");
+        }
+    }
+
+    /// A backend's health changed: discovery's joining and held masters may move.
+    fn health_changed(&mut self) {
+        let changed = match &mut self.discovery {
+            Some(d) => d.observe(self.probes.health(), std::time::Instant::now()),
+            None => false,
+        };
+        if changed {
+            self.members_changed();
+        }
+    }
+
+    /// Leaving members whose hold passed go, and the datapath with them.
+    fn expire_members(&mut self, owners: &Owners) {
+        let changed = self
+            .discovery
+            .as_mut()
+            .is_some_and(|d| d.expire(std::time::Instant::now()));
+        if changed {
+            self.members_changed();
+            let _ = owners.reconcile(self, "a leaving master's hold passed");
+        }
+    }
+
     /// The datapath saw backend `id` fail clients' connections (see `passive`): a
     /// hint, which its prober confirms or refutes.
     fn passive_failure(&mut self, id: u32, why: PassiveKind) {
@@ -167,14 +234,22 @@ impl Core {
                 None => Ok(new),
             })
             .and_then(|new| {
-                self.probes
-                    .reconfigure(&new.health, new.backend_addrs())
-                    .map_err(|e| e.to_string())?;
-                Ok(new)
+                if let Some(d) = &mut self.discovery {
+                    d.set_statics(&new);
+                }
+                let live = self.live_config(&new);
+                if let Err(e) = self.probes.reconfigure(&new.health, live.backend_addrs()) {
+                    if let Some(d) = &mut self.discovery {
+                        d.set_statics(&self.config);
+                    }
+                    return Err(e.to_string());
+                }
+                Ok((new, live))
             });
         match applied {
-            Ok(new) => {
+            Ok((new, live)) => {
                 self.config = new;
+                self.live = live;
                 self.reloads_applied += 1;
                 true
             }
@@ -191,6 +266,12 @@ impl Core {
         let snapshot = Snapshot::take(&Sources {
             instance: &self.config.instance,
             desired: self.reconciler.current(),
+            members: self
+                .discovery
+                .as_ref()
+                .map(Discovery::members)
+                .unwrap_or_default(),
+            discovery: self.discovery.as_ref().map(Discovery::status),
             dp: &self.dp,
             probes: &self.probes,
             elections: owners.states(),
@@ -258,7 +339,10 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
     let probes = Probes::start(&config.health, config.backend_addrs(), health_tx)?;
     let signals = sync.as_ref().map(SyncNode::signals);
     let (mut owners, mut owner_rx) = Owners::start(&config, signals).await?;
+    let (discovery, mut discovery_rx) = start_discovery(&config);
     let mut core = Core {
+        live: config.clone(),
+        discovery,
         config,
         config_path: opts.config_path.clone(),
         dp,
@@ -289,15 +373,18 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
             }
             Some(ev) = health_rx.recv() => {
                 if let Some(health) = core.probes.record(&ev) {
+                    core.health_changed();
                     owners.step(Step::Changed(format!("backend {health}")), &mut core).await;
                 }
             }
             Some(ev) = owner_rx.recv() => owners.step(Step::Election(ev), &mut core).await,
             Some((id, why)) = passive_rx.recv() => core.passive_failure(id, why),
+            Some(report) = discovery_rx.recv() => core.discovered(report, &owners),
             _ = hup.recv() => hangup(&mut core, &owners),
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tick.tick() => {
+                core.expire_members(&owners);
                 owners.step(Step::Tick, &mut core).await;
                 // A down master's flows go once the LB has shown it still reaches
                 // another (see `controller`), which only time can show.
@@ -332,6 +419,13 @@ pub async fn run(opts: &RunOptions) -> Result<(), DaemonError> {
         return Err(DaemonError::SyncStopped);
     }
     Ok(())
+}
+
+/// With `[discovery]`, its reader, and the channel of its reports (closed without).
+fn start_discovery(config: &Config) -> (Option<Discovery>, mpsc::Receiver<Report>) {
+    let (tx, rx) = mpsc::channel(16);
+    let discovery = (config.discovery.as_ref()).map(|d| Discovery::start(config, d, tx));
+    (discovery, rx)
 }
 
 /// The admin endpoint, serving `snapshot` until the returned sender says stop.

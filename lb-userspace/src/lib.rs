@@ -8,6 +8,7 @@ pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod datapath;
+pub mod discovery;
 pub mod election;
 pub mod events;
 #[cfg(feature = "bench")]

@@ -161,6 +161,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                 c.health.kind.name(),
                 c.health.interval,
             );
+            if let Some(d) = &c.discovery {
+                println!("{}", d.describe());
+            }
             let capacity = capacity::report(&c);
             for line in &capacity.lines {
                 println!("{line}");

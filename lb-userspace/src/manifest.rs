@@ -47,6 +47,11 @@ pub enum ManifestError {
          mode wants (every node would claim the VIPs); use static-pod or systemd for LB nodes"
     )]
     NotNodeLocal,
+    #[error(
+        "discovery.in_cluster = true: only a DaemonSet pod has a service account token; \
+         give a static pod or a unit discovery.kubeconfig"
+    )]
+    InClusterOutsideDaemonSet,
     #[error("--image {0:?}: a systemd unit runs the binary, not an image")]
     ImageForUnit(String),
     #[error("--image {0:?}: not an image reference (empty, or has whitespace)")]
@@ -93,6 +98,13 @@ pub fn render(
     image: Option<&str>,
 ) -> Result<String, ManifestError> {
     let files = host_files(config, config_path)?;
+    let in_cluster = config
+        .discovery
+        .as_ref()
+        .is_some_and(|d| d.credentials == crate::config::Credentials::InCluster);
+    if in_cluster && form != Form::Daemonset {
+        return Err(ManifestError::InClusterOutsideDaemonSet);
+    }
     if form == Form::Systemd {
         if let Some(image) = image {
             return Err(ManifestError::ImageForUnit(image.to_owned()));
@@ -157,6 +169,14 @@ pub fn host_files(config: &Config, config_path: &Path) -> Result<Vec<HostFile>, 
     }
     if let Some(sync) = &config.sync {
         named.push(("sync.key_file", &sync.key_file));
+    }
+    if let Some(d) = &config.discovery {
+        if let crate::config::Credentials::Kubeconfig(path) = &d.credentials {
+            named.push(("discovery.kubeconfig", path));
+        }
+        for (key, file) in &d.kubeconfig_files {
+            named.push((key, file));
+        }
     }
     let mut files = vec![HostFile {
         key: "config",
@@ -252,6 +272,46 @@ mod tests {
         );
         let args = spec.containers[0].args.clone().expect("args");
         assert_eq!(args, ["run", "-c", "/etc/apilb/apilb.toml"]);
+    }
+
+    #[test]
+    fn discovery_mounts_the_kubeconfig_and_its_files_or_takes_a_service_account() {
+        let dir = std::env::temp_dir().join(format!("apilb-disc-manifest-{}", std::process::id()));
+        let kc = crate::config::write_kubeconfig(&dir, "ca.crt");
+        let c = config(&format!(
+            "[discovery]\nkind = \"endpointslice\"\nkubeconfig = \"{}\"\n",
+            kc.display()
+        ));
+        let files = host_files(&c, Path::new("/etc/apilb/apilb.toml")).expect("files");
+        let keys: Vec<(&str, PathBuf)> = files.iter().map(|f| (f.key, f.path.clone())).collect();
+        assert_eq!(
+            keys[1..],
+            [
+                ("discovery.kubeconfig", kc.clone()),
+                (
+                    "discovery.kubeconfig certificate-authority",
+                    dir.join("ca.crt")
+                ),
+            ]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let c = config(
+            "[local]\nenabled = true\n[discovery]\nkind = \"endpointslice\"\nin_cluster = true\n",
+        );
+        let err = render(Form::StaticPod, &c, Path::new("/a.toml"), None).unwrap_err();
+        assert!(
+            matches!(err, ManifestError::InClusterOutsideDaemonSet),
+            "{err}"
+        );
+        let yaml = render(Form::Daemonset, &c, Path::new("/a.toml"), None).expect("daemonset");
+        let ds: DaemonSet = parse_strict(&yaml).expect("strict");
+        let spec = ds.spec.unwrap().template.spec.unwrap();
+        assert_eq!(
+            spec.service_account_name.as_deref(),
+            Some(pod::SERVICE_ACCOUNT)
+        );
+        assert_eq!(spec.automount_service_account_token, Some(true));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::{
     config::BackendSettings,
     controller::Desired,
     datapath::Datapath,
+    discovery::{DiscoveryStatus, Member, Source, Stage},
     election::ElectionState,
     health::{Health, Probes},
     passive::PassiveKind,
@@ -49,6 +50,9 @@ pub struct Snapshot {
     /// daemon sets it from the sync thread's [`SyncSnapshot::from_links`].
     #[serde(default)]
     pub sync: Option<SyncSnapshot>,
+    /// Discovery (`[discovery]`); `None` while it is off.
+    #[serde(default)]
+    pub discovery: Option<DiscoveryStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -68,6 +72,13 @@ pub struct BackendStatus {
     pub address: SocketAddr,
     pub id: u32,
     pub weight: u32,
+    /// `static` (the `[[backend]]` list) or `discovered` (the `EndpointSlice` alone).
+    #[serde(default = "static_source")]
+    pub source: String,
+    /// `member`, `joining` (discovered, not yet seen ready: no slots) or
+    /// `leaving` (no longer in the slice: draining for `discovery.hold`).
+    #[serde(default = "member_stage")]
+    pub membership: String,
     pub healthy: bool,
     /// "ready", "not ready" (answers its probes but fails them: out of rotation,
     /// its connections kept) or "down" (its connections removed).
@@ -107,6 +118,14 @@ pub fn vrrp_rejections(vips: &[VipStatus]) -> Option<BTreeMap<String, u64>> {
         .map(|e| e.rejected.clone())
 }
 
+fn static_source() -> String {
+    Source::Static.label().to_owned()
+}
+
+fn member_stage() -> String {
+    Stage::Member.label().to_owned()
+}
+
 /// The shared, replace-whole snapshot.
 pub type SharedSnapshot = Arc<RwLock<Snapshot>>;
 
@@ -121,6 +140,9 @@ pub struct Sources<'a> {
     pub instance: &'a str,
     /// What the last reconcile wrote, if any did.
     pub desired: Option<&'a Desired>,
+    /// Discovery's members (empty without discovery: every backend is static).
+    pub members: Vec<Member>,
+    pub discovery: Option<DiscoveryStatus>,
     pub dp: &'a Datapath,
     pub probes: &'a Probes,
     pub elections: Vec<(IpAddr, ElectionState)>,
@@ -183,6 +205,7 @@ impl Snapshot {
             reloads_applied: s.reloads_applied,
             reloads_refused: s.reloads_refused,
             sync: None,
+            discovery: s.discovery.clone(),
         }
     }
 }
@@ -195,6 +218,7 @@ fn backend_status(
     backend: &BackendSettings,
 ) -> BackendStatus {
     let traffic = s.dp.backend_stats(id).unwrap_or_default();
+    let member = s.members.iter().find(|m| m.settings.addr == backend.addr);
     let passive = s.dp.passive_stats(id).unwrap_or_default();
     let last = s.probes.latest(backend.addr);
     let health = s
@@ -207,6 +231,11 @@ fn backend_status(
         address: backend.addr,
         id,
         weight: backend.weight,
+        source: member
+            .map_or(Source::Static, |m| m.source)
+            .label()
+            .to_owned(),
+        membership: member.map_or(Stage::Member, |m| m.stage).label().to_owned(),
         healthy: health == Health::Ready,
         health: health.to_string(),
         in_rotation: desired.in_rotation.contains(&id),

@@ -73,6 +73,8 @@ fn sample() -> Snapshot {
                 address: HEALTHY.parse().unwrap(),
                 id: 0,
                 weight: 1,
+                source: "static".to_owned(),
+                membership: "member".to_owned(),
                 healthy: true,
                 health: "ready".to_owned(),
                 in_rotation: true,
@@ -92,6 +94,8 @@ fn sample() -> Snapshot {
                 address: UNHEALTHY.parse().unwrap(),
                 id: 1,
                 weight: 2,
+                source: "discovered".to_owned(),
+                membership: "leaving".to_owned(),
                 healthy: false,
                 health: "down".to_owned(),
                 in_rotation: false,
@@ -123,6 +127,7 @@ fn sample() -> Snapshot {
         reloads_applied: 2,
         reloads_refused: 1,
         sync: None,
+        discovery: None,
     }
 }
 
@@ -473,6 +478,9 @@ async fn metrics_carry_the_snapshot_numbers_as_valid_openmetrics_text() {
             "apilb_fail_open 0".to_owned(),
             r#"apilb_config_reloads_total{result="applied"} 2"#.to_owned(),
             r#"apilb_config_reloads_total{result="refused"} 1"#.to_owned(),
+            format!(
+                r#"apilb_backend_membership{{backend="{UNHEALTHY}",source="discovered",stage="leaving"}} 1"#
+            ),
         ] {
             assert!(
                 lines.contains(&expected.as_str()),
@@ -500,13 +508,13 @@ async fn metrics_carry_the_snapshot_numbers_as_valid_openmetrics_text() {
         assert_valid_exposition(&reply.body);
         let samples = lines.iter().filter(|l| !l.starts_with('#')).count();
         // build, timestamp, fail_open, 2 reloads; 4 per VIP plus 4 for its election
-        // (state, preemption held, transitions, one rejection reason); 9 per
-        // backend plus 4 failure
+        // (state, preemption held, transitions, one rejection reason); 10 per
+        // backend (membership included) plus 4 failure
         // reasons, 3 passive failure kinds and 4 passive hint outcomes; one per
         // datapath counter.
         assert_eq!(
             samples,
-            5 + 4 + 4 + 2 * 9 + 4 + 3 + 4 + COUNTER_NAMES.len(),
+            5 + 4 + 4 + 2 * 10 + 4 + 3 + 4 + COUNTER_NAMES.len(),
             "every series"
         );
     })
@@ -759,14 +767,24 @@ fn render_status_shows_each_backend_with_its_health_and_numbers() {
     assert_eq!(
         row(HEALTHY),
         [
-            HEALTHY, "0", "1", "ready", "yes", "ok", "12.5", "4000", "1.2 MiB", "17"
+            HEALTHY, "0", "1", "static", "ready", "yes", "ok", "12.5", "4000", "1.2 MiB", "17"
         ],
         "\n{table}"
     );
     assert_eq!(
         row(UNHEALTHY),
         [
-            UNHEALTHY, "1", "2", "down", "no", "timeout", "400.0", "0", "0 B", "0"
+            UNHEALTHY,
+            "1",
+            "2",
+            "discovered, leaving",
+            "down",
+            "no",
+            "timeout",
+            "400.0",
+            "0",
+            "0 B",
+            "0"
         ],
         "\n{table}"
     );
@@ -890,4 +908,50 @@ fn render_status_warns_when_failing_open() {
     let table = table::render_status(&snapshot);
     let warning = table.lines().nth(1).unwrap_or_default();
     assert!(warning.starts_with("WARNING: failing open"), "\n{table}");
+}
+
+#[test]
+fn render_status_says_where_discovery_stands_and_metrics_count_its_refusals() {
+    let snapshot = Snapshot {
+        discovery: Some(lb_userspace::discovery::DiscoveryStatus {
+            state: "unreadable".to_owned(),
+            resource_version: "42".to_owned(),
+            server: "198.51.100.11:6443".to_owned(),
+            last_error: "403 Forbidden".to_owned(),
+            lists: 3,
+            expired: 1,
+            accepted: 5,
+            refusals: vec![("empty".to_owned(), 0), ("healthy_dropped".to_owned(), 2)],
+        }),
+        ..sample()
+    };
+    let table = table::render_status(&snapshot);
+    let line = table.lines().nth(1).unwrap_or_default();
+    assert_eq!(
+        line,
+        "discovery: unreadable, resourceVersion 42 from 198.51.100.11:6443; 3 list(s) (1 after \
+         410 Gone), 5 update(s) taken; refused: empty 0, healthy_dropped 2; last error: 403 Forbidden",
+        "\n{table}"
+    );
+    let text = metrics::render_metrics(&snapshot).expect("metrics");
+    for expected in [
+        r#"apilb_discovery_state{state="unreadable"} 1"#,
+        r#"apilb_discovery_state{state="synced"} 0"#,
+        "apilb_discovery_resource_version 42",
+        "apilb_discovery_lists_total 3",
+        "apilb_discovery_watches_expired_total 1",
+        "apilb_discovery_slice_updates_total 5",
+        r#"apilb_discovery_refusals_total{reason="empty"} 0"#,
+        r#"apilb_discovery_refusals_total{reason="healthy_dropped"} 2"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == expected),
+            "no {expected:?} in\n{text}"
+        );
+    }
+    assert!(
+        !metrics::render_metrics(&sample())
+            .unwrap()
+            .contains("apilb_discovery_")
+    );
 }

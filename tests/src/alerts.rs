@@ -29,11 +29,27 @@ pub fn series_named() -> BTreeSet<String> {
     names
 }
 
-/// The series the rules name that `metrics` (Prometheus text) has no sample of.
+/// The prefix of the series only an apilb with `[discovery]` serves.
+pub const DISCOVERY: &str = "apilb_discovery_";
+
+/// The series the rules name that `metrics` (Prometheus text) has no sample of,
+/// but for discovery's ([`missing_discovery_from`]).
 #[must_use]
 pub fn missing_from(metrics: &str) -> Vec<String> {
+    missing(metrics, |name| !name.starts_with(DISCOVERY))
+}
+
+/// [`missing_from`] for discovery's series, which an apilb with `[discovery]`
+/// serves.
+#[must_use]
+pub fn missing_discovery_from(metrics: &str) -> Vec<String> {
+    missing(metrics, |name| name.starts_with(DISCOVERY))
+}
+
+fn missing(metrics: &str, wanted: impl Fn(&str) -> bool) -> Vec<String> {
     series_named()
         .into_iter()
+        .filter(|name| wanted(name))
         .filter(|name| {
             !metrics.lines().any(|l| {
                 l.strip_prefix(name.as_str())

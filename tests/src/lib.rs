@@ -20,6 +20,8 @@
 //! - [`lbdeath`]: an LB node dies under load (30 watch streams, 100 new https
 //!   connections a second, kubectl): what broke, what failed, what waited.
 //! - [`pki`]: a CA and certificates for the stub apiservers.
+//! - [`endpointslice`] and [`sliceapi`]: the `default/kubernetes` `EndpointSlice` a
+//!   test writes to a file and the stub apiservers serve on list and watch.
 //! - [`model`]: a reference model of the XDP datapath, and the fuzzer that holds
 //!   the kernel's program against it frame by frame (`cargo xtask fuzz`).
 //! - [`natstate`]: apilb's NAT counters by name and its flow tables' occupancy,
@@ -38,6 +40,7 @@ pub mod alerts;
 pub mod capture;
 pub mod cluster;
 pub mod elect;
+pub mod endpointslice;
 pub mod fixture;
 pub mod flood;
 pub mod flowfx;
@@ -55,4 +58,5 @@ pub mod plane;
 pub mod preload;
 pub mod proxies;
 pub mod report;
+pub mod sliceapi;
 pub mod traffic;

@@ -3,6 +3,10 @@
 //! `apilb run` on the first LB node with default health probes (https `/readyz`
 //! with that CA, every 500 ms, rise 2, fall 2).
 //!
+//! With discovery ([`ControlPlane::start_discovering`]) the stubs also serve the
+//! `default/kubernetes` `EndpointSlice` from a file the test rewrites
+//! ([`ControlPlane::set_slice`]), and apilb reads it with a kubeconfig for the VIP.
+//!
 //! Dropping it stops apilb, the stubs, removes the pins, the namespaces and the
 //! temporary directory, in that order.
 
@@ -13,8 +17,9 @@ use std::{
 };
 
 use crate::{
-    cluster::{FOURTH_MASTER, Shape, Topology, VIP_ADDR, apilb_config, master_addrs},
-    live::{Apilb, PinDir, Spawned, TempDir, https_via_vip, master_names, stub_apiserver},
+    cluster::{FOURTH_MASTER, Shape, Topology, VIP, VIP_ADDR, apilb_config, master_addrs},
+    endpointslice::SliceFile,
+    live::{Apilb, PinDir, Spawned, TempDir, https_via_vip, master_names, stub_apiserver_with},
     netns::Netns,
     pki::Pki,
 };
@@ -35,6 +40,8 @@ pub struct ControlPlane {
     pub config: PathBuf,
     pub dir: TempDir,
     restarts: usize,
+    /// Arguments every stub gets beyond its own (the slice file, with discovery).
+    stub_args: Vec<String>,
 }
 
 impl ControlPlane {
@@ -56,6 +63,42 @@ impl ControlPlane {
     /// section too.
     #[must_use]
     pub fn start_configured(prefix: &str, shape: Shape, datapath: &str, health: &str) -> Self {
+        let plane = Self::start_inner(prefix, shape, datapath, health, None);
+        plane.wait_serving(Duration::from_secs(15));
+        plane
+    }
+
+    /// [`Self::start_with`] with discovery: every stub serves `slice` (see
+    /// [`Self::set_slice`]) and apilb's config gets `[discovery]` with a kubeconfig
+    /// for `https://VIP` and `discovery` lines (e.g. `hold = "30s"`); `health` as
+    /// there. Returns once apilb has written the datapath (the VIP may be on no
+    /// interface, in node-local mode).
+    #[must_use]
+    pub fn start_discovering(
+        prefix: &str,
+        shape: Shape,
+        slice: &SliceFile,
+        health: &str,
+        discovery: &str,
+    ) -> Self {
+        let plane = Self::start_inner(prefix, shape, "", health, Some((slice, discovery)));
+        assert!(
+            plane
+                .apilb
+                .wait_log("datapath updated", Duration::from_secs(15)),
+            "apilb did not start:\n{}",
+            plane.apilb.log_text()
+        );
+        plane
+    }
+
+    fn start_inner(
+        prefix: &str,
+        shape: Shape,
+        datapath: &str,
+        health: &str,
+        discovery: Option<(&SliceFile, &str)>,
+    ) -> Self {
         let t = Topology::with_shape(prefix, shape);
         let dir = TempDir::new(prefix);
         // 127.0.0.1 too, as k3s and kubespray's node-local proxies have it: a
@@ -68,18 +111,31 @@ impl ControlPlane {
                 std::net::Ipv4Addr::LOCALHOST.into(),
             ],
         );
+        let mut stub_args = Vec::new();
+        let mut text = String::new();
+        if let Some((slice, lines)) = discovery {
+            let file = dir.0.join("endpointslice");
+            slice.write(&file);
+            stub_args = vec!["--endpointslice".to_owned(), path_text(&file)];
+            let (_, kubeconfig) = kubeconfig(&dir.0, VIP, &pki.ca_pem);
+            text = format!(
+                "[discovery]\nkind = \"endpointslice\"\nkubeconfig = \"{}\"\n{lines}\n",
+                kubeconfig.display()
+            );
+        }
         let stubs = master_addrs(shape.masters)
-            .map(|m| Some(stub_apiserver(&t, &pki, &dir.0, m)))
+            .map(|m| Some(start_stub(&t, &pki, &dir.0, m, &stub_args)))
             .collect();
         let pins = PinDir::new(prefix);
         let config = dir.0.join("apilb.toml");
-        std::fs::write(
-            &config,
-            Self::config_text(&pins, &pki, false, datapath, health),
-        )
-        .expect("config");
+        // `[discovery]` after everything `health` may open: it is a section.
+        text.insert_str(
+            0,
+            &Self::config_text(&pins, &pki, false, datapath, health),
+        );
+        std::fs::write(&config, text).expect("config");
         let apilb = Apilb::start(t.lb(), &config, &dir.0.join("apilb-0.log"));
-        let plane = Self {
+        Self {
             apilb,
             stubs,
             pins,
@@ -88,9 +144,19 @@ impl ControlPlane {
             config,
             dir,
             restarts: 0,
-        };
-        plane.wait_serving(Duration::from_secs(15));
-        plane
+            stub_args,
+        }
+    }
+
+    /// The file every stub serves the `EndpointSlice` from.
+    #[must_use]
+    pub fn slice_file(&self) -> PathBuf {
+        self.dir.0.join("endpointslice")
+    }
+
+    /// Serve `slice` from now on (every stub, on list and watch).
+    pub fn set_slice(&self, slice: &SliceFile) {
+        slice.write(&self.slice_file());
     }
 
     /// apilb's config: defaults but for the topology's facts and the `datapath`
@@ -129,6 +195,28 @@ impl ControlPlane {
         }
     }
 
+    /// Wait (at most `limit` after `since`) until master `name` has served one of
+    /// `traffic`'s new connections started since `since`; when it did.
+    pub fn first_served(
+        &self,
+        traffic: &crate::traffic::Traffic,
+        name: &str,
+        since: Instant,
+        limit: Duration,
+    ) -> Instant {
+        loop {
+            if let Some(at) = traffic.record().first_served_by(name, since) {
+                return at;
+            }
+            assert!(
+                Instant::now() < since + limit,
+                "{name} never served:\n{}",
+                self.apilb.log_text()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGKILL the stub apiserver of master `i` (0-based).
     pub fn kill_master(&mut self, i: usize) {
         drop(self.stubs[i].take());
@@ -139,7 +227,13 @@ impl ControlPlane {
         let addr = master_addrs(self.t.masters.len())
             .nth(i)
             .expect("wired master");
-        self.stubs[i] = Some(stub_apiserver(&self.t, &self.pki, &self.dir.0, addr));
+        self.stubs[i] = Some(start_stub(
+            &self.t,
+            &self.pki,
+            &self.dir.0,
+            addr,
+            &self.stub_args,
+        ));
     }
 
     /// The control file that makes master `i`'s `/readyz` fail while it exists.
@@ -221,6 +315,16 @@ impl ControlPlane {
             curl_got: c["gitVersion"].to_string(),
         }
     }
+}
+
+/// The stub apiserver of `addr`, with `extra` arguments.
+fn start_stub(t: &Topology, pki: &Pki, dir: &Path, addr: &str, extra: &[String]) -> Spawned {
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    stub_apiserver_with(t, pki, dir, addr, addr, &extra)
+}
+
+fn path_text(p: &Path) -> String {
+    p.to_str().expect("utf-8 path").to_owned()
 }
 
 /// A home directory under `dir` for kubectl, and a kubeconfig in it as a

@@ -116,6 +116,45 @@ pub struct Record {
 }
 
 impl Record {
+    /// A master that `joined` (first served a new connection then) beside three
+    /// others: it took 18-32 % of the new connections since, none failed (at
+    /// least 400 to judge by), no stream broke, and every stream kept receiving
+    /// events after it joined. Returns a line of the numbers, for the test's log.
+    ///
+    /// # Panics
+    /// If any of that does not hold.
+    #[must_use]
+    pub fn assert_joined(&self, master: &str, joined: Instant) -> String {
+        let (by, failed) = self.spread_since(joined);
+        let total: usize = by.values().sum();
+        let share = by.get(master).copied().unwrap_or(0) as f64 / total as f64;
+        let broken = self.broken_watches();
+        let line = format!(
+            "then {total} new connections: {by:?} ({master} {:.1} %); {failed} failed; broken \
+             streams {broken:?}; streams per master {:?}",
+            share * 100.0,
+            self.watches_per_master()
+        );
+        assert_eq!(failed, 0, "{line}");
+        assert!(total >= 400, "enough connections to judge: {line}");
+        assert!(
+            (0.18..=0.32).contains(&share),
+            "{master} got {share:.3}: {line}"
+        );
+        assert!(broken.is_empty(), "{line}");
+        assert!(
+            self.watches.iter().all(|w| w.last_event > joined),
+            "every stream kept receiving events after {master} joined: {line}"
+        );
+        line
+    }
+
+    /// How many streams `master` serves.
+    #[must_use]
+    pub fn watches_on(&self, master: &str) -> usize {
+        self.watches_per_master().get(master).copied().unwrap_or(0)
+    }
+
     /// Attempts started at or after `t`.
     pub fn since(&self, t: Instant) -> impl Iterator<Item = &Attempt> {
         self.attempts.iter().filter(move |a| a.at >= t)

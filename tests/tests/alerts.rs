@@ -4,7 +4,8 @@
 //! pair of LB nodes fires none. `promtool` comes from Debian's `prometheus`
 //! package (`cargo xtask setup`). That the series they name exist in a real
 //! apilb's `/metrics` is checked where two apilb nodes run VRRP and flow sync
-//! (`lb_failover.rs`).
+//! (`lb_failover.rs`), and the discovery ones where apilb runs discovery
+//! (`discovery.rs`).
 
 use std::{path::PathBuf, process::Command};
 
@@ -25,10 +26,10 @@ fn promtool(args: &[&str]) -> String {
 }
 
 #[test]
-fn the_rules_load_and_name_sixteen_alerts() {
+fn the_rules_load_and_name_eighteen_alerts() {
     let rules = tests::alerts::rules_path();
     let text = promtool(&["check", "rules", rules.to_str().expect("utf-8 path")]);
-    assert!(text.contains("SUCCESS: 16 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 18 rules found"), "{text}");
 }
 
 #[test]

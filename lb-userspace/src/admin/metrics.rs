@@ -10,6 +10,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
+use crate::discovery::DiscoveryStatus;
 use crate::status::BackendStatus;
 use crate::status::vrrp_rejections;
 use crate::status::{
@@ -44,7 +45,15 @@ type Labels = Vec<(&'static str, String)>;
 ///   `backend_passive_failures_total{kind}` (failures the datapath saw),
 ///   `backend_passive_hints_total{outcome}` (what probing on them showed),
 ///   `backend_local_connects_total` (node-local mode), `backend_packets_total`,
-///   `backend_bytes_total`, `backend_new_flows_total`.
+///   `backend_bytes_total`, `backend_new_flows_total`; `backend_membership{source,stage}`
+///   1 (source `static` or `discovered`; stage `member`, `joining` or `leaving`).
+/// - With discovery on: `discovery_state{state}` 1 for the current state and 0
+///   for the others (`bootstrap`, `synced`, `unreadable`),
+///   `discovery_resource_version` (the last slice's, as a number),
+///   `discovery_lists_total`, `discovery_watches_expired_total` (410 Gone),
+///   `discovery_slice_updates_total` (taken) and
+///   `discovery_refusals_total{reason}` (`empty`, `wrong_family`, `bogus_port`,
+///   `healthy_dropped`).
 /// - With flow sync on, per peer (label `peer`, its name) and link (`link`:
 ///   `export`, the connection this node dials and sends its flows on, or
 ///   `import`): `sync_peer_up` 0/1, `sync_lag_seconds` (the oldest message not
@@ -91,6 +100,10 @@ impl Collector for SnapshotCollector {
         encode_controller(e, s)?;
         encode_vips(e, &s.vips)?;
         encode_backends(e, &s.backends)?;
+        encode_membership(e, &s.backends)?;
+        if let Some(d) = &s.discovery {
+            encode_discovery(e, d)?;
+        }
         if let Some(sync) = &s.sync {
             encode_sync(e, sync)?;
         }
@@ -343,6 +356,78 @@ fn encode_backends(e: &mut DescriptorEncoder, backends: &[BackendStatus]) -> std
         "Flows the datapath created to the backend",
         None,
         backends.iter().map(|b| (backend(b), b.new_flows)),
+    )
+}
+
+/// Per backend: where it comes from and where it stands (discovery).
+fn encode_membership(e: &mut DescriptorEncoder, backends: &[BackendStatus]) -> std::fmt::Result {
+    gauges(
+        e,
+        "backend_membership",
+        "1 for where the backend comes from (source: static, discovered) and stands \
+         (stage: member; joining, with no slots until its probes pass; leaving, draining)",
+        None,
+        backends.iter().map(|b| {
+            let mut l = vec![("backend", b.address.to_string())];
+            l.push(("source", b.source.clone()));
+            l.push(("stage", b.membership.clone()));
+            (l, 1)
+        }),
+    )
+}
+
+/// Discovery: its state, the last slice's version, lists, updates and refusals.
+fn encode_discovery(e: &mut DescriptorEncoder, d: &DiscoveryStatus) -> std::fmt::Result {
+    gauges(
+        e,
+        "discovery_state",
+        "1 for discovery's state: bootstrap (no slice read yet: the static backends), \
+         synced, or unreadable (the last read failed; the last members stay)",
+        None,
+        ["bootstrap", "synced", "unreadable"]
+            .into_iter()
+            .map(|st| (vec![("state", st.to_owned())], i64::from(d.state == st))),
+    )?;
+    let version = d.resource_version.parse::<u64>().unwrap_or(0);
+    ConstGauge::new(i64::try_from(version).unwrap_or(i64::MAX)).encode(e.encode_descriptor(
+        "discovery_resource_version",
+        "The resourceVersion of the last EndpointSlice read, as a number (0 before any)",
+        None,
+        MetricType::Gauge,
+    )?)?;
+    for (name, help, n) in [
+        (
+            "discovery_lists",
+            "Lists of the EndpointSlices: the first, then one per relist (410 Gone, another master)",
+            d.lists,
+        ),
+        (
+            "discovery_watches_expired",
+            "Watches too old to resume (410 Gone: compacted), each followed by a list",
+            d.expired,
+        ),
+        (
+            "discovery_slice_updates",
+            "EndpointSlice updates taken",
+            d.accepted,
+        ),
+    ] {
+        ConstCounter::new(n).encode(e.encode_descriptor(
+            name,
+            help,
+            None,
+            MetricType::Counter,
+        )?)?;
+    }
+    counters(
+        e,
+        "discovery_refusals",
+        "EndpointSlice updates refused, by reason: empty, wrong_family, bogus_port, \
+         healthy_dropped (more than half of the masters the probes see ready left out)",
+        None,
+        d.refusals
+            .iter()
+            .map(|(reason, n)| (vec![("reason", reason.clone())], *n)),
     )
 }
 

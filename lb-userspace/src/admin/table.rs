@@ -27,6 +27,9 @@ pub fn render_status(snapshot: &Snapshot) -> String {
         "apilb {}, instance {:?}, {age}, config reloads: {} applied, {} refused",
         snapshot.version, snapshot.instance, snapshot.reloads_applied, snapshot.reloads_refused,
     );
+    if let Some(d) = &snapshot.discovery {
+        render_discovery(&mut out, d);
+    }
     if snapshot.fail_open {
         out.push_str(
             "WARNING: failing open: no backend is healthy, so every configured backend serves\n",
@@ -69,6 +72,12 @@ pub fn render_status(snapshot: &Snapshot) -> String {
         render_sync(&mut out, sync);
     }
 
+    render_backends(&mut out, snapshot);
+    out
+}
+
+/// The backends' table of `apilb status`.
+fn render_backends(out: &mut String, snapshot: &Snapshot) {
     out.push('\n');
     let backends: Vec<Vec<String>> = snapshot
         .backends
@@ -78,6 +87,11 @@ pub fn render_status(snapshot: &Snapshot) -> String {
                 b.address.to_string(),
                 b.id.to_string(),
                 b.weight.to_string(),
+                if b.membership == "member" {
+                    b.source.clone()
+                } else {
+                    format!("{}, {}", b.source, b.membership)
+                },
                 b.health.clone(),
                 yes_no(b.in_rotation),
                 if b.last_probe.is_empty() {
@@ -97,11 +111,12 @@ pub fn render_status(snapshot: &Snapshot) -> String {
         })
         .collect();
     write_table(
-        &mut out,
+        out,
         &[
             ("BACKEND", Align::Left),
             ("ID", Align::Right),
             ("WEIGHT", Align::Right),
+            ("SOURCE", Align::Left),
             ("HEALTH", Align::Left),
             ("IN ROTATION", Align::Left),
             ("LAST PROBE", Align::Left),
@@ -112,7 +127,31 @@ pub fn render_status(snapshot: &Snapshot) -> String {
         ],
         &backends,
     );
-    out
+}
+
+/// The discovery line: state, last slice, lists, updates, refusals, last error.
+fn render_discovery(out: &mut String, d: &crate::discovery::DiscoveryStatus) {
+    let refused: Vec<String> = d.refusals.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    let _ = writeln!(
+        out,
+        "discovery: {}, resourceVersion {} from {}; {} list(s) ({} after 410 Gone), {} update(s) taken; refused: {}{}",
+        d.state,
+        or_dash(&d.resource_version),
+        or_dash(&d.server),
+        d.lists,
+        d.expired,
+        d.accepted,
+        refused.join(", "),
+        if d.last_error.is_empty() {
+            String::new()
+        } else {
+            format!("; last error: {}", d.last_error)
+        },
+    );
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() { "-" } else { s }
 }
 
 /// The elected VIPs' table of `apilb status`, and the node's VRRP refusals.

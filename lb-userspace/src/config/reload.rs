@@ -107,6 +107,9 @@ impl Config {
         } else if elected(old).ne(elected(new)) {
             // Elections run for a fixed set of VIPs; changing it means restarting them.
             Some("an elected vip (its address, election or vrid)")
+        } else if old.discovery != new.discovery {
+            // The discovery task holds its client and credentials from the start.
+            Some("discovery")
         } else {
             // The sync thread holds its listener, key and sessions from the start;
             // a peer's sessions and the bulks they carry are not rebuilt in place.

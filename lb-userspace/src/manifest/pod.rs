@@ -59,6 +59,9 @@ pub const BPFFS: &str = crate::loader::BPFFS;
 pub const CGROUP_DEFAULT: &str = "/sys/fs/cgroup";
 /// The admin endpoint's liveness route (`crate::admin::server`).
 pub const ADMIN_HEALTH_PATH: &str = "/healthz";
+/// The `DaemonSet`'s service account with in-cluster discovery, in [`NAMESPACE`]:
+/// the README's RBAC binds its Role to it.
+pub const SERVICE_ACCOUNT: &str = "apilb";
 
 const NAME: &str = "apilb";
 
@@ -91,6 +94,15 @@ pub fn static_pod(config: &Config, files: &[HostFile], image: &str) -> Pod {
 #[must_use]
 pub fn daemon_set(config: &Config, files: &[HostFile], image: &str) -> DaemonSet {
     let mut spec = pod_spec(config, files, image);
+    // In-cluster discovery reads the slice with the pod's own token.
+    if config
+        .discovery
+        .as_ref()
+        .is_some_and(|d| d.credentials == crate::config::Credentials::InCluster)
+    {
+        spec.service_account_name = Some(SERVICE_ACCOUNT.to_owned());
+        spec.automount_service_account_token = Some(true);
+    }
     spec.tolerations = Some(vec![Toleration {
         operator: Some("Exists".to_owned()),
         ..Toleration::default()

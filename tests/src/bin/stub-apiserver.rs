@@ -11,6 +11,9 @@
 //! - `GET /api/v1/namespaces/default/pods?watch=1`: a watch stream that emits
 //!   one event line every 100 ms until the client goes away, so that a client
 //!   notices a broken connection by a gap; without `watch`, a small `PodList`.
+//! - With `--endpointslice FILE`: list and watch of the `default/kubernetes`
+//!   `EndpointSlice`, from a file the test rewrites (`tests::sliceapi`), with
+//!   resource versions, bookmarks, `410 Gone` and `403 Forbidden`.
 //! - Anything else: 404.
 //!
 //! Every response carries `x-apiserver: <name>`, naming the master that served it.
@@ -72,6 +75,9 @@ struct Args {
     /// Also serve plain HTTP on the same port (see the module docs).
     #[arg(long)]
     plain_http: bool,
+    /// Serve the `EndpointSlice` API from this file (`tests::endpointslice`).
+    #[arg(long)]
+    endpointslice: Option<PathBuf>,
 }
 
 /// The first byte of a TLS record carrying a handshake (a `ClientHello`).
@@ -80,6 +86,7 @@ const TLS_HANDSHAKE: u8 = 22;
 struct State {
     name: HeaderValue,
     control_dir: PathBuf,
+    endpointslice: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -89,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
     let state = Arc::new(State {
         name: HeaderValue::from_str(&args.name).context("--name is not a valid header value")?,
         control_dir: args.control_dir,
+        endpointslice: args.endpointslice,
     });
     let listener = listen(args.listen).with_context(|| format!("binding {}", args.listen))?;
     eprintln!(
@@ -180,6 +188,10 @@ fn handle(req: &Request<Incoming>, state: &State) -> Response<Body> {
     match req.uri().path() {
         path @ ("/readyz" | "/livez" | "/healthz") => health(&path[1..], state),
         "/version" => respond(StatusCode::OK, "application/json", VERSION_JSON),
+        tests::sliceapi::PATH => match &state.endpointslice {
+            Some(file) => tests::sliceapi::serve(file, req.uri().query()),
+            None => not_found(),
+        },
         PODS_PATH if is_watch(req.uri().query()) => watch(),
         PODS_PATH => respond(
             StatusCode::OK,
