@@ -129,10 +129,7 @@ impl ControlPlane {
         let pins = PinDir::new(prefix);
         let config = dir.0.join("apilb.toml");
         // `[discovery]` after everything `health` may open: it is a section.
-        text.insert_str(
-            0,
-            &Self::config_text(&pins, &pki, false, datapath, health),
-        );
+        text.insert_str(0, &Self::config_text(&pins, &pki, false, datapath, health));
         std::fs::write(&config, text).expect("config");
         let apilb = Apilb::start(t.lb(), &config, &dir.0.join("apilb-0.log"));
         Self {

@@ -449,6 +449,11 @@ struct LbNode {
 
 impl LbNode {
     fn new(prefix: &str) -> Self {
+        Self::with(prefix, "")
+    }
+
+    /// [`Self::new`], with `more` sections after `[health]` (e.g. `[local]`).
+    fn with(prefix: &str, more: &str) -> Self {
         let t = Topology::new(prefix);
         let servers = echo_masters(&t, LIFETIME);
         let pins = PinDir::new(prefix);
@@ -459,7 +464,9 @@ impl LbNode {
             apilb_config(
                 &pins.instance(),
                 "nat_ports = [40000, 40999]\nmaglev_size = 1009",
-                "kind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 2\nfall = 2",
+                &format!(
+                    "kind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 2\nfall = 2\n{more}"
+                ),
             ),
         )
         .expect("config");
@@ -678,21 +685,55 @@ fn liveness_probe_passes(lb: &str, container: &str, story: &dyn Fn() -> String) 
 #[test]
 fn the_static_pod_runs_under_podman_kube_play() {
     let node = LbNode::new("apilb-mf-pod");
-    let lb = node.netns();
     let name = format!("apilb-mf-pod-{}", std::process::id());
     let image = TestImage::build(&name);
     let yaml = manifest_with(
-        Some(&lb),
+        Some(&node.netns()),
         "static-pod",
         &node.config,
         &["--image", &image.0],
     );
+    let pod: Pod = parse_strict(&yaml).expect("strict");
+    plays(&node, &name, pod, "the static pod");
+    drop(image);
+}
+
+/// The DaemonSet's pod, as its controller would create it on a node: the
+/// template's spec under a name of its own (podman plays pods, not DaemonSets),
+/// with node-local mode on, as the DaemonSet form requires.
+#[test]
+fn the_daemonset_pod_runs_under_podman_kube_play() {
+    let node = LbNode::with("apilb-mf-ds", "[local]\nenabled = true\n");
+    let name = format!("apilb-mf-ds-{}", std::process::id());
+    let image = TestImage::build(&name);
+    let yaml = manifest_with(
+        Some(&node.netns()),
+        "daemonset",
+        &node.config,
+        &["--image", &image.0],
+    );
+    let ds: DaemonSet = parse_strict(&yaml).expect("strict");
+    let template = ds.spec.expect("spec").template;
+    let pod = Pod {
+        metadata: template.metadata.unwrap_or_default(),
+        spec: template.spec,
+        ..Pod::default()
+    };
+    plays(&node, &name, pod, "the DaemonSet's pod");
+    drop(image);
+}
+
+/// Start `pod` under `podman kube play` in `node`'s network namespace, as the
+/// kubelet would with `hostNetwork`, named `name`: apilb in it reports the three
+/// masters healthy, holds exactly its capabilities, passes its liveness probe
+/// and balances; its pinned datapath outlives it.
+fn plays(node: &LbNode, name: &str, mut pod: Pod, what: &str) {
+    let lb = node.netns();
     // Under a name of this test's own. Podman 4.3's kube play ignores the
     // container's `seccompProfile` (its default filter refuses bpf(2) without
     // CAP_SYS_ADMIN: every map apilb creates, EPERM), so the test says
     // `Unconfined` again in the annotation podman reads.
-    let mut pod: Pod = parse_strict(&yaml).expect("strict");
-    pod.metadata.name = Some(name.clone());
+    pod.metadata.name = Some(name.to_owned());
     let seccomp = pod.spec.as_ref().expect("spec").containers[0]
         .security_context
         .as_ref()
@@ -733,7 +774,7 @@ fn the_static_pod_runs_under_podman_kube_play() {
         .env("CONTAINERS_CONF", &conf)
         .output()
         .expect("podman kube play");
-    let played = PlayedPod(name.clone());
+    let played = PlayedPod(name.to_owned());
     let container = format!("{name}-apilb");
     let story = || {
         let logs = Command::new("podman")
@@ -751,7 +792,7 @@ fn the_static_pod_runs_under_podman_kube_play() {
     );
     let status = node.wait_healthy(story);
     println!(
-        "the static pod reported 3 healthy masters after {:?}:\n{status}",
+        "{what} reported 3 healthy masters after {:?}:\n{status}",
         started.elapsed()
     );
     let pid = tests::netns::run(
@@ -760,7 +801,7 @@ fn the_static_pod_runs_under_podman_kube_play() {
     );
     let proc_status =
         std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).expect("status");
-    assert_exact_caps(&proc_status, "apilb in the static pod");
+    assert_exact_caps(&proc_status, &format!("apilb in {what}"));
     liveness_probe_passes(&lb, &container, &story);
     node.balances(story);
     assert!(
@@ -772,5 +813,4 @@ fn the_static_pod_runs_under_podman_kube_play() {
     );
     drop(played);
     assert!(node.t.lb_has_xdp(), "the pinned datapath outlives the pod");
-    drop(image);
 }
