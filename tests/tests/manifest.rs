@@ -698,9 +698,9 @@ fn the_static_pod_runs_under_podman_kube_play() {
     drop(image);
 }
 
-/// The DaemonSet's pod, as its controller would create it on a node: the
-/// template's spec under a name of its own (podman plays pods, not DaemonSets),
-/// with node-local mode on, as the DaemonSet form requires.
+/// The `DaemonSet`'s pod, as its controller would create it on a node: the
+/// template's spec under a name of its own (podman plays pods, not `DaemonSet`s),
+/// with node-local mode on, as the `DaemonSet` form requires.
 #[test]
 fn the_daemonset_pod_runs_under_podman_kube_play() {
     let node = LbNode::with("apilb-mf-ds", "[local]\nenabled = true\n");
