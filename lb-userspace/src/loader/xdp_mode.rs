@@ -42,25 +42,28 @@ pub(super) fn attached(ifindex: u32) -> io::Result<Option<XdpMode>> {
 /// otherwise the kernel drops them without a word. The peer of a container's or
 /// a kind node's interface is in the host's namespace, out of apilb's reach.
 pub(super) fn is_veth(ifindex: u32) -> io::Result<bool> {
-    let link = get_link(ifindex)?;
-    Ok(link.attributes.iter().any(|a| match a {
-        LinkAttribute::LinkInfo(infos) => infos
-            .iter()
-            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))),
-        _ => false,
-    }))
+    Ok(kind(ifindex)? == Some(InfoKind::Veth))
 }
 
 /// Whether interface `ifindex` may hand the program TCP segments with partial
 /// checksums: a veth (its peer's transmit offload) or a tun/tap device (a
 /// writer's `virtio_net_hdr`). A NIC's receive path never does.
 pub(super) fn may_send_partial(ifindex: u32) -> io::Result<bool> {
+    Ok(matches!(
+        kind(ifindex)?,
+        Some(InfoKind::Veth | InfoKind::Tun)
+    ))
+}
+
+/// The interface's link kind (`IFLA_INFO_KIND`), if it has one: a NIC has none.
+fn kind(ifindex: u32) -> io::Result<Option<InfoKind>> {
     let link = get_link(ifindex)?;
-    Ok(link.attributes.iter().any(|a| match a {
-        LinkAttribute::LinkInfo(infos) => infos
-            .iter()
-            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth | InfoKind::Tun))),
-        _ => false,
+    Ok(link.attributes.into_iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.into_iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k),
+            _ => None,
+        }),
+        _ => None,
     }))
 }
 
