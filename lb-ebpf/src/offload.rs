@@ -95,6 +95,9 @@ fn segment_sum(ctx: &XdpContext, l4: usize, len: usize) -> u64 {
         if opaque(j) >= words {
             break;
         }
+        // The offsets hidden too: LLVM otherwise moves their constant parts
+        // (`+ 8 * j`, `- 8`) into the load's offset, past the bounds check the
+        // verifier holds it to ("invalid access to packet, off=-7").
         let Ok(w) = ptr_at::<u64>(ctx, opaque(l4 + j * 8)) else {
             break;
         };
@@ -289,7 +292,12 @@ pub fn iface_flags(ctx: &XdpContext) -> u32 {
     let mut i = 0;
     while i < IFACES_MAX {
         let iface = &cfg.ifaces[i];
-        if iface.ifindex == ifindex && ifindex != 0 {
+        // The controller fills the list from the front: on a node with no veth
+        // the first slot ends the scan.
+        if iface.ifindex == 0 {
+            return 0;
+        }
+        if iface.ifindex == ifindex {
             return iface.flags;
         }
         i += 1;
