@@ -1372,27 +1372,33 @@ fn partial_checksums_from_a_veth_peer_are_finished_both_ways() {
         let syn = client_syn(client, vip);
         let (_, backend, mac) = picked(&lab, vip_id, client, vip, &masters);
         let got = lab.run(&Fixture {
-            desc: "SYN with a partial checksum",
-            ingress: Ingress::ClientSide,
             input: syn.build_partial(),
-            verdict: XDP_REDIRECT,
-            output: natted(&syn, backend, 40_000, mac).build(),
-            counters: vec![
-                (FLOW_NEW, 1),
-                (FIB_LOOKUP, 1),
-                (REDIRECT, 1),
-                (CSUM_PARTIAL, 1),
-            ],
+            ..to_master(
+                "SYN with a partial checksum",
+                &syn,
+                backend,
+                40_000,
+                mac,
+                vec![
+                    (FLOW_NEW, 1),
+                    (FIB_LOOKUP, 1),
+                    (REDIRECT, 1),
+                    (CSUM_PARTIAL, 1),
+                ],
+            )
         });
         assert_eq!(checksums_valid(&got), (true, true), "{client}: SYN");
         let data = client_syn(client, vip).data(&long_payload());
         let got = lab.run(&Fixture {
-            desc: "1,333 bytes of data with a partial checksum",
-            ingress: Ingress::ClientSide,
             input: data.build_partial(),
-            verdict: XDP_REDIRECT,
-            output: natted(&data, backend, 40_000, mac).build(),
-            counters: vec![(FIB_LOOKUP, 1), (REDIRECT, 1), (CSUM_PARTIAL, 1)],
+            ..to_master(
+                "1,333 bytes of data with a partial checksum",
+                &data,
+                backend,
+                40_000,
+                mac,
+                vec![(FIB_LOOKUP, 1), (REDIRECT, 1), (CSUM_PARTIAL, 1)],
+            )
         });
         assert_eq!(checksums_valid(&got), (true, true), "{client}: data");
         let snat = SocketAddr::new(snat_for(backend.ip()), 40_000);
