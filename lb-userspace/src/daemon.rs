@@ -12,6 +12,7 @@
 
 use std::{collections::HashSet, fmt::Write as _, net::IpAddr, path::PathBuf, time::Duration};
 
+use lb_common::ct::{CT_SYN_RECV, FLOW_F_SYNC};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -461,25 +462,32 @@ async fn ended(rx: &mut Option<tokio::sync::oneshot::Receiver<()>>) {
 
 /// Stop answering for elected VIPs and balancing them, then hand them over;
 /// ownership events that handing over produces are drained, not acted on. With
-/// sync, the peers have every flow first: before the release, and again after it
-/// for flows promoted meanwhile.
+/// sync, no handshake is caught halfway and no flow is left behind: the gate
+/// shuts first (new flows of synced VIPs refused, their clients' SYN
+/// retransmits going to the next owner), the handshakes the masters had
+/// answered complete here, and once the VIPs are released (nothing is promoted
+/// after) the peers acknowledge every flow before the election hands over.
 async fn hand_over(
     core: &mut Core,
     mut owners: Owners,
     owner_rx: &mut mpsc::Receiver<crate::election::Ownership>,
 ) {
-    let flush = core.config.sync.as_ref().map(|s| s.flush_timeout);
-    if let (Some(node), Some(timeout)) = (&core.sync, flush)
-        && !node.flush(timeout).await
-    {
-        warn!(
-            ?timeout,
-            "flow sync: the peers did not acknowledge every flow in time"
+    if let Some(node) = &core.sync {
+        node.stop_listening().await;
+        let (answered, unfinished) = finish_handshakes(&core.dp, HANDSHAKES_MAX_WAIT).await;
+        info!(
+            answered,
+            unfinished, "flow sync: new flows refused; waited for the handshakes under way"
         );
     }
     owners.release_all(core).await;
-    if let (Some(node), Some(timeout)) = (&core.sync, flush) {
-        let _ = node.flush(timeout).await;
+    if let (Some(node), Some(s)) = (&core.sync, &core.config.sync)
+        && !node.flush(s.flush_timeout).await
+    {
+        warn!(
+            timeout = ?s.flush_timeout,
+            "flow sync: the peers did not acknowledge every flow in time"
+        );
     }
     core.publish(&owners);
     let drain = async { while owner_rx.recv().await.is_some() {} };
@@ -490,6 +498,36 @@ async fn hand_over(
             warn!("handing elected VIPs over took over 5 s; exiting anyway");
         }
     }
+}
+
+/// The longest a handover waits for the clients whose SYN-ACK went out before
+/// the gate shut: each owes one ACK, a round trip later, and new connections are
+/// refused meanwhile.
+const HANDSHAKES_MAX_WAIT: Duration = Duration::from_millis(500);
+
+/// Waits, at most `within`, until every half-open flow of a synced VIP whose
+/// master had answered (`CT_SYN_RECV`: the client's ACK is due) has become
+/// established, and so exported, or gone. Returns how many there were, and how
+/// many were still half-open at the end.
+async fn finish_handshakes(dp: &Datapath, within: Duration) -> (usize, usize) {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut due: Vec<lb_common::FlowKey> = match dp.half_open_flows() {
+        Ok(half) => half
+            .into_iter()
+            .filter(|(_, f)| f.state == CT_SYN_RECV && f.flags & FLOW_F_SYNC != 0)
+            .map(|(k, _)| k)
+            .collect(),
+        Err(e) => {
+            warn!("flow sync: reading the half-open flows: {e}");
+            return (0, 0);
+        }
+    };
+    let answered = due.len();
+    while !due.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        due.retain(|k| matches!(dp.half_open_flow(k), Ok(Some(_))));
+    }
+    (answered, due.len())
 }
 
 /// Start flow sync: this node's links to its peers, on its own flow tables and

@@ -514,6 +514,17 @@ impl Datapath {
         self.entries(MAP_HALF_FLOWS)
     }
 
+    /// The half-open client flow `key`, if it is still half-open.
+    pub fn half_open_flow(&self, key: &FlowKey) -> Result<Option<FlowState>> {
+        let map: HashMap<_, FlowKey, FlowState> =
+            HashMap::try_from(self.map(MAP_HALF_FLOWS)?).map_err(map_err(MAP_HALF_FLOWS))?;
+        match map.get(key, 0) {
+            Ok(f) => Ok(Some(f)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAP_HALF_FLOWS)(e)),
+        }
+    }
+
     /// Every half-open flow's reply entry.
     pub fn half_open_replies(&self) -> Result<Vec<(FlowKey, ReplyState)>> {
         self.entries(MAP_HALF_REPLIES)

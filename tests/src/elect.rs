@@ -5,6 +5,7 @@
 //! that node's SNAT address).
 
 use std::{
+    fmt::Write as _,
     net::{SocketAddr, TcpStream},
     path::Path,
     thread,
@@ -136,6 +137,8 @@ pub struct Node {
     pub config: std::path::PathBuf,
     pub index: usize,
     starts: usize,
+    /// Every run's log, the stopped ones' too.
+    logs: Vec<std::path::PathBuf>,
 }
 
 impl Node {
@@ -157,6 +160,7 @@ impl Node {
             config: path,
             index,
             starts: 0,
+            logs: Vec::new(),
         };
         n.restart(t, dir);
         n
@@ -168,6 +172,7 @@ impl Node {
         self.starts += 1;
         let log = dir.join(format!("apilb-{}-{}.log", self.index, self.starts));
         let apilb = Apilb::start(&t.lbs[self.index], &self.config, &log);
+        self.logs.push(log);
         assert!(
             apilb.wait_log("datapath updated", Duration::from_secs(15)),
             "apilb on lb{} did not start:\n{}",
@@ -175,6 +180,17 @@ impl Node {
             apilb.log_text()
         );
         self.apilb = Some(apilb);
+    }
+
+    /// The logs of every run so far, oldest first, each under a header.
+    #[must_use]
+    pub fn logs_text(&self) -> String {
+        let mut all = String::new();
+        for (i, log) in self.logs.iter().enumerate() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let _ = write!(all, "(run {})\n{text}", i + 1);
+        }
+        all
     }
 
     #[must_use]

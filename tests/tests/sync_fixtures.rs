@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::maps::{MapData, RingBuf};
 use lb_common::{
     PROG_XDP, SyncEvent,
     counters::DROP_SYNC_DOWN,
@@ -322,15 +323,6 @@ fn two_sync_nodes_hand_the_peer_every_flow_by_bulk_and_live() {
     cfg.vips[0].1 = true;
     let mut owner = owner_lab("apilb-fx-syn1", &cfg);
     let mut peer = Lab::with_config("apilb-fx-syn2", &cfg);
-    let dir = tests::live::TempDir::new("apilb-fx-synkey");
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-    };
-    let (a_addr, b_addr) = (free(), free());
-    let links =
-        |me, at, other, there, slice| links_config(&dir, &cfg, (me, at), &[(other, there)], slice);
 
     // Flow A exists before the owner's node starts: its event is drained
     // unsent, so only a bulk can carry it.
@@ -339,22 +331,7 @@ fn two_sync_nodes_hand_the_peer_every_flow_by_bulk_and_live() {
     while events.next().is_some() {}
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let _guard = rt.enter();
-    let a = SyncNode::start(
-        links("lb1", a_addr, "lb2", b_addr, 0),
-        owner.dp.flow_tables().expect("tables"),
-        events,
-        owner.sync_view(),
-        Duration::from_mins(10),
-    )
-    .expect("owner's node");
-    let b = SyncNode::start(
-        links("lb2", b_addr, "lb1", a_addr, 1),
-        peer.dp.flow_tables().expect("tables"),
-        peer.dp.take_sync_events().expect("ring"),
-        peer.sync_view(),
-        Duration::from_mins(10),
-    )
-    .expect("peer's node");
+    let (a, b, _, _dir) = node_pair(&owner, events, &mut peer, &cfg, "apilb-fx-synkey");
     let installed = |n: u64| {
         let until = Instant::now() + Duration::from_secs(10);
         while b.stats().installed() < n && Instant::now() < until {
@@ -387,6 +364,93 @@ fn two_sync_nodes_hand_the_peer_every_flow_by_bulk_and_live() {
     // The peer takes the VIP over and carries both.
     peer.set_owned(sa(VIP4).ip(), true);
     carries(&mut peer, &[(ack_a, port_a, VIP4), (ack_b, port_b, VIP4)]);
+    rt.block_on(async {
+        b.stop().await;
+        a.stop().await;
+    });
+}
+
+/// A handover's first step (`apilb run` on SIGTERM): the owner's node stops
+/// listening, which shuts its datapath's gate. A new client's SYN is dropped
+/// from then on (its retransmit goes to the next owner), but a client whose
+/// SYN-ACK went out before still completes its handshake here, and the flush
+/// that follows puts that flow on the peer, which carries it.
+#[test]
+fn a_node_that_stops_listening_opens_no_flow_but_exports_the_handshake_under_way() {
+    let master = sa(MASTER);
+    let mut cfg = LabConfig::new(&[sa(VIP4)], &[master]);
+    cfg.vips[0].1 = true;
+    let mut owner = owner_lab("apilb-fx-syh1", &cfg);
+    let mut peer = Lab::with_config("apilb-fx-syh2", &cfg);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _guard = rt.enter();
+    let events = owner.dp.take_sync_events().expect("ring");
+    let (a, b, a_addr, _dir) = node_pair(&owner, events, &mut peer, &cfg, "apilb-fx-syhkey");
+    // The peer's first bulk (empty) is in, so that the flow goes live.
+    let until = Instant::now() + Duration::from_secs(10);
+    while b
+        .stats()
+        .peers
+        .get("lb1")
+        .is_none_or(|p| p.bulks_received == 0)
+    {
+        assert!(Instant::now() < until, "no bulk: {:?}", b.stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The owner's gate asks for its node's listener, as the controller sets it.
+    let mut node = owner.desired().node.clone();
+    node.sync_listener = Some(a_addr);
+    owner.dp.set_node_config(&node).expect("node config");
+    let gated = |lab: &Lab| lab.dp.counters().expect("counters").get(DROP_SYNC_DOWN);
+    let run = |lab: &mut Lab, seg: &Tcp, ingress| lab.test_run(PROG_XDP, &seg.build(), ingress);
+
+    // A handshake under way: the SYN through, the master's SYN-ACK through.
+    let syn = client_syn(CLIENT4, VIP4);
+    assert_eq!(
+        run(&mut owner, &syn, Ingress::ClientSide).action,
+        XDP_REDIRECT
+    );
+    let port = u16::from_be(owner.dp.half_open_flows().expect("half")[0].1.nat_port_be);
+    let mut syn_ack = Tcp::syn(
+        master_mac(1),
+        FX1_MAC,
+        master,
+        SocketAddr::new(sa(VIP4).ip(), port),
+    );
+    syn_ack.ack = Some(syn.seq + 1);
+    assert_eq!(
+        run(&mut owner, &syn_ack, Ingress::MasterSide).action,
+        XDP_REDIRECT
+    );
+
+    rt.block_on(a.stop_listening());
+    // A new client is refused...
+    let late = client_syn("192.0.2.10:51002", VIP4);
+    assert_eq!(run(&mut owner, &late, Ingress::ClientSide).action, XDP_DROP);
+    assert_eq!(gated(&owner), 1);
+    // ...the answered one completes, and the flush puts it on the peer.
+    let mut ack = syn.clone().data(b"");
+    ack.ack = Some(0x1000_0001);
+    assert_eq!(
+        run(&mut owner, &ack, Ingress::ClientSide).action,
+        XDP_REDIRECT
+    );
+    assert!(
+        rt.block_on(a.flush(Duration::from_secs(5))),
+        "the peer acknowledged"
+    );
+    let until = Instant::now() + Duration::from_secs(5);
+    while b.stats().installed() < 1 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        (a.stats().exported, b.stats().installed()),
+        (1, 1),
+        "{:?}",
+        b.stats()
+    );
+    peer.set_owned(sa(VIP4).ip(), true);
+    carries(&mut peer, &[(ack, port, VIP4)]);
     rt.block_on(async {
         b.stop().await;
         a.stop().await;
@@ -515,6 +579,44 @@ fn synced_lab(prefix: &str, cfg: &LabConfig, owned: Option<&str>) -> Lab {
             .expect("VIP with sync");
     }
     lab
+}
+
+/// Two sync nodes on loopback with a real key file (in a directory named
+/// `key_dir`, returned to be kept while they run): lb1 on `owner`'s flow tables
+/// and its event ring `events`, lb2 on `peer`'s; and where lb1 listens.
+fn node_pair(
+    owner: &Lab,
+    events: RingBuf<MapData>,
+    peer: &mut Lab,
+    cfg: &LabConfig,
+    key_dir: &str,
+) -> (SyncNode, SyncNode, SocketAddr, tests::live::TempDir) {
+    let dir = tests::live::TempDir::new(key_dir);
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+    };
+    let (a_addr, b_addr) = (free(), free());
+    let links =
+        |me, at, other, there, slice| links_config(&dir, cfg, (me, at), &[(other, there)], slice);
+    let a = SyncNode::start(
+        links("lb1", a_addr, "lb2", b_addr, 0),
+        owner.dp.flow_tables().expect("tables"),
+        events,
+        owner.sync_view(),
+        Duration::from_mins(10),
+    )
+    .expect("owner's node");
+    let b = SyncNode::start(
+        links("lb2", b_addr, "lb1", a_addr, 1),
+        peer.dp.flow_tables().expect("tables"),
+        peer.dp.take_sync_events().expect("ring"),
+        peer.sync_view(),
+        Duration::from_mins(10),
+    )
+    .expect("peer's node");
+    (a, b, a_addr, dir)
 }
 
 /// Node `me` at `at` with `peers`, slice `slice` of as many as there are nodes,

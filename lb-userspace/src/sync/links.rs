@@ -332,6 +332,8 @@ impl Links {
             inbound,
             progress: watch::Sender::new(()),
             shutdown: watch::Sender::new(false),
+            unlisten: watch::Sender::new(false),
+            listening: watch::Sender::new(true),
         });
 
         let mut tasks = JoinSet::new();
@@ -471,6 +473,16 @@ impl Links {
 
     /// Says GOODBYE on every session, reads what the peers still send for up to
     /// 1 s, and stops every task (aborting what is left after 2 s). Flush first.
+    /// Closes the listener, and returns once it is closed; the sessions up stay
+    /// up. The datapath's liveness gate (`alive` in lb-ebpf's `sync`) asks for
+    /// this socket, so from here on this node opens no flow of a synced VIP and
+    /// completes no handshake its master had not answered yet: the first step
+    /// of handing the VIPs over.
+    pub async fn stop_listening(&self) {
+        self.shared.unlisten.send_replace(true);
+        let _ = self.shared.listening.subscribe().wait_for(|l| !*l).await;
+    }
+
     pub async fn shutdown(&mut self) {
         self.shared.shutdown.send_replace(true);
         let tasks = &mut self.tasks;
@@ -553,6 +565,10 @@ struct Shared {
     /// Changed on every ACK and every [`Links::take_resync`], for [`Links::flush`].
     progress: watch::Sender<()>,
     shutdown: watch::Sender<bool>,
+    /// Set by [`Links::stop_listening`].
+    unlisten: watch::Sender<bool>,
+    /// Cleared by the listener task once the listener is closed.
+    listening: watch::Sender<bool>,
 }
 
 impl Shared {

@@ -100,6 +100,7 @@ struct Shared {
 
 enum Command {
     Flush(Duration, oneshot::Sender<bool>),
+    StopListening(oneshot::Sender<()>),
     Stop(oneshot::Sender<()>),
 }
 
@@ -236,6 +237,15 @@ impl SyncNode {
         rx.await.unwrap_or(false)
     }
 
+    /// Closes the sync listener, which shuts the datapath's liveness gate: no
+    /// new flow of a synced VIP from here on (`Links::stop_listening`).
+    pub async fn stop_listening(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::StopListening(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     /// Says goodbye to the peers and stops the thread.
     pub async fn stop(mut self) {
         let (tx, rx) = oneshot::channel();
@@ -304,25 +314,20 @@ async fn run(
         tokio::select! {
             ready = ring.readable_mut() => {
                 let Ok(mut guard) = ready else { warn!("flow sync: the event ring failed"); return };
-                let v = Arc::clone(&state.view.borrow());
-                let now = coarse_ns();
-                let mut records = Vec::new();
-                while let Some(item) = guard.get_inner_mut().next() {
-                    if let Some(r) = SyncEvent::from_bytes(&item).and_then(|e| record_of(&e, &v, now)) {
-                        records.push(r);
-                    }
-                }
+                state.export(guard.get_inner_mut(), &links);
                 guard.clear_ready();
-                let n = records.len() as u64;
-                for chunk in records.chunks(MAX_RECORDS) {
-                    let _ = links.broadcast(Message::Flows(chunk.to_vec()));
-                }
-                state.count(|s| s.exported += n);
             }
             Some(event) = inbound.recv() => state.inbound(&links, event),
             Some(cmd) = commands.recv() => match cmd {
                 Command::Flush(timeout, done) => {
+                    // What the datapath emitted before the call is owed too,
+                    // though the ring's wakeup may not have been served yet.
+                    state.export(ring.get_mut(), &links);
                     let _ = done.send(links.flush(timeout).await);
+                }
+                Command::StopListening(done) => {
+                    links.stop_listening().await;
+                    let _ = done.send(());
                 }
                 Command::Stop(done) => {
                     links.shutdown().await;
@@ -336,6 +341,23 @@ async fn run(
 }
 
 impl State {
+    /// Sends the datapath's pending events on to every peer, as records.
+    fn export(&self, ring: &mut RingBuf<MapData>, links: &Links) {
+        let v = Arc::clone(&self.view.borrow());
+        let now = coarse_ns();
+        let mut records = Vec::new();
+        while let Some(item) = ring.next() {
+            if let Some(r) = SyncEvent::from_bytes(&item).and_then(|e| record_of(&e, &v, now)) {
+                records.push(r);
+            }
+        }
+        let n = records.len() as u64;
+        for chunk in records.chunks(MAX_RECORDS) {
+            let _ = links.broadcast(Message::Flows(chunk.to_vec()));
+        }
+        self.count(|s| s.exported += n);
+    }
+
     fn count(&self, f: impl FnOnce(&mut NodeStats)) {
         f(&mut self
             .shared

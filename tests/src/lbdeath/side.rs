@@ -176,7 +176,7 @@ impl Side {
     #[must_use]
     pub fn log(&self) -> String {
         match self {
-            Self::Apilb(n) => n.apilb.as_ref().map(crate::live::Apilb::log_text),
+            Self::Apilb(n) => Some(n.logs_text()),
             Self::Classic { .. } => None,
         }
         .unwrap_or_default()

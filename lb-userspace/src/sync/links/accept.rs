@@ -24,8 +24,14 @@ use crate::sync::wire::{ListenerHandshake, Message};
 /// the next, rather than spin.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
-/// Accepts connections until shutdown; each handshake is a task of its own.
+/// Accepts connections until shutdown or [`super::Links::stop_listening`]; each
+/// handshake is a task of its own. The listener is closed when this returns.
 pub(super) async fn run_listener(shared: Arc<Shared>, listener: TcpListener) {
+    accept_until_stopped(&shared, listener).await;
+    shared.listening.send_replace(false);
+}
+
+async fn accept_until_stopped(shared: &Arc<Shared>, listener: TcpListener) {
     // Handshakes need no state of their own beyond their socket, so only their
     // number is bounded: peers + 2 lets every peer redial at once, with room for
     // two stale connections still in their 2 s.
@@ -33,9 +39,11 @@ pub(super) async fn run_listener(shared: Arc<Shared>, listener: TcpListener) {
     // Dropped with this task, which aborts handshakes under way.
     let mut handshakes = JoinSet::new();
     let mut shutdown = shared.shutdown.subscribe();
+    let mut unlisten = shared.unlisten.subscribe();
     loop {
         select! {
             () = stopping(&mut shutdown) => return,
+            () = stopping(&mut unlisten) => return,
             Some(_) = handshakes.join_next() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, from)) => {
@@ -54,7 +62,7 @@ pub(super) async fn run_listener(shared: Arc<Shared>, listener: TcpListener) {
                         continue;
                     }
                     handshakes.spawn(handshake(
-                        Arc::clone(&shared),
+                        Arc::clone(shared),
                         stream,
                         from,
                         candidates,
