@@ -110,7 +110,8 @@ pub struct Outcome {
     /// failure, and how long they took (s).
     pub waited: Vec<(f64, f64)>,
     pub kubectl_runs: usize,
-    pub kubectl_failed: Vec<String>,
+    /// Failed kubectl runs: start relative to the failure (s), and error.
+    pub kubectl_failed: Vec<(f64, String)>,
     /// From the failure until the router's ARP entry names lb2.
     pub moved: Option<Duration>,
     /// For a returning lb1 (cable back, restarted): from its return until the
@@ -137,13 +138,14 @@ impl Outcome {
         at
     }
 
-    /// Failed new connections that started more than [`HANDOVER`] away from
-    /// every handover: those no moment of the move explains.
+    /// Failed new connections and kubectl runs that started more than
+    /// [`HANDOVER`] away from every handover: those no moment of the move
+    /// explains.
     #[must_use]
     pub fn failed_away_from_handovers(&self) -> Vec<&(f64, String)> {
         let at = self.handovers();
-        self.failed
-            .iter()
+        (self.failed.iter())
+            .chain(&self.kubectl_failed)
             .filter(|(t, _)| at.iter().all(|h| (t - h).abs() > HANDOVER.as_secs_f64()))
             .collect()
     }
@@ -183,7 +185,7 @@ impl Outcome {
             self.kubectl_runs,
             self.kubectl_failed
                 .first()
-                .map(|e| format!(" ({e})"))
+                .map(|(at, e)| format!(" (first at {at:+.2} s: {e})"))
                 .unwrap_or_default(),
             secs(self.moved.map(|d| d.as_secs_f64())),
         );
@@ -274,7 +276,9 @@ pub fn run(prefix: &str, stack: Stack, fate: Fate) -> Outcome {
     let runs = kubectl.stop();
     let mut out = tally(&record, begin, failed_at);
     out.kubectl_runs = runs.len();
-    out.kubectl_failed = runs.into_iter().filter_map(|r| r.error).collect();
+    out.kubectl_failed = (runs.into_iter())
+        .filter_map(|r| Some((offset(r.at, failed_at), r.error?)))
+        .collect();
     out.moved = moved;
     out.settled = settled;
     out.returned = returned;

@@ -4,11 +4,11 @@
 //! and a kubectl loop (`tests::lbdeath`). The owner, lb1, gets SIGKILL, has its
 //! cable cut for 5 s, gets SIGTERM, or gets SIGKILL and is started again (and,
 //! under VRRP, preempts back); each with VRRP (100 ms adverts) and with etcd (3 s
-//! lease). With sync, no watch stream breaks and no kubectl run fails; a
-//! connection opened in the moment before the failure may wait for one SYN
-//! retransmit, and each test prints how many did. A new connection fails only if
-//! its handshake straddled the very instant the VIP changed hands, at most one
-//! per handover (most runs have none). The same
+//! lease). With sync, no watch stream breaks; a connection opened in the moment
+//! before the failure may wait for one SYN retransmit, and each test prints how
+//! many did. A new connection or kubectl run fails only if its handshake
+//! straddled the very instant the VIP changed hands, at most one per handover
+//! (most runs have none), and never under SIGTERM. The same
 //! scenarios without sync show what sync buys, and check the harness: streams
 //! must break there. Each prints one `lbdeath ...` line. Root.
 //!
@@ -46,9 +46,10 @@ fn scenario(prefix: &str, election: Election, sync: bool, fate: Fate) -> Outcome
     out
 }
 
-/// With sync, lb1's `fate` breaks no stream, fails no kubectl run, and fails no
-/// new connection but, at most one a handover, one whose handshake straddled
-/// the instant the VIP changed hands (README, "Failure window").
+/// With sync, lb1's `fate` breaks no stream, and fails no new connection or
+/// kubectl run but, at most one a handover, one whose handshake straddled the
+/// instant the VIP changed hands (README, "Failure window"); a SIGTERM fails
+/// none.
 fn unnoticed(prefix: &str, election: Election, fate: Fate) -> Outcome {
     let out = scenario(prefix, election, true, fate);
     assert_eq!(
@@ -63,20 +64,25 @@ fn unnoticed(prefix: &str, election: Election, fate: Fate) -> Outcome {
         out.handovers(),
         out.logs
     );
+    let at_handovers = out.failed.len() + out.kubectl_failed.len();
     assert!(
-        out.failed.len() < out.handovers().len(),
-        "{} new connections failed at the handovers at {:?} s: {:?}\n{}",
-        out.failed.len(),
+        at_handovers < out.handovers().len(),
+        "{at_handovers} new connections and kubectl runs failed at the handovers at {:?} s: \
+         {:?} {:?}\n{}",
         out.handovers(),
         out.failed,
-        out.logs
-    );
-    assert_eq!(
         out.kubectl_failed,
-        Vec::<String>::new(),
-        "kubectl\n{}",
         out.logs
     );
+    // A SIGTERM hands over with no handshake caught halfway: nothing fails.
+    if matches!(fate, Fate::Terminate) {
+        assert_eq!(
+            (&out.failed, &out.kubectl_failed),
+            (&Vec::new(), &Vec::new()),
+            "SIGTERM\n{}",
+            out.logs
+        );
+    }
     out
 }
 
