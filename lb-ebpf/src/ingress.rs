@@ -8,8 +8,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    BACKEND_NONE, FLOW_F_TS, FLOW_SEEN_GRANULARITY_NS, FlowState, IFACE_F_PARTIAL, VIP_F_OWNED,
-    VIP_F_SYNC, VipKey,
+    BACKEND_NONE, FLOW_F_TS, FLOW_SEEN_GRANULARITY_NS, FlowState, VIP_F_OWNED, VIP_F_SYNC, VipKey,
     counters::{
         DROP_FLOW_INSERT, DROP_NO_SNAT_ADDR, DROP_SYNC_DOWN, FLOW_NEW, PASS_LOCAL_BACKEND,
         PASS_MALFORMED, PASS_NO_FLOW, PASS_NOT_OWNED,
@@ -45,17 +44,11 @@ use crate::{
 #[inline(always)]
 pub fn try_balance(ctx: &XdpContext) -> Result<Outcome, Outcome> {
     let p = parse(ctx).map_err(Outcome::pass)?;
-    let iface = offload::iface_flags(ctx);
-    let partial = iface & IFACE_F_PARTIAL != 0;
-    if partial && p.icmp == 0 {
-        offload::finish(ctx, &p);
-    }
+    offload::finish(ctx, &p);
     let outcome = match balance(ctx, &p) {
         Ok(o) | Err(o) => o,
     };
-    if partial {
-        offload::restore(ctx, &p, &outcome, iface);
-    }
+    offload::restore(ctx, &p, &outcome);
     Ok(outcome)
 }
 

@@ -88,11 +88,12 @@ pub struct Scratch {
     pub ts_floor: u32,
     /// The FIB request of `forward::fib_next_hop`.
     pub fib: aya_ebpf::bindings::bpf_fib_lookup,
-    /// This packet's partial checksum was finished (1) or not (0), for
-    /// `offload::restore` after the verdict. Kept here rather than in a register,
-    /// where the verifier would walk every path of the program twice, once for
-    /// each value.
+    /// This packet's partial checksum was finished (1) or not (0), and its
+    /// interface's `IFACE_F_*`, for `offload::restore` after the verdict. Kept
+    /// here rather than in registers, where the verifier would walk every path
+    /// of the program once for each value.
     pub partial: u32,
+    pub iface: u32,
 }
 
 #[map]

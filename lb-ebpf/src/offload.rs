@@ -27,7 +27,7 @@
 
 use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_csum_diff, programs::XdpContext};
 use lb_common::{
-    AF_INET, IFACE_F_SKB, IFACES_MAX, VipKey,
+    AF_INET, IFACE_F_PARTIAL, IFACE_F_SKB, IFACES_MAX, VipKey,
     counters::CSUM_PARTIAL,
     csum::{fold, pseudo_header},
 };
@@ -74,70 +74,50 @@ fn opaque(mut x: usize) -> usize {
 /// The one's-complement sum of the `len` bytes (20 to 4,096) of the segment at
 /// `l4`, as they sit in memory, the checksum field included.
 ///
-/// The segment's last whole 512-byte chunks go to `bpf_csum_diff`; the head
-/// before them (under 512 bytes) is summed in 8-byte words, its last 0-7 bytes
-/// as the tail of the 8 bytes that end it. Each part's reads are at offsets
-/// from the segment's start or its end alone, never from where the part
-/// before stopped, so the verifier walks the chunks once, not once per length
-/// of the head. A chunk that starts at an odd offset pairs its bytes the other
-/// way round from the segment's words: its sum is byte-swapped (RFC 1071 2(B)).
+/// The segment's last whole 512-byte chunks go to `bpf_csum_diff`, and so does
+/// the head before them (under 512 bytes), in pieces of 256, 128, ... 4 bytes
+/// as its length's bits say, its last 0-3 bytes as the tail of the 4 bytes
+/// that end it. Straight-line code with a read at an offset from the segment's
+/// start or its end alone, never from where the part before stopped: the
+/// verifier walks it once per path, where a loop over the head's words cost
+/// it 64 rounds. A chunk that starts at an odd offset pairs its bytes the
+/// other way round from the head's: its sum is byte-swapped (RFC 1071 2(B)).
 #[inline(never)]
 fn segment_sum(ctx: &XdpContext, l4: usize, len: usize) -> u64 {
     let end = l4 + len;
     let chunks = len / CHUNK;
     let head = len - chunks * CHUNK;
-    let mut sum = 0u64;
-    let words = head / 8;
-    for j in 0..CHUNK / 8 {
-        // `j` hidden: otherwise LLVM folds this exit and the loop's own into one
-        // trip count, `min(64, words)`, which Linux 6.1's verifier cannot bound
-        // and walks for thousands of rounds.
-        if opaque(j) >= words {
-            break;
-        }
-        // The offsets hidden too: LLVM otherwise moves their constant parts
-        // (`+ 8 * j`, `- 8`) into the load's offset, past the bounds check the
-        // verifier holds it to ("invalid access to packet, off=-7").
-        let Ok(w) = ptr_at::<u64>(ctx, opaque(l4 + j * 8)) else {
-            break;
-        };
-        // SAFETY: `ptr_at` proved the word lies inside the packet; read
-        // unaligned, as packet data may be.
-        let w = unsafe { w.read_unaligned() };
-        sum += (w & 0xffff_ffff) + (w >> 32);
-    }
-    let rest = head % 8;
+    // Each piece starts where the larger ones before it end: at an even
+    // offset, as they are multiples of 4.
+    let mut sum = piece::<256>(ctx, l4, head)
+        + piece::<128>(ctx, l4, head)
+        + piece::<64>(ctx, l4, head)
+        + piece::<32>(ctx, l4, head)
+        + piece::<16>(ctx, l4, head)
+        + piece::<8>(ctx, l4, head)
+        + piece::<4>(ctx, l4, head);
+    let rest = head % 4;
     if rest > 0
-        && l4 + head >= 8
-        && let Ok(w) = ptr_at::<u64>(ctx, opaque(l4 + head - 8))
+        && l4 + head >= 4
+        && let Ok(w) = ptr_at::<u32>(ctx, opaque(l4 + head - 4))
     {
-        // SAFETY: `ptr_at` proved the word lies inside the packet.
+        // SAFETY: `ptr_at` proved the word lies inside the packet (the IP
+        // header before the segment, if the head is shorter).
         let w = unsafe { w.read_unaligned() };
         // Only its last `rest` bytes are the head's. Shifted down (the BPF target
         // is little-endian: the first byte in memory is the lowest), they sit as
         // they would at an even offset, an odd last one padded with a zero byte.
-        let t = w >> (8 * (8 - rest));
-        sum += (t & 0xffff_ffff) + (t >> 32);
+        sum += u64::from(w >> (8 * (4 - rest)));
     }
     let mut tail = 0u64;
     for i in 0..MAX_CHUNKS {
-        // `end` hidden again, or LLVM drops the check as implied by `chunks`,
-        // which the verifier cannot see.
+        // `end` hidden, or LLVM drops the check as implied by `chunks`, which
+        // the verifier cannot see.
         let (back, e) = ((i + 1) * CHUNK, opaque(end));
         if opaque(i) >= chunks || e < back {
             break;
         }
-        let Ok(ptr) = ptr_at::<[u8; CHUNK]>(ctx, opaque(e - back)) else {
-            break;
-        };
-        #[expect(clippy::cast_possible_truncation, reason = "512")]
-        // SAFETY: `ptr_at` proved the chunk lies inside the packet; the helper
-        // only reads it, and its size is a multiple of 4 as it requires.
-        let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, ptr.cast(), CHUNK as u32, 0) };
-        #[expect(clippy::cast_sign_loss, reason = "a 32-bit sum, or negative on error")]
-        if s >= 0 {
-            tail += s as u64;
-        }
+        tail += csum_of::<CHUNK>(ctx, opaque(e - back));
     }
     if head % 2 == 1 {
         tail = u64::from(fold(tail).swap_bytes());
@@ -145,13 +125,47 @@ fn segment_sum(ctx: &XdpContext, l4: usize, len: usize) -> u64 {
     sum + tail
 }
 
-/// If the segment carries a partial checksum and is one the balancer may
-/// rewrite (to a VIP, or to a SNAT address's port range), finish it in place and
-/// note so in the scratch slot, for [`restore`]. Segments with a full checksum, right or wrong, are left as they
-/// are: a wrong one is the sender's, for the receiver to drop.
+/// The sum of the head's piece of `N` bytes, if its length has that bit: the
+/// piece starts after the larger ones, at the head's bits above `N`.
+#[inline(always)]
+fn piece<const N: usize>(ctx: &XdpContext, l4: usize, head: usize) -> u64 {
+    if head & N == 0 {
+        return 0;
+    }
+    // The start hidden, or LLVM turns the sum into an OR of disjoint bits,
+    // which Linux 6.1's verifier cannot bound; the offset hidden, or LLVM folds
+    // its constant part into the load's, past the bounds check the verifier
+    // holds it to.
+    csum_of::<N>(ctx, opaque(l4 + opaque(head & !(2 * N - 1))))
+}
+
+/// `bpf_csum_diff`'s sum of the `N` bytes (a multiple of 4) at `off`; 0 if they
+/// are not all in the packet.
+#[inline(always)]
+fn csum_of<const N: usize>(ctx: &XdpContext, off: usize) -> u64 {
+    let Ok(ptr) = ptr_at::<[u8; N]>(ctx, off) else {
+        return 0;
+    };
+    #[expect(clippy::cast_possible_truncation, reason = "at most 512")]
+    // SAFETY: `ptr_at` proved the bytes lie inside the packet; the helper only
+    // reads them, and their number is a multiple of 4 as it requires.
+    let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, ptr.cast(), N as u32, 0) };
+    #[expect(clippy::cast_sign_loss, reason = "a 32-bit sum, or negative on error")]
+    if s >= 0 { s as u64 } else { 0 }
+}
+
+/// If the segment came in on an interface that can deliver partial checksums
+/// ([`iface_flags`]), carries one, and is one the balancer may rewrite (to a
+/// VIP, or to a SNAT address's port range), finish it in place and note so in
+/// the scratch slot, with the interface's flags, for [`restore`]. Segments with
+/// a full checksum, right or wrong, are left as they are: a wrong one is the
+/// sender's, for the receiver to drop.
 ///
 /// It runs once, right after parsing, rather than on each path that rewrites:
-/// the verifier walks the sum once per path that reaches it.
+/// the verifier walks the sum once per path that reaches it. What it found is
+/// kept in the scratch slot, not in a register live across the balancing,
+/// where the verifier would walk every path of the program once for each
+/// value (half its work, measured).
 ///
 /// Like [`restore`], a call of its own: inlined, their locals would sit in the
 /// program's main frame, under the deepest call chain, which Linux 6.1 limits to
@@ -163,7 +177,9 @@ pub fn finish(ctx: &XdpContext, p: &Parsed) {
     };
     // SAFETY: this CPU's scratch slot; XDP runs to completion on a CPU.
     let s = unsafe { &mut *scratch };
-    s.partial = u32::from(finished(ctx, p));
+    let iface = iface_flags(ctx);
+    s.iface = iface;
+    s.partial = u32::from(iface & IFACE_F_PARTIAL != 0 && p.icmp == 0 && finished(ctx, p));
 }
 
 /// [`finish`]'s work: whether it finished a partial checksum.
@@ -229,7 +245,7 @@ fn maybe_ours(p: &Parsed) -> bool {
 /// pseudo-header sum of the addresses the segment now carries, for the device
 /// or stack that finishes it.
 #[inline(never)]
-pub fn restore(ctx: &XdpContext, p: &Parsed, outcome: &Outcome, iface: u32) {
+pub fn restore(ctx: &XdpContext, p: &Parsed, outcome: &Outcome) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -243,7 +259,7 @@ pub fn restore(ctx: &XdpContext, p: &Parsed, outcome: &Outcome, iface: u32) {
     // drops (xdpdump, the fuzzer) sees the bytes that arrived.
     if outcome.action != xdp_action::XDP_PASS
         && outcome.action != xdp_action::XDP_DROP
-        && iface & IFACE_F_SKB == 0
+        && s.iface & IFACE_F_SKB == 0
     {
         return;
     }
@@ -277,10 +293,9 @@ pub fn restore(ctx: &XdpContext, p: &Parsed, outcome: &Outcome, iface: u32) {
 }
 
 /// `IFACE_F_*` of the packet's interface from `CONFIG`, 0 if it is not listed:
-/// a NIC in native mode, whose packets never carry partial checksums and skip
-/// [`finish`] and [`restore`] entirely.
+/// a NIC in native mode, whose packets never carry partial checksums.
 #[inline(always)]
-pub fn iface_flags(ctx: &XdpContext) -> u32 {
+fn iface_flags(ctx: &XdpContext) -> u32 {
     let Some(cfg) = CONFIG.get(0) else {
         return 0;
     };
