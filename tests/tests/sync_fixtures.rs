@@ -200,6 +200,10 @@ fn without_its_sync_listener_a_node_opens_no_synced_flow() {
 fn a_parked_flow_its_owner_stopped_speaking_of_is_swept_with_its_lease() {
     let mut cfg = LabConfig::new(&[sa(VIP4)], &[sa(MASTER)]);
     cfg.vips[0].1 = true;
+    // The shortest `established` allowed, not the hour of the default: the old
+    // record's age must stay below the machine's uptime, or its last-seen time
+    // clamps to boot and it reads younger than it is (a fresh CI machine).
+    cfg.tcp_timeouts.established = cfg.tcp_timeouts.time_wait;
     let (owner, _, _, event) = owner_with_a_synced_flow(&cfg);
     let mut peer = Lab::with_config("apilb-fx-syw", &cfg);
     let fresh = record_of(&event, &owner.sync_view(), coarse_ns()).expect("a record");
