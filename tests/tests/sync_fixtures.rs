@@ -168,13 +168,7 @@ fn without_its_sync_listener_a_node_opens_no_synced_flow() {
     // Gone again before the master answers: its SYN-ACK is dropped, the flow
     // stays half-open, and the master is not blamed (it answered).
     drop(listener);
-    let mut syn_ack = Tcp::syn(
-        master_mac(1),
-        FX1_MAC,
-        master,
-        SocketAddr::new(sa(VIP4).ip(), port),
-    );
-    syn_ack.ack = Some(syn.seq + 1);
+    let syn_ack = master_syn_ack(&syn, sa(VIP4).ip(), port);
     assert_eq!(
         run(&mut owner, &syn_ack, Ingress::MasterSide).action,
         XDP_DROP
@@ -283,20 +277,46 @@ fn establish(owner: &mut Lab, client: &str) -> (Tcp, u16) {
 
 /// [`establish`], to the VIP at `to`.
 fn establish_at(owner: &mut Lab, client: &str, to: &str) -> (Tcp, u16) {
-    let (master, vip) = (sa(MASTER), sa(to).ip());
     let syn = client_syn(client, to);
+    let port = answered(owner, &syn, to);
+    let ack = client_ack(&syn);
+    let action = owner
+        .test_run(PROG_XDP, &ack.build(), Ingress::ClientSide)
+        .action;
+    assert_eq!(action, XDP_REDIRECT);
+    (ack, port)
+}
+
+/// The client's `syn` to the VIP at `to` through the owner, and `MASTER`'s
+/// SYN-ACK back through it: a handshake waiting for the client's ACK. Its NAT port.
+fn answered(owner: &mut Lab, syn: &Tcp, to: &str) -> u16 {
     let mut run = |seg: &Tcp, ingress| owner.test_run(PROG_XDP, &seg.build(), ingress).action;
-    assert_eq!(run(&syn, Ingress::ClientSide), XDP_REDIRECT);
+    assert_eq!(run(syn, Ingress::ClientSide), XDP_REDIRECT);
     let half = owner.dp.half_open_flows().expect("half-open");
     let port = u16::from_be(half[0].1.nat_port_be);
-    let mut syn_ack = Tcp::syn(master_mac(1), FX1_MAC, master, SocketAddr::new(vip, port));
-    syn_ack.ack = Some(syn.seq + 1);
+    let syn_ack = master_syn_ack(syn, sa(to).ip(), port);
     let mut run = |seg: &Tcp, ingress| owner.test_run(PROG_XDP, &seg.build(), ingress).action;
     assert_eq!(run(&syn_ack, Ingress::MasterSide), XDP_REDIRECT);
+    port
+}
+
+/// `MASTER`'s SYN-ACK to the client's `syn`, sent to `vip`:`port` (the SNAT side).
+fn master_syn_ack(syn: &Tcp, vip: IpAddr, port: u16) -> Tcp {
+    let mut syn_ack = Tcp::syn(
+        master_mac(1),
+        FX1_MAC,
+        sa(MASTER),
+        SocketAddr::new(vip, port),
+    );
+    syn_ack.ack = Some(syn.seq + 1);
+    syn_ack
+}
+
+/// The client's ACK completing the handshake of `syn`.
+fn client_ack(syn: &Tcp) -> Tcp {
     let mut ack = syn.clone().data(b"");
     ack.ack = Some(0x1000_0001);
-    assert_eq!(run(&ack, Ingress::ClientSide), XDP_REDIRECT);
-    (ack, port)
+    ack
 }
 
 /// The VIP's owner, with a flow from `CLIENT4` established through it: the owner,
@@ -410,22 +430,7 @@ fn a_node_that_stops_listening_opens_no_flow_but_exports_the_handshake_under_way
 
     // A handshake under way: the SYN through, the master's SYN-ACK through.
     let syn = client_syn(CLIENT4, VIP4);
-    assert_eq!(
-        run(&mut owner, &syn, Ingress::ClientSide).action,
-        XDP_REDIRECT
-    );
-    let port = u16::from_be(owner.dp.half_open_flows().expect("half")[0].1.nat_port_be);
-    let mut syn_ack = Tcp::syn(
-        master_mac(1),
-        FX1_MAC,
-        master,
-        SocketAddr::new(sa(VIP4).ip(), port),
-    );
-    syn_ack.ack = Some(syn.seq + 1);
-    assert_eq!(
-        run(&mut owner, &syn_ack, Ingress::MasterSide).action,
-        XDP_REDIRECT
-    );
+    let port = answered(&mut owner, &syn, VIP4);
 
     rt.block_on(a.stop_listening());
     // A new client is refused...
@@ -433,8 +438,7 @@ fn a_node_that_stops_listening_opens_no_flow_but_exports_the_handshake_under_way
     assert_eq!(run(&mut owner, &late, Ingress::ClientSide).action, XDP_DROP);
     assert_eq!(gated(&owner), 1);
     // ...the answered one completes, and the flush puts it on the peer.
-    let mut ack = syn.clone().data(b"");
-    ack.ack = Some(0x1000_0001);
+    let ack = client_ack(&syn);
     assert_eq!(
         run(&mut owner, &ack, Ingress::ClientSide).action,
         XDP_REDIRECT
