@@ -104,8 +104,8 @@ fn main() -> anyhow::Result<()> {
             }
             step("running the suite on other kernels (cargo xtask vm-test)");
             vm::run(&vm::Args::default())?;
-            step("soaking for a minute (cargo xtask soak --minutes 1)");
-            soak::run(1)
+            step("soaking for a minute (cargo xtask soak --minutes 1, on vm-test's static build)");
+            soak::run_static(1)
         }
         Task::Demo => {
             setup::run()?;
