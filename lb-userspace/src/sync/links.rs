@@ -471,8 +471,6 @@ impl Links {
         }
     }
 
-    /// Says GOODBYE on every session, reads what the peers still send for up to
-    /// 1 s, and stops every task (aborting what is left after 2 s). Flush first.
     /// Closes the listener, and returns once it is closed; the sessions up stay
     /// up. The datapath's liveness gate (`alive` in lb-ebpf's `sync`) asks for
     /// this socket, so from here on this node opens no flow of a synced VIP and
@@ -483,6 +481,8 @@ impl Links {
         let _ = self.shared.listening.subscribe().wait_for(|l| !*l).await;
     }
 
+    /// Says GOODBYE on every session, reads what the peers still send for up to
+    /// 1 s, and stops every task (aborting what is left after 2 s). Flush first.
     pub async fn shutdown(&mut self) {
         self.shared.shutdown.send_replace(true);
         let tasks = &mut self.tasks;
@@ -567,7 +567,7 @@ struct Shared {
     shutdown: watch::Sender<bool>,
     /// Set by [`Links::stop_listening`].
     unlisten: watch::Sender<bool>,
-    /// Cleared by the listener task once the listener is closed.
+    /// Cleared once the listener is closed, however its task ended.
     listening: watch::Sender<bool>,
 }
 

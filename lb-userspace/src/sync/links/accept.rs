@@ -27,8 +27,20 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Accepts connections until shutdown or [`super::Links::stop_listening`]; each
 /// handshake is a task of its own. The listener is closed when this returns.
 pub(super) async fn run_listener(shared: Arc<Shared>, listener: TcpListener) {
+    // Said on drop, so that a task that panicked or was aborted cannot leave a
+    // SIGTERM waiting for it forever.
+    let closed = Closed(Arc::clone(&shared));
     accept_until_stopped(&shared, listener).await;
-    shared.listening.send_replace(false);
+    drop(closed);
+}
+
+/// Clears `listening` when dropped, after the listener it stands for.
+struct Closed(Arc<Shared>);
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        self.0.listening.send_replace(false);
+    }
 }
 
 async fn accept_until_stopped(shared: &Arc<Shared>, listener: TcpListener) {
