@@ -38,8 +38,7 @@ const MASTER: &str = "198.51.100.11:6443";
 fn a_flow_synced_to_a_peer_is_carried_there_once_the_peer_owns_the_vip() {
     let master = sa(MASTER);
     let vip: IpAddr = sa(VIP4).ip();
-    let mut cfg = LabConfig::new(&[sa(VIP4)], &[master]);
-    cfg.vips[0].1 = true;
+    let cfg = elected_vip4();
     let (owner, ack, port, event) = owner_with_a_synced_flow(&cfg);
     let mut peer = Lab::with_config("apilb-fx-syb", &cfg);
     let at_vip = SocketAddr::new(vip, port);
@@ -136,9 +135,7 @@ fn a_flow_synced_to_a_peer_is_carried_there_once_the_peer_owns_the_vip() {
 /// both pass.
 #[test]
 fn without_its_sync_listener_a_node_opens_no_synced_flow() {
-    let master = sa(MASTER);
-    let mut cfg = LabConfig::new(&[sa(VIP4)], &[master]);
-    cfg.vips[0].1 = true;
+    let cfg = elected_vip4();
     let mut owner = owner_lab("apilb-fx-syg", &cfg);
     // The controller writes its `[sync] listen` address; the lab has no `[sync]`.
     let listen = sa("127.0.0.1:9465");
@@ -192,8 +189,7 @@ fn without_its_sync_listener_a_node_opens_no_synced_flow() {
 /// a VIP the peer owns.
 #[test]
 fn a_parked_flow_its_owner_stopped_speaking_of_is_swept_with_its_lease() {
-    let mut cfg = LabConfig::new(&[sa(VIP4)], &[sa(MASTER)]);
-    cfg.vips[0].1 = true;
+    let mut cfg = elected_vip4();
     // The shortest `established` allowed, not the hour of the default: the old
     // record's age must stay below the machine's uptime, or its last-seen time
     // clamps to boot and it reads younger than it is (a fresh CI machine).
@@ -245,6 +241,14 @@ fn a_parked_flow_its_owner_stopped_speaking_of_is_swept_with_its_lease() {
     peer.set_owned(sa(VIP4).ip(), true);
     assert_eq!(sweep(&mut peer), 0);
     assert_eq!(clients(&peer).0.len(), 2);
+}
+
+/// The lab config of these fixtures: `VIP4`, elected (sync carries only elected
+/// VIPs' flows), over `MASTER`.
+fn elected_vip4() -> LabConfig {
+    let mut cfg = LabConfig::new(&[sa(VIP4)], &[sa(MASTER)]);
+    cfg.vips[0].1 = true;
+    cfg
 }
 
 /// A lab that owns the elected `VIP4` and exports its flows (`VIP_F_SYNC`).
@@ -342,9 +346,7 @@ fn owner_with_a_synced_flow(cfg: &LabConfig) -> (Lab, Tcp, u16, SyncEvent) {
 /// live; both are then carried by the peer once it owns the VIP.
 #[test]
 fn two_sync_nodes_hand_the_peer_every_flow_by_bulk_and_live() {
-    let master = sa(MASTER);
-    let mut cfg = LabConfig::new(&[sa(VIP4)], &[master]);
-    cfg.vips[0].1 = true;
+    let cfg = elected_vip4();
     let mut owner = owner_lab("apilb-fx-syn1", &cfg);
     let mut peer = Lab::with_config("apilb-fx-syn2", &cfg);
 
@@ -401,9 +403,7 @@ fn two_sync_nodes_hand_the_peer_every_flow_by_bulk_and_live() {
 /// that follows puts that flow on the peer, which carries it.
 #[test]
 fn a_node_that_stops_listening_opens_no_flow_but_exports_the_handshake_under_way() {
-    let master = sa(MASTER);
-    let mut cfg = LabConfig::new(&[sa(VIP4)], &[master]);
-    cfg.vips[0].1 = true;
+    let cfg = elected_vip4();
     let mut owner = owner_lab("apilb-fx-syh1", &cfg);
     let mut peer = Lab::with_config("apilb-fx-syh2", &cfg);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
